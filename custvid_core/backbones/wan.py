@@ -1,0 +1,208 @@
+"""Descriptions of Wan 2.x video transformers, so the rest of CustVid never hard-codes module names.
+
+Two implementations of the same architecture exist: ComfyUI's native
+`comfy.ldm.wan.model.WanModel` (what `UNETLoader` gives) and diffusers' `WanTransformer3DModel`.
+They differ only in module names. A description gives, for either: the blocks, the linear
+layer of each role in a block, the token grid of a latent, one forward call, capture of a
+block's hidden states, and each role's name in ComfyUI's native LoRA key form
+(`diffusion_model.blocks.N.self_attn.q`), which is the same for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+# Roles of the linear layers in a Wan block, named as in ComfyUI's native checkpoints.
+SELF_ATTENTION_ROLES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")
+CROSS_ATTENTION_ROLES = ("cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")
+FFN_ROLES = ("ffn.0", "ffn.2")
+ROLES = SELF_ATTENTION_ROLES + CROSS_ATTENTION_ROLES + FFN_ROLES
+NATIVE_PREFIX = "diffusion_model."
+
+# diffusers module path -> native module path, for everything a Wan 2.1 T2V checkpoint holds.
+_DIFFUSERS_TO_NATIVE = (
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # diffusers' norm2 is the cross-attention norm
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+)
+
+
+def diffusers_to_native_key(key: str) -> str:
+    """A diffusers Wan weight name in ComfyUI's native form (without the `diffusion_model.` prefix)."""
+    for pattern, repl in _DIFFUSERS_TO_NATIVE:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+class WanBackbone:
+    """A Wan transformer seen through roles. Subclasses say where each role's module lives."""
+
+    implementation = ""
+    role_paths: dict[str, str] = {}
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        return self.role_module(0, "self_attn.q").in_features
+
+    @property
+    def text_dim(self) -> int:
+        raise NotImplementedError
+
+    def module_path(self, block: int, role: str) -> str:
+        """The role's module path inside this implementation (for `get_submodule`, peft targets)."""
+        if role not in self.role_paths:
+            raise InputError("role", f"'{role}' is not a Wan block role", f"one of {ROLES}")
+        if not 0 <= block < self.num_blocks:
+            raise InputError("block", f"block {block} does not exist", f"0 to {self.num_blocks - 1}")
+        return f"blocks.{block}.{self.role_paths[role]}"
+
+    def role_module(self, block: int, role: str) -> nn.Linear:
+        return self.model.get_submodule(self.module_path(block, role))
+
+    def native_name(self, block: int, role: str) -> str:
+        """The name ComfyUI's LoRA loader expects, the same for every implementation."""
+        self.module_path(block, role)  # validates
+        return f"{NATIVE_PREFIX}blocks.{block}.{role}"
+
+    def role_modules(self, roles: Iterable[str] = ROLES, blocks: Iterable[int] | None = None
+                     ) -> Iterator[tuple[str, nn.Linear]]:
+        """(native name, module) for each role in each chosen block."""
+        for b in range(self.num_blocks) if blocks is None else blocks:
+            for role in roles:
+                yield self.native_name(b, role), self.role_module(b, role)
+
+    def token_grid(self, latent_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+        """Tokens per axis (t, h, w) of a latent `[B, C, T, H, W]`; tokens are ordered t, then h, then w."""
+        t, h, w = latent_shape[-3:]
+        pt, ph, pw = self.patch_size
+        return (math.ceil(t / pt), math.ceil(h / ph), math.ceil(w / pw))
+
+    # --- running ---------------------------------------------------------------------------
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """Velocity prediction `v = eps - x0` for latents `[B, C, T, H, W]` at flow-matching time sigma."""
+        raise NotImplementedError
+
+    def _timestep(self, sigma: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
+        return (sigma.expand(batch) if sigma.ndim == 0 else sigma) * 1000.0  # Wan's t = 1000 * sigma
+
+    @contextlib.contextmanager
+    def capture(self, blocks: int | Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Record the hidden states `[B, L, dim]` leaving the chosen blocks during forwards in the block.
+
+        Gradients flow through the captured tensors (SuRA trains a projector on them).
+        """
+        blocks = [blocks] if isinstance(blocks, int) else list(blocks)
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for b in blocks:
+            if not 0 <= b < self.num_blocks:
+                raise InputError("block", f"block {b} does not exist", f"0 to {self.num_blocks - 1}")
+
+            def hook(_module, _args, output, b=b):
+                captured[b] = output[0] if isinstance(output, tuple) else output
+
+            handles.append(self.blocks[b].register_forward_hook(hook))
+        try:
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class ComfyWanBackbone(WanBackbone):
+    """ComfyUI's native `comfy.ldm.wan.model.WanModel` (module paths are the native names)."""
+
+    implementation = "comfyui"
+    role_paths = {r: r for r in ROLES}
+
+    @property
+    def patch_size(self):
+        return tuple(self.model.patch_size)
+
+    @property
+    def text_dim(self):
+        return self.model.text_embedding[0].in_features
+
+    def forward(self, latents, sigma, context):
+        t = self._timestep(sigma, latents.shape[0], latents)
+        # A fresh transformer_options: ComfyUI's forward writes into it.
+        return self.model(latents, t, context, transformer_options={})
+
+
+class DiffusersWanBackbone(WanBackbone):
+    """diffusers' `WanTransformer3DModel`."""
+
+    implementation = "diffusers"
+    role_paths = {
+        "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+        "self_attn.o": "attn1.to_out.0",
+        "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+        "cross_attn.o": "attn2.to_out.0",
+        "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+    }
+
+    @property
+    def patch_size(self):
+        return tuple(self.model.config.patch_size)
+
+    @property
+    def text_dim(self):
+        return self.model.config.text_dim
+
+    def forward(self, latents, sigma, context):
+        t = self._timestep(sigma, latents.shape[0], latents)
+        return self.model(hidden_states=latents, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def describe(model: nn.Module) -> WanBackbone:
+    """The description matching a Wan model object, told apart by module layout (no host imports)."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+        first = blocks[0]
+        if hasattr(first, "self_attn") and hasattr(first, "cross_attn"):
+            return ComfyWanBackbone(model)
+        if hasattr(first, "attn1") and hasattr(first, "attn2"):
+            return DiffusersWanBackbone(model)
+    raise InputError("model", f"a {type(model).__name__} is not a Wan video transformer",
+                     "a Wan 2.1/2.2 model (ComfyUI's WanModel from UNETLoader, or diffusers' WanTransformer3DModel)")

@@ -1,0 +1,21 @@
+"""CustVid's ComfyUI nodes (V3 API). Thin: each node turns graph inputs into a custvid_core call."""
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import representation_nodes
+from .host import register_model_folders
+
+# Before any schema lists files from these folders.
+register_model_folders()
+
+
+class CustVidExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*representation_nodes.NODES]
+
+
+async def comfy_entrypoint() -> CustVidExtension:
+    return CustVidExtension()

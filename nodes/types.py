@@ -1,0 +1,8 @@
+"""CustVid's socket types. Their names are part of saved workflows: never rename them."""
+
+from comfy_api.latest import io
+
+DinoModel = io.Custom("CUSTVID_DINO")
+RaftModel = io.Custom("CUSTVID_RAFT")
+SubjectRepresentation = io.Custom("CUSTVID_SUBJECT_REP")
+MotionRepresentation = io.Custom("CUSTVID_MOTION_REP")
