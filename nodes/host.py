@@ -10,6 +10,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import torch
 
 # folder name -> sub-path of ComfyUI's models folder. Users can add more paths for the same
 # names in extra_model_paths.yaml.
@@ -42,6 +43,15 @@ def progress_callback(total: int) -> Callable[[int, int], None]:
     return lambda done, new_total: bar.update_absolute(done, new_total)
 
 
+class _ModuleHolder(torch.nn.Module):
+    """ModelPatcher writes attributes such as `device` on the module it manages; transformers
+    models make `device` read-only, so the patcher manages this holder instead."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
 @dataclass
 class ManagedModel:
     """A core model object (e.g. a DinoEncoder) whose nn.Module ComfyUI's memory manager moves."""
@@ -56,7 +66,8 @@ class ManagedModel:
         if dtype is not None:
             module.to(dtype)
         module.to(offload_device)
-        patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+        patcher = comfy.model_patcher.ModelPatcher(_ModuleHolder(module), load_device=load_device,
+                                                   offload_device=offload_device)
         return cls(core, patcher)
 
     def load(self):

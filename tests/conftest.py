@@ -1,10 +1,9 @@
-"""Shared builders: tiny real architectures with random weights (nothing is downloaded)."""
+"""Shared fixtures: tiny real architectures with random weights."""
 
 import pytest
 import torch
 
-TINY_DINO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
-                 mlp_ratio=2)
+from builders import TINY_DINO
 
 
 @pytest.fixture
@@ -21,16 +20,3 @@ def tiny_raft():
 
     torch.manual_seed(0)
     return build_raft("raft_small")
-
-
-def moving_square_clip(frames=4, size=(40, 56), step=(3, 1), side=10):
-    """A white square moving `step` (x, y) pixels per frame over a striped background, with its masks."""
-    h, w = size
-    clip = torch.zeros(frames, h, w, 3)
-    clip[..., 2] = (torch.arange(w) % 8 < 4).float() * 0.5
-    masks = torch.zeros(frames, h, w)
-    for f in range(frames):
-        x, y = 5 + step[0] * f, 5 + step[1] * f
-        clip[f, y:y + side, x:x + side] = 1.0
-        masks[f, y:y + side, x:x + side] = 1.0
-    return clip, masks

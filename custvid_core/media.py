@@ -1,0 +1,83 @@
+"""Writing frames to image and video files (atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .files import atomic_path
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[N, H, W, 3] floats in [0, 1] -> uint8 array."""
+    return (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def contact_sheet(frames: torch.Tensor, columns: int = 8, scale: int = 1, gap: int = 2) -> torch.Tensor:
+    """Tile frames `[N, H, W, 3]` into one image `[H', W', 3]` (white gaps), optionally enlarged."""
+    if scale > 1:
+        frames = frames.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    n, h, w, c = frames.shape
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    sheet = torch.ones(rows * (h + gap) - gap, columns * (w + gap) - gap, c)
+    for i, frame in enumerate(frames):
+        r, col = divmod(i, columns)
+        sheet[r * (h + gap): r * (h + gap) + h, col * (w + gap): col * (w + gap) + w] = frame
+    return sheet
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(to_uint8(image[None])[0]).save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_gif(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8, scale: int = 1) -> Path:
+    from PIL import Image
+
+    if scale > 1:
+        frames = frames.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    images = [Image.fromarray(f) for f in to_uint8(frames)]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=int(1000 / fps), loop=0)
+    return Path(path)
+
+
+def save_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8, scale: int = 1) -> Path:
+    """H.264 through PyAV; sizes are padded to even numbers as the codec needs."""
+    import av
+
+    if scale > 1:
+        frames = frames.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    data = to_uint8(frames)
+    n, h, w, _ = data.shape
+    data = np.pad(data, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = data.shape[2], data.shape[1], "yuv420p"
+            stream.options = {"crf": "18"}
+            for frame in data:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    return Path(path)
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> torch.Tensor:
+    """Decode a video file into `[N, H, W, 3]` floats in [0, 1]."""
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    return torch.stack(frames).float() / 255.0

@@ -1,0 +1,129 @@
+"""Helpers for the host tests: a ComfyUI server driven over its HTTP API, and the files it is given."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+sys.path.insert(0, str(REPO / "tests"))
+from builders import TINY_DINO, moving_square_clip  # noqa: E402
+
+RAFT_FILE = "raft_large_C_T_SKHT_V2-ff5fadd5.pth"
+SUBJECT_PHOTO = "custvid_example_subject.png"
+MOTION_CLIP = "custvid_example_motion.mp4"
+
+
+def import_comfy():
+    """Import ComfyUI's modules into this process (CPU mode) for in-process checks."""
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu once, at import)
+
+
+class Server:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def get(self, path: str):
+        import requests
+
+        r = requests.get(self.url + path, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def object_info(self) -> dict:
+        return self.get("/object_info")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue an API-format prompt and wait for it. Returns {'ok', 'error', 'outputs', 'node_errors'}."""
+        import requests
+
+        r = requests.post(self.url + "/prompt", json={"prompt": prompt, "client_id": uuid.uuid4().hex}, timeout=30)
+        if r.status_code != 200:  # refused at validation, before anything ran
+            body = r.json()
+            return {"ok": False, "error": json.dumps(body), "outputs": {}, "node_errors": body.get("node_errors", {})}
+        prompt_id = r.json()["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                entry = history[prompt_id]
+                status = entry.get("status", {})
+                error = None
+                for kind, data in status.get("messages", []):
+                    if kind == "execution_error":
+                        error = f"{data.get('node_type')}: {data.get('exception_message')}"
+                return {"ok": status.get("status_str") == "success", "error": error,
+                        "outputs": entry.get("outputs", {}), "node_errors": {}}
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log: {self.log}")
+
+    def alive(self) -> bool:
+        try:
+            self.get("/system_stats")
+            return True
+        except Exception:
+            return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tiny_weights(models: Path) -> None:
+    """Random weights of the real architectures, under the names the shipped workflows use."""
+    from safetensors.torch import save_file
+
+    from custvid_core.representations.motion import build_raft
+    from custvid_core.representations.subject import build_dinov2
+
+    torch.manual_seed(0)
+    build_dinov2(TINY_DINO).model.save_pretrained(models / "custvid" / "dino" / "dinov2-base")
+    (models / "custvid" / "raft").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_raft("raft_large").model.state_dict(), models / "custvid" / "raft" / RAFT_FILE)
+    torch.manual_seed(0)
+    small = build_raft("raft_small").model.state_dict()
+    torch.save(small, models / "custvid" / "raft" / "tiny_raft_small.pth")
+    # Files a user could put in the wrong place, or that arrived damaged.
+    save_file({k: v.contiguous() for k, v in small.items()},
+              str(models / "custvid" / "dino" / "raft_in_dino_folder.safetensors"))
+    (models / "custvid" / "raft" / "corrupt.pth").write_bytes(b"not a checkpoint")
+
+
+def write_inputs(inputs: Path) -> None:
+    """The clip and subject photo the shipped workflows name, as a user would provide them."""
+    from PIL import Image
+
+    from custvid_core.media import save_mp4
+
+    inputs.mkdir(parents=True, exist_ok=True)
+    clip, masks = example_clip()
+    save_mp4(clip, inputs / MOTION_CLIP)
+    # A cut-out photo: the subject opaque, the background transparent.
+    rgba = torch.cat([clip[0], masks[0, ..., None]], -1)
+    Image.fromarray((rgba * 255).round().byte().numpy(), "RGBA").save(inputs / SUBJECT_PHOTO)
+
+
+def example_clip():
+    return moving_square_clip(frames=6, size=(64, 96), step=(4, 1), side=16)
+
+
+def custvid_import_seconds(log_text: str) -> float | None:
+    m = re.search(r"^\s*([\d.]+) seconds(?: \(IMPORT FAILED\))?: .*custom_nodes[/\\]CustVid\s*$", log_text, re.M)
+    return float(m.group(1)) if m else None

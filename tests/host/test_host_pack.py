@@ -1,0 +1,55 @@
+"""The pack inside a real ComfyUI: it loads, its nodes are listed properly, its workflows connect."""
+
+import json
+
+from comfy_host import REPO, custvid_import_seconds
+from workflow_api import check_links, ordered_inputs
+
+NODE_IDS = {
+    "CustVid_LoadDINOv2", "CustVid_LoadRAFT", "CustVid_SubjectRepresentation", "CustVid_MotionRepresentation",
+    "CustVid_FlowPreview", "CustVid_SaveRepresentation", "CustVid_LoadSubjectRepresentation",
+    "CustVid_LoadMotionRepresentation",
+}
+
+
+def custvid_nodes(object_info):
+    return {k: v for k, v in object_info.items() if "CustVid" in v.get("python_module", "")}
+
+
+def test_pack_imports_without_error_and_quickly(comfy_server):
+    log = comfy_server.log.read_text()
+    seconds = custvid_import_seconds(log)
+    assert seconds is not None, log[-3000:]
+    custvid_lines = [line for line in log.splitlines() if "custom_nodes/CustVid" in line]
+    assert not any("IMPORT FAILED" in line or "Cannot import" in line for line in custvid_lines), custvid_lines
+    assert seconds < 0.5, f"loading CustVid took {seconds}s"
+
+
+def test_every_node_is_listed_with_category_tooltips_and_custvid_types(comfy_server):
+    info = custvid_nodes(comfy_server.object_info())
+    assert NODE_IDS <= set(info)
+    for node_id, node in info.items():
+        assert node["category"].startswith("CustVid/"), node_id
+        assert node["description"], node_id
+        for name, spec in ordered_inputs(node):
+            assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        for out_type in node["output"]:
+            assert not out_type.startswith("CUSTVID") or out_type.startswith("CUSTVID_"), node_id
+
+
+def test_model_folders_are_registered_and_listed(comfy_server):
+    info = comfy_server.object_info()
+    dino_files = info["CustVid_LoadDINOv2"]["input"]["required"]["dino_name"]
+    raft_files = info["CustVid_LoadRAFT"]["input"]["required"]["raft_name"]
+    options = lambda spec: spec[0] if isinstance(spec[0], list) else spec[1]["options"]  # noqa: E731
+    assert "dinov2-base/model.safetensors" in options(dino_files)
+    assert "raft_large_C_T_SKHT_V2-ff5fadd5.pth" in options(raft_files)
+
+
+def test_every_shipped_workflow_connects(comfy_server):
+    info = comfy_server.object_info()
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    assert workflows
+    for path in workflows:
+        problems = check_links(json.loads(path.read_text()), info)
+        assert not problems, f"{path.name}: {problems}"

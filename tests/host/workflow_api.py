@@ -1,0 +1,70 @@
+"""Reading UI-format workflows (what `workflows/` ships) against a running ComfyUI's /object_info:
+type-checking their links and turning them into the API form that /prompt executes."""
+
+from __future__ import annotations
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the browser, never sent to the server
+
+
+def ordered_inputs(info: dict) -> list[tuple[str, list]]:
+    spec = info["input"]
+    return [(name, s) for part in ("required", "optional") for name, s in spec.get(part, {}).items()]
+
+
+def is_widget(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def accepts(input_type: str, link_type: str) -> bool:
+    if "*" in (input_type, link_type):
+        return True
+    return bool(set(input_type.split(",")) & set(link_type.split(",")))
+
+
+def check_links(workflow: dict, object_info: dict) -> list[str]:
+    """Problems with node types and links; empty when the workflow would load and connect."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for n in nodes.values():
+        if n["type"] not in object_info and n["type"] not in FRONTEND_ONLY:
+            problems.append(f"node {n['id']}: unknown node type {n['type']}")
+    for link_id, src, src_slot, dst, dst_slot, link_type in workflow["links"]:
+        if nodes[src]["type"] not in object_info or nodes[dst]["type"] not in object_info:
+            continue
+        out_type = object_info[nodes[src]["type"]]["output"][src_slot]
+        input_name = nodes[dst]["inputs"][dst_slot]["name"]
+        specs = dict(ordered_inputs(object_info[nodes[dst]["type"]]))
+        if input_name not in specs:
+            problems.append(f"link {link_id}: {nodes[dst]['type']} has no input {input_name}")
+            continue
+        in_type = "COMBO" if isinstance(specs[input_name][0], list) else specs[input_name][0]
+        if not accepts(out_type, link_type) or not accepts(in_type, out_type):
+            problems.append(f"link {link_id}: {nodes[src]['type']} gives {out_type}, "
+                            f"{nodes[dst]['type']}.{input_name} takes {in_type}")
+    return problems
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """The API-form prompt of a UI workflow (muted and bypassed nodes left out)."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:
+            continue
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, spec in ordered_inputs(object_info[node["type"]]):
+            value = None
+            if is_widget(spec) and values:
+                value = values.pop(0)  # a linked widget keeps its slot in widgets_values
+                if len(spec) > 1 and spec[1].get("control_after_generate"):
+                    values.pop(0)
+            if name in linked:
+                link = links[linked[name]]
+                inputs[name] = [str(link[1]), link[2]]
+            elif value is not None:
+                inputs[name] = value
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
