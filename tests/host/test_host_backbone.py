@@ -1,0 +1,86 @@
+"""The Wan description on ComfyUI's own WanModel (imported in-process from COMFYUI_PATH)."""
+
+import pytest
+import torch
+
+from comfy_host import import_comfy
+
+from custvid_core.backbones import ROLES, describe, diffusers_to_native_key
+
+TINY = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=48, freq_dim=32, in_dim=16, out_dim=16)
+
+
+def comfy_wan(device=None, **config):
+    import_comfy()
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    return comfy.ldm.wan.model.WanModel(model_type="t2v", patch_size=(1, 2, 2), cross_attn_norm=True, eps=1e-6,
+                                        device=device, operations=comfy.ops.disable_weight_init, **config)
+
+
+def tiny_pair():
+    """The same random weights in ComfyUI's WanModel and in diffusers' WanTransformer3DModel."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    theirs = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=TINY["num_heads"],
+                                   attention_head_dim=TINY["dim"] // TINY["num_heads"], in_channels=16,
+                                   out_channels=16, text_dim=TINY["text_dim"], freq_dim=TINY["freq_dim"],
+                                   ffn_dim=TINY["ffn_dim"], num_layers=TINY["num_layers"], cross_attn_norm=True,
+                                   qk_norm="rms_norm_across_heads", eps=1e-6).eval()
+    with torch.no_grad():  # diffusers zero-initialises the modulation tables; make them matter
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    native = comfy_wan(**TINY).eval()
+    sd = {diffusers_to_native_key(k): v for k, v in theirs.state_dict().items()}
+    missing, unexpected = native.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rope" in k for k in missing), (missing, unexpected)
+    return describe(native), describe(theirs)
+
+
+def test_native_forward_capture_roles_and_names():
+    native, _ = tiny_pair()
+    assert native.implementation == "comfyui"
+    x, context = torch.randn(2, 16, 3, 8, 10), torch.randn(2, 7, TINY["text_dim"])
+    with native.capture(1) as hidden:
+        v = native.forward(x, torch.tensor([0.2, 0.7]), context)
+    assert v.shape == x.shape and hidden[1].shape == (2, 3 * 4 * 5, TINY["dim"])
+    assert native.token_grid(x.shape) == (3, 4, 5)
+    assert native.role_module(1, "ffn.2") is native.model.blocks[1].ffn[2]
+    assert native.module_path(0, "cross_attn.o") == "blocks.0.cross_attn.o"
+    assert [n for n, _ in native.role_modules(blocks=[0])] == [f"diffusion_model.blocks.0.{r}" for r in ROLES]
+
+
+def test_native_and_diffusers_descriptions_agree():
+    native, theirs = tiny_pair()
+    x, context = torch.randn(1, 16, 2, 6, 8), torch.randn(1, 5, TINY["text_dim"])
+    with torch.no_grad(), native.capture(0) as h_native, theirs.capture(0) as h_theirs:
+        v_native = native.forward(x, 0.4, context)
+        v_theirs = theirs.forward(x, 0.4, context)
+    assert torch.allclose(h_native[0], h_theirs[0], atol=1e-4)
+    assert torch.allclose(v_native, v_theirs, atol=1e-4)
+    for (name_a, mod_a), (name_b, mod_b) in zip(native.role_modules(), theirs.role_modules()):
+        assert name_a == name_b and torch.equal(mod_a.weight, mod_b.weight)
+
+
+@pytest.mark.parametrize("config, keys", [
+    (dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), 825),
+    (dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40), 1095),
+])
+def test_real_wan21_configs_on_the_meta_device(config, keys):
+    from diffusers import WanTransformer3DModel
+
+    native = comfy_wan(device="meta", **config)
+    backbone = describe(native)
+    native_shapes = {k: tuple(v.shape) for k, v in native.state_dict().items()}
+    assert len(native_shapes) == keys
+    for name, module in backbone.role_modules():
+        assert native_shapes[name.removeprefix("diffusion_model.") + ".weight"] == tuple(module.weight.shape)
+    with torch.device("meta"):
+        theirs = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=config["num_heads"],
+                                       attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                                       freq_dim=256, ffn_dim=config["ffn_dim"], num_layers=config["num_layers"],
+                                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    converted = {diffusers_to_native_key(k): tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert converted == native_shapes
