@@ -73,6 +73,35 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def world_train(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from .world.train import TrainConfig, train_world
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, layers=args.layers,
+                      ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean)
+    command = "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    train_world(args.out, cfg, command=command)
+    return 0
+
+
+def world_eval(args: argparse.Namespace) -> int:
+    from .world.evaluate import evaluate_vocabulary
+    from .world.model import load_world
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.model).parent
+    world = load_world(args.model, args.text or out / "custvid_shapes_world_text.safetensors")
+    scores = evaluate_vocabulary(world, prompts=args.prompts, seeds=tuple(range(args.seeds)), steps=args.steps,
+                                 cfg=args.cfg, shift=args.shift)
+    print(json.dumps(scores.as_dict(), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,5 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
+
+    p = sub.add_parser("world-train", help="pretrain the shapes-world base model")
+    p.add_argument("--out", required=True, help="training folder (resumes if it holds a checkpoint)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal timestep mean")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(run=world_train)
+
+    p = sub.add_parser("world-eval", help="colour / shape / direction rates of a world model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--text")
+    p.add_argument("--prompts", type=int, default=24)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(run=world_eval)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -9,7 +9,7 @@ Rendering is deterministic for a given `Scene`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -175,11 +175,38 @@ def _texture_factor(texture: str, dx: torch.Tensor, dy: torch.Tensor) -> torch.T
     raise InputError("texture", f"'{texture}' is not a texture", f"one of {TEXTURES}")
 
 
+_WALLPAPER_SIDE = 128
+_wallpaper_cache: list[torch.Tensor] = []
+
+
+def _wallpaper_texture() -> torch.Tensor:
+    """A fixed periodic texture: seeded noise blurred to detail of a few pixels, dim and bluish-grey."""
+    if not _wallpaper_cache:
+        g = torch.Generator().manual_seed(20261122)
+        noise = torch.randn(1, 1, _WALLPAPER_SIDE, _WALLPAPER_SIDE, generator=g)
+        k = torch.exp(-torch.arange(-4, 5, dtype=torch.float32) ** 2 / (2 * 1.2 ** 2))
+        k = k / k.sum()
+        padded = torch.nn.functional.pad(noise, (4, 4, 4, 4), mode="circular")
+        smooth = torch.nn.functional.conv2d(padded, k.view(1, 1, 1, -1))
+        smooth = torch.nn.functional.conv2d(smooth, k.view(1, 1, -1, 1))[0, 0]
+        _wallpaper_cache.append(smooth / smooth.std())
+    return _wallpaper_cache[0]
+
+
 def wallpaper(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The world's background at (possibly fractional) pixel coordinates: a dim, aperiodic-looking
-    pattern with detail at several scales, so a pan can be measured by phase correlation."""
-    v = (0.5 * torch.sin(x * 0.71 + 0.3 * y) + 0.5 * torch.sin(y * 0.53 - 0.2 * x + 1.0)
-         + 0.35 * torch.sin((x + y) * 1.37) + 0.25 * torch.sin(x * 0.29 - y * 1.11 + 2.0))
+    """The world's background at (possibly fractional) pixel coordinates, repeating every 128 px.
+
+    Broadband texture, so a camera pan is measurable by phase correlation; dim and unsaturated,
+    so objects stand out by colour.
+    """
+    tex = _wallpaper_texture()
+    n = _WALLPAPER_SIDE
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    xi, yi = x0.long() % n, y0.long() % n
+    x1, y1 = (xi + 1) % n, (yi + 1) % n
+    v = (tex[yi, xi] * (1 - fx) * (1 - fy) + tex[yi, x1] * fx * (1 - fy)
+         + tex[y1, xi] * (1 - fx) * fy + tex[y1, x1] * fx * fy)
     base = 0.22 + 0.06 * v
     return torch.stack([base * 0.95, base * 1.0, base * 1.15], -1).clamp(0, 1)
 
@@ -193,18 +220,15 @@ def render(scene: Scene, spec: WorldSpec = WorldSpec(), supersample: int = 4) ->
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     centres = path_centres(scene, n, s)
     colour = torch.tensor(COLOURS[scene.colour])
-    frames, masks = [], []
-    for f in range(n):
-        ox = scene.background_offset[0] + scene.camera[0] * f
-        oy = scene.background_offset[1] + scene.camera[1] * f
-        bg = wallpaper(xx + ox, yy + oy)
-        dx, dy = xx - centres[f, 0], yy - centres[f, 1]
-        inside = _shape_coverage(scene.shape, dx, dy, scene.object_size / 2).float()
-        obj = colour * _texture_factor(scene.texture, dx, dy)[..., None]
-        img = bg * (1 - inside[..., None]) + obj * inside[..., None]
-        frames.append(img.view(s, ss, s, ss, 3).mean((1, 3)))
-        masks.append((inside.view(s, ss, s, ss).mean((1, 3)) > 0.5).float())
-    frames, masks = torch.stack(frames), torch.stack(masks)
+    t = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    bg = wallpaper(xx + scene.background_offset[0] + scene.camera[0] * t,
+                   yy + scene.background_offset[1] + scene.camera[1] * t)
+    dx, dy = xx - centres[:, 0].view(n, 1, 1), yy - centres[:, 1].view(n, 1, 1)
+    inside = _shape_coverage(scene.shape, dx, dy, scene.object_size / 2).float()[..., None]
+    obj = colour * _texture_factor(scene.texture, dx, dy)[..., None]
+    img = bg * (1 - inside) + obj * inside
+    frames = img.view(n, s, ss, s, ss, 3).mean((2, 4))
+    masks = (inside.view(n, s, ss, s, ss).mean((2, 4)) > 0.5).float()
     offsets = torch.tensor([[scene.background_offset[0] + scene.camera[0] * f,
                              scene.background_offset[1] + scene.camera[1] * f] for f in range(n)])
     return Clip(frames=frames, masks=masks, boxes=mask_boxes(masks), centroids=mask_centroids(masks),
@@ -214,11 +238,14 @@ def render(scene: Scene, spec: WorldSpec = WorldSpec(), supersample: int = 4) ->
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """[F, H, W] -> [F, 4] normalised xyxy of each mask (zeros where a mask is empty)."""
     f, h, w = masks.shape
-    boxes = torch.zeros(f, 4)
-    for i in range(f):
-        ys, xs = torch.nonzero(masks[i] > 0.5, as_tuple=True)
-        if len(xs):
-            boxes[i] = torch.tensor([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h])
+    cols, rows = (masks > 0.5).any(1), (masks > 0.5).any(2)
+    ar_w, ar_h = torch.arange(w), torch.arange(h)
+    x1 = torch.where(cols, ar_w, w).amin(1)
+    x2 = torch.where(cols, ar_w + 1, 0).amax(1)
+    y1 = torch.where(rows, ar_h, h).amin(1)
+    y2 = torch.where(rows, ar_h + 1, 0).amax(1)
+    boxes = torch.stack([x1 / w, y1 / h, x2 / w, y2 / h], 1).float()
+    boxes[~cols.any(1)] = 0.0
     return boxes
 
 
@@ -285,8 +312,3 @@ def scene_from_dict(data: dict) -> Scene:
 
 def scene_to_dict(scene: Scene) -> dict:
     return asdict(scene)
-
-
-__all__ = ["COLOURS", "SHAPES", "TEXTURES", "DIRECTIONS", "PATHS", "SEEN_COLOURS", "SEEN_SHAPES",
-           "SEEN_TEXTURES", "WorldSpec", "Scene", "Clip", "render", "random_scene", "path_centres",
-           "mask_boxes", "mask_centroids", "wallpaper", "scene_from_dict", "scene_to_dict", "replace"]
