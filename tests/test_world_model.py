@@ -1,0 +1,93 @@
+"""The world's latent map, text encoder, base model file and sampler."""
+
+import pytest
+import torch
+
+from custvid_core.backbones.wan import diffusers_to_native_key
+from custvid_core.errors import InputError
+from custvid_core.files import load_safetensors
+from custvid_core.world import latent
+from custvid_core.world.model import DEFAULT_CONFIG, build_world, load_world, save_world
+from custvid_core.world.sample import flow_sigmas, generate, sample_flow
+from custvid_core.world.scene import Scene, render
+from custvid_core.world.text import PLACEHOLDERS, WorldTextEncoder
+
+TINY = {**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64}
+
+
+def test_latent_map_is_exactly_invertible_in_wans_layout():
+    frames = render(Scene()).frames
+    z = latent.encode(frames)
+    assert z.shape == (1, 16, 8, 16, 16)
+    assert torch.equal(z[:, 12:], torch.zeros_like(z[:, 12:]))
+    assert torch.allclose(latent.decode(z)[0], frames, atol=1e-6)
+    # A 2x2 pixel block lands in one latent position: the map is local, like a VAE's.
+    one = torch.zeros(1, 4, 4, 3)
+    one[0, 2, 3] = 1.0
+    hot = (latent.encode(one)[0, :12, 0] != -1).nonzero()
+    assert len(hot) == 3 and set(hot[:, 1].tolist()) == {1} and set(hot[:, 2].tolist()) == {1}
+    with pytest.raises(InputError, match="frames: 5x5 pixels"):
+        latent.encode(torch.zeros(1, 5, 5, 3))
+
+
+def test_text_encoder_pads_with_zeros_and_names_unknown_words():
+    enc = WorldTextEncoder()
+    ctx = enc(["red striped circle moving left", ""])
+    assert ctx.shape == (2, 16, 4096)
+    assert ctx[0, :5].abs().sum(1).min() > 0 and ctx[0, 5:].abs().sum() == 0
+    assert ctx[1].abs().sum() == 0
+    # Word order carries nothing (Wan's text side has no positions): a bag of words.
+    assert torch.allclose(enc("moving left red circle")[0, :4].sum(0), enc("red circle moving left")[0, :4].sum(0), atol=1e-5)
+    assert all(p in enc.vocabulary for p in PLACEHOLDERS)
+    with pytest.raises(InputError, match="prompt: 'dragon' is not a word of the shapes world"):
+        enc("red dragon")
+
+
+def test_world_file_has_native_wan21_keys_and_loads_back(tmp_path):
+    world = build_world(TINY, seed=3)
+    world.info = {"command": "test", "seed": 3}
+    save_world(world, tmp_path / "m.safetensors", tmp_path / "t.safetensors")
+    tensors, meta = load_safetensors(tmp_path / "m.safetensors")
+    native = {diffusers_to_native_key(k) for k in world.backbone.model.state_dict()}
+    assert set(tensors) == native
+    # What ComfyUI's detection reads: head.modulation (Wan 2.1), 16 input channels, dim % 128 == 0.
+    assert tensors["head.modulation"].shape[-1] % 128 == 0
+    assert tensors["patch_embedding.weight"].shape[1] == 16
+    assert tensors["text_embedding.0.weight"].shape[1] == 4096
+    back = load_world(tmp_path / "m.safetensors", tmp_path / "t.safetensors")
+    x, ctx = torch.randn(1, 16, 2, 4, 4), world.text("blue square")
+    with torch.no_grad():
+        assert torch.allclose(back.backbone.forward(x, 0.5, ctx), world.backbone.forward(x, 0.5, ctx), atol=1e-6)
+    assert torch.equal(back.text.embedding.weight, world.text.embedding.weight)
+    assert back.info == {"command": "test", "seed": 3}
+    with pytest.raises(InputError, match="world_model: 't.safetensors' is not a shapes-world model"):
+        load_world(tmp_path / "t.safetensors", tmp_path / "t.safetensors")
+
+
+def test_flow_schedule_and_euler_sampler_on_a_known_field():
+    sigmas = flow_sigmas(10, shift=3.0)
+    assert sigmas[0] == 1 and sigmas[-1] == 0 and torch.all(sigmas[1:] < sigmas[:-1])
+    assert float(sigmas[5]) == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
+
+    class Exact:
+        """v = noise - x0 for data that is always `target`: Euler must land exactly on target."""
+
+        def __init__(self, target):
+            self.target = target
+
+        def forward(self, x, sigma, context):
+            noise = (x - (1 - sigma) * self.target) / sigma
+            return noise - self.target
+
+    target = torch.randn(1, 16, 2, 4, 4)
+    out = sample_flow(Exact(target), torch.zeros(1, 1, 1), None, torch.randn_like(target), steps=7,
+                      progress=lambda *_: None)
+    assert torch.allclose(out, target, atol=1e-5)
+
+
+def test_generate_returns_clips_of_the_world_geometry():
+    world = build_world(TINY)
+    clips = generate(world, ["red circle moving left", "blue square"], seed=0, steps=2, progress=lambda *_: None)
+    assert clips.shape == (2, 8, 32, 32, 3) and clips.min() >= 0 and clips.max() <= 1
+    again = generate(world, ["red circle moving left", "blue square"], seed=0, steps=2, progress=lambda *_: None)
+    assert torch.equal(clips, again)
