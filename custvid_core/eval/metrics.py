@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..world.scene import COLOURS, DIRECTIONS, SHAPES, Clip, Scene, WorldSpec, render
+from ..world.scene import COLOURS, DIRECTIONS, SHAPES, Scene, WorldSpec, render
 
 NORMALISED_SIDE = 16  # masks and textures are compared on this grid after cropping to the object
 
@@ -64,18 +64,22 @@ def centroids(masks: torch.Tensor) -> torch.Tensor:
 
 # --- identity -----------------------------------------------------------------------------------
 def object_colour(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean RGB of the brighter half of the object's pixels (textures only darken)."""
+    """The object's hue as RGB scaled to a maximum of 1, from its brightest quarter of pixels
+    (textures and anti-aliased edges only darken a colour)."""
     pixels = frames[masks > 0.5]
     if len(pixels) == 0:
         return torch.full((3,), float("nan"))
     bright = pixels.max(-1).values
-    return pixels[bright >= bright.median()].mean(0)
+    top = pixels[bright >= bright.quantile(0.75)].mean(0)
+    return top / top.max().clamp_min(1e-6)
 
 
 def nearest_colour(rgb: torch.Tensor, names=tuple(COLOURS)) -> str | None:
+    """The world colour nearest to a hue from `object_colour`."""
     if torch.isnan(rgb).any():
         return None
     table = torch.tensor([COLOURS[n] for n in names])
+    table = table / table.max(1, keepdim=True).values
     return names[int((table - rgb).norm(dim=1).argmin())]
 
 
@@ -96,23 +100,28 @@ def shape_iou(mask_a: torch.Tensor, mask_b: torch.Tensor) -> float:
     return float((a & b).sum() / union) if union else 0.0
 
 
-_TEMPLATES: dict[str, Clip] = {}
+_TEMPLATES: dict[str, list[torch.Tensor]] = {}
 
 
-def _template(shape: str, texture: str = "plain") -> Clip:
-    key = f"{shape}/{texture}"
-    if key not in _TEMPLATES:
-        spec = WorldSpec(size=48, frames=1)
-        _TEMPLATES[key] = render(Scene(colour="white", shape=shape, texture=texture, start=(24, 24),
-                                       object_size=30), spec)
-    return _TEMPLATES[key]
+def _templates(shape: str) -> list[torch.Tensor]:
+    """Tracked masks of a plain white `shape` at the sizes and sub-pixel positions world objects
+    have: at 11 to 15 pixels the pixel grid changes a shape's outline as much as its kind does."""
+    if shape not in _TEMPLATES:
+        masks = []
+        for size in (11.0, 12.5, 14.0, 15.5):
+            for offset in ((0.0, 0.0), (0.5, 0.25), (0.25, 0.5)):
+                clip = render(Scene(colour="white", shape=shape, start=(16 + offset[0], 16 + offset[1]),
+                                    object_size=size), WorldSpec(frames=1))
+                masks.append(track(clip.frames)[0])
+        _TEMPLATES[shape] = masks
+    return _TEMPLATES[shape]
 
 
 def classify_shape(mask: torch.Tensor, shapes=SHAPES) -> tuple[str | None, float]:
-    """The shape whose normalised template overlaps the mask most, and that IoU."""
+    """The shape whose templates overlap the mask most (position and scale normalised), and that IoU."""
     if mask.sum() == 0:
         return None, 0.0
-    scores = {s: shape_iou(mask, _template(s).masks[0]) for s in shapes}
+    scores = {s: max(shape_iou(mask, t) for t in _templates(s)) for s in shapes}
     best = max(scores, key=scores.get)
     return best, scores[best]
 
@@ -252,10 +261,12 @@ def box_adherence(trajectory: torch.Tensor, boxes: torch.Tensor) -> float:
 
 
 def flicker(frames: torch.Tensor, masks: torch.Tensor | None = None) -> float:
-    """Mean absolute change of background pixels between consecutive frames (0 = steady)."""
+    """Mean absolute change of background pixels between consecutive frames (0 = steady).
+    Pixels within one pixel of the object in either frame are left out."""
     diff = (frames[1:] - frames[:-1]).abs().mean(-1)
     if masks is not None:
-        still = (masks[1:] < 0.5) & (masks[:-1] < 0.5)
+        near = F.max_pool2d(masks[:, None].float(), 3, 1, 1)[:, 0] > 0.5
+        still = ~near[1:] & ~near[:-1]
         return float(diff[still].mean()) if still.any() else float("nan")
     return float(diff.mean())
 
