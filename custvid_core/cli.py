@@ -10,62 +10,47 @@ from pathlib import Path
 import torch
 
 
-def _demo_clip(frames: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
-    """A textured square crossing a striped background; returns frames, masks and its step (px/frame)."""
-    g = torch.Generator().manual_seed(seed)
-    side = size // 4
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    background = torch.stack([0.2 + 0.1 * ((xx // 6 + yy // 6) % 2), 0.25 + 0.0 * xx, 0.35 + 0.15 * ((xx // 4) % 2)], -1)
-    texture = torch.rand(side, side, 1, generator=g) * 0.3 + torch.tensor([0.7, 0.2, 0.1])
-    step = ((size - side - 8) / max(1, frames - 1), 0.5)
-    clip = background.expand(frames, size, size, 3).clone()
-    masks = torch.zeros(frames, size, size)
-    for f in range(frames):
-        x, y = int(round(4 + step[0] * f)), int(round(size // 3 + step[1] * f))
-        clip[f, y:y + side, x:x + side] = texture
-        masks[f, y:y + side, x:x + side] = 1.0
-    return clip, masks, step
-
-
 def demo(args: argparse.Namespace) -> int:
-    from .media import contact_sheet, save_gif, save_png
+    """The main job: a clip from the shapes-world model, what the measurements see in it, and its
+    motion and subject representations from the world's own RAFT and DINOv2."""
+    from .eval.metrics import describe_clip
+    from .media import contact_sheet, save_gif, save_mp4, save_png
     from .representations import motion, storage, subject
+    from .world.encoders import DINO_FILE, RAFT_FILE
+    from .world.model import load_world
+    from .world.sample import generate
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    clip, masks, step = _demo_clip(args.frames, args.size, args.seed)
-    save_gif(clip, out / "clip.gif", scale=2)
-
-    torch.manual_seed(args.seed)
-    if args.dino:
-        dino = subject.load_dinov2(args.dino, "--dino")
-    else:
-        print("No --dino given: using a small DINOv2 with random weights (features show the plumbing only).")
-        dino = subject.build_dinov2(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
-                                         patch_size=14, image_size=224), name="random-dinov2")
-    raft = motion.load_raft(args.raft, "--raft") if args.raft else motion.build_raft("raft_small")
-    if not args.raft:
-        print("No --raft given: using RAFT-small with random weights (flow shows the plumbing only).")
-
+    world = load_world()
     t0 = time.perf_counter()
-    subject_rep = subject.extract_subject(dino, clip[::4], masks[::4], resolution=224)
-    t1 = time.perf_counter()
-    motion_rep = motion.extract_motion(raft, clip, masks, iterations=args.iterations)
-    t2 = time.perf_counter()
+    frames = generate(world, args.prompt, seed=args.seed, steps=args.steps, cfg=args.cfg)[0]
+    seconds = time.perf_counter() - t0
+    save_mp4(frames, out / "clip.mp4", fps=4, scale=8)
+    save_gif(frames, out / "clip.gif", fps=4, scale=8)
+    save_png(contact_sheet(frames, columns=frames.shape[0], scale=8), out / "contact_sheet.png")
+    seen = describe_clip(frames)
 
-    storage.save_representation(subject_rep, out / "subject.safetensors")
+    raft = motion.load_raft(RAFT_FILE)
+    motion_rep = motion.extract_motion(raft, frames, seen.masks if seen.present_frames == 1 else None)
     storage.save_representation(motion_rep, out / "motion.safetensors")
-    save_png(contact_sheet(motion.flow_preview(motion_rep), columns=8), out / "flow_preview.png")
-    true_step = [step[0] / args.size, step[1] / args.size]
+    save_png(contact_sheet(motion.flow_preview(motion_rep), columns=frames.shape[0], scale=8), out / "flow_preview.png")
+    dino = subject.load_dinov2(DINO_FILE)
+    middle = int(seen.masks.sum((1, 2)).argmax())
+    subject_rep = subject.extract_subject(dino, frames[middle:middle + 1],
+                                          seen.masks[middle:middle + 1] if seen.masks[middle].any() else None,
+                                          resolution=world.spec.size, fit="stretch")
+    storage.save_representation(subject_rep, out / "subject.safetensors")
+
     summary = {
-        "clip": {"frames": args.frames, "size": args.size, "true_object_step": true_step},
-        "subject": {"encoder": subject_rep.encoder, "images": subject_rep.patch_tokens.shape[0],
-                    "grid": list(subject_rep.grid), "feature_dim": subject_rep.patch_tokens.shape[-1],
-                    "seconds": round(t1 - t0, 3)},
-        "motion": {"encoder": motion_rep.encoder, "pairs": motion_rep.flow.shape[0],
-                   "mean_object_step": motion_rep.object_flow.mean(0).tolist(),
-                   "trajectory_start_end": [motion_rep.trajectory[0].tolist(), motion_rep.trajectory[-1].tolist()],
-                   "seconds": round(t2 - t1, 3)},
+        "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "cfg": args.cfg,
+        "sampling_seconds": round(seconds, 2),
+        "seen": {"colour": seen.colour, "shape": seen.shape, "direction": seen.direction,
+                 "textured": seen.texture_contrast > 0.2, "object_in_frames": seen.present_frames},
+        "motion_representation": {"mean_object_step": motion_rep.object_flow.mean(0).tolist(),
+                                  "subject_from": motion_rep.subject_from},
+        "subject_representation": {"grid": list(subject_rep.grid), "feature_dim": subject_rep.patch_tokens.shape[-1]},
+        "model": world.info.get("command", ""),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
@@ -102,17 +87,54 @@ def world_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def world_encoders(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from .world import encoders
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = {"command": command}
+    if args.raft_steps:
+        cfg = encoders.RaftTrainConfig(steps=args.raft_steps, seed=args.seed)
+        raft = encoders.train_world_raft(cfg)
+        report["raft"] = {"train": cfg.__dict__, "quality": encoders.raft_quality(raft)}
+        encoders.save_world_raft(raft, out / encoders.RAFT_FILE.name, {"command": command, **report["raft"]})
+        print(json.dumps(report["raft"], indent=2))
+    if args.dino_steps:
+        cfg = encoders.DinoTrainConfig(steps=args.dino_steps, seed=args.seed)
+        dino = encoders.train_world_dino(cfg)
+        report["dino"] = {"train": cfg.__dict__, "quality": encoders.dino_quality(dino)}
+        encoders.save_world_dino(dino, out / encoders.DINO_FILE.name, {"command": command, **report["dino"]})
+        print(json.dumps(report["dino"], indent=2))
+    (out / "encoders_report.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_bench(args.cases, args.out, [m.strip() for m in args.methods.split(",")],
+              [int(s) for s in args.seeds.split(",")])
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="extract subject and motion representations from a generated clip")
-    p.add_argument("--out", default="out/demo", help="output folder")
-    p.add_argument("--dino", help="DINOv2 weights (folder or file); random weights if omitted")
-    p.add_argument("--raft", help="torchvision RAFT weights; random weights if omitted")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--iterations", type=int, default=12)
+    p = sub.add_parser("demo", help="generate a clip with the shapes-world model and measure it")
+    p.add_argument("--prompt", default="red striped circle moving right")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--out", default="out/demo", help="output folder")
     p.set_defaults(run=demo)
 
     p = sub.add_parser("world-train", help="pretrain the shapes-world base model")
@@ -138,5 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=world_eval)
+    p = sub.add_parser("world-encoders", help="train the shapes world's RAFT and DINOv2 and report their quality")
+    p.add_argument("--out", required=True)
+    p.add_argument("--raft-steps", type=int, default=800, help="0 skips RAFT")
+    p.add_argument("--dino-steps", type=int, default=800, help="0 skips DINOv2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(run=world_encoders)
+
+    p = sub.add_parser("bench", help="measure customization methods on shapes-world cases")
+    p.add_argument("--cases", default=str(Path(__file__).parent / "world" / "cases" / "default.json"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--methods", default="base", help="comma-separated method names")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(run=bench)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -21,12 +21,22 @@ MODEL_FOLDERS = {
 }
 
 
+# The shapes world ships inside the pack: its Wan file is offered by ComfyUI's own UNETLoader.
+WORLD_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custvid_core", "world",
+                             "weights")
+
+
+def _register(name: str, path: str, is_default: bool) -> None:
+    folder_paths.add_model_folder_path(name, path, is_default=is_default)
+    paths, extensions = folder_paths.folder_names_and_paths[name]
+    folder_paths.folder_names_and_paths[name] = (paths, extensions or set(folder_paths.supported_pt_extensions))
+
+
 def register_model_folders() -> None:
     for name, sub in MODEL_FOLDERS.items():
-        path = os.path.join(folder_paths.models_dir, sub)
-        folder_paths.add_model_folder_path(name, path, is_default=True)
-        paths, _ = folder_paths.folder_names_and_paths[name]
-        folder_paths.folder_names_and_paths[name] = (paths, set(folder_paths.supported_pt_extensions))
+        _register(name, os.path.join(folder_paths.models_dir, sub), is_default=True)
+    _register("custvid_world_text", os.path.join(WORLD_WEIGHTS, "text_encoders"), is_default=False)
+    _register("diffusion_models", os.path.join(WORLD_WEIGHTS, "diffusion_models"), is_default=False)
 
 
 def model_files(folder: str) -> list[str]:

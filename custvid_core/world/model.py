@@ -77,8 +77,16 @@ def load_world(model_path: str | Path = MODEL_FILE, text_path: str | Path = TEXT
     model = WanTransformer3DModel(**config)
     names = {diffusers_to_native_key(k): k for k in model.state_dict()}
     model.load_state_dict({names[k]: v for k, v in native.items()})
-    tensors, tmeta = load_safetensors(text_path, "world_text_encoder")
-    text = WorldTextEncoder(json.loads(tmeta["custvid.world.vocabulary"]),
-                            length=int(tmeta["custvid.world.context_length"]))
+    return World(describe(model.eval()), load_text_encoder(text_path), spec,
+                 json.loads(meta.get("custvid.world.info", "{}")))
+
+
+def load_text_encoder(path: str | Path = TEXT_FILE, input_name: str = "world_text_encoder") -> WorldTextEncoder:
+    tensors, meta = load_safetensors(path, input_name)
+    if "custvid.world.vocabulary" not in meta:
+        raise InputError(input_name, f"'{Path(path).name}' is not a shapes-world text encoder",
+                         "custvid_shapes_world_text.safetensors")
+    text = WorldTextEncoder(json.loads(meta["custvid.world.vocabulary"]),
+                            length=int(meta["custvid.world.context_length"]))
     text.load_state_dict(tensors)
-    return World(describe(model.eval()), text.eval(), spec, json.loads(meta.get("custvid.world.info", "{}")))
+    return text.eval()

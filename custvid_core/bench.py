@@ -1,0 +1,145 @@
+"""The benchmark: customization methods measured on shapes-world cases.
+
+`python -m custvid_core bench --cases FILE --out DIR [--methods base,...] [--seeds 0,1]` prepares
+each method on each case (training, if the method trains), generates the case's prompts for every
+seed and measures subject match and motion match against the case's ground truth. It writes
+`results.json` (every clip), `results.csv` and `results.md` (per case and averaged per method).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from .errors import InputError
+from .eval import metrics
+from .world.cases import Case, load_cases
+from .world.model import World, load_world
+from .world.sample import generate
+from .world.scene import COLOURS, SHAPES
+
+# (prompts, seed) -> clips [B, F, H, W, 3]
+Generator = Callable[[list[str], int], torch.Tensor]
+
+
+class Method(Protocol):
+    name: str
+
+    def prepare(self, world: World, case: Case, workdir: Path) -> tuple[Generator, dict]:
+        """Learn the case if the method learns; return a generator and the prompt words to use."""
+
+
+@dataclass
+class BaseModel:
+    """No customization: the base model prompted with the case's own words ("no customization" row)."""
+
+    name: str = "base"
+    steps: int = 30
+    cfg: float = 4.0
+
+    def prepare(self, world, case, workdir):
+        def run(prompts, seed):
+            return generate(world, prompts, seed=seed, steps=self.steps, cfg=self.cfg, progress=lambda *_: None)
+
+        return run, {"subject": case.subject.get("words", ""), "motion": case.motion.get("words", "")}
+
+
+METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel}
+
+METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation",
+           "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker")
+
+
+def measure(case: Case, frames: torch.Tensor, references: list) -> dict:
+    """Subject and motion match of one generated clip against the case's ground truth."""
+    masks = metrics.track(frames)
+    middle = int(masks.sum((1, 2)).argmax())
+    hue = metrics.object_colour(frames, masks)
+    target_hue = torch.tensor(COLOURS[case.subject["colour"]])
+    target_hue = target_hue / target_hue.max()
+    shape = metrics.classify_shape(masks[middle], SHAPES)[0]
+    path = metrics.path_error(metrics.centroids(masks), case.reference_path())
+    return {
+        "colour_match": float(metrics.nearest_colour(hue) == case.subject["colour"]),
+        "colour_distance": float((hue - target_hue).norm()) if not torch.isnan(hue).any() else math.nan,
+        "shape_match": float(shape == case.subject["shape"]),
+        "shape_iou": max(metrics.shape_iou(masks[middle], r.masks[0]) for r in references),
+        "texture_correlation": max(metrics.texture_correlation(frames[middle], masks[middle], r.frames[0], r.masks[0])
+                                   for r in references),
+        "path_shape_error": path.shape_distance,
+        "direction_cosine": path.direction_cosine,
+        "speed_ratio": path.speed_ratio,
+        "present": float((masks.sum((1, 2)) > 0).float().mean()),
+        "flicker": metrics.flicker(frames, masks),
+    }
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if not math.isnan(r[key])]
+    return sum(values) / len(values) if values else math.nan
+
+
+def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds: list[int],
+              world: World | None = None, log=print) -> dict:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError("--methods", f"'{unknown[0]}' is not a method", f"some of {', '.join(METHODS)}")
+    cases = load_cases(cases_path)
+    world = world or load_world()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in cases:
+        references = case.subject_images()
+        for method_name in methods:
+            method = METHODS[method_name]()
+            t0 = time.perf_counter()
+            run, words = method.prepare(world, case, out / "work" / case.name / method_name)
+            prepare_seconds = time.perf_counter() - t0
+            prompts = case.prompt_texts(words["subject"], words["motion"])
+            for seed in seeds:
+                clips = run(prompts, seed)
+                for prompt, frames in zip(prompts, clips):
+                    rows.append({"case": case.name, "method": method_name, "seed": seed, "prompt": prompt,
+                                 "prepare_seconds": prepare_seconds, **measure(case, frames, references)})
+            log(f"{case.name} / {method_name}: " + ", ".join(
+                f"{k} {_mean([r for r in rows if r['case'] == case.name and r['method'] == method_name], k):.3f}"
+                for k in ("colour_match", "shape_iou", "path_shape_error")))
+    summary = _summaries(rows, methods, [c.name for c in cases])
+    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "seeds": seeds,
+                                                  "cases": str(cases_path)}, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(_markdown(summary, cases_path, seeds))
+    return summary
+
+
+def _summaries(rows, methods, case_names) -> dict:
+    out = {}
+    for m in methods:
+        per_case = {c: {k: _mean([r for r in rows if r["method"] == m and r["case"] == c], k) for k in METRICS}
+                    for c in case_names}
+        per_case["average"] = {k: _mean([r for r in rows if r["method"] == m], k) for k in METRICS}
+        out[m] = per_case
+    return out
+
+
+def _markdown(summary, cases_path, seeds) -> str:
+    header = "| method | case | " + " | ".join(METRICS) + " |"
+    lines = [f"Cases: `{cases_path}`; seeds: {seeds}. Lower is better for colour_distance, path_shape_error "
+             "and flicker; speed_ratio is best at 1.", "", header, "|" + " --- |" * (len(METRICS) + 2)]
+    for method, per_case in summary.items():
+        for case, values in per_case.items():
+            cells = " | ".join(f"{values[k]:.3f}" for k in METRICS)
+            name = f"**{case}**" if case == "average" else case
+            lines.append(f"| {method} | {name} | {cells} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,124 @@
+"""Nodes for the shapes world: the small embedded model a new user runs first.
+
+ComfyUI's own UNETLoader loads the world's Wan 2.1 file (CustVid adds its folder to
+`diffusion_models`); these nodes add what a real Wan gets from umt5 and its VAE: the world's
+text encoder (CONDITIONING) and its fixed pixel <-> latent map (a VAE for VAEEncode/VAEDecode).
+"""
+
+from __future__ import annotations
+
+import comfy.latent_formats
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..custvid_core.world import latent as world_latent
+from ..custvid_core.world.model import load_text_encoder
+from . import types
+from .host import model_files
+
+CATEGORY = "CustVid/shapes world"
+
+
+class WorldVAE:
+    """The world's exact pixel <-> latent map behind ComfyUI's VAE interface.
+
+    ComfyUI normalises Wan latents with Wan 2.1's per-channel mean and std before the model
+    sees them (`process_in`); this VAE emits latents that normalise to the world's own, so the
+    model receives exactly what it was trained on.
+    """
+
+    latent_channels = world_latent.LATENT_CHANNELS
+    latent_dim = 3
+    downscale_ratio = world_latent.SPATIAL_FACTOR
+    upscale_ratio = world_latent.SPATIAL_FACTOR
+
+    def __init__(self):
+        self.format = comfy.latent_formats.Wan21()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """IMAGE frames `[F, H, W, 3]` (one clip) -> LATENT `[1, 16, F, H/2, W/2]`."""
+        return self.format.process_out(world_latent.encode(pixels[..., :3].float().cpu()))
+
+    def decode(self, samples: torch.Tensor, vae_options=None) -> torch.Tensor:
+        return world_latent.decode(self.format.process_in(samples.float().cpu()))
+
+    def spacial_compression_encode(self):
+        return world_latent.SPATIAL_FACTOR
+
+    def spacial_compression_decode(self):
+        return world_latent.SPATIAL_FACTOR
+
+    def temporal_compression_decode(self):
+        return None
+
+
+class LoadShapesWorld(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_LoadShapesWorld",
+            display_name="Load Shapes World (text encoder + VAE)",
+            category=CATEGORY,
+            description="The shapes world's text encoder and pixel<->latent map. Load its diffusion "
+                        "model with ComfyUI's Load Diffusion Model (custvid_shapes_world_wan21.safetensors).",
+            inputs=[io.Combo.Input("text_encoder_name", options=model_files("custvid_world_text"),
+                                   tooltip="The world's text encoder, shipped with CustVid.")],
+            outputs=[types.WorldText.Output(display_name="world_text"), io.Vae.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("custvid_world_text", text_encoder_name)
+        return io.NodeOutput(load_text_encoder(path, input_name="text_encoder_name"), WorldVAE())
+
+
+class WorldTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_WorldTextEncode",
+            display_name="Shapes World Text Encode",
+            category=CATEGORY,
+            description="Turns a shapes-world prompt into CONDITIONING for the world model.",
+            inputs=[
+                types.WorldText.Input("world_text", tooltip="From Load Shapes World."),
+                io.String.Input("prompt", multiline=True, default="red striped circle moving right",
+                                tooltip="Words of the world: a colour (red, green, blue, yellow, magenta, cyan), "
+                                        "optionally 'striped', a shape (circle, square, triangle, cross) and "
+                                        "'moving left/right/up/down'. Leave empty for the negative prompt."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, world_text, prompt) -> io.NodeOutput:
+        with torch.no_grad():
+            context = world_text(prompt.strip())
+        return io.NodeOutput([[context, {}]])
+
+
+class WorldEmptyLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_WorldEmptyLatent",
+            display_name="Shapes World Empty Latent",
+            category=CATEGORY,
+            description="An empty latent of the world's clip size for the sampler.",
+            inputs=[
+                io.Int.Input("frames", default=8, min=2, max=64, tooltip="Frames per clip; the world model was trained on 8."),
+                io.Int.Input("size", default=32, min=8, max=256, step=2,
+                             tooltip="Width and height in pixels; the world model was trained on 32."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips generated at once."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, frames, size, batch_size) -> io.NodeOutput:
+        side = size // world_latent.SPATIAL_FACTOR
+        return io.NodeOutput({"samples": torch.zeros(batch_size, world_latent.LATENT_CHANNELS, frames, side, side)})
+
+
+NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent]
