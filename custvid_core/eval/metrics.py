@@ -176,7 +176,7 @@ def direction_of(trajectory: torch.Tensor, min_travel: float = 0.05) -> str | No
 class PathError:
     mean_distance: float  # mean |trajectory - target| over frames, fraction of the frame
     shape_distance: float  # the same after removing each path's mean (translation-free shape)
-    direction_cosine: float  # cosine between net displacements
+    direction_cosine: float  # mean cosine between frame-to-frame steps (1: moving the target's way)
     speed_ratio: float  # path length / target path length
 
 
@@ -187,8 +187,8 @@ def path_error(trajectory: torch.Tensor, target: torch.Tensor) -> PathError:
     tr, tg = trajectory[ok], target[ok]
     mean_d = float((tr - tg).norm(dim=1).mean())
     shape_d = float(((tr - tr.mean(0)) - (tg - tg.mean(0))).norm(dim=1).mean())
-    da, db = tr[-1] - tr[0], tg[-1] - tg[0]
-    cos = float((da @ db) / (da.norm() * db.norm()).clamp_min(1e-6))
+    da, db = tr[1:] - tr[:-1], tg[1:] - tg[:-1]
+    cos = float(((da * db).sum(1) / (da.norm(dim=1) * db.norm(dim=1)).clamp_min(1e-6)).mean())
     length = lambda p: float((p[1:] - p[:-1]).norm(dim=1).sum())  # noqa: E731
     return PathError(mean_d, shape_d, cos, length(tr) / max(length(tg), 1e-6))
 

@@ -87,12 +87,18 @@ class Case:
             lo = (half - centres.min(0).values).clamp(max=0)
             hi = (self.spec.size - half - centres.max(0).values).clamp(min=0)
             shift = lo + (hi - lo) * torch.rand(2, generator=g)
+            if template.path == "bounce":  # reflections at the walls: a shifted start is another path
+                shift = torch.zeros(2)
             scene = scene_from_dict({**{k: v for k, v in template.__dict__.items()}, "colour": colour,
                                      "shape": shape, "texture": texture})
             scene.start = (template.start[0] + float(shift[0]), template.start[1] + float(shift[1]))
-            if "center" in scene.path_params:
-                cx, cy = scene.path_params["center"]
+            if scene.path == "circle":
+                cx, cy = scene.path_params.get("center", (self.spec.size / 2, self.spec.size / 2))
                 scene.path_params = {**scene.path_params, "center": (cx + float(shift[0]), cy + float(shift[1]))}
+            if "points" in scene.path_params:
+                offset = (shift / self.spec.size).tolist()
+                scene.path_params = {**scene.path_params, "points": [[x + offset[0], y + offset[1]]
+                                                                     for x, y in scene.path_params["points"]]}
             scene.background_offset = tuple(float(64 * torch.rand((), generator=g)) for _ in range(2))
             out.append(render(scene, self.spec))
         return out

@@ -33,6 +33,20 @@ def import_comfy():
     import comfy.model_management  # noqa: F401  (reads args.cpu once, at import)
 
 
+def import_pack():
+    """Import this repository as ComfyUI imports a custom node package (in this process)."""
+    import importlib.util
+
+    import_comfy()
+    if "custvid_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("custvid_pack", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["custvid_pack"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["custvid_pack"]
+
+
 class Server:
     def __init__(self, url: str, base: Path, log: Path):
         self.url, self.base, self.log = url, base, log

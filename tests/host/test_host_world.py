@@ -1,0 +1,102 @@
+"""The shapes world inside ComfyUI: the stock UNETLoader loads it as Wan 2.1, and stock samplers
+generate clips with it whose content the world's measurements recognise."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_host import REPO, import_comfy, import_pack
+from workflow_api import to_api
+
+from custvid_core.eval.metrics import describe_clip
+from custvid_core.world.model import MODEL_FILE, TEXT_FILE, load_world
+
+WORKFLOW = REPO / "workflows" / "custvid_shapes_world_generate.json"
+
+
+def test_unet_loader_detects_wan21_and_computes_what_the_library_computes():
+    import_comfy()
+    import comfy.sd
+
+    patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
+    assert type(patcher.model).__name__ == "WAN21"
+    assert type(patcher.model.model_config).__name__ == "WAN21_T2V"
+    world = load_world()
+    torch.manual_seed(0)
+    z = torch.randn(2, 16, world.spec.frames, world.spec.size // 2, world.spec.size // 2)
+    context = world.text(["red striped circle moving right", ""]).detach()
+    sigma = torch.tensor([0.7, 0.3])
+    with torch.no_grad():
+        denoised = patcher.model.apply_model(z, sigma, c_crossattn=context)
+        v = world.backbone.forward(z, sigma, context)
+    assert torch.allclose(denoised, z - sigma.view(-1, 1, 1, 1, 1) * v, atol=1e-4)
+
+
+def test_vae_round_trips_through_comfys_latent_normalisation():
+    from custvid_core.world import latent
+    from custvid_core.world.scene import Scene, render
+
+    import_comfy()
+    import comfy.latent_formats
+
+    vae = import_pack().nodes.world_nodes.WorldVAE()
+    frames = render(Scene()).frames
+    raw = vae.encode(frames)
+    # The sampler normalises with Wan 2.1's statistics; the model must then see the world's latent.
+    assert torch.allclose(comfy.latent_formats.Wan21().process_in(raw), latent.encode(frames), atol=1e-5)
+    decoded = vae.decode(raw)
+    assert decoded.shape == (1, 8, 32, 32, 3)
+    assert torch.allclose(decoded[0], frames, atol=1e-5)
+
+
+def _frames_prompt(prompt, seed):
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_FILE.name, "weight_dtype": "default"}},
+        "shift": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["unet", 0], "shift": 3.0}},
+        "world": {"class_type": "CustVid_LoadShapesWorld", "inputs": {"text_encoder_name": TEXT_FILE.name}},
+        "pos": {"class_type": "CustVid_WorldTextEncode", "inputs": {"world_text": ["world", 0], "prompt": prompt}},
+        "neg": {"class_type": "CustVid_WorldTextEncode", "inputs": {"world_text": ["world", 0], "prompt": ""}},
+        "latent": {"class_type": "CustVid_WorldEmptyLatent", "inputs": {"frames": 8, "size": 32, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {"model": ["shift", 0], "positive": ["pos", 0],
+                                                        "negative": ["neg", 0], "latent_image": ["latent", 0],
+                                                        "seed": seed, "steps": 30, "cfg": 4.0, "sampler_name": "euler",
+                                                        "scheduler": "simple", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["world", 1]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],
+                                                       "filename_prefix": f"world_{seed}_{prompt.replace(' ', '_')}"}},
+    }
+
+
+def test_stock_samplers_generate_what_the_prompt_asks(comfy_server):
+    prompts = ["red circle moving right", "blue square moving down", "yellow cross moving left",
+               "green triangle moving up"]
+    found = []
+    for i, prompt in enumerate(prompts):
+        result = comfy_server.run(_frames_prompt(prompt, seed=i))
+        assert result["ok"], result["error"]
+        images = result["outputs"]["save"]["images"]
+        assert len(images) == 8
+        frames = torch.stack([torch.from_numpy(np.array(Image.open(comfy_server.base / "output" / im["subfolder"] /
+                                                                   im["filename"]))).float() / 255 for im in images])
+        assert frames.shape == (8, 32, 32, 3)
+        seen = describe_clip(frames)
+        found.append((seen.colour == prompt.split()[0], seen.direction == prompt.split()[-1]))
+    assert sum(c for c, _ in found) >= 3, found
+    assert sum(d for _, d in found) >= 2, found
+
+
+def test_shipped_world_workflow_runs(comfy_server):
+    workflow = json.loads(WORKFLOW.read_text())
+    result = comfy_server.run(to_api(workflow, comfy_server.object_info()))
+    assert result["ok"], result["error"]
+    videos = list((comfy_server.base / "output" / "custvid").glob("shapes_world*"))
+    assert videos and videos[0].stat().st_size > 1000
+
+
+@pytest.fixture(autouse=True)
+def _world_weights_present():
+    if not MODEL_FILE.exists():
+        pytest.fail(f"{MODEL_FILE} is missing: the shapes world ships with the repository")

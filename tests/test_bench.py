@@ -1,0 +1,83 @@
+"""The benchmark command: case files, measurements with known answers, result tables."""
+
+import json
+
+import pytest
+import torch
+
+from custvid_core.bench import BaseModel, measure, run_bench
+from custvid_core.errors import InputError
+from custvid_core.world.cases import DEFAULT_CASES, load_cases
+from custvid_core.world.model import DEFAULT_CONFIG, build_world
+from custvid_core.world.scene import Scene, render
+
+
+def test_default_cases_load_and_render():
+    cases = load_cases(DEFAULT_CASES)
+    assert len(cases) >= 4
+    for case in cases:
+        images = case.subject_images()
+        assert 3 <= len(images) <= 5 and all(i.masks.sum() > 20 for i in images)
+        clips = case.motion_clips()
+        assert 2 <= len(clips) <= 3
+        # Motion clips show other subjects along the case's path, shifted but the same shape.
+        assert all(c.scene.colour != case.subject["colour"] or c.scene.shape != case.subject["shape"] for c in clips)
+        ref = case.reference_path()
+        for c in clips:
+            path = c.centres / case.spec.size
+            assert torch.allclose(path - path.mean(0), ref - ref.mean(0), atol=1e-4)
+            assert c.masks.sum((1, 2)).min() > 10  # in frame throughout
+
+
+def test_measure_gives_full_marks_to_the_ground_truth():
+    case = load_cases(DEFAULT_CASES)[0]
+    subject, motion = case.subject_scene(), case.motion_scene()
+    truth = render(Scene(colour=subject.colour, shape=subject.shape, texture=subject.texture,
+                         object_size=subject.object_size, path=motion.path, path_params=motion.path_params,
+                         start=motion.start), case.spec)
+    m = measure(case, truth.frames, case.subject_images())
+    assert m["colour_match"] == 1 and m["shape_match"] == 1 and m["shape_iou"] > 0.8
+    assert m["path_shape_error"] < 0.03 and m["direction_cosine"] > 0.95 and m["present"] == 1
+    other = render(Scene(colour="green", shape="square", direction="left", start=(26, 10), speed=2.0), case.spec)
+    worse = measure(case, other.frames, case.subject_images())
+    assert worse["colour_match"] == 0 and worse["shape_match"] == 0 and worse["path_shape_error"] > 0.1
+
+
+def test_bench_writes_tables_for_any_case_file(tmp_path):
+    case_file = tmp_path / "one.json"
+    data = json.loads(DEFAULT_CASES.read_text())
+    data["cases"] = data["cases"][:1]
+    case_file.write_text(json.dumps(data))
+    world = build_world({**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64})
+    BaseModel.steps = 2
+    try:
+        summary = run_bench(case_file, tmp_path / "out", ["base"], [0, 1], world=world, log=lambda *_: None)
+    finally:
+        BaseModel.steps = 30
+    assert set(summary["base"]) == {"orange_star_circle", "average"}
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and rows[0]["prompt"] == "orange star"
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("case,method,seed,prompt")
+    assert "| base | **average** |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{", "--cases: 'c.json' is not valid JSON"),
+    ('{"cases": []}', "holds no cases"),
+    ('{"cases": [{"name": "x", "subject": {"colour": "red", "shape": "circle"}, "motion": {}}]}',
+     r"cases\[0\].prompts: is missing"),
+    ('{"cases": [{"name": "x", "subject": {"colour": "red", "shape": "circle", "size": 3}, "motion": {}, "prompts": []}]}',
+     r"cases\[0\].subject.size: is not a known field"),
+    ('{"cases": [{"name": "x", "subject": {"colour": "teal", "shape": "circle"}, "motion": {}, "prompts": []}]}',
+     "colour: 'teal' is not in the shapes world"),
+])
+def test_bad_case_files_name_the_field(tmp_path, content, match):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match=match):
+        load_cases(path)
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(InputError, match="--methods: 'lora' is not a method"):
+        run_bench(DEFAULT_CASES, tmp_path, ["lora"], [0], world=build_world({**DEFAULT_CONFIG, "num_layers": 1}))
