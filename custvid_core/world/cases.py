@@ -71,7 +71,8 @@ class Case:
             start = tuple(float(margin + (self.spec.size - 2 * margin) * torch.rand((), generator=g)) for _ in range(2))
             offset = tuple(float(64 * torch.rand((), generator=g)) for _ in range(2))
             out.append(render(Scene(colour=base.colour, shape=base.shape, texture=base.texture, object_size=size,
-                                    start=start, background_offset=offset), still))
+                                    start=start, background_offset=offset,
+                                    background_seed=int(torch.randint(2 ** 31 - 1, (1,), generator=g))), still))
         return out
 
     def motion_clips(self) -> list[Clip]:
@@ -100,6 +101,7 @@ class Case:
                 scene.path_params = {**scene.path_params, "points": [[x + offset[0], y + offset[1]]
                                                                      for x, y in scene.path_params["points"]]}
             scene.background_offset = tuple(float(64 * torch.rand((), generator=g)) for _ in range(2))
+            scene.background_seed = int(torch.randint(2 ** 31 - 1, (1,), generator=g))
             out.append(render(scene, self.spec))
         return out
 

@@ -55,6 +55,7 @@ class Scene:
     speed: float = 1.5  # straight paths: pixels per frame
     object_size: float = 12.0
     background_offset: tuple[float, float] = (0.0, 0.0)  # wallpaper offset at frame 0
+    background_seed: int = 0  # which wallpaper
     camera: tuple[float, float] = (0.0, 0.0)  # pan in pixels per frame (+x: camera moves right)
     path_params: dict = field(default_factory=dict)  # circle: radius, turns; zigzag: amplitude, period...
 
@@ -175,39 +176,22 @@ def _texture_factor(texture: str, dx: torch.Tensor, dy: torch.Tensor) -> torch.T
     raise InputError("texture", f"'{texture}' is not a texture", f"one of {TEXTURES}")
 
 
-_WALLPAPER_SIDE = 128
-_wallpaper_cache: list[torch.Tensor] = []
+def wallpaper(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The background at (possibly fractional) pixel coordinates: a dim bluish-grey field of three
+    gentle waves (periods 10 to 20 px) whose directions and phases come from `seed`.
 
-
-def _wallpaper_texture() -> torch.Tensor:
-    """A fixed periodic texture: seeded noise blurred to detail of a few pixels, dim and bluish-grey."""
-    if not _wallpaper_cache:
-        g = torch.Generator().manual_seed(20261122)
-        noise = torch.randn(1, 1, _WALLPAPER_SIDE, _WALLPAPER_SIDE, generator=g)
-        k = torch.exp(-torch.arange(-4, 5, dtype=torch.float32) ** 2 / (2 * 1.2 ** 2))
-        k = k / k.sum()
-        padded = torch.nn.functional.pad(noise, (4, 4, 4, 4), mode="circular")
-        smooth = torch.nn.functional.conv2d(padded, k.view(1, 1, 1, -1))
-        smooth = torch.nn.functional.conv2d(smooth, k.view(1, 1, -1, 1))[0, 0]
-        _wallpaper_cache.append(smooth / smooth.std())
-    return _wallpaper_cache[0]
-
-
-def wallpaper(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The world's background at (possibly fractional) pixel coordinates, repeating every 128 px.
-
-    Broadband texture, so a camera pan is measurable by phase correlation; dim and unsaturated,
-    so objects stand out by colour.
+    Smooth, so a small model renders it easily; two-dimensional structure, so a camera pan is
+    measurable from it; unsaturated, so objects stand out by colour.
     """
-    tex = _wallpaper_texture()
-    n = _WALLPAPER_SIDE
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = x - x0, y - y0
-    xi, yi = x0.long() % n, y0.long() % n
-    x1, y1 = (xi + 1) % n, (yi + 1) % n
-    v = (tex[yi, xi] * (1 - fx) * (1 - fy) + tex[yi, x1] * fx * (1 - fy)
-         + tex[y1, xi] * (1 - fx) * fy + tex[y1, x1] * fx * fy)
-    base = 0.22 + 0.06 * v
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.zeros_like(x)
+    for _ in range(3):
+        period = 10 + 10 * float(torch.rand((), generator=g))
+        angle = math.pi * float(torch.rand((), generator=g))
+        phase = 2 * math.pi * float(torch.rand((), generator=g))
+        k = 2 * math.pi / period
+        v = v + torch.sin(k * (x * math.cos(angle) + y * math.sin(angle)) + phase)
+    base = 0.22 + 0.035 * v
     return torch.stack([base * 0.95, base * 1.0, base * 1.15], -1).clamp(0, 1)
 
 
@@ -222,7 +206,7 @@ def render(scene: Scene, spec: WorldSpec = WorldSpec(), supersample: int = 4) ->
     colour = torch.tensor(COLOURS[scene.colour])
     t = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
     bg = wallpaper(xx + scene.background_offset[0] + scene.camera[0] * t,
-                   yy + scene.background_offset[1] + scene.camera[1] * t)
+                   yy + scene.background_offset[1] + scene.camera[1] * t, scene.background_seed)
     dx, dy = xx - centres[:, 0].view(n, 1, 1), yy - centres[:, 1].view(n, 1, 1)
     inside = _shape_coverage(scene.shape, dx, dy, scene.object_size / 2).float()[..., None]
     obj = colour * _texture_factor(scene.texture, dx, dy)[..., None]
@@ -292,7 +276,8 @@ def random_scene(generator: torch.Generator, spec: WorldSpec = WorldSpec(), colo
         camera = (camera_speed * math.cos(angle), camera_speed * math.sin(angle))
     return Scene(colour=pick(list(colours)), shape=pick(list(shapes)), texture=pick(list(textures)),
                  direction=direction, start=(start_along(dx), start_along(dy)), speed=speed,
-                 object_size=size, background_offset=(uniform(0, 64), uniform(0, 64)), camera=camera)
+                 object_size=size, background_offset=(uniform(0, 64), uniform(0, 64)), camera=camera,
+                 background_seed=int(torch.randint(2 ** 31 - 1, (1,), generator=generator)))
 
 
 def scene_from_dict(data: dict) -> Scene:
