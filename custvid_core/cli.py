@@ -58,16 +58,22 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_config_from_args(args: argparse.Namespace):
+    from .world.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, layers=args.layers,
+                       ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean, init=args.init)
+
+
 def world_train(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from .world.train import TrainConfig, train_world
+    from .world.train import train_world
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, layers=args.layers,
-                      ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean)
+    cfg = train_config_from_args(args)
     command = "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     train_world(args.out, cfg, command=command)
     return 0
@@ -126,7 +132,7 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate a clip with the shapes-world model and measure it")
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal timestep mean")
+    p.add_argument("--init", default="diffusers", choices=["diffusers", "adaln-zero"], help="weight initialisation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(run=world_train)
@@ -175,5 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.run(args)

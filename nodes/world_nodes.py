@@ -37,7 +37,7 @@ class WorldVAE:
         self.format = comfy.latent_formats.Wan21()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """IMAGE frames `[F, H, W, 3]` (one clip) -> LATENT `[1, 16, F, H/2, W/2]`."""
+        """IMAGE frames `[F, H, W, 3]` (one clip, F a multiple of 4) -> LATENT `[1, 16, F/4, H, W]`."""
         return self.format.process_out(world_latent.encode(pixels[..., :3].float().cpu()))
 
     def decode(self, samples: torch.Tensor, vae_options=None) -> torch.Tensor:
@@ -50,7 +50,7 @@ class WorldVAE:
         return world_latent.SPATIAL_FACTOR
 
     def temporal_compression_decode(self):
-        return None
+        return world_latent.TEMPORAL_FACTOR
 
 
 class LoadShapesWorld(io.ComfyNode):
@@ -107,7 +107,9 @@ class WorldEmptyLatent(io.ComfyNode):
             category=CATEGORY,
             description="An empty latent of the world's clip size for the sampler.",
             inputs=[
-                io.Int.Input("frames", default=8, min=2, max=64, tooltip="Frames per clip; the world model was trained on 8."),
+                io.Int.Input("frames", default=8, min=4, max=64, step=4,
+                             tooltip="Frames per clip, a multiple of 4 (the world's latent holds 4 frames per "
+                                     "latent frame); the world model was trained on 8."),
                 io.Int.Input("size", default=32, min=8, max=256, step=2,
                              tooltip="Width and height in pixels; the world model was trained on 32."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips generated at once."),
@@ -118,7 +120,8 @@ class WorldEmptyLatent(io.ComfyNode):
     @classmethod
     def execute(cls, frames, size, batch_size) -> io.NodeOutput:
         side = size // world_latent.SPATIAL_FACTOR
-        return io.NodeOutput({"samples": torch.zeros(batch_size, world_latent.LATENT_CHANNELS, frames, side, side)})
+        length = max(1, frames // world_latent.TEMPORAL_FACTOR)
+        return io.NodeOutput({"samples": torch.zeros(batch_size, world_latent.LATENT_CHANNELS, length, side, side)})
 
 
 NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent]

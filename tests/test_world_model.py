@@ -18,16 +18,16 @@ TINY = {**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64}
 def test_latent_map_is_exactly_invertible_in_wans_layout():
     frames = render(Scene()).frames
     z = latent.encode(frames)
-    assert z.shape == (1, 16, 8, 16, 16)
+    assert z.shape == (1, 16, 2, 32, 32)  # 4 frames per latent frame, like Wan's VAE
     assert torch.equal(z[:, 12:], torch.zeros_like(z[:, 12:]))
     assert torch.allclose(latent.decode(z)[0], frames, atol=1e-6)
-    # A 2x2 pixel block lands in one latent position: the map is local, like a VAE's.
-    one = torch.zeros(1, 4, 4, 3)
-    one[0, 2, 3] = 1.0
-    hot = (latent.encode(one)[0, :12, 0] != -1).nonzero()
-    assert len(hot) == 3 and set(hot[:, 1].tolist()) == {1} and set(hot[:, 2].tolist()) == {1}
-    with pytest.raises(InputError, match="frames: 5x5 pixels"):
-        latent.encode(torch.zeros(1, 5, 5, 3))
+    # One pixel of frame 5 lands at its own position, in latent frame 1, in sub-frame 1's channels.
+    one = torch.zeros(8, 4, 4, 3)
+    one[5, 2, 3] = 1.0
+    hot = (latent.encode(one)[0, :12] != -1).nonzero().tolist()
+    assert hot == [[3, 1, 2, 3], [4, 1, 2, 3], [5, 1, 2, 3]]
+    with pytest.raises(InputError, match="frames: 6 frames"):
+        latent.encode(torch.zeros(6, 4, 4, 3))
 
 
 def test_text_encoder_pads_with_zeros_and_names_unknown_words():

@@ -65,7 +65,7 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
              negative: str = "", step_hook: StepHook | None = None,
              progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Prompts -> clips `[B, F, H, W, 3]` in [0, 1] from the world model; one noise seed per call."""
-    from .latent import LATENT_CHANNELS, SPATIAL_FACTOR, decode
+    from .latent import LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, decode
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     spec = world.spec
@@ -74,6 +74,6 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
         uncond = world.text([negative] * len(prompts))
     g = torch.Generator().manual_seed(seed)
     side = spec.size // SPATIAL_FACTOR
-    noise = torch.randn(len(prompts), LATENT_CHANNELS, spec.frames, side, side, generator=g)
+    noise = torch.randn(len(prompts), LATENT_CHANNELS, spec.frames // TEMPORAL_FACTOR, side, side, generator=g)
     latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, step_hook, progress)
     return decode(latents)

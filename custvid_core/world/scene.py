@@ -38,8 +38,10 @@ class WorldSpec:
 
     size: int = 32
     frames: int = 8
-    object_size: tuple[float, float] = (11.0, 14.0)  # side of the object's box, pixels
-    speed: tuple[float, float] = (1.2, 2.0)  # straight motions, pixels per frame
+    object_size: tuple[float, float] = (10.0, 13.0)  # side of the object's box, pixels
+    # Straight motions, pixels per frame: fast enough that an object crosses most of the frame,
+    # so direction is the dominant trait of a clip rather than a sub-token drift.
+    speed: tuple[float, float] = (2.0, 2.6)
 
 
 @dataclass

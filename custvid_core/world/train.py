@@ -43,6 +43,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     layers: int = 6
     ffn: int = 512
+    init: str = "diffusers"
 
 
 class ClipPool:
@@ -105,7 +106,7 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     config = dict(num_layers=cfg.layers, ffn_dim=cfg.ffn)
     from .model import DEFAULT_CONFIG
 
-    world = build_world({**DEFAULT_CONFIG, **config}, spec, seed=cfg.seed)
+    world = build_world({**DEFAULT_CONFIG, **config}, spec, seed=cfg.seed, init=cfg.init)
     ema = copy.deepcopy(world)
     params = _trainable(world)
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]

@@ -1,0 +1,32 @@
+"""The shipped shapes-world weights: made by the repository's own command, loadable, and good enough."""
+
+import dataclasses
+import json
+import shlex
+
+import pytest
+
+from custvid_core.cli import build_parser, train_config_from_args
+from custvid_core.files import load_safetensors
+from custvid_core.world.model import DEFAULT_CONFIG, MODEL_FILE, TEXT_FILE, load_world
+from custvid_core.world.scene import WorldSpec
+
+pytestmark = pytest.mark.skipif(not MODEL_FILE.exists(), reason="the shapes world is not trained yet")
+
+
+def test_shipped_model_matches_the_command_that_made_it():
+    _, meta = load_safetensors(MODEL_FILE)
+    info = json.loads(meta["custvid.world.info"])
+    args = build_parser().parse_args(shlex.split(info["command"])[3:])  # after "python -m custvid_core"
+    train = dataclasses.asdict(train_config_from_args(args))
+    assert info["train_config"] == train and info["seed"] == train["seed"]
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in DEFAULT_CONFIG.items()}
+    expected.update(num_layers=train["layers"], ffn_dim=train["ffn"])
+    assert json.loads(meta["custvid.world.config"]) == expected
+    spec = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(WorldSpec()).items()}
+    assert json.loads(meta["custvid.world.spec"]) == spec
+
+
+def test_shipped_world_loads_with_its_text_encoder():
+    world = load_world(MODEL_FILE, TEXT_FILE)
+    assert world.backbone.dim % 128 == 0 and world.text.length == 16
