@@ -18,3 +18,12 @@ def moving_square_clip(frames=4, size=(40, 56), step=(3, 1), side=10):
         clip[f, y:y + side, x:x + side] = 1.0
         masks[f, y:y + side, x:x + side] = 1.0
     return clip, masks
+
+
+def tiny_diffusers_wan(layers=2):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                 in_channels=16, out_channels=16, text_dim=64, freq_dim=32, ffn_dim=64,
+                                 num_layers=layers).eval()

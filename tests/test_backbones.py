@@ -4,20 +4,13 @@ import torch
 from custvid_core.backbones import ROLES, describe, diffusers_to_native_key
 from custvid_core.errors import InputError
 
+from builders import tiny_diffusers_wan
+
 # Published Wan 2.1 text-to-video configurations (diffusers' WanTransformer3DModel arguments).
 WAN21 = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
              freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
 WAN21_1_3B = dict(WAN21, num_attention_heads=12, ffn_dim=8960, num_layers=30)
 WAN21_14B = dict(WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40)
-
-
-def tiny_diffusers_wan(layers=2):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                 in_channels=16, out_channels=16, text_dim=64, freq_dim=32, ffn_dim=64,
-                                 num_layers=layers).eval()
 
 
 def test_tiny_diffusers_wan_forward_capture_and_grid():

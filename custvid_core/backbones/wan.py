@@ -16,6 +16,7 @@ import re
 from typing import Iterable, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import InputError
@@ -148,6 +149,34 @@ class WanBackbone:
         finally:
             for h in handles:
                 h.remove()
+
+
+    @contextlib.contextmanager
+    def checkpointing(self, enabled: bool = True) -> Iterator[None]:
+        """Gradient checkpointing per block while inside: activations are recomputed in backward.
+
+        The blocks' forwards are wrapped on the instance and restored on exit, so the same code
+        serves ComfyUI's model (shared with the graph) and diffusers'. Capture hooks still fire once.
+        """
+        if not enabled:
+            yield
+            return
+        wrapped = []
+        try:
+            for block in self.blocks:
+                original = block.forward
+
+                def forward(*args, _original=original, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _original(*args, **kwargs)
+                    return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+                block.forward = forward
+                wrapped.append(block)
+            yield
+        finally:
+            for block in wrapped:
+                del block.forward  # back to the class's forward
 
 
 class ComfyWanBackbone(WanBackbone):

@@ -1,0 +1,254 @@
+"""LoRA adapters on a Wan backbone's roles, through peft, saved in ComfyUI's native LoRA form.
+
+Several named adapters can sit on one backbone (SMRABooth's subject and motion LoRAs share
+`ffn.0`); each has its own strength, which can change between sampling steps. peft supplies the
+LoRA layers; this module chooses their targets by role, exports and imports them under the names
+ComfyUI's stock `LoraLoaderModelOnly` reads (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
+`.lora_up.weight`, `.alpha`), and removes them again without a trace, because inside ComfyUI the
+module tree belongs to a model that other graph nodes share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..backbones.wan import NATIVE_PREFIX, ROLES, WanBackbone
+from ..errors import InputError
+
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Where an adapter goes and how big it is. `blocks=None` means every block."""
+
+    name: str
+    roles: tuple[str, ...]
+    rank: int
+    alpha: float | None = None  # None: alpha = rank, i.e. scale 1
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise InputError("adapter name", f"'{self.name}'", "letters, digits and underscores, e.g. 'subject'")
+        if not self.roles:
+            raise InputError(f"{self.name} roles", "no roles were given", f"some of {ROLES}")
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad:
+            raise InputError(f"{self.name} roles", f"{bad} are not Wan block roles", f"some of {ROLES}")
+        if not 1 <= self.rank <= 1024:
+            raise InputError(f"{self.name} rank", f"{self.rank}", "a rank from 1 to 1024")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# SMRABooth's split by location: appearance in q/k and the first FFN layer, motion in v/o and the FFN.
+SUBJECT_ROLES = ("self_attn.q", "self_attn.k", "cross_attn.q", "cross_attn.k", "ffn.0")
+MOTION_ROLES = ("self_attn.v", "self_attn.o", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+
+def subject_lora(rank: int = 32, name: str = "subject") -> LoraSpec:
+    return LoraSpec(name, SUBJECT_ROLES, rank)
+
+
+def motion_lora(rank: int = 64, name: str = "motion") -> LoraSpec:
+    return LoraSpec(name, MOTION_ROLES, rank)
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+class LoraAdapters:
+    """peft LoRA layers attached to a backbone by role. Use as a context manager, or call `detach()`.
+
+    While attached, the base weights are frozen; `detach()` puts the original modules back and
+    restores their `requires_grad` flags.
+    """
+
+    def __init__(self, backbone: WanBackbone, specs: Iterable[LoraSpec], seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.backbone = backbone
+        self.specs = {s.name: s for s in specs}
+        if not self.specs:
+            raise InputError("adapters", "no adapter was given", "at least one LoRA spec")
+        if any(True for _ in _lora_layers(backbone.model)):
+            raise InputError("model", "the model already carries LoRA layers from another run",
+                             "a model without attached adapters")
+        self._requires_grad = {name: p.requires_grad for name, p in backbone.model.named_parameters()}
+        self._targets: dict[str, dict[str, str]] = {}  # adapter -> module path -> native name
+        self._had_peft_config = hasattr(backbone.model, "peft_config")
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # peft draws lora_A with the global generator
+        try:
+            for spec in self.specs.values():
+                targets = {backbone.module_path(b, r): backbone.native_name(b, r)
+                           for b in (range(backbone.num_blocks) if spec.blocks is None else spec.blocks)
+                           for r in spec.roles}
+                self._targets[spec.name] = targets
+                config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+                                    target_modules=list(targets), lora_dropout=0.0, bias="none")
+                with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter
+                    warnings.simplefilter("ignore", UserWarning)
+                    inject_adapter_in_model(config, backbone.model, adapter_name=spec.name)
+        except Exception:
+            self.detach()
+            raise
+        finally:
+            torch.random.set_rng_state(generator_state)
+        self._paths = dict(_lora_layers(backbone.model))
+        for layer in self._paths.values():
+            layer.set_adapter(list(self.specs))  # every adapter active at once, all trainable
+            for name in self.specs:
+                if name in layer.lora_A:
+                    layer.lora_A[name].to(dtype)
+                    layer.lora_B[name].to(dtype)
+        self.strengths = {name: 1.0 for name in self.specs}
+
+    # --- parameters ------------------------------------------------------------------------
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        self._check(name)
+        return [p for layer in self._paths.values() if name in layer.lora_A
+                for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+
+    def set_trainable(self, name: str, trainable: bool) -> None:
+        for p in self.parameters(name):
+            p.requires_grad_(trainable)
+
+    def set_strength(self, name: str, strength: float) -> None:
+        """Scale an adapter's contribution (1.0 = as trained); cheap enough to call every sampling step."""
+        self._check(name)
+        if strength != self.strengths[name]:
+            for layer in self._paths.values():
+                layer.set_scale(name, strength)
+            self.strengths[name] = strength
+
+    @contextlib.contextmanager
+    def strengths_set(self, **strengths: float) -> Iterator[None]:
+        before = dict(self.strengths)
+        try:
+            for name, s in strengths.items():
+                self.set_strength(name, s)
+            yield
+        finally:
+            for name, s in before.items():
+                self.set_strength(name, s)
+
+    # --- ComfyUI's LoRA form ---------------------------------------------------------------
+    def native_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter as ComfyUI's stock loader reads it: `<native>.lora_down.weight [r, in]`,
+        `.lora_up.weight [out, r]`, `.alpha` (scalar)."""
+        spec = self.specs[self._check(name)]
+        alpha = torch.tensor(float(spec.alpha if spec.alpha is not None else spec.rank))
+        out = {}
+        for path, native in self._targets[name].items():
+            layer = self._paths[path]
+            out[f"{native}.lora_down.weight"] = layer.lora_A[name].weight.detach().float().cpu().clone()
+            out[f"{native}.lora_up.weight"] = layer.lora_B[name].weight.detach().float().cpu().clone()
+            out[f"{native}.alpha"] = alpha.clone()  # safetensors refuses shared storage
+        return out
+
+    def load_native_state_dict(self, name: str, tensors: dict[str, torch.Tensor], input_name: str = "lora") -> None:
+        """Load weights written by `native_state_dict` (or any LoRA with the same targets and rank)."""
+        spec = self.specs[self._check(name)]
+        expected = {f"{native}{suffix}" for native in self._targets[name].values() for suffix in LORA_SUFFIXES}
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise InputError(input_name, f"the file lacks {len(missing)} of the adapter's weights, e.g. '{missing[0]}'",
+                             f"a LoRA on roles {list(spec.roles)} of this model")
+        with torch.no_grad():
+            for path, native in self._targets[name].items():
+                layer = self._paths[path]
+                for key, param in ((".lora_down.weight", layer.lora_A[name].weight),
+                                   (".lora_up.weight", layer.lora_B[name].weight)):
+                    value = tensors[native + key]
+                    if value.shape != param.shape:
+                        raise InputError(input_name, f"'{native + key}' has shape {tuple(value.shape)}",
+                                         f"shape {tuple(param.shape)} (rank {spec.rank} on this model size)")
+                    param.copy_(value)
+                alpha = float(tensors[native + ".alpha"])
+                if abs(alpha / spec.rank - spec.scale) > 1e-6:
+                    raise InputError(input_name, f"alpha {alpha} differs from the adapter's {spec.alpha or spec.rank}",
+                                     "the same alpha the adapter was made with")
+
+    # --- teardown --------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Put the original linear layers back; the model is as it was before attaching."""
+        model = self.backbone.model
+        for path, module in list(_lora_layers(model)):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, module.get_base_layer())
+        if not self._had_peft_config and hasattr(model, "peft_config"):
+            del model.peft_config
+        for name, p in model.named_parameters():
+            if name in self._requires_grad:
+                p.requires_grad_(self._requires_grad[name])
+        self._paths = {}
+
+    def __enter__(self) -> "LoraAdapters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _check(self, name: str) -> str:
+        if name not in self.specs:
+            raise InputError("adapter", f"'{name}' is not attached", f"one of {list(self.specs)}")
+        return name
+
+
+def native_lora_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The module names (without `diffusion_model.`) a native LoRA file patches."""
+    return {k[len(NATIVE_PREFIX):-len(s)] for k in tensors for s in LORA_SUFFIXES
+            if k.startswith(NATIVE_PREFIX) and k.endswith(s)}
+
+
+def base_model_signature(backbone: WanBackbone) -> dict:
+    """What a LoRA must match to load: block count and width (1.3B and 14B differ in both)."""
+    return {"architecture": "wan", "blocks": backbone.num_blocks, "dim": backbone.dim, "text_dim": backbone.text_dim}
+
+
+def save_lora(path, adapters: LoraAdapters, name: str, info: dict | None = None):
+    """Write one adapter as a ComfyUI LoRA file (atomic), with its spec and base model in the metadata."""
+    from ..files import save_safetensors
+
+    meta = {"custvid.lora.spec": adapters.specs[adapters._check(name)].to_dict(),
+            "custvid.lora.base_model": base_model_signature(adapters.backbone),
+            "custvid.lora.info": info or {}}
+    return save_safetensors(path, adapters.native_state_dict(name), meta)
+
+
+def read_lora(path, input_name: str = "lora") -> tuple[dict[str, torch.Tensor], LoraSpec | None, dict]:
+    """A LoRA file's tensors, its spec (None for files CustVid did not write) and its metadata."""
+    import json
+
+    from ..files import load_safetensors
+
+    tensors, meta = load_safetensors(path, input_name)
+    if not native_lora_modules(tensors):
+        raise InputError(input_name, "the file holds no LoRA weights under ComfyUI's 'diffusion_model.' names",
+                         "a Wan LoRA with '.lora_down.weight' / '.lora_up.weight' keys")
+    spec = None
+    if "custvid.lora.spec" in meta:
+        d = json.loads(meta["custvid.lora.spec"])
+        spec = LoraSpec(d["name"], tuple(d["roles"]), int(d["rank"]), d.get("alpha"),
+                        tuple(d["blocks"]) if d.get("blocks") is not None else None)
+    return tensors, spec, {k: json.loads(v) if k.startswith("custvid.") else v for k, v in meta.items()}

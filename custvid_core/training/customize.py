@@ -1,0 +1,256 @@
+"""Subject and motion LoRA training (SMRABooth, with MotionBooth's subject losses).
+
+Both recipes take cached data (latents, text conditioning, DINOv2 tokens, RAFT flow computed once
+per data set) and any Wan backbone (ComfyUI's native model, diffusers', the shapes world), train
+peft LoRAs on the backbone's roles, and return the adapter in ComfyUI's native LoRA form. The
+backbone is left exactly as it was.
+
+Subject (`train_subject`): images as one-frame videos, prompt with a placeholder ("sks").
+  loss = region loss (masked v-MSE) + alignment_weight * SuRA (projector on a block's hidden
+  states vs the image's DINOv2 patch tokens), alternating with preservation batches (any captioned
+  clips, plain v-MSE * preservation_weight) as MotionBooth does.
+Motion (`train_motion`): MotionDirector's two phases, alternating step by step: a spatial LoRA
+  learns the clips' appearance from single frames; the motion LoRA learns the clips with the
+  spatial LoRA active but frozen, with the appearance-debiased loss and MoRA (a projector reads
+  the RAFT flow of each token's place off a block's hidden states). The spatial LoRA is thrown away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..adapters.lora import SUBJECT_ROLES, MOTION_ROLES, LoraAdapters, LoraSpec
+from ..backbones.wan import WanBackbone
+from ..errors import InputError
+from .loop import OptimSettings, Progress, StepResult, train
+from .objectives import (Projector, SigmaSampler, add_noise, appearance_debiased, flow_on_token_grid,
+                         motion_alignment_loss, region_loss, subject_alignment_loss)
+
+
+@dataclass
+class VideoSet:
+    """Cached clips: latents `[N, C, T, h, w]`, context `[N, L, D]`, optional RAFT flow `[N, F-1, 2, H, W]`."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    flow: torch.Tensor | None = None
+
+    def __post_init__(self):
+        _check_set("clips", self.latents, self.context, 5)
+        if self.flow is not None and self.flow.shape[0] != self.latents.shape[0]:
+            raise InputError("motion representation", f"{self.flow.shape[0]} flows for {self.latents.shape[0]} clips",
+                             "one motion representation per clip")
+
+
+@dataclass
+class SubjectSet:
+    """Cached subject images as one-frame latents `[N, C, 1, h, w]`, latent-grid masks `[N, 1, 1, h, w]`,
+    context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, and preservation clips."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    masks: torch.Tensor | None = None
+    dino_tokens: torch.Tensor | None = None
+    preservation: VideoSet | None = None
+
+    def __post_init__(self):
+        _check_set("subject images", self.latents, self.context, 5)
+        n = self.latents.shape[0]
+        if self.masks is not None and (self.masks.shape[0] != n or self.masks.shape[-2:] != self.latents.shape[-2:]):
+            raise InputError("masks", f"{self.masks.shape[0]} masks of grid {tuple(self.masks.shape[-2:])}",
+                             f"{n} masks, one per image, of the images' size")
+        if self.dino_tokens is not None and self.dino_tokens.shape[0] != n:
+            raise InputError("subject representation", f"features of {self.dino_tokens.shape[0]} images",
+                             f"features of the same {n} images")
+
+
+def _check_set(what: str, latents: torch.Tensor, context: torch.Tensor, ndim: int) -> None:
+    if latents.ndim != ndim or latents.shape[0] == 0:
+        raise InputError(what, "the data set is empty" if latents.numel() == 0 else f"shape {tuple(latents.shape)}",
+                         "at least one item")
+    if context.shape[0] not in (1, latents.shape[0]):
+        raise InputError("prompt", f"{context.shape[0]} conditionings for {latents.shape[0]} items",
+                         "one prompt for all items or one per item")
+
+
+@dataclass
+class SubjectSettings:
+    rank: int = 32
+    roles: tuple[str, ...] = SUBJECT_ROLES
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(steps=300, lr=1e-4))
+    batch: int = 1
+    sigmas: SigmaSampler = field(default_factory=SigmaSampler)
+    region_loss: bool = True  # masked loss (needs masks); off: plain MSE over the image
+    preservation_weight: float = 1.0  # 0 or no clips: no preservation batches
+    alignment_weight: float = 0.05  # SuRA; 0 or no DINOv2 tokens: off
+    alignment_block: int = 3
+    projector_hidden: int = 2048
+    gradient_checkpointing: bool = False
+    name: str = "subject"
+
+
+@dataclass
+class MotionSettings:
+    rank: int = 64
+    roles: tuple[str, ...] = MOTION_ROLES
+    spatial_rank: int = 32  # 0: no spatial phase
+    spatial_roles: tuple[str, ...] = SUBJECT_ROLES
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(steps=300, lr=1e-4))
+    batch: int = 1
+    sigmas: SigmaSampler = field(default_factory=SigmaSampler)
+    debiased_weight: float = 1.0  # appearance-debiased loss
+    alignment_weight: float = 1.0  # MoRA (cheap, feature level); 0 or no flow: off
+    alignment_block: int = 3
+    projector_hidden: int = 2048
+    gradient_checkpointing: bool = False
+    name: str = "motion"
+
+
+@dataclass
+class TrainedLora:
+    """A trained adapter in ComfyUI's native LoRA form, with its loss history."""
+
+    spec: LoraSpec
+    tensors: dict[str, torch.Tensor]
+    history: list[dict]
+
+
+def _pick(n: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(n, (batch,), generator=g)
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x[idx] if x.shape[0] > 1 else x.expand(len(idx), *x.shape[1:])
+
+
+def _check_block(block: int, backbone: WanBackbone, name: str) -> None:
+    if not 0 <= block < backbone.num_blocks:
+        raise InputError(name, f"block {block}", f"a block from 0 to {backbone.num_blocks - 1}")
+
+
+def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),
+                  workdir: str | Path | None = None, progress: Progress | None = None,
+                  log: Callable[[str], None] | None = None) -> TrainedLora:
+    spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
+    align = settings.alignment_weight > 0 and data.dino_tokens is not None
+    preserve = settings.preservation_weight > 0 and data.preservation is not None
+    if align:
+        _check_block(settings.alignment_block, backbone, "alignment_block")
+    param = next(backbone.model.parameters())
+    device, dtype = param.device, param.dtype
+    with LoraAdapters(backbone, [spec], seed=settings.optim.seed) as adapters, \
+            backbone.checkpointing(settings.gradient_checkpointing):
+        groups = {spec.name: adapters.parameters(spec.name)}
+        projector = None
+        if align:
+            torch.manual_seed(settings.optim.seed)
+            projector = Projector(backbone.dim, data.dino_tokens.shape[1], settings.projector_hidden).to(device)
+            groups["alignment_projector"] = list(projector.parameters())
+
+        def step(i: int, g: torch.Generator) -> StepResult:
+            if preserve and i % 2 == 1:
+                clips = data.preservation
+                idx = _pick(clips.latents.shape[0], settings.batch, g)
+                x0 = clips.latents[idx].to(device, dtype)
+                sigma = settings.sigmas(len(idx), g)
+                x, target = add_noise(x0, sigma, g)
+                v = backbone.forward(x, sigma.to(device), _rows(clips.context, idx).to(device, dtype))
+                loss = settings.preservation_weight * region_loss(v, target)
+                return StepResult(loss, {"preservation": float(loss.detach())}, update=[spec.name])
+            idx = _pick(data.latents.shape[0], settings.batch, g)
+            x0 = data.latents[idx].to(device, dtype)
+            sigma = settings.sigmas(len(idx), g)
+            x, target = add_noise(x0, sigma, g)
+            mask = data.masks[idx].to(device) if settings.region_loss and data.masks is not None else None
+            context = _rows(data.context, idx).to(device, dtype)
+            if align:
+                with backbone.capture(settings.alignment_block) as hidden:
+                    v = backbone.forward(x, sigma.to(device), context)
+                grid = backbone.token_grid(x.shape)
+                l_align = subject_alignment_loss(projector, hidden[settings.alignment_block], grid,
+                                                 data.dino_tokens[idx].to(device))
+            else:
+                v = backbone.forward(x, sigma.to(device), context)
+                l_align = torch.zeros((), device=device)
+            l_region = region_loss(v, target, mask)
+            loss = l_region + settings.alignment_weight * l_align
+            parts = {"region" if mask is not None else "mse": float(l_region.detach())}
+            if align:
+                parts["alignment"] = float(l_align.detach())
+            return StepResult(loss, parts)
+
+        history = train(step, groups, settings.optim, workdir, progress, log)
+        return TrainedLora(spec, adapters.native_state_dict(spec.name), history)
+
+
+def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
+                 workdir: str | Path | None = None, progress: Progress | None = None,
+                 log: Callable[[str], None] | None = None) -> TrainedLora:
+    spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
+    specs = [spec]
+    spatial = settings.spatial_rank > 0
+    if spatial:
+        specs.append(LoraSpec(f"{settings.name}_spatial", tuple(settings.spatial_roles), settings.spatial_rank))
+    align = settings.alignment_weight > 0 and data.flow is not None
+    if align:
+        _check_block(settings.alignment_block, backbone, "alignment_block")
+    frames = data.latents.shape[2]
+    if frames < 2:
+        raise InputError("motion clips", f"{frames} latent frame", "clips of at least 2 latent frames (5+ frames on Wan)")
+    param = next(backbone.model.parameters())
+    device, dtype = param.device, param.dtype
+    with LoraAdapters(backbone, specs, seed=settings.optim.seed) as adapters, \
+            backbone.checkpointing(settings.gradient_checkpointing):
+        groups = {s.name: adapters.parameters(s.name) for s in specs}
+        projector = None
+        if align:
+            torch.manual_seed(settings.optim.seed)
+            projector = Projector(backbone.dim, 2, settings.projector_hidden).to(device)
+            groups["alignment_projector"] = list(projector.parameters())
+
+        def step(i: int, g: torch.Generator) -> StepResult:
+            idx = _pick(data.latents.shape[0], settings.batch, g)
+            context = _rows(data.context, idx).to(device, dtype)
+            sigma = settings.sigmas(len(idx), g)
+            if spatial and i % 2 == 0:
+                # Spatial phase: one random latent frame as an image; only the spatial LoRA learns,
+                # with the motion LoRA switched off so it does not absorb appearance.
+                f = int(torch.randint(frames, (1,), generator=g))
+                x0 = data.latents[idx][:, :, f:f + 1].to(device, dtype)
+                x, target = add_noise(x0, sigma, g)
+                with adapters.strengths_set(**{spec.name: 0.0}):
+                    v = backbone.forward(x, sigma.to(device), context)
+                loss = region_loss(v, target)
+                return StepResult(loss, {"spatial": float(loss.detach())}, update=[specs[1].name])
+            x0 = data.latents[idx].to(device, dtype)
+            x, target = add_noise(x0, sigma, g)
+            if align:
+                with backbone.capture(settings.alignment_block) as hidden:
+                    v = backbone.forward(x, sigma.to(device), context)
+                grid = backbone.token_grid(x.shape)
+                flow_tokens = flow_on_token_grid(data.flow[idx].to(device), grid)
+                l_align = motion_alignment_loss(projector, hidden[settings.alignment_block], grid, flow_tokens)
+            else:
+                v = backbone.forward(x, sigma.to(device), context)
+                l_align = torch.zeros((), device=device)
+            l_mse = region_loss(v, target)
+            ref = int(torch.randint(frames, (1,), generator=g))
+            l_debiased = region_loss(appearance_debiased(v, ref), appearance_debiased(target, ref))
+            loss = l_mse + settings.debiased_weight * l_debiased + settings.alignment_weight * l_align
+            parts = {"mse": float(l_mse.detach()), "debiased": float(l_debiased.detach())}
+            if align:
+                parts["alignment"] = float(l_align.detach())
+            update = [spec.name] + (["alignment_projector"] if align else [])
+            return StepResult(loss, parts, update=update)
+
+        history = train(step, groups, settings.optim, workdir, progress, log)
+        return TrainedLora(spec, adapters.native_state_dict(spec.name), history)
+
+
+def with_steps(settings, steps: int):
+    """The same settings with another step count (benchmarks and tests shorten runs)."""
+    return replace(settings, optim=replace(settings.optim, steps=steps))

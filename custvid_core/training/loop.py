@@ -1,0 +1,190 @@
+"""The training loop every CustVid method shares.
+
+A method supplies a step function (one batch -> loss) and named groups of trainable parameters
+(an adapter, a projector, a controller, an embedding). The loop owns what users count on:
+AdamW with warm-up and a cosine schedule, gradient clipping, a seed, loss and seconds per step,
+atomic checkpoints every N steps that a rerun resumes on the same loss curve, a stop with a
+clear message on NaN or divergence (the last good checkpoint is kept), and interruption through
+the progress callback. A step may name the groups it updates: the others get no gradient and no
+optimizer update that step (DualReal's gradient masks, MotionDirector's frozen spatial LoRA).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..files import atomic_path
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class OptimSettings:
+    steps: int = 300
+    lr: float = 1e-4
+    warmup: int = 20
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    # A loss this many times the median of the last 50 steps counts as divergence.
+    divergence_factor: float = 50.0
+
+    def __post_init__(self):
+        checks = (("steps", self.steps >= 1, "at least 1 step"),
+                  ("learning_rate", 0 < self.lr < 1, "a learning rate between 0 and 1, e.g. 1e-4"),
+                  ("warmup", 0 <= self.warmup, "0 or more warm-up steps"),
+                  ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+                  ("grad_clip", self.grad_clip > 0, "a positive gradient norm, e.g. 1.0"),
+                  ("checkpoint_every", self.checkpoint_every >= 1, "at least 1 step"))
+        for name, ok, expected in checks:
+            if not ok:
+                raise InputError(name, f"{getattr(self, name if name != 'learning_rate' else 'lr')}", expected)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)  # named loss terms, for the log
+    update: Iterable[str] | None = None  # groups updated this step; None: all
+
+
+StepFn = Callable[[int, torch.Generator], StepResult]
+# progress(step, total, record); may raise to interrupt (ComfyUI's ProgressBar does).
+Progress = Callable[[int, int, dict], None]
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a non-finite or diverging loss; the last good checkpoint is kept."""
+
+
+def _fingerprint(groups: dict[str, list[nn.Parameter]], settings: OptimSettings) -> dict:
+    return {"groups": {n: [list(p.shape) for p in ps] for n, ps in groups.items()},
+            "settings": {k: v for k, v in asdict(settings).items() if k not in ("steps", "checkpoint_every")}}
+
+
+def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
+          workdir: str | Path | None = None, progress: Progress | None = None,
+          log: Callable[[str], None] | None = None, extra_state: dict[str, nn.Module] | None = None) -> list[dict]:
+    """Run `settings.steps` steps and return the loss history (one record per step).
+
+    With `workdir`, a checkpoint there is resumed if it matches these groups and settings, and one
+    is written every `checkpoint_every` steps and at the end. `extra_state` modules (e.g. a
+    data sampler's state) are checkpointed with the parameters.
+    """
+    if not groups or not any(groups.values()):
+        raise InputError("adapters", "nothing to train", "at least one adapter or trainable module")
+    params = [p for ps in groups.values() for p in ps]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": ps, "name": n,
+                              "weight_decay": settings.weight_decay} for n, ps in groups.items() if ps],
+                            lr=settings.lr, betas=(0.9, 0.999))
+    g = torch.Generator().manual_seed(settings.seed)
+    history: list[dict] = []
+    start = 0
+    fingerprint = _fingerprint(groups, settings)
+    ckpt_path = Path(workdir) / CHECKPOINT_FILE if workdir is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        start, history = _resume(ckpt_path, groups, opt, g, fingerprint, extra_state)
+        if log:
+            log(f"resumed from step {start} of {settings.steps}")
+    if start >= settings.steps and log:
+        log(f"the checkpoint already holds {start} steps; nothing to train")
+
+    def save(step: int):
+        if ckpt_path is None:
+            return
+        state = {"fingerprint": fingerprint, "step": step, "history": history,
+                 "params": {n: [p.detach().cpu() for p in ps] for n, ps in groups.items()},
+                 "optimizer": opt.state_dict(), "generator": g.get_state(),
+                 "torch_rng": torch.random.get_rng_state(),
+                 "extra": {k: m.state_dict() for k, m in (extra_state or {}).items()}}
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(state, tmp)
+
+    for step in range(start, settings.steps):
+        t0 = time.perf_counter()
+        lr = settings.lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        result = step_fn(step, g)
+        loss = result.loss
+        value = float(loss.detach())
+        recent = [r["loss"] for r in history[-50:]]
+        diverged = len(recent) >= 10 and value > settings.divergence_factor * max(statistics.median(recent), 1e-8)
+        if not math.isfinite(value) or diverged:
+            last = (step // settings.checkpoint_every) * settings.checkpoint_every if ckpt_path else 0
+            what = "became " + str(value) if not math.isfinite(value) else f"jumped to {value:.4g}"
+            raise TrainingStopped(f"the loss {what} at step {step + 1}; stopped. Try a lower learning rate"
+                                  + (f"; the checkpoint of step {last} is kept" if ckpt_path and last else ""))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if result.update is not None:
+            keep = set(result.update)
+            unknown = keep - set(groups)
+            if unknown:
+                raise InputError("update", f"unknown groups {sorted(unknown)}", f"some of {list(groups)}")
+            for name, ps in groups.items():
+                if name not in keep:
+                    for p in ps:
+                        p.grad = None  # AdamW skips parameters without a gradient
+        with_grad = [p for p in params if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(with_grad, settings.grad_clip)) if with_grad else 0.0
+        if not math.isfinite(norm):
+            raise TrainingStopped(f"the gradient became {norm} at step {step + 1}; stopped. Try a lower learning rate")
+        opt.step()
+        record = {"step": step + 1, "loss": value, "lr": lr, "grad_norm": norm,
+                  "seconds": time.perf_counter() - t0, **result.parts}
+        history.append(record)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            save(step + 1)
+        if progress is not None:  # after the checkpoint: an interrupt here loses no finished step
+            progress(step + 1, settings.steps, record)
+    return history
+
+
+def _resume(path: Path, groups, opt, g, fingerprint, extra_state) -> tuple[int, list[dict]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError("checkpoint", f"'{path}' could not be read ({e})",
+                         "a checkpoint written by CustVid, or an empty work folder") from e
+    if state.get("fingerprint") != fingerprint:
+        raise InputError("checkpoint", f"'{path}' belongs to a run with other adapters or settings",
+                         "the same settings as the run that wrote it, or another work folder / run name")
+    with torch.no_grad():
+        for name, ps in groups.items():
+            for p, saved in zip(ps, state["params"][name]):
+                p.copy_(saved)
+    opt.load_state_dict(state["optimizer"])
+    g.set_state(state["generator"])
+    torch.random.set_rng_state(state["torch_rng"])
+    for k, m in (extra_state or {}).items():
+        m.load_state_dict(state["extra"][k])
+    return int(state["step"]), list(state["history"])
+
+
+def seconds_per_step(history: list[dict], last: int = 20) -> float:
+    recent = history[-last:]
+    return sum(r["seconds"] for r in recent) / max(1, len(recent))

@@ -1,0 +1,136 @@
+"""Training objectives for Wan-style flow-matching video models.
+
+Wan is trained on `x_sigma = sigma * noise + (1 - sigma) * x0` to predict `v = noise - x0`; the
+losses here are on v (ComfyUI's TrainLoraNode regresses x0, which down-weights low noise levels).
+Masks live on the latent grid `[B, 1, T, H, W]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+
+SIGMA_SAMPLING = ("logit_normal", "uniform")
+
+
+@dataclass(frozen=True)
+class SigmaSampler:
+    """Noise levels for training: uniform or logit-normal in t, then the model's shift
+    (`sigma = shift * t / (1 + (shift - 1) * t)`, as Wan's sampler schedules them)."""
+
+    mode: str = "logit_normal"
+    shift: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in SIGMA_SAMPLING:
+            raise InputError("timestep_sampling", f"'{self.mode}'", f"one of {SIGMA_SAMPLING}")
+        if self.shift <= 0:
+            raise InputError("shift", f"{self.shift}", "a positive shift (Wan uses 3 to 8; 1 = none)")
+
+    def __call__(self, batch: int, g: torch.Generator) -> torch.Tensor:
+        if self.mode == "uniform":
+            t = torch.rand(batch, generator=g)
+        else:
+            t = torch.sigmoid(self.mean + self.std * torch.randn(batch, generator=g))
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+
+def add_noise(x0: torch.Tensor, sigma: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_sigma, target v) for clean latents `[B, C, T, H, W]` at per-sample sigma `[B]`."""
+    noise = torch.randn(x0.shape, generator=g).to(x0)
+    s = sigma.to(x0).view(-1, *([1] * (x0.ndim - 1)))
+    return s * noise + (1 - s) * x0, noise - x0
+
+
+def region_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE, or MotionBooth's subject region loss `sum((pred - target)^2 * M) / sum(M)` with M on the latent grid."""
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.mean()
+    m = mask.to(err).expand_as(err)
+    return (err * m).sum() / m.sum().clamp_min(1.0)
+
+
+def appearance_debiased(x: torch.Tensor, frame: int) -> torch.Tensor:
+    """MotionDirector's appearance-debiased latent `sqrt(2) * x - x[:, :, frame]`: what differs between frames."""
+    return math.sqrt(2) * x - x[:, :, frame:frame + 1]
+
+
+def latent_mask(masks: torch.Tensor, latent_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Pixel masks `[B, F, H, W]` -> `[B, 1, T, h, w]` on the latent grid; a latent cell is 1 if any of its
+    pixels (over its frames too) is in the mask (MotionBooth: any nonzero = 1)."""
+    t, h, w = latent_shape[-3:]
+    m = masks.float()[:, None]  # [B, 1, F, H, W]
+    if m.shape[2] % t and m.shape[2] != 1:
+        # Wan's VAE keeps the first frame alone (1 + 4k frames): pad to a multiple by repeating it.
+        pad = t - m.shape[2] % t
+        m = torch.cat([m[:, :, :1].expand(-1, -1, pad, -1, -1), m], 2)
+    return (F.adaptive_max_pool3d(m, (t, h, w)) > 0).float()
+
+
+class Projector(nn.Module):
+    """REPA's projector: `dim -> hidden -> hidden -> out` with SiLU, applied per token."""
+
+    def __init__(self, dim: int, out: int, hidden: int = 2048):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+def tokens_to_grid(h: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Hidden states `[B, t*h*w, D]` (tokens in t, y, x order) -> `[B, D, t, h, w]`."""
+    t, gh, gw = grid
+    if h.shape[1] != t * gh * gw:
+        raise ValueError(f"{h.shape[1]} tokens do not fill a {grid} grid")
+    return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], t, gh, gw)
+
+
+def subject_alignment_loss(projector: Projector, hidden: torch.Tensor, grid: tuple[int, int, int],
+                           dino_tokens: torch.Tensor) -> torch.Tensor:
+    """SMRABooth's SuRA: `-mean cos(proj(h), dino)` over patch tokens, for 1-frame (image) latents.
+
+    hidden `[B, L, D]` from a DiT block with token grid (1, h, w); dino_tokens `[B, D_dino, Gh, Gw]`,
+    resampled to the DiT grid (bilinear) so each DiT token meets the DINOv2 feature of its place.
+    """
+    projected = tokens_to_grid(projector(hidden), grid)[:, :, 0]  # [B, D_dino, h, w]
+    target = F.interpolate(dino_tokens.to(projected), size=projected.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    return -F.cosine_similarity(projected, target, dim=1).mean()
+
+
+def flow_on_token_grid(flow: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Per-pair pixel flow `[B, F-1, 2, H, W]` -> the motion each token's frame group carries,
+    `[B, 2, t, h, w]`, as fractions of the frame (x by width, y by height).
+
+    The F-1 pairs are split into t consecutive groups (Wan's VAE gives each latent frame a group of
+    frames), summed over the group (displacement across it) and area-averaged onto the token grid.
+    """
+    b, pairs, _, hh, ww = flow.shape
+    t, gh, gw = grid
+    scale = torch.tensor([1.0 / ww, 1.0 / hh], dtype=flow.dtype, device=flow.device).view(1, 1, 2, 1, 1)
+    flow = flow * scale
+    edges = torch.linspace(0, pairs, t + 1).round().long().tolist()
+    groups = [flow[:, a:max(b_, a + 1)].sum(1) if pairs else flow.new_zeros(b, 2, hh, ww)
+              for a, b_ in zip(edges[:-1], edges[1:])]
+    out = torch.stack(groups, 2)  # [B, 2, t, H, W]
+    return F.adaptive_avg_pool3d(out, (t, gh, gw))
+
+
+def motion_alignment_loss(projector: Projector, hidden: torch.Tensor, grid: tuple[int, int, int],
+                          flow_tokens: torch.Tensor) -> torch.Tensor:
+    """The cheap MoRA: a projector reads each token's motion (the RAFT flow of its place and frame
+    group, from `flow_on_token_grid`) off a block's hidden states; L1 as in the authors' flow loss.
+    The gradient through the hidden states teaches the motion LoRA to carry the reference motion."""
+    projected = tokens_to_grid(projector(hidden), grid)
+    return (projected - flow_tokens.to(projected)).abs().mean()

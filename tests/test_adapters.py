@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from custvid_core.adapters import LoraAdapters, LoraSpec, motion_lora, read_lora, save_lora, subject_lora
+from custvid_core.backbones import describe
+from custvid_core.errors import InputError
+
+from builders import tiny_diffusers_wan
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 16, 2, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g)
+
+
+def _randomise(adapters, name, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapters.parameters(name):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_adapters_attach_by_role_and_detach_without_a_trace():
+    backbone = describe(tiny_diffusers_wan())
+    x, ctx = _inputs()
+    before = backbone.forward(x, 0.5, ctx)
+    state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    with LoraAdapters(backbone, [subject_lora(4), motion_lora(8)]) as adapters:
+        # Fresh LoRAs start as the identity (lora_up is zero).
+        assert torch.allclose(backbone.forward(x, 0.5, ctx), before, atol=1e-6)
+        # ffn.0 carries both adapters; q only the subject one.
+        ffn0 = backbone.model.get_submodule(backbone.module_path(0, "ffn.0"))
+        q = backbone.model.get_submodule(backbone.module_path(1, "self_attn.q"))
+        assert set(ffn0.lora_A) == {"subject", "motion"} and set(q.lora_A) == {"subject"}
+        assert all(p.requires_grad for p in adapters.parameters("motion"))
+        assert not any(p.requires_grad for n, p in backbone.model.named_parameters() if "lora_" not in n)
+        _randomise(adapters, "subject")
+        changed = backbone.forward(x, 0.5, ctx)
+        assert (changed - before).abs().max() > 1e-3
+        with adapters.strengths_set(subject=0.0):
+            assert torch.allclose(backbone.forward(x, 0.5, ctx), before, atol=1e-6)
+        assert torch.allclose(backbone.forward(x, 0.5, ctx), changed)
+    assert not any("lora" in n for n, _ in backbone.model.named_modules())
+    assert not hasattr(backbone.model, "peft_config")
+    after = backbone.model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert torch.allclose(backbone.forward(x, 0.5, ctx), before)
+
+
+def test_native_form_has_comfyui_names_and_round_trips(tmp_path):
+    backbone = describe(tiny_diffusers_wan())
+    x, ctx = _inputs()
+    with LoraAdapters(backbone, [subject_lora(4)]) as adapters:
+        _randomise(adapters, "subject")
+        expected = backbone.forward(x, 0.5, ctx)
+        path = save_lora(tmp_path / "subject.safetensors", adapters, "subject", {"steps": 3})
+        sd = adapters.native_state_dict("subject")
+    # 2 blocks x 5 roles x (down, up, alpha)
+    assert len(sd) == 30
+    assert sd["diffusion_model.blocks.1.cross_attn.k.lora_down.weight"].shape == (4, 32)
+    assert sd["diffusion_model.blocks.1.ffn.0.lora_up.weight"].shape == (64, 4)
+    tensors, spec, meta = read_lora(path)
+    assert spec == subject_lora(4) and meta["custvid.lora.info"] == {"steps": 3}
+    with LoraAdapters(backbone, [spec]) as adapters:
+        adapters.load_native_state_dict("subject", tensors)
+        assert torch.allclose(backbone.forward(x, 0.5, ctx), expected, atol=1e-6)
+
+
+def test_lora_of_another_size_or_layout_is_refused():
+    backbone = describe(tiny_diffusers_wan())
+    with LoraAdapters(backbone, [subject_lora(4)]) as adapters:
+        sd = adapters.native_state_dict("subject")
+    with LoraAdapters(backbone, [subject_lora(8)]) as adapters:
+        with pytest.raises(InputError, match="rank 8"):
+            adapters.load_native_state_dict("subject", sd)
+    with LoraAdapters(backbone, [motion_lora(4)]) as adapters:
+        with pytest.raises(InputError, match="lacks"):
+            adapters.load_native_state_dict("motion", sd)
+
+
+def test_bad_specs_are_refused_with_the_input_named():
+    with pytest.raises(InputError, match="roles"):
+        LoraSpec("subject", ("self_attn.x",), 4)
+    with pytest.raises(InputError, match="rank"):
+        LoraSpec("subject", ("self_attn.q",), 0)
+    backbone = describe(tiny_diffusers_wan())
+    with pytest.raises(InputError, match="block"):
+        LoraAdapters(backbone, [LoraSpec("s", ("self_attn.q",), 2, blocks=(5,))])
+    assert not any("lora" in n for n, _ in backbone.model.named_modules())

@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+
+from custvid_core.adapters import LoraAdapters, subject_lora
+from custvid_core.backbones import describe
+from custvid_core.errors import InputError
+from custvid_core.training import (MotionSettings, OptimSettings, StepResult, SubjectSet, SubjectSettings,
+                                   TrainingStopped, VideoSet, train, train_motion, train_subject)
+from custvid_core.training.objectives import (SigmaSampler, appearance_debiased, flow_on_token_grid, latent_mask,
+                                              region_loss)
+
+from builders import tiny_diffusers_wan
+
+
+def _subject_set(n=3, with_dino=True, preservation=True):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(n, 16, 1, 8, 8, generator=g)
+    masks = torch.zeros(n, 1, 1, 8, 8)
+    masks[..., 2:6, 2:6] = 1
+    clips = VideoSet(torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(2, 5, 64, generator=g))
+    return SubjectSet(latents, torch.randn(1, 5, 64, generator=g), masks,
+                      torch.randn(n, 24, 5, 5, generator=g) if with_dino else None,
+                      clips if preservation else None)
+
+
+def _quick(settings, steps=4, **optim):
+    from dataclasses import replace
+    return replace(settings, optim=OptimSettings(steps=steps, lr=1e-3, warmup=1, checkpoint_every=2, **optim),
+                   projector_hidden=32)
+
+
+def test_sigma_sampler_shifts_towards_noise():
+    g = torch.Generator().manual_seed(0)
+    plain = SigmaSampler("uniform")(10000, g)
+    shifted = SigmaSampler("uniform", shift=3.0)(10000, g)
+    assert 0.0 <= float(plain.min()) and float(plain.max()) <= 1.0
+    assert abs(float(plain.mean()) - 0.5) < 0.02 and float(shifted.mean()) > 0.65
+    with pytest.raises(InputError, match="timestep_sampling"):
+        SigmaSampler("cubic")
+
+
+def test_region_loss_only_counts_the_mask():
+    pred, target = torch.zeros(1, 2, 1, 4, 4), torch.zeros(1, 2, 1, 4, 4)
+    target[..., 0, 0] = 3.0  # error outside the mask
+    mask = torch.zeros(1, 1, 1, 4, 4)
+    mask[..., 2:, 2:] = 1
+    assert float(region_loss(pred, target, mask)) == 0.0
+    target[..., 3, 3] = 2.0  # inside: 2 channels x 4 = 8 over 8 masked elements
+    assert float(region_loss(pred, target, mask)) == pytest.approx(8 / 8)
+    assert float(region_loss(pred, target)) == pytest.approx((9 * 2 + 4 * 2) / 32)
+
+
+def test_latent_mask_marks_any_covered_cell_and_handles_wan_frame_counts():
+    masks = torch.zeros(1, 5, 16, 16)
+    masks[0, 4, 0, 0] = 1  # one pixel in the last frame
+    m = latent_mask(masks, (1, 16, 2, 4, 4))
+    assert m.shape == (1, 1, 2, 4, 4)
+    assert m.sum() == 1 and m[0, 0, 1, 0, 0] == 1
+
+
+def test_appearance_debiased_cancels_a_static_clip():
+    x = torch.randn(1, 4, 1, 3, 3).expand(1, 4, 5, 3, 3)
+    d = appearance_debiased(x, 2)
+    assert torch.allclose(d, (math.sqrt(2) - 1) * x)
+
+
+def test_flow_on_token_grid_sums_displacement_per_frame_group():
+    flow = torch.zeros(1, 7, 2, 8, 16)
+    flow[:, :, 0] = 2.0  # 2 px right per pair, frame width 16
+    tokens = flow_on_token_grid(flow, (2, 4, 8))
+    assert tokens.shape == (1, 2, 2, 4, 8)
+    # 7 pairs split 4 + 3 (rounded edges 0, 4, 7): 8 px and 6 px over a 16 px frame
+    assert torch.allclose(tokens[0, 0, 0], torch.full((4, 8), 8 / 16))
+    assert torch.allclose(tokens[0, 0, 1], torch.full((4, 8), 6 / 16))
+    assert tokens[0, 1].abs().max() == 0
+
+
+def test_subject_training_learns_leaves_the_model_alone_and_saves_a_native_lora(tmp_path):
+    backbone = describe(tiny_diffusers_wan())
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    settings = _quick(SubjectSettings(rank=4, alignment_block=1), steps=6)
+    trained = train_subject(backbone, _subject_set(), settings)
+    assert len(trained.history) == 6
+    assert {"region", "alignment"} <= set(trained.history[0]) and "preservation" in trained.history[1]
+    assert all(r["seconds"] > 0 and math.isfinite(r["loss"]) for r in trained.history)
+    after = backbone.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    # The LoRA moved away from the identity and uses ComfyUI's names.
+    ups = [v for k, v in trained.tensors.items() if k.endswith("lora_up.weight")]
+    assert ups and all(k.startswith("diffusion_model.blocks.") for k in trained.tensors)
+    assert max(float(u.abs().max()) for u in ups) > 0
+
+
+def test_training_on_a_fixed_batch_lowers_the_loss():
+    backbone = describe(tiny_diffusers_wan())
+    data = _subject_set(n=1, with_dino=False, preservation=False)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(data.latents.shape, generator=g)
+    x = 0.5 * noise + 0.5 * data.latents
+    with LoraAdapters(backbone, [subject_lora(8)]) as adapters:
+        def step(i, _g):  # the same noise every step: the loss must fall if the LoRA trains at all
+            return StepResult(region_loss(backbone.forward(x, 0.5, data.context), noise - data.latents))
+
+        history = train(step, {"subject": adapters.parameters("subject")},
+                        OptimSettings(steps=60, lr=1e-2, warmup=1, schedule="constant"))
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    data = _subject_set()
+    settings = _quick(SubjectSettings(rank=4, alignment_block=1), steps=6)
+    full = train_subject(describe(tiny_diffusers_wan()), data, settings, workdir=tmp_path / "a")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_four(step, total, record):
+        if step == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_subject(describe(tiny_diffusers_wan()), data, settings, workdir=tmp_path / "b",
+                      progress=stop_after_four)
+    logs = []
+    resumed = train_subject(describe(tiny_diffusers_wan()), data, settings, workdir=tmp_path / "b", log=logs.append)
+    assert logs == ["resumed from step 4 of 6"]  # the checkpoint of step 4 was written before the stop
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full.history], rel=1e-5)
+    for k, v in full.tensors.items():
+        assert torch.allclose(v, resumed.tensors[k], atol=1e-6)
+    # A different configuration in the same folder is refused rather than silently mixed.
+    with pytest.raises(InputError, match="checkpoint"):
+        train_subject(describe(tiny_diffusers_wan()), data, _quick(SubjectSettings(rank=8, alignment_block=1), 6),
+                      workdir=tmp_path / "b")
+
+
+def test_nan_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+    p = torch.nn.Parameter(torch.ones(3))
+
+    def step(i, g):
+        loss = (p ** 2).sum()
+        return StepResult(loss * float("nan") if i == 5 else loss)
+
+    with pytest.raises(TrainingStopped, match="step 6.*checkpoint of step 4"):
+        train(step, {"x": [p]}, OptimSettings(steps=10, lr=1e-3, warmup=1, checkpoint_every=2), workdir=tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+
+
+def test_gradient_masks_freeze_the_groups_a_step_does_not_name():
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+
+    def step(i, g):
+        return StepResult(((a + b) ** 2).sum(), update=["a"])
+
+    train(step, {"a": [a], "b": [b]}, OptimSettings(steps=3, lr=1e-2, warmup=1))
+    assert not torch.equal(a.detach(), torch.ones(2)) and torch.equal(b.detach(), torch.ones(2))
+
+
+def test_motion_training_trains_only_the_motion_lora_and_discards_the_spatial_one():
+    backbone = describe(tiny_diffusers_wan())
+    g = torch.Generator().manual_seed(0)
+    clips = VideoSet(torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g),
+                     torch.randn(2, 7, 2, 32, 32, generator=g))
+    trained = train_motion(backbone, clips, _quick(MotionSettings(rank=4, spatial_rank=2, alignment_block=1), 4))
+    assert "spatial" in trained.history[0] and {"mse", "debiased", "alignment"} <= set(trained.history[1])
+    assert trained.spec.name == "motion"
+    assert any(".self_attn.v." in k for k in trained.tensors) and not any(".self_attn.q." in k for k in trained.tensors)
+    assert not any("lora" in n for n, _ in backbone.model.named_modules())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    backbone = describe(tiny_diffusers_wan())
+    data = _subject_set(preservation=False)
+    plain = train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1), 3))
+    ckpt = train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1,
+                                                                gradient_checkpointing=True), 3))
+    assert [r["loss"] for r in ckpt.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
+    assert all(not hasattr(b, "__dict__") or "forward" not in b.__dict__ for b in backbone.blocks)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: SubjectSet(torch.zeros(0, 16, 1, 8, 8), torch.zeros(1, 5, 64)), "empty"),
+    (lambda: SubjectSet(torch.zeros(3, 16, 1, 8, 8), torch.zeros(1, 5, 64), torch.zeros(2, 1, 1, 8, 8)), "masks"),
+    (lambda: OptimSettings(steps=0), "steps"),
+    (lambda: train_motion(describe(tiny_diffusers_wan()), VideoSet(torch.zeros(1, 16, 1, 8, 8), torch.zeros(1, 5, 64))),
+     "motion clips"),
+])
+def test_bad_training_input_is_refused_with_the_input_named(bad, match):
+    with pytest.raises(InputError, match=match):
+        bad()
