@@ -51,7 +51,18 @@ class BaseModel:
         return run, {"subject": case.subject.get("words", ""), "motion": case.motion.get("words", "")}
 
 
-METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel}
+def _lora_method(name: str) -> Callable[[], Method]:
+    def make():
+        from .world.customize import lora_methods
+
+        return lora_methods()[name]
+
+    return make
+
+
+# The LoRA ladder (issue 4): plain LoRA, + region/preservation/debiased losses, + SuRA, + MoRA, full (+ timing).
+METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in
+                                                                 ("plain_lora", "losses", "sura", "mora", "full")}}
 
 METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation",
            "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -150,6 +150,29 @@ class LoraAdapters:
         finally:
             for name, s in before.items():
                 self.set_strength(name, s)
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[None]:
+        """Fold the adapters into the base weights at their current strengths while inside (faster
+        sampling when no strength changes between steps); unmerged on exit."""
+        for layer in self._paths.values():
+            layer.merge(adapter_names=[n for n in self.specs if n in layer.lora_A])
+        try:
+            yield
+        finally:
+            for layer in self._paths.values():
+                layer.unmerge()
+
+    def scheduler(self, schedules: dict) -> Callable[[int, int], None]:
+        """A sampler's `before_step` that sets each adapter's strength from its StrengthSchedule."""
+        for name in schedules:
+            self._check(name)
+
+        def before_step(step: int, steps: int) -> None:
+            for name, schedule in schedules.items():
+                self.set_strength(name, schedule.at(step, steps))
+
+        return before_step
 
     # --- ComfyUI's LoRA form ---------------------------------------------------------------
     def native_state_dict(self, name: str) -> dict[str, torch.Tensor]:

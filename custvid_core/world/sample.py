@@ -26,12 +26,15 @@ def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
 
 # step_hook(step, sigma, sigma_next, x) -> x: lets controls (camera shift, ...) act between steps.
 StepHook = Callable[[int, float, float, torch.Tensor], torch.Tensor]
+# before_step(step, steps): lets controls change the model before a step (per-step adapter strengths).
+BeforeStep = Callable[[int, int], None]
 
 
 @torch.no_grad()
 def sample_flow(backbone: WanBackbone, context: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor,
                 steps: int = 30, cfg: float = 4.0, shift: float = 3.0, step_hook: StepHook | None = None,
-                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                progress: Callable[[int, int], None] | None = None,
+                before_step: BeforeStep | None = None) -> torch.Tensor:
     """Euler sampling from `noise` (`[B, C, T, H, W]`) to clean latents. With `cfg` != 1 the
     conditional and unconditional passes run as one batch."""
     sigmas = flow_sigmas(steps, shift)
@@ -44,6 +47,8 @@ def sample_flow(backbone: WanBackbone, context: torch.Tensor, uncond: torch.Tens
         bar = tqdm(total=steps, desc="sampling", unit="step", leave=False)
     for i in range(steps):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if before_step is not None:
+            before_step(i, steps)
         if guided:
             v_cond, v_uncond = backbone.forward(torch.cat([x, x]), s, both).chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)
@@ -63,7 +68,8 @@ def sample_flow(backbone: WanBackbone, context: torch.Tensor, uncond: torch.Tens
 
 def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cfg: float = 4.0, shift: float = 3.0,
              negative: str = "", step_hook: StepHook | None = None,
-             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+             progress: Callable[[int, int], None] | None = None, before_step: BeforeStep | None = None
+             ) -> torch.Tensor:
     """Prompts -> clips `[B, F, H, W, 3]` in [0, 1] from the world model; one noise seed per call."""
     from .latent import LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, decode
 
@@ -75,5 +81,5 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
     g = torch.Generator().manual_seed(seed)
     side = spec.size // SPATIAL_FACTOR
     noise = torch.randn(len(prompts), LATENT_CHANNELS, spec.frames // TEMPORAL_FACTOR, side, side, generator=g)
-    latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, step_hook, progress)
+    latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, step_hook, progress, before_step)
     return decode(latents)

@@ -1,0 +1,155 @@
+"""Customization on the shapes world: a case's subject photos and motion clips as cached training
+sets, and the LoRA methods the benchmark compares (plain LoRA up to the full SMRABooth recipe).
+
+The subject is learned under the placeholder word `sks`, the motion under `mtn`; a case's prompts
+are then generated as "sks mtn" with both LoRAs attached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..adapters.lora import LoraAdapters, save_lora
+from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
+from ..training.customize import (MotionSettings, SubjectSet, SubjectSettings, TrainedLora, VideoSet, train_motion,
+                                  train_subject)
+from ..training.loop import OptimSettings
+from ..training.objectives import SigmaSampler, latent_mask
+from .cases import Case
+from .latent import TEMPORAL_FACTOR, encode
+from .model import World
+from .sample import generate
+from .scene import random_scene, render
+
+SUBJECT_WORD, MOTION_WORD = "sks", "mtn"
+
+
+def still_latents(frames: torch.Tensor) -> torch.Tensor:
+    """Photos `[N, H, W, 3]` as one-latent-frame videos `[N, 16, 1, H, W]` (a still clip, like an
+    image through Wan's VAE, which keeps a first frame on its own)."""
+    return encode(frames[:, None].expand(-1, TEMPORAL_FACTOR, -1, -1, -1))
+
+
+def subject_set(world: World, case: Case, dino=None, preservation: int = 16, seed: int = 0) -> SubjectSet:
+    """The case's subject photos with masks under the prompt "sks", the DINOv2 patch tokens of each photo
+    (with the world's encoder, if given), and `preservation` clips of the base vocabulary."""
+    photos = case.subject_images()
+    frames = torch.cat([p.frames for p in photos])
+    latents = still_latents(frames)
+    masks = latent_mask(torch.cat([p.masks for p in photos])[:, None], latents.shape)
+    with torch.no_grad():
+        context = world.text([SUBJECT_WORD])
+    tokens = None
+    if dino is not None:
+        from ..representations.subject import extract_subject
+
+        rep = extract_subject(dino, frames, torch.cat([p.masks for p in photos]), resolution=case.spec.size,
+                              fit="stretch", progress=lambda *_: None)
+        tokens = rep.patch_tokens.permute(0, 3, 1, 2).contiguous()
+    clips = None
+    if preservation:
+        g = torch.Generator().manual_seed(seed + 4242)
+        rendered = [render(random_scene(g, case.spec), case.spec) for _ in range(preservation)]
+        with torch.no_grad():
+            clips = VideoSet(encode(torch.stack([c.frames for c in rendered])), world.text([c.prompt for c in rendered]))
+    return SubjectSet(latents, context, masks, tokens, clips)
+
+
+def motion_set(world: World, case: Case, raft=None) -> VideoSet:
+    """The case's motion clips captioned with their own subject plus "mtn" (MotionDirector's captions),
+    with their RAFT flow from the world's encoder, if given."""
+    clips = case.motion_clips()
+    with torch.no_grad():
+        context = world.text([f"{c.prompt} {MOTION_WORD}" for c in clips])
+    flow = None
+    if raft is not None:
+        from ..representations.motion import compute_flow
+
+        flow = torch.stack([compute_flow(raft, c.frames, progress=lambda *_: None) for c in clips])
+    return VideoSet(encode(torch.stack([c.frames for c in clips])), context, flow)
+
+
+def _world_optim(steps: int, lr: float) -> OptimSettings:
+    return OptimSettings(steps=steps, lr=lr, warmup=min(20, steps // 10), checkpoint_every=max(1, steps))
+
+
+@dataclass
+class LoraMethod:
+    """A benchmark method: a subject LoRA and a motion LoRA trained on a case, generated together."""
+
+    name: str
+    subject: SubjectSettings
+    motion: MotionSettings
+    schedules: dict[str, StrengthSchedule] | None = None  # None: both at 1.0 throughout
+    sampling_steps: int = 30
+    cfg: float = 4.0
+    encoders: dict = field(default_factory=dict)  # "dino", "raft": loaded world encoders
+
+    def prepare(self, world: World, case: Case, workdir: Path):
+        from ..representations.motion import load_raft
+        from ..representations.subject import load_dinov2
+        from .encoders import DINO_FILE, RAFT_FILE
+
+        workdir = Path(workdir)
+        dino = raft = None
+        if self.subject.alignment_weight > 0:
+            dino = self.encoders.get("dino") or self.encoders.setdefault("dino", load_dinov2(DINO_FILE))
+        if self.motion.alignment_weight > 0:
+            raft = self.encoders.get("raft") or self.encoders.setdefault("raft", load_raft(RAFT_FILE))
+        subject = train_subject(world.backbone, subject_set(world, case, dino,
+                                                            16 if self.subject.preservation_weight else 0),
+                                self.subject, workdir / "subject")
+        motion = train_motion(world.backbone, motion_set(world, case, raft), self.motion, workdir / "motion")
+        for trained in (subject, motion):
+            adapters_file = workdir / f"{case.name}_{trained.spec.name}.safetensors"
+            with LoraAdapters(world.backbone, [trained.spec]) as adapters:
+                adapters.load_native_state_dict(trained.spec.name, trained.tensors)
+                save_lora(adapters_file, adapters, trained.spec.name,
+                          {"case": case.name, "method": self.name, "steps": len(trained.history),
+                           "trigger": SUBJECT_WORD if trained is subject else MOTION_WORD})
+
+        def run(prompts, seed):
+            return generate_with_loras(world, [subject, motion], prompts, seed, self.schedules,
+                                       steps=self.sampling_steps, cfg=self.cfg)
+
+        return run, {"subject": SUBJECT_WORD, "motion": MOTION_WORD}
+
+
+def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[str], seed: int,
+                        schedules: dict[str, StrengthSchedule] | None = None, **sampling) -> torch.Tensor:
+    """Generate with trained LoRAs attached; merged into the weights when no strength changes, unmerged
+    with per-step strengths otherwise. The world model is unchanged afterwards."""
+    with LoraAdapters(world.backbone, [t.spec for t in loras]) as adapters:
+        for t in loras:
+            adapters.load_native_state_dict(t.spec.name, t.tensors)
+        if schedules and not all(s.is_constant for s in schedules.values()):
+            return generate(world, prompts, seed=seed, progress=lambda *_: None,
+                            before_step=adapters.scheduler(schedules), **sampling)
+        for name, schedule in (schedules or {}).items():
+            adapters.set_strength(name, schedule.at(0, 1))
+        with adapters.merged():
+            return generate(world, prompts, seed=seed, progress=lambda *_: None, **sampling)
+
+
+def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -> dict[str, LoraMethod]:
+    """The ablation ladder of issue-4's table: each rung adds one thing to the one before."""
+    sigmas = SigmaSampler("logit_normal", shift=1.0)
+    optim = _world_optim(steps, lr)
+    plain_subject = SubjectSettings(rank=32, optim=optim, sigmas=sigmas, region_loss=False, preservation_weight=0.0,
+                                    alignment_weight=0.0, alignment_block=alignment_block, projector_hidden=512)
+    plain_motion = MotionSettings(rank=64, spatial_rank=0, optim=optim, sigmas=sigmas, debiased_weight=0.0,
+                                  alignment_weight=0.0, alignment_block=alignment_block, projector_hidden=512)
+    losses_subject = replace(plain_subject, region_loss=True, preservation_weight=1.0)
+    losses_motion = replace(plain_motion, spatial_rank=32, debiased_weight=1.0)
+    sura_subject = replace(losses_subject, alignment_weight=0.05)
+    mora_motion = replace(losses_motion, alignment_weight=1.0)
+    return {
+        "plain_lora": LoraMethod("plain_lora", plain_subject, plain_motion),
+        "losses": LoraMethod("losses", losses_subject, losses_motion),
+        "sura": LoraMethod("sura", sura_subject, losses_motion),
+        "mora": LoraMethod("mora", sura_subject, mora_motion),
+        "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
+    }

@@ -1,0 +1,92 @@
+"""Customization on the shapes world: cached sets from a case, the LoRA ladder end to end (tiny runs)."""
+
+from dataclasses import replace
+
+import torch
+
+from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
+from custvid_core.adapters import read_lora
+from custvid_core.training.customize import TrainedLora
+from custvid_core.representations.motion import build_raft
+from custvid_core.representations.subject import build_dinov2
+from custvid_core.world.cases import load_cases
+from custvid_core.world.customize import generate_with_loras, lora_methods, motion_set, subject_set
+from custvid_core.world.encoders import DINO_CONFIG
+from custvid_core.world.model import DEFAULT_CONFIG, build_world
+from custvid_core.world.sample import generate
+
+TINY = {**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64}
+
+
+def test_case_sets_hold_masks_representations_and_captions():
+    world = build_world(TINY)
+    case = load_cases()[0]
+    torch.manual_seed(0)
+    dino = build_dinov2({**DINO_CONFIG, "num_hidden_layers": 1}, name="tiny")
+    subject = subject_set(world, case, dino, preservation=3)
+    n = len(case.subject_images())
+    assert subject.latents.shape == (n, 16, 1, 32, 32) and subject.masks.shape == (n, 1, 1, 32, 32)
+    # The mask covers the subject's pixels and nothing else in the latent's first channel.
+    photo = case.subject_images()[0]
+    assert torch.equal(subject.masks[0, 0, 0].bool(), photo.masks[0].bool())
+    assert subject.dino_tokens.shape == (n, DINO_CONFIG["hidden_size"], 8, 8)
+    assert subject.preservation.latents.shape == (3, 16, 2, 32, 32)
+    raft = build_raft("raft_small")
+    motion = motion_set(world, case, raft)
+    assert motion.latents.shape[1:] == (16, 2, 32, 32) and motion.flow.shape[1:] == (7, 2, 32, 32)
+    # Each clip is captioned with its own subject plus the motion placeholder.
+    expected = world.text([f"{c.prompt} mtn" for c in case.motion_clips()])
+    assert torch.equal(motion.context, expected)
+
+
+def test_schedules_follow_smrabooth_timing():
+    subject = SMRABOOTH_TIMING["subject"]
+    assert [subject.at(i, 50) for i in (0, 14, 15, 49)] == [0.6, 0.6, 0.8, 0.8]
+    assert StrengthSchedule.parse("0:0.6, 0.3:0.8") == subject
+    assert StrengthSchedule.parse("0.7").is_constant
+
+
+def test_the_full_method_trains_saves_and_generates_leaving_the_world_unchanged(tmp_path):
+    world = build_world(TINY)
+    case = load_cases()[0]
+    torch.manual_seed(0)
+    encoders = {"dino": build_dinov2({**DINO_CONFIG, "num_hidden_layers": 1}, name="tiny"),
+                "raft": build_raft("raft_small")}
+    method = lora_methods(steps=2, lr=1e-3)["full"]
+    method = replace(method, sampling_steps=2, encoders=encoders)
+    before = {k: v.clone() for k, v in world.backbone.model.state_dict().items()}
+    run, words = method.prepare(world, case, tmp_path)
+    assert words == {"subject": "sks", "motion": "mtn"}
+    clips = run(["sks mtn"], 0)
+    assert clips.shape == (1, 8, 32, 32, 3)
+    after = world.backbone.model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files == [f"{case.name}_motion.safetensors", f"{case.name}_subject.safetensors"]
+    tensors, spec, meta = read_lora(tmp_path / files[1])
+    assert spec.name == "subject" and meta["custvid.lora.info"]["trigger"] == "sks"
+    # The scheduled run and a constant-strength run differ; both differ from the base model.
+    base = generate(world, ["sks mtn"], seed=0, steps=2, progress=lambda *_: None)
+    method_constant = replace(method, schedules=None)
+    run_constant, _ = method_constant.prepare(world, case, tmp_path)  # resumes the finished checkpoints
+    constant = run_constant(["sks mtn"], 0)
+    assert not torch.allclose(clips, constant) and not torch.allclose(constant, base)
+
+
+def test_merged_and_scheduled_sampling_agree_for_constant_strengths(tmp_path):
+    world = build_world(TINY)
+    case = load_cases()[0]
+    method = lora_methods(steps=2, lr=1e-2)["plain_lora"]
+    run, _ = replace(method, sampling_steps=2).prepare(world, case, tmp_path)
+    merged = run(["sks mtn"], 0)
+    subject = torch.load(tmp_path / "subject" / "checkpoint.pt", weights_only=True)
+    assert subject["step"] == 2
+    # The same LoRAs under a schedule that steps by a negligible amount run unmerged, step by step.
+    loras = []
+    for name in ("subject", "motion"):
+        tensors, spec, _ = read_lora(tmp_path / f"{case.name}_{name}.safetensors")
+        loras.append(TrainedLora(spec, tensors, []))
+    almost_constant = {"subject": StrengthSchedule(((0.0, 1.0), (0.5, 1.0 + 1e-7)))}
+    assert not almost_constant["subject"].is_constant
+    unmerged = generate_with_loras(world, loras, ["sks mtn"], 0, almost_constant, steps=2)
+    assert torch.allclose(merged, unmerged, atol=1e-4)
