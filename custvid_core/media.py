@@ -81,3 +81,30 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> torch.
             if max_frames is not None and len(frames) >= max_frames:
                 break
     return torch.stack(frames).float() / 255.0
+
+
+def loss_plot(history: list[dict], width: int = 512, height: int = 256) -> torch.Tensor:
+    """A training run's loss per step (light) and its running mean (dark) as an IMAGE `[1, H, W, 3]`."""
+    from PIL import Image, ImageDraw
+
+    losses = [r["loss"] for r in history]
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    if losses:
+        window = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        lo, hi = min(losses), max(losses)
+        span = hi - lo or 1.0
+        margin = 24
+
+        def point(i, v):
+            x = margin + (width - 2 * margin) * (i / max(1, len(losses) - 1))
+            return x, height - margin - (height - 2 * margin) * (v - lo) / span
+
+        for values, colour in ((losses, (170, 190, 230)), (smooth, (20, 60, 160))):
+            draw.line([point(i, v) for i, v in enumerate(values)] if len(values) > 1 else [point(0, values[0])] * 2,
+                      fill=colour, width=2)
+        draw.text((margin, 4), f"loss {smooth[-1]:.4f} at step {len(losses)} (range {lo:.4f} to {hi:.4f})",
+                  fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]

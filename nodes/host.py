@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import comfy.model_management
 import comfy.model_patcher
@@ -84,3 +85,78 @@ class ManagedModel:
         """Put the model on the compute device, letting ComfyUI free memory for it first."""
         comfy.model_management.load_models_gpu([self.patcher])
         return self.core
+
+
+_rope_backward_registered = False
+
+
+def enable_rope_backward() -> None:
+    """comfy-kitchen's fused RoPE op has no backward; register one so LoRA training through ComfyUI's
+    Wan works. RoPE rotates pairs by 2x2 matrices, so the gradient is the same op with the matrices
+    transposed. Forward results are untouched; without comfy-kitchen ComfyUI's torch RoPE is used."""
+    global _rope_backward_registered
+    if _rope_backward_registered:
+        return
+    _rope_backward_registered = True
+    op = getattr(getattr(torch.ops, "comfy_kitchen", None), "apply_rope1", None)
+    if op is None:
+        return
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def backward(ctx, grad):
+        (freqs,) = ctx.saved_tensors
+        return op(grad.contiguous(), freqs.transpose(-1, -2).contiguous()), None
+
+    try:
+        torch.library.register_autograd("comfy_kitchen::apply_rope1", backward, setup_context=setup_context)
+    except RuntimeError:  # a newer comfy-kitchen that has its own backward
+        pass
+
+
+@contextmanager
+def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The user's MODEL, loaded through a clone for a training run: yields its Wan description, the
+    compute device, and the latent normalisation the model applies to VAE latents. ComfyUI runs
+    nodes under inference mode; training needs it off. Stock LoRAs already on the MODEL are part
+    of the weights being adapted."""
+    from ..custvid_core.backbones import describe
+
+    enable_rope_backward()
+    clone = model.clone()
+    backbone = describe(clone.model.diffusion_model)
+    comfy.model_management.load_models_gpu([clone])
+    with torch.inference_mode(False), torch.enable_grad():
+        yield backbone, clone.load_device, clone.model.process_latent_in
+
+
+def plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy usable by autograd (tensors made under ComfyUI's inference mode are not)."""
+    if t is None:
+        return None
+    with torch.inference_mode(False):
+        return t.clone()
+
+
+def training_folder(run_name: str) -> str:
+    """output/custvid_training/<run_name>: where a run's checkpoint lives, so a rerun resumes it."""
+    from ..custvid_core.files import path_inside
+
+    root = os.path.join(folder_paths.get_output_directory(), "custvid_training")
+    return str(path_inside(root, run_name, "run_name"))
+
+
+def training_progress(total: int, label: str) -> Callable[[int, int, dict], None]:
+    """Progress bar (also ComfyUI's interrupt point) and a console line with loss and seconds per step."""
+    import logging
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def progress(step: int, steps: int, record: dict) -> None:
+        if step == 1 or step % 10 == 0 or step == steps:
+            logging.info(f"CustVid {label}: step {step}/{steps} loss {record['loss']:.4f} "
+                         f"{record['seconds']:.2f}s/step")
+        bar.update_absolute(step, steps)
+
+    return progress

@@ -37,8 +37,11 @@ class WorldVAE:
         self.format = comfy.latent_formats.Wan21()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """IMAGE frames `[F, H, W, 3]` (one clip, F a multiple of 4) -> LATENT `[1, 16, F/4, H, W]`."""
-        return self.format.process_out(world_latent.encode(pixels[..., :3].float().cpu()))
+        """IMAGE frames `[F, H, W, 3]` (one clip, F a multiple of 4; or one photo, encoded as a still clip)
+        -> LATENT `[1, 16, F/4, H, W]`."""
+        pixels = pixels[..., :3].float().cpu()
+        latents = world_latent.encode_stills(pixels) if pixels.shape[0] == 1 else world_latent.encode(pixels)
+        return self.format.process_out(latents)
 
     def decode(self, samples: torch.Tensor, vae_options=None) -> torch.Tensor:
         return world_latent.decode(self.format.process_in(samples.float().cpu()))

@@ -82,7 +82,7 @@ class LoraAdapters:
     """
 
     def __init__(self, backbone: WanBackbone, specs: Iterable[LoraSpec], seed: int = 0,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None):
         from peft import LoraConfig, inject_adapter_in_model
 
         self.backbone = backbone
@@ -117,9 +117,9 @@ class LoraAdapters:
         for layer in self._paths.values():
             layer.set_adapter(list(self.specs))  # every adapter active at once, all trainable
             for name in self.specs:
-                if name in layer.lora_A:
-                    layer.lora_A[name].to(dtype)
-                    layer.lora_B[name].to(dtype)
+                if name in layer.lora_A:  # fp32 adapters, on the compute device even if the base is offloaded
+                    layer.lora_A[name].to(device=device, dtype=dtype)
+                    layer.lora_B[name].to(device=device, dtype=dtype)
         self.strengths = {name: 1.0 for name in self.specs}
 
     # --- parameters ------------------------------------------------------------------------

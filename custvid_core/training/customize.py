@@ -127,6 +127,11 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx] if x.shape[0] > 1 else x.expand(len(idx), *x.shape[1:])
 
 
+def _device_dtype(backbone: WanBackbone, device: torch.device | None) -> tuple[torch.device, torch.dtype]:
+    param = backbone.role_module(0, "self_attn.q").weight
+    return (device or param.device), param.dtype
+
+
 def _check_block(block: int, backbone: WanBackbone, name: str) -> None:
     if not 0 <= block < backbone.num_blocks:
         raise InputError(name, f"block {block}", f"a block from 0 to {backbone.num_blocks - 1}")
@@ -134,15 +139,16 @@ def _check_block(block: int, backbone: WanBackbone, name: str) -> None:
 
 def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),
                   workdir: str | Path | None = None, progress: Progress | None = None,
-                  log: Callable[[str], None] | None = None) -> TrainedLora:
+                  log: Callable[[str], None] | None = None, device: torch.device | None = None) -> TrainedLora:
+    """`device`: where the forward runs (a partially loaded model's weights may sit elsewhere);
+    default: the model's first parameter's device."""
     spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
     align = settings.alignment_weight > 0 and data.dino_tokens is not None
     preserve = settings.preservation_weight > 0 and data.preservation is not None
     if align:
         _check_block(settings.alignment_block, backbone, "alignment_block")
-    param = next(backbone.model.parameters())
-    device, dtype = param.device, param.dtype
-    with LoraAdapters(backbone, [spec], seed=settings.optim.seed) as adapters, \
+    device, dtype = _device_dtype(backbone, device)
+    with LoraAdapters(backbone, [spec], seed=settings.optim.seed, device=device) as adapters, \
             backbone.checkpointing(settings.gradient_checkpointing):
         groups = {spec.name: adapters.parameters(spec.name)}
         projector = None
@@ -189,7 +195,7 @@ def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSett
 
 def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
                  workdir: str | Path | None = None, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None) -> TrainedLora:
+                 log: Callable[[str], None] | None = None, device: torch.device | None = None) -> TrainedLora:
     spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
     specs = [spec]
     spatial = settings.spatial_rank > 0
@@ -201,9 +207,8 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
     frames = data.latents.shape[2]
     if frames < 2:
         raise InputError("motion clips", f"{frames} latent frame", "clips of at least 2 latent frames (5+ frames on Wan)")
-    param = next(backbone.model.parameters())
-    device, dtype = param.device, param.dtype
-    with LoraAdapters(backbone, specs, seed=settings.optim.seed) as adapters, \
+    device, dtype = _device_dtype(backbone, device)
+    with LoraAdapters(backbone, specs, seed=settings.optim.seed, device=device) as adapters, \
             backbone.checkpointing(settings.gradient_checkpointing):
         groups = {s.name: adapters.parameters(s.name) for s in specs}
         projector = None

@@ -19,7 +19,7 @@ from ..training.customize import (MotionSettings, SubjectSet, SubjectSettings, T
 from ..training.loop import OptimSettings
 from ..training.objectives import SigmaSampler, latent_mask
 from .cases import Case
-from .latent import TEMPORAL_FACTOR, encode
+from .latent import encode, encode_stills
 from .model import World
 from .sample import generate
 from .scene import random_scene, render
@@ -27,18 +27,12 @@ from .scene import random_scene, render
 SUBJECT_WORD, MOTION_WORD = "sks", "mtn"
 
 
-def still_latents(frames: torch.Tensor) -> torch.Tensor:
-    """Photos `[N, H, W, 3]` as one-latent-frame videos `[N, 16, 1, H, W]` (a still clip, like an
-    image through Wan's VAE, which keeps a first frame on its own)."""
-    return encode(frames[:, None].expand(-1, TEMPORAL_FACTOR, -1, -1, -1))
-
-
 def subject_set(world: World, case: Case, dino=None, preservation: int = 16, seed: int = 0) -> SubjectSet:
     """The case's subject photos with masks under the prompt "sks", the DINOv2 patch tokens of each photo
     (with the world's encoder, if given), and `preservation` clips of the base vocabulary."""
     photos = case.subject_images()
     frames = torch.cat([p.frames for p in photos])
-    latents = still_latents(frames)
+    latents = encode_stills(frames)
     masks = latent_mask(torch.cat([p.masks for p in photos])[:, None], latents.shape)
     with torch.no_grad():
         context = world.text([SUBJECT_WORD])

@@ -38,6 +38,12 @@ def encode(frames: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3, 4).contiguous()
 
 
+def encode_stills(photos: torch.Tensor) -> torch.Tensor:
+    """Photos `[N, H, W, 3]` -> `[N, 16, 1, H, W]`: each a still clip of one latent frame, as Wan's VAE
+    encodes an image as a first frame on its own."""
+    return encode(photos[:, None].expand(-1, TEMPORAL_FACTOR, -1, -1, -1))
+
+
 def decode(latents: torch.Tensor) -> torch.Tensor:
     """[B, 16, T, H, W] latents -> [B, 4T, H, W, 3] pixels in [0, 1] (the padding channels are ignored)."""
     if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:

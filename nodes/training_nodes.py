@@ -1,0 +1,301 @@
+"""Nodes that learn a subject and a motion as LoRAs on the user's own Wan model (SMRABooth's recipe
+with MotionBooth's subject losses), and save them where ComfyUI's LoRA loaders find them."""
+
+from __future__ import annotations
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
+from ..custvid_core.errors import InputError
+from ..custvid_core.files import path_inside, save_safetensors
+from ..custvid_core.images import as_image_list, as_mask_list
+from ..custvid_core.media import loss_plot
+from ..custvid_core.training import (MotionSettings, OptimSettings, SigmaSampler, SubjectSet, SubjectSettings,
+                                     VideoSet, train_motion, train_subject)
+from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
+from . import types
+from .host import plain, training_backbone, training_folder, training_progress
+
+CATEGORY_DATA = "CustVid/training data"
+CATEGORY_TRAIN = "CustVid/training"
+
+
+def _context(conditioning, input_name: str) -> torch.Tensor:
+    if not conditioning or not isinstance(conditioning[0][0], torch.Tensor):
+        raise InputError(input_name, "is empty", "the output of a text encode node (CONDITIONING)")
+    return conditioning[0][0].float().cpu()
+
+
+def _encode_clip(vae, frames: torch.Tensor) -> torch.Tensor:
+    return vae.encode(frames[..., :3]).float().cpu()
+
+
+class VideoDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_VideoDataset",
+            display_name="Video Clips Dataset",
+            category=CATEGORY_DATA,
+            description="Encodes a clip once (latents, prompt, optional RAFT motion) for training. Chain "
+                        "several through add_to. Used as motion clips, or as preservation clips for a subject.",
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE of the model you train (Wan 2.1 VAE for Wan 2.1 models)."),
+                io.Image.Input("frames", tooltip="The frames of one clip (a video loaded as an IMAGE batch). "
+                                                 "Wan needs 1 + 4k frames (e.g. 17, 33, 81); at least 5."),
+                io.Conditioning.Input("conditioning", tooltip="The clip's caption, encoded by your text encoder. "
+                                                              "For a motion, include its trigger word (e.g. 'mtn')."),
+                types.MotionRepresentation.Input("motion_representation", optional=True,
+                                                 tooltip="RAFT flow of this clip (Motion Representation), for "
+                                                         "motion alignment (MoRA). Optional."),
+                types.VideoDataset.Input("add_to", optional=True,
+                                         tooltip="Clips encoded earlier; this clip is appended. All clips need "
+                                                 "the same frame count and size."),
+            ],
+            outputs=[types.VideoDataset.Output(display_name="clips")],
+        )
+
+    @classmethod
+    def execute(cls, vae, frames, conditioning, motion_representation=None, add_to=None) -> io.NodeOutput:
+        if frames.shape[0] < 2:
+            raise InputError("frames", f"{frames.shape[0]} frame", "a clip of at least 2 frames (5 or more on Wan)")
+        latents = _encode_clip(vae, frames)
+        context = _context(conditioning, "conditioning")
+        flow = None
+        if motion_representation is not None:
+            flow = motion_representation.flow
+            if flow.shape[0] != frames.shape[0] - 1:
+                raise InputError("motion_representation", f"flow of {flow.shape[0] + 1} frames",
+                                 f"the representation of this clip ({frames.shape[0]} frames)")
+            flow = flow[None].float()
+        if add_to is not None:
+            if add_to.latents.shape[1:] != latents.shape[1:]:
+                raise InputError("frames", f"latents {tuple(latents.shape[1:])} differ from the earlier clips' "
+                                 f"{tuple(add_to.latents.shape[1:])}", "clips of the same frame count and size")
+            if (add_to.flow is None) != (flow is None):
+                raise InputError("motion_representation", "given for some clips and not others",
+                                 "a motion representation for every clip, or for none")
+            contexts = [add_to.context.expand(add_to.latents.shape[0], -1, -1), context]
+            if contexts[0].shape[1:] != context.shape[1:]:
+                raise InputError("conditioning", "its shape differs from the earlier clips'",
+                                 "captions from the same text encoder")
+            latents = torch.cat([add_to.latents, latents])
+            context = torch.cat(contexts)
+            flow = torch.cat([add_to.flow, flow]) if flow is not None else None
+        return io.NodeOutput(VideoSet(latents, context, flow))
+
+
+class SubjectDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_SubjectDataset",
+            display_name="Subject Dataset",
+            category=CATEGORY_DATA,
+            description="Encodes your subject's photos once (latents, masks, prompt, optional DINOv2 features) "
+                        "for subject LoRA training, with optional preservation clips.",
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE of the model you train."),
+                io.Image.Input("images", tooltip="3 to 10 photos of your subject (one IMAGE batch)."),
+                io.Conditioning.Input("conditioning",
+                                      tooltip="The training prompt with a rare trigger word, e.g. 'a sks dog'."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Subject masks, one per photo, same size. With masks the loss counts only "
+                                      "the subject (MotionBooth's region loss)."),
+                types.SubjectRepresentation.Input("subject_representation", optional=True,
+                                                  tooltip="DINOv2 features of the same photos, for subject "
+                                                          "alignment (SuRA). Optional."),
+                types.VideoDataset.Input("preservation", optional=True,
+                                         tooltip="Any captioned clips, trained in alternation so the model keeps "
+                                                 "making video (MotionBooth's preservation loss). Optional."),
+            ],
+            outputs=[types.SubjectDataset.Output(display_name="subject")],
+        )
+
+    @classmethod
+    def execute(cls, vae, images, conditioning, masks=None, subject_representation=None,
+                preservation=None) -> io.NodeOutput:
+        photos = as_image_list(images, "images")
+        latents = torch.cat([_encode_clip(vae, p[None]) for p in photos])
+        grid_masks = None
+        if masks is not None:
+            mask_list = as_mask_list(masks, photos, "masks")
+            grid_masks = latent_mask(torch.stack(mask_list)[:, None], latents.shape)
+        tokens = None
+        if subject_representation is not None:
+            if subject_representation.patch_tokens.shape[0] != len(photos):
+                raise InputError("subject_representation",
+                                 f"features of {subject_representation.patch_tokens.shape[0]} images",
+                                 f"the representation of these {len(photos)} photos")
+            tokens = subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
+        return io.NodeOutput(SubjectSet(latents, _context(conditioning, "conditioning"), grid_masks, tokens,
+                                        preservation))
+
+
+def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
+    return [
+        io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps (batches)."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
+                       tooltip="AdamW learning rate after warm-up; cosine decay to a tenth of it."),
+        io.Int.Input("rank", default=default_rank, min=1, max=256, tooltip="LoRA rank."),
+        io.String.Input("roles", default=", ".join(roles),
+                        tooltip="Which linear layers of every block get the LoRA, comma-separated: "
+                                "self_attn.q/k/v/o, cross_attn.q/k/v/o, ffn.0, ffn.2."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step."),
+        io.Float.Input("alignment_weight", default=default_alignment, min=0.0, max=10.0, step=0.01,
+                       tooltip="Weight of the representation alignment loss (needs representations in the "
+                               "dataset); 0 turns it off."),
+        io.Int.Input("alignment_block", default=3, min=0, max=63,
+                     tooltip="The block whose hidden states are aligned (SMRABooth: block 3)."),
+        io.Combo.Input("timestep_sampling", options=list(SIGMA_SAMPLING), default="logit_normal",
+                       tooltip="How noise levels are drawn for training."),
+        io.Float.Input("shift", default=1.0, min=0.1, max=20.0, step=0.1,
+                       tooltip="Shift of the drawn noise levels (higher: more training at high noise)."),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
+        io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed for noise, batches and LoRA init."),
+        io.Int.Input("checkpoint_every", default=100, min=1, max=100000,
+                     tooltip="Write a checkpoint every N steps; a rerun with the same run_name resumes."),
+        io.String.Input("run_name", default="custvid_run",
+                        tooltip="Folder under output/custvid_training/ for this run's checkpoint."),
+    ]
+
+
+def _roles(text: str) -> tuple[str, ...]:
+    return tuple(r.strip() for r in text.split(",") if r.strip())
+
+
+def _train_outputs():
+    return [io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="lora"),
+            io.Image.Output(display_name="loss_graph")]
+
+
+def _finish(model, trained) -> io.NodeOutput:
+    import comfy.sd
+
+    patched, _ = comfy.sd.load_lora_for_models(model, None, trained.tensors, 1.0, 0)
+    return io.NodeOutput(patched, trained.tensors, loss_plot(trained.history))
+
+
+def _latents_in(to_model, latents: torch.Tensor) -> torch.Tensor:
+    return plain(to_model(latents))
+
+
+class TrainSubjectLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_TrainSubjectLoRA",
+            display_name="Train Subject LoRA",
+            category=CATEGORY_TRAIN,
+            description="Learns your subject as a LoRA on q, k and ffn.0 (SMRABooth), with MotionBooth's region and "
+                        "preservation losses and DINOv2 alignment. The input MODEL is not changed.",
+            inputs=[io.Model.Input("model", tooltip="A Wan model from Load Diffusion Model (LoRAs may be applied)."),
+                    types.SubjectDataset.Input("subject", tooltip="From Subject Dataset."),
+                    *_common_inputs(32, 0.05, SUBJECT_ROLES),
+                    io.Float.Input("preservation_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                                   tooltip="Weight of the preservation clips' loss (if the dataset has clips)."),
+                    io.Boolean.Input("region_loss", default=True,
+                                     tooltip="Count only the subject's region (needs masks in the dataset).")],
+            outputs=_train_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
+                alignment_block, timestep_sampling, shift, gradient_checkpointing, seed, checkpoint_every,
+                run_name, preservation_weight, region_loss) -> io.NodeOutput:
+        settings = SubjectSettings(
+            rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
+            optim=OptimSettings(steps=steps, lr=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+                                warmup=min(20, steps // 10)),
+            region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
+            alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing)
+        folder = training_folder(run_name)
+        with training_backbone(model) as (backbone, device, to_model):
+            clips = subject.preservation
+            data = SubjectSet(_latents_in(to_model, subject.latents), plain(subject.context), plain(subject.masks),
+                              plain(subject.dino_tokens),
+                              VideoSet(_latents_in(to_model, clips.latents), plain(clips.context)) if clips else None)
+            trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
+                                    device=device)
+        return _finish(model, trained)
+
+
+class TrainMotionLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_TrainMotionLoRA",
+            display_name="Train Motion LoRA",
+            category=CATEGORY_TRAIN,
+            description="Learns the motion of your clips as a LoRA on v, o and the FFN (SMRABooth), with a "
+                        "throw-away spatial LoRA absorbing their appearance, the appearance-debiased loss and "
+                        "RAFT motion alignment. The input MODEL is not changed.",
+            inputs=[io.Model.Input("model", tooltip="A Wan model from Load Diffusion Model (LoRAs may be applied)."),
+                    types.VideoDataset.Input("clips", tooltip="From Video Clips Dataset: 1 to 5 clips of the motion."),
+                    *_common_inputs(64, 1.0, MOTION_ROLES),
+                    io.Int.Input("spatial_rank", default=32, min=0, max=256,
+                                 tooltip="Rank of the throw-away spatial LoRA (q, k, ffn.0); 0: no spatial phase."),
+                    io.Float.Input("debiased_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                                   tooltip="Weight of the appearance-debiased loss (what differs between frames).")],
+            outputs=_train_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, clips, steps, learning_rate, rank, roles, batch_size, alignment_weight,
+                alignment_block, timestep_sampling, shift, gradient_checkpointing, seed, checkpoint_every,
+                run_name, spatial_rank, debiased_weight) -> io.NodeOutput:
+        settings = MotionSettings(
+            rank=rank, roles=_roles(roles), spatial_rank=spatial_rank, batch=batch_size,
+            sigmas=SigmaSampler(timestep_sampling, shift),
+            optim=OptimSettings(steps=steps, lr=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+                                warmup=min(20, steps // 10)),
+            debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
+            gradient_checkpointing=gradient_checkpointing)
+        folder = training_folder(run_name)
+        with training_backbone(model) as (backbone, device, to_model):
+            data = VideoSet(_latents_in(to_model, clips.latents), plain(clips.context), plain(clips.flow))
+            trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
+                                   device=device)
+        return _finish(model, trained)
+
+
+class SaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_SaveLoRA",
+            display_name="Save LoRA (to models/loras)",
+            category=CATEGORY_TRAIN,
+            description="Writes a trained LoRA to ComfyUI's models/loras folder, where Load LoRA finds it.",
+            is_output_node=True,
+            inputs=[io.LoraModel.Input("lora", tooltip="The lora output of a CustVid train node."),
+                    io.String.Input("filename", default="custvid/my_subject",
+                                    tooltip="Name under models/loras (sub-folders allowed); .safetensors is added."),
+                    io.String.Input("trigger_words", default="sks",
+                                    tooltip="Words the LoRA was trained with, stored in the file for reference."),
+                    io.Boolean.Input("overwrite", default=False,
+                                     tooltip="Replace an existing file of the same name.")],
+            outputs=[io.String.Output(display_name="lora_name")],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename, trigger_words, overwrite) -> io.NodeOutput:
+        if not isinstance(lora, dict) or not native_lora_modules(lora):
+            raise InputError("lora", "holds no Wan LoRA weights", "the lora output of a CustVid train node")
+        name = filename if filename.endswith(".safetensors") else filename + ".safetensors"
+        root = folder_paths.get_folder_paths("loras")[0]
+        path = path_inside(root, name, "filename")
+        if path.exists() and not overwrite:
+            raise InputError("filename", f"'{name}' already exists in models/loras",
+                             "another name, or overwrite turned on")
+        ranks = sorted({int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_down.weight")})
+        roles = sorted({m.split(".", 2)[2] for m in native_lora_modules(lora)})
+        save_safetensors(path, lora, {"custvid.lora.info": {"trigger_words": trigger_words, "ranks": ranks,
+                                                            "roles": roles}})
+        return io.NodeOutput(path.relative_to(root).as_posix())
+
+
+NODES = [VideoDataset, SubjectDataset, TrainSubjectLoRA, TrainMotionLoRA, SaveLoRA]

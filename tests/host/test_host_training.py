@@ -1,0 +1,221 @@
+"""Training nodes on ComfyUI's own Wan (a tiny Wan 2.1 checkpoint loaded by ComfyUI, in-process):
+the user's MODEL is never changed, the LoRA loads through the stock loader without a missing key
+and changes its output, and training stacks with a stock LoRA and with low-VRAM partial loading."""
+
+import logging
+
+import pytest
+import torch
+
+from comfy_host import import_comfy, import_pack
+
+from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+from custvid_core.world.scene import Scene, WorldSpec, render
+
+TINY = {**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    """A tiny Wan 2.1 file (ComfyUI's native keys) loaded by ComfyUI's own loader, and the world's text + VAE."""
+    import_comfy()
+    import comfy.sd
+
+    folder = tmp_path_factory.mktemp("tiny_wan")
+    world = build_world(TINY)
+    with torch.no_grad():  # adaLN tables start at zero in diffusers: give every block an effect
+        for p in world.backbone.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_world(world, folder / "tiny_wan.safetensors", folder / "tiny_text.safetensors")
+    patcher = comfy.sd.load_diffusion_model(str(folder / "tiny_wan.safetensors"))
+    pack = import_pack()
+    return patcher, world, pack
+
+
+def _nodes(pack):
+    from custvid_pack.nodes import training_nodes, world_nodes
+
+    return training_nodes, world_nodes
+
+
+def _conditioning(world, prompt):
+    with torch.no_grad():
+        return [[world.text([prompt]), {}]]
+
+
+def _subject_dataset(pack, world):
+    training, world_nodes = _nodes(pack)
+    spec = WorldSpec(frames=1)
+    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), spec) for i in range(3)]
+    images = torch.cat([p.frames for p in photos])
+    masks = torch.cat([p.masks for p in photos])
+    clip = render(Scene(), WorldSpec())
+    vae = world_nodes.WorldVAE()
+    clips = training.VideoDataset.execute(vae, clip.frames, _conditioning(world, clip.prompt)).result[0]
+    return training.SubjectDataset.execute(vae, images, _conditioning(world, "sks"), masks=masks,
+                                           preservation=clips).result[0]
+
+
+def _state(patcher):
+    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def _denoise(patcher, seed=0):
+    """What ComfyUI's sampler sees from this MODEL: load it with its patches, run apply_model."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 2, 32, 32, generator=g)
+    context = torch.randn(1, 16, 4096, generator=g)
+    with torch.no_grad():
+        return patcher.model.apply_model(x, torch.tensor([0.6]), c_crossattn=context)
+
+
+def _train(pack, patcher, subject, **overrides):
+    training, _ = _nodes(pack)
+    args = dict(steps=3, learning_rate=1e-3, rank=4, roles="self_attn.q, self_attn.k, ffn.0", batch_size=1,
+                alignment_weight=0.0, alignment_block=1, timestep_sampling="uniform", shift=1.0,
+                gradient_checkpointing=True, seed=0, checkpoint_every=100, run_name="subject_test",
+                preservation_weight=1.0, region_loss=True)
+    args.update(overrides)
+    return training.TrainSubjectLoRA.execute(patcher, subject, **args).result
+
+
+def test_training_leaves_the_model_alone_and_its_lora_loads_through_the_stock_loader(wan, tmp_path, caplog):
+    import folder_paths
+    import nodes as comfy_nodes
+
+    patcher, world, pack = wan
+    before_state, before_out = _state(patcher), _denoise(patcher)
+    folder_paths.set_output_directory(str(tmp_path))
+    subject = _subject_dataset(pack, world)
+    model, lora, graph = _train(pack, patcher, subject)
+    # The user's MODEL: same weights, same patches, same output.
+    after = _state(patcher)
+    assert all(torch.equal(after[k], before_state[k]) for k in before_state)
+    assert not patcher.patches
+    assert torch.allclose(_denoise(patcher), before_out)
+    assert not any("lora" in n for n, _ in patcher.model.diffusion_model.named_modules())
+    # The returned MODEL carries the LoRA as ordinary patches; its output differs.
+    assert len(model.patches) == 2 * 3  # 2 blocks x 3 roles
+    assert not torch.allclose(_denoise(model), before_out, atol=1e-5)
+    assert graph.shape[0] == 1 and graph.shape[-1] == 3
+    assert (tmp_path / "custvid_training" / "subject_test" / "checkpoint.pt").exists()
+
+    # Saved to models/loras and loaded by the stock LoraLoaderModelOnly: no missing key, same output.
+    loras = tmp_path / "loras"
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    training, _ = _nodes(pack)
+    name = training.SaveLoRA.execute(lora, "custvid/test_subject", "sks", False).result[0]
+    assert (loras / "custvid" / "test_subject.safetensors").exists() and name == "custvid/test_subject.safetensors"
+    with caplog.at_level(logging.WARNING):
+        (stock,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    assert torch.allclose(_denoise(stock), _denoise(model), atol=1e-5)
+
+
+def test_training_stacks_on_a_stock_lora(wan, tmp_path):
+    """A LoRA applied by the stock loader before training stays in effect during and after training."""
+    import comfy.sd
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    g = torch.Generator().manual_seed(5)
+    speed = {f"diffusion_model.blocks.{b}.self_attn.v.{k}": v for b in range(2) for k, v in
+             (("lora_down.weight", torch.randn(2, 128, generator=g) * 0.3),
+              ("lora_up.weight", torch.randn(128, 2, generator=g) * 0.3), ("alpha", torch.tensor(2.0)))}
+    stacked, _ = comfy.sd.load_lora_for_models(patcher, None, speed, 1.0, 0)
+    with_speed = _denoise(stacked)
+    assert not torch.allclose(with_speed, _denoise(patcher), atol=1e-5)
+    subject = _subject_dataset(pack, world)
+    model, lora, _ = _train(pack, stacked, subject, run_name="stacked")
+    # The stock LoRA is still on the input and on the output; ours is added on top of it.
+    assert torch.allclose(_denoise(stacked), with_speed, atol=1e-6)
+    ours_alone, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
+    both, _ = comfy.sd.load_lora_for_models(stacked, None, lora, 1.0, 0)
+    assert torch.allclose(_denoise(model), _denoise(both), atol=1e-5)
+    assert not torch.allclose(_denoise(model), _denoise(ours_alone), atol=1e-5)
+
+
+def test_training_with_low_vram_partial_loading_matches_full_loading(wan, tmp_path):
+    """ComfyUI's partial loading (weights cast per layer with their patches) trains the same LoRA."""
+    import comfy.model_management
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    subject = _subject_dataset(pack, world)
+    _, full, _ = _train(pack, patcher, subject, run_name="full", gradient_checkpointing=False)
+    comfy.model_management.unload_all_models()
+    original = comfy.model_management.load_models_gpu
+
+    def partial(models, *args, **kwargs):  # what a small GPU does: only part of the weights resident
+        for m in models:
+            m.model_patches_to(m.load_device)
+            m.load(m.load_device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
+
+    comfy.model_management.load_models_gpu = partial
+    try:
+        _, low, _ = _train(pack, patcher, subject, run_name="low", gradient_checkpointing=False)
+        lowvram_layers = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
+    finally:
+        comfy.model_management.load_models_gpu = original
+        comfy.model_management.unload_all_models()
+    assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
+    for k, v in full.items():
+        assert torch.allclose(v, low[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no_steps", "steps"),
+    ("bad_role", "roles"),
+    ("mask_count", "masks"),
+    ("escape", "run_name"),
+    ("short_clip", "frames"),
+])
+def test_bad_training_input_names_the_input(wan, tmp_path, case, match):
+    import folder_paths
+
+    patcher, world, pack = wan
+    training, world_nodes = _nodes(pack)
+    folder_paths.set_output_directory(str(tmp_path))
+    vae = world_nodes.WorldVAE()
+    before = _state(patcher)
+    # ValueError: the pack's InputError (imported as ComfyUI imports the pack, a different module object)
+    with pytest.raises(ValueError, match=match):
+        if case == "mask_count":
+            photo = render(Scene(), WorldSpec(frames=1))
+            training.SubjectDataset.execute(vae, photo.frames.expand(2, -1, -1, -1), _conditioning(world, "sks"),
+                                            masks=photo.masks)
+        elif case == "short_clip":
+            training.VideoDataset.execute(vae, render(Scene(), WorldSpec(frames=1)).frames,
+                                          _conditioning(world, "mtn"))
+        else:
+            subject = _subject_dataset(pack, world)
+            overrides = {"no_steps": dict(steps=0), "bad_role": dict(roles="self_attn.x"),
+                         "escape": dict(run_name="../../elsewhere")}[case]
+            _train(pack, patcher, subject, **overrides)
+    after = _state(patcher)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not (tmp_path / "custvid_training").exists() or not any((tmp_path / "custvid_training").rglob("*.pt"))
+
+
+def test_rope_backward_through_comfy_kitchen_matches_torch(wan):
+    """With comfy-kitchen installed, Wan's fused RoPE gets a backward equal to the pure-torch rotation's."""
+    import comfy.ldm.flux.math as flux_math
+
+    from custvid_pack.nodes.host import enable_rope_backward
+
+    enable_rope_backward()
+    x = torch.randn(2, 6, 1, 8, requires_grad=True)
+    freqs = flux_math.rope(torch.arange(6.0)[None], 8, 10000)[:, :, None]
+    grad = torch.randn(2, 6, 1, 8)
+    (flux_math.apply_rope1(x, freqs) * grad).sum().backward()
+    fused = x.grad.clone()
+    x.grad = None
+    pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
+    reference = (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).reshape(x.shape)
+    (reference * grad).sum().backward()
+    assert torch.allclose(fused, x.grad, atol=1e-6)
