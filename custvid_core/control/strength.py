@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import InputError
 
 
@@ -46,7 +48,9 @@ class StrengthSchedule:
         return len({s for _, s in self.points}) == 1
 
     def at(self, step: int, steps: int) -> float:
-        fraction = step / max(1, steps)
+        return self.at_fraction(step / max(1, steps))
+
+    def at_fraction(self, fraction: float) -> float:
         value = self.points[0][1]
         for start, strength in self.points:
             if fraction + 1e-9 >= start:
@@ -56,3 +60,53 @@ class StrengthSchedule:
 
 SMRABOOTH_TIMING = {"subject": StrengthSchedule(((0.0, 0.6), (0.3, 0.8))),
                     "motion": StrengthSchedule.constant(1.0)}
+
+
+def step_fraction(sigma: float, sigmas: torch.Tensor | None = None) -> float:
+    """How far sampling has got when the model is called at `sigma`: the step's index over the
+    schedule's length when the schedule is known, else 1 - sigma (flow models run sigma 1 -> 0)."""
+    if sigmas is None or len(sigmas) < 2:
+        return min(1.0, max(0.0, 1.0 - sigma))
+    index = int((sigmas[:-1].float().cpu() - sigma).abs().argmin())
+    return index / (len(sigmas) - 1)
+
+
+class ScheduledLora:
+    """A LoRA applied unmerged, `W + s * alpha / rank * up @ down`, with the strength s following a
+    schedule over the sampling steps. `weight_function(module)` gives the per-layer function a host
+    applies to a layer's weight at each forward; `set_progress` moves the strength along."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], schedule: StrengthSchedule, prefix: str = "diffusion_model."):
+        self.schedule = schedule
+        self.strength = schedule.at_fraction(0.0)
+        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for key, down in tensors.items():
+            if key.startswith(prefix) and key.endswith(".lora_down.weight"):
+                module = key[: -len(".lora_down.weight")]
+                up = tensors[module + ".lora_up.weight"]
+                alpha = float(tensors.get(module + ".alpha", torch.tensor(float(down.shape[0]))))
+                self.layers[module] = (down.float(), up.float(), alpha / down.shape[0])
+        if not self.layers:
+            raise InputError("lora", "holds no LoRA weights under 'diffusion_model.' names",
+                             "a Wan LoRA with '.lora_down.weight' / '.lora_up.weight' keys")
+
+    def set_progress(self, fraction: float) -> None:
+        self.strength = self.schedule.at_fraction(fraction)
+
+    def weight_function(self, module: str):
+        down, up, scale = self.layers[module]
+        on_device: dict = {}
+
+        def apply(weight: torch.Tensor) -> torch.Tensor:
+            if self.strength == 0:
+                return weight
+            key = (weight.device, weight.dtype)
+            if key not in on_device:  # the small factors move once; their product is never kept
+                on_device[key] = (up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype))
+            u, d = on_device[key]
+            return weight + (self.strength * scale) * (u @ d)
+
+        return apply
+
+    def __deepcopy__(self, memo):  # hosts deep-copy model options; the schedule state must stay shared
+        return self
