@@ -132,6 +132,16 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_training(args: argparse.Namespace) -> int:
+    from .perf import run_training_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_training_bench(args.out, args.steps)
+    print(json.dumps(result["ratios"], indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench)
+
+    p = sub.add_parser("bench-training", help="training speed and memory ratios (full objective vs plain LoRA, "
+                                              "gradient checkpointing vs none)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per configuration")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(run=bench_training)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""Training performance, as ratios measured in one run on one machine (absolute times vary by machine).
+
+`python -m custvid_core bench-training --out DIR` measures on a small Wan (diffusers'
+WanTransformer3DModel, random weights):
+- seconds per step of the full subject objective (region loss + SuRA; preservation steps apart) over a
+  plain LoRA step (MSE) on the same images;
+- peak memory of a training step with gradient checkpointing over one without (each in its own
+  process, as peak resident memory above the process's state before the first step).
+It writes `training_perf.json` and `training_perf.md` in DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+# Big enough that attention and the FFN dominate, small enough for a CPU: 4 heads of 64, 8 blocks.
+PERF_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+                text_dim=512, freq_dim=256, ffn_dim=1024, num_layers=8, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+
+
+def _backbone():
+    from diffusers import WanTransformer3DModel
+
+    from .backbones import describe
+
+    torch.manual_seed(0)
+    return describe(WanTransformer3DModel(**PERF_WAN))
+
+
+def _subject_data(side: int = 32, images: int = 4, clip_frames: int = 4):
+    from .training import SubjectSet, VideoSet
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(images, 1, 1, side, side)
+    masks[..., side // 4: 3 * side // 4, side // 4: 3 * side // 4] = 1
+    clips = VideoSet(torch.randn(2, 16, clip_frames, side, side, generator=g), torch.randn(2, 32, 512, generator=g))
+    return SubjectSet(torch.randn(images, 16, 1, side, side, generator=g), torch.randn(1, 32, 512, generator=g), masks,
+                      torch.randn(images, 384, 16, 16, generator=g), clips)
+
+
+def _settings(kind: str, steps: int, checkpointing: bool = False):
+    from .training import OptimSettings, SubjectSettings
+
+    optim = OptimSettings(steps=steps, lr=1e-4, warmup=1, checkpoint_every=10 ** 6)
+    plain = SubjectSettings(rank=32, optim=optim, region_loss=False, preservation_weight=0.0, alignment_weight=0.0,
+                            alignment_block=3, gradient_checkpointing=checkpointing)
+    if kind == "plain":
+        return plain
+    if kind == "full_image_steps":  # region + SuRA on every step: the objective's own cost
+        return replace(plain, region_loss=True, alignment_weight=0.05)
+    return replace(plain, region_loss=True, alignment_weight=0.05, preservation_weight=1.0)  # "full"
+
+
+def step_seconds(kind: str, steps: int = 12, warmup: int = 2) -> float:
+    """Median seconds of the steps after `warmup`, from the loop's own per-step timing."""
+    from .training import train_subject
+
+    history = train_subject(_backbone(), _subject_data(), _settings(kind, steps + warmup)).history
+    times = sorted(r["seconds"] for r in history[warmup:])
+    return times[len(times) // 2]
+
+
+def peak_memory_mb(checkpointing: bool, steps: int = 3) -> float:
+    """Peak resident memory (MB) a few training steps add to this process (run it in a fresh process)."""
+    import resource
+
+    from .training import train_subject
+
+    backbone, data = _backbone(), _subject_data(side=48)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_subject(backbone, data, _settings("plain", steps, checkpointing))
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def _in_fresh_process(expression: str) -> float:
+    code = f"import torch; torch.set_num_threads({torch.get_num_threads()}); import custvid_core.perf as p; " \
+           f"print({expression})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run_training_bench(out: str | Path, steps: int = 12) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    plain = step_seconds("plain", steps)
+    image_steps = step_seconds("full_image_steps", steps)
+    full = step_seconds("full", steps)
+    with_ckpt = _in_fresh_process("p.peak_memory_mb(True)")
+    without = _in_fresh_process("p.peak_memory_mb(False)")
+    result = {
+        "model": PERF_WAN, "threads": torch.get_num_threads(), "steps_timed": steps,
+        "step_seconds": {"plain_lora": plain, "full_objective_image_step": image_steps,
+                         "full_objective_with_preservation": full},
+        "ratios": {"full_image_step_over_plain": image_steps / plain,
+                   "full_with_preservation_over_plain": full / plain,
+                   "peak_memory_checkpointing_over_none": with_ckpt / without},
+        "peak_memory_mb": {"gradient_checkpointing": with_ckpt, "none": without},
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "training_perf.json").write_text(json.dumps(result, indent=2))
+    r = result["ratios"]
+    (out / "training_perf.md").write_text(
+        "| measurement | ratio |\n| --- | --- |\n"
+        f"| full subject objective (region + SuRA) step / plain LoRA step | {r['full_image_step_over_plain']:.2f} |\n"
+        f"| full objective incl. preservation steps / plain LoRA step | {r['full_with_preservation_over_plain']:.2f} |\n"
+        f"| peak memory with gradient checkpointing / without | {r['peak_memory_checkpointing_over_none']:.2f} |\n")
+    return result

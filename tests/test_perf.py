@@ -1,0 +1,17 @@
+"""The training benchmark's plumbing (its numbers come from `bench-training`, not from tests)."""
+
+import json
+
+from custvid_core import perf
+
+
+def test_training_bench_writes_ratios(tmp_path, monkeypatch):
+    small = {**perf.PERF_WAN, "num_layers": 4, "ffn_dim": 128, "num_attention_heads": 1}
+    monkeypatch.setattr(perf, "PERF_WAN", small)
+    monkeypatch.setattr(perf, "_in_fresh_process", lambda expr: perf.peak_memory_mb("True" in expr, steps=1) + 1.0)
+    result = perf.run_training_bench(tmp_path, steps=2)
+    saved = json.loads((tmp_path / "training_perf.json").read_text())
+    assert set(saved["ratios"]) == {"full_image_step_over_plain", "full_with_preservation_over_plain",
+                                    "peak_memory_checkpointing_over_none"}
+    assert all(v > 0 for v in result["step_seconds"].values())
+    assert "gradient checkpointing" in (tmp_path / "training_perf.md").read_text()
