@@ -85,7 +85,7 @@ def main() -> int:
         t0 = time.perf_counter()
         TrainSubjectLoRA.execute(patcher, data, steps=steps, learning_rate=1e-4, rank=args.rank, roles=roles,
                                  batch_size=1, alignment_weight=0.0, alignment_block=3, timestep_sampling="uniform",
-                                 shift=1.0, gradient_checkpointing=True, seed=0, checkpoint_every=10 ** 6,
+                                 shift=1.0, gradient_checkpointing=True, training_seed=0, checkpoint_every=10 ** 6,
                                  run_name=f"{run}_{steps}_{time.time_ns()}", preservation_weight=0.0,
                                  region_loss=False)
         return time.perf_counter() - t0

@@ -110,13 +110,16 @@ class SubjectDataset(io.ComfyNode):
                 types.VideoDataset.Input("preservation", optional=True,
                                          tooltip="Any captioned clips, trained in alternation so the model keeps "
                                                  "making video (MotionBooth's preservation loss). Optional."),
+                types.SubjectDataset.Input("add_to", optional=True,
+                                           tooltip="Photos encoded earlier (another Subject Dataset); these are "
+                                                   "appended. Photos of one dataset share a size."),
             ],
             outputs=[types.SubjectDataset.Output(display_name="subject")],
         )
 
     @classmethod
     def execute(cls, vae, images, conditioning, masks=None, subject_representation=None,
-                preservation=None) -> io.NodeOutput:
+                preservation=None, add_to=None) -> io.NodeOutput:
         photos = as_image_list(images, "images")
         latents = torch.cat([_encode_clip(vae, p[None]) for p in photos])
         grid_masks = None
@@ -130,8 +133,27 @@ class SubjectDataset(io.ComfyNode):
                                  f"features of {subject_representation.patch_tokens.shape[0]} images",
                                  f"the representation of these {len(photos)} photos")
             tokens = subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
-        return io.NodeOutput(SubjectSet(latents, _context(conditioning, "conditioning"), grid_masks, tokens,
-                                        preservation))
+        context = _context(conditioning, "conditioning")
+        if add_to is not None:
+            return io.NodeOutput(_append_photos(add_to, latents, context, grid_masks, tokens, preservation))
+        return io.NodeOutput(SubjectSet(latents, context, grid_masks, tokens, preservation))
+
+
+def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preservation) -> SubjectSet:
+    n_old, n_new = earlier.latents.shape[0], latents.shape[0]
+    if earlier.latents.shape[1:] != latents.shape[1:]:
+        raise InputError("images", f"photos of latent size {tuple(latents.shape[-2:])} after photos of "
+                         f"{tuple(earlier.latents.shape[-2:])}", "photos of the same size in one dataset")
+    if (earlier.masks is None) != (masks is None) or (earlier.dino_tokens is None) != (tokens is None):
+        raise InputError("masks", "given for some photos and not others",
+                         "masks (and subject representations) for every photo, or for none")
+    if earlier.context.shape[1:] != context.shape[1:]:
+        raise InputError("conditioning", "its shape differs from the earlier photos'", "prompts from one text encoder")
+    return SubjectSet(torch.cat([earlier.latents, latents]),
+                      torch.cat([earlier.context.expand(n_old, -1, -1), context.expand(n_new, -1, -1)]),
+                      torch.cat([earlier.masks, masks]) if masks is not None else None,
+                      torch.cat([earlier.dino_tokens, tokens]) if tokens is not None else None,
+                      preservation or earlier.preservation)
 
 
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
@@ -155,7 +177,8 @@ def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str
                        tooltip="Shift of the drawn noise levels (higher: more training at high noise)."),
         io.Boolean.Input("gradient_checkpointing", default=True,
                          tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
-        io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed for noise, batches and LoRA init."),
+        io.Int.Input("training_seed", default=0, min=0, max=2 ** 31 - 1,
+                     tooltip="Seed for noise, batches and LoRA initialisation (fixed, so a rerun resumes)."),
         io.Int.Input("checkpoint_every", default=100, min=1, max=100000,
                      tooltip="Write a checkpoint every N steps; a rerun with the same run_name resumes."),
         io.String.Input("run_name", default="custvid_run",
@@ -204,11 +227,11 @@ class TrainSubjectLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
-                alignment_block, timestep_sampling, shift, gradient_checkpointing, seed, checkpoint_every,
+                alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, preservation_weight, region_loss) -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
-            optim=OptimSettings(steps=steps, lr=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+            optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=min(20, steps // 10)),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing)
@@ -245,12 +268,12 @@ class TrainMotionLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clips, steps, learning_rate, rank, roles, batch_size, alignment_weight,
-                alignment_block, timestep_sampling, shift, gradient_checkpointing, seed, checkpoint_every,
+                alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, spatial_rank, debiased_weight) -> io.NodeOutput:
         settings = MotionSettings(
             rank=rank, roles=_roles(roles), spatial_rank=spatial_rank, batch=batch_size,
             sigmas=SigmaSampler(timestep_sampling, shift),
-            optim=OptimSettings(steps=steps, lr=learning_rate, seed=seed, checkpoint_every=checkpoint_every,
+            optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=min(20, steps // 10)),
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
             gradient_checkpointing=gradient_checkpointing)

@@ -12,7 +12,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..custvid_core.errors import InputError
 from ..custvid_core.world import latent as world_latent
+from ..custvid_core.world.cases import load_cases
+from ..custvid_core.world.customize import MOTION_WORD
 from ..custvid_core.world.model import load_text_encoder
 from . import types
 from .host import model_files
@@ -127,4 +130,43 @@ class WorldEmptyLatent(io.ComfyNode):
         return io.NodeOutput({"samples": torch.zeros(batch_size, world_latent.LATENT_CHANNELS, length, side, side)})
 
 
-NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent]
+def _case_names() -> list[str]:
+    return [c.name for c in load_cases()]
+
+
+class WorldCaseData(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_WorldCaseData",
+            display_name="Shapes World Example Data",
+            category=CATEGORY,
+            description="A customization case of the shapes world as a user would bring it: photos of a subject "
+                        "(with masks) and clips of a motion performed by other subjects. Try the training "
+                        "workflows with it before using your own photos and clips.",
+            inputs=[
+                io.Combo.Input("case", options=_case_names(), tooltip="A case from CustVid's default case file."),
+                io.Int.Input("motion_clip", default=0, min=0, max=4,
+                             tooltip="Which of the case's motion clips to output (0 = the first)."),
+            ],
+            outputs=[io.Image.Output(display_name="subject_photos"), io.Mask.Output(display_name="subject_masks"),
+                     io.Image.Output(display_name="motion_clip"), io.String.Output(display_name="motion_caption",
+                                                                       tooltip="The clip's caption with the motion "
+                                                                               "trigger word 'mtn'.")],
+        )
+
+    @classmethod
+    def execute(cls, case, motion_clip) -> io.NodeOutput:
+        chosen = {c.name: c for c in load_cases()}.get(case)
+        if chosen is None:
+            raise InputError("case", f"'{case}' is not in the default case file", f"one of {_case_names()}")
+        photos = chosen.subject_images()
+        clips = chosen.motion_clips()
+        if not 0 <= motion_clip < len(clips):
+            raise InputError("motion_clip", f"{motion_clip}", f"0 to {len(clips) - 1} for this case")
+        clip = clips[motion_clip]
+        return io.NodeOutput(torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos]),
+                             clip.frames, f"{clip.prompt} {MOTION_WORD}")
+
+
+NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent, WorldCaseData]

@@ -76,7 +76,7 @@ def _train(pack, patcher, subject, **overrides):
     training, _ = _nodes(pack)
     args = dict(steps=3, learning_rate=1e-3, rank=4, roles="self_attn.q, self_attn.k, ffn.0", batch_size=1,
                 alignment_weight=0.0, alignment_block=1, timestep_sampling="uniform", shift=1.0,
-                gradient_checkpointing=True, seed=0, checkpoint_every=100, run_name="subject_test",
+                gradient_checkpointing=True, training_seed=0, checkpoint_every=100, run_name="subject_test",
                 preservation_weight=1.0, region_loss=True)
     args.update(overrides)
     return training.TrainSubjectLoRA.execute(patcher, subject, **args).result

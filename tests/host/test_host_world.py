@@ -96,6 +96,24 @@ def test_shipped_world_workflow_runs(comfy_server):
     assert videos and videos[0].stat().st_size > 1000
 
 
+def test_shipped_customization_workflow_trains_saves_and_generates(comfy_server):
+    """The world customization workflow, shortened (2 training steps, 2 sampling steps), end to end."""
+    workflow = json.loads((REPO / "workflows" / "custvid_world_customize.json").read_text())
+    prompt = to_api(workflow, comfy_server.object_info())
+    for node in prompt.values():
+        if node["class_type"] in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):
+            node["inputs"].update(steps=2, run_name=node["inputs"]["run_name"] + "_host_test")
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    result = comfy_server.run(prompt, timeout=900)
+    assert result["ok"], result["error"]
+    loras = comfy_server.base / "models" / "loras" / "custvid"
+    assert sorted(p.name for p in loras.glob("world_*.safetensors")) == ["world_motion.safetensors",
+                                                                          "world_subject.safetensors"]
+    assert list((comfy_server.base / "output" / "custvid").glob("world_customized*"))
+    assert (comfy_server.base / "output" / "custvid_training" / "world_subject_host_test" / "checkpoint.pt").exists()
+
+
 @pytest.fixture(autouse=True)
 def _world_weights_present():
     if not MODEL_FILE.exists():
