@@ -8,7 +8,9 @@ from workflow_api import check_links, ordered_inputs
 NODE_IDS = {
     "CustVid_LoadDINOv2", "CustVid_LoadRAFT", "CustVid_SubjectRepresentation", "CustVid_MotionRepresentation",
     "CustVid_FlowPreview", "CustVid_SaveRepresentation", "CustVid_LoadSubjectRepresentation",
-    "CustVid_LoadMotionRepresentation",
+    "CustVid_LoadMotionRepresentation", "CustVid_LoadShapesWorld", "CustVid_WorldTextEncode",
+    "CustVid_WorldEmptyLatent", "CustVid_WorldCaseData", "CustVid_VideoDataset", "CustVid_SubjectDataset",
+    "CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA", "CustVid_SaveLoRA", "CustVid_ApplyLoRASchedule",
 }
 
 
