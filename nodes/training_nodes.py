@@ -62,6 +62,9 @@ class VideoDataset(io.ComfyNode):
         if frames.shape[0] < 2:
             raise InputError("frames", f"{frames.shape[0]} frame", "a clip of at least 2 frames (5 or more on Wan)")
         latents = _encode_clip(vae, frames)
+        # Single frames as photos for the motion recipe's spatial LoRA (up to 8, evenly spaced).
+        picks = torch.linspace(0, frames.shape[0] - 1, min(8, frames.shape[0])).round().long().tolist()
+        stills = torch.cat([_encode_clip(vae, frames[i:i + 1]) for i in picks])[None]
         context = _context(conditioning, "conditioning")
         flow = None
         if motion_representation is not None:
@@ -81,10 +84,14 @@ class VideoDataset(io.ComfyNode):
             if contexts[0].shape[1:] != context.shape[1:]:
                 raise InputError("conditioning", "its shape differs from the earlier clips'",
                                  "captions from the same text encoder")
+            if add_to.stills.shape[1] != stills.shape[1]:
+                raise InputError("frames", f"{frames.shape[0]} frames after clips of another length",
+                                 "clips of the same frame count and size")
             latents = torch.cat([add_to.latents, latents])
             context = torch.cat(contexts)
             flow = torch.cat([add_to.flow, flow]) if flow is not None else None
-        return io.NodeOutput(VideoSet(latents, context, flow))
+            stills = torch.cat([add_to.stills, stills])
+        return io.NodeOutput(VideoSet(latents, context, flow, stills))
 
 
 class SubjectDataset(io.ComfyNode):
@@ -279,7 +286,10 @@ class TrainMotionLoRA(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing)
         folder = training_folder(run_name)
         with training_backbone(model) as (backbone, device, to_model):
-            data = VideoSet(_latents_in(to_model, clips.latents), plain(clips.context), plain(clips.flow))
+            stills = clips.stills
+            data = VideoSet(_latents_in(to_model, clips.latents), plain(clips.context), plain(clips.flow),
+                            _latents_in(to_model, stills.flatten(0, 1)).view(stills.shape) if stills is not None
+                            else None)
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
                                    device=device)
         return _finish(model, trained)

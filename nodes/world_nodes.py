@@ -113,9 +113,9 @@ class WorldEmptyLatent(io.ComfyNode):
             category=CATEGORY,
             description="An empty latent of the world's clip size for the sampler.",
             inputs=[
-                io.Int.Input("frames", default=8, min=4, max=64, step=4,
-                             tooltip="Frames per clip, a multiple of 4 (the world's latent holds 4 frames per "
-                                     "latent frame); the world model was trained on 8."),
+                io.Int.Input("frames", default=5, min=5, max=60, step=5,
+                             tooltip="Frames per clip, a multiple of 5 (the world's latent holds 5 frames per "
+                                     "latent frame); the world model was trained on 5."),
                 io.Int.Input("size", default=32, min=8, max=256, step=2,
                              tooltip="Width and height in pixels; the world model was trained on 32."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips generated at once."),

@@ -30,10 +30,11 @@ def test_case_sets_hold_masks_representations_and_captions():
     photo = case.subject_images()[0]
     assert torch.equal(subject.masks[0, 0, 0].bool(), photo.masks[0].bool())
     assert subject.dino_tokens.shape == (n, DINO_CONFIG["hidden_size"], 8, 8)
-    assert subject.preservation.latents.shape == (3, 16, 2, 32, 32)
+    assert subject.preservation.latents.shape == (3, 16, 1, 32, 32)
     raft = build_raft("raft_small")
     motion = motion_set(world, case, raft)
-    assert motion.latents.shape[1:] == (16, 2, 32, 32) and motion.flow.shape[1:] == (7, 2, 32, 32)
+    assert motion.latents.shape[1:] == (16, 1, 32, 32) and motion.flow.shape[1:] == (4, 2, 32, 32)
+    assert motion.stills.shape[1:] == (5, 16, 1, 32, 32)
     # Each clip is captioned with its own subject plus the motion placeholder.
     expected = world.text([f"{c.prompt} mtn" for c in case.motion_clips()])
     assert torch.equal(motion.context, expected)
@@ -58,7 +59,7 @@ def test_the_full_method_trains_saves_and_generates_leaving_the_world_unchanged(
     run, words = method.prepare(world, case, tmp_path)
     assert words == {"subject": "sks", "motion": "mtn"}
     clips = run(["sks mtn"], 0)
-    assert clips.shape == (1, 8, 32, 32, 3)
+    assert clips.shape == (1, 5, 32, 32, 3)
     after = world.backbone.model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))

@@ -12,7 +12,7 @@ from custvid_core.world.scene import Scene, render
 def test_exact_flow_moves_the_object_with_its_path_and_the_background_against_the_camera():
     clip = render(Scene(direction="right", speed=2.0, start=(10, 16), camera=(1.0, -0.5), object_size=10))
     flow = exact_flow(clip)
-    assert flow.shape == (7, 2, 32, 32)
+    assert flow.shape == (len(clip.frames) - 1, 2, 32, 32)
     obj = clip.masks[:-1] > 0.5
     assert torch.all(flow[:, 0][obj] == 2.0) and torch.all(flow[:, 1][obj] == 0.0)
     assert torch.all(flow[:, 0][~obj] == -1.0) and torch.all(flow[:, 1][~obj] == 0.5)

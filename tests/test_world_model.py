@@ -18,14 +18,17 @@ TINY = {**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64}
 def test_latent_map_is_exactly_invertible_in_wans_layout():
     frames = render(Scene()).frames
     z = latent.encode(frames)
-    assert z.shape == (1, 16, 2, 32, 32)  # 4 frames per latent frame, like Wan's VAE
-    assert torch.equal(z[:, 12:], torch.zeros_like(z[:, 12:]))
+    assert z.shape == (1, 16, 1, 32, 32)  # the whole 5-frame clip in one latent frame
+    assert torch.equal(z[:, 15:], torch.zeros_like(z[:, 15:]))
     assert torch.allclose(latent.decode(z)[0], frames, atol=1e-6)
-    # One pixel of frame 5 lands at its own position, in latent frame 1, in sub-frame 1's channels.
-    one = torch.zeros(8, 4, 4, 3)
-    one[5, 2, 3] = 1.0
-    hot = (latent.encode(one)[0, :12] != -1).nonzero().tolist()
-    assert hot == [[3, 1, 2, 3], [4, 1, 2, 3], [5, 1, 2, 3]]
+    # One pixel of frame 7 (of 10) lands at its own position, in latent frame 1, in sub-frame 2's channels.
+    one = torch.zeros(10, 4, 4, 3)
+    one[7, 2, 3] = 1.0
+    hot = (latent.encode(one)[0, :15] != -1).nonzero().tolist()
+    assert hot == [[6, 1, 2, 3], [7, 1, 2, 3], [8, 1, 2, 3]]
+    stills = latent.encode_stills(frames[:2])
+    assert stills.shape == (2, 16, 1, 32, 32)
+    assert torch.allclose(latent.decode(stills)[1], frames[1:2].expand(5, -1, -1, -1), atol=1e-6)
     with pytest.raises(InputError, match="frames: 6 frames"):
         latent.encode(torch.zeros(6, 4, 4, 3))
 
@@ -88,6 +91,6 @@ def test_flow_schedule_and_euler_sampler_on_a_known_field():
 def test_generate_returns_clips_of_the_world_geometry():
     world = build_world(TINY)
     clips = generate(world, ["red circle moving left", "blue square"], seed=0, steps=2, progress=lambda *_: None)
-    assert clips.shape == (2, 8, 32, 32, 3) and clips.min() >= 0 and clips.max() <= 1
+    assert clips.shape == (2, 5, 32, 32, 3) and clips.min() >= 0 and clips.max() <= 1
     again = generate(world, ["red circle moving left", "blue square"], seed=0, steps=2, progress=lambda *_: None)
     assert torch.equal(clips, again)

@@ -33,17 +33,23 @@ from .objectives import (Projector, SigmaSampler, add_noise, appearance_debiased
 
 @dataclass
 class VideoSet:
-    """Cached clips: latents `[N, C, T, h, w]`, context `[N, L, D]`, optional RAFT flow `[N, F-1, 2, H, W]`."""
+    """Cached clips: latents `[N, C, T, h, w]`, context `[N, L, D]`, optional RAFT flow `[N, F-1, 2, H, W]`,
+    and optional stills `[N, K, C, 1, h, w]`: K single frames of each clip encoded as images, which the
+    motion recipe's spatial phase learns from (MotionDirector trains it on single frames)."""
 
     latents: torch.Tensor
     context: torch.Tensor
     flow: torch.Tensor | None = None
+    stills: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("clips", self.latents, self.context, 5)
         if self.flow is not None and self.flow.shape[0] != self.latents.shape[0]:
             raise InputError("motion representation", f"{self.flow.shape[0]} flows for {self.latents.shape[0]} clips",
                              "one motion representation per clip")
+        if self.stills is not None and self.stills.shape[0] != self.latents.shape[0]:
+            raise InputError("frames", f"stills of {self.stills.shape[0]} clips for {self.latents.shape[0]} clips",
+                             "single frames of every clip")
 
 
 @dataclass
@@ -205,8 +211,9 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
     if align:
         _check_block(settings.alignment_block, backbone, "alignment_block")
     frames = data.latents.shape[2]
-    if frames < 2:
-        raise InputError("motion clips", f"{frames} latent frame", "clips of at least 2 latent frames (5+ frames on Wan)")
+    if spatial and data.stills is None and frames < 2:
+        raise InputError("motion clips", f"{frames} latent frame and no single frames",
+                         "clips of at least 2 latent frames (5+ frames on Wan), or stills of their frames")
     device, dtype = _device_dtype(backbone, device)
     with LoraAdapters(backbone, specs, seed=settings.optim.seed, device=device) as adapters, \
             backbone.checkpointing(settings.gradient_checkpointing):
@@ -222,10 +229,14 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
             context = _rows(data.context, idx).to(device, dtype)
             sigma = settings.sigmas(len(idx), g)
             if spatial and i % 2 == 0:
-                # Spatial phase: one random latent frame as an image; only the spatial LoRA learns,
-                # with the motion LoRA switched off so it does not absorb appearance.
-                f = int(torch.randint(frames, (1,), generator=g))
-                x0 = data.latents[idx][:, :, f:f + 1].to(device, dtype)
+                # Spatial phase: single frames as images; only the spatial LoRA learns, with the motion
+                # LoRA switched off so it does not absorb appearance.
+                if data.stills is not None:
+                    k = int(torch.randint(data.stills.shape[1], (1,), generator=g))
+                    x0 = data.stills[idx, k].to(device, dtype)
+                else:
+                    f = int(torch.randint(frames, (1,), generator=g))
+                    x0 = data.latents[idx][:, :, f:f + 1].to(device, dtype)
                 x, target = add_noise(x0, sigma, g)
                 with adapters.strengths_set(**{spec.name: 0.0}):
                     v = backbone.forward(x, sigma.to(device), context)
@@ -243,10 +254,13 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
                 v = backbone.forward(x, sigma.to(device), context)
                 l_align = torch.zeros((), device=device)
             l_mse = region_loss(v, target)
-            ref = int(torch.randint(frames, (1,), generator=g))
-            l_debiased = region_loss(appearance_debiased(v, ref), appearance_debiased(target, ref))
-            loss = l_mse + settings.debiased_weight * l_debiased + settings.alignment_weight * l_align
-            parts = {"mse": float(l_mse.detach()), "debiased": float(l_debiased.detach())}
+            loss = l_mse + settings.alignment_weight * l_align
+            parts = {"mse": float(l_mse.detach())}
+            if settings.debiased_weight > 0 and frames > 1:  # one latent frame has no other frame to debias by
+                ref = int(torch.randint(frames, (1,), generator=g))
+                l_debiased = region_loss(appearance_debiased(v, ref), appearance_debiased(target, ref))
+                loss = loss + settings.debiased_weight * l_debiased
+                parts["debiased"] = float(l_debiased.detach())
             if align:
                 parts["alignment"] = float(l_align.detach())
             update = [spec.name] + (["alignment_projector"] if align else [])

@@ -54,7 +54,7 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
 
 def motion_set(world: World, case: Case, raft=None) -> VideoSet:
     """The case's motion clips captioned with their own subject plus "mtn" (MotionDirector's captions),
-    with their RAFT flow from the world's encoder, if given."""
+    their frames as stills, and their RAFT flow from the world's encoder, if given."""
     clips = case.motion_clips()
     with torch.no_grad():
         context = world.text([f"{c.prompt} {MOTION_WORD}" for c in clips])
@@ -63,7 +63,8 @@ def motion_set(world: World, case: Case, raft=None) -> VideoSet:
         from ..representations.motion import compute_flow
 
         flow = torch.stack([compute_flow(raft, c.frames, progress=lambda *_: None) for c in clips])
-    return VideoSet(encode(torch.stack([c.frames for c in clips])), context, flow)
+    stills = torch.stack([encode_stills(c.frames) for c in clips])  # every frame as a photo, for the spatial LoRA
+    return VideoSet(encode(torch.stack([c.frames for c in clips])), context, flow, stills)
 
 
 def _world_optim(steps: int, lr: float) -> OptimSettings:

@@ -1,10 +1,11 @@
 """The world's fixed, exactly invertible pixel <-> latent map (its "VAE").
 
-Like Wan's VAE, it compresses time by 4: each group of 4 frames becomes one latent frame whose
-channels hold the 4 frames' RGB values (4 x 3 = 12 channels, padded with 4 zero channels to
+Like Wan's VAE it compresses time, but further: a whole 5-frame world clip becomes one latent frame
+whose channels hold the 5 frames' RGB values (5 x 3 = 15 channels, padded with a zero channel to
 Wan's 16). Space is not compressed, so a Wan token (2x2 latent positions) covers 2x2 pixels over
-4 frames, and a token sees motion within its group of frames in its own channels: the order of
-the frames is in the channel index, not only in the positional encoding. Values are mapped as
+the whole clip: a token sees the motion through its place in its own channels, and the model draws
+a clip the way an image model draws an image. (With several latent frames a model this small kept
+each latent frame coherent but let the object jump between them.) Values are mapped as
 `4 * pixel - 1`, so the world's dim background sits near 0 and the latent's spread is about 0.5,
 like a normalised VAE latent.
 """
@@ -17,12 +18,12 @@ from ..errors import InputError
 
 LATENT_CHANNELS = 16
 SPATIAL_FACTOR = 1
-TEMPORAL_FACTOR = 4
+TEMPORAL_FACTOR = 5
 _USED = 3 * TEMPORAL_FACTOR
 
 
 def encode(frames: torch.Tensor) -> torch.Tensor:
-    """[F, H, W, 3] or [B, F, H, W, 3] pixels -> [B, 16, F/4, H, W] latents."""
+    """[F, H, W, 3] or [B, F, H, W, 3] pixels -> [B, 16, F/5, H, W] latents."""
     if frames.ndim == 4:
         frames = frames[None]
     if frames.ndim != 5 or frames.shape[-1] != 3:
@@ -45,7 +46,7 @@ def encode_stills(photos: torch.Tensor) -> torch.Tensor:
 
 
 def decode(latents: torch.Tensor) -> torch.Tensor:
-    """[B, 16, T, H, W] latents -> [B, 4T, H, W, 3] pixels in [0, 1] (the padding channels are ignored)."""
+    """[B, 16, T, H, W] latents -> [B, 5T, H, W, 3] pixels in [0, 1] (the padding channels are ignored)."""
     if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
         raise InputError("latents", f"got shape {tuple(latents.shape)}", "[batch, 16, frames, height, width]")
     b, _, t, h, w = latents.shape

@@ -37,11 +37,11 @@ class WorldSpec:
     """Clip geometry shared by the generator, the model and the measurements."""
 
     size: int = 32
-    frames: int = 8
+    frames: int = 5
     object_size: tuple[float, float] = (10.0, 13.0)  # side of the object's box, pixels
     # Straight motions, pixels per frame: fast enough that an object crosses most of the frame,
     # so direction is the dominant trait of a clip rather than a sub-token drift.
-    speed: tuple[float, float] = (2.0, 2.6)
+    speed: tuple[float, float] = (2.5, 3.2)
 
 
 @dataclass
