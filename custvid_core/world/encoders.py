@@ -126,7 +126,7 @@ def train_world_raft(cfg: RaftTrainConfig, spec: WorldSpec = WorldSpec(), log=pr
 def raft_quality(raft: RaftEncoder, spec: WorldSpec = WorldSpec(), clips: int = 32, seed: int = 12345) -> dict:
     """End-point error (pixels of the 32-px frame) on held-out world clips, against zero flow."""
     g = torch.Generator().manual_seed(seed)
-    errors, zero, obj_errors = [], [], []
+    errors, zero, obj_errors, obj_zero = [], [], [], []
     for _ in range(clips):
         clip = render(any_scene(g, spec), spec)
         truth = exact_flow(clip)
@@ -136,9 +136,10 @@ def raft_quality(raft: RaftEncoder, spec: WorldSpec = WorldSpec(), clips: int = 
         zero.append(truth.norm(dim=1).mean())
         obj = clip.masks[:-1] > 0.5
         obj_errors.append(err[obj].mean())
+        obj_zero.append(truth.norm(dim=1)[obj].mean())
     mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
     return {"epe_px": mean(errors), "epe_object_px": mean(obj_errors), "zero_flow_epe_px": mean(zero),
-            "clips": clips}
+            "zero_flow_epe_object_px": mean(obj_zero), "clips": clips}
 
 
 def save_world_raft(raft: RaftEncoder, path: str | Path = RAFT_FILE, info: dict | None = None) -> Path:
