@@ -128,7 +128,20 @@ def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torc
     backbone = describe(clone.model.diffusion_model)
     comfy.model_management.load_models_gpu([clone])
     with torch.inference_mode(False), torch.enable_grad():
+        _usable_by_autograd(clone.model.diffusion_model)
         yield backbone, clone.load_device, clone.model.process_latent_in
+
+
+def _usable_by_autograd(module: torch.nn.Module) -> None:
+    """Weights loaded under ComfyUI's inference mode cannot be saved for backward; replace each such
+    tensor by an ordinary copy with the same values (outputs are unchanged)."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if p.is_inference():
+                setattr(sub, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        for name, b in list(sub.named_buffers(recurse=False)):
+            if b is not None and b.is_inference():
+                sub._buffers[name] = b.clone()
 
 
 def plain(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -222,8 +222,11 @@ class LoraAdapters:
         if not self._had_peft_config and hasattr(model, "peft_config"):
             del model.peft_config
         for name, p in model.named_parameters():
-            if name in self._requires_grad:
-                p.requires_grad_(self._requires_grad[name])
+            flag = self._requires_grad.get(name)
+            if flag is not None and p.requires_grad != flag:
+                # Weights loaded under inference mode (as hosts do) only take the flag back inside it.
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
         self._paths = {}
 
     def __enter__(self) -> "LoraAdapters":

@@ -219,3 +219,27 @@ def test_rope_backward_through_comfy_kitchen_matches_torch(wan):
     reference = (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).reshape(x.shape)
     (reference * grad).sum().backward()
     assert torch.allclose(fused, x.grad, atol=1e-6)
+
+
+def test_a_model_loaded_under_inference_mode_trains_and_keeps_its_output(wan, tmp_path):
+    """ComfyUI runs loader nodes under inference mode, so the weights are inference tensors."""
+    import comfy.sd
+    import folder_paths
+
+    _, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    path = tmp_path / "inference_wan.safetensors"
+    save_world(world, path, tmp_path / "t.safetensors")
+    with torch.inference_mode():
+        patcher = comfy.sd.load_diffusion_model(str(path))
+    assert next(patcher.model.diffusion_model.parameters()).is_inference()
+    before = _denoise(patcher)
+    training, _ = _nodes(pack)
+    clips = training.VideoDataset.execute(__import__("custvid_pack").nodes.world_nodes.WorldVAE(),
+                                          render(Scene(), WorldSpec()).frames, _conditioning(world, "mtn")).result[0]
+    model, lora, _ = training.TrainMotionLoRA.execute(
+        patcher, clips, steps=2, learning_rate=1e-3, rank=4, roles="self_attn.v, ffn.2", batch_size=1,
+        alignment_weight=0.0, alignment_block=1, timestep_sampling="uniform", shift=1.0, gradient_checkpointing=True,
+        training_seed=0, checkpoint_every=100, run_name="inference_mode", spatial_rank=2, debiased_weight=1.0).result
+    assert torch.allclose(_denoise(patcher), before, atol=1e-6)
+    assert any(k.endswith("self_attn.v.lora_up.weight") for k in lora)
