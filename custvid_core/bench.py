@@ -60,7 +60,7 @@ def _lora_method(name: str) -> Callable[[], Method]:
     return make
 
 
-# The LoRA ladder (issue 4): plain LoRA, + region/preservation/debiased losses, + SuRA, + MoRA, full (+ timing).
+# The LoRA ladder: plain LoRA, + region/preservation/debiased losses, + SuRA, + MoRA, full (+ timing).
 METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in
                                                                  ("plain_lora", "losses", "sura", "mora", "full")}}
 

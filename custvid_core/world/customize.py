@@ -130,7 +130,7 @@ def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[st
 
 
 def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -> dict[str, LoraMethod]:
-    """The ablation ladder of issue-4's table: each rung adds one thing to the one before."""
+    """The ablation ladder of the benchmark: each rung adds one thing to the one before."""
     sigmas = SigmaSampler("logit_normal", shift=1.0)
     optim = _world_optim(steps, lr)
     plain_subject = SubjectSettings(rank=32, optim=optim, sigmas=sigmas, region_loss=False, preservation_weight=0.0,
