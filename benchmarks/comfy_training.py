@@ -58,10 +58,10 @@ def main() -> int:
     save_safetensors(out / "bench_wan.safetensors",
                      {"model.diffusion_model." + diffusers_to_native_key(k): v for k, v in model.state_dict().items()})
     patcher = comfy.sd.load_diffusion_model(str(out / "bench_wan.safetensors"))
-    pack = import_pack()
-    from custvid_pack.nodes.training_nodes import TrainSubjectLoRA
+    import_pack()
     from custvid_pack.custvid_core.training import SubjectSet
     from custvid_pack.nodes.host import enable_rope_backward
+    from custvid_pack.nodes.training_nodes import TrainSubjectLoRA
 
     # With comfy-kitchen installed, TrainLoraNode cannot backpropagate through Wan's fused RoPE on its own;
     # CustVid's registered backward lets both run.

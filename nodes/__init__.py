@@ -1,8 +1,7 @@
 """CustVid's ComfyUI nodes (V3 API). Thin: each node turns graph inputs into a custvid_core call."""
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 from . import representation_nodes, schedule_nodes, training_nodes, world_nodes
 from .host import register_model_folders

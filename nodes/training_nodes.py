@@ -12,8 +12,16 @@ from ..custvid_core.errors import InputError
 from ..custvid_core.files import path_inside, save_safetensors
 from ..custvid_core.images import as_image_list, as_mask_list
 from ..custvid_core.media import loss_plot
-from ..custvid_core.training import (MotionSettings, OptimSettings, SigmaSampler, SubjectSet, SubjectSettings,
-                                     VideoSet, train_motion, train_subject)
+from ..custvid_core.training import (
+    MotionSettings,
+    OptimSettings,
+    SigmaSampler,
+    SubjectSet,
+    SubjectSettings,
+    VideoSet,
+    train_motion,
+    train_subject,
+)
 from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
 from . import types
 from .host import plain, training_backbone, training_folder, training_progress

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from builders import tiny_diffusers_wan
 
 from custvid_core.adapters import LoraAdapters, LoraSpec, motion_lora, read_lora, save_lora, subject_lora
 from custvid_core.backbones import describe
 from custvid_core.errors import InputError
-
-from builders import tiny_diffusers_wan
 
 
 def _inputs(seed=0):

@@ -1,10 +1,9 @@
 import pytest
 import torch
+from builders import tiny_diffusers_wan
 
 from custvid_core.backbones import ROLES, describe, diffusers_to_native_key
 from custvid_core.errors import InputError
-
-from builders import tiny_diffusers_wan
 
 # Published Wan 2.1 text-to-video configurations (diffusers' WanTransformer3DModel arguments).
 WAN21 = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,

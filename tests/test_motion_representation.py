@@ -1,13 +1,18 @@
 import pytest
 import torch
+from builders import moving_square_clip
 from torch import nn
 
 from custvid_core.errors import InputError
-from custvid_core.representations.motion import (RaftEncoder, build_raft, compute_flow, extract_motion,
-                                                 flow_preview, load_raft)
+from custvid_core.representations.motion import (
+    RaftEncoder,
+    build_raft,
+    compute_flow,
+    extract_motion,
+    flow_preview,
+    load_raft,
+)
 from custvid_core.representations.storage import load_representation, save_representation
-
-from builders import moving_square_clip
 
 quiet = dict(progress=lambda done, total: None)
 

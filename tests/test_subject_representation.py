@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
+from builders import TINY_DINO
 from safetensors.torch import save_file
 
 from custvid_core.errors import InputError
 from custvid_core.representations.storage import load_representation, save_representation
 from custvid_core.representations.subject import extract_subject, load_dinov2
-
-from builders import TINY_DINO
 
 quiet = dict(progress=lambda done, total: None)
 

@@ -2,16 +2,30 @@ import math
 
 import pytest
 import torch
+from builders import tiny_diffusers_wan
 
 from custvid_core.adapters import LoraAdapters, subject_lora
 from custvid_core.backbones import describe
 from custvid_core.errors import InputError
-from custvid_core.training import (MotionSettings, OptimSettings, StepResult, SubjectSet, SubjectSettings,
-                                   TrainingStopped, VideoSet, train, train_motion, train_subject)
-from custvid_core.training.objectives import (SigmaSampler, appearance_debiased, flow_on_token_grid, latent_mask,
-                                              region_loss)
-
-from builders import tiny_diffusers_wan
+from custvid_core.training import (
+    MotionSettings,
+    OptimSettings,
+    StepResult,
+    SubjectSet,
+    SubjectSettings,
+    TrainingStopped,
+    VideoSet,
+    train,
+    train_motion,
+    train_subject,
+)
+from custvid_core.training.objectives import (
+    SigmaSampler,
+    appearance_debiased,
+    flow_on_token_grid,
+    latent_mask,
+    region_loss,
+)
 
 
 def _subject_set(n=3, with_dino=True, preservation=True):

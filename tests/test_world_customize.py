@@ -4,11 +4,11 @@ from dataclasses import replace
 
 import torch
 
-from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
 from custvid_core.adapters import read_lora
-from custvid_core.training.customize import TrainedLora
+from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
 from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
+from custvid_core.training.customize import TrainedLora
 from custvid_core.world.cases import load_cases
 from custvid_core.world.customize import generate_with_loras, lora_methods, motion_set, subject_set
 from custvid_core.world.encoders import DINO_CONFIG

@@ -4,8 +4,18 @@ import pytest
 import torch
 
 from custvid_core.errors import InputError
-from custvid_core.world.scene import (DIRECTIONS, SEEN_COLOURS, SEEN_SHAPES, Scene, WorldSpec, mask_boxes,
-                                      path_centres, random_scene, render, scene_from_dict)
+from custvid_core.world.scene import (
+    DIRECTIONS,
+    SEEN_COLOURS,
+    SEEN_SHAPES,
+    Scene,
+    WorldSpec,
+    mask_boxes,
+    path_centres,
+    random_scene,
+    render,
+    scene_from_dict,
+)
 
 
 def test_rendering_is_deterministic_and_seeded():

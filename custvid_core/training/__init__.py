@@ -1,7 +1,6 @@
 """Training: the shared loop (checkpoints, resume, schedules), the objectives, and the recipes."""
 
-from .customize import (MotionSettings, SubjectSet, SubjectSettings, TrainedLora, VideoSet, train_motion,
-                        train_subject)
+from .customize import MotionSettings, SubjectSet, SubjectSettings, TrainedLora, VideoSet, train_motion, train_subject
 from .loop import OptimSettings, StepResult, TrainingStopped, train
 from .objectives import SigmaSampler
 

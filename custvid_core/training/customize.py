@@ -23,12 +23,20 @@ from typing import Callable
 
 import torch
 
-from ..adapters.lora import SUBJECT_ROLES, MOTION_ROLES, LoraAdapters, LoraSpec
+from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraAdapters, LoraSpec
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .loop import OptimSettings, Progress, StepResult, train
-from .objectives import (Projector, SigmaSampler, add_noise, appearance_debiased, flow_on_token_grid,
-                         motion_alignment_loss, region_loss, subject_alignment_loss)
+from .objectives import (
+    Projector,
+    SigmaSampler,
+    add_noise,
+    appearance_debiased,
+    flow_on_token_grid,
+    motion_alignment_loss,
+    region_loss,
+    subject_alignment_loss,
+)
 
 
 @dataclass

@@ -14,8 +14,15 @@ import torch
 
 from ..adapters.lora import LoraAdapters, save_lora
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
-from ..training.customize import (MotionSettings, SubjectSet, SubjectSettings, TrainedLora, VideoSet, train_motion,
-                                  train_subject)
+from ..training.customize import (
+    MotionSettings,
+    SubjectSet,
+    SubjectSettings,
+    TrainedLora,
+    VideoSet,
+    train_motion,
+    train_subject,
+)
 from ..training.loop import OptimSettings
 from ..training.objectives import SigmaSampler, latent_mask
 from .cases import Case

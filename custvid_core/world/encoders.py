@@ -180,7 +180,7 @@ def _dino_batch(g, spec, n):
         images.append(clip.frames[0])
         masks.append(clip.masks[0])
         labels.append(_labels(scene))
-    return torch.stack(images), torch.stack(masks), {k: torch.tensor([l[k] for l in labels]) for k in labels[0]}
+    return torch.stack(images), torch.stack(masks), {k: torch.tensor([lab[k] for lab in labels]) for k in labels[0]}
 
 
 def _dino_forward(encoder: DinoEncoder, images: torch.Tensor):

@@ -10,7 +10,6 @@ from ..eval.metrics import describe_clip
 from .sample import generate
 from .scene import DIRECTIONS, SEEN_COLOURS, SEEN_SHAPES, SEEN_TEXTURES, Scene
 
-
 TEXTURED = 0.2  # texture_contrast above this reads as a textured object
 
 

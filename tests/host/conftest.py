@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from comfy_host import COMFYUI_PATH, REPO, Server, free_port, write_inputs, write_tiny_weights
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from comfy_host import import_comfy
 
 from custvid_core.backbones import ROLES, describe, diffusers_to_native_key

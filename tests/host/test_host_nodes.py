@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from PIL import Image
-
 from comfy_host import MOTION_CLIP, REPO, SUBJECT_PHOTO, TINY_DINO, example_clip
+from PIL import Image
 from workflow_api import to_api
 
 from custvid_core.media import read_video

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from comfy_host import import_comfy, import_pack
 
 from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
@@ -35,7 +34,7 @@ def tiny(tmp_path_factory):
         for p in world.backbone.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     save_world(world, folder / "m.safetensors", folder / "t.safetensors")
-    pack = import_pack()
+    import_pack()
     from custvid_pack.nodes.schedule_nodes import ApplyLoRASchedule
 
     return comfy.sd.load_diffusion_model(str(folder / "m.safetensors")), ApplyLoRASchedule

@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-
 from comfy_host import import_comfy, import_pack
 
 from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
@@ -84,6 +83,7 @@ def _train(pack, patcher, subject, **overrides):
 
 def test_training_leaves_the_model_alone_and_its_lora_loads_through_the_stock_loader(wan, tmp_path, caplog):
     import folder_paths
+
     import nodes as comfy_nodes
 
     patcher, world, pack = wan
@@ -205,7 +205,6 @@ def test_bad_training_input_names_the_input(wan, tmp_path, case, match):
 def test_rope_backward_through_comfy_kitchen_matches_torch(wan):
     """With comfy-kitchen installed, Wan's fused RoPE gets a backward equal to the pure-torch rotation's."""
     import comfy.ldm.flux.math as flux_math
-
     from custvid_pack.nodes.host import enable_rope_backward
 
     enable_rope_backward()

@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfy_host import REPO, import_comfy, import_pack
+from PIL import Image
 from workflow_api import to_api
 
 from custvid_core.eval.metrics import describe_clip

@@ -47,7 +47,7 @@ def check_links(workflow: dict, object_info: dict) -> list[str]:
 
 def to_api(workflow: dict, object_info: dict) -> dict:
     """The API-form prompt of a UI workflow (muted and bypassed nodes left out)."""
-    links = {l[0]: l for l in workflow["links"]}
+    links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:
