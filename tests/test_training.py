@@ -204,3 +204,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bad_training_input_is_refused_with_the_input_named(bad, match):
     with pytest.raises(InputError, match=match):
         bad()
+
+
+def test_token_attention_maps_sum_to_one_over_text_and_the_loss_follows_the_mask():
+    from custvid_core.training.objectives import subject_token_attention, token_attention_loss
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    total = sum(subject_token_attention(q, k, 2, [t]) for t in range(3))
+    assert torch.allclose(total, torch.ones(1, 4), atol=1e-5)
+    mask = torch.zeros(1, 1, 1, 4, 4)
+    mask[..., :2, :] = 1  # the top half of a 2x2 token grid
+    right = torch.tensor([[0.99, 0.99, 0.01, 0.01]])
+    assert token_attention_loss([right], mask, (1, 2, 2)) < token_attention_loss([1 - right], mask, (1, 2, 2))
+
+
+@pytest.mark.parametrize("backbone_kind", ["diffusers"])
+def test_subject_training_with_token_attention_captures_every_block(backbone_kind):
+    backbone = describe(tiny_diffusers_wan())
+    data = _subject_set(with_dino=False, preservation=False)
+    data.subject_tokens = (0, 1)
+    with backbone.capture_cross_attention([0, 1]) as attention:
+        backbone.forward(data.latents[:1], 0.5, data.context)
+    assert attention[1]["q"].shape == (1, 16, 32) and attention[1]["k"].shape == (1, 5, 32)
+    assert attention[1]["heads"] == 2
+    trained = train_subject(backbone, data, _quick(SubjectSettings(rank=4), 2))
+    assert "token_attention" in trained.history[0] and trained.history[0]["token_attention"] > 0

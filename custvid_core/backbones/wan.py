@@ -151,6 +151,33 @@ class WanBackbone:
                 h.remove()
 
 
+    def cross_attention(self, block: int) -> tuple[nn.Module, nn.Module, int]:
+        """(query norm, key norm, heads) of a block's text cross-attention: the normalised q and k leave
+        these norms, so hooks on them see exactly what the attention scores are made of."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def capture_cross_attention(self, blocks: Iterable[int]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+        """Record each chosen block's cross-attention q `[B, Lq, dim]`, k `[B, Lk, dim]` and head count
+        during forwards in the block (with gradients), to build attention maps from."""
+        captured: dict[int, dict[str, torch.Tensor]] = {}
+        handles = []
+        try:
+            for b in blocks:
+                norm_q, norm_k, heads = self.cross_attention(b)
+                captured[b] = {"heads": heads}
+
+                def save(name, b=b):
+                    def hook(_module, _args, output):
+                        captured[b][name] = output
+                    return hook
+
+                handles += [norm_q.register_forward_hook(save("q")), norm_k.register_forward_hook(save("k"))]
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
     @contextlib.contextmanager
     def checkpointing(self, enabled: bool = True) -> Iterator[None]:
         """Gradient checkpointing per block while inside: activations are recomputed in backward.
@@ -193,6 +220,10 @@ class ComfyWanBackbone(WanBackbone):
     def text_dim(self):
         return self.model.text_embedding[0].in_features
 
+    def cross_attention(self, block):
+        attn = self.blocks[block].cross_attn
+        return attn.norm_q, attn.norm_k, attn.num_heads
+
     def forward(self, latents, sigma, context):
         t = self._timestep(sigma, latents.shape[0], latents)
         # A fresh transformer_options: ComfyUI's forward writes into it.
@@ -218,6 +249,10 @@ class DiffusersWanBackbone(WanBackbone):
     @property
     def text_dim(self):
         return self.model.config.text_dim
+
+    def cross_attention(self, block):
+        attn = self.blocks[block].attn2
+        return attn.norm_q, attn.norm_k, attn.heads
 
     def forward(self, latents, sigma, context):
         t = self._timestep(sigma, latents.shape[0], latents)

@@ -7,8 +7,9 @@ backbone is left exactly as it was.
 
 Subject (`train_subject`): images as one-frame videos, prompt with a placeholder ("sks").
   loss = region loss (masked v-MSE) + alignment_weight * SuRA (projector on a block's hidden
-  states vs the image's DINOv2 patch tokens), alternating with preservation batches (any captioned
-  clips, plain v-MSE * preservation_weight) as MotionBooth does.
+  states vs the image's DINOv2 patch tokens) + token_attention_weight * STCA (the trigger word's
+  cross-attention vs the mask), alternating with preservation batches (any captioned clips, plain
+  v-MSE * preservation_weight) as MotionBooth does.
 Motion (`train_motion`): MotionDirector's two phases, alternating step by step: a spatial LoRA
   learns the clips' appearance from single frames; the motion LoRA learns the clips with the
   spatial LoRA active but frozen, with the appearance-debiased loss and MoRA (a projector reads
@@ -17,6 +18,7 @@ Motion (`train_motion`): MotionDirector's two phases, alternating step by step: 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -36,6 +38,8 @@ from .objectives import (
     motion_alignment_loss,
     region_loss,
     subject_alignment_loss,
+    subject_token_attention,
+    token_attention_loss,
 )
 
 
@@ -63,13 +67,15 @@ class VideoSet:
 @dataclass
 class SubjectSet:
     """Cached subject images as one-frame latents `[N, C, 1, h, w]`, latent-grid masks `[N, 1, 1, h, w]`,
-    context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, and preservation clips."""
+    context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, preservation clips, and where the subject's
+    trigger word sits in the context (for the token attention loss)."""
 
     latents: torch.Tensor
     context: torch.Tensor
     masks: torch.Tensor | None = None
     dino_tokens: torch.Tensor | None = None
     preservation: VideoSet | None = None
+    subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
 
     def __post_init__(self):
         _check_set("subject images", self.latents, self.context, 5)
@@ -103,6 +109,8 @@ class SubjectSettings:
     alignment_weight: float = 0.05  # SuRA; 0 or no DINOv2 tokens: off
     alignment_block: int = 3
     projector_hidden: int = 2048
+    token_attention_weight: float = 0.01  # MotionBooth's STCA; needs masks and subject_tokens
+    token_attention_blocks: tuple[int, ...] | None = None  # None: every block
     gradient_checkpointing: bool = False
     name: str = "subject"
 
@@ -161,6 +169,11 @@ def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSett
     preserve = settings.preservation_weight > 0 and data.preservation is not None
     if align:
         _check_block(settings.alignment_block, backbone, "alignment_block")
+    attend = settings.token_attention_weight > 0 and bool(data.subject_tokens) and data.masks is not None
+    attention_blocks = list(range(backbone.num_blocks) if settings.token_attention_blocks is None
+                            else settings.token_attention_blocks)
+    for b in attention_blocks if attend else ():
+        _check_block(b, backbone, "token_attention_blocks")
     device, dtype = _device_dtype(backbone, device)
     with LoraAdapters(backbone, [spec], seed=settings.optim.seed, device=device) as adapters, \
             backbone.checkpointing(settings.gradient_checkpointing):
@@ -187,20 +200,26 @@ def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSett
             x, target = add_noise(x0, sigma, g)
             mask = data.masks[idx].to(device) if settings.region_loss and data.masks is not None else None
             context = _rows(data.context, idx).to(device, dtype)
-            if align:
-                with backbone.capture(settings.alignment_block) as hidden:
-                    v = backbone.forward(x, sigma.to(device), context)
-                grid = backbone.token_grid(x.shape)
-                l_align = subject_alignment_loss(projector, hidden[settings.alignment_block], grid,
-                                                 data.dino_tokens[idx].to(device))
-            else:
+            grid = backbone.token_grid(x.shape)
+            with contextlib.ExitStack() as stack:
+                hidden = stack.enter_context(backbone.capture(settings.alignment_block)) if align else None
+                attention = stack.enter_context(backbone.capture_cross_attention(attention_blocks)) if attend \
+                    else None
                 v = backbone.forward(x, sigma.to(device), context)
-                l_align = torch.zeros((), device=device)
             l_region = region_loss(v, target, mask)
-            loss = l_region + settings.alignment_weight * l_align
+            loss = l_region
             parts = {"region" if mask is not None else "mse": float(l_region.detach())}
             if align:
+                l_align = subject_alignment_loss(projector, hidden[settings.alignment_block], grid,
+                                                 data.dino_tokens[idx].to(device))
+                loss = loss + settings.alignment_weight * l_align
                 parts["alignment"] = float(l_align.detach())
+            if attend:
+                maps = [subject_token_attention(a["q"], a["k"], a["heads"], list(data.subject_tokens))
+                        for a in attention.values()]
+                l_attend = token_attention_loss(maps, data.masks[idx].to(device), grid)
+                loss = loss + settings.token_attention_weight * l_attend
+                parts["token_attention"] = float(l_attend.detach())
             return StepResult(loss, parts)
 
         history = train(step, groups, settings.optim, workdir, progress, log)

@@ -134,3 +134,21 @@ def motion_alignment_loss(projector: Projector, hidden: torch.Tensor, grid: tupl
     The gradient through the hidden states teaches the motion LoRA to carry the reference motion."""
     projected = tokens_to_grid(projector(hidden), grid)
     return (projected - flow_tokens.to(projected)).abs().mean()
+
+
+def subject_token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: list[int]) -> torch.Tensor:
+    """Post-softmax cross-attention probability on the subject's text tokens, averaged over heads and those
+    tokens: `[B, Lq]`. The softmax runs over every text token; only the subject's columns are kept."""
+    b, lq, dim = q.shape
+    qh = q.view(b, lq, heads, dim // heads).transpose(1, 2)
+    kh = k.view(b, k.shape[1], heads, dim // heads).transpose(1, 2)
+    probs = torch.softmax((qh @ kh.transpose(-1, -2)).float() / math.sqrt(dim // heads), dim=-1)  # [B,H,Lq,Lk]
+    return probs[..., tokens].mean(-1).mean(1)
+
+
+def token_attention_loss(maps: list[torch.Tensor], mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """MotionBooth's subject-token cross-attention loss: BCE between the subject tokens' attention (averaged
+    over the chosen blocks) and the subject mask on the token grid (a token is subject if any latent cell is)."""
+    attention = torch.stack(maps).mean(0).clamp(1e-6, 1 - 1e-6)  # [B, Lq]
+    target = (F.adaptive_max_pool3d(mask.float(), grid) > 0).float().flatten(1)  # [B, t*h*w]
+    return F.binary_cross_entropy(attention, target.to(attention))

@@ -83,3 +83,16 @@ def test_real_wan21_configs_on_the_meta_device(config, keys):
                                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
     converted = {diffusers_to_native_key(k): tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert converted == native_shapes
+
+
+def test_cross_attention_capture_agrees_between_implementations():
+    native, theirs = tiny_pair()
+    x, context = torch.randn(1, 16, 2, 6, 8), torch.randn(1, 5, TINY["text_dim"])
+    with torch.no_grad(), native.capture_cross_attention([1]) as a_native, \
+            theirs.capture_cross_attention([1]) as a_theirs:
+        native.forward(x, 0.4, context)
+        theirs.forward(x, 0.4, context)
+    assert a_native[1]["heads"] == a_theirs[1]["heads"] == TINY["num_heads"]
+    assert a_native[1]["q"].shape == (1, 2 * 3 * 4, TINY["dim"]) and a_native[1]["k"].shape == (1, 5, TINY["dim"])
+    for name in ("q", "k"):
+        assert torch.allclose(a_native[1][name], a_theirs[1][name], atol=1e-4)
