@@ -88,15 +88,11 @@ class VideoDataset(io.ComfyNode):
             if (add_to.flow is None) != (flow is None):
                 raise InputError("motion_representation", "given for some clips and not others",
                                  "a motion representation for every clip, or for none")
-            contexts = [add_to.context.expand(add_to.latents.shape[0], -1, -1), context]
-            if contexts[0].shape[1:] != context.shape[1:]:
-                raise InputError("conditioning", "its shape differs from the earlier clips'",
-                                 "captions from the same text encoder")
             if add_to.stills.shape[1] != stills.shape[1]:
                 raise InputError("frames", f"{frames.shape[0]} frames after clips of another length",
                                  "clips of the same frame count and size")
+            context = _append_context(add_to.context, add_to.latents.shape[0], context, latents.shape[0], "clips")
             latents = torch.cat([add_to.latents, latents])
-            context = torch.cat(contexts)
             flow = torch.cat([add_to.flow, flow]) if flow is not None else None
             stills = torch.cat([add_to.stills, stills])
         return io.NodeOutput(VideoSet(latents, context, flow, stills))
@@ -154,6 +150,14 @@ class SubjectDataset(io.ComfyNode):
         return io.NodeOutput(SubjectSet(latents, context, grid_masks, tokens, preservation))
 
 
+def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
+    """One conditioning row per item of a chained dataset (a single row stands for all of its items)."""
+    if earlier.shape[1:] != context.shape[1:]:
+        raise InputError("conditioning", f"its shape differs from the earlier {what}'",
+                         "prompts from the same text encoder")
+    return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
+
+
 def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preservation) -> SubjectSet:
     n_old, n_new = earlier.latents.shape[0], latents.shape[0]
     if earlier.latents.shape[1:] != latents.shape[1:]:
@@ -162,10 +166,8 @@ def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preserv
     if (earlier.masks is None) != (masks is None) or (earlier.dino_tokens is None) != (tokens is None):
         raise InputError("masks", "given for some photos and not others",
                          "masks (and subject representations) for every photo, or for none")
-    if earlier.context.shape[1:] != context.shape[1:]:
-        raise InputError("conditioning", "its shape differs from the earlier photos'", "prompts from one text encoder")
     return SubjectSet(torch.cat([earlier.latents, latents]),
-                      torch.cat([earlier.context.expand(n_old, -1, -1), context.expand(n_new, -1, -1)]),
+                      _append_context(earlier.context, n_old, context, n_new, "photos"),
                       torch.cat([earlier.masks, masks]) if masks is not None else None,
                       torch.cat([earlier.dino_tokens, tokens]) if tokens is not None else None,
                       preservation or earlier.preservation)

@@ -52,7 +52,8 @@ def test_native_form_has_comfyui_names_and_round_trips(tmp_path):
     with LoraAdapters(backbone, [subject_lora(4)]) as adapters:
         _randomise(adapters, "subject")
         expected = backbone.forward(x, 0.5, ctx)
-        path = save_lora(tmp_path / "subject.safetensors", adapters, "subject", {"steps": 3})
+        path = save_lora(tmp_path / "subject.safetensors", adapters.native_state_dict("subject"),
+                         adapters.specs["subject"], backbone, {"steps": 3})
         sd = adapters.native_state_dict("subject")
     # 2 blocks x 5 roles x (down, up, alpha)
     assert len(sd) == 30

@@ -252,14 +252,15 @@ def base_model_signature(backbone: WanBackbone) -> dict:
     return {"architecture": "wan", "blocks": backbone.num_blocks, "dim": backbone.dim, "text_dim": backbone.text_dim}
 
 
-def save_lora(path, adapters: LoraAdapters, name: str, info: dict | None = None):
-    """Write one adapter as a ComfyUI LoRA file (atomic), with its spec and base model in the metadata."""
+def save_lora(path, tensors: dict[str, torch.Tensor], spec: LoraSpec, backbone: WanBackbone,
+              info: dict | None = None):
+    """Write an adapter's native tensors as a ComfyUI LoRA file (atomic), with its spec and base model in the
+    metadata."""
     from ..files import save_safetensors
 
-    meta = {"custvid.lora.spec": adapters.specs[adapters._check(name)].to_dict(),
-            "custvid.lora.base_model": base_model_signature(adapters.backbone),
+    meta = {"custvid.lora.spec": spec.to_dict(), "custvid.lora.base_model": base_model_signature(backbone),
             "custvid.lora.info": info or {}}
-    return save_safetensors(path, adapters.native_state_dict(name), meta)
+    return save_safetensors(path, tensors, meta)
 
 
 def read_lora(path, input_name: str = "lora") -> tuple[dict[str, torch.Tensor], LoraSpec | None, dict]:

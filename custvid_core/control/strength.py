@@ -76,16 +76,19 @@ class ScheduledLora:
     schedule over the sampling steps. `weight_function(module)` gives the per-layer function a host
     applies to a layer's weight at each forward; `set_progress` moves the strength along."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], schedule: StrengthSchedule, prefix: str = "diffusion_model."):
+    def __init__(self, tensors: dict[str, torch.Tensor], schedule: StrengthSchedule):
         self.schedule = schedule
         self.strength = schedule.at_fraction(0.0)
+        from ..adapters.lora import NATIVE_PREFIX, native_lora_modules
+
         self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for key, down in tensors.items():
-            if key.startswith(prefix) and key.endswith(".lora_down.weight"):
-                module = key[: -len(".lora_down.weight")]
-                up = tensors[module + ".lora_up.weight"]
-                alpha = float(tensors.get(module + ".alpha", torch.tensor(float(down.shape[0]))))
-                self.layers[module] = (down.float(), up.float(), alpha / down.shape[0])
+        for name in native_lora_modules(tensors):
+            module = NATIVE_PREFIX + name
+            if module + ".lora_down.weight" not in tensors:
+                continue
+            down, up = tensors[module + ".lora_down.weight"], tensors[module + ".lora_up.weight"]
+            alpha = float(tensors.get(module + ".alpha", torch.tensor(float(down.shape[0]))))
+            self.layers[module] = (down.float(), up.float(), alpha / down.shape[0])
         if not self.layers:
             raise InputError("lora", "holds no LoRA weights under 'diffusion_model.' names",
                              "a Wan LoRA with '.lora_down.weight' / '.lora_up.weight' keys")

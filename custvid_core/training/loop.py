@@ -54,12 +54,17 @@ class OptimSettings:
                 raise InputError(name, f"{getattr(self, name if name != 'learning_rate' else 'lr')}", expected)
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        if self.schedule == "constant":
+        if self.schedule == "constant" and step >= self.warmup:
             return self.lr
-        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warmup_cosine(step, self.lr, self.warmup, self.steps, self.min_lr_ratio)
+
+
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_lr_ratio * lr` at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass

@@ -96,22 +96,21 @@ class LoraMethod:
         from .encoders import DINO_FILE, RAFT_FILE
 
         workdir = Path(workdir)
-        dino = raft = None
-        if self.subject.alignment_weight > 0:
-            dino = self.encoders.get("dino") or self.encoders.setdefault("dino", load_dinov2(DINO_FILE))
-        if self.motion.alignment_weight > 0:
-            raft = self.encoders.get("raft") or self.encoders.setdefault("raft", load_raft(RAFT_FILE))
+        # The world's encoders load once per method, only for the rungs that align with them.
+        if self.subject.alignment_weight > 0 and "dino" not in self.encoders:
+            self.encoders["dino"] = load_dinov2(DINO_FILE)
+        if self.motion.alignment_weight > 0 and "raft" not in self.encoders:
+            self.encoders["raft"] = load_raft(RAFT_FILE)
+        dino = self.encoders.get("dino") if self.subject.alignment_weight > 0 else None
+        raft = self.encoders.get("raft") if self.motion.alignment_weight > 0 else None
         subject = train_subject(world.backbone, subject_set(world, case, dino,
                                                             16 if self.subject.preservation_weight else 0),
                                 self.subject, workdir / "subject")
         motion = train_motion(world.backbone, motion_set(world, case, raft), self.motion, workdir / "motion")
         for trained in (subject, motion):
-            adapters_file = workdir / f"{case.name}_{trained.spec.name}.safetensors"
-            with LoraAdapters(world.backbone, [trained.spec]) as adapters:
-                adapters.load_native_state_dict(trained.spec.name, trained.tensors)
-                save_lora(adapters_file, adapters, trained.spec.name,
-                          {"case": case.name, "method": self.name, "steps": len(trained.history),
-                           "trigger": SUBJECT_WORD if trained is subject else MOTION_WORD})
+            save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
+                      world.backbone, {"case": case.name, "method": self.name, "steps": len(trained.history),
+                                       "trigger": SUBJECT_WORD if trained is subject else MOTION_WORD})
 
         def run(prompts, seed):
             return generate_with_loras(world, [subject, motion], prompts, seed, self.schedules,

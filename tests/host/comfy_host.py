@@ -141,3 +141,21 @@ def example_clip():
 def custvid_import_seconds(log_text: str) -> float | None:
     m = re.search(r"^\s*([\d.]+) seconds(?: \(IMPORT FAILED\))?: .*custom_nodes[/\\]CustVid\s*$", log_text, re.M)
     return float(m.group(1)) if m else None
+
+
+def tiny_world_wan(folder: Path):
+    """A tiny shapes-world-layout Wan 2.1 (2 blocks) with every block given an effect (diffusers starts
+    the adaLN tables at zero), written in ComfyUI's native keys and loaded by ComfyUI's own loader.
+    Returns (ModelPatcher, World, path of the file)."""
+    import_comfy()
+    import comfy.sd
+
+    from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+
+    world = build_world({**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64})
+    with torch.no_grad():
+        for p in world.backbone.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = folder / "tiny_wan.safetensors"
+    save_world(world, path, folder / "tiny_text.safetensors")
+    return comfy.sd.load_diffusion_model(str(path)), world, path

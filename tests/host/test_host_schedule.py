@@ -2,11 +2,7 @@
 
 import pytest
 import torch
-from comfy_host import import_comfy, import_pack
-
-from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
-
-TINY = {**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64}
+from comfy_host import import_pack, tiny_world_wan
 
 
 def _lora(seed, roles=("self_attn.q", "ffn.0"), rank=2):
@@ -25,19 +21,11 @@ def _lora(seed, roles=("self_attn.q", "ffn.0"), rank=2):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import_comfy()
-    import comfy.sd
-
-    folder = tmp_path_factory.mktemp("tiny_wan_schedule")
-    world = build_world(TINY)
-    with torch.no_grad():
-        for p in world.backbone.model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    save_world(world, folder / "m.safetensors", folder / "t.safetensors")
+    patcher, _, _ = tiny_world_wan(tmp_path_factory.mktemp("tiny_wan_schedule"))
     import_pack()
     from custvid_pack.nodes.schedule_nodes import ApplyLoRASchedule
 
-    return comfy.sd.load_diffusion_model(str(folder / "m.safetensors")), ApplyLoRASchedule
+    return patcher, ApplyLoRASchedule
 
 
 def _denoise(patcher, sigma, sigmas=None):

@@ -6,29 +6,17 @@ import logging
 
 import pytest
 import torch
-from comfy_host import import_comfy, import_pack
+from comfy_host import import_pack, tiny_world_wan
 
-from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+from custvid_core.world.model import save_world
 from custvid_core.world.scene import Scene, WorldSpec, render
-
-TINY = {**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64}
 
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     """A tiny Wan 2.1 file (ComfyUI's native keys) loaded by ComfyUI's own loader, and the world's text + VAE."""
-    import_comfy()
-    import comfy.sd
-
-    folder = tmp_path_factory.mktemp("tiny_wan")
-    world = build_world(TINY)
-    with torch.no_grad():  # adaLN tables start at zero in diffusers: give every block an effect
-        for p in world.backbone.model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    save_world(world, folder / "tiny_wan.safetensors", folder / "tiny_text.safetensors")
-    patcher = comfy.sd.load_diffusion_model(str(folder / "tiny_wan.safetensors"))
-    pack = import_pack()
-    return patcher, world, pack
+    patcher, world, _ = tiny_world_wan(tmp_path_factory.mktemp("tiny_wan"))
+    return patcher, world, import_pack()
 
 
 def _nodes(pack):
