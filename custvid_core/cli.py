@@ -62,7 +62,9 @@ def train_config_from_args(args: argparse.Namespace):
     from .world.train import TrainConfig
 
     return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, layers=args.layers,
-                       ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean, init=args.init)
+                       ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean, init=args.init,
+                       sigma_sampling=args.sigma_sampling, object_weight=args.object_weight,
+                       init_from=args.init_from)
 
 
 def world_train(args: argparse.Namespace) -> int:
@@ -162,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal timestep mean")
+    p.add_argument("--sigma-sampling", default="logit-normal", choices=["logit-normal", "uniform"],
+                   help="how training noise levels are drawn")
+    p.add_argument("--object-weight", type=float, default=0.0,
+                   help="extra loss weight on the pixels the object passes over (0: plain MSE)")
     p.add_argument("--init", default="diffusers", choices=["diffusers", "adaln-zero"], help="weight initialisation")
+    p.add_argument("--init-from", default="", help="a world model file to start from (fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(run=world_train)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -257,6 +257,31 @@ class DiffusersWanBackbone(WanBackbone):
     def forward(self, latents, sigma, context):
         t = self._timestep(sigma, latents.shape[0], latents)
         return self.model(hidden_states=latents, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+
+    @contextlib.contextmanager
+    def cross_attention_bias(self, bias: Callable[[int, int, int], torch.Tensor | None]) -> Iterator[None]:
+        """While inside, block i's text cross-attention adds `bias(i, query_length, key_length)`
+        (`[batch or 1, Lq, Lk]`, or None for none) to its logits before the softmax."""
+        swapped = []
+        try:
+            for i, block in enumerate(self.blocks):
+                attn = block.attn2
+                original = attn.processor
+
+                def processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                              rotary_emb=None, _original=original, _i=i):
+                    extra = bias(_i, hidden_states.shape[1], encoder_hidden_states.shape[1])
+                    if extra is not None:
+                        extra = extra[:, None].to(hidden_states.dtype)  # one bias for every head
+                        attention_mask = extra if attention_mask is None else attention_mask + extra
+                    return _original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+                attn.processor = processor
+                swapped.append((attn, original))
+            yield
+        finally:
+            for attn, original in swapped:
+                attn.processor = original
 
 
 def describe(model: nn.Module) -> WanBackbone:

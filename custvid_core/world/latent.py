@@ -53,3 +53,19 @@ def decode(latents: torch.Tensor) -> torch.Tensor:
     x = latents[:, :_USED].permute(0, 2, 1, 3, 4).reshape(b, t, TEMPORAL_FACTOR, 3, h, w)
     x = ((x + 1) / 4).clamp(0, 1)
     return x.permute(0, 1, 2, 4, 5, 3).reshape(b, t * TEMPORAL_FACTOR, h, w, 3).contiguous()
+
+
+def as_frames(latents: torch.Tensor) -> torch.Tensor:
+    """`[B, 16, T, H, W]` latents -> `[B, 3, 5T, H, W]`: the same values with time on its own axis (what
+    a camera shift moves frame by frame). Works on normalised latents too: the map only reorders."""
+    b, _, t, h, w = latents.shape
+    x = latents[:, :_USED].reshape(b, TEMPORAL_FACTOR, 3, t, h, w).permute(0, 2, 3, 1, 4, 5)
+    return x.reshape(b, 3, t * TEMPORAL_FACTOR, h, w)
+
+
+def from_frames(frames: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `as_frames`; the padding channels are taken from `latents`."""
+    b, _, f, h, w = frames.shape
+    t = f // TEMPORAL_FACTOR
+    x = frames.reshape(b, 3, t, TEMPORAL_FACTOR, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b, _USED, t, h, w)
+    return torch.cat([x, latents[:, _USED:]], 1)

@@ -7,11 +7,14 @@ step is `x += (sigma_next - sigma) * v`. The schedule is Wan's shifted one:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from ..backbones.wan import WanBackbone
+from ..control.boxes import BoxSteering
+from ..control.camera import CameraPath, LatentShift, StepWindow
 from ..errors import InputError
 
 
@@ -68,10 +71,16 @@ def sample_flow(backbone: WanBackbone, context: torch.Tensor, uncond: torch.Tens
 
 def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cfg: float = 4.0, shift: float = 3.0,
              negative: str = "", step_hook: StepHook | None = None,
-             progress: Callable[[int, int], None] | None = None, before_step: BeforeStep | None = None
-             ) -> torch.Tensor:
-    """Prompts -> clips `[B, F, H, W, 3]` in [0, 1] from the world model; one noise seed per call."""
-    from .latent import LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, decode
+             progress: Callable[[int, int], None] | None = None, before_step: BeforeStep | None = None,
+             camera: CameraPath | None = None, camera_window: StepWindow = StepWindow(),
+             camera_boxes: torch.Tensor | None = None, steering: list[BoxSteering] | None = None,
+             frames: int | None = None) -> torch.Tensor:
+    """Prompts -> clips `[B, F, H, W, 3]` in [0, 1] from the world model; one noise seed per call.
+
+    camera: a camera path realised by latent shift during `camera_window` (subject boxes
+    `[frames, N, 4]` keep the fill off the subject); steering: box steering, one per prompt;
+    frames: clip length (a multiple of 5; the model was trained on `world.spec.frames`)."""
+    from .latent import LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, as_frames, decode, from_frames
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     spec = world.spec
@@ -80,6 +89,53 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
         uncond = world.text([negative] * len(prompts))
     g = torch.Generator().manual_seed(seed)
     side = spec.size // SPATIAL_FACTOR
-    noise = torch.randn(len(prompts), LATENT_CHANNELS, spec.frames // TEMPORAL_FACTOR, side, side, generator=g)
-    latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, step_hook, progress, before_step)
+    frames = frames or spec.frames
+    noise = torch.randn(len(prompts), LATENT_CHANNELS, frames // TEMPORAL_FACTOR, side, side, generator=g)
+    hooks = [step_hook] if step_hook else []
+    if camera is not None:
+        mover = LatentShift(camera, steps, frames, camera_window, camera_boxes, seed)
+        hooks.append(lambda i, s, s_next, x: from_frames(mover.after_step(i, as_frames(x)), x))
+    befores = [before_step] if before_step else []
+    steered = contextlib.nullcontext()
+    if steering:
+        if len(steering) != len(prompts):
+            raise InputError("steering", f"{len(steering)} for {len(prompts)} prompts", "one per prompt")
+        now = {"progress": 0.0}
+        befores.append(lambda i, n: now.__setitem__("progress", i / n))
+        grid = world.backbone.token_grid(noise.shape)
+        guided = cfg != 1.0
+
+        def bias(block, q_len, k_len):
+            rows = [s.logit_bias(grid, k_len, now["progress"]) if s.steers(block) else torch.zeros(q_len, k_len)
+                    for s in steering]
+            if not any(s.steers(block) for s in steering):
+                return None
+            cond = torch.stack(rows)
+            return torch.cat([cond, torch.zeros_like(cond)]) if guided else cond  # conditional pass only
+
+        steered = world.backbone.cross_attention_bias(bias)
+    with steered:
+        latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, _chain_hooks(hooks),
+                              progress, _chain_befores(befores))
     return decode(latents)
+
+
+def _chain_hooks(hooks: list[StepHook]) -> StepHook | None:
+    if not hooks:
+        return None
+
+    def run(i, s, s_next, x):
+        for hook in hooks:
+            x = hook(i, s, s_next, x)
+        return x
+    return run
+
+
+def _chain_befores(befores: list[BeforeStep]) -> BeforeStep | None:
+    if not befores:
+        return None
+
+    def run(i, n):
+        for before in befores:
+            before(i, n)
+    return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..control.boxes import TokenRoles, word_positions
 from ..errors import InputError
 from .scene import COLOURS, DIRECTIONS, SHAPES, TEXTURES
 
@@ -49,3 +50,16 @@ class WorldTextEncoder(nn.Module):
             if ids:
                 out[i, : len(ids)] = self.embedding(torch.tensor(ids, device=weight.device))
         return out
+
+    def token_roles(self, prompt: str, subject_words: str, background_words: str = "") -> TokenRoles:
+        """Context positions of a prompt's subject and background words, for box steering."""
+        ids = self.tokenize(prompt)
+
+        def find(words: str, name: str) -> tuple[int, ...]:
+            try:
+                return word_positions(ids, {w: self.tokenize(w) for w in words.split()}, name, prompt)
+            except InputError as e:
+                raise InputError(name, e.problem, e.expected) from None
+
+        return TokenRoles(find(subject_words, "subject_words"), tuple(range(len(ids))),
+                          find(background_words, "background_words") if background_words.strip() else ())

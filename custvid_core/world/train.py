@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..files import atomic_path
 from ..training.loop import warmup_cosine
 from .latent import encode
-from .model import World, build_world, save_world
+from .model import World, build_world, load_world, save_world
 from .scene import WorldSpec, random_scene, render
 
 
@@ -35,8 +35,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     cfg_dropout: float = 0.1
+    sigma_sampling: str = "logit-normal"  # or "uniform": more weight on the two ends of the schedule
     sigma_mean: float = 0.0  # logit-normal timestep sampling (SD3 / Wan training)
     sigma_std: float = 1.0
+    # Extra loss weight on the pixels the object passes over in the clip: the object is a small part
+    # of the frame but carries everything the prompt says (shape, texture, direction).
+    object_weight: float = 0.0
+    init_from: str = ""  # a world model file to start from instead of random weights
     pool: int = 2048
     refresh: int = 4  # clips re-rendered per step
     seed: int = 0
@@ -46,48 +51,61 @@ class TrainConfig:
     init: str = "diffusers"
 
 
+def object_track(masks: torch.Tensor) -> torch.Tensor:
+    """[F, H, W] masks -> [1, 1, H, W]: every pixel the object covers in the clip, grown by one pixel."""
+    union = masks.amax(0)[None, None].float()
+    return F.max_pool2d(union, 3, stride=1, padding=1)[0]
+
+
 class ClipPool:
-    """Rendered clips (latents + prompts); `refresh` of them are replaced by new ones each step."""
+    """Rendered clips (latents, object tracks, prompts); `refresh` of them are replaced each step."""
 
     def __init__(self, size: int, spec: WorldSpec, generator: torch.Generator):
         self.spec, self.g = spec, generator
-        self.latents, self.prompts = [], []
+        self.items: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         for _ in range(size):
             self._add()
 
     def _add(self, index: int | None = None):
         clip = render(random_scene(self.g, self.spec), self.spec)
-        item = (encode(clip.frames)[0], clip.prompt)
+        item = (encode(clip.frames)[0], object_track(clip.masks), clip.prompt)
         if index is None:
-            self.latents.append(item[0])
-            self.prompts.append(item[1])
+            self.items.append(item)
         else:
-            self.latents[index], self.prompts[index] = item
+            self.items[index] = item
 
     def refresh(self, count: int):
         for _ in range(count):
-            self._add(int(torch.randint(len(self.latents), (1,), generator=self.g)))
+            self._add(int(torch.randint(len(self.items), (1,), generator=self.g)))
 
-    def batch(self, size: int) -> tuple[torch.Tensor, list[str]]:
-        idx = torch.randint(len(self.latents), (size,), generator=self.g).tolist()
-        return torch.stack([self.latents[i] for i in idx]), [self.prompts[i] for i in idx]
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """latents [B, 16, T, H, W], object tracks [B, 1, 1, H, W], prompts"""
+        chosen = [self.items[i] for i in torch.randint(len(self.items), (size,), generator=self.g).tolist()]
+        return torch.stack([c[0] for c in chosen]), torch.stack([c[1] for c in chosen]), [c[2] for c in chosen]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
-def flow_matching_loss(world: World, x0: torch.Tensor, prompts: list[str], g: torch.Generator,
-                       cfg: TrainConfig) -> torch.Tensor:
+def sample_sigmas(count: int, g: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+    if cfg.sigma_sampling == "uniform":
+        return torch.rand(count, generator=g)
+    return torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(count, generator=g))
+
+
+def flow_matching_loss(world: World, x0: torch.Tensor, track: torch.Tensor, prompts: list[str],
+                       g: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
     b = x0.shape[0]
-    sigma = torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(b, generator=g))
+    sigma = sample_sigmas(b, g, cfg)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma.view(b, 1, 1, 1, 1)
     x = s * noise + (1 - s) * x0
     drop = torch.rand(b, generator=g) < cfg.cfg_dropout
     context = world.text(["" if d else p for d, p in zip(drop.tolist(), prompts)])
     v = world.backbone.forward(x, sigma, context)
-    return F.mse_loss(v, noise - x0)
+    weight = 1 + cfg.object_weight * track
+    return ((v - (noise - x0)) ** 2 * weight).mean() / weight.mean()
 
 
 def _trainable(world: World) -> list[torch.nn.Parameter]:
@@ -104,6 +122,10 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     from .model import DEFAULT_CONFIG
 
     world = build_world({**DEFAULT_CONFIG, **config}, spec, seed=cfg.seed, init=cfg.init)
+    if cfg.init_from:
+        start_from = load_world(cfg.init_from, Path(cfg.init_from).parent / "custvid_shapes_world_text.safetensors")
+        world.backbone.model.load_state_dict(start_from.backbone.model.state_dict())
+        world.text.load_state_dict(start_from.text.state_dict())
     ema = copy.deepcopy(world)
     params = _trainable(world)
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
@@ -130,8 +152,8 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x0, prompts = pool.batch(cfg.batch)
-        loss = flow_matching_loss(world, x0, prompts, g, cfg)
+        x0, track, prompts = pool.batch(cfg.batch)
+        loss = flow_matching_loss(world, x0, track, prompts, g, cfg)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
         opt.zero_grad(set_to_none=True)
