@@ -108,3 +108,22 @@ def loss_plot(history: list[dict], width: int = 512, height: int = 256) -> torch
         draw.text((margin, 4), f"loss {smooth[-1]:.4f} at step {len(losses)} (range {lo:.4f} to {hi:.4f})",
                   fill=(0, 0, 0))
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def draw_boxes(frames: torch.Tensor, boxes: torch.Tensor, colour=(1.0, 0.9, 0.1), width: int | None = None
+               ) -> torch.Tensor:
+    """Frames `[F, H, W, 3]` with each frame's box `[F, 4]` (normalised xyxy) outlined; a new tensor."""
+    out = frames.clone()
+    f, h, w, _ = out.shape
+    width = width or max(1, min(h, w) // 64)
+    paint = torch.tensor(colour, dtype=out.dtype)
+    for i in range(f):
+        x1, x2 = (int(round(float(v) * w)) for v in boxes[i, [0, 2]])
+        y1, y2 = (int(round(float(v) * h)) for v in boxes[i, [1, 3]])
+        x1, y1 = max(0, min(w - 1, x1)), max(0, min(h - 1, y1))
+        x2, y2 = max(x1 + 1, min(w, x2)), max(y1 + 1, min(h, y2))
+        out[i, y1:y1 + width, x1:x2] = paint
+        out[i, max(y1, y2 - width):y2, x1:x2] = paint
+        out[i, y1:y2, x1:x1 + width] = paint
+        out[i, y1:y2, max(x1, x2 - width):x2] = paint
+    return out

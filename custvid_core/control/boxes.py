@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -192,3 +193,20 @@ def word_positions(prompt_tokens: list, word_tokens: dict[str, list], name: str,
         for i in hits:
             found += range(i, i + n)
     return tuple(sorted(set(found)))
+
+
+def attend_with_bias_on_rows(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             bias: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`attend(q, k, v, mask)` with `bias` `[Lq, Lk]` added to the logits of batch `rows` (the
+    conditional pass) only; the other rows keep the host's unmasked (fast) attention."""
+    n = q.shape[0]
+    if not rows:
+        return attend(q, k, v, None)
+    steered = attend(q[rows], k[rows], v[rows], bias[None].expand(len(rows), -1, -1))
+    if len(rows) == n:
+        return steered
+    others = [i for i in range(n) if i not in set(rows)]
+    rest = attend(q[others], k[others], v[others], None)
+    out = steered.new_empty((n, *steered.shape[1:]))
+    out[rows], out[others] = steered, rest
+    return out

@@ -187,6 +187,12 @@ class LatentShift:
             return 0.0
         return min(1.0, (step - self.window[0] + 1) / len(self.window))
 
+    def segments(self, steps: int) -> list[tuple[int, int]]:
+        """Step ranges [start, end) to run a sampler over so that every window step ends one: a host
+        sampler that cannot be stopped between steps runs range by range, with `after_step(end - 1)`."""
+        bounds = sorted({0, steps, *self.window, *(s + 1 for s in self.window)} & set(range(steps + 1)))
+        return list(zip(bounds, bounds[1:]))
+
     def after_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
         if step not in self.window:
             return x

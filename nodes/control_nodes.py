@@ -1,0 +1,380 @@
+"""Training-free control inside ComfyUI's sampling: a latent-shift camera and box-steered subject paths.
+
+The camera is a SAMPLER that wraps any of ComfyUI's samplers (for SamplerCustomAdvanced), or an
+all-in-one sampler node; box steering is a MODEL patch (an attention override on a clone).
+"""
+
+from __future__ import annotations
+
+import math
+
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..custvid_core.control.boxes import BoxSteering, BoxTrack, TokenRoles, attend_with_bias_on_rows, word_positions
+from ..custvid_core.control.camera import MAX_ZOOM, CameraPath, LatentShift, StepWindow
+from ..custvid_core.control.strength import step_fraction
+from ..custvid_core.errors import InputError
+from ..custvid_core.media import draw_boxes
+from ..custvid_core.world import latent as world_latent
+from . import types
+
+CATEGORY = "CustVid/control"
+VIDEO_LAYOUT = "video latent (Wan: one latent frame per time step)"
+WORLD_LAYOUT = "shapes world (5 frames in each latent frame)"
+
+
+# --- camera -----------------------------------------------------------------------------------------
+
+def _camera_inputs() -> list:
+    return [
+        io.Float.Input("pan_x", default=0.25, min=-1.0, max=1.0, step=0.01,
+                       tooltip="Camera pan to the right over the whole clip, as a fraction of the frame width "
+                               "(negative: left). The first frame stays; later frames move in proportion."),
+        io.Float.Input("pan_y", default=0.0, min=-1.0, max=1.0, step=0.01,
+                       tooltip="Camera pan downwards over the clip, as a fraction of the frame height (negative: up)."),
+        io.Float.Input("zoom", default=1.0, min=1 / MAX_ZOOM, max=MAX_ZOOM, step=0.01,
+                       tooltip="Zoom reached at the last frame, about the frame's centre (above 1: in, below 1: out)."),
+        io.String.Input("camera_path", multiline=True, default="",
+                        tooltip="Optional keyframes instead of the steady pan/zoom above, one per line "
+                                "'time: pan_x, pan_y[, zoom]' with time from 0 (first frame) to 1 (last), "
+                                "e.g. '0.5: 0.2, 0' then '1: 0.2, 0.1, 1.3'. Leave empty to use pan_x/pan_y/zoom."),
+        io.Float.Input("window_start", default=0.2, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the sampling steps where the shift starts (MotionBooth: step 10 of 50)."),
+        io.Float.Input("window_end", default=0.4, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the sampling steps where the shift ends (MotionBooth: step 20 of 50). "
+                               "Earlier windows move more of the layout; later ones only the details."),
+        io.Combo.Input("latent_layout", options=[VIDEO_LAYOUT, WORLD_LAYOUT], default=VIDEO_LAYOUT,
+                       tooltip="How time is stored in the latent: Wan's video latents keep time on their own axis; "
+                               "the shapes world stores 5 frames in each latent frame's channels."),
+        io.Int.Input("fill_seed", default=0, min=0, max=0xFFFFFFFF,
+                     tooltip="Seed for choosing the latent cells that fill the strip the shift leaves empty."),
+        types.Boxes.Input("subject_boxes", optional=True,
+                          tooltip="Where the subject is (from Subject Boxes): the fill never copies from inside, "
+                                  "so the subject is not duplicated into the new strip."),
+    ]
+
+
+def _camera_path(pan_x, pan_y, zoom, camera_path) -> CameraPath:
+    if camera_path.strip():
+        return CameraPath.parse(camera_path)
+    try:
+        return CameraPath.constant(pan_x, pan_y, zoom)
+    except InputError as e:
+        raise InputError("pan_x" if abs(pan_x) > 1 else "pan_y" if abs(pan_y) > 1 else "zoom",
+                         e.problem, e.expected) from None
+
+
+def _window(window_start, window_end) -> StepWindow:
+    try:
+        return StepWindow(window_start, window_end)
+    except InputError as e:
+        raise InputError("window_start" if window_start >= window_end else "window_end", e.problem, e.expected) from None
+
+
+class CameraShift:
+    """Builds the LatentShift for a latent of a given shape and applies it to that layout."""
+
+    def __init__(self, path: CameraPath, window: StepWindow, layout: str, seed: int, boxes: BoxTrack | None):
+        self.path, self.window, self.layout, self.seed, self.boxes = path, window, layout, seed, boxes
+
+    def frames(self, latent: torch.Tensor) -> int:
+        t = latent.shape[2]
+        return t * world_latent.TEMPORAL_FACTOR if self.layout == WORLD_LAYOUT else t
+
+    def shift(self, latent: torch.Tensor, steps: int) -> LatentShift:
+        if latent.ndim != 5:
+            raise InputError("latent_image", f"a latent of shape {tuple(latent.shape)}",
+                             "a video latent [batch, channels, frames, height, width] (Wan)")
+        frames = self.frames(latent)
+        boxes = None if self.boxes is None else self.boxes.per_frame(frames)[:, None]
+        return LatentShift(self.path, steps, frames, self.window, boxes, self.seed)
+
+    def after_step(self, mover: LatentShift, step: int, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == WORLD_LAYOUT:
+            return world_latent.from_frames(mover.after_step(step, world_latent.as_frames(x)), x)
+        return mover.after_step(step, x)
+
+    def sampler(self, inner) -> comfy.samplers.KSAMPLER:
+        """Wraps a KSAMPLER: it runs range by range, and the latent is shifted after each window step.
+        (Multistep samplers restart their history at each range inside the window.)"""
+        if not isinstance(inner, comfy.samplers.KSAMPLER):
+            raise InputError("sampler", f"a {type(inner).__name__}",
+                             "one of ComfyUI's samplers (from KSamplerSelect or a sampler node)")
+        camera = self
+
+        def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
+            steps = len(sigmas) - 1
+            mover = camera.shift(x, steps)
+            extra_args = dict(extra_args or {})
+            for start, end in mover.segments(steps):
+                args = dict(extra_args)
+                if "seed" in args:  # new noise for each range of a stochastic sampler, not a repeat
+                    args["seed"] = args["seed"] + start
+                step_callback = None if callback is None else (
+                    lambda d, offset=start: callback({**d, "i": d["i"] + offset}))
+                x = inner.sampler_function(model, x, sigmas[start:end + 1], extra_args=args, callback=step_callback,
+                                           disable=disable, **inner.extra_options)
+                x = camera.after_step(mover, end - 1, x)
+            return x
+
+        return comfy.samplers.KSAMPLER(sample, inpaint_options=inner.inpaint_options)
+
+
+def _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
+            subject_boxes) -> CameraShift:
+    return CameraShift(_camera_path(pan_x, pan_y, zoom, camera_path), _window(window_start, window_end),
+                       latent_layout, fill_seed, subject_boxes)
+
+
+class CameraShiftSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_CameraShiftSampler",
+            display_name="Camera by Latent Shift (sampler)",
+            category=CATEGORY,
+            description="Wraps a sampler for SamplerCustomAdvanced: pans/zooms the camera by shifting the noisy "
+                        "latent between steps in a window of the schedule (MotionBooth; training-free). "
+                        "For Wan 2.2's two experts, use it on the expert whose steps hold the window.",
+            inputs=[io.Sampler.Input("sampler", tooltip="The sampler to wrap (e.g. from KSamplerSelect)."),
+                    *_camera_inputs()],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, sampler, pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
+                subject_boxes=None) -> io.NodeOutput:
+        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
+                         subject_boxes)
+        return io.NodeOutput(camera.sampler(sampler))
+
+
+class CameraSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_CameraSample",
+            display_name="Sample with Camera (latent shift)",
+            category=CATEGORY,
+            description="KSampler with a camera pan/zoom by latent shift, for graphs without SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="The video model."),
+                io.Conditioning.Input("positive", tooltip="What to generate."),
+                io.Conditioning.Input("negative", tooltip="What to avoid."),
+                io.Latent.Input("latent_image", tooltip="The empty (or partly noised) video latent."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed."),
+                io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                               tooltip="Sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple",
+                               tooltip="Noise schedule."),
+                *_camera_inputs(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, pan_x, pan_y,
+                zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
+                subject_boxes=None) -> io.NodeOutput:
+        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
+                         subject_boxes)
+        latent = latent_image["samples"]
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        camera.shift(latent, steps)  # checks the latent's shape before any sampling
+        sampler = camera.sampler(comfy.samplers.sampler_object(sampler_name))
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        callback = latent_preview.prepare_callback(model, steps)
+        samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                             noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = latent_image.copy()
+        out["samples"] = samples
+        return io.NodeOutput(out)
+
+
+# --- boxes ------------------------------------------------------------------------------------------
+
+class SubjectBoxes(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_SubjectBoxes",
+            display_name="Subject Boxes",
+            category=CATEGORY,
+            description="The subject's box over the clip: keyframes interpolated to every frame, or read from a "
+                        "mask sequence. For Box Steering and the camera's fill.",
+            inputs=[
+                io.String.Input("keyframes", multiline=True, default="0: 0.05, 0.3, 0.35, 0.7\n1: 0.65, 0.3, 0.95, 0.7",
+                                tooltip="One box per line, 'time: x1, y1, x2, y2': time from 0 (first frame) to 1 "
+                                        "(last), corners as fractions of the frame (0..1, x1 < x2, y1 < y2). "
+                                        "Ignored when masks are connected."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="A mask per frame (e.g. a tracked subject): each frame's box is the mask's extent."),
+            ],
+            outputs=[types.Boxes.Output(display_name="boxes")],
+        )
+
+    @classmethod
+    def execute(cls, keyframes, masks=None) -> io.NodeOutput:
+        return io.NodeOutput(BoxTrack.from_masks(masks) if masks is not None else BoxTrack.parse(keyframes))
+
+
+class DrawBoxes(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_DrawBoxes",
+            display_name="Draw Subject Boxes",
+            category=CATEGORY,
+            description="Outlines the boxes over frames, to check a path before sampling or the result after.",
+            inputs=[io.Image.Input("images", tooltip="Frames of a clip (any size)."),
+                    types.Boxes.Input("boxes", tooltip="From Subject Boxes.")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, images, boxes) -> io.NodeOutput:
+        return io.NodeOutput(draw_boxes(images, boxes.per_frame(images.shape[0])))
+
+
+def _parse_blocks(text: str) -> frozenset[int] | None:
+    text = text.strip().lower()
+    if text in ("", "all"):
+        return None
+    blocks: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            blocks.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise InputError("blocks", f"'{text}'", "'all' or block numbers and ranges such as '0-9, 20'") from None
+    return frozenset(blocks)
+
+
+def clip_token_roles(clip, prompt: str, subject_words: str, background_words: str = "") -> TokenRoles:
+    """Context positions of the subject and background words, from the CLIP/text encoder's own tokenizer."""
+    def tokens(text: str) -> list[int]:
+        tokenized = clip.tokenize(text)
+        name = next(iter(tokenized))
+        return [int(t[0]) for batch in tokenized[name] for t in batch if not torch.is_tensor(t[0])]
+
+    name = next(iter(clip.tokenize("")))
+    inner = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", name), None)
+    special = {getattr(inner, a, None) for a in ("start_token", "end_token", "pad_token")} - {None}
+    ids = tokens(prompt)
+
+    def find(words: str, input_name: str) -> tuple[int, ...]:
+        word_ids = {w: [t for t in tokens(w) if t not in special] for w in words.split()}
+        return word_positions(ids, word_ids, input_name, prompt)
+
+    return TokenRoles(find(subject_words, "subject_words"), tuple(i for i, t in enumerate(ids) if t not in special),
+                      find(background_words, "background_words") if background_words.strip() else ())
+
+
+def steering_patch(model, steering: BoxSteering):
+    """A clone of `model` whose text cross-attention follows `steering` in the conditional pass."""
+    patched = model.clone()
+    patch_size = getattr(patched.get_model_object("diffusion_model"), "patch_size", (1, 2, 2))
+    options = patched.model_options.setdefault("transformer_options", {})
+    previous = options.get("optimized_attention_override")
+
+    def record_grid(executor, x, *args, **kwargs):
+        transformer_options = kwargs.get("transformer_options", args[4] if len(args) > 4 else None)
+        if transformer_options is not None:
+            transformer_options["custvid_token_grid"] = tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], patch_size))
+        return executor(x, *args, **kwargs)
+
+    def attention(func, *args, **kwargs):
+        def call(q, k, v, mask):
+            rest = dict(kwargs)
+            if mask is not None:
+                given = rest.get("mask")
+                rest["mask"] = mask.to(q.dtype) if given is None else given + mask.to(q.dtype)
+            if previous is not None:
+                return previous(func, q, k, v, *args[3:], **rest)
+            return func(q, k, v, *args[3:], **rest)
+
+        q, k, v = args[:3]
+        to = kwargs.get("transformer_options") or {}
+        grid = to.get("custvid_token_grid")
+        block = to.get("block_index", -1)
+        if (grid is None or k.shape[1] == q.shape[1] or q.shape[1] != math.prod(grid)
+                or not steering.steers(block)):
+            return call(q, k, v, None)
+        chunks = to.get("cond_or_uncond") or [0]
+        per_chunk = q.shape[0] // len(chunks)
+        rows = [c * per_chunk + i for c, kind in enumerate(chunks) if kind == 0 for i in range(per_chunk)]
+        sigma = to.get("sigmas")
+        progress = step_fraction(float(sigma.max()), to.get("sample_sigmas")) if sigma is not None else 0.0
+        bias = steering.logit_bias(grid, k.shape[1], progress, q.dtype, q.device)
+        return attend_with_bias_on_rows(call, q, k, v, bias, rows)
+
+    options["optimized_attention_override"] = attention
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                 f"custvid_box_steering_{id(steering)}", record_grid)
+    return patched
+
+
+class BoxSteeringNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_BoxSteering",
+            display_name="Box Steering (subject path)",
+            category=CATEGORY,
+            description="Makes the subject follow boxes without training: in the conditional pass the subject words' "
+                        "cross-attention is raised inside each frame's box early in sampling, and the prompt's other "
+                        "words are muted (MotionBooth). Returns a patched copy of the model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The video model (not changed; a patched copy is returned)."),
+                types.Boxes.Input("boxes", tooltip="The subject's path, from Subject Boxes."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The positive prompt, exactly as in the text encode node: the subject words "
+                                        "are located in it."),
+                io.String.Input("subject_words", default="",
+                                tooltip="The subject's words in the prompt (e.g. 'dog' or 'sks dog')."),
+                io.Float.Input("alpha", default=10.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Boost of the subject inside its box (MotionBooth: 10; 5 to 7.5 for large "
+                                       "boxes; high values make the subject look boxy)."),
+                io.Float.Input("tau", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the sampling steps the boost lasts (MotionBooth: 15 of 50 = 0.3)."),
+                io.String.Input("blocks", default="all",
+                                tooltip="Blocks to steer: 'all' or numbers and ranges such as '0-19'."),
+                io.String.Input("background_words", default="",
+                                tooltip="Optional words of the prompt describing the background: kept outside the box "
+                                        "and muted inside it. Other prompt words are muted everywhere."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The text encoder used for the prompt (its tokenizer finds the words)."),
+                types.WorldText.Input("world_text", optional=True,
+                                      tooltip="For the shapes world: its text encoder, instead of clip."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, boxes, prompt, subject_words, alpha, tau, blocks, background_words, clip=None,
+                world_text=None) -> io.NodeOutput:
+        if not subject_words.strip():
+            raise InputError("subject_words", "it is empty", "the subject's words as they appear in the prompt")
+        if clip is None and world_text is None:
+            raise InputError("clip", "neither clip nor world_text is connected",
+                             "the text encoder that encoded the prompt (clip, or world_text for the shapes world)")
+        if world_text is not None:
+            roles = world_text.token_roles(prompt, subject_words, background_words)
+        else:
+            roles = clip_token_roles(clip, prompt, subject_words, background_words)
+        steering = BoxSteering(boxes, roles, alpha=alpha, tau=tau, blocks=_parse_blocks(blocks))
+        return io.NodeOutput(steering_patch(model, steering))
+
+
+NODES = [CameraShiftSampler, CameraSample, SubjectBoxes, DrawBoxes, BoxSteeringNode]

@@ -1,0 +1,168 @@
+"""Camera by latent shift and box steering inside ComfyUI's own sampling (tiny world-layout Wan loaded by
+ComfyUI, in-process), checked against the library's world sampler on the same weights."""
+
+import pytest
+import torch
+from comfy_host import import_pack, tiny_world_wan
+
+from custvid_core.control.boxes import BoxSteering, BoxTrack
+from custvid_core.control.camera import CameraPath, StepWindow
+from custvid_core.world.sample import flow_sigmas, generate
+from custvid_core.world.text import WorldTextEncoder
+
+PROMPT = "red striped circle moving right"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    patcher, world, _ = tiny_world_wan(tmp_path_factory.mktemp("tiny_wan_control"))
+    world.text = WorldTextEncoder()
+    return patcher, world, import_pack().nodes.control_nodes
+
+
+def _comfy_sample(patcher, sampler, world, steps=6, cfg=3.0, seed=0, boxes=None):
+    import comfy.sample
+
+    with torch.no_grad():
+        positive = [[world.text(PROMPT), {}]]
+        negative = [[world.text(""), {}]]
+    latent = torch.zeros(1, 16, 1, 32, 32)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    sigmas = flow_sigmas(steps, 3.0)
+    out = comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                     disable_pbar=True, seed=seed)
+    return out
+
+
+def _library_latents(world, steps=6, cfg=3.0, seed=0, **controls):
+    from custvid_core.world import latent as world_latent
+
+    captured = {}
+
+    def keep(i, s, s_next, x):
+        captured["x"] = x
+        return x
+    generate(world, [PROMPT], seed=seed, steps=steps, cfg=cfg, shift=3.0, step_hook=keep,
+             progress=lambda *_: None, **controls)
+    return captured["x"], world_latent
+
+
+def _normalise_out(latent):
+    import comfy.latent_formats
+
+    return comfy.latent_formats.Wan21().process_in(latent)
+
+
+def test_camera_sampler_shifts_as_the_library_does_and_wraps_any_sampler(tiny):
+    import comfy.samplers
+
+    patcher, world, nodes = tiny
+    euler = comfy.samplers.sampler_object("euler")
+    node = nodes.CameraShiftSampler
+    shifted = node.execute(euler, 0.25, 0.0, 1.0, "", 0.2, 0.6, nodes.WORLD_LAYOUT, 0).result[0]  # the fill seed generate uses
+    ours = _normalise_out(_comfy_sample(patcher, shifted, world))
+    plain = _normalise_out(_comfy_sample(patcher, euler, world))
+    expected, _ = _library_latents(world, camera=CameraPath.constant(0.25, 0.0), camera_window=StepWindow(0.2, 0.6))
+    unshifted, _ = _library_latents(world)
+    assert torch.allclose(plain, unshifted, atol=1e-3)  # the same sampler on both sides
+    assert torch.allclose(ours, expected, atol=1e-3)
+    assert not torch.allclose(ours, plain, atol=1e-2)
+    # A multistep and a stochastic sampler run through the wrapper too.
+    for name in ("uni_pc", "euler_ancestral"):
+        wrapped = node.execute(comfy.samplers.sampler_object(name), 0.0, 0.2, 1.2, "", 0.2, 0.6, nodes.VIDEO_LAYOUT, 0)
+        assert torch.isfinite(_comfy_sample(patcher, wrapped.result[0], world)).all()
+
+
+def test_all_in_one_camera_sampler_runs_on_a_video_latent(tiny):
+    patcher, world, nodes = tiny
+    with torch.no_grad():
+        positive, negative = [[world.text(PROMPT), {}]], [[world.text(""), {}]]
+    latent = {"samples": torch.zeros(1, 16, 3, 16, 16)}
+    out = nodes.CameraSample.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple", 0.3, 0.0, 1.0,
+                                     "", 0.25, 0.75, nodes.VIDEO_LAYOUT, 0).result[0]
+    assert out["samples"].shape == (1, 16, 3, 16, 16) and torch.isfinite(out["samples"]).all()
+    assert torch.equal(latent["samples"], torch.zeros(1, 16, 3, 16, 16))
+
+
+def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_only(tiny):
+    import comfy.model_management
+
+    patcher, world, nodes = tiny
+    boxes = BoxTrack.parse("0: 0, 0, 0.5, 0.5")
+    steered = nodes.BoxSteeringNode.execute(patcher, boxes, PROMPT, "circle", 10.0, 0.5, "all", "",
+                                            world_text=world.text).result[0]
+    assert "optimized_attention_override" not in patcher.model_options.get("transformer_options", {})
+    comfy.model_management.load_models_gpu([steered])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 1, 32, 32, generator=g)
+    with torch.no_grad():
+        context = world.text([PROMPT, PROMPT])
+    sigma = torch.tensor([0.8, 0.8])
+    sigmas = torch.linspace(1, 0, 11)
+
+    def comfy_call(model):
+        options = {"wrappers": model.wrappers, **model.model_options["transformer_options"],
+                   "cond_or_uncond": [0, 1], "sigmas": sigma, "sample_sigmas": sigmas}
+        with torch.no_grad():
+            return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+    ours, plain = comfy_call(steered), comfy_call(patcher)
+    steering = BoxSteering(boxes, world.text.token_roles(PROMPT, "circle"), alpha=10.0, tau=0.5)
+    grid = world.backbone.token_grid(x.shape)
+
+    def bias(block, q_len, k_len):  # row 0 steered at step 2 of 10 (before tau), row 1 (uncond) not
+        b = steering.logit_bias(grid, k_len, 0.2)
+        return torch.stack([b, torch.zeros_like(b)])
+
+    with torch.no_grad(), world.backbone.cross_attention_bias(bias):
+        v = world.backbone.forward(x, sigma, context)
+    expected = x - 0.8 * v
+    assert torch.allclose(ours, expected, atol=1e-4)
+    assert torch.allclose(ours[1], plain[1], atol=1e-5) and not torch.allclose(ours[0], plain[0], atol=1e-3)
+
+
+def test_subject_words_are_found_with_comfys_own_tokenizer(tiny):
+    import comfy.sd1_clip
+
+    _, _, nodes = tiny
+
+    class Clip:  # the part of ComfyUI's CLIP object the node uses, over ComfyUI's real CLIP-L tokenizer
+        tokenizer = comfy.sd1_clip.SD1Tokenizer()
+
+        def tokenize(self, text):
+            return self.tokenizer.tokenize_with_weights(text)
+
+    roles = nodes.clip_token_roles(Clip(), "a photo of a corgi dog on the beach", "corgi dog", "beach")
+    # CLIP-L: start token at 0, then a, photo, of, a, corgi, dog, on, the, beach.
+    assert roles.subject == (5, 6) and roles.background == (9,) and roles.prompt == tuple(range(1, 10))
+    with pytest.raises(ValueError, match="subject_words: 'cat' is not in the prompt"):
+        nodes.clip_token_roles(Clip(), "a photo of a dog", "cat")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda n, p, w: n.CameraShiftSampler.execute(None, 0.2, 0, 1, "", 0.2, 0.4, n.VIDEO_LAYOUT, 0), "sampler"),
+    (lambda n, p, w: n.CameraShiftSampler.execute(_euler(), 1.5, 0, 1, "", 0.2, 0.4, n.VIDEO_LAYOUT, 0), "pan_x"),
+    (lambda n, p, w: n.CameraShiftSampler.execute(_euler(), 0.2, 0, 1, "", 0.5, 0.4, n.VIDEO_LAYOUT, 0),
+     "window_start"),
+    (lambda n, p, w: n.CameraShiftSampler.execute(_euler(), 0.2, 0, 1, "1: 3, 0", 0.2, 0.4, n.VIDEO_LAYOUT, 0),
+     "camera_path"),
+    (lambda n, p, w: n.SubjectBoxes.execute("0: 0.5, 0.1, 0.2, 0.4"), "boxes"),
+    (lambda n, p, w: n.SubjectBoxes.execute("0: -0.1, 0.1, 0.2, 0.4"), "boxes"),
+    (lambda n, p, w: n.BoxSteeringNode.execute(p, BoxTrack.parse("0: 0,0,1,1"), PROMPT, "dog", 10, 0.3, "all", "",
+                                               world_text=w.text), "subject_words"),
+    (lambda n, p, w: n.BoxSteeringNode.execute(p, BoxTrack.parse("0: 0,0,1,1"), PROMPT, "circle", 10, 0.3, "x", "",
+                                               world_text=w.text), "blocks"),
+    (lambda n, p, w: n.BoxSteeringNode.execute(p, BoxTrack.parse("0: 0,0,1,1"), PROMPT, "circle", 10, 0.3, "all", ""),
+     "clip"),
+])
+def test_bad_control_input_names_the_input(tiny, call, name):
+    patcher, world, nodes = tiny
+    with pytest.raises(ValueError) as e:
+        call(nodes, patcher, world)
+    assert str(e.value).startswith(name + ":")
+
+
+def _euler():
+    import comfy.samplers
+
+    return comfy.samplers.sampler_object("euler")
