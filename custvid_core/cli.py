@@ -134,6 +134,25 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_control(args: argparse.Namespace) -> int:
+    from .perf import run_control_perf
+    from .world.control_bench import ControlBenchSettings, run_control_bench
+    from .world.model import MODEL_FILE, load_world
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    perf = run_control_perf(args.out)
+    print(json.dumps(perf["ratios"], indent=2))
+    if not args.perf_only:
+        model = Path(args.model or MODEL_FILE)
+        world = load_world(model, model.parent.parent / "text_encoders" / "custvid_shapes_world_text.safetensors"
+                           if not args.model else model.parent / "custvid_shapes_world_text.safetensors")
+        settings = ControlBenchSettings(prompts=args.prompts, seeds=tuple(int(s) for s in args.seeds.split(",")),
+                                        steps=args.steps)
+        run_control_bench(world, args.out, settings)
+    return 0
+
+
 def bench_training(args: argparse.Namespace) -> int:
     from .perf import run_training_bench
 
@@ -199,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench)
+
+    p = sub.add_parser("bench-control", help="camera-shift and box-steering accuracy on the shapes world, and their "
+                                             "sampling cost")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="", help="world model file (default: the shipped one)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--seeds", default="0,1", help="comma-separated sampling seeds")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--perf-only", action="store_true", help="only the sampling speed ratios")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(run=bench_control)
 
     p = sub.add_parser("bench-training", help="training speed and memory ratios (full objective vs plain LoRA, "
                                               "gradient checkpointing vs none)")

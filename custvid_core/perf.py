@@ -115,3 +115,56 @@ def run_training_bench(out: str | Path, steps: int = 12) -> dict:
         f"| full objective incl. preservation steps / plain LoRA step | {r['full_with_preservation_over_plain']:.2f} |\n"
         f"| peak memory with gradient checkpointing / without | {r['peak_memory_checkpointing_over_none']:.2f} |\n")
     return result
+
+
+# --- sampling with training-free controls --------------------------------------------------------------
+
+def _control_world(size: int = 24, frames: int = 20, context: int = 512):
+    """A world-layout sampler over the PERF_WAN model, with a text context as long as umt5's (512)."""
+    from .world.model import World
+    from .world.scene import WorldSpec
+    from .world.text import WorldTextEncoder
+
+    return World(_backbone(), WorldTextEncoder(dim=PERF_WAN["text_dim"], length=context),
+                 WorldSpec(size=size, frames=frames))
+
+
+def sampling_step_seconds(control: str, steps: int = 8, repeats: int = 2) -> float:
+    """Seconds per sampling step (CFG) with `control` in plain / steering / camera / both. The camera
+    shifts at every step (window 0..1): the cost of a shifted step, not averaged over a short window."""
+    from .control.boxes import BoxSteering, BoxTrack
+    from .control.camera import CameraPath, StepWindow
+    from .world.sample import generate
+
+    world = _control_world()
+    prompt = "red striped circle moving right"
+    extra = {}
+    if control in ("steering", "both"):
+        path = BoxTrack.parse("0: 0, 0, 0.5, 0.5\n1: 0.5, 0.5, 1, 1")
+        extra["steering"] = [BoxSteering(path, world.text.token_roles(prompt, "red striped circle"))]
+    if control in ("camera", "both"):
+        extra.update(camera=CameraPath.constant(0.3, 0.1), camera_window=StepWindow(0.0, 1.0))
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            generate(world, [prompt], steps=steps, progress=lambda *_: None, **extra)
+            best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+def run_control_perf(out: str | Path, steps: int = 8) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {c: sampling_step_seconds(c, steps) for c in ("plain", "steering", "camera", "both")}
+    result = {"model": PERF_WAN, "latent": "[1, 16, 4, 24, 24] (20 world frames), text context 512",
+              "threads": torch.get_num_threads(), "steps_timed": steps, "step_seconds": seconds,
+              "ratios": {f"{c}_over_plain": seconds[c] / seconds["plain"] for c in ("steering", "camera", "both")}}
+    (out / "control_perf.json").write_text(json.dumps(result, indent=2))
+    r = result["ratios"]
+    (out / "control_perf.md").write_text(
+        "| sampling step | ratio to plain |\n| --- | --- |\n"
+        f"| box steering (all blocks, conditional pass) | {r['steering_over_plain']:.3f} |\n"
+        f"| camera shift (a shift after every step) | {r['camera_over_plain']:.3f} |\n"
+        f"| both | {r['both_over_plain']:.3f} |\n")
+    return result

@@ -152,6 +152,7 @@ class BoxSteering:
     suppress_others: bool = True
 
     def __post_init__(self):
+        self._biases: dict[tuple, torch.Tensor] = {}  # a sampler asks for the same bias at every block and step
         if not 0.0 <= self.alpha <= 100.0:
             raise InputError("alpha", f"{self.alpha}", "a boost between 0 and 100 (MotionBooth uses 5 to 10)")
         if not 0.0 <= self.tau <= 1.0:
@@ -164,6 +165,12 @@ class BoxSteering:
                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """`[T*H*W, key_length]` additive logits for tokens in (t, y, x) order, at `progress` (fraction
         of the sampling steps done)."""
+        key = (tuple(grid), key_length, progress < self.tau, dtype, str(device))
+        if key not in self._biases:
+            self._biases[key] = self._logit_bias(grid, key_length, progress).to(device=device, dtype=dtype)
+        return self._biases[key]
+
+    def _logit_bias(self, grid: tuple[int, int, int], key_length: int, progress: float) -> torch.Tensor:
         t, h, w = grid
         boxes = self.boxes.per_frame(t)
         inside = cells_in_boxes(boxes, h, w).reshape(-1)  # [L]
@@ -178,7 +185,7 @@ class BoxSteering:
             bias[:, others] = SUPPRESS
             if roles.background:
                 bias[:, list(roles.background)] = torch.where(inside, SUPPRESS, 0.0)[:, None]
-        return bias.to(device=device, dtype=dtype)
+        return bias
 
 
 def word_positions(prompt_tokens: list, word_tokens: dict[str, list], name: str, prompt: str) -> tuple[int, ...]:

@@ -117,3 +117,17 @@ def test_shipped_customization_workflow_trains_saves_and_generates(comfy_server)
 def _world_weights_present():
     if not MODEL_FILE.exists():
         pytest.fail(f"{MODEL_FILE} is missing: the shapes world ships with the repository")
+
+
+@pytest.mark.parametrize("name, prefix", [("custvid_world_camera.json", "world_camera"),
+                                          ("custvid_world_box_steering.json", "world_box_steering")])
+def test_shipped_control_workflows_run(comfy_server, name, prefix):
+    """The camera (SamplerCustomAdvanced + Camera by Latent Shift) and box-steering world workflows, with
+    fewer sampling steps, end to end through ComfyUI's own samplers."""
+    prompt = to_api(json.loads((REPO / "workflows" / name).read_text()), comfy_server.object_info())
+    for node in prompt.values():
+        if node["class_type"] in ("KSampler", "BasicScheduler"):
+            node["inputs"]["steps"] = 6
+    result = comfy_server.run(prompt, timeout=600)
+    assert result["ok"], result["error"]
+    assert [p for p in (comfy_server.base / "output" / "custvid").glob(prefix + "*") if p.stat().st_size > 1000]
