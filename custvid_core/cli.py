@@ -63,8 +63,7 @@ def train_config_from_args(args: argparse.Namespace):
 
     return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, layers=args.layers,
                        ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean, init=args.init,
-                       sigma_sampling=args.sigma_sampling, object_weight=args.object_weight,
-                       init_from=args.init_from)
+                       pan_fraction=args.pan_fraction, init_from=args.init_from)
 
 
 def world_train(args: argparse.Namespace) -> int:
@@ -183,10 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal timestep mean")
-    p.add_argument("--sigma-sampling", default="logit-normal", choices=["logit-normal", "uniform"],
-                   help="how training noise levels are drawn")
-    p.add_argument("--object-weight", type=float, default=0.0,
-                   help="extra loss weight on the pixels the object passes over (0: plain MSE)")
+    p.add_argument("--pan-fraction", type=float, default=0.0,
+                   help="fraction of clips whose camera pans (random direction, not in the prompt)")
     p.add_argument("--init", default="diffusers", choices=["diffusers", "adaln-zero"], help="weight initialisation")
     p.add_argument("--init-from", default="", help="a world model file to start from (fine-tuning)")
     p.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..custvid_core.control.boxes import BoxSteering, BoxTrack, TokenRoles, attend_with_bias_on_rows, word_positions
+from ..custvid_core.control.boxes import BoxSteering, BoxTrack, TokenRoles, attend_edited, word_positions
 from ..custvid_core.control.camera import MAX_ZOOM, CameraPath, LatentShift, StepWindow
 from ..custvid_core.control.strength import step_fraction
 from ..custvid_core.errors import InputError
@@ -298,8 +298,7 @@ def steering_patch(model, steering: BoxSteering):
         def call(q, k, v, mask):
             rest = dict(kwargs)
             if mask is not None:
-                given = rest.get("mask")
-                rest["mask"] = mask.to(q.dtype) if given is None else given + mask.to(q.dtype)
+                rest["mask"] = mask.to(q.dtype)
             if previous is not None:
                 return previous(func, q, k, v, *args[3:], **rest)
             return func(q, k, v, *args[3:], **rest)
@@ -308,16 +307,17 @@ def steering_patch(model, steering: BoxSteering):
         to = kwargs.get("transformer_options") or {}
         grid = to.get("custvid_token_grid")
         block = to.get("block_index", -1)
+        # Steered: Wan's text cross-attention (keys unlike queries, no mask of its own) in a chosen block.
         if (grid is None or k.shape[1] == q.shape[1] or q.shape[1] != math.prod(grid)
-                or not steering.steers(block)):
+                or kwargs.get("mask") is not None or not steering.steers(block)):
             return call(q, k, v, None)
         chunks = to.get("cond_or_uncond") or [0]
         per_chunk = q.shape[0] // len(chunks)
         rows = [c * per_chunk + i for c, kind in enumerate(chunks) if kind == 0 for i in range(per_chunk)]
         sigma = to.get("sigmas")
         progress = step_fraction(float(sigma.max()), to.get("sample_sigmas")) if sigma is not None else 0.0
-        bias = steering.logit_bias(grid, k.shape[1], progress, q.dtype, q.device)
-        return attend_with_bias_on_rows(call, q, k, v, bias, rows)
+        edit = steering.edit(grid, k.shape[1], progress, q.dtype, q.device)
+        return attend_edited(call, q, k, v, {row: edit for row in rows})
 
     options["optimized_attention_override"] = attention
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from custvid_core.control.boxes import SUPPRESS, BoxSteering, BoxTrack, TokenRoles, word_positions
+from custvid_core.control.boxes import SUPPRESS, AttentionEdit, BoxSteering, BoxTrack, TokenRoles, word_positions
 from custvid_core.errors import InputError
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
 
@@ -44,6 +44,12 @@ def test_logit_bias_boosts_the_subject_in_its_box_before_tau_and_suppresses_othe
     assert (bias[0, :, :2, 3] == SUPPRESS).all() and (bias[0, :, 2:, 3] == 0).all()  # background outside only
     late = steering.logit_bias((2, 2, 4), key_length=6, progress=0.5).view(2, 2, 4, 6)
     assert (late[..., 1] == 0).all() and (late[..., 0] == SUPPRESS).all()
+    # With a background phrase the late edit stays a bias (it depends on the query); without one it keeps keys.
+    assert steering.edit((2, 2, 4), 6, 0.5).bias is not None
+    plain_roles = TokenRoles(subject=(1,), prompt=(0, 1, 2, 3))
+    late_edit = BoxSteering(track, plain_roles, tau=0.3).edit((2, 2, 4), 6, 0.5)
+    assert late_edit.bias is None and late_edit.keep.tolist() == [1, 4, 5]
+    assert BoxSteering(track, plain_roles, tau=0.3).edit((2, 2, 4), 6, 0.1).bias is not None
 
 
 def test_steering_inputs_are_checked_by_name():
@@ -57,27 +63,34 @@ def test_steering_inputs_are_checked_by_name():
     assert word_positions([5, 6, 7, 6, 7], {"cat": [6, 7]}, "subject_words", "p") == (1, 2, 3, 4)
 
 
-def test_a_suppressing_bias_equals_dropping_the_suppressed_words():
+def test_a_suppressing_bias_and_kept_keys_equal_dropping_the_suppressed_words_in_the_edited_row_only():
     # Wan's text keys carry no positions, so suppressing words must equal leaving them out of the context.
     world = build_world({**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64})
     with torch.no_grad():
         for p in world.backbone.model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 1, 8, 8, generator=g)
-    context = torch.randn(1, 6, 4096, generator=g)
+    x = torch.randn(2, 16, 1, 8, 8, generator=g)
+    context = torch.randn(2, 6, 4096, generator=g)
 
-    def bias(block, q_len, k_len):
-        b = torch.zeros(1, q_len, k_len)
-        b[..., 2:] = SUPPRESS
-        return b
+    def suppress(block, q_len, k_len):
+        b = torch.zeros(q_len, k_len)
+        b[:, 2:] = SUPPRESS
+        return {0: AttentionEdit(bias=b)}
+
+    def keep(block, q_len, k_len):
+        return {0: AttentionEdit(keep=torch.tensor([0, 1]))}
 
     with torch.no_grad():
-        with world.backbone.cross_attention_bias(bias):
-            steered = world.backbone.forward(x, 0.5, context)
-        dropped = world.backbone.forward(x, 0.5, context[:, :2])
+        outputs = []
+        for edits in (suppress, keep):
+            with world.backbone.cross_attention_edits(edits):
+                outputs.append(world.backbone.forward(x, 0.5, context))
+        dropped = world.backbone.forward(x[:1], 0.5, context[:1, :2])
         plain = world.backbone.forward(x, 0.5, context)
-    assert torch.allclose(steered, dropped, atol=1e-5)
-    assert not torch.allclose(steered, plain, atol=1e-3)
+    for steered in outputs:
+        assert torch.allclose(steered[:1], dropped, atol=1e-5)
+        assert torch.allclose(steered[1], plain[1], atol=1e-5)  # the other row is untouched
+        assert not torch.allclose(steered[0], plain[0], atol=1e-3)
     with torch.no_grad():  # and the processors are restored on exit
         assert torch.equal(world.backbone.forward(x, 0.5, context), plain)

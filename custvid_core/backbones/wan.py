@@ -259,9 +259,11 @@ class DiffusersWanBackbone(WanBackbone):
         return self.model(hidden_states=latents, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
 
     @contextlib.contextmanager
-    def cross_attention_bias(self, bias: Callable[[int, int, int], torch.Tensor | None]) -> Iterator[None]:
-        """While inside, block i's text cross-attention adds `bias(i, query_length, key_length)`
-        (`[batch or 1, Lq, Lk]`, or None for none) to its logits before the softmax."""
+    def cross_attention_edits(self, edits: Callable[[int, int, int], dict | None]) -> Iterator[None]:
+        """While inside, block i's text cross-attention applies `edits(i, query_length, key_length)`: a
+        dict of batch row -> AttentionEdit (a logit bias, or the keys kept), or None for no change."""
+        from ..control.boxes import attend_edited
+
         swapped = []
         try:
             for i, block in enumerate(self.blocks):
@@ -270,11 +272,15 @@ class DiffusersWanBackbone(WanBackbone):
 
                 def processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                               rotary_emb=None, _original=original, _i=i):
-                    extra = bias(_i, hidden_states.shape[1], encoder_hidden_states.shape[1])
-                    if extra is not None:
-                        extra = extra[:, None].to(hidden_states.dtype)  # one bias for every head
-                        attention_mask = extra if attention_mask is None else attention_mask + extra
-                    return _original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+                    rows = edits(_i, hidden_states.shape[1], encoder_hidden_states.shape[1])
+                    if not rows:
+                        return _original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+                    def attend(h, context, _unused, bias):
+                        mask = None if bias is None else bias[:, None].to(h.dtype)  # one bias for every head
+                        return _original(attn, h, context, mask, rotary_emb)
+
+                    return attend_edited(attend, hidden_states, encoder_hidden_states, encoder_hidden_states, rows)
 
                 attn.processor = processor
                 swapped.append((attn, original))

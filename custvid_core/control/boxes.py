@@ -137,6 +137,18 @@ class TokenRoles:
 
 
 @dataclass
+class AttentionEdit:
+    """A change to one cross-attention call: a logit bias `[Lq, Lk]`, or the keys to keep (the others dropped)."""
+
+    bias: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    @property
+    def changes(self) -> bool:
+        return self.bias is not None or self.keep is not None
+
+
+@dataclass
 class BoxSteering:
     """Box-steered cross-attention for one prompt.
 
@@ -160,6 +172,21 @@ class BoxSteering:
 
     def steers(self, block: int) -> bool:
         return self.blocks is None or block in self.blocks
+
+    def edit(self, grid: tuple[int, int, int], key_length: int, progress: float, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> AttentionEdit:
+        """How to run one cross-attention call at `progress`. While a query-dependent term is active (the
+        boost before tau, or a background phrase) a logit bias; otherwise suppressing words is the same as
+        leaving them out (the text keys carry no positions), so the call runs unmasked on fewer keys."""
+        if progress < self.tau or (self.suppress_others and self.tokens.background):
+            return AttentionEdit(bias=self.logit_bias(grid, key_length, progress, dtype, device))
+        if not self.suppress_others:
+            return AttentionEdit()
+        key = ("keep", key_length)
+        if key not in self._biases:
+            muted = set(self.tokens.prompt) - set(self.tokens.subject)
+            self._biases[key] = torch.tensor([i for i in range(key_length) if i not in muted], dtype=torch.long)
+        return AttentionEdit(keep=self._biases[key].to(device))
 
     def logit_bias(self, grid: tuple[int, int, int], key_length: int, progress: float,
                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -202,18 +229,25 @@ def word_positions(prompt_tokens: list, word_tokens: dict[str, list], name: str,
     return tuple(sorted(set(found)))
 
 
-def attend_with_bias_on_rows(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             bias: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """`attend(q, k, v, mask)` with `bias` `[Lq, Lk]` added to the logits of batch `rows` (the
-    conditional pass) only; the other rows keep the host's unmasked (fast) attention."""
+def attend_edited(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  edits: dict[int, AttentionEdit]) -> torch.Tensor:
+    """`attend(q, k, v, mask)` over a batch where rows in `edits` (the conditional pass) get their edit and
+    the other rows run unchanged, batched (the host's fast path). `k`/`v` may be the same tensor."""
     n = q.shape[0]
-    if not rows:
+    edits = {i: e for i, e in edits.items() if e.changes}
+    plain = [i for i in range(n) if i not in edits]
+    if not edits:
         return attend(q, k, v, None)
-    steered = attend(q[rows], k[rows], v[rows], bias[None].expand(len(rows), -1, -1))
-    if len(rows) == n:
-        return steered
-    others = [i for i in range(n) if i not in set(rows)]
-    rest = attend(q[others], k[others], v[others], None)
-    out = steered.new_empty((n, *steered.shape[1:]))
-    out[rows], out[others] = steered, rest
+    outputs = {}
+    for i, e in edits.items():
+        ki, vi = k[i:i + 1], v[i:i + 1]
+        if e.keep is not None:
+            ki, vi = ki[:, e.keep], vi[:, e.keep]
+        outputs[i] = attend(q[i:i + 1], ki, vi, None if e.bias is None else e.bias[None])
+    first = next(iter(outputs.values()))
+    out = first.new_empty((n, *first.shape[1:]))
+    for i, o in outputs.items():
+        out[i] = o[0]
+    if plain:
+        out[plain] = attend(q[plain], k[plain], v[plain], None)
     return out

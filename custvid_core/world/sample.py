@@ -103,17 +103,11 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
         now = {"progress": 0.0}
         befores.append(lambda i, n: now.__setitem__("progress", i / n))
         grid = world.backbone.token_grid(noise.shape)
-        guided = cfg != 1.0
 
-        def bias(block, q_len, k_len):
-            rows = [s.logit_bias(grid, k_len, now["progress"]) if s.steers(block) else torch.zeros(q_len, k_len)
-                    for s in steering]
-            if not any(s.steers(block) for s in steering):
-                return None
-            cond = torch.stack(rows)
-            return torch.cat([cond, torch.zeros_like(cond)]) if guided else cond  # conditional pass only
+        def edits(block, q_len, k_len):  # conditional rows only: with guidance they come first
+            return {row: s.edit(grid, k_len, now["progress"]) for row, s in enumerate(steering) if s.steers(block)}
 
-        steered = world.backbone.cross_attention_bias(bias)
+        steered = world.backbone.cross_attention_edits(edits)
     with steered:
         latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, _chain_hooks(hooks),
                               progress, _chain_befores(befores))

@@ -35,12 +35,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     cfg_dropout: float = 0.1
-    sigma_sampling: str = "logit-normal"  # or "uniform": more weight on the two ends of the schedule
     sigma_mean: float = 0.0  # logit-normal timestep sampling (SD3 / Wan training)
     sigma_std: float = 1.0
-    # Extra loss weight on the pixels the object passes over in the clip: the object is a small part
-    # of the frame but carries everything the prompt says (shape, texture, direction).
-    object_weight: float = 0.0
+    # Clips whose camera pans (a random direction, not named in the prompt), as real videos often do:
+    # a model that has seen pans can be steered into one (camera by latent shift).
+    pan_fraction: float = 0.0
+    pan_speed_min: float = 0.5  # pixels per frame
+    pan_speed_max: float = 2.5
     init_from: str = ""  # a world model file to start from instead of random weights
     pool: int = 2048
     refresh: int = 4  # clips re-rendered per step
@@ -51,24 +52,22 @@ class TrainConfig:
     init: str = "diffusers"
 
 
-def object_track(masks: torch.Tensor) -> torch.Tensor:
-    """[F, H, W] masks -> [1, 1, H, W]: every pixel the object covers in the clip, grown by one pixel."""
-    union = masks.amax(0)[None, None].float()
-    return F.max_pool2d(union, 3, stride=1, padding=1)[0]
-
-
 class ClipPool:
-    """Rendered clips (latents, object tracks, prompts); `refresh` of them are replaced each step."""
+    """Rendered clips (latents and prompts); `refresh` of them are replaced by new ones each step."""
 
-    def __init__(self, size: int, spec: WorldSpec, generator: torch.Generator):
-        self.spec, self.g = spec, generator
-        self.items: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+    def __init__(self, size: int, spec: WorldSpec, generator: torch.Generator, cfg: TrainConfig):
+        self.spec, self.g, self.cfg = spec, generator, cfg
+        self.items: list[tuple[torch.Tensor, str]] = []
         for _ in range(size):
             self._add()
 
     def _add(self, index: int | None = None):
-        clip = render(random_scene(self.g, self.spec), self.spec)
-        item = (encode(clip.frames)[0], object_track(clip.masks), clip.prompt)
+        pan = 0.0
+        if self.cfg.pan_fraction and float(torch.rand((), generator=self.g)) < self.cfg.pan_fraction:
+            lo, hi = self.cfg.pan_speed_min, self.cfg.pan_speed_max
+            pan = lo + (hi - lo) * float(torch.rand((), generator=self.g))
+        clip = render(random_scene(self.g, self.spec, camera_speed=pan), self.spec)
+        item = (encode(clip.frames)[0], clip.prompt)
         if index is None:
             self.items.append(item)
         else:
@@ -78,34 +77,26 @@ class ClipPool:
         for _ in range(count):
             self._add(int(torch.randint(len(self.items), (1,), generator=self.g)))
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """latents [B, 16, T, H, W], object tracks [B, 1, 1, H, W], prompts"""
+    def batch(self, size: int) -> tuple[torch.Tensor, list[str]]:
         chosen = [self.items[i] for i in torch.randint(len(self.items), (size,), generator=self.g).tolist()]
-        return torch.stack([c[0] for c in chosen]), torch.stack([c[1] for c in chosen]), [c[2] for c in chosen]
+        return torch.stack([c[0] for c in chosen]), [c[1] for c in chosen]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
-def sample_sigmas(count: int, g: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
-    if cfg.sigma_sampling == "uniform":
-        return torch.rand(count, generator=g)
-    return torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(count, generator=g))
-
-
-def flow_matching_loss(world: World, x0: torch.Tensor, track: torch.Tensor, prompts: list[str],
-                       g: torch.Generator, cfg: TrainConfig) -> torch.Tensor:
+def flow_matching_loss(world: World, x0: torch.Tensor, prompts: list[str], g: torch.Generator,
+                       cfg: TrainConfig) -> torch.Tensor:
     b = x0.shape[0]
-    sigma = sample_sigmas(b, g, cfg)
+    sigma = torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(b, generator=g))
     noise = torch.randn(x0.shape, generator=g)
     s = sigma.view(b, 1, 1, 1, 1)
     x = s * noise + (1 - s) * x0
     drop = torch.rand(b, generator=g) < cfg.cfg_dropout
     context = world.text(["" if d else p for d, p in zip(drop.tolist(), prompts)])
     v = world.backbone.forward(x, sigma, context)
-    weight = 1 + cfg.object_weight * track
-    return ((v - (noise - x0)) ** 2 * weight).mean() / weight.mean()
+    return F.mse_loss(v, noise - x0)
 
 
 def _trainable(world: World) -> list[torch.nn.Parameter]:
@@ -122,10 +113,12 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     from .model import DEFAULT_CONFIG
 
     world = build_world({**DEFAULT_CONFIG, **config}, spec, seed=cfg.seed, init=cfg.init)
+    started_from = {}
     if cfg.init_from:
         start_from = load_world(cfg.init_from, Path(cfg.init_from).parent / "custvid_shapes_world_text.safetensors")
         world.backbone.model.load_state_dict(start_from.backbone.model.state_dict())
         world.text.load_state_dict(start_from.text.state_dict())
+        started_from = start_from.info
     ema = copy.deepcopy(world)
     params = _trainable(world)
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
@@ -144,7 +137,7 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
         start = int(state["step"])
         log(f"resumed from step {start}")
     # The pool has its own stream so batches and noise continue unchanged on resume.
-    pool = ClipPool(cfg.pool, spec, torch.Generator().manual_seed(cfg.seed * 1_000_003 + start))
+    pool = ClipPool(cfg.pool, spec, torch.Generator().manual_seed(cfg.seed * 1_000_003 + start), cfg)
     world.backbone.model.train()
     ema_params = _trainable(ema)
     log_file = open(out / "log.jsonl", "a")
@@ -152,8 +145,8 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x0, track, prompts = pool.batch(cfg.batch)
-        loss = flow_matching_loss(world, x0, track, prompts, g, cfg)
+        x0, prompts = pool.batch(cfg.batch)
+        loss = flow_matching_loss(world, x0, prompts, g, cfg)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
         opt.zero_grad(set_to_none=True)
@@ -183,5 +176,7 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     log_file.close()
     ema.backbone.model.eval()
     ema.info = {"command": command, "seed": cfg.seed, "steps": cfg.steps, "train_config": asdict(cfg)}
+    if started_from:
+        ema.info["started_from"] = started_from  # how the starting weights were made, recursively
     save_world(ema, out / "custvid_shapes_world_wan21.safetensors", out / "custvid_shapes_world_text.safetensors")
     return ema

@@ -7,6 +7,7 @@ from comfy_host import import_pack, tiny_world_wan
 
 from custvid_core.control.boxes import BoxSteering, BoxTrack
 from custvid_core.control.camera import CameraPath, StepWindow
+from custvid_core.control.strength import step_fraction
 from custvid_core.world.sample import flow_sigmas, generate
 from custvid_core.world.text import WorldTextEncoder
 
@@ -97,7 +98,6 @@ def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_
     x = torch.randn(2, 16, 1, 32, 32, generator=g)
     with torch.no_grad():
         context = world.text([PROMPT, PROMPT])
-    sigma = torch.tensor([0.8, 0.8])
     sigmas = torch.linspace(1, 0, 11)
 
     def comfy_call(model):
@@ -106,19 +106,18 @@ def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_
         with torch.no_grad():
             return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
 
-    ours, plain = comfy_call(steered), comfy_call(patcher)
     steering = BoxSteering(boxes, world.text.token_roles(PROMPT, "circle"), alpha=10.0, tau=0.5)
     grid = world.backbone.token_grid(x.shape)
-
-    def bias(block, q_len, k_len):  # row 0 steered at step 2 of 10 (before tau), row 1 (uncond) not
-        b = steering.logit_bias(grid, k_len, 0.2)
-        return torch.stack([b, torch.zeros_like(b)])
-
-    with torch.no_grad(), world.backbone.cross_attention_bias(bias):
-        v = world.backbone.forward(x, sigma, context)
-    expected = x - 0.8 * v
-    assert torch.allclose(ours, expected, atol=1e-4)
-    assert torch.allclose(ours[1], plain[1], atol=1e-5) and not torch.allclose(ours[0], plain[0], atol=1e-3)
+    # Step 2 of 10 (boost on: a logit bias) and step 8 (boost over: the muted words dropped).
+    for value in (0.8, 0.2):
+        sigma = torch.tensor([value, value])
+        ours, plain = comfy_call(steered), comfy_call(patcher)
+        progress = step_fraction(value, sigmas)
+        with torch.no_grad(), world.backbone.cross_attention_edits(
+                lambda block, q_len, k_len: {0: steering.edit(grid, k_len, progress)}):  # row 1 (uncond) not
+            v = world.backbone.forward(x, sigma, context)
+        assert torch.allclose(ours, x - value * v, atol=1e-4), value
+        assert torch.allclose(ours[1], plain[1], atol=1e-5) and not torch.allclose(ours[0], plain[0], atol=1e-3)
 
 
 def test_subject_words_are_found_with_comfys_own_tokenizer(tiny):
