@@ -21,18 +21,21 @@ def tiny(tmp_path_factory):
     return patcher, world, import_pack().nodes.control_nodes
 
 
-def _comfy_sample(patcher, sampler, world, steps=6, cfg=3.0, seed=0, boxes=None):
+def _comfy_sample(patcher, sampler, world, steps=6, cfg=3.0, seed=0, part=None, latent=None, add_noise=True):
+    """ComfyUI's sampling on the world schedule; `part` (start, end) runs only those steps, as one of
+    Wan 2.2's two experts does."""
     import comfy.sample
 
     with torch.no_grad():
         positive = [[world.text(PROMPT), {}]]
         negative = [[world.text(""), {}]]
-    latent = torch.zeros(1, 16, 1, 32, 32)
+    latent = torch.zeros(1, 16, 1, 32, 32) if latent is None else latent
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     sigmas = flow_sigmas(steps, 3.0)
-    out = comfy.sample.sample_custom(patcher, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                     disable_pbar=True, seed=seed)
-    return out
+    if part is not None:
+        sigmas = sigmas[part[0]:part[1] + 1]
+    return comfy.sample.sample_custom(patcher, noise if add_noise else torch.zeros_like(noise), cfg, sampler, sigmas,
+                                      positive, negative, latent, disable_pbar=True, seed=seed)
 
 
 def _library_latents(world, steps=6, cfg=3.0, seed=0, **controls):
@@ -72,6 +75,19 @@ def test_camera_sampler_shifts_as_the_library_does_and_wraps_any_sampler(tiny):
     for name in ("uni_pc", "euler_ancestral"):
         wrapped = node.execute(comfy.samplers.sampler_object(name), 0.0, 0.2, 1.2, "", 0.2, 0.6, nodes.VIDEO_LAYOUT, 0)
         assert torch.isfinite(_comfy_sample(patcher, wrapped.result[0], world)).all()
+
+
+def test_two_expert_graphs_shift_inside_the_expert_that_holds_the_window(tiny):
+    import comfy.samplers
+
+    patcher, world, nodes = tiny
+    euler = comfy.samplers.sampler_object("euler")
+    # High-noise expert: steps 0-3 of 6, its window 0.25-0.75 = its steps 1-2; the low-noise expert: steps 4-5.
+    camera = nodes.CameraShiftSampler.execute(euler, 0.25, 0.0, 1.0, "", 0.25, 0.75, nodes.WORLD_LAYOUT, 0).result[0]
+    high = _comfy_sample(patcher, camera, world, part=(0, 4))
+    both = _normalise_out(_comfy_sample(patcher, euler, world, part=(4, 6), latent=high, add_noise=False))
+    expected, _ = _library_latents(world, camera=CameraPath.constant(0.25, 0.0), camera_window=StepWindow(1 / 6, 0.5))
+    assert torch.allclose(both, expected, atol=1e-3)
 
 
 def test_all_in_one_camera_sampler_runs_on_a_video_latent(tiny):
