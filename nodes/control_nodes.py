@@ -16,13 +16,14 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..custvid_core.control.boxes import BoxSteering, BoxTrack, TokenRoles, attend_edited, word_positions
+from ..custvid_core.control.boxes import BoxSteering, BoxTrack, attend_edited
 from ..custvid_core.control.camera import MAX_ZOOM, CameraPath, LatentShift, StepWindow
 from ..custvid_core.control.strength import step_fraction
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import draw_boxes
 from ..custvid_core.world import latent as world_latent
 from . import types
+from .host import token_roles
 
 CATEGORY = "CustVid/control"
 VIDEO_LAYOUT = "video latent (Wan: one latent frame per time step)"
@@ -261,26 +262,6 @@ def _parse_blocks(text: str) -> frozenset[int] | None:
     return frozenset(blocks)
 
 
-def clip_token_roles(clip, prompt: str, subject_words: str, background_words: str = "") -> TokenRoles:
-    """Context positions of the subject and background words, from the CLIP/text encoder's own tokenizer."""
-    def tokens(text: str) -> list[int]:
-        tokenized = clip.tokenize(text)
-        name = next(iter(tokenized))
-        return [int(t[0]) for batch in tokenized[name] for t in batch if not torch.is_tensor(t[0])]
-
-    name = next(iter(clip.tokenize("")))
-    inner = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", name), None)
-    special = {getattr(inner, a, None) for a in ("start_token", "end_token", "pad_token")} - {None}
-    ids = tokens(prompt)
-
-    def find(words: str, input_name: str) -> tuple[int, ...]:
-        word_ids = {w: [t for t in tokens(w) if t not in special] for w in words.split()}
-        return word_positions(ids, word_ids, input_name, prompt)
-
-    return TokenRoles(find(subject_words, "subject_words"), tuple(i for i, t in enumerate(ids) if t not in special),
-                      find(background_words, "background_words") if background_words.strip() else ())
-
-
 def steering_patch(model, steering: BoxSteering):
     """A clone of `model` whose text cross-attention follows `steering` in the conditional pass."""
     patched = model.clone()
@@ -364,15 +345,7 @@ class BoxSteeringNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, boxes, prompt, subject_words, alpha, tau, blocks, background_words, clip=None,
                 world_text=None) -> io.NodeOutput:
-        if not subject_words.strip():
-            raise InputError("subject_words", "it is empty", "the subject's words as they appear in the prompt")
-        if clip is None and world_text is None:
-            raise InputError("clip", "neither clip nor world_text is connected",
-                             "the text encoder that encoded the prompt (clip, or world_text for the shapes world)")
-        if world_text is not None:
-            roles = world_text.token_roles(prompt, subject_words, background_words)
-        else:
-            roles = clip_token_roles(clip, prompt, subject_words, background_words)
+        roles = token_roles(prompt, subject_words, clip, world_text, background_words)
         steering = BoxSteering(boxes, roles, alpha=alpha, tau=tau, blocks=_parse_blocks(blocks))
         return io.NodeOutput(steering_patch(model, steering))
 

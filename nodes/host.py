@@ -173,3 +173,40 @@ def training_progress(total: int, label: str) -> Callable[[int, int, dict], None
         bar.update_absolute(step, steps)
 
     return progress
+
+
+def token_roles(prompt: str, subject_words: str, clip=None, world_text=None, background_words: str = "",
+                words_input: str = "subject_words"):
+    """Context positions of the subject (and background) words of `prompt`, found with the text encoder's
+    own tokenizer: ComfyUI's CLIP object, or the shapes world's text encoder."""
+    from ..custvid_core.control.boxes import TokenRoles, word_positions
+    from ..custvid_core.errors import InputError
+
+    if not subject_words.strip():
+        raise InputError(words_input, "it is empty", "the subject's words as they appear in the prompt")
+    if clip is None and world_text is None:
+        raise InputError("clip", "neither clip nor world_text is connected",
+                         "the text encoder that encoded the prompt (clip, or world_text for the shapes world)")
+    if world_text is not None:
+        try:
+            return world_text.token_roles(prompt, subject_words, background_words)
+        except InputError as e:
+            raise InputError(words_input if e.input_name == "subject_words" else e.input_name,
+                             e.problem, e.expected) from None
+
+    def tokens(text: str) -> list[int]:
+        tokenized = clip.tokenize(text)
+        name = next(iter(tokenized))
+        return [int(t[0]) for batch in tokenized[name] for t in batch if not torch.is_tensor(t[0])]
+
+    name = next(iter(clip.tokenize("")))
+    inner = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", name), None)
+    special = {getattr(inner, a, None) for a in ("start_token", "end_token", "pad_token")} - {None}
+    ids = tokens(prompt)
+
+    def find(words: str, input_name: str) -> tuple[int, ...]:
+        word_ids = {w: [t for t in tokens(w) if t not in special] for w in words.split()}
+        return word_positions(ids, word_ids, input_name, prompt)
+
+    return TokenRoles(find(subject_words, words_input), tuple(i for i, t in enumerate(ids) if t not in special),
+                      find(background_words, "background_words") if background_words.strip() else ())

@@ -24,7 +24,7 @@ from ..custvid_core.training import (
 )
 from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
 from . import types
-from .host import plain, training_backbone, training_folder, training_progress
+from .host import plain, token_roles, training_backbone, training_folder, training_progress
 
 CATEGORY_DATA = "CustVid/training data"
 CATEGORY_TRAIN = "CustVid/training"
@@ -124,13 +124,25 @@ class SubjectDataset(io.ComfyNode):
                 types.SubjectDataset.Input("add_to", optional=True,
                                            tooltip="Photos encoded earlier (another Subject Dataset); these are "
                                                    "appended. Photos of one dataset share a size."),
+                io.String.Input("prompt", default="", optional=True,
+                                tooltip="The training prompt exactly as encoded (e.g. 'a sks dog'). With trigger_words "
+                                        "and clip (or world_text) it turns on MotionBooth's subject-token attention "
+                                        "loss, which needs masks."),
+                io.String.Input("trigger_words", default="", optional=True,
+                                tooltip="The subject's words in the prompt whose cross-attention should cover the mask "
+                                        "(e.g. 'sks dog')."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder of the prompt; its tokenizer finds the "
+                                                             "trigger words."),
+                types.WorldText.Input("world_text", optional=True,
+                                      tooltip="For the shapes world: its text encoder, instead of clip."),
             ],
             outputs=[types.SubjectDataset.Output(display_name="subject")],
         )
 
     @classmethod
     def execute(cls, vae, images, conditioning, masks=None, subject_representation=None,
-                preservation=None, add_to=None) -> io.NodeOutput:
+                preservation=None, add_to=None, prompt="", trigger_words="", clip=None,
+                world_text=None) -> io.NodeOutput:
         photos = as_image_list(images, "images")
         latents = torch.cat([_encode_clip(vae, p[None]) for p in photos])
         grid_masks = None
@@ -145,9 +157,16 @@ class SubjectDataset(io.ComfyNode):
                                  f"the representation of these {len(photos)} photos")
             tokens = subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
         context = _context(conditioning, "conditioning")
+        subject_tokens = None
+        if trigger_words.strip():
+            if masks is None:
+                raise InputError("masks", "trigger words are given without masks",
+                                 "subject masks (the attention loss compares the words' attention with them)")
+            subject_tokens = token_roles(prompt, trigger_words, clip, world_text, words_input="trigger_words").subject
         if add_to is not None:
-            return io.NodeOutput(_append_photos(add_to, latents, context, grid_masks, tokens, preservation))
-        return io.NodeOutput(SubjectSet(latents, context, grid_masks, tokens, preservation))
+            return io.NodeOutput(_append_photos(add_to, latents, context, grid_masks, tokens, preservation,
+                                                subject_tokens))
+        return io.NodeOutput(SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens))
 
 
 def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
@@ -158,7 +177,7 @@ def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_
     return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
 
 
-def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preservation) -> SubjectSet:
+def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preservation, subject_tokens) -> SubjectSet:
     n_old, n_new = earlier.latents.shape[0], latents.shape[0]
     if earlier.latents.shape[1:] != latents.shape[1:]:
         raise InputError("images", f"photos of latent size {tuple(latents.shape[-2:])} after photos of "
@@ -170,7 +189,7 @@ def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preserv
                       _append_context(earlier.context, n_old, context, n_new, "photos"),
                       torch.cat([earlier.masks, masks]) if masks is not None else None,
                       torch.cat([earlier.dino_tokens, tokens]) if tokens is not None else None,
-                      preservation or earlier.preservation)
+                      preservation or earlier.preservation, subject_tokens or earlier.subject_tokens)
 
 
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
@@ -257,7 +276,8 @@ class TrainSubjectLoRA(io.ComfyNode):
             clips = subject.preservation
             data = SubjectSet(_latents_in(to_model, subject.latents), plain(subject.context), plain(subject.masks),
                               plain(subject.dino_tokens),
-                              VideoSet(_latents_in(to_model, clips.latents), plain(clips.context)) if clips else None)
+                              VideoSet(_latents_in(to_model, clips.latents), plain(clips.context)) if clips else None,
+                              subject.subject_tokens)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     device=device)
         return _finish(model, trained)

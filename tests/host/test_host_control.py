@@ -147,11 +147,13 @@ def test_subject_words_are_found_with_comfys_own_tokenizer(tiny):
         def tokenize(self, text):
             return self.tokenizer.tokenize_with_weights(text)
 
-    roles = nodes.clip_token_roles(Clip(), "a photo of a corgi dog on the beach", "corgi dog", "beach")
+    from custvid_pack.nodes.host import token_roles
+
+    roles = token_roles("a photo of a corgi dog on the beach", "corgi dog", Clip(), background_words="beach")
     # CLIP-L: start token at 0, then a, photo, of, a, corgi, dog, on, the, beach.
     assert roles.subject == (5, 6) and roles.background == (9,) and roles.prompt == tuple(range(1, 10))
     with pytest.raises(ValueError, match="subject_words: 'cat' is not in the prompt"):
-        nodes.clip_token_roles(Clip(), "a photo of a dog", "cat")
+        token_roles("a photo of a dog", "cat", Clip())
 
 
 @pytest.mark.parametrize("call, name", [

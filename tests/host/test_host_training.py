@@ -103,6 +103,25 @@ def test_training_leaves_the_model_alone_and_its_lora_loads_through_the_stock_lo
     assert torch.allclose(_denoise(stock), _denoise(model), atol=1e-5)
 
 
+def test_trigger_words_turn_on_the_subject_token_attention_loss(wan, tmp_path):
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    training, world_nodes = _nodes(pack)
+    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1)) for i in range(2)]
+    images, masks = torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos])
+    subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
+                                              prompt="a sks", trigger_words="sks", world_text=world.text).result[0]
+    assert subject.subject_tokens == (1,)
+    _train(pack, patcher, subject, run_name="stca_test", steps=2)
+    history = torch.load(tmp_path / "custvid_training" / "stca_test" / "checkpoint.pt", weights_only=True)["history"]
+    assert len(history) == 2 and all(r["token_attention"] > 0 for r in history)
+    with pytest.raises(ValueError, match="trigger_words: 'dog' is not"):
+        training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
+                                        prompt="a sks", trigger_words="dog", world_text=world.text)
+
+
 def test_training_stacks_on_a_stock_lora(wan, tmp_path):
     """A LoRA applied by the stock loader before training stays in effect during and after training."""
     import comfy.sd
