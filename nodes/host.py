@@ -190,9 +190,10 @@ def token_roles(prompt: str, subject_words: str, clip=None, world_text=None, bac
     if world_text is not None:
         try:
             return world_text.token_roles(prompt, subject_words, background_words)
-        except InputError as e:
-            raise InputError(words_input if e.input_name == "subject_words" else e.input_name,
-                             e.problem, e.expected) from None
+        except ValueError as e:  # an InputError, possibly of another import of custvid_core
+            if getattr(e, "input_name", None) != "subject_words":
+                raise
+            raise InputError(words_input, e.problem, e.expected) from None
 
     def tokens(text: str) -> list[int]:
         tokenized = clip.tokenize(text)
