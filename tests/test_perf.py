@@ -15,3 +15,10 @@ def test_training_bench_writes_ratios(tmp_path, monkeypatch):
                                     "peak_memory_checkpointing_over_none"}
     assert all(v > 0 for v in result["step_seconds"].values())
     assert "gradient checkpointing" in (tmp_path / "training_perf.md").read_text()
+
+
+def test_control_sampling_benchmark_runs_every_control():
+    from custvid_core.perf import sampling_step_seconds
+
+    seconds = sampling_step_seconds(steps=1, rounds=1)
+    assert set(seconds) == {"plain", "steering", "camera", "both"} and all(s > 0 for s in seconds.values())

@@ -41,7 +41,7 @@ class WorldSpec:
     object_size: tuple[float, float] = (10.0, 13.0)  # side of the object's box, pixels
     # Straight motions, pixels per frame: fast enough that an object crosses most of the frame,
     # so direction is the dominant trait of a clip rather than a sub-token drift.
-    speed: tuple[float, float] = (1.2, 1.8)
+    speed: tuple[float, float] = (2.5, 3.2)
 
 
 @dataclass

@@ -40,8 +40,8 @@ class TrainConfig:
     # Clips whose camera pans (a random direction, not named in the prompt), as real videos often do:
     # a model that has seen pans can be steered into one (camera by latent shift).
     pan_fraction: float = 0.0
-    pan_speed_min: float = 0.4  # pixels per frame
-    pan_speed_max: float = 1.6
+    pan_speed_min: float = 0.5  # pixels per frame
+    pan_speed_max: float = 2.5
     init_from: str = ""  # a world model file to start from instead of random weights
     pool: int = 2048
     refresh: int = 4  # clips re-rendered per step
