@@ -118,3 +118,11 @@ def test_bad_camera_input_names_the_input(make, name):
     with pytest.raises(InputError) as e:
         make()
     assert e.value.input_name == name
+
+
+def test_wan22_latents_with_48_channels_shift_every_channel_together():
+    x = _latent(frames=3, h=4, w=16, channels=48)
+    out = LatentShift(CameraPath.constant(0.25, 0.0), 1, 3, StepWindow(0.0, 1.0)).after_step(0, x)
+    assert out.shape == x.shape and torch.equal(out[:, :, 2, :, :12], x[:, :, 2, :, 4:])
+    strip = out[0, :, 2, :, 12:]
+    assert torch.equal(strip - strip[:1], (torch.arange(48) * 3 * 4 * 16).view(48, 1, 1).float().expand_as(strip))
