@@ -269,10 +269,14 @@ def steering_patch(model, steering: BoxSteering):
     options = patched.model_options.setdefault("transformer_options", {})
     previous = options.get("optimized_attention_override")
 
-    def record_grid(executor, x, *args, **kwargs):
-        transformer_options = kwargs.get("transformer_options", args[4] if len(args) > 4 else None)
-        if transformer_options is not None:
-            transformer_options["custvid_token_grid"] = tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], patch_size))
+    def record_call(executor, x, *args, **kwargs):
+        """Once per model call: the token grid and how far sampling has got, for every attention call."""
+        to = kwargs.get("transformer_options", args[4] if len(args) > 4 else None)
+        if to is not None:
+            to["custvid_token_grid"] = tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], patch_size))
+            sigma = to.get("sigmas")
+            to["custvid_progress"] = step_fraction(float(sigma.max()), to.get("sample_sigmas")) if sigma is not None \
+                else 0.0
         return executor(x, *args, **kwargs)
 
     def attention(func, *args, **kwargs):
@@ -295,14 +299,12 @@ def steering_patch(model, steering: BoxSteering):
         chunks = to.get("cond_or_uncond") or [0]
         per_chunk = q.shape[0] // len(chunks)
         rows = [c * per_chunk + i for c, kind in enumerate(chunks) if kind == 0 for i in range(per_chunk)]
-        sigma = to.get("sigmas")
-        progress = step_fraction(float(sigma.max()), to.get("sample_sigmas")) if sigma is not None else 0.0
-        edit = steering.edit(grid, k.shape[1], progress, q.dtype, q.device)
+        edit = steering.edit(grid, k.shape[1], to.get("custvid_progress", 0.0), q.dtype, q.device)
         return attend_edited(call, q, k, v, {row: edit for row in rows})
 
     options["optimized_attention_override"] = attention
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
-                                 f"custvid_box_steering_{id(steering)}", record_grid)
+                                 f"custvid_box_steering_{id(steering)}", record_call)
     return patched
 
 

@@ -13,6 +13,9 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..custvid_core.control.boxes import TokenRoles, word_positions
+from ..custvid_core.errors import InputError
+
 # folder name -> sub-path of ComfyUI's models folder. Users can add more paths for the same
 # names in extra_model_paths.yaml.
 MODEL_FOLDERS = {
@@ -179,9 +182,6 @@ def token_roles(prompt: str, subject_words: str, clip=None, world_text=None, bac
                 words_input: str = "subject_words"):
     """Context positions of the subject (and background) words of `prompt`, found with the text encoder's
     own tokenizer: ComfyUI's CLIP object, or the shapes world's text encoder."""
-    from ..custvid_core.control.boxes import TokenRoles, word_positions
-    from ..custvid_core.errors import InputError
-
     if not subject_words.strip():
         raise InputError(words_input, "it is empty", "the subject's words as they appear in the prompt")
     if clip is None and world_text is None:

@@ -164,7 +164,7 @@ class BoxSteering:
     suppress_others: bool = True
 
     def __post_init__(self):
-        self._biases: dict[tuple, torch.Tensor] = {}  # a sampler asks for the same bias at every block and step
+        self._cache: dict[tuple, torch.Tensor] = {}  # a sampler asks for the same edit at every block and step
         if not 0.0 <= self.alpha <= 100.0:
             raise InputError("alpha", f"{self.alpha}", "a boost between 0 and 100 (MotionBooth uses 5 to 10)")
         if not 0.0 <= self.tau <= 1.0:
@@ -183,19 +183,19 @@ class BoxSteering:
         if not self.suppress_others:
             return AttentionEdit()
         key = ("keep", key_length)
-        if key not in self._biases:
+        if key not in self._cache:
             muted = set(self.tokens.prompt) - set(self.tokens.subject)
-            self._biases[key] = torch.tensor([i for i in range(key_length) if i not in muted], dtype=torch.long)
-        return AttentionEdit(keep=self._biases[key].to(device))
+            self._cache[key] = torch.tensor([i for i in range(key_length) if i not in muted], dtype=torch.long)
+        return AttentionEdit(keep=self._cache[key].to(device))
 
     def logit_bias(self, grid: tuple[int, int, int], key_length: int, progress: float,
                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """`[T*H*W, key_length]` additive logits for tokens in (t, y, x) order, at `progress` (fraction
         of the sampling steps done)."""
         key = (tuple(grid), key_length, progress < self.tau, dtype, str(device))
-        if key not in self._biases:
-            self._biases[key] = self._logit_bias(grid, key_length, progress).to(device=device, dtype=dtype)
-        return self._biases[key]
+        if key not in self._cache:
+            self._cache[key] = self._logit_bias(grid, key_length, progress).to(device=device, dtype=dtype)
+        return self._cache[key]
 
     def _logit_bias(self, grid: tuple[int, int, int], key_length: int, progress: float) -> torch.Tensor:
         t, h, w = grid

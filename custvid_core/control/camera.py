@@ -152,7 +152,7 @@ def _fill_along_last(x: torch.Tensor, vacant: torch.Tensor, free: torch.Tensor, 
     """For each line (last dim of `vacant`/`free` `[N, L]`; `x` `[N, C, L]`), copy into its vacant cells
     the values of its free cells in random order, without replacement while there are enough free
     cells (then reusing them). Returns (x, the cells still vacant: lines without any free cell)."""
-    keys = torch.rand(free.shape, generator=g).masked_fill(~free, 2.0)
+    keys = torch.rand(free.shape, generator=g).to(free.device).masked_fill(~free, 2.0)
     order = keys.argsort(-1)  # free cells first, shuffled
     count = free.sum(-1, keepdim=True)
     rank = vacant.long().cumsum(-1) - 1
@@ -247,9 +247,7 @@ class LatentShift:
         in the frame; all channels together; deterministic by seed and step."""
         b, c, t, h, w = x.shape
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        device = x.device
-        x = x.cpu()
-        vacant, free = vacant[None].expand(b, t, h, w), free[None].expand(b, t, h, w)
+        vacant, free = vacant[None].expand(b, t, h, w).to(x.device), free[None].expand(b, t, h, w).to(x.device)
         # rows
         lines = x.permute(0, 2, 3, 1, 4).reshape(b * t * h, c, w)
         lines, left = _fill_along_last(lines, vacant.reshape(-1, w), free.reshape(-1, w), g)
@@ -265,4 +263,4 @@ class LatentShift:
             lines = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h * w)
             lines, _ = _fill_along_last(lines, left.reshape(b * t, -1), (free & ~left).reshape(b * t, -1), g)
             x = lines.view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
-        return x.contiguous().to(device)
+        return x.contiguous()

@@ -91,17 +91,25 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
     side = spec.size // SPATIAL_FACTOR
     frames = frames or spec.frames
     noise = torch.randn(len(prompts), LATENT_CHANNELS, frames // TEMPORAL_FACTOR, side, side, generator=g)
-    hooks = [step_hook] if step_hook else []
-    if camera is not None:
-        mover = LatentShift(camera, steps, frames, camera_window, camera_boxes, seed)
-        hooks.append(lambda i, s, s_next, x: from_frames(mover.after_step(i, as_frames(x)), x))
-    befores = [before_step] if before_step else []
+    mover = None if camera is None else LatentShift(camera, steps, frames, camera_window, camera_boxes, seed)
+    now = {"progress": 0.0}  # the step the sampler is at, for steering
+
+    def after_step(i, s, s_next, x):
+        if step_hook is not None:
+            x = step_hook(i, s, s_next, x)
+        if mover is not None:  # the world's latent holds its frames in channels: shift in frame space
+            x = from_frames(mover.after_step(i, as_frames(x)), x)
+        return x
+
+    def before(i, n):
+        now["progress"] = i / n
+        if before_step is not None:
+            before_step(i, n)
+
     steered = contextlib.nullcontext()
     if steering:
         if len(steering) != len(prompts):
             raise InputError("steering", f"{len(steering)} for {len(prompts)} prompts", "one per prompt")
-        now = {"progress": 0.0}
-        befores.append(lambda i, n: now.__setitem__("progress", i / n))
         grid = world.backbone.token_grid(noise.shape)
 
         def edits(block, q_len, k_len):  # conditional rows only: with guidance they come first
@@ -109,27 +117,5 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
 
         steered = world.backbone.cross_attention_edits(edits)
     with steered:
-        latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, _chain_hooks(hooks),
-                              progress, _chain_befores(befores))
+        latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, after_step, progress, before)
     return decode(latents)
-
-
-def _chain_hooks(hooks: list[StepHook]) -> StepHook | None:
-    if not hooks:
-        return None
-
-    def run(i, s, s_next, x):
-        for hook in hooks:
-            x = hook(i, s, s_next, x)
-        return x
-    return run
-
-
-def _chain_befores(befores: list[BeforeStep]) -> BeforeStep | None:
-    if not befores:
-        return None
-
-    def run(i, n):
-        for before in befores:
-            before(i, n)
-    return run
