@@ -63,7 +63,8 @@ def train_config_from_args(args: argparse.Namespace):
 
     return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, layers=args.layers,
                        ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean, init=args.init,
-                       pan_fraction=args.pan_fraction, init_from=args.init_from)
+                       pan_fraction=args.pan_fraction, centred_jitter=args.centred_jitter,
+                       init_from=args.init_from)
 
 
 def world_train(args: argparse.Namespace) -> int:
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal timestep mean")
     p.add_argument("--pan-fraction", type=float, default=0.0,
                    help="fraction of clips whose camera pans (random direction, not in the prompt)")
+    p.add_argument("--centred-jitter", type=float, default=-1.0,
+                   help="pixels a path's midpoint may move from the frame's centre (negative: a start anywhere)")
     p.add_argument("--init", default="diffusers", choices=["diffusers", "adaln-zero"], help="weight initialisation")
     p.add_argument("--init-from", default="", help="a world model file to start from (fine-tuning)")
     p.add_argument("--seed", type=int, default=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -145,6 +146,33 @@ def _usable_by_autograd(module: torch.nn.Module) -> None:
         for name, b in list(sub.named_buffers(recurse=False)):
             if b is not None and b.is_inference():
                 sub._buffers[name] = b.clone()
+
+
+def decoder_with_grad(vae, latent_out: Callable[[torch.Tensor], torch.Tensor], raft, window: int):
+    """MoRA's decoded-flow alignment through the user's VAE: decodes the model's clean-latent prediction
+    to frames with gradients and measures them with the RAFT from Load RAFT. ComfyUI's VAE decodes under
+    no_grad with weights made under inference mode, so a private copy of its model is used; the user's
+    VAE is untouched. `latent_out`: the model's latent space -> the VAE's."""
+    from ..custvid_core.training.objectives import DecodedFlow
+
+    if hasattr(vae, "decode_with_grad"):  # the pack's own exact maps (the shapes world)
+        decode, frames = vae.decode_with_grad, vae.pixel_frames
+    else:
+        ratio = getattr(vae, "upscale_ratio", None)
+        if getattr(vae, "latent_dim", 2) != 3 or not isinstance(ratio, tuple) or not callable(ratio[0]):
+            raise InputError("vae", "is not a video VAE", "the Wan VAE of the model you train")
+        comfy.model_management.load_models_gpu([vae.patcher])
+        with torch.inference_mode(False):
+            model = copy.deepcopy(vae.first_stage_model)
+            _usable_by_autograd(model)
+        model.requires_grad_(False)
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            pixels = model.decode(latents.to(vae.vae_dtype))
+            return vae.process_output(pixels.float()).movedim(1, -1)
+
+        frames = DecodedFlow.causal_frames(ratio[0](2) - ratio[0](1))
+    return DecodedFlow(lambda z: decode(latent_out(z)), raft.load(), frames, window=window)
 
 
 def plain(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -22,9 +22,10 @@ from ..custvid_core.training import (
     train_motion,
     train_subject,
 )
+from ..custvid_core.training.customize import MOTION_ALIGNMENT
 from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
 from . import types
-from .host import plain, token_roles, training_backbone, training_folder, training_progress
+from .host import decoder_with_grad, plain, token_roles, training_backbone, training_folder, training_progress
 
 CATEGORY_DATA = "CustVid/training data"
 CATEGORY_TRAIN = "CustVid/training"
@@ -299,29 +300,53 @@ class TrainMotionLoRA(io.ComfyNode):
                     io.Int.Input("spatial_rank", default=32, min=0, max=256,
                                  tooltip="Rank of the throw-away spatial LoRA (q, k, ffn.0); 0: no spatial phase."),
                     io.Float.Input("debiased_weight", default=1.0, min=0.0, max=10.0, step=0.05,
-                                   tooltip="Weight of the appearance-debiased loss (what differs between frames).")],
+                                   tooltip="Weight of the appearance-debiased loss (what differs between frames)."),
+                    io.Combo.Input("motion_alignment", options=list(MOTION_ALIGNMENT), default="features",
+                                   optional=True,
+                                   tooltip="How MoRA aligns with the clips' RAFT flow. features: a projector reads "
+                                           "the flow off alignment_block's hidden states (fast, default). "
+                                           "decoded_flow: the predicted clean video is decoded by the VAE with "
+                                           "gradients and its RAFT flow compared (SMRABooth's code; needs vae and "
+                                           "raft, and much more memory)."),
+                    io.Vae.Input("vae", optional=True,
+                                 tooltip="For decoded_flow: the VAE of the model you train."),
+                    types.RaftModel.Input("raft", optional=True,
+                                          tooltip="For decoded_flow: the flow network from Load RAFT."),
+                    io.Int.Input("decode_window", default=6, min=1, max=64, optional=True,
+                                 tooltip="For decoded_flow: latent frames decoded per step (the authors' 6).")],
             outputs=_train_outputs(),
         )
 
     @classmethod
     def execute(cls, model, clips, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
-                run_name, spatial_rank, debiased_weight) -> io.NodeOutput:
+                run_name, spatial_rank, debiased_weight, motion_alignment="features", vae=None, raft=None,
+                decode_window=6) -> io.NodeOutput:
+        decoded = motion_alignment == "decoded_flow" and alignment_weight > 0
+        if decoded and clips.flow is None:
+            raise InputError("clips", "have no motion representation",
+                             "clips encoded with a Motion Representation (RAFT flow), or motion_alignment 'features'")
+        for name, value in (("vae", vae), ("raft", raft)) if decoded else ():
+            if value is None:
+                raise InputError(name, "is not connected", f"a {name.upper()} connected for motion_alignment "
+                                                           "'decoded_flow', or 'features'")
         settings = MotionSettings(
             rank=rank, roles=_roles(roles), spatial_rank=spatial_rank, batch=batch_size,
             sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=min(20, steps // 10)),
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
-            gradient_checkpointing=gradient_checkpointing)
+            alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing)
         folder = training_folder(run_name)
         with training_backbone(model) as (backbone, device, to_model):
             stills = clips.stills
             data = VideoSet(_latents_in(to_model, clips.latents), plain(clips.context), plain(clips.flow),
                             _latents_in(to_model, stills.flatten(0, 1)).view(stills.shape) if stills is not None
                             else None)
+            flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
+                if decoded else None
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
-                                   device=device)
+                                   device=device, decoded_flow=flow_through)
         return _finish(model, trained)
 
 

@@ -49,6 +49,15 @@ class WorldVAE:
     def decode(self, samples: torch.Tensor, vae_options=None) -> torch.Tensor:
         return world_latent.decode(self.format.process_in(samples.float().cpu()))
 
+    def decode_with_grad(self, samples: torch.Tensor) -> torch.Tensor:
+        """`decode` keeping the autograd graph (MoRA's decoded-flow alignment)."""
+        return world_latent.decode(self.format.process_in(samples.float()))
+
+    @staticmethod
+    def pixel_frames(t0: int, t1: int) -> tuple[int, int]:
+        """Latent frames [t0, t1) hold exactly these clip frames."""
+        return world_latent.TEMPORAL_FACTOR * t0, world_latent.TEMPORAL_FACTOR * t1
+
     def spacial_compression_encode(self):
         return world_latent.SPATIAL_FACTOR
 

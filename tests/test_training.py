@@ -230,3 +230,73 @@ def test_subject_training_with_token_attention_captures_every_block(backbone_kin
     assert attention[1]["heads"] == 2
     trained = train_subject(backbone, data, _quick(SubjectSettings(rank=4), 2))
     assert "token_attention" in trained.history[0] and trained.history[0]["token_attention"] > 0
+
+
+def _world_decoded_flow(window=1):
+    from custvid_core.representations.motion import build_raft
+    from custvid_core.training.objectives import DecodedFlow
+    from custvid_core.world.latent import TEMPORAL_FACTOR, decode
+
+    torch.manual_seed(0)
+    return DecodedFlow(decode, build_raft("raft_small"), DecodedFlow.grouped_frames(TEMPORAL_FACTOR), window=window,
+                       iterations=2)
+
+
+def test_decoded_flow_loss_is_zero_against_the_flow_of_the_same_frames_on_every_window():
+    """Known answer: the reference is RAFT's flow of the decoded clip itself, so whichever latent window is
+    drawn, its frames' flow matches the reference's slice exactly; another clip's flow does not."""
+    from custvid_core.representations.motion import compute_flow
+    from custvid_core.training.objectives import decoded_flow_loss
+    from custvid_core.world.latent import decode, encode
+    from custvid_core.world.scene import Scene, WorldSpec, render
+
+    decoded = _world_decoded_flow(window=1)
+    clip = render(Scene(direction="right", speed=2.0, start=(8.0, 16.0)), WorldSpec(frames=10))
+    x0 = encode(clip.frames)  # 2 latent frames
+    reference = compute_flow(decoded.raft, decode(x0)[0], iterations=2, progress=lambda *_: None)[None]
+    other = torch.flip(reference, dims=[-1]) * -1 + 0.5
+    for seed in range(4):  # both windows get drawn
+        g = torch.Generator().manual_seed(seed)
+        assert decoded_flow_loss(decoded, x0, reference, g).item() < 1e-5
+        assert decoded_flow_loss(decoded, x0, other, torch.Generator().manual_seed(seed)).item() > 1e-3
+
+
+def test_decoded_flow_loss_reaches_the_prediction_but_not_raft():
+    from custvid_core.training.objectives import decoded_flow_loss
+
+    decoded = _world_decoded_flow(window=1)
+    decoded.raft.model.requires_grad_(False)
+    x0 = (torch.rand(1, 16, 1, 32, 32) * 2 - 0.5).requires_grad_()
+    loss = decoded_flow_loss(decoded, x0, torch.ones(1, 4, 2, 32, 32), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert x0.grad is not None and x0.grad[:, :15].abs().sum() > 0
+    assert all(p.grad is None for p in decoded.raft.model.parameters())
+
+
+def test_causal_window_frames_follow_wan_vae_frame_counts():
+    from custvid_core.training.objectives import DecodedFlow
+
+    frames = DecodedFlow.causal_frames(4)
+    assert frames(0, 3) == (0, 9)  # 3 latent frames decode to 1 + 4 * 2 frames
+    assert frames(2, 5) == (8, 17)  # a window decoded alone: 9 frames, the last of latent frames 2..4
+
+
+def test_motion_training_with_decoded_flow_alignment_trains_the_motion_lora_only():
+    from custvid_core.world.model import DEFAULT_CONFIG, build_world
+    from custvid_core.world.scene import Scene, WorldSpec, render
+    from custvid_core.world.latent import encode
+
+    world = build_world({**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64})
+    clip = render(Scene(), WorldSpec())
+    with torch.no_grad():
+        context = world.text([clip.prompt])
+    clips = VideoSet(encode(clip.frames), context, torch.zeros(1, 4, 2, 32, 32))
+    decoded = _world_decoded_flow()
+    settings = _quick(MotionSettings(rank=4, spatial_rank=0, alignment="decoded_flow"), 2)
+    trained = train_motion(world.backbone, clips, settings, decoded_flow=decoded)
+    assert all(r["alignment"] > 0 for r in trained.history)
+    assert all(p.grad is None for p in decoded.raft.model.parameters())
+    with pytest.raises(InputError, match="motion_alignment"):
+        train_motion(world.backbone, clips, settings)  # no decoder given
+    with pytest.raises(InputError, match="motion_alignment"):
+        train_motion(world.backbone, clips, _quick(MotionSettings(rank=4, alignment="pixels"), 2))

@@ -93,22 +93,36 @@ def _work_size(h: int, w: int, max_side: int) -> tuple[int, int]:
     return (max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8))
 
 
+def raft_flow(raft: RaftEncoder, first: torch.Tensor, second: torch.Tensor, iterations: int = 12,
+              max_side: int = 512) -> torch.Tensor:
+    """Flow from `first` to `second` (`[N, H, W, 3]` in [0, 1]) -> `[N, 2, H, W]` in pixels of the input size.
+
+    Frames are resized to the work size (see `_work_size`) and the flow is resized back with its vectors
+    rescaled. Differentiable with respect to the frames (MoRA's decoded-flow alignment needs that).
+    """
+    n, h, w, _ = first.shape
+    wh, ww = _work_size(h, w, max_side)
+    param = next(raft.model.parameters())
+
+    def prepare(frames):
+        x = frames.permute(0, 3, 1, 2).float()
+        if (wh, ww) != (h, w):
+            x = F.interpolate(x, size=(wh, ww), mode="bilinear", align_corners=False, antialias=wh < h)
+        return (x * 2 - 1).to(param.device, param.dtype)  # RAFT expects [-1, 1]
+
+    flow = raft.model(prepare(first), prepare(second), num_flow_updates=iterations)[-1].float()
+    if (wh, ww) != (h, w):
+        flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
+        flow = flow * torch.tensor([w / ww, h / wh], device=flow.device).view(1, 2, 1, 1)
+    return flow
+
+
 @torch.no_grad()
 def compute_flow(raft: RaftEncoder, frames: torch.Tensor, iterations: int = 12, max_side: int = 512,
                  batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Flow between consecutive frames `[F, H, W, 3]` -> `[F-1, 2, H, W]` in pixels of the input size.
-
-    Pairs go through RAFT `batch_size` at a time; frames are resized to the work size (see
-    `_work_size`) and the flow is resized back with its vectors rescaled.
-    """
-    n, h, w, _ = frames.shape
-    wh, ww = _work_size(h, w, max_side)
-    param = next(raft.model.parameters())
-    x = frames.permute(0, 3, 1, 2).float()
-    if (wh, ww) != (h, w):
-        x = F.interpolate(x, size=(wh, ww), mode="bilinear", align_corners=False, antialias=wh < h)
-    x = (x * 2 - 1).to(param.device, param.dtype)  # RAFT expects [-1, 1]
-    pairs = n - 1
+    """Flow between consecutive frames `[F, H, W, 3]` -> `[F-1, 2, H, W]` in pixels of the input size,
+    `batch_size` pairs at a time through RAFT."""
+    pairs = frames.shape[0] - 1
     bar = None
     if progress is None:
         from tqdm.auto import tqdm
@@ -116,18 +130,14 @@ def compute_flow(raft: RaftEncoder, frames: torch.Tensor, iterations: int = 12, 
     flows = []
     for start in range(0, pairs, batch_size):
         stop = min(start + batch_size, pairs)
-        flows.append(raft.model(x[start:stop], x[start + 1:stop + 1], num_flow_updates=iterations)[-1].float().cpu())
+        flows.append(raft_flow(raft, frames[start:stop], frames[start + 1:stop + 1], iterations, max_side).cpu())
         if bar is not None:
             bar.update(stop - bar.n)
         else:
             progress(stop, pairs)
     if bar is not None:
         bar.close()
-    flow = torch.cat(flows)
-    if (wh, ww) != (h, w):
-        flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-        flow = flow * torch.tensor([w / ww, h / wh]).view(1, 2, 1, 1)
-    return flow
+    return torch.cat(flows)
 
 
 def _moving_region(flow: torch.Tensor) -> torch.Tensor:

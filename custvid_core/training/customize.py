@@ -13,7 +13,8 @@ Subject (`train_subject`): images as one-frame videos, prompt with a placeholder
 Motion (`train_motion`): MotionDirector's two phases, alternating step by step: a spatial LoRA
   learns the clips' appearance from single frames; the motion LoRA learns the clips with the
   spatial LoRA active but frozen, with the appearance-debiased loss and MoRA (a projector reads
-  the RAFT flow of each token's place off a block's hidden states). The spatial LoRA is thrown away.
+  the RAFT flow of each token's place off a block's hidden states; or, as the authors' code does, RAFT's
+  flow of the decoded clean-latent prediction against the reference flow). The spatial LoRA is thrown away.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .loop import OptimSettings, Progress, StepResult, train
 from .objectives import (
+    DecodedFlow,
     Projector,
     SigmaSampler,
     add_noise,
     appearance_debiased,
+    decoded_flow_loss,
     flow_on_token_grid,
     motion_alignment_loss,
     region_loss,
@@ -115,6 +118,9 @@ class SubjectSettings:
     name: str = "subject"
 
 
+MOTION_ALIGNMENT = ("features", "decoded_flow")
+
+
 @dataclass
 class MotionSettings:
     rank: int = 64
@@ -125,7 +131,8 @@ class MotionSettings:
     batch: int = 1
     sigmas: SigmaSampler = field(default_factory=SigmaSampler)
     debiased_weight: float = 1.0  # appearance-debiased loss
-    alignment_weight: float = 1.0  # MoRA (cheap, feature level); 0 or no flow: off
+    alignment_weight: float = 1.0  # MoRA; 0 or no flow: off
+    alignment: str = "features"  # MOTION_ALIGNMENT: feature level (cheap) or the decoded prediction's flow
     alignment_block: int = 3
     projector_hidden: int = 2048
     gradient_checkpointing: bool = False
@@ -228,15 +235,25 @@ def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSett
 
 def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
                  workdir: str | Path | None = None, progress: Progress | None = None,
-                 log: Callable[[str], None] | None = None, device: torch.device | None = None) -> TrainedLora:
+                 log: Callable[[str], None] | None = None, device: torch.device | None = None,
+                 decoded_flow: DecodedFlow | None = None) -> TrainedLora:
+    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`."""
     spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
     specs = [spec]
     spatial = settings.spatial_rank > 0
     if spatial:
         specs.append(LoraSpec(f"{settings.name}_spatial", tuple(settings.spatial_roles), settings.spatial_rank))
+    if settings.alignment not in MOTION_ALIGNMENT:
+        raise InputError("motion_alignment", f"'{settings.alignment}'", f"one of {', '.join(MOTION_ALIGNMENT)}")
     align = settings.alignment_weight > 0 and data.flow is not None
-    if align:
+    decode_align = align and settings.alignment == "decoded_flow"
+    if decode_align and decoded_flow is None:
+        raise InputError("motion_alignment", "'decoded_flow' needs the VAE and a RAFT to decode and measure with",
+                         "a VAE and a RAFT connected, or 'features'")
+    if align and not decode_align:
         _check_block(settings.alignment_block, backbone, "alignment_block")
+    if decode_align:
+        decoded_flow.raft.model.requires_grad_(False)  # a fixed measure: gradients flow through, not into it
     frames = data.latents.shape[2]
     if spatial and data.stills is None and frames < 2:
         raise InputError("motion clips", f"{frames} latent frame and no single frames",
@@ -246,7 +263,7 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
             backbone.checkpointing(settings.gradient_checkpointing):
         groups = {s.name: adapters.parameters(s.name) for s in specs}
         projector = None
-        if align:
+        if align and not decode_align:
             torch.manual_seed(settings.optim.seed)
             projector = Projector(backbone.dim, 2, settings.projector_hidden).to(device)
             groups["alignment_projector"] = list(projector.parameters())
@@ -271,7 +288,11 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
                 return StepResult(loss, {"spatial": float(loss.detach())}, update=[specs[1].name])
             x0 = data.latents[idx].to(device, dtype)
             x, target = add_noise(x0, sigma, g)
-            if align:
+            if decode_align:
+                v = backbone.forward(x, sigma.to(device), context)
+                x0_pred = x - sigma.to(device, dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
+                l_align = decoded_flow_loss(decoded_flow, x0_pred, data.flow[idx].to(device), g)
+            elif align:
                 with backbone.capture(settings.alignment_block) as hidden:
                     v = backbone.forward(x, sigma.to(device), context)
                 grid = backbone.token_grid(x.shape)
@@ -290,7 +311,7 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
                 parts["debiased"] = float(l_debiased.detach())
             if align:
                 parts["alignment"] = float(l_align.detach())
-            update = [spec.name] + (["alignment_projector"] if align else [])
+            update = [spec.name] + (["alignment_projector"] if projector is not None else [])
             return StepResult(loss, parts, update=update)
 
         history = train(step, groups, settings.optim, workdir, progress, log)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..representations.motion import RaftEncoder, raft_flow
 
 SIGMA_SAMPLING = ("logit_normal", "uniform")
 
@@ -134,6 +136,60 @@ def motion_alignment_loss(projector: Projector, hidden: torch.Tensor, grid: tupl
     The gradient through the hidden states teaches the motion LoRA to carry the reference motion."""
     projected = tokens_to_grid(projector(hidden), grid)
     return (projected - flow_tokens.to(projected)).abs().mean()
+
+
+@dataclass
+class DecodedFlow:
+    """MoRA as SMRABooth's code runs it: the predicted clean latent of a window of latent frames is decoded
+    to pixels with gradients, RAFT's flow of the decoded frames is compared (L1, as fractions of the frame)
+    with the reference clip's flow. Costly (a VAE decode and RAFT in every step's graph); the feature-level
+    `motion_alignment_loss` is the default.
+
+    decode: latents `[B, C, t, h, w]` in the model's space -> frames `[B, F, H, W, 3]` in [0, 1], differentiable.
+    pixel_frames: a latent window `[t0, t1)` -> the range of the clip's frames its decode shows.
+    """
+
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    raft: RaftEncoder
+    pixel_frames: Callable[[int, int], tuple[int, int]]
+    window: int = 6  # latent frames decoded per step (the authors' 6)
+    iterations: int = 6  # RAFT flow updates per pair
+
+    @staticmethod
+    def causal_frames(factor: int) -> Callable[[int, int], tuple[int, int]]:
+        """Wan's VAE: a window decoded on its own gives its first latent frame as one image frame and each
+        later one as `factor` frames, so it shows the last `factor * (t1 - t0) - (factor - 1)` frames of
+        its latent frames."""
+        return lambda t0, t1: (factor * t0, factor * t1 - (factor - 1))
+
+    @staticmethod
+    def grouped_frames(factor: int) -> Callable[[int, int], tuple[int, int]]:
+        """A latent frame holds exactly `factor` frames (the shapes world's map)."""
+        return lambda t0, t1: (factor * t0, factor * t1)
+
+
+def decoded_flow_loss(decoded: DecodedFlow, x0_pred: torch.Tensor, reference_flow: torch.Tensor,
+                      g: torch.Generator) -> torch.Tensor:
+    """L1 between RAFT's flow of the decoded prediction and the reference flow `[B, F-1, 2, H, W]` (pixels),
+    on a random window of `decoded.window` latent frames, both scaled by the frame's width and height."""
+    t = x0_pred.shape[2]
+    w = min(decoded.window, t)
+    t0 = int(torch.randint(t - w + 1, (1,), generator=g))
+    frames = decoded.decode(x0_pred[:, :, t0:t0 + w])
+    f0, f1 = decoded.pixel_frames(t0, t0 + w)
+    b, f, h, wd, _ = frames.shape
+    if f != f1 - f0 or f1 - 1 > reference_flow.shape[1] or f < 2:
+        raise InputError("motion clips", f"latent frames {t0}..{t0 + w} decode to {f} frames, and the reference "
+                         f"flow covers {reference_flow.shape[1] + 1} frames",
+                         "reference flow of the same clips the latents were encoded from")
+    pred = raft_flow(decoded.raft, frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1), decoded.iterations)
+    ref = reference_flow[:, f0:f1 - 1].flatten(0, 1).to(pred)
+    if ref.shape[-2:] != (h, wd):  # the reference flow at another size: resample, vectors rescaled
+        sy, sx = h / ref.shape[-2], wd / ref.shape[-1]
+        ref = F.interpolate(ref, size=(h, wd), mode="bilinear", align_corners=False) * \
+            torch.tensor([sx, sy], device=ref.device).view(1, 2, 1, 1)
+    scale = torch.tensor([1.0 / wd, 1.0 / h], device=pred.device).view(1, 2, 1, 1)
+    return ((pred - ref) * scale).abs().mean()
 
 
 def subject_token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: list[int]) -> torch.Tensor:

@@ -24,9 +24,9 @@ from ..training.customize import (
     train_subject,
 )
 from ..training.loop import OptimSettings
-from ..training.objectives import SigmaSampler, latent_mask
+from ..training.objectives import DecodedFlow, SigmaSampler, latent_mask
 from .cases import Case
-from .latent import encode, encode_stills
+from .latent import TEMPORAL_FACTOR, decode, encode, encode_stills
 from .model import World
 from .sample import generate
 from .scene import random_scene, render
@@ -106,7 +106,11 @@ class LoraMethod:
         subject = train_subject(world.backbone, subject_set(world, case, dino,
                                                             16 if self.subject.preservation_weight else 0),
                                 self.subject, workdir / "subject")
-        motion = train_motion(world.backbone, motion_set(world, case, raft), self.motion, workdir / "motion")
+        decoded = None
+        if self.motion.alignment == "decoded_flow" and raft is not None:
+            decoded = DecodedFlow(decode, raft, DecodedFlow.grouped_frames(TEMPORAL_FACTOR))
+        motion = train_motion(world.backbone, motion_set(world, case, raft), self.motion, workdir / "motion",
+                              decoded_flow=decoded)
         for trained in (subject, motion):
             save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
                       world.backbone, {"case": case.name, "method": self.name, "steps": len(trained.history),
@@ -148,10 +152,14 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
     losses_motion = replace(plain_motion, spatial_rank=32, debiased_weight=1.0)
     sura_subject = replace(losses_subject, alignment_weight=0.05)
     mora_motion = replace(losses_motion, alignment_weight=1.0)
+    mora_decoded_motion = replace(mora_motion, alignment="decoded_flow")
     return {
         "plain_lora": LoraMethod("plain_lora", plain_subject, plain_motion),
         "losses": LoraMethod("losses", losses_subject, losses_motion),
         "sura": LoraMethod("sura", sura_subject, losses_motion),
         "mora": LoraMethod("mora", sura_subject, mora_motion),
         "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
+        # Not in the default ladder: MoRA through the decoder and RAFT, as the authors' code runs it.
+        "full_decoded_mora": LoraMethod("full_decoded_mora", sura_subject, mora_decoded_motion,
+                                        schedules=dict(SMRABOOTH_TIMING)),
     }

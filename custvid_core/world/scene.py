@@ -248,8 +248,14 @@ def mask_centroids(masks: torch.Tensor) -> torch.Tensor:
 
 def random_scene(generator: torch.Generator, spec: WorldSpec = WorldSpec(), colours: Sequence[str] = SEEN_COLOURS,
                  shapes: Sequence[str] = SEEN_SHAPES, textures: Sequence[str] = SEEN_TEXTURES,
-                 directions: Sequence[str] = tuple(DIRECTIONS), camera_speed: float = 0.0) -> Scene:
-    """A pretraining scene: a straight motion at random speed, with a start that keeps the object in frame."""
+                 directions: Sequence[str] = tuple(DIRECTIONS), camera_speed: float = 0.0,
+                 centred_jitter: float | None = None) -> Scene:
+    """A pretraining scene: a straight motion at random speed, with a start that keeps the object in frame.
+
+    With `centred_jitter`, the path's midpoint is the frame's centre moved by at most that many pixels on
+    each axis, so the prompt fixes the layout up to the jitter (easier to learn); otherwise the start is
+    anywhere that keeps the whole path in frame.
+    """
 
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=generator))]
@@ -266,6 +272,8 @@ def random_scene(generator: torch.Generator, spec: WorldSpec = WorldSpec(), colo
     lo, hi = half, spec.size - half
 
     def start_along(d):  # the start that leaves room for the whole travel
+        if centred_jitter is not None:
+            return spec.size / 2 - d * travel / 2 + uniform(-centred_jitter, centred_jitter)
         if d > 0:
             return uniform(lo, max(lo, hi - travel))
         if d < 0:

@@ -42,6 +42,8 @@ class TrainConfig:
     pan_fraction: float = 0.0
     pan_speed_min: float = 0.5  # pixels per frame
     pan_speed_max: float = 2.5
+    # Pixels the path's midpoint may move from the frame's centre; negative: a start anywhere in frame.
+    centred_jitter: float = -1.0
     init_from: str = ""  # a world model file to start from instead of random weights
     pool: int = 2048
     refresh: int = 4  # clips re-rendered per step
@@ -66,7 +68,8 @@ class ClipPool:
         if self.cfg.pan_fraction and float(torch.rand((), generator=self.g)) < self.cfg.pan_fraction:
             lo, hi = self.cfg.pan_speed_min, self.cfg.pan_speed_max
             pan = lo + (hi - lo) * float(torch.rand((), generator=self.g))
-        clip = render(random_scene(self.g, self.spec, camera_speed=pan), self.spec)
+        jitter = self.cfg.centred_jitter if self.cfg.centred_jitter >= 0 else None
+        clip = render(random_scene(self.g, self.spec, camera_speed=pan, centred_jitter=jitter), self.spec)
         item = (encode(clip.frames)[0], clip.prompt)
         if index is None:
             self.items.append(item)

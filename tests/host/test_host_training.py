@@ -249,3 +249,70 @@ def test_a_model_loaded_under_inference_mode_trains_and_keeps_its_output(wan, tm
         training_seed=0, checkpoint_every=100, run_name="inference_mode", spatial_rank=2, debiased_weight=1.0).result
     assert torch.allclose(_denoise(patcher), before, atol=1e-6)
     assert any(k.endswith("self_attn.v.lora_up.weight") for k in lora)
+
+
+def _raft(pack):
+    from custvid_pack.nodes.host import ManagedModel
+
+    from custvid_core.representations.motion import build_raft
+
+    torch.manual_seed(0)
+    encoder = build_raft("raft_small")
+    return ManagedModel.wrap(encoder, encoder.model)
+
+
+def test_decoded_flow_decodes_through_comfyui_wan_vae_with_gradients(wan):
+    """A tiny Wan 2.1 VAE built by ComfyUI's own VAE loader from a state dict: the differentiable decode gives
+    ComfyUI's decode (in the model's latent space) and passes gradients back to the latents."""
+    import comfy.latent_formats
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    _, _, pack = wan
+    from custvid_pack.nodes.host import decoder_with_grad
+
+    torch.manual_seed(0)
+    # ComfyUI's layers skip weight initialisation; give the tiny VAE small random weights.
+    weights = {k: torch.ones_like(v) if "gamma" in k else torch.randn_like(v) * (0.1 if v.ndim > 1 else 0.01)
+               for k, v in WanVAE(dim=8, z_dim=16, temperal_downsample=[False, True, True]).state_dict().items()}
+    vae = comfy.sd.VAE(sd=weights)
+    params_before = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+    latent_format = comfy.latent_formats.Wan21()
+    flow = decoder_with_grad(vae, latent_format.process_out, _raft(pack), window=2)
+    z = torch.randn(1, 16, 3, 4, 4)
+    expected = vae.decode(latent_format.process_out(z))
+    z.requires_grad_()
+    frames = flow.decode(z)
+    assert frames.shape == expected.shape == (1, 9, 32, 32, 3)
+    assert torch.allclose(frames.detach(), expected, atol=1e-5)
+    frames.mean().backward()
+    assert z.grad.abs().sum() > 0
+    assert flow.pixel_frames(1, 3) == (4, 9)
+    assert all(torch.equal(v, params_before[k]) for k, v in vae.first_stage_model.state_dict().items())
+    assert all(p.grad is None for p in vae.first_stage_model.parameters())
+
+
+def test_motion_lora_with_decoded_flow_alignment_on_the_world_vae(wan, tmp_path):
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    training, world_nodes = _nodes(pack)
+    vae = world_nodes.WorldVAE()
+    clip = render(Scene(speed=2.0), WorldSpec())
+    flow = type("Rep", (), {"flow": torch.zeros(4, 2, 32, 32)})()
+    clips = training.VideoDataset.execute(vae, clip.frames, _conditioning(world, "mtn"),
+                                          motion_representation=flow).result[0]
+    before = _state(patcher)
+    args = dict(steps=2, learning_rate=1e-3, rank=4, roles="self_attn.v, ffn.2", batch_size=1, alignment_weight=1.0,
+                alignment_block=1, timestep_sampling="uniform", shift=1.0, gradient_checkpointing=False,
+                training_seed=0, checkpoint_every=100, run_name="decoded_flow", spatial_rank=0, debiased_weight=1.0,
+                motion_alignment="decoded_flow")
+    model, lora, _ = training.TrainMotionLoRA.execute(patcher, clips, vae=vae, raft=_raft(pack), **args).result
+    assert any(k.endswith("self_attn.v.lora_up.weight") for k in lora)
+    assert all(torch.equal(v, before[k]) for k, v in _state(patcher).items())
+    # ValueError: the pack's InputError (a different module object from the test's import)
+    with pytest.raises(ValueError, match="raft: is not connected"):
+        training.TrainMotionLoRA.execute(patcher, clips, vae=vae, **args)
+    with pytest.raises(ValueError, match="vae: is not connected"):
+        training.TrainMotionLoRA.execute(patcher, clips, raft=_raft(pack), **args)
