@@ -282,9 +282,9 @@ def test_causal_window_frames_follow_wan_vae_frame_counts():
 
 
 def test_motion_training_with_decoded_flow_alignment_trains_the_motion_lora_only():
+    from custvid_core.world.latent import encode
     from custvid_core.world.model import DEFAULT_CONFIG, build_world
     from custvid_core.world.scene import Scene, WorldSpec, render
-    from custvid_core.world.latent import encode
 
     world = build_world({**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64})
     clip = render(Scene(), WorldSpec())
