@@ -20,5 +20,5 @@ def test_training_bench_writes_ratios(tmp_path, monkeypatch):
 def test_control_sampling_benchmark_runs_every_control():
     from custvid_core.perf import sampling_step_seconds
 
-    seconds = sampling_step_seconds(steps=1, rounds=1)
+    seconds = sampling_step_seconds(steps=1, rounds=1, size=24)
     assert set(seconds) == {"plain", "steering", "camera", "both"} and all(s > 0 for s in seconds.values())

@@ -77,6 +77,23 @@ def test_random_scenes_cover_the_vocabulary_and_keep_objects_in_frame():
     assert seen["direction"] == set(DIRECTIONS) and seen["texture"] == {"plain", "striped"}
 
 
+def test_centred_scenes_put_the_path_midpoint_within_the_jitter_of_the_centre():
+    g = torch.Generator().manual_seed(0)
+    spec = WorldSpec()
+    offsets = []
+    for _ in range(200):
+        s = random_scene(g, spec, centred_jitter=2.0)
+        c = path_centres(s, spec.frames, spec.size)
+        offsets.append((c[0] + c[-1]) / 2 - spec.size / 2)
+        half = s.object_size / 2
+        assert c.min() >= half - 2 - 1e-4 and c.max() <= spec.size - half + 2 + 1e-4  # at most the jitter out
+    offsets = torch.stack(offsets)
+    assert offsets.abs().max() <= 2.0 + 1e-5 and offsets.abs().max() > 1.5  # the jitter is used, not exceeded
+    exact = random_scene(g, spec, centred_jitter=0.0)
+    c = path_centres(exact, spec.frames, spec.size)
+    assert torch.allclose((c[0] + c[-1]) / 2, torch.tensor([16.0, 16.0]))
+
+
 @pytest.mark.parametrize("path, params", [
     ("circle", {"center": (16, 16)}),
     ("zigzag", {"amplitude": 4.0, "zigs": 2.0}),

@@ -20,7 +20,8 @@ def test_shipped_model_matches_the_command_that_made_it():
     args = build_parser().parse_args(shlex.split(info["command"])[3:])  # after "python -m custvid_core"
     train = dataclasses.asdict(train_config_from_args(args))
     # Options added after the file was made must be off in its command, so the command still makes it.
-    added_later = {"pan_fraction": 0.0, "pan_speed_min": None, "pan_speed_max": None, "init_from": ""}
+    added_later = {"pan_fraction": 0.0, "pan_speed_min": None, "pan_speed_max": None, "init_from": "",
+                   "centred_jitter": -1.0, "sigma_sampling": "logit_normal", "sigma_shift": None}
     for key in set(train) - set(info["train_config"]):
         assert key in added_later and added_later[key] in (None, train[key]), key
         del train[key]

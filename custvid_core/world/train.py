@@ -35,8 +35,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     cfg_dropout: float = 0.1
-    sigma_mean: float = 0.0  # logit-normal timestep sampling (SD3 / Wan training)
+    # Noise levels: "logit_normal" (SD3) with sigma_mean / sigma_std, or "shifted": uniform t mapped by
+    # the sampler's own schedule (shift `sigma_shift`), so training covers the high noise levels where
+    # sampling spends its first steps and where a clip's layout and motion are decided.
+    sigma_sampling: str = "logit_normal"
+    sigma_mean: float = 0.0
     sigma_std: float = 1.0
+    sigma_shift: float = 3.0
     # Clips whose camera pans (a random direction, not named in the prompt), as real videos often do:
     # a model that has seen pans can be steered into one (camera by latent shift).
     pan_fraction: float = 0.0
@@ -89,10 +94,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
+def draw_sigmas(cfg: TrainConfig, b: int, g: torch.Generator) -> torch.Tensor:
+    if cfg.sigma_sampling == "shifted":
+        t = torch.rand(b, generator=g)
+        return cfg.sigma_shift * t / (1 + (cfg.sigma_shift - 1) * t)
+    return torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(b, generator=g))
+
+
 def flow_matching_loss(world: World, x0: torch.Tensor, prompts: list[str], g: torch.Generator,
                        cfg: TrainConfig) -> torch.Tensor:
     b = x0.shape[0]
-    sigma = torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(b, generator=g))
+    sigma = draw_sigmas(cfg, b, g)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma.view(b, 1, 1, 1, 1)
     x = s * noise + (1 - s) * x0
