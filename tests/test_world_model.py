@@ -100,11 +100,11 @@ def test_training_noise_levels_follow_the_chosen_distribution():
     """Shifted sampling puts training where the sampler's shift-3 schedule spends its steps: median sigma
     3 * 0.5 / (1 + 2 * 0.5) = 0.75, a quarter of the draws above 0.9; logit-normal(0, 1) has median 0.5."""
     from custvid_core.world.sample import flow_sigmas
-    from custvid_core.world.train import TrainConfig, draw_sigmas
+    from custvid_core.world.train import TrainConfig, sigma_sampler
 
     g = torch.Generator().manual_seed(0)
-    shifted = draw_sigmas(TrainConfig(sigma_sampling="shifted"), 20000, g)
+    shifted = sigma_sampler(TrainConfig(sigma_sampling="shifted"))(20000, g)
     assert abs(shifted.median().item() - 0.75) < 0.01 and abs((shifted > 0.9).float().mean().item() - 0.25) < 0.01
     assert abs((flow_sigmas(20, 3.0)[:-1] > 0.9).float().mean().item() - 0.25) < 0.06  # the sampler's share
-    logit = draw_sigmas(TrainConfig(), 20000, g)
+    logit = sigma_sampler(TrainConfig())(20000, g)
     assert abs(logit.median().item() - 0.5) < 0.01 and (logit > 0.9).float().mean().item() < 0.06

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..files import atomic_path
 from ..training.loop import warmup_cosine
+from ..training.objectives import SigmaSampler
 from .latent import encode
 from .model import World, build_world, load_world, save_world
 from .scene import WorldSpec, random_scene, render
@@ -94,17 +95,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
-def draw_sigmas(cfg: TrainConfig, b: int, g: torch.Generator) -> torch.Tensor:
+def sigma_sampler(cfg: TrainConfig) -> SigmaSampler:
     if cfg.sigma_sampling == "shifted":
-        t = torch.rand(b, generator=g)
-        return cfg.sigma_shift * t / (1 + (cfg.sigma_shift - 1) * t)
-    return torch.sigmoid(cfg.sigma_mean + cfg.sigma_std * torch.randn(b, generator=g))
+        return SigmaSampler("uniform", cfg.sigma_shift)
+    return SigmaSampler("logit_normal", 1.0, cfg.sigma_mean, cfg.sigma_std)
 
 
 def flow_matching_loss(world: World, x0: torch.Tensor, prompts: list[str], g: torch.Generator,
                        cfg: TrainConfig) -> torch.Tensor:
     b = x0.shape[0]
-    sigma = draw_sigmas(cfg, b, g)
+    sigma = sigma_sampler(cfg)(b, g)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma.view(b, 1, 1, 1, 1)
     x = s * noise + (1 - s) * x0
