@@ -141,9 +141,7 @@ def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[st
 
 def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -> dict[str, LoraMethod]:
     """The ablation ladder of the benchmark: each rung adds one thing to the one before."""
-    # Noise levels as the world model was trained and is sampled (uniform through the shift-3 schedule):
-    # the high levels, where a clip's path is decided, get the share of training that sampling gives them.
-    sigmas = SigmaSampler("uniform", shift=3.0)
+    sigmas = SigmaSampler("logit_normal", shift=1.0)
     optim = _world_optim(steps, lr)
     plain_subject = SubjectSettings(rank=32, optim=optim, sigmas=sigmas, region_loss=False, preservation_weight=0.0,
                                     alignment_weight=0.0, alignment_block=alignment_block, projector_hidden=512,
