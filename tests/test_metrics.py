@@ -83,6 +83,18 @@ def test_camera_pan_is_measured_from_the_background(camera):
     assert (pan[-1] - truth).norm() <= 0.1 * truth.norm()
 
 
+@pytest.mark.parametrize("pan", [(0.15, 0.0), (-0.3, 0.0), (0.0, 0.15), (0.0, -0.3)])
+def test_camera_pan_reads_a_latent_shift_despite_its_filled_strip(pan):
+    """Known answer: the camera shift applied to a rendered clip's latents (no model); the strip it fills
+    with cells from elsewhere (up to 30% of the frame) does not follow the pan and must not pull the
+    measurement off the commanded pan."""
+    from custvid_core.world.control_bench import shifted_render_pan
+    from custvid_core.world.evaluate import vocabulary_prompts
+    from custvid_core.world.scene import WorldSpec
+
+    assert shifted_render_pan(vocabulary_prompts(4, seed=1), *pan, WorldSpec()) < 0.1
+
+
 def test_box_adherence_counts_frames_inside():
     traj = torch.tensor([[0.5, 0.5], [0.9, 0.5], [0.3, 0.3]])
     boxes = torch.tensor([[0.4, 0.4, 0.6, 0.6]] * 3)

@@ -204,13 +204,22 @@ def _shifted(image: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return torch.where(inside > 0, out, torch.full_like(out, float("nan")))
 
 
+def _trimmed(residuals: torch.Tensor, keep: float) -> torch.Tensor:
+    """The `keep` fraction of residuals with the smallest magnitude (the rest treated as outliers)."""
+    if keep >= 1.0 or len(residuals) < 8:
+        return torch.ones_like(residuals, dtype=torch.bool)
+    return residuals.abs() <= torch.quantile(residuals.abs(), keep)
+
+
 def background_shift(a: torch.Tensor, b: torch.Tensor, valid_a: torch.Tensor, valid_b: torch.Tensor,
-                     max_shift: int = 6, iterations: int = 10) -> tuple[float, float]:
+                     max_shift: int = 6, iterations: int = 10, trim: float = 0.8) -> tuple[float, float]:
     """How far the background content moved from greyscale frame `a` to `b`, in pixels (x, y).
 
     An exhaustive integer search of the masked squared difference, then Gauss-Newton refinement
     to sub-pixel precision. Pixels of the object in either frame are left out: on small frames
-    a moving object otherwise pulls a correlation peak towards its own motion.
+    a moving object otherwise pulls a correlation peak towards its own motion. Both stages are
+    trimmed: only the `trim` fraction of pixels that match best count, so content that does not
+    follow the pan (the strip a camera shift fills, newly revealed wallpaper) does not pull the estimate.
     """
     best, best_err = (0.0, 0.0), float("inf")
     need = 0.25 * float(valid_b.sum())
@@ -220,7 +229,8 @@ def background_shift(a: torch.Tensor, b: torch.Tensor, valid_a: torch.Tensor, va
             keep = valid_b & (_shifted(valid_a.float(), dx, dy) > 0.99) & ~torch.isnan(moved)
             if keep.sum() < need:
                 continue
-            err = float(((b - moved)[keep] ** 2).mean())
+            r = (b - moved)[keep]
+            err = float((r[_trimmed(r, trim)] ** 2).mean())
             if err < best_err:
                 best, best_err = (float(dx), float(dy)), err
     dx, dy = best
@@ -231,7 +241,9 @@ def background_shift(a: torch.Tensor, b: torch.Tensor, valid_a: torch.Tensor, va
         r = (b - moved)[keep]
         if len(r) <= 8:
             break
-        jac = torch.stack([mgx[keep], mgy[keep]], 1)  # d r / d(dx, dy): moving `a` further adds its gradient
+        inliers = _trimmed(r, trim)
+        r = r[inliers]
+        jac = torch.stack([mgx[keep][inliers], mgy[keep][inliers]], 1)  # moving `a` further adds its gradient
         step = torch.linalg.lstsq(jac, r[:, None]).solution[:, 0]
         dx, dy = dx - float(step[0]), dy - float(step[1])
         if float(step.norm()) < 1e-3:
