@@ -63,7 +63,7 @@ def train_config_from_args(args: argparse.Namespace):
 
     return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, layers=args.layers,
                        ffn=args.ffn, warmup=args.warmup, sigma_mean=args.sigma_mean, init=args.init,
-                       sigma_sampling=args.sigma_sampling,
+                       sigma_sampling=args.sigma_sampling, heads=args.heads,
                        pan_fraction=args.pan_fraction, centred_jitter=args.centred_jitter,
                        init_from=args.init_from)
 
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--heads", type=int, default=1, help="attention heads of 128 dims (model width = 128 * heads)")
     p.add_argument("--sigma-sampling", default="logit_normal", choices=["logit_normal", "shifted"],
                    help="noise levels: logit-normal, or uniform through the sampler's shift-3 schedule")
     p.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal timestep mean")

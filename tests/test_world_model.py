@@ -1,5 +1,7 @@
 """The world's latent map, text encoder, base model file and sampler."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,3 +110,18 @@ def test_training_noise_levels_follow_the_chosen_distribution():
     assert abs((flow_sigmas(20, 3.0)[:-1] > 0.9).float().mean().item() - 0.25) < 0.06  # the sampler's share
     logit = sigma_sampler(TrainConfig())(20000, g)
     assert abs(logit.median().item() - 0.5) < 0.01 and (logit > 0.9).float().mean().item() < 0.06
+
+
+def test_world_training_writes_a_loadable_model_of_the_chosen_width_and_resumes(tmp_path):
+    from custvid_core.world.model import load_world
+    from custvid_core.world.train import TrainConfig, train_world
+
+    cfg = TrainConfig(steps=2, batch=2, pool=4, refresh=1, layers=1, ffn=64, heads=2, warmup=1, checkpoint_every=1,
+                      sigma_sampling="shifted", centred_jitter=2.0)
+    logs = []
+    train_world(tmp_path, cfg, command="test", log=logs.append)
+    world = load_world(tmp_path / "custvid_shapes_world_wan21.safetensors",
+                       tmp_path / "custvid_shapes_world_text.safetensors")
+    assert world.backbone.dim == 256 and world.info["train_config"]["heads"] == 2
+    train_world(tmp_path, dataclasses.replace(cfg, steps=3), command="test", log=logs.append)
+    assert "resumed from step 2" in logs

@@ -21,13 +21,14 @@ def test_shipped_model_matches_the_command_that_made_it():
     train = dataclasses.asdict(train_config_from_args(args))
     # Options added after the file was made must be off in its command, so the command still makes it.
     added_later = {"pan_fraction": 0.0, "pan_speed_min": None, "pan_speed_max": None, "init_from": "",
-                   "centred_jitter": -1.0, "sigma_sampling": "logit_normal", "sigma_shift": None}
+                   "centred_jitter": -1.0, "sigma_sampling": "logit_normal", "sigma_shift": None,
+                   "heads": 1}
     for key in set(train) - set(info["train_config"]):
         assert key in added_later and added_later[key] in (None, train[key]), key
         del train[key]
     assert info["train_config"] == train and info["seed"] == train["seed"]
     expected = {k: list(v) if isinstance(v, tuple) else v for k, v in DEFAULT_CONFIG.items()}
-    expected.update(num_layers=train["layers"], ffn_dim=train["ffn"])
+    expected.update(num_layers=train["layers"], ffn_dim=train["ffn"], num_attention_heads=train.get("heads", 1))
     assert json.loads(meta["custvid.world.config"]) == expected
     spec = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(WorldSpec()).items()}
     assert json.loads(meta["custvid.world.spec"]) == spec

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     layers: int = 6
+    heads: int = 1  # of 128 dims each (ComfyUI's Wan detection reads heads as dim / 128)
     ffn: int = 512
     init: str = "diffusers"
 
@@ -124,7 +125,7 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    config = dict(num_layers=cfg.layers, ffn_dim=cfg.ffn)
+    config = dict(num_layers=cfg.layers, ffn_dim=cfg.ffn, num_attention_heads=cfg.heads)
     from .model import DEFAULT_CONFIG
 
     world = build_world({**DEFAULT_CONFIG, **config}, spec, seed=cfg.seed, init=cfg.init)
