@@ -265,7 +265,6 @@ def test_decoded_flow_loss_reaches_the_prediction_but_not_raft():
     from custvid_core.training.objectives import decoded_flow_loss
 
     decoded = _world_decoded_flow(window=1)
-    decoded.raft.model.requires_grad_(False)
     x0 = (torch.rand(1, 16, 1, 32, 32) * 2 - 0.5).requires_grad_()
     loss = decoded_flow_loss(decoded, x0, torch.ones(1, 4, 2, 32, 32), torch.Generator().manual_seed(0))
     loss.backward()

@@ -110,11 +110,16 @@ def raft_flow(raft: RaftEncoder, first: torch.Tensor, second: torch.Tensor, iter
             x = F.interpolate(x, size=(wh, ww), mode="bilinear", align_corners=False, antialias=wh < h)
         return (x * 2 - 1).to(param.device, param.dtype)  # RAFT expects [-1, 1]
 
-    flow = raft.model(prepare(first), prepare(second), num_flow_updates=iterations)[-1].float()
-    if (wh, ww) != (h, w):
-        flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-        flow = flow * torch.tensor([w / ww, h / wh], device=flow.device).view(1, 2, 1, 1)
-    return flow
+    return resize_flow(raft.model(prepare(first), prepare(second), num_flow_updates=iterations)[-1].float(), (h, w))
+
+
+def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Flow `[N, 2, h, w]` in pixels -> `[N, 2, *size]`, resampled bilinearly with its vectors rescaled."""
+    h, w = flow.shape[-2:]
+    if (h, w) == tuple(size):
+        return flow
+    out = F.interpolate(flow, size=size, mode="bilinear", align_corners=False)
+    return out * torch.tensor([size[1] / w, size[0] / h], device=flow.device, dtype=out.dtype).view(1, 2, 1, 1)
 
 
 @torch.no_grad()

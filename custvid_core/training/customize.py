@@ -252,8 +252,6 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
                          "a VAE and a RAFT connected, or 'features'")
     if align and not decode_align:
         _check_block(settings.alignment_block, backbone, "alignment_block")
-    if decode_align:
-        decoded_flow.raft.model.requires_grad_(False)  # a fixed measure: gradients flow through, not into it
     frames = data.latents.shape[2]
     if spatial and data.stills is None and frames < 2:
         raise InputError("motion clips", f"{frames} latent frame and no single frames",

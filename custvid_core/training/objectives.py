@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..representations.motion import RaftEncoder, raft_flow
+from ..representations.motion import RaftEncoder, raft_flow, resize_flow
 
 SIGMA_SAMPLING = ("logit_normal", "uniform")
 
@@ -155,6 +155,9 @@ class DecodedFlow:
     window: int = 6  # latent frames decoded per step (the authors' 6)
     iterations: int = 6  # RAFT flow updates per pair
 
+    def __post_init__(self):
+        self.raft.model.requires_grad_(False)  # a fixed measure: gradients flow through it, not into it
+
     @staticmethod
     def causal_frames(factor: int) -> Callable[[int, int], tuple[int, int]]:
         """Wan's VAE: a window decoded on its own gives its first latent frame as one image frame and each
@@ -183,11 +186,7 @@ def decoded_flow_loss(decoded: DecodedFlow, x0_pred: torch.Tensor, reference_flo
                          f"flow covers {reference_flow.shape[1] + 1} frames",
                          "reference flow of the same clips the latents were encoded from")
     pred = raft_flow(decoded.raft, frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1), decoded.iterations)
-    ref = reference_flow[:, f0:f1 - 1].flatten(0, 1).to(pred)
-    if ref.shape[-2:] != (h, wd):  # the reference flow at another size: resample, vectors rescaled
-        sy, sx = h / ref.shape[-2], wd / ref.shape[-1]
-        ref = F.interpolate(ref, size=(h, wd), mode="bilinear", align_corners=False) * \
-            torch.tensor([sx, sy], device=ref.device).view(1, 2, 1, 1)
+    ref = resize_flow(reference_flow[:, f0:f1 - 1].flatten(0, 1).to(pred), (h, wd))
     scale = torch.tensor([1.0 / wd, 1.0 / h], device=pred.device).view(1, 2, 1, 1)
     return ((pred - ref) * scale).abs().mean()
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..files import atomic_path
 from ..training.loop import warmup_cosine
-from ..training.objectives import SigmaSampler
+from ..training.objectives import SigmaSampler, add_noise
 from .latent import encode
 from .model import World, build_world, load_world, save_world
 from .scene import WorldSpec, random_scene, render
@@ -103,16 +103,13 @@ def sigma_sampler(cfg: TrainConfig) -> SigmaSampler:
 
 
 def flow_matching_loss(world: World, x0: torch.Tensor, prompts: list[str], g: torch.Generator,
-                       cfg: TrainConfig) -> torch.Tensor:
+                       sigmas: SigmaSampler, cfg_dropout: float) -> torch.Tensor:
     b = x0.shape[0]
-    sigma = sigma_sampler(cfg)(b, g)
-    noise = torch.randn(x0.shape, generator=g)
-    s = sigma.view(b, 1, 1, 1, 1)
-    x = s * noise + (1 - s) * x0
-    drop = torch.rand(b, generator=g) < cfg.cfg_dropout
+    sigma = sigmas(b, g)
+    x, target = add_noise(x0, sigma, g)
+    drop = torch.rand(b, generator=g) < cfg_dropout
     context = world.text(["" if d else p for d, p in zip(drop.tolist(), prompts)])
-    v = world.backbone.forward(x, sigma, context)
-    return F.mse_loss(v, noise - x0)
+    return F.mse_loss(world.backbone.forward(x, sigma, context), target)
 
 
 def _trainable(world: World) -> list[torch.nn.Parameter]:
@@ -141,6 +138,7 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
     g = torch.Generator().manual_seed(cfg.seed)
+    sigmas = sigma_sampler(cfg)
     start = 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -162,7 +160,7 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x0, prompts = pool.batch(cfg.batch)
-        loss = flow_matching_loss(world, x0, prompts, g, cfg)
+        loss = flow_matching_loss(world, x0, prompts, g, sigmas, cfg.cfg_dropout)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at step {step}; the last checkpoint is kept")
         opt.zero_grad(set_to_none=True)
