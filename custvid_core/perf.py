@@ -2,8 +2,8 @@
 
 `python -m custvid_core bench-training --out DIR` measures on a small Wan (diffusers'
 WanTransformer3DModel, random weights):
-- seconds per step of the full subject objective (region loss + SuRA; preservation steps apart) over a
-  plain LoRA step (MSE) on the same images;
+- seconds per step of the full subject objective (region loss, token attention, SuRA; preservation steps
+  apart) over a plain LoRA step (MSE) on the same images;
 - peak memory of a training step with gradient checkpointing over one without (each in its own
   process, as peak resident memory above the process's state before the first step).
 It writes `training_perf.json` and `training_perf.md` in DIR.
@@ -43,7 +43,7 @@ def _subject_data(side: int = 32, images: int = 4, clip_frames: int = 4):
     masks[..., side // 4: 3 * side // 4, side // 4: 3 * side // 4] = 1
     clips = VideoSet(torch.randn(2, 16, clip_frames, side, side, generator=g), torch.randn(2, 32, 512, generator=g))
     return SubjectSet(torch.randn(images, 16, 1, side, side, generator=g), torch.randn(1, 32, 512, generator=g), masks,
-                      torch.randn(images, 384, 16, 16, generator=g), clips)
+                      torch.randn(images, 384, 16, 16, generator=g), clips, subject_tokens=(1, 2))
 
 
 def _settings(kind: str, steps: int, checkpointing: bool = False):
@@ -51,12 +51,15 @@ def _settings(kind: str, steps: int, checkpointing: bool = False):
 
     optim = OptimSettings(steps=steps, lr=1e-4, warmup=1, checkpoint_every=10 ** 6)
     plain = SubjectSettings(rank=32, optim=optim, region_loss=False, preservation_weight=0.0, alignment_weight=0.0,
-                            alignment_block=3, gradient_checkpointing=checkpointing)
+                            token_attention_weight=0.0, alignment_block=3, gradient_checkpointing=checkpointing)
+    full = dict(region_loss=True, alignment_weight=0.05, token_attention_weight=0.01)
     if kind == "plain":
         return plain
-    if kind == "full_image_steps":  # region + SuRA on every step: the objective's own cost
-        return replace(plain, region_loss=True, alignment_weight=0.05)
-    return replace(plain, region_loss=True, alignment_weight=0.05, preservation_weight=1.0)  # "full"
+    if kind == "full_image_steps":  # region + token attention + SuRA on every step: the objective's own cost
+        return replace(plain, **full)
+    if kind == "full_image_steps_2048":  # the same with REPA's full-width projector, as on real Wan
+        return replace(plain, **full, projector_hidden=2048)
+    return replace(plain, **full, preservation_weight=1.0)  # "full"
 
 
 def step_seconds(kind: str, steps: int = 12, warmup: int = 2) -> float:
@@ -94,14 +97,17 @@ def run_training_bench(out: str | Path, steps: int = 12) -> dict:
     t0 = time.perf_counter()
     plain = step_seconds("plain", steps)
     image_steps = step_seconds("full_image_steps", steps)
+    image_steps_2048 = step_seconds("full_image_steps_2048", steps)
     full = step_seconds("full", steps)
     with_ckpt = _in_fresh_process("p.peak_memory_mb(True)")
     without = _in_fresh_process("p.peak_memory_mb(False)")
     result = {
         "model": PERF_WAN, "threads": torch.get_num_threads(), "steps_timed": steps,
         "step_seconds": {"plain_lora": plain, "full_objective_image_step": image_steps,
+                         "full_objective_image_step_2048_projector": image_steps_2048,
                          "full_objective_with_preservation": full},
         "ratios": {"full_image_step_over_plain": image_steps / plain,
+                   "full_image_step_2048_projector_over_plain": image_steps_2048 / plain,
                    "full_with_preservation_over_plain": full / plain,
                    "peak_memory_checkpointing_over_none": with_ckpt / without},
         "peak_memory_mb": {"gradient_checkpointing": with_ckpt, "none": without},
@@ -111,7 +117,10 @@ def run_training_bench(out: str | Path, steps: int = 12) -> dict:
     r = result["ratios"]
     (out / "training_perf.md").write_text(
         "| measurement | ratio |\n| --- | --- |\n"
-        f"| full subject objective (region + SuRA) step / plain LoRA step | {r['full_image_step_over_plain']:.2f} |\n"
+        f"| full subject objective (region + token attention + SuRA) step / plain LoRA step | "
+        f"{r['full_image_step_over_plain']:.2f} |\n"
+        f"| the same with a 2048-wide SuRA projector / plain LoRA step | "
+        f"{r['full_image_step_2048_projector_over_plain']:.2f} |\n"
         f"| full objective incl. preservation steps / plain LoRA step | {r['full_with_preservation_over_plain']:.2f} |\n"
         f"| peak memory with gradient checkpointing / without | {r['peak_memory_checkpointing_over_none']:.2f} |\n")
     return result

@@ -11,8 +11,8 @@ def test_training_bench_writes_ratios(tmp_path, monkeypatch):
     monkeypatch.setattr(perf, "_in_fresh_process", lambda expr: perf.peak_memory_mb("True" in expr, steps=1) + 1.0)
     result = perf.run_training_bench(tmp_path, steps=2)
     saved = json.loads((tmp_path / "training_perf.json").read_text())
-    assert set(saved["ratios"]) == {"full_image_step_over_plain", "full_with_preservation_over_plain",
-                                    "peak_memory_checkpointing_over_none"}
+    assert set(saved["ratios"]) == {"full_image_step_over_plain", "full_image_step_2048_projector_over_plain",
+                                    "full_with_preservation_over_plain", "peak_memory_checkpointing_over_none"}
     assert all(v > 0 for v in result["step_seconds"].values())
     assert "gradient checkpointing" in (tmp_path / "training_perf.md").read_text()
 

@@ -20,6 +20,7 @@ from custvid_core.training import (
     train_subject,
 )
 from custvid_core.training.objectives import (
+    Projector,
     SigmaSampler,
     appearance_debiased,
     flow_on_token_grid,
@@ -53,6 +54,15 @@ def test_sigma_sampler_shifts_towards_noise():
     assert abs(float(plain.mean()) - 0.5) < 0.02 and float(shifted.mean()) > 0.65
     with pytest.raises(InputError, match="timestep_sampling"):
         SigmaSampler("cubic")
+
+
+def test_projector_keeps_repa_width_on_real_models_and_narrows_on_small_ones():
+    def width(p):
+        return p.net[0].out_features
+
+    assert width(Projector(1536, 1024)) == 2048  # Wan 1.3B: SMRABooth's projector
+    assert width(Projector(256, 384)) == 1024  # a small model: 4x its width
+    assert width(Projector(256, 384, hidden=2048)) == 2048  # an explicit width wins
 
 
 def test_region_loss_only_counts_the_mask():

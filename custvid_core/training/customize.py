@@ -111,7 +111,7 @@ class SubjectSettings:
     preservation_weight: float = 1.0  # 0 or no clips: no preservation batches
     alignment_weight: float = 0.05  # SuRA; 0 or no DINOv2 tokens: off
     alignment_block: int = 3
-    projector_hidden: int = 2048
+    projector_hidden: int = 0  # 0: REPA's 2048 (4x the width on models under 512 wide)
     token_attention_weight: float = 0.01  # MotionBooth's STCA; needs masks and subject_tokens
     token_attention_blocks: tuple[int, ...] | None = None  # None: every block
     gradient_checkpointing: bool = False
@@ -134,7 +134,7 @@ class MotionSettings:
     alignment_weight: float = 1.0  # MoRA; 0 or no flow: off
     alignment: str = "features"  # MOTION_ALIGNMENT: feature level (cheap) or the decoded prediction's flow
     alignment_block: int = 3
-    projector_hidden: int = 2048
+    projector_hidden: int = 0  # 0: REPA's 2048 (4x the width on models under 512 wide)
     gradient_checkpointing: bool = False
     name: str = "motion"
 

@@ -144,10 +144,10 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
     sigmas = SigmaSampler("logit_normal", shift=1.0)
     optim = _world_optim(steps, lr)
     plain_subject = SubjectSettings(rank=32, optim=optim, sigmas=sigmas, region_loss=False, preservation_weight=0.0,
-                                    alignment_weight=0.0, alignment_block=alignment_block, projector_hidden=512,
+                                    alignment_weight=0.0, alignment_block=alignment_block,
                                     token_attention_weight=0.0)
     plain_motion = MotionSettings(rank=64, spatial_rank=0, optim=optim, sigmas=sigmas, debiased_weight=0.0,
-                                  alignment_weight=0.0, alignment_block=alignment_block, projector_hidden=512)
+                                  alignment_weight=0.0, alignment_block=alignment_block)
     losses_subject = replace(plain_subject, region_loss=True, preservation_weight=1.0, token_attention_weight=0.01)
     losses_motion = replace(plain_motion, spatial_rank=32, debiased_weight=1.0)
     sura_subject = replace(losses_subject, alignment_weight=0.05)
