@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
+CONTROL_PARTS = ("perf", "camera", "boxes")
+
 
 def demo(args: argparse.Namespace) -> int:
     """The main job: a clip from the shapes-world model, what the measurements see in it, and its
@@ -136,20 +140,30 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def bench_control(args: argparse.Namespace) -> int:
+    from .control.camera import StepWindow
     from .perf import run_control_perf
     from .world.control_bench import ControlBenchSettings, run_control_bench
     from .world.model import MODEL_FILE, load_world
 
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - set(CONTROL_PARTS):
+        raise InputError("parts", f"'{args.parts}'", f"a comma-separated selection of {', '.join(CONTROL_PARTS)}")
+    try:
+        window = StepWindow(*(float(v) for v in args.camera_window.split(",")))
+    except (TypeError, ValueError):
+        raise InputError("camera-window", f"'{args.camera_window}'", "START,END as fractions of the steps, "
+                         "0 <= START < END <= 1") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    perf = run_control_perf(args.out)
-    print(json.dumps(perf["ratios"], indent=2))
-    if not args.perf_only:
+    if "perf" in parts:
+        perf = run_control_perf(args.out)
+        print(json.dumps(perf["ratios"], indent=2))
+    if parts & {"camera", "boxes"}:
         model = Path(args.model or MODEL_FILE)
         world = load_world(model, model.parent.parent / "text_encoders" / "custvid_shapes_world_text.safetensors"
                            if not args.model else model.parent / "custvid_shapes_world_text.safetensors")
         settings = ControlBenchSettings(prompts=args.prompts, seeds=tuple(int(s) for s in args.seeds.split(",")),
-                                        steps=args.steps)
+                                        steps=args.steps, window=window, parts=tuple(sorted(parts - {"perf"})))
         run_control_bench(world, args.out, settings)
     return 0
 
@@ -230,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--seeds", default="0,1", help="comma-separated sampling seeds")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--perf-only", action="store_true", help="only the sampling speed ratios")
+    p.add_argument("--parts", default=",".join(CONTROL_PARTS),
+                   help="what to measure: perf (sampling cost ratios), camera, boxes (comma-separated)")
+    p.add_argument("--camera-window", default="0.2,0.4",
+                   help="START,END: the part of the schedule the camera shifts in (MotionBooth: 0.2,0.4)")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench_control)
 
@@ -244,5 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as e:  # a usage problem: the message, not a traceback
+        parser.exit(2, f"error: {e}\n")

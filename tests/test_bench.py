@@ -81,3 +81,26 @@ def test_bad_case_files_name_the_field(tmp_path, content, match):
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(InputError, match="--methods: 'lora' is not a method"):
         run_bench(DEFAULT_CASES, tmp_path, ["lora"], [0], world=build_world({**DEFAULT_CONFIG, "num_layers": 1}))
+
+
+def test_control_bench_measures_the_chosen_parts_with_the_chosen_camera_window(tmp_path):
+    from custvid_core.cli import main
+
+    assert main(["bench-control", "--out", str(tmp_path), "--parts", "camera", "--prompts", "1", "--seeds", "0",
+                 "--steps", "2", "--camera-window", "0.5,1", "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "control.json").read_text())
+    assert result["settings"]["window"] == [0.5, 1.0]
+    assert len(result["camera"]) == 8 and result["boxes"] == []
+    assert "camera pan" in (tmp_path / "control.md").read_text()
+
+
+@pytest.mark.parametrize("option, value, named", [("--parts", "camera,colour", "parts"),
+                                                  ("--camera-window", "0.6,0.2", "camera-window"),
+                                                  ("--camera-window", "half", "camera-window")])
+def test_control_bench_refuses_bad_options_with_the_option_named(tmp_path, capsys, option, value, named):
+    from custvid_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench-control", "--out", str(tmp_path), option, value])
+    assert exit_.value.code == 2 and f"error: {named}:" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing measured, nothing written

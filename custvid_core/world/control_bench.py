@@ -42,6 +42,7 @@ class ControlBenchSettings:
     cfg: float = 4.0
     window: StepWindow = StepWindow(0.2, 0.4)
     box_frames: int = 20
+    parts: tuple[str, ...] = ("boxes", "camera")
 
 
 def _subject_words(prompt: str) -> str:
@@ -129,16 +130,20 @@ def run_control_bench(world, out: str | Path, settings: ControlBenchSettings = C
     result = {"settings": {"prompts": settings.prompts, "seeds": list(settings.seeds), "steps": settings.steps,
                            "cfg": settings.cfg, "window": [settings.window.start, settings.window.end],
                            "box_frames": settings.box_frames},
-              "camera": camera_rows(world, settings, log), "boxes": box_rows(world, settings, log)}
+              "camera": camera_rows(world, settings, log) if "camera" in settings.parts else [],
+              "boxes": box_rows(world, settings, log) if "boxes" in settings.parts else []}
     result["seconds"] = time.perf_counter() - t0
     (out / "control.json").write_text(json.dumps(result, indent=2))
-    lines = ["| camera pan (x, y) | commanded (px) | relative error | within 10% | subject kept | "
-             "shifted renders, no model |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| ({r['pan_x']:+.2f}, {r['pan_y']:+.2f}) | {r['commanded_px']:.1f} | {r['relative_error']:.3f} | "
-              f"{r['within_10_percent']:.2f} | {r['subject_kept']:.2f} | {r['shifted_render_error']:.3f} |"
-              for r in result["camera"]]
-    lines += ["", "| path | steering | alpha | tau | centroid in box |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['path']} | {'yes' if r['steered'] else 'no'} | {r['alpha']:g} | {r['tau']:g} | {r['in_box']:.3f} |"
-              for r in result["boxes"]]
+    lines = []
+    if result["camera"]:
+        lines += ["| camera pan (x, y) | commanded (px) | relative error | within 10% | subject kept | "
+                  "shifted renders, no model |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| ({r['pan_x']:+.2f}, {r['pan_y']:+.2f}) | {r['commanded_px']:.1f} | {r['relative_error']:.3f} | "
+                  f"{r['within_10_percent']:.2f} | {r['subject_kept']:.2f} | {r['shifted_render_error']:.3f} |"
+                  for r in result["camera"]] + [""]
+    if result["boxes"]:
+        lines += ["| path | steering | alpha | tau | centroid in box |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['path']} | {'yes' if r['steered'] else 'no'} | {r['alpha']:g} | {r['tau']:g} | "
+                  f"{r['in_box']:.3f} |" for r in result["boxes"]]
     (out / "control.md").write_text("\n".join(lines) + "\n")
     return result
