@@ -52,14 +52,14 @@ def _settings(kind: str, steps: int, checkpointing: bool = False):
     optim = OptimSettings(steps=steps, lr=1e-4, warmup=1, checkpoint_every=10 ** 6)
     plain = SubjectSettings(rank=32, optim=optim, region_loss=False, preservation_weight=0.0, alignment_weight=0.0,
                             token_attention_weight=0.0, alignment_block=3, gradient_checkpointing=checkpointing)
-    full = dict(region_loss=True, alignment_weight=0.05, token_attention_weight=0.01)
+    full_objective = dict(region_loss=True, alignment_weight=0.05, token_attention_weight=0.01)
     if kind == "plain":
         return plain
     if kind == "full_image_steps":  # region + token attention + SuRA on every step: the objective's own cost
-        return replace(plain, **full)
+        return replace(plain, **full_objective)
     if kind == "full_image_steps_2048":  # the same with REPA's full-width projector, as on real Wan
-        return replace(plain, **full, projector_hidden=2048)
-    return replace(plain, **full, preservation_weight=1.0)  # "full"
+        return replace(plain, **full_objective, projector_hidden=2048)
+    return replace(plain, **full_objective, preservation_weight=1.0)  # "full"
 
 
 def step_seconds(kind: str, steps: int = 12, warmup: int = 2) -> float:

@@ -87,7 +87,7 @@ def test_control_bench_measures_the_chosen_parts_with_the_chosen_camera_window(t
     from custvid_core.cli import main
 
     assert main(["bench-control", "--out", str(tmp_path), "--parts", "camera", "--prompts", "1", "--seeds", "0",
-                 "--steps", "2", "--camera-window", "0.5,1", "--threads", "1"]) == 0
+                 "--steps", "2", "--camera-window", "0.5,1"]) == 0
     result = json.loads((tmp_path / "control.json").read_text())
     assert result["settings"]["window"] == [0.5, 1.0]
     assert len(result["camera"]) == 8 and result["boxes"] == []
