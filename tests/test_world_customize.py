@@ -91,3 +91,11 @@ def test_merged_and_scheduled_sampling_agree_for_constant_strengths(tmp_path):
     assert not almost_constant["subject"].is_constant
     unmerged = generate_with_loras(world, loras, ["sks mtn"], 0, almost_constant, steps=2)
     assert torch.allclose(merged, unmerged, atol=1e-4)
+
+
+def test_the_ladder_trains_on_the_noise_levels_the_world_was_pretrained_on():
+    from custvid_core.world.train import TrainConfig, sigma_sampler
+
+    pretraining = sigma_sampler(TrainConfig(sigma_sampling="shifted"))
+    for method in lora_methods().values():
+        assert method.subject.sigmas == pretraining and method.motion.sigmas == pretraining, method.name
