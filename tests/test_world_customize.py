@@ -98,4 +98,16 @@ def test_the_ladder_trains_on_the_noise_levels_the_world_was_pretrained_on():
 
     pretraining = sigma_sampler(TrainConfig(sigma_sampling="shifted"))
     for method in lora_methods().values():
-        assert method.subject.sigmas == pretraining and method.motion.sigmas == pretraining, method.name
+        assert method.motion.sigmas == pretraining, method.name
+        assert method.subject is None or method.subject.sigmas == pretraining, method.name
+
+
+def test_the_motion_lora_alone_is_prompted_with_a_motion_clip_subject(tmp_path):
+    world = build_world(TINY)
+    case = load_cases()[0]
+    method = replace(lora_methods(steps=2, lr=1e-2)["motion_lora_only"], sampling_steps=2)
+    run, words = method.prepare(world, case, tmp_path)
+    assert words == {"subject": case.motion_clips()[0].prompt, "motion": "mtn"}
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"{case.name}_motion.safetensors"]
+    prompt = case.prompt_texts(words["subject"], words["motion"])
+    assert not torch.allclose(run(prompt, 0), generate(world, prompt, seed=0, steps=2, progress=lambda *_: None))

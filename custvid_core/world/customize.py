@@ -83,7 +83,7 @@ class LoraMethod:
     """A benchmark method: a subject LoRA and a motion LoRA trained on a case, generated together."""
 
     name: str
-    subject: SubjectSettings
+    subject: SubjectSettings | None  # None: the motion LoRA alone, prompted with a motion clip's own subject
     motion: MotionSettings
     schedules: dict[str, StrengthSchedule] | None = None  # None: both at 1.0 throughout
     sampling_steps: int = 30
@@ -97,30 +97,35 @@ class LoraMethod:
 
         workdir = Path(workdir)
         # The world's encoders load once per method, only for the rungs that align with them.
-        if self.subject.alignment_weight > 0 and "dino" not in self.encoders:
+        align_subject = self.subject is not None and self.subject.alignment_weight > 0
+        if align_subject and "dino" not in self.encoders:
             self.encoders["dino"] = load_dinov2(DINO_FILE)
         if self.motion.alignment_weight > 0 and "raft" not in self.encoders:
             self.encoders["raft"] = load_raft(RAFT_FILE)
-        dino = self.encoders.get("dino") if self.subject.alignment_weight > 0 else None
+        dino = self.encoders.get("dino") if align_subject else None
         raft = self.encoders.get("raft") if self.motion.alignment_weight > 0 else None
-        subject = train_subject(world.backbone, subject_set(world, case, dino,
-                                                            16 if self.subject.preservation_weight else 0),
-                                self.subject, workdir / "subject")
+        subject = None
+        if self.subject is not None:
+            subject = train_subject(world.backbone, subject_set(world, case, dino,
+                                                                16 if self.subject.preservation_weight else 0),
+                                    self.subject, workdir / "subject")
         decoded = None
         if self.motion.alignment == "decoded_flow" and raft is not None:
             decoded = DecodedFlow(decode, raft, DecodedFlow.grouped_frames(TEMPORAL_FACTOR))
         motion = train_motion(world.backbone, motion_set(world, case, raft), self.motion, workdir / "motion",
                               decoded_flow=decoded)
-        for trained in (subject, motion):
+        trained_loras = [t for t in (subject, motion) if t is not None]
+        for trained in trained_loras:
             save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
                       world.backbone, {"case": case.name, "method": self.name, "steps": len(trained.history),
                                        "trigger": SUBJECT_WORD if trained is subject else MOTION_WORD})
 
         def run(prompts, seed):
-            return generate_with_loras(world, [subject, motion], prompts, seed, self.schedules,
+            return generate_with_loras(world, trained_loras, prompts, seed, self.schedules,
                                        steps=self.sampling_steps, cfg=self.cfg)
 
-        return run, {"subject": SUBJECT_WORD, "motion": MOTION_WORD}
+        subject_words = SUBJECT_WORD if subject is not None else case.motion_clips()[0].prompt
+        return run, {"subject": subject_words, "motion": MOTION_WORD}
 
 
 def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[str], seed: int,
@@ -161,6 +166,9 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         "sura": LoraMethod("sura", sura_subject, losses_motion),
         "mora": LoraMethod("mora", sura_subject, mora_motion),
         "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
+        # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
+        # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
+        "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
         # Not in the default ladder: MoRA through the decoder and RAFT, as the authors' code runs it.
         "full_decoded_mora": LoraMethod("full_decoded_mora", sura_subject, mora_decoded_motion,
                                         schedules=dict(SMRABOOTH_TIMING)),
