@@ -16,6 +16,7 @@ from custvid_core.training import (
     TrainingStopped,
     VideoSet,
     train,
+    train_joint,
     train_motion,
     train_subject,
 )
@@ -192,6 +193,64 @@ def test_motion_training_trains_only_the_motion_lora_and_discards_the_spatial_on
     assert trained.spec.name == "motion"
     assert any(".self_attn.v." in k for k in trained.tensors) and not any(".self_attn.q." in k for k in trained.tensors)
     assert not any("lora" in n for n, _ in backbone.model.named_modules())
+
+
+def test_a_stillness_lora_learns_stills_of_the_preservation_clips_and_is_thrown_away():
+    backbone = describe(tiny_diffusers_wan())
+    data = _subject_set()
+    with pytest.raises(InputError, match="still_rank"):  # the clips have no stills
+        train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1, still_rank=2), 1))
+    g = torch.Generator().manual_seed(2)
+    data.preservation.stills = torch.randn(2, 3, 16, 1, 8, 8, generator=g)
+    snapshots = []
+
+    def record(step, total, rec):
+        snapshots.append((set(rec), {n: p.detach().clone() for n, p in backbone.model.named_parameters()
+                                     if "lora_B." in n}))
+
+    trained = train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1, still_rank=2), 6),
+                            progress=record)
+    assert ["still" in k for k, _ in snapshots] == [True, False, False] * 2
+    assert "region" in snapshots[1][0] and "preservation" in snapshots[2][0]
+    for i in range(1, 6):
+        keys, now = snapshots[i]
+        changed = {n.split("lora_B.")[1].split(".")[0] for n in now if not torch.equal(now[n], snapshots[i - 1][1][n])}
+        assert changed == ({"subject_still"} if "still" in keys else {"subject"})
+    assert not any("still" in k for k in trained.tensors) and trained.spec.name == "subject"
+    assert not any("lora" in n for n, _ in backbone.model.named_modules())
+
+
+def test_joint_training_steps_one_lora_at_a_time_with_the_other_running_frozen():
+    backbone = describe(tiny_diffusers_wan())
+    g = torch.Generator().manual_seed(1)
+    clips = VideoSet(torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g))
+    subject = _quick(SubjectSettings(rank=4, alignment_block=1), 1)
+    motion = _quick(MotionSettings(rank=4, spatial_rank=2, alignment_weight=0.0), 1)
+    snapshots = []
+
+    def lora_weights(adapter):
+        return {n: p.detach().clone() for n, p in backbone.model.named_parameters() if f"lora_B.{adapter}." in n}
+
+    def record(step, total, rec):
+        snapshots.append((set(rec), lora_weights("subject"), lora_weights("motion")))
+
+    subject_lora, motion_lora = train_joint(backbone, _subject_set(), clips, subject, motion,
+                                            OptimSettings(steps=12, lr=1e-3, warmup=1), progress=record)
+    subject_steps = [i for i, (keys, _, _) in enumerate(snapshots) if keys & {"region", "preservation"}]
+    motion_steps = [i for i, (keys, _, _) in enumerate(snapshots) if keys & {"mse", "spatial"}]
+    assert subject_steps and motion_steps and len(subject_steps) + len(motion_steps) == 12
+    for i in range(1, 12):  # the adapter that did not step this time is exactly as it was
+        (keys, s_now, m_now), (_, s_before, m_before) = snapshots[i], snapshots[i - 1]
+        subject_stepped = i in subject_steps
+        assert all(torch.equal(s_now[n], s_before[n]) for n in s_now) != subject_stepped
+        if subject_stepped:
+            assert all(torch.equal(m_now[n], m_before[n]) for n in m_now)
+    assert subject_lora.spec.name == "subject" and motion_lora.spec.name == "motion"
+    assert any(t.abs().sum() > 0 for k, t in subject_lora.tensors.items() if "lora_up" in k)
+    assert any(".self_attn.v." in k for k in motion_lora.tensors)
+    assert not any("lora" in n for n, _ in backbone.model.named_modules())
+    with pytest.raises(InputError, match="motion_probability"):
+        train_joint(backbone, _subject_set(), clips, subject, motion, motion_probability=1.0)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -114,6 +114,11 @@ class SubjectSettings:
     projector_hidden: int = 0  # 0: REPA's 2048 (4x the width on models under 512 wide)
     token_attention_weight: float = 0.01  # MotionBooth's STCA; needs masks and subject_tokens
     token_attention_blocks: tuple[int, ...] | None = None  # None: every block
+    # Still-Moving's stillness LoRA: where photos can only be shown to the model as still clips, a throw-away
+    # LoRA learns "everything stands still" from stills of the preservation clips and runs, frozen, while the
+    # subject LoRA learns, so the subject LoRA learns the subject's look and not its stillness. 0: off.
+    still_rank: int = 0
+    still_roles: tuple[str, ...] = MOTION_ROLES
     gradient_checkpointing: bool = False
     name: str = "subject"
 
@@ -166,71 +171,211 @@ def _check_block(block: int, backbone: WanBackbone, name: str) -> None:
         raise InputError(name, f"block {block}", f"a block from 0 to {backbone.num_blocks - 1}")
 
 
+class _SubjectObjective:
+    """One subject step: region loss (+ SuRA, + token attention), or a preservation batch on odd steps."""
+
+    def __init__(self, backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings):
+        self.backbone, self.data, self.settings = backbone, data, settings
+        self.spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
+        self.align = settings.alignment_weight > 0 and data.dino_tokens is not None
+        self.preserve = settings.preservation_weight > 0 and data.preservation is not None
+        if self.align:
+            _check_block(settings.alignment_block, backbone, "alignment_block")
+        self.attend = settings.token_attention_weight > 0 and bool(data.subject_tokens) and data.masks is not None
+        self.attention_blocks = list(range(backbone.num_blocks) if settings.token_attention_blocks is None
+                                     else settings.token_attention_blocks)
+        for b in self.attention_blocks if self.attend else ():
+            _check_block(b, backbone, "token_attention_blocks")
+        self.still = None
+        if settings.still_rank > 0:
+            if not self.preserve or data.preservation.stills is None:
+                raise InputError("still_rank", "a stillness LoRA learns from stills of the preservation clips, "
+                                 "and there are none", "preservation clips with their stills, or 0")
+            self.still = LoraSpec(f"{settings.name}_still", tuple(settings.still_roles), settings.still_rank)
+        self.projector = None
+
+    @property
+    def specs(self) -> list[LoraSpec]:
+        return [self.spec] + ([self.still] if self.still is not None else [])
+
+    def trainables(self, adapters: LoraAdapters, device: torch.device) -> dict[str, list[torch.nn.Parameter]]:
+        groups = {s.name: adapters.parameters(s.name) for s in self.specs}
+        if self.align:
+            torch.manual_seed(self.settings.optim.seed)
+            self.projector = Projector(self.backbone.dim, self.data.dino_tokens.shape[1],
+                                       self.settings.projector_hidden).to(device)
+            groups[f"{self.spec.name}_alignment_projector"] = list(self.projector.parameters())
+        return groups
+
+    def step(self, i: int, g: torch.Generator, adapters: LoraAdapters, device: torch.device,
+             dtype: torch.dtype) -> StepResult:
+        data, settings, backbone, name = self.data, self.settings, self.backbone, self.spec.name
+        # 0: the stillness LoRA learns stills of the preservation clips (the subject LoRA off);
+        # 1: the subject's photos; 2: preservation clips, which move (the stillness LoRA off).
+        phase = i % 3 if self.still is not None else (2 if self.preserve and i % 2 == 1 else 1)
+        if phase != 1:
+            still = phase == 0
+            clips = data.preservation
+            idx = _pick(clips.latents.shape[0], settings.batch, g)
+            if still:
+                k = int(torch.randint(clips.stills.shape[1], (1,), generator=g))
+                x0 = clips.stills[idx, k].to(device, dtype)
+            else:
+                x0 = clips.latents[idx].to(device, dtype)
+            sigma = settings.sigmas(len(idx), g)
+            x, target = add_noise(x0, sigma, g)
+            off = {name if still else self.still.name: 0.0} if self.still is not None else {}
+            with adapters.strengths_set(**off):
+                v = backbone.forward(x, sigma.to(device), _rows(clips.context, idx).to(device, dtype))
+            if still:
+                loss = region_loss(v, target)
+                return StepResult(loss, {"still": float(loss.detach())}, update=[self.still.name])
+            loss = settings.preservation_weight * region_loss(v, target)
+            return StepResult(loss, {"preservation": float(loss.detach())}, update=[name])
+        idx = _pick(data.latents.shape[0], settings.batch, g)
+        x0 = data.latents[idx].to(device, dtype)
+        sigma = settings.sigmas(len(idx), g)
+        x, target = add_noise(x0, sigma, g)
+        mask = data.masks[idx].to(device) if settings.region_loss and data.masks is not None else None
+        context = _rows(data.context, idx).to(device, dtype)
+        grid = backbone.token_grid(x.shape)
+        with contextlib.ExitStack() as stack:
+            hidden = stack.enter_context(backbone.capture(settings.alignment_block)) if self.align else None
+            attention = stack.enter_context(backbone.capture_cross_attention(self.attention_blocks)) if self.attend \
+                else None
+            v = backbone.forward(x, sigma.to(device), context)
+        l_region = region_loss(v, target, mask)
+        loss = l_region
+        parts = {"region" if mask is not None else "mse": float(l_region.detach())}
+        if self.align:
+            l_align = subject_alignment_loss(self.projector, hidden[settings.alignment_block], grid,
+                                             data.dino_tokens[idx].to(device))
+            loss = loss + settings.alignment_weight * l_align
+            parts["alignment"] = float(l_align.detach())
+        if self.attend:
+            maps = [subject_token_attention(a["q"], a["k"], a["heads"], list(data.subject_tokens))
+                    for a in attention.values()]
+            l_attend = token_attention_loss(maps, data.masks[idx].to(device), grid)
+            loss = loss + settings.token_attention_weight * l_attend
+            parts["token_attention"] = float(l_attend.detach())
+        update = [name] + ([f"{name}_alignment_projector"] if self.align else [])
+        return StepResult(loss, parts, update=update)
+
+
+class _MotionObjective:
+    """One motion step: on even steps the throw-away spatial LoRA learns single frames (MotionDirector);
+    otherwise the motion LoRA learns the clips (+ the debiased loss, + MoRA)."""
+
+    def __init__(self, backbone: WanBackbone, data: VideoSet, settings: MotionSettings,
+                 decoded_flow: DecodedFlow | None = None):
+        self.backbone, self.data, self.settings, self.decoded_flow = backbone, data, settings, decoded_flow
+        self.spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
+        self.spatial = None
+        if settings.spatial_rank > 0:
+            self.spatial = LoraSpec(f"{settings.name}_spatial", tuple(settings.spatial_roles), settings.spatial_rank)
+        if settings.alignment not in MOTION_ALIGNMENT:
+            raise InputError("motion_alignment", f"'{settings.alignment}'", f"one of {', '.join(MOTION_ALIGNMENT)}")
+        self.align = settings.alignment_weight > 0 and data.flow is not None
+        self.decode_align = self.align and settings.alignment == "decoded_flow"
+        if self.decode_align and decoded_flow is None:
+            raise InputError("motion_alignment", "'decoded_flow' needs the VAE and a RAFT to decode and measure with",
+                             "a VAE and a RAFT connected, or 'features'")
+        if self.align and not self.decode_align:
+            _check_block(settings.alignment_block, backbone, "alignment_block")
+        self.frames = data.latents.shape[2]
+        if self.spatial is not None and data.stills is None and self.frames < 2:
+            raise InputError("motion clips", f"{self.frames} latent frame and no single frames",
+                             "clips of at least 2 latent frames (5+ frames on Wan), or stills of their frames")
+        self.projector = None
+
+    @property
+    def specs(self) -> list[LoraSpec]:
+        return [self.spec] + ([self.spatial] if self.spatial is not None else [])
+
+    def trainables(self, adapters: LoraAdapters, device: torch.device) -> dict[str, list[torch.nn.Parameter]]:
+        groups = {s.name: adapters.parameters(s.name) for s in self.specs}
+        if self.align and not self.decode_align:
+            torch.manual_seed(self.settings.optim.seed)
+            self.projector = Projector(self.backbone.dim, 2, self.settings.projector_hidden).to(device)
+            groups[f"{self.spec.name}_alignment_projector"] = list(self.projector.parameters())
+        return groups
+
+    def step(self, i: int, g: torch.Generator, adapters: LoraAdapters, device: torch.device,
+             dtype: torch.dtype) -> StepResult:
+        data, settings, backbone, frames = self.data, self.settings, self.backbone, self.frames
+        idx = _pick(data.latents.shape[0], settings.batch, g)
+        context = _rows(data.context, idx).to(device, dtype)
+        sigma = settings.sigmas(len(idx), g)
+        if self.spatial is not None and i % 2 == 0:
+            # Spatial phase: single frames as images; only the spatial LoRA learns, with the motion
+            # LoRA switched off so it does not absorb appearance.
+            if data.stills is not None:
+                k = int(torch.randint(data.stills.shape[1], (1,), generator=g))
+                x0 = data.stills[idx, k].to(device, dtype)
+            else:
+                f = int(torch.randint(frames, (1,), generator=g))
+                x0 = data.latents[idx][:, :, f:f + 1].to(device, dtype)
+            x, target = add_noise(x0, sigma, g)
+            with adapters.strengths_set(**{self.spec.name: 0.0}):
+                v = backbone.forward(x, sigma.to(device), context)
+            loss = region_loss(v, target)
+            return StepResult(loss, {"spatial": float(loss.detach())}, update=[self.spatial.name])
+        x0 = data.latents[idx].to(device, dtype)
+        x, target = add_noise(x0, sigma, g)
+        if self.decode_align:
+            v = backbone.forward(x, sigma.to(device), context)
+            x0_pred = x - sigma.to(device, dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
+            l_align = decoded_flow_loss(self.decoded_flow, x0_pred, data.flow[idx].to(device), g)
+        elif self.align:
+            with backbone.capture(settings.alignment_block) as hidden:
+                v = backbone.forward(x, sigma.to(device), context)
+            grid = backbone.token_grid(x.shape)
+            flow_tokens = flow_on_token_grid(data.flow[idx].to(device), grid)
+            l_align = motion_alignment_loss(self.projector, hidden[settings.alignment_block], grid, flow_tokens)
+        else:
+            v = backbone.forward(x, sigma.to(device), context)
+            l_align = torch.zeros((), device=device)
+        l_mse = region_loss(v, target)
+        loss = l_mse + settings.alignment_weight * l_align
+        parts = {"mse": float(l_mse.detach())}
+        if settings.debiased_weight > 0 and frames > 1:  # one latent frame has no other frame to debias by
+            ref = int(torch.randint(frames, (1,), generator=g))
+            l_debiased = region_loss(appearance_debiased(v, ref), appearance_debiased(target, ref))
+            loss = loss + settings.debiased_weight * l_debiased
+            parts["debiased"] = float(l_debiased.detach())
+        if self.align:
+            parts["alignment"] = float(l_align.detach())
+        update = [self.spec.name] + ([f"{self.spec.name}_alignment_projector"] if self.projector is not None else [])
+        return StepResult(loss, parts, update=update)
+
+
+def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpointing: bool,
+         choose: Callable[[int, torch.Generator], int], workdir, progress, log, device) -> list[TrainedLora]:
+    """Attach every objective's adapters, train, and return each objective's main adapter. `choose(step, g)`
+    picks the objective that takes a step; the others' adapters run in the forward pass, frozen."""
+    device, dtype = _device_dtype(backbone, device)
+    specs = [s for o in objectives for s in o.specs]
+    with LoraAdapters(backbone, specs, seed=optim.seed, device=device) as adapters, \
+            backbone.checkpointing(checkpointing):
+        groups = {}
+        for objective in objectives:
+            groups.update(objective.trainables(adapters, device))
+
+        def step(i: int, g: torch.Generator) -> StepResult:
+            return objectives[choose(i, g)].step(i, g, adapters, device, dtype)
+
+        history = train(step, groups, optim, workdir, progress, log)
+        return [TrainedLora(o.spec, adapters.native_state_dict(o.spec.name), history) for o in objectives]
+
+
 def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),
                   workdir: str | Path | None = None, progress: Progress | None = None,
                   log: Callable[[str], None] | None = None, device: torch.device | None = None) -> TrainedLora:
     """`device`: where the forward runs (a partially loaded model's weights may sit elsewhere);
     default: the model's first parameter's device."""
-    spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
-    align = settings.alignment_weight > 0 and data.dino_tokens is not None
-    preserve = settings.preservation_weight > 0 and data.preservation is not None
-    if align:
-        _check_block(settings.alignment_block, backbone, "alignment_block")
-    attend = settings.token_attention_weight > 0 and bool(data.subject_tokens) and data.masks is not None
-    attention_blocks = list(range(backbone.num_blocks) if settings.token_attention_blocks is None
-                            else settings.token_attention_blocks)
-    for b in attention_blocks if attend else ():
-        _check_block(b, backbone, "token_attention_blocks")
-    device, dtype = _device_dtype(backbone, device)
-    with LoraAdapters(backbone, [spec], seed=settings.optim.seed, device=device) as adapters, \
-            backbone.checkpointing(settings.gradient_checkpointing):
-        groups = {spec.name: adapters.parameters(spec.name)}
-        projector = None
-        if align:
-            torch.manual_seed(settings.optim.seed)
-            projector = Projector(backbone.dim, data.dino_tokens.shape[1], settings.projector_hidden).to(device)
-            groups["alignment_projector"] = list(projector.parameters())
-
-        def step(i: int, g: torch.Generator) -> StepResult:
-            if preserve and i % 2 == 1:
-                clips = data.preservation
-                idx = _pick(clips.latents.shape[0], settings.batch, g)
-                x0 = clips.latents[idx].to(device, dtype)
-                sigma = settings.sigmas(len(idx), g)
-                x, target = add_noise(x0, sigma, g)
-                v = backbone.forward(x, sigma.to(device), _rows(clips.context, idx).to(device, dtype))
-                loss = settings.preservation_weight * region_loss(v, target)
-                return StepResult(loss, {"preservation": float(loss.detach())}, update=[spec.name])
-            idx = _pick(data.latents.shape[0], settings.batch, g)
-            x0 = data.latents[idx].to(device, dtype)
-            sigma = settings.sigmas(len(idx), g)
-            x, target = add_noise(x0, sigma, g)
-            mask = data.masks[idx].to(device) if settings.region_loss and data.masks is not None else None
-            context = _rows(data.context, idx).to(device, dtype)
-            grid = backbone.token_grid(x.shape)
-            with contextlib.ExitStack() as stack:
-                hidden = stack.enter_context(backbone.capture(settings.alignment_block)) if align else None
-                attention = stack.enter_context(backbone.capture_cross_attention(attention_blocks)) if attend \
-                    else None
-                v = backbone.forward(x, sigma.to(device), context)
-            l_region = region_loss(v, target, mask)
-            loss = l_region
-            parts = {"region" if mask is not None else "mse": float(l_region.detach())}
-            if align:
-                l_align = subject_alignment_loss(projector, hidden[settings.alignment_block], grid,
-                                                 data.dino_tokens[idx].to(device))
-                loss = loss + settings.alignment_weight * l_align
-                parts["alignment"] = float(l_align.detach())
-            if attend:
-                maps = [subject_token_attention(a["q"], a["k"], a["heads"], list(data.subject_tokens))
-                        for a in attention.values()]
-                l_attend = token_attention_loss(maps, data.masks[idx].to(device), grid)
-                loss = loss + settings.token_attention_weight * l_attend
-                parts["token_attention"] = float(l_attend.detach())
-            return StepResult(loss, parts)
-
-        history = train(step, groups, settings.optim, workdir, progress, log)
-        return TrainedLora(spec, adapters.native_state_dict(spec.name), history)
+    objective = _SubjectObjective(backbone, data, settings)
+    return _run(backbone, [objective], settings.optim, settings.gradient_checkpointing, lambda i, g: 0,
+                workdir, progress, log, device)[0]
 
 
 def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
@@ -238,82 +383,35 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
                  log: Callable[[str], None] | None = None, device: torch.device | None = None,
                  decoded_flow: DecodedFlow | None = None) -> TrainedLora:
     """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`."""
-    spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
-    specs = [spec]
-    spatial = settings.spatial_rank > 0
-    if spatial:
-        specs.append(LoraSpec(f"{settings.name}_spatial", tuple(settings.spatial_roles), settings.spatial_rank))
-    if settings.alignment not in MOTION_ALIGNMENT:
-        raise InputError("motion_alignment", f"'{settings.alignment}'", f"one of {', '.join(MOTION_ALIGNMENT)}")
-    align = settings.alignment_weight > 0 and data.flow is not None
-    decode_align = align and settings.alignment == "decoded_flow"
-    if decode_align and decoded_flow is None:
-        raise InputError("motion_alignment", "'decoded_flow' needs the VAE and a RAFT to decode and measure with",
-                         "a VAE and a RAFT connected, or 'features'")
-    if align and not decode_align:
-        _check_block(settings.alignment_block, backbone, "alignment_block")
-    frames = data.latents.shape[2]
-    if spatial and data.stills is None and frames < 2:
-        raise InputError("motion clips", f"{frames} latent frame and no single frames",
-                         "clips of at least 2 latent frames (5+ frames on Wan), or stills of their frames")
-    device, dtype = _device_dtype(backbone, device)
-    with LoraAdapters(backbone, specs, seed=settings.optim.seed, device=device) as adapters, \
-            backbone.checkpointing(settings.gradient_checkpointing):
-        groups = {s.name: adapters.parameters(s.name) for s in specs}
-        projector = None
-        if align and not decode_align:
-            torch.manual_seed(settings.optim.seed)
-            projector = Projector(backbone.dim, 2, settings.projector_hidden).to(device)
-            groups["alignment_projector"] = list(projector.parameters())
+    objective = _MotionObjective(backbone, data, settings, decoded_flow)
+    return _run(backbone, [objective], settings.optim, settings.gradient_checkpointing, lambda i, g: 0,
+                workdir, progress, log, device)[0]
 
-        def step(i: int, g: torch.Generator) -> StepResult:
-            idx = _pick(data.latents.shape[0], settings.batch, g)
-            context = _rows(data.context, idx).to(device, dtype)
-            sigma = settings.sigmas(len(idx), g)
-            if spatial and i % 2 == 0:
-                # Spatial phase: single frames as images; only the spatial LoRA learns, with the motion
-                # LoRA switched off so it does not absorb appearance.
-                if data.stills is not None:
-                    k = int(torch.randint(data.stills.shape[1], (1,), generator=g))
-                    x0 = data.stills[idx, k].to(device, dtype)
-                else:
-                    f = int(torch.randint(frames, (1,), generator=g))
-                    x0 = data.latents[idx][:, :, f:f + 1].to(device, dtype)
-                x, target = add_noise(x0, sigma, g)
-                with adapters.strengths_set(**{spec.name: 0.0}):
-                    v = backbone.forward(x, sigma.to(device), context)
-                loss = region_loss(v, target)
-                return StepResult(loss, {"spatial": float(loss.detach())}, update=[specs[1].name])
-            x0 = data.latents[idx].to(device, dtype)
-            x, target = add_noise(x0, sigma, g)
-            if decode_align:
-                v = backbone.forward(x, sigma.to(device), context)
-                x0_pred = x - sigma.to(device, dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
-                l_align = decoded_flow_loss(decoded_flow, x0_pred, data.flow[idx].to(device), g)
-            elif align:
-                with backbone.capture(settings.alignment_block) as hidden:
-                    v = backbone.forward(x, sigma.to(device), context)
-                grid = backbone.token_grid(x.shape)
-                flow_tokens = flow_on_token_grid(data.flow[idx].to(device), grid)
-                l_align = motion_alignment_loss(projector, hidden[settings.alignment_block], grid, flow_tokens)
-            else:
-                v = backbone.forward(x, sigma.to(device), context)
-                l_align = torch.zeros((), device=device)
-            l_mse = region_loss(v, target)
-            loss = l_mse + settings.alignment_weight * l_align
-            parts = {"mse": float(l_mse.detach())}
-            if settings.debiased_weight > 0 and frames > 1:  # one latent frame has no other frame to debias by
-                ref = int(torch.randint(frames, (1,), generator=g))
-                l_debiased = region_loss(appearance_debiased(v, ref), appearance_debiased(target, ref))
-                loss = loss + settings.debiased_weight * l_debiased
-                parts["debiased"] = float(l_debiased.detach())
-            if align:
-                parts["alignment"] = float(l_align.detach())
-            update = [spec.name] + (["alignment_projector"] if projector is not None else [])
-            return StepResult(loss, parts, update=update)
 
-        history = train(step, groups, settings.optim, workdir, progress, log)
-        return TrainedLora(spec, adapters.native_state_dict(spec.name), history)
+def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet,
+                subject: SubjectSettings = SubjectSettings(), motion: MotionSettings = MotionSettings(),
+                optim: OptimSettings = OptimSettings(steps=600, lr=1e-4), motion_probability: float = 0.5,
+                workdir: str | Path | None = None, progress: Progress | None = None,
+                log: Callable[[str], None] | None = None, device: torch.device | None = None,
+                decoded_flow: DecodedFlow | None = None) -> tuple[TrainedLora, TrainedLora]:
+    """Subject and motion LoRAs trained together (DualReal's dual-aware adaptation): each step is a motion
+    step with probability `motion_probability`, else a subject step; both LoRAs run in every forward pass
+    and only the stepping one learns, so each learns in the presence of the other it will be used with.
+    `optim` replaces the two settings' own (one optimiser, one schedule, one checkpoint)."""
+    if not 0.0 < motion_probability < 1.0:
+        raise InputError("motion_probability", f"{motion_probability}", "a probability strictly between 0 and 1")
+    objectives = [_SubjectObjective(backbone, subject_data, subject),
+                  _MotionObjective(backbone, motion_data, motion, decoded_flow)]
+    names = [s.name for o in objectives for s in o.specs]
+    if len(set(names)) != len(names):
+        raise InputError("name", f"adapter names {names}", "different names for the subject and motion LoRAs")
+
+    def choose(i: int, g: torch.Generator) -> int:
+        return int(float(torch.rand((), generator=g)) < motion_probability)
+
+    checkpointing = subject.gradient_checkpointing or motion.gradient_checkpointing
+    subject_lora, motion_lora = _run(backbone, objectives, optim, checkpointing, choose, workdir, progress, log, device)
+    return subject_lora, motion_lora
 
 
 def with_steps(settings, steps: int):

@@ -20,6 +20,7 @@ from ..training.customize import (
     SubjectSettings,
     TrainedLora,
     VideoSet,
+    train_joint,
     train_motion,
     train_subject,
 )
@@ -54,8 +55,10 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
     if preservation:
         g = torch.Generator().manual_seed(seed + 4242)
         rendered = [render(random_scene(g, case.spec), case.spec) for _ in range(preservation)]
+        clip_frames = torch.stack([c.frames for c in rendered])
         with torch.no_grad():
-            clips = VideoSet(encode(torch.stack([c.frames for c in rendered])), world.text([c.prompt for c in rendered]))
+            clips = VideoSet(encode(clip_frames), world.text([c.prompt for c in rendered]),
+                             stills=torch.stack([encode_stills(f) for f in clip_frames]))
     return SubjectSet(latents, context, masks, tokens, clips, subject_tokens=(0,))  # "sks" is the only word
 
 
@@ -86,6 +89,7 @@ class LoraMethod:
     subject: SubjectSettings | None  # None: the motion LoRA alone, prompted with a motion clip's own subject
     motion: MotionSettings
     schedules: dict[str, StrengthSchedule] | None = None  # None: both at 1.0 throughout
+    joint: OptimSettings | None = None  # the two LoRAs trained together in alternating steps (DualReal)
     sampling_steps: int = 30
     cfg: float = 4.0
     encoders: dict = field(default_factory=dict)  # "dino", "raft": loaded world encoders
@@ -104,16 +108,20 @@ class LoraMethod:
             self.encoders["raft"] = load_raft(RAFT_FILE)
         dino = self.encoders.get("dino") if align_subject else None
         raft = self.encoders.get("raft") if self.motion.alignment_weight > 0 else None
-        subject = None
-        if self.subject is not None:
-            subject = train_subject(world.backbone, subject_set(world, case, dino,
-                                                                16 if self.subject.preservation_weight else 0),
-                                    self.subject, workdir / "subject")
         decoded = None
         if self.motion.alignment == "decoded_flow" and raft is not None:
             decoded = DecodedFlow(decode, raft, DecodedFlow.grouped_frames(TEMPORAL_FACTOR))
-        motion = train_motion(world.backbone, motion_set(world, case, raft), self.motion, workdir / "motion",
-                              decoded_flow=decoded)
+        subject_data = None
+        if self.subject is not None:
+            subject_data = subject_set(world, case, dino, 16 if self.subject.preservation_weight else 0)
+        motion_data = motion_set(world, case, raft)
+        if self.joint is not None:
+            subject, motion = train_joint(world.backbone, subject_data, motion_data, self.subject, self.motion,
+                                          self.joint, workdir=workdir / "joint", decoded_flow=decoded)
+        else:
+            subject = None if subject_data is None else train_subject(world.backbone, subject_data, self.subject,
+                                                                      workdir / "subject")
+            motion = train_motion(world.backbone, motion_data, self.motion, workdir / "motion", decoded_flow=decoded)
         trained_loras = [t for t in (subject, motion) if t is not None]
         for trained in trained_loras:
             save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
@@ -172,4 +180,10 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         # Not in the default ladder: MoRA through the decoder and RAFT, as the authors' code runs it.
         "full_decoded_mora": LoraMethod("full_decoded_mora", sura_subject, mora_decoded_motion,
                                         schedules=dict(SMRABOOTH_TIMING)),
+        # Not in the default ladder: the full rung's two LoRAs trained together, a subject or a motion step at
+        # random (DualReal's dual-aware adaptation), as many steps in all as the two separate runs.
+        "still": LoraMethod("still", replace(sura_subject, still_rank=32, optim=_world_optim(steps * 3 // 2, lr)),
+                            mora_motion, schedules=dict(SMRABOOTH_TIMING)),
+        "joint": LoraMethod("joint", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
+                            joint=_world_optim(2 * steps, lr)),
     }
