@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from custvid_core.adapters import read_lora
@@ -111,3 +112,25 @@ def test_the_motion_lora_alone_is_prompted_with_a_motion_clip_subject(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"{case.name}_motion.safetensors"]
     prompt = case.prompt_texts(words["subject"], words["motion"])
     assert not torch.allclose(run(prompt, 0), generate(world, prompt, seed=0, steps=2, progress=lambda *_: None))
+
+
+@pytest.mark.parametrize("name", ["full_still", "joint"])
+def test_the_stillness_and_joint_methods_keep_only_the_subject_and_motion_loras(tmp_path, name):
+    world = build_world(TINY)
+    case = load_cases()[0]
+    torch.manual_seed(0)
+    encoders = {"dino": build_dinov2({**DINO_CONFIG, "num_hidden_layers": 1}, name="tiny"),
+                "raft": build_raft("raft_small")}
+    method = replace(lora_methods(steps=2, lr=1e-3)[name], sampling_steps=2, encoders=encoders)
+    run, words = method.prepare(world, case, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"{case.name}_motion.safetensors",
+                                                                       f"{case.name}_subject.safetensors"]
+    subject, spec, _ = read_lora(tmp_path / f"{case.name}_subject.safetensors")
+    assert spec.name == "subject" and not any("still" in k for k in subject)
+    history = torch.load(next(tmp_path.rglob("checkpoint.pt")), weights_only=True)["history"]
+    kinds = {k for record in history for k in record}
+    if name == "full_still":  # 3 steps: stills, photos, preservation clips
+        assert len(history) == 3 and {"still", "region", "preservation"} <= kinds
+    else:  # one run: subject and motion steps drawn at random
+        assert len(history) == 4
+    assert run(["sks mtn"], 0).shape == (1, 5, 32, 32, 3)

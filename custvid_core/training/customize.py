@@ -9,12 +9,16 @@ Subject (`train_subject`): images as one-frame videos, prompt with a placeholder
   loss = region loss (masked v-MSE) + alignment_weight * SuRA (projector on a block's hidden
   states vs the image's DINOv2 patch tokens) + token_attention_weight * STCA (the trigger word's
   cross-attention vs the mask), alternating with preservation batches (any captioned clips, plain
-  v-MSE * preservation_weight) as MotionBooth does.
+  v-MSE * preservation_weight) as MotionBooth does. Where photos can only be shown as still clips
+  (the shapes world), a throw-away stillness LoRA learns stills of the preservation clips and runs
+  frozen under the subject LoRA (Still-Moving), so the subject LoRA does not learn to stand still.
 Motion (`train_motion`): MotionDirector's two phases, alternating step by step: a spatial LoRA
   learns the clips' appearance from single frames; the motion LoRA learns the clips with the
   spatial LoRA active but frozen, with the appearance-debiased loss and MoRA (a projector reads
   the RAFT flow of each token's place off a block's hidden states; or, as the authors' code does, RAFT's
   flow of the decoded clean-latent prediction against the reference flow). The spatial LoRA is thrown away.
+Joint (`train_joint`): both recipes in one run, a subject or a motion step at random, each LoRA
+  learning with the other attached and frozen (DualReal's dual-aware adaptation).
 """
 
 from __future__ import annotations

@@ -174,6 +174,11 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         "sura": LoraMethod("sura", sura_subject, losses_motion),
         "mora": LoraMethod("mora", sura_subject, mora_motion),
         "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
+        # + a throw-away stillness LoRA under the subject LoRA (the world shows photos as still clips), with
+        # half as many steps again so the photos and the preservation clips get as many steps as before.
+        "full_still": LoraMethod("full_still", replace(sura_subject, still_rank=32,
+                                                       optim=_world_optim(steps * 3 // 2, lr)),
+                                 mora_motion, schedules=dict(SMRABOOTH_TIMING)),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
         # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
         "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
