@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .world.scene import WorldSpec
 
 CONTROL_PARTS = ("perf", "camera", "boxes")
 
@@ -82,7 +83,7 @@ def world_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = train_config_from_args(args)
     command = "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    train_world(args.out, cfg, command=command)
+    train_world(args.out, cfg, WorldSpec(wallpaper_contrast=args.wallpaper_contrast), command=command)
     return 0
 
 
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centred-jitter", type=float, default=-1.0,
                    help="pixels a path's midpoint may move from the frame's centre (negative: a start anywhere)")
     p.add_argument("--init", default="diffusers", choices=["diffusers", "adaln-zero"], help="weight initialisation")
+    p.add_argument("--wallpaper-contrast", type=float, default=WorldSpec.wallpaper_contrast,
+                   help="amplitude of the background's waves (what a camera pan is seen by)")
     p.add_argument("--init-from", default="", help="a world model file to start from (fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

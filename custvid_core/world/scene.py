@@ -42,6 +42,9 @@ class WorldSpec:
     # Straight motions, pixels per frame: fast enough that an object crosses most of the frame,
     # so direction is the dominant trait of a clip rather than a sub-token drift.
     speed: tuple[float, float] = (2.5, 3.2)
+    # Amplitude of each of the wallpaper's three waves: the background's contrast, which is what a camera
+    # pan is seen by.
+    wallpaper_contrast: float = 0.035
 
 
 @dataclass
@@ -178,7 +181,7 @@ def _texture_factor(texture: str, dx: torch.Tensor, dy: torch.Tensor) -> torch.T
     raise InputError("texture", f"'{texture}' is not a texture", f"one of {TEXTURES}")
 
 
-def wallpaper(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def wallpaper(x: torch.Tensor, y: torch.Tensor, seed: int = 0, contrast: float = 0.035) -> torch.Tensor:
     """The background at (possibly fractional) pixel coordinates: a dim bluish-grey field of three
     gentle waves (periods 10 to 20 px) whose directions and phases come from `seed`.
 
@@ -193,7 +196,7 @@ def wallpaper(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
         phase = 2 * math.pi * float(torch.rand((), generator=g))
         k = 2 * math.pi / period
         v = v + torch.sin(k * (x * math.cos(angle) + y * math.sin(angle)) + phase)
-    base = 0.22 + 0.035 * v
+    base = 0.22 + contrast * v
     return torch.stack([base * 0.95, base * 1.0, base * 1.15], -1).clamp(0, 1)
 
 
@@ -208,7 +211,8 @@ def render(scene: Scene, spec: WorldSpec = WorldSpec(), supersample: int = 4) ->
     colour = torch.tensor(COLOURS[scene.colour])
     t = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
     bg = wallpaper(xx + scene.background_offset[0] + scene.camera[0] * t,
-                   yy + scene.background_offset[1] + scene.camera[1] * t, scene.background_seed)
+                   yy + scene.background_offset[1] + scene.camera[1] * t, scene.background_seed,
+                   spec.wallpaper_contrast)
     dx, dy = xx - centres[:, 0].view(n, 1, 1), yy - centres[:, 1].view(n, 1, 1)
     inside = _shape_coverage(scene.shape, dx, dy, scene.object_size / 2).float()[..., None]
     obj = colour * _texture_factor(scene.texture, dx, dy)[..., None]
