@@ -63,6 +63,10 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def world_spec_from_args(args: argparse.Namespace) -> WorldSpec:
+    return WorldSpec(wallpaper_contrast=args.wallpaper_contrast)
+
+
 def train_config_from_args(args: argparse.Namespace):
     from .world.train import TrainConfig
 
@@ -83,7 +87,7 @@ def world_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = train_config_from_args(args)
     command = "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    train_world(args.out, cfg, WorldSpec(wallpaper_contrast=args.wallpaper_contrast), command=command)
+    train_world(args.out, cfg, world_spec_from_args(args), command=command)
     return 0
 
 

@@ -133,3 +133,15 @@ def test_scene_fields_are_validated_by_name():
     with pytest.raises(InputError, match="speedd: is not a scene field"):
         scene_from_dict({"speedd": 2})
     assert scene_from_dict({"colour": "orange", "shape": "star", "start": [4, 5]}).start == (4, 5)
+
+
+def test_the_wallpaper_contrast_scales_the_background_waves_and_nothing_else():
+    scene = Scene(colour="red", shape="square", background_seed=7)
+    low, high = render(scene, WorldSpec()), render(scene, WorldSpec(wallpaper_contrast=0.07))
+    near_object = torch.nn.functional.max_pool2d(low.masks[:1], 5, 1, 2)[0] > 0  # edge pixels mix colours
+    background = ~near_object
+    spread = [float(c.frames[0][background].mean(-1).std()) for c in (low, high)]
+    assert spread[1] / spread[0] == pytest.approx(2.0, rel=0.05)
+    assert torch.equal(low.masks, high.masks)
+    inside = low.masks[0] > 0.5
+    assert torch.allclose(low.frames[0][inside], high.frames[0][inside], atol=0.05)
