@@ -243,6 +243,13 @@ def _latents_in(to_model, latents: torch.Tensor) -> torch.Tensor:
     return plain(to_model(latents))
 
 
+def _clips_in(to_model, clips: VideoSet) -> VideoSet:
+    """A clips dataset as the model takes it (latents and stills in the model's own latent format)."""
+    stills = clips.stills
+    return VideoSet(_latents_in(to_model, clips.latents), plain(clips.context), plain(clips.flow),
+                    _latents_in(to_model, stills.flatten(0, 1)).view(stills.shape) if stills is not None else None)
+
+
 class TrainSubjectLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -258,26 +265,33 @@ class TrainSubjectLoRA(io.ComfyNode):
                     io.Float.Input("preservation_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                    tooltip="Weight of the preservation clips' loss (if the dataset has clips)."),
                     io.Boolean.Input("region_loss", default=True,
-                                     tooltip="Count only the subject's region (needs masks in the dataset).")],
+                                     tooltip="Count only the subject's region (needs masks in the dataset)."),
+                    io.Int.Input("stillness_rank", default=0, min=0, max=256, optional=True,
+                                 tooltip="Rank of a throw-away stillness LoRA (Still-Moving): it learns single "
+                                         "frames of the preservation clips and runs, frozen, while the subject "
+                                         "LoRA learns, so the subject LoRA learns the photos' look and not their "
+                                         "stillness. For models that see a photo as a still clip (the shapes "
+                                         "world: 32); needs preservation clips; every third step is its own. "
+                                         "0: off.")],
             outputs=_train_outputs(),
         )
 
     @classmethod
     def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
-                run_name, preservation_weight, region_loss) -> io.NodeOutput:
+                run_name, preservation_weight, region_loss, stillness_rank=0) -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=min(20, steps // 10)),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
-            alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing)
+            alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
+            stillness_rank=stillness_rank)
         folder = training_folder(run_name)
         with training_backbone(model) as (backbone, device, to_model):
             clips = subject.preservation
             data = SubjectSet(_latents_in(to_model, subject.latents), plain(subject.context), plain(subject.masks),
-                              plain(subject.dino_tokens),
-                              VideoSet(_latents_in(to_model, clips.latents), plain(clips.context)) if clips else None,
+                              plain(subject.dino_tokens), _clips_in(to_model, clips) if clips else None,
                               subject.subject_tokens)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     device=device)
@@ -339,10 +353,7 @@ class TrainMotionLoRA(io.ComfyNode):
             alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing)
         folder = training_folder(run_name)
         with training_backbone(model) as (backbone, device, to_model):
-            stills = clips.stills
-            data = VideoSet(_latents_in(to_model, clips.latents), plain(clips.context), plain(clips.flow),
-                            _latents_in(to_model, stills.flatten(0, 1)).view(stills.shape) if stills is not None
-                            else None)
+            data = _clips_in(to_model, clips)
             flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
                 if decoded else None
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),

@@ -15,8 +15,10 @@ from comfy_api.latest import io
 from ..custvid_core.errors import InputError
 from ..custvid_core.world import latent as world_latent
 from ..custvid_core.world.cases import load_cases
-from ..custvid_core.world.customize import MOTION_WORD
+from ..custvid_core.training.customize import VideoSet
+from ..custvid_core.world.customize import MOTION_WORD, vocabulary_clips
 from ..custvid_core.world.model import load_text_encoder
+from ..custvid_core.world.scene import WorldSpec
 from . import types
 from .host import model_files
 
@@ -178,4 +180,34 @@ class WorldCaseData(io.ComfyNode):
                              clip.frames, f"{clip.prompt} {MOTION_WORD}")
 
 
-NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent, WorldCaseData]
+class WorldPreservationClips(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_WorldPreservationClips",
+            display_name="Shapes World Preservation Clips",
+            category=CATEGORY,
+            description="Clips of the world's own vocabulary with their captions, encoded for training: the "
+                        "preservation clips of a Subject Dataset (MotionBooth's video preservation loss, and "
+                        "the stills a stillness LoRA learns from).",
+            inputs=[
+                types.WorldText.Input("world_text", tooltip="From Load Shapes World (captions the clips)."),
+                io.Int.Input("count", default=16, min=1, max=64, tooltip="How many clips."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Which clips (fixed by seed)."),
+            ],
+            outputs=[types.VideoDataset.Output(display_name="clips")],
+        )
+
+    @classmethod
+    def execute(cls, world_text, count, seed) -> io.NodeOutput:
+        clips = vocabulary_clips(WorldSpec(), count, seed)
+        vae = WorldVAE()
+        with torch.no_grad():
+            context = world_text([c.prompt for c in clips])
+        latents = torch.cat([vae.encode(c.frames) for c in clips])
+        # Every frame as a photo (a still clip in the world's latent), like Video Clips Dataset's stills.
+        stills = torch.stack([torch.cat([vae.encode(frame[None]) for frame in c.frames]) for c in clips])
+        return io.NodeOutput(VideoSet(latents, context, None, stills))
+
+
+NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent, WorldCaseData, WorldPreservationClips]

@@ -198,8 +198,8 @@ def test_motion_training_trains_only_the_motion_lora_and_discards_the_spatial_on
 def test_a_stillness_lora_learns_stills_of_the_preservation_clips_and_is_thrown_away():
     backbone = describe(tiny_diffusers_wan())
     data = _subject_set()
-    with pytest.raises(InputError, match="still_rank"):  # the clips have no stills
-        train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1, still_rank=2), 1))
+    with pytest.raises(InputError, match="stillness_rank"):  # the clips have no stills
+        train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1, stillness_rank=2), 1))
     g = torch.Generator().manual_seed(2)
     data.preservation.stills = torch.randn(2, 3, 16, 1, 8, 8, generator=g)
     snapshots = []
@@ -208,14 +208,14 @@ def test_a_stillness_lora_learns_stills_of_the_preservation_clips_and_is_thrown_
         snapshots.append((set(rec), {n: p.detach().clone() for n, p in backbone.model.named_parameters()
                                      if "lora_B." in n}))
 
-    trained = train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1, still_rank=2), 6),
-                            progress=record)
-    assert ["still" in k for k, _ in snapshots] == [True, False, False] * 2
+    settings = _quick(SubjectSettings(rank=4, alignment_block=1, stillness_rank=2), 6)
+    trained = train_subject(backbone, data, settings, progress=record)
+    assert ["stillness" in k for k, _ in snapshots] == [True, False, False] * 2
     assert "region" in snapshots[1][0] and "preservation" in snapshots[2][0]
     for i in range(1, 6):
         keys, now = snapshots[i]
         changed = {n.split("lora_B.")[1].split(".")[0] for n in now if not torch.equal(now[n], snapshots[i - 1][1][n])}
-        assert changed == ({"subject_still"} if "still" in keys else {"subject"})
+        assert changed == ({"subject_stillness"} if "stillness" in keys else {"subject"})
     assert not any("still" in k for k in trained.tensors) and trained.spec.name == "subject"
     assert not any("lora" in n for n, _ in backbone.model.named_modules())
 

@@ -130,7 +130,7 @@ def test_the_stillness_and_joint_methods_keep_only_the_subject_and_motion_loras(
     history = torch.load(next(tmp_path.rglob("checkpoint.pt")), weights_only=True)["history"]
     kinds = {k for record in history for k in record}
     if name == "full_still":  # 3 steps: stills, photos, preservation clips
-        assert len(history) == 3 and {"still", "region", "preservation"} <= kinds
+        assert len(history) == 3 and {"stillness", "region", "preservation"} <= kinds
     else:  # one run: subject and motion steps drawn at random
         assert len(history) == 4
     assert run(["sks mtn"], 0).shape == (1, 5, 32, 32, 3)

@@ -121,8 +121,8 @@ class SubjectSettings:
     # Still-Moving's stillness LoRA: where photos can only be shown to the model as still clips, a throw-away
     # LoRA learns "everything stands still" from stills of the preservation clips and runs, frozen, while the
     # subject LoRA learns, so the subject LoRA learns the subject's look and not its stillness. 0: off.
-    still_rank: int = 0
-    still_roles: tuple[str, ...] = MOTION_ROLES
+    stillness_rank: int = 0
+    stillness_roles: tuple[str, ...] = MOTION_ROLES
     gradient_checkpointing: bool = False
     name: str = "subject"
 
@@ -190,17 +190,18 @@ class _SubjectObjective:
                                      else settings.token_attention_blocks)
         for b in self.attention_blocks if self.attend else ():
             _check_block(b, backbone, "token_attention_blocks")
-        self.still = None
-        if settings.still_rank > 0:
+        self.stillness = None
+        if settings.stillness_rank > 0:
             if not self.preserve or data.preservation.stills is None:
-                raise InputError("still_rank", "a stillness LoRA learns from stills of the preservation clips, "
+                raise InputError("stillness_rank", "a stillness LoRA learns from stills of the preservation clips, "
                                  "and there are none", "preservation clips with their stills, or 0")
-            self.still = LoraSpec(f"{settings.name}_still", tuple(settings.still_roles), settings.still_rank)
+            self.stillness = LoraSpec(f"{settings.name}_stillness", tuple(settings.stillness_roles),
+                                      settings.stillness_rank)
         self.projector = None
 
     @property
     def specs(self) -> list[LoraSpec]:
-        return [self.spec] + ([self.still] if self.still is not None else [])
+        return [self.spec] + ([self.stillness] if self.stillness is not None else [])
 
     def trainables(self, adapters: LoraAdapters, device: torch.device) -> dict[str, list[torch.nn.Parameter]]:
         groups = {s.name: adapters.parameters(s.name) for s in self.specs}
@@ -216,7 +217,7 @@ class _SubjectObjective:
         data, settings, backbone, name = self.data, self.settings, self.backbone, self.spec.name
         # 0: the stillness LoRA learns stills of the preservation clips (the subject LoRA off);
         # 1: the subject's photos; 2: preservation clips, which move (the stillness LoRA off).
-        phase = i % 3 if self.still is not None else (2 if self.preserve and i % 2 == 1 else 1)
+        phase = i % 3 if self.stillness is not None else (2 if self.preserve and i % 2 == 1 else 1)
         if phase != 1:
             still = phase == 0
             clips = data.preservation
@@ -228,12 +229,12 @@ class _SubjectObjective:
                 x0 = clips.latents[idx].to(device, dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            off = {name if still else self.still.name: 0.0} if self.still is not None else {}
+            off = {name if still else self.stillness.name: 0.0} if self.stillness is not None else {}
             with adapters.strengths_set(**off):
                 v = backbone.forward(x, sigma.to(device), _rows(clips.context, idx).to(device, dtype))
             if still:
                 loss = region_loss(v, target)
-                return StepResult(loss, {"still": float(loss.detach())}, update=[self.still.name])
+                return StepResult(loss, {"stillness": float(loss.detach())}, update=[self.stillness.name])
             loss = settings.preservation_weight * region_loss(v, target)
             return StepResult(loss, {"preservation": float(loss.detach())}, update=[name])
         idx = _pick(data.latents.shape[0], settings.batch, g)

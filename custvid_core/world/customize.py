@@ -14,6 +14,7 @@ import torch
 
 from ..adapters.lora import LoraAdapters, save_lora
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
+from ..errors import InputError
 from ..training.customize import (
     MotionSettings,
     SubjectSet,
@@ -30,9 +31,18 @@ from .cases import Case
 from .latent import TEMPORAL_FACTOR, decode, encode, encode_stills
 from .model import World
 from .sample import generate
-from .scene import random_scene, render
+from .scene import Clip, WorldSpec, random_scene, render
 
 SUBJECT_WORD, MOTION_WORD = "sks", "mtn"
+
+
+def vocabulary_clips(spec: WorldSpec, count: int, seed: int = 0) -> list[Clip]:
+    """`count` clips of the world's own vocabulary (seen colours, shapes, textures, straight motions),
+    deterministic by seed: preservation clips for a subject (MotionBooth's video preservation loss)."""
+    if count < 1:
+        raise InputError("count", f"{count}", "at least 1 clip")
+    g = torch.Generator().manual_seed(seed)
+    return [render(random_scene(g, spec), spec) for _ in range(count)]
 
 
 def subject_set(world: World, case: Case, dino=None, preservation: int = 16, seed: int = 0) -> SubjectSet:
@@ -53,8 +63,7 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
         tokens = rep.patch_tokens.permute(0, 3, 1, 2).contiguous()
     clips = None
     if preservation:
-        g = torch.Generator().manual_seed(seed + 4242)
-        rendered = [render(random_scene(g, case.spec), case.spec) for _ in range(preservation)]
+        rendered = vocabulary_clips(case.spec, preservation, seed + 4242)
         clip_frames = torch.stack([c.frames for c in rendered])
         with torch.no_grad():
             clips = VideoSet(encode(clip_frames), world.text([c.prompt for c in rendered]),
@@ -176,7 +185,7 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
         # + a throw-away stillness LoRA under the subject LoRA (the world shows photos as still clips), with
         # half as many steps again so the photos and the preservation clips get as many steps as before.
-        "full_still": LoraMethod("full_still", replace(sura_subject, still_rank=32,
+        "full_still": LoraMethod("full_still", replace(sura_subject, stillness_rank=32,
                                                        optim=_world_optim(steps * 3 // 2, lr)),
                                  mora_motion, schedules=dict(SMRABOOTH_TIMING)),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
@@ -187,7 +196,7 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
                                         schedules=dict(SMRABOOTH_TIMING)),
         # Not in the default ladder: the full rung's two LoRAs trained together, a subject or a motion step at
         # random (DualReal's dual-aware adaptation), as many steps in all as the two separate runs.
-        "still": LoraMethod("still", replace(sura_subject, still_rank=32, optim=_world_optim(steps * 3 // 2, lr)),
+        "still": LoraMethod("still", replace(sura_subject, stillness_rank=32, optim=_world_optim(steps * 3 // 2, lr)),
                             mora_motion, schedules=dict(SMRABOOTH_TIMING)),
         "joint": LoraMethod("joint", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
                             joint=_world_optim(2 * steps, lr)),

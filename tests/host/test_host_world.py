@@ -96,12 +96,14 @@ def test_shipped_world_workflow_runs(comfy_server):
 
 
 def test_shipped_customization_workflow_trains_saves_and_generates(comfy_server):
-    """The world customization workflow, shortened (2 training steps, 2 sampling steps), end to end."""
+    """The world customization workflow, shortened (3 subject and 2 motion training steps, 2 sampling steps),
+    end to end."""
     workflow = json.loads((REPO / "workflows" / "custvid_world_customize.json").read_text())
     prompt = to_api(workflow, comfy_server.object_info())
     for node in prompt.values():
         if node["class_type"] in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):
-            node["inputs"].update(steps=2, run_name=node["inputs"]["run_name"] + "_host_test")
+            steps = 3 if node["class_type"] == "CustVid_TrainSubjectLoRA" else 2
+            node["inputs"].update(steps=steps, run_name=node["inputs"]["run_name"] + "_host_test")
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 2
     result = comfy_server.run(prompt, timeout=900)
@@ -110,7 +112,11 @@ def test_shipped_customization_workflow_trains_saves_and_generates(comfy_server)
     assert sorted(p.name for p in loras.glob("world_*.safetensors")) == ["world_motion.safetensors",
                                                                           "world_subject.safetensors"]
     assert list((comfy_server.base / "output" / "custvid").glob("world_customized*"))
-    assert (comfy_server.base / "output" / "custvid_training" / "world_subject_host_test" / "checkpoint.pt").exists()
+    checkpoint = comfy_server.base / "output" / "custvid_training" / "world_subject_host_test" / "checkpoint.pt"
+    # The subject's three kinds of step: the stillness LoRA's stills, the photos, the preservation clips.
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    assert [next(k for k in ("stillness", "region", "preservation") if k in r) for r in history] == \
+        ["stillness", "region", "preservation"]
 
 
 @pytest.fixture(autouse=True)
