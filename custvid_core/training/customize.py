@@ -357,7 +357,8 @@ class _MotionObjective:
 def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpointing: bool,
          choose: Callable[[int, torch.Generator], int], workdir, progress, log, device) -> list[TrainedLora]:
     """Attach every objective's adapters, train, and return each objective's main adapter. `choose(step, g)`
-    picks the objective that takes a step; the others' adapters run in the forward pass, frozen."""
+    picks the objective that takes a step; the others' main adapters run in the forward pass, frozen, and
+    their throw-away helpers (a spatial or stillness LoRA, after the main one in `specs`) are off."""
     device, dtype = _device_dtype(backbone, device)
     specs = [s for o in objectives for s in o.specs]
     with LoraAdapters(backbone, specs, seed=optim.seed, device=device) as adapters, \
@@ -367,7 +368,10 @@ def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpoi
             groups.update(objective.trainables(adapters, device))
 
         def step(i: int, g: torch.Generator) -> StepResult:
-            return objectives[choose(i, g)].step(i, g, adapters, device, dtype)
+            chosen = objectives[choose(i, g)]
+            helpers_off = {s.name: 0.0 for o in objectives if o is not chosen for s in o.specs[1:]}
+            with adapters.strengths_set(**helpers_off):
+                return chosen.step(i, g, adapters, device, dtype)
 
         history = train(step, groups, optim, workdir, progress, log)
         return [TrainedLora(o.spec, adapters.native_state_dict(o.spec.name), history) for o in objectives]

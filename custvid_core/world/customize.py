@@ -99,6 +99,7 @@ class LoraMethod:
     motion: MotionSettings
     schedules: dict[str, StrengthSchedule] | None = None  # None: both at 1.0 throughout
     joint: OptimSettings | None = None  # the two LoRAs trained together in alternating steps (DualReal)
+    motion_probability: float = 0.5  # joint training: the chance that a step is a motion step
     sampling_steps: int = 30
     cfg: float = 4.0
     encoders: dict = field(default_factory=dict)  # "dino", "raft": loaded world encoders
@@ -126,7 +127,8 @@ class LoraMethod:
         motion_data = motion_set(world, case, raft)
         if self.joint is not None:
             subject, motion = train_joint(world.backbone, subject_data, motion_data, self.subject, self.motion,
-                                          self.joint, workdir=workdir / "joint", decoded_flow=decoded)
+                                          self.joint, self.motion_probability, workdir=workdir / "joint",
+                                          decoded_flow=decoded)
         else:
             subject = None if subject_data is None else train_subject(world.backbone, subject_data, self.subject,
                                                                       workdir / "subject")
@@ -177,17 +179,16 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
     sura_subject = replace(losses_subject, alignment_weight=0.05)
     mora_motion = replace(losses_motion, alignment_weight=1.0)
     mora_decoded_motion = replace(mora_motion, alignment="decoded_flow")
+    # + a throw-away stillness LoRA under the subject LoRA (the world shows photos as still clips), with half as
+    # many steps again so the photos and the preservation clips get as many steps as before.
+    still_subject = replace(sura_subject, stillness_rank=32, optim=_world_optim(steps * 3 // 2, lr))
     return {
         "plain_lora": LoraMethod("plain_lora", plain_subject, plain_motion),
         "losses": LoraMethod("losses", losses_subject, losses_motion),
         "sura": LoraMethod("sura", sura_subject, losses_motion),
         "mora": LoraMethod("mora", sura_subject, mora_motion),
         "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
-        # + a throw-away stillness LoRA under the subject LoRA (the world shows photos as still clips), with
-        # half as many steps again so the photos and the preservation clips get as many steps as before.
-        "full_still": LoraMethod("full_still", replace(sura_subject, stillness_rank=32,
-                                                       optim=_world_optim(steps * 3 // 2, lr)),
-                                 mora_motion, schedules=dict(SMRABOOTH_TIMING)),
+        "full_still": LoraMethod("full_still", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
         # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
         "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
@@ -196,8 +197,10 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
                                         schedules=dict(SMRABOOTH_TIMING)),
         # Not in the default ladder: the full rung's two LoRAs trained together, a subject or a motion step at
         # random (DualReal's dual-aware adaptation), as many steps in all as the two separate runs.
-        "still": LoraMethod("still", replace(sura_subject, stillness_rank=32, optim=_world_optim(steps * 3 // 2, lr)),
-                            mora_motion, schedules=dict(SMRABOOTH_TIMING)),
         "joint": LoraMethod("joint", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
                             joint=_world_optim(2 * steps, lr)),
+        # Not in the default ladder: joint training with the stillness LoRA under the subject LoRA; 2.5x the steps,
+        # a motion step with probability 0.4, so each kind of step gets about as many as in the separate runs.
+        "joint_still": LoraMethod("joint_still", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
+                                  joint=_world_optim(5 * steps // 2, lr), motion_probability=0.4),
     }
