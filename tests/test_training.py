@@ -220,8 +220,16 @@ def test_a_stillness_lora_learns_stills_of_the_preservation_clips_and_is_thrown_
     assert not any("lora" in n for n, _ in backbone.model.named_modules())
 
 
-def test_joint_training_steps_one_lora_at_a_time_with_the_other_running_frozen():
+def test_joint_training_steps_one_lora_at_a_time_with_the_other_running_frozen(monkeypatch):
     backbone = describe(tiny_diffusers_wan())
+    zeroed = []  # the adapters switched off around each call
+    real_strengths_set = LoraAdapters.strengths_set
+
+    def recording_strengths_set(self, **strengths):
+        zeroed.append({n for n, v in strengths.items() if v == 0.0})
+        return real_strengths_set(self, **strengths)
+
+    monkeypatch.setattr(LoraAdapters, "strengths_set", recording_strengths_set)
     g = torch.Generator().manual_seed(1)
     clips = VideoSet(torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g))
     subject = _quick(SubjectSettings(rank=4, alignment_block=1), 1)
@@ -245,6 +253,8 @@ def test_joint_training_steps_one_lora_at_a_time_with_the_other_running_frozen()
         assert all(torch.equal(s_now[n], s_before[n]) for n in s_now) != subject_stepped
         if subject_stepped:
             assert all(torch.equal(m_now[n], m_before[n]) for n in m_now)
+    # The motion recipe's throw-away spatial LoRA is off in every subject step.
+    assert sum(z == {"motion_spatial"} for z in zeroed) == len(subject_steps)
     assert subject_lora.spec.name == "subject" and motion_lora.spec.name == "motion"
     assert any(t.abs().sum() > 0 for k, t in subject_lora.tensors.items() if "lora_up" in k)
     assert any(".self_attn.v." in k for k in motion_lora.tensors)
