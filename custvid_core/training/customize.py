@@ -175,12 +175,43 @@ def _check_block(block: int, backbone: WanBackbone, name: str) -> None:
         raise InputError(name, f"block {block}", f"a block from 0 to {backbone.num_blocks - 1}")
 
 
-class _SubjectObjective:
-    """One subject step: region loss (+ SuRA, + token attention), or a preservation batch on odd steps."""
+class _Objective:
+    """A recipe's share of a training run: its LoRA (`spec`), an optional throw-away helper LoRA trained
+    alongside and discarded, and an optional alignment projector onto `projector_width` features."""
+
+    def __init__(self, backbone: WanBackbone, settings, helper: LoraSpec | None, projector_width: int = 0):
+        self.backbone, self.settings, self.helper = backbone, settings, helper
+        self.spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
+        self.projector_width = projector_width
+        self.projector = None
+
+    @property
+    def specs(self) -> list[LoraSpec]:
+        return [self.spec] + ([self.helper] if self.helper is not None else [])
+
+    @property
+    def projector_group(self) -> str:
+        return f"{self.spec.name}_alignment_projector"
+
+    def trainables(self, adapters: LoraAdapters, device: torch.device) -> dict[str, list[torch.nn.Parameter]]:
+        groups = {s.name: adapters.parameters(s.name) for s in self.specs}
+        if self.projector_width:
+            torch.manual_seed(self.settings.optim.seed)
+            self.projector = Projector(self.backbone.dim, self.projector_width, self.settings.projector_hidden).to(device)
+            groups[self.projector_group] = list(self.projector.parameters())
+        return groups
+
+    def main_groups(self) -> list[str]:
+        """What a step of the main objective updates: the LoRA and the projector."""
+        return [self.spec.name] + ([self.projector_group] if self.projector is not None else [])
+
+
+class _SubjectObjective(_Objective):
+    """One subject step, in turn: the stillness LoRA on stills of the preservation clips (if any), the photos
+    (region loss, + SuRA, + token attention), the preservation clips."""
 
     def __init__(self, backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings):
-        self.backbone, self.data, self.settings = backbone, data, settings
-        self.spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
+        self.data = data
         self.align = settings.alignment_weight > 0 and data.dino_tokens is not None
         self.preserve = settings.preservation_weight > 0 and data.preservation is not None
         if self.align:
@@ -190,34 +221,20 @@ class _SubjectObjective:
                                      else settings.token_attention_blocks)
         for b in self.attention_blocks if self.attend else ():
             _check_block(b, backbone, "token_attention_blocks")
-        self.stillness = None
+        stillness = None
         if settings.stillness_rank > 0:
             if not self.preserve or data.preservation.stills is None:
                 raise InputError("stillness_rank", "a stillness LoRA learns from stills of the preservation clips, "
                                  "and there are none", "preservation clips with their stills, or 0")
-            self.stillness = LoraSpec(f"{settings.name}_stillness", tuple(settings.stillness_roles),
-                                      settings.stillness_rank)
-        self.projector = None
-
-    @property
-    def specs(self) -> list[LoraSpec]:
-        return [self.spec] + ([self.stillness] if self.stillness is not None else [])
-
-    def trainables(self, adapters: LoraAdapters, device: torch.device) -> dict[str, list[torch.nn.Parameter]]:
-        groups = {s.name: adapters.parameters(s.name) for s in self.specs}
-        if self.align:
-            torch.manual_seed(self.settings.optim.seed)
-            self.projector = Projector(self.backbone.dim, self.data.dino_tokens.shape[1],
-                                       self.settings.projector_hidden).to(device)
-            groups[f"{self.spec.name}_alignment_projector"] = list(self.projector.parameters())
-        return groups
+            stillness = LoraSpec(f"{settings.name}_stillness", tuple(settings.stillness_roles), settings.stillness_rank)
+        super().__init__(backbone, settings, stillness, data.dino_tokens.shape[1] if self.align else 0)
 
     def step(self, i: int, g: torch.Generator, adapters: LoraAdapters, device: torch.device,
              dtype: torch.dtype) -> StepResult:
-        data, settings, backbone, name = self.data, self.settings, self.backbone, self.spec.name
+        data, settings, backbone, name, stillness = self.data, self.settings, self.backbone, self.spec.name, self.helper
         # 0: the stillness LoRA learns stills of the preservation clips (the subject LoRA off);
         # 1: the subject's photos; 2: preservation clips, which move (the stillness LoRA off).
-        phase = i % 3 if self.stillness is not None else (2 if self.preserve and i % 2 == 1 else 1)
+        phase = i % 3 if stillness is not None else (2 if self.preserve and i % 2 == 1 else 1)
         if phase != 1:
             still = phase == 0
             clips = data.preservation
@@ -229,12 +246,12 @@ class _SubjectObjective:
                 x0 = clips.latents[idx].to(device, dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            off = {name if still else self.stillness.name: 0.0} if self.stillness is not None else {}
+            off = {name if still else stillness.name: 0.0} if stillness is not None else {}
             with adapters.strengths_set(**off):
                 v = backbone.forward(x, sigma.to(device), _rows(clips.context, idx).to(device, dtype))
             if still:
                 loss = region_loss(v, target)
-                return StepResult(loss, {"stillness": float(loss.detach())}, update=[self.stillness.name])
+                return StepResult(loss, {"stillness": float(loss.detach())}, update=[stillness.name])
             loss = settings.preservation_weight * region_loss(v, target)
             return StepResult(loss, {"preservation": float(loss.detach())}, update=[name])
         idx = _pick(data.latents.shape[0], settings.batch, g)
@@ -263,21 +280,19 @@ class _SubjectObjective:
             l_attend = token_attention_loss(maps, data.masks[idx].to(device), grid)
             loss = loss + settings.token_attention_weight * l_attend
             parts["token_attention"] = float(l_attend.detach())
-        update = [name] + ([f"{name}_alignment_projector"] if self.align else [])
-        return StepResult(loss, parts, update=update)
+        return StepResult(loss, parts, update=self.main_groups())
 
 
-class _MotionObjective:
+class _MotionObjective(_Objective):
     """One motion step: on even steps the throw-away spatial LoRA learns single frames (MotionDirector);
     otherwise the motion LoRA learns the clips (+ the debiased loss, + MoRA)."""
 
     def __init__(self, backbone: WanBackbone, data: VideoSet, settings: MotionSettings,
                  decoded_flow: DecodedFlow | None = None):
-        self.backbone, self.data, self.settings, self.decoded_flow = backbone, data, settings, decoded_flow
-        self.spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
-        self.spatial = None
+        self.data, self.decoded_flow = data, decoded_flow
+        spatial = None
         if settings.spatial_rank > 0:
-            self.spatial = LoraSpec(f"{settings.name}_spatial", tuple(settings.spatial_roles), settings.spatial_rank)
+            spatial = LoraSpec(f"{settings.name}_spatial", tuple(settings.spatial_roles), settings.spatial_rank)
         if settings.alignment not in MOTION_ALIGNMENT:
             raise InputError("motion_alignment", f"'{settings.alignment}'", f"one of {', '.join(MOTION_ALIGNMENT)}")
         self.align = settings.alignment_weight > 0 and data.flow is not None
@@ -288,22 +303,11 @@ class _MotionObjective:
         if self.align and not self.decode_align:
             _check_block(settings.alignment_block, backbone, "alignment_block")
         self.frames = data.latents.shape[2]
-        if self.spatial is not None and data.stills is None and self.frames < 2:
+        if spatial is not None and data.stills is None and self.frames < 2:
             raise InputError("motion clips", f"{self.frames} latent frame and no single frames",
                              "clips of at least 2 latent frames (5+ frames on Wan), or stills of their frames")
-        self.projector = None
-
-    @property
-    def specs(self) -> list[LoraSpec]:
-        return [self.spec] + ([self.spatial] if self.spatial is not None else [])
-
-    def trainables(self, adapters: LoraAdapters, device: torch.device) -> dict[str, list[torch.nn.Parameter]]:
-        groups = {s.name: adapters.parameters(s.name) for s in self.specs}
-        if self.align and not self.decode_align:
-            torch.manual_seed(self.settings.optim.seed)
-            self.projector = Projector(self.backbone.dim, 2, self.settings.projector_hidden).to(device)
-            groups[f"{self.spec.name}_alignment_projector"] = list(self.projector.parameters())
-        return groups
+        # The feature-level MoRA projector reads the flow (2 values per token) off a block.
+        super().__init__(backbone, settings, spatial, 2 if self.align and not self.decode_align else 0)
 
     def step(self, i: int, g: torch.Generator, adapters: LoraAdapters, device: torch.device,
              dtype: torch.dtype) -> StepResult:
@@ -311,7 +315,8 @@ class _MotionObjective:
         idx = _pick(data.latents.shape[0], settings.batch, g)
         context = _rows(data.context, idx).to(device, dtype)
         sigma = settings.sigmas(len(idx), g)
-        if self.spatial is not None and i % 2 == 0:
+        spatial = self.helper
+        if spatial is not None and i % 2 == 0:
             # Spatial phase: single frames as images; only the spatial LoRA learns, with the motion
             # LoRA switched off so it does not absorb appearance.
             if data.stills is not None:
@@ -324,7 +329,7 @@ class _MotionObjective:
             with adapters.strengths_set(**{self.spec.name: 0.0}):
                 v = backbone.forward(x, sigma.to(device), context)
             loss = region_loss(v, target)
-            return StepResult(loss, {"spatial": float(loss.detach())}, update=[self.spatial.name])
+            return StepResult(loss, {"spatial": float(loss.detach())}, update=[spatial.name])
         x0 = data.latents[idx].to(device, dtype)
         x, target = add_noise(x0, sigma, g)
         if self.decode_align:
@@ -350,8 +355,7 @@ class _MotionObjective:
             parts["debiased"] = float(l_debiased.detach())
         if self.align:
             parts["alignment"] = float(l_align.detach())
-        update = [self.spec.name] + ([f"{self.spec.name}_alignment_projector"] if self.projector is not None else [])
-        return StepResult(loss, parts, update=update)
+        return StepResult(loss, parts, update=self.main_groups())
 
 
 def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpointing: bool,
