@@ -13,9 +13,9 @@ import torch
 from comfy_api.latest import io
 
 from ..custvid_core.errors import InputError
+from ..custvid_core.training.customize import VideoSet
 from ..custvid_core.world import latent as world_latent
 from ..custvid_core.world.cases import load_cases
-from ..custvid_core.training.customize import VideoSet
 from ..custvid_core.world.customize import MOTION_WORD, vocabulary_clips
 from ..custvid_core.world.model import load_text_encoder
 from ..custvid_core.world.scene import WorldSpec
@@ -200,14 +200,11 @@ class WorldPreservationClips(io.ComfyNode):
 
     @classmethod
     def execute(cls, world_text, count, seed) -> io.NodeOutput:
-        clips = vocabulary_clips(WorldSpec(), count, seed)
-        vae = WorldVAE()
-        with torch.no_grad():
-            context = world_text([c.prompt for c in clips])
-        latents = torch.cat([vae.encode(c.frames) for c in clips])
-        # Every frame as a photo (a still clip in the world's latent), like Video Clips Dataset's stills.
-        stills = torch.stack([torch.cat([vae.encode(frame[None]) for frame in c.frames]) for c in clips])
-        return io.NodeOutput(VideoSet(latents, context, None, stills))
+        clips = vocabulary_clips(world_text, WorldSpec(), count, seed)
+        # In ComfyUI's latent format, as the world's VAE encodes them for Video Clips Dataset.
+        to_comfy = WorldVAE().format.process_out
+        stills = to_comfy(clips.stills.flatten(0, 1)).view(clips.stills.shape)
+        return io.NodeOutput(VideoSet(to_comfy(clips.latents), clips.context, None, stills))
 
 
 NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent, WorldCaseData, WorldPreservationClips]

@@ -248,7 +248,7 @@ def test_joint_training_steps_one_lora_at_a_time_with_the_other_running_frozen(m
     motion_steps = [i for i, (keys, _, _) in enumerate(snapshots) if keys & {"mse", "spatial"}]
     assert subject_steps and motion_steps and len(subject_steps) + len(motion_steps) == 12
     for i in range(1, 12):  # the adapter that did not step this time is exactly as it was
-        (keys, s_now, m_now), (_, s_before, m_before) = snapshots[i], snapshots[i - 1]
+        (_, s_now, m_now), (_, s_before, m_before) = snapshots[i], snapshots[i - 1]
         subject_stepped = i in subject_steps
         assert all(torch.equal(s_now[n], s_before[n]) for n in s_now) != subject_stepped
         if subject_stepped:

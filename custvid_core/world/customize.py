@@ -31,18 +31,23 @@ from .cases import Case
 from .latent import TEMPORAL_FACTOR, decode, encode, encode_stills
 from .model import World
 from .sample import generate
-from .scene import Clip, WorldSpec, random_scene, render
+from .scene import WorldSpec, random_scene, render
 
 SUBJECT_WORD, MOTION_WORD = "sks", "mtn"
 
 
-def vocabulary_clips(spec: WorldSpec, count: int, seed: int = 0) -> list[Clip]:
+def vocabulary_clips(text, spec: WorldSpec, count: int, seed: int = 0) -> VideoSet:
     """`count` clips of the world's own vocabulary (seen colours, shapes, textures, straight motions),
-    deterministic by seed: preservation clips for a subject (MotionBooth's video preservation loss)."""
+    deterministic by seed, captioned with `text` (the world's text encoder), with every frame also as a still:
+    preservation clips for a subject (MotionBooth's video preservation loss; the stillness LoRA's stills)."""
     if count < 1:
         raise InputError("count", f"{count}", "at least 1 clip")
     g = torch.Generator().manual_seed(seed)
-    return [render(random_scene(g, spec), spec) for _ in range(count)]
+    rendered = [render(random_scene(g, spec), spec) for _ in range(count)]
+    frames = torch.stack([c.frames for c in rendered])
+    with torch.no_grad():
+        context = text([c.prompt for c in rendered])
+    return VideoSet(encode(frames), context, stills=torch.stack([encode_stills(f) for f in frames]))
 
 
 def subject_set(world: World, case: Case, dino=None, preservation: int = 16, seed: int = 0) -> SubjectSet:
@@ -61,13 +66,7 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
         rep = extract_subject(dino, frames, torch.cat([p.masks for p in photos]), resolution=case.spec.size,
                               fit="stretch", progress=lambda *_: None)
         tokens = rep.patch_tokens.permute(0, 3, 1, 2).contiguous()
-    clips = None
-    if preservation:
-        rendered = vocabulary_clips(case.spec, preservation, seed + 4242)
-        clip_frames = torch.stack([c.frames for c in rendered])
-        with torch.no_grad():
-            clips = VideoSet(encode(clip_frames), world.text([c.prompt for c in rendered]),
-                             stills=torch.stack([encode_stills(f) for f in clip_frames]))
+    clips = vocabulary_clips(world.text, case.spec, preservation, seed + 4242) if preservation else None
     return SubjectSet(latents, context, masks, tokens, clips, subject_tokens=(0,))  # "sks" is the only word
 
 
