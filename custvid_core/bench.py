@@ -98,7 +98,8 @@ def measure(case: Case, frames: torch.Tensor, references: list) -> dict:
     }
 
 
-def _mean(rows: list[dict], key: str) -> float:
+def mean_over_rows(rows: list[dict], key: str) -> float:
+    """The mean of `key` over the rows that measured it (NaN where a clip had no object to measure)."""
     values = [r[key] for r in rows if not math.isnan(r[key])]
     return sum(values) / len(values) if values else math.nan
 
@@ -127,7 +128,7 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
                     rows.append({"case": case.name, "method": method_name, "seed": seed, "prompt": prompt,
                                  "prepare_seconds": prepare_seconds, **measure(case, frames, references)})
             log(f"{case.name} / {method_name}: " + ", ".join(
-                f"{k} {_mean([r for r in rows if r['case'] == case.name and r['method'] == method_name], k):.3f}"
+                f"{k} {mean_over_rows([r for r in rows if r['case'] == case.name and r['method'] == method_name], k):.3f}"
                 for k in ("colour_match", "shape_iou", "path_shape_error")))
     summary = _summaries(rows, methods, [c.name for c in cases])
     (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "seeds": seeds,
@@ -143,9 +144,9 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
 def _summaries(rows, methods, case_names) -> dict:
     out = {}
     for m in methods:
-        per_case = {c: {k: _mean([r for r in rows if r["method"] == m and r["case"] == c], k) for k in METRICS}
+        per_case = {c: {k: mean_over_rows([r for r in rows if r["method"] == m and r["case"] == c], k) for k in METRICS}
                     for c in case_names}
-        per_case["average"] = {k: _mean([r for r in rows if r["method"] == m], k) for k in METRICS}
+        per_case["average"] = {k: mean_over_rows([r for r in rows if r["method"] == m], k) for k in METRICS}
         out[m] = per_case
     return out
 

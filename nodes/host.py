@@ -26,7 +26,8 @@ MODEL_FOLDERS = {
 }
 
 
-# The shapes world ships inside the pack: its Wan file is offered by ComfyUI's own UNETLoader.
+# The shapes world ships inside the pack: its Wan file is offered by ComfyUI's own UNETLoader, its
+# encoders by Load DINOv2 and Load RAFT.
 WORLD_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custvid_core", "world",
                              "weights")
 
@@ -41,6 +42,8 @@ def register_model_folders() -> None:
     for name, sub in MODEL_FOLDERS.items():
         _register(name, os.path.join(folder_paths.models_dir, sub), is_default=True)
     _register("custvid_world_text", os.path.join(WORLD_WEIGHTS, "text_encoders"), is_default=False)
+    _register("custvid_dino", os.path.join(WORLD_WEIGHTS, "dino"), is_default=False)
+    _register("custvid_raft", os.path.join(WORLD_WEIGHTS, "raft"), is_default=False)
     _register("diffusion_models", os.path.join(WORLD_WEIGHTS, "diffusion_models"), is_default=False)
 
 

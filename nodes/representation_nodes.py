@@ -91,9 +91,10 @@ class SubjectRepresentation(io.ComfyNode):
                 io.Mask.Input("masks", optional=True,
                               tooltip="Optional subject masks (white = subject), one per image and the same "
                                       "size. Without masks the object feature pools the whole image."),
-                io.Int.Input("resolution", default=448, min=28, max=subject.MAX_RESOLUTION, step=14,
+                io.Int.Input("resolution", default=448, min=8, max=subject.MAX_RESOLUTION, step=2,
                              tooltip="Images are fitted to this square before DINOv2; a multiple of the "
-                                     "patch size (14). SMRABooth uses 448."),
+                                     "encoder's patch size (14 for DINOv2, 4 for the shapes world's). "
+                                     "SMRABooth uses 448."),
                 io.Combo.Input("fit", options=list(subject.FIT_MODES), default="pad",
                                tooltip="pad: keep the aspect ratio, pad to a square. stretch: resize to a square."),
                 io.Int.Input("batch_size", default=4, min=1, max=64,

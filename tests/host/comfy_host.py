@@ -6,10 +6,13 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -91,6 +94,40 @@ class Server:
             return True
         except Exception:
             return False
+
+
+@contextmanager
+def running_server(base: Path) -> Iterator[Server]:
+    """ComfyUI (COMFYUI_PATH) started with `--cpu` on the base directory `base`, whose custom_nodes/ links to
+    this repository and whose models/ and input/ get the tiny weights and example inputs; stopped on exit."""
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / "CustVid"
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    (base / "user").mkdir(exist_ok=True)
+    write_tiny_weights(base / "models")
+    write_inputs(base / "input")
+    port = free_port()
+    log = base / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--base-directory", str(base),
+                                 "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+                                 "--database-url", "sqlite:///:memory:"],
+                                cwd=COMFYUI_PATH, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", base, log)
+    deadline = time.time() + 300
+    try:
+        while not server.alive():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ComfyUI did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def free_port() -> int:

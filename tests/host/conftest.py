@@ -7,12 +7,9 @@ COMFYUI_PATH every host test is skipped.
 """
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
-from comfy_host import COMFYUI_PATH, REPO, Server, free_port, write_inputs, write_tiny_weights
+from comfy_host import COMFYUI_PATH, running_server
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,29 +23,5 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "CustVid").symlink_to(REPO, target_is_directory=True)
-    (base / "user").mkdir()
-    write_tiny_weights(base / "models")
-    write_inputs(base / "input")
-    port = free_port()
-    log = base / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--base-directory", str(base),
-                                 "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-                                 "--database-url", "sqlite:///:memory:"],
-                                cwd=COMFYUI_PATH, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", base, log)
-    deadline = time.time() + 300
-    while not server.alive():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"ComfyUI did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
-    yield server
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running_server(tmp_path_factory.mktemp("comfy_base")) as server:
+        yield server

@@ -117,6 +117,12 @@ def test_shipped_customization_workflow_trains_saves_and_generates(comfy_server)
     history = torch.load(checkpoint, weights_only=True)["history"]
     assert [next(k for k in ("stillness", "region", "preservation") if k in r) for r in history] == \
         ["stillness", "region", "preservation"]
+    # The photo step uses the world's DINOv2 (SuRA) and the trigger word (subject-token attention).
+    assert {"alignment", "token_attention"} <= set(history[1])
+    motion = comfy_server.base / "output" / "custvid_training" / "world_motion_host_test" / "checkpoint.pt"
+    # The motion LoRA learns three clips with the world's RAFT flow (MoRA) after a spatial step.
+    motion_history = torch.load(motion, weights_only=True)["history"]
+    assert "spatial" in motion_history[0] and "alignment" in motion_history[1]
 
 
 @pytest.fixture(autouse=True)
