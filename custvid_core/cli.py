@@ -93,12 +93,11 @@ def world_train(args: argparse.Namespace) -> int:
 
 def world_eval(args: argparse.Namespace) -> int:
     from .world.evaluate import evaluate_vocabulary
-    from .world.model import load_world
+    from .world.model import load_world, text_file_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.model).parent
-    world = load_world(args.model, args.text or out / "custvid_shapes_world_text.safetensors")
+    world = load_world(args.model, args.text or text_file_for(args.model))
     scores = evaluate_vocabulary(world, prompts=args.prompts, seeds=tuple(range(args.seeds)), steps=args.steps,
                                  cfg=args.cfg, shift=args.shift)
     print(json.dumps(scores.as_dict(), indent=2))
@@ -148,7 +147,7 @@ def bench_control(args: argparse.Namespace) -> int:
     from .control.camera import StepWindow
     from .perf import run_control_perf
     from .world.control_bench import ControlBenchSettings, run_control_bench
-    from .world.model import MODEL_FILE, load_world
+    from .world.model import MODEL_FILE, load_world, text_file_for
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - set(CONTROL_PARTS):
@@ -165,8 +164,7 @@ def bench_control(args: argparse.Namespace) -> int:
         print(json.dumps(perf["ratios"], indent=2))
     if parts & {"camera", "boxes"}:
         model = Path(args.model or MODEL_FILE)
-        world = load_world(model, model.parent.parent / "text_encoders" / "custvid_shapes_world_text.safetensors"
-                           if not args.model else model.parent / "custvid_shapes_world_text.safetensors")
+        world = load_world(model, text_file_for(model))
         settings = ControlBenchSettings(prompts=args.prompts, seeds=tuple(int(s) for s in args.seeds.split(",")),
                                         steps=args.steps, window=window, parts=tuple(sorted(parts - {"perf"})))
         run_control_bench(world, args.out, settings)

@@ -9,7 +9,7 @@ from custvid_core.backbones.wan import diffusers_to_native_key
 from custvid_core.errors import InputError
 from custvid_core.files import load_safetensors
 from custvid_core.world import latent
-from custvid_core.world.model import DEFAULT_CONFIG, build_world, load_world, save_world
+from custvid_core.world.model import DEFAULT_CONFIG, MODEL_FILE, TEXT_FILE, build_world, load_world, save_world, text_file_for
 from custvid_core.world.sample import flow_sigmas, generate, sample_flow
 from custvid_core.world.scene import Scene, render
 from custvid_core.world.text import PLACEHOLDERS, WorldTextEncoder
@@ -125,3 +125,12 @@ def test_world_training_writes_a_loadable_model_of_the_chosen_width_and_resumes(
     assert world.backbone.dim == 256 and world.info["train_config"]["heads"] == 2
     train_world(tmp_path, dataclasses.replace(cfg, steps=3), command="test", log=logs.append)
     assert "resumed from step 2" in logs
+
+
+def test_a_world_models_text_encoder_is_found_beside_it_or_in_the_shipped_layout(tmp_path):
+    assert text_file_for(MODEL_FILE) == TEXT_FILE  # diffusion_models/ and text_encoders/, as shipped
+    (tmp_path / "custvid_shapes_world_text.safetensors").write_bytes(b"")
+    assert text_file_for(tmp_path / "custvid_shapes_world_wan21.safetensors") == \
+        tmp_path / "custvid_shapes_world_text.safetensors"  # a world-train output folder
+    assert text_file_for(tmp_path / "models" / "custvid_shapes_world_pans_wan21.safetensors").name == \
+        "custvid_shapes_world_pans_text.safetensors"

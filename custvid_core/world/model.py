@@ -23,6 +23,17 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_FILE = WEIGHTS_DIR / "diffusion_models" / "custvid_shapes_world_wan21.safetensors"
 TEXT_FILE = WEIGHTS_DIR / "text_encoders" / "custvid_shapes_world_text.safetensors"
 
+
+
+def text_file_for(model_path: str | Path) -> Path:
+    """The text encoder that belongs to a world model file: `<name>_text.safetensors` for `<name>_wan21.safetensors`,
+    beside it (a world-train folder) or in the sibling text_encoders/ folder (how the pack ships them)."""
+    model_path = Path(model_path)
+    name = model_path.name.replace("_wan21.safetensors", "_text.safetensors")
+    beside = model_path.parent / name
+    return beside if beside.exists() else model_path.parent.parent / "text_encoders" / name
+
+
 # What ComfyUI's Wan 2.1 detection fixes: patch 1x2x2, 128-dim heads, 256-d time frequencies.
 DEFAULT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=16,
                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=512, num_layers=6,

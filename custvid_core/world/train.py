@@ -123,12 +123,12 @@ def train_world(out: str | Path, cfg: TrainConfig, spec: WorldSpec = WorldSpec()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     config = dict(num_layers=cfg.layers, ffn_dim=cfg.ffn, num_attention_heads=cfg.heads)
-    from .model import DEFAULT_CONFIG
+    from .model import DEFAULT_CONFIG, text_file_for
 
     world = build_world({**DEFAULT_CONFIG, **config}, spec, seed=cfg.seed, init=cfg.init)
     started_from = {}
     if cfg.init_from:
-        start_from = load_world(cfg.init_from, Path(cfg.init_from).parent / "custvid_shapes_world_text.safetensors")
+        start_from = load_world(cfg.init_from, text_file_for(cfg.init_from))
         world.backbone.model.load_state_dict(start_from.backbone.model.state_dict())
         world.text.load_state_dict(start_from.text.state_dict())
         started_from = start_from.info
