@@ -91,6 +91,9 @@ def test_control_bench_measures_the_chosen_parts_with_the_chosen_camera_window(t
     result = json.loads((tmp_path / "control.json").read_text())
     assert result["settings"]["window"] == [0.5, 1.0]
     assert len(result["camera"]) == 8 and result["boxes"] == []
+    # Every pan is judged against the same unshifted clips, whose own pan is measured once.
+    assert len({r["own_pan_px"] for r in result["camera"]}) == 1
+    assert all(r["added_pan_error"] >= 0 for r in result["camera"])
     assert "camera pan" in (tmp_path / "control.md").read_text()
 
 

@@ -8,13 +8,15 @@ import pytest
 
 from custvid_core.cli import build_parser, train_config_from_args, world_spec_from_args
 from custvid_core.files import load_safetensors
-from custvid_core.world.model import DEFAULT_CONFIG, MODEL_FILE, TEXT_FILE, load_world
+from custvid_core.world.model import DEFAULT_CONFIG, MODEL_FILE, PANS_MODEL_FILE, TEXT_FILE, load_world, text_file_for
 
-pytestmark = pytest.mark.skipif(not MODEL_FILE.exists(), reason="the shapes world is not trained yet")
+SHIPPED = [pytest.param(f, id=f.stem, marks=pytest.mark.skipif(not f.exists(), reason=f"{f.name} is not trained yet"))
+           for f in (MODEL_FILE, PANS_MODEL_FILE)]
 
 
-def test_shipped_model_matches_the_command_that_made_it():
-    _, meta = load_safetensors(MODEL_FILE)
+@pytest.mark.parametrize("model_file", SHIPPED)
+def test_shipped_model_matches_the_command_that_made_it(model_file):
+    _, meta = load_safetensors(model_file)
     info = json.loads(meta["custvid.world.info"])
     args = build_parser().parse_args(shlex.split(info["command"])[3:])  # after "python -m custvid_core"
     train = dataclasses.asdict(train_config_from_args(args))
@@ -39,6 +41,15 @@ def test_shipped_model_matches_the_command_that_made_it():
     assert stored == spec
 
 
-def test_shipped_world_loads_with_its_text_encoder():
-    world = load_world(MODEL_FILE, TEXT_FILE)
+@pytest.mark.parametrize("model_file", SHIPPED)
+def test_shipped_world_loads_with_its_text_encoder(model_file):
+    world = load_world(model_file, text_file_for(model_file))
     assert world.backbone.dim % 128 == 0 and world.text.length == 16
+
+
+@pytest.mark.skipif(not PANS_MODEL_FILE.exists(), reason="the panning world is not trained yet")
+def test_the_panning_world_is_fine_tuned_from_the_shipped_world():
+    world, pans = load_world(MODEL_FILE, TEXT_FILE), load_world(PANS_MODEL_FILE, text_file_for(PANS_MODEL_FILE))
+    assert pans.info["started_from"] == world.info
+    assert pans.info["train_config"]["init_from"] == str(MODEL_FILE.relative_to(MODEL_FILE.parents[4]))
+    assert pans.info["train_config"]["pan_fraction"] > 0 and pans.spec.wallpaper_contrast > world.spec.wallpaper_contrast

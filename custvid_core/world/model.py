@@ -22,6 +22,9 @@ from .text import WorldTextEncoder
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_FILE = WEIGHTS_DIR / "diffusion_models" / "custvid_shapes_world_wan21.safetensors"
 TEXT_FILE = WEIGHTS_DIR / "text_encoders" / "custvid_shapes_world_text.safetensors"
+# The same world fine-tuned with camera pans and a stronger background pattern: the model the camera by latent
+# shift is measured on (a denoiser that never saw its background move paints a shifted one back still).
+PANS_MODEL_FILE = WEIGHTS_DIR / "diffusion_models" / "custvid_shapes_world_pans_wan21.safetensors"
 
 
 

@@ -10,7 +10,8 @@ from comfy_host import REPO, import_comfy, import_pack
 from PIL import Image
 from workflow_api import to_api
 
-from custvid_core.eval.metrics import describe_clip
+from custvid_core.eval.metrics import camera_pan, describe_clip, track
+from custvid_core.media import read_video
 from custvid_core.world.model import MODEL_FILE, TEXT_FILE, load_world
 
 WORKFLOW = REPO / "workflows" / "custvid_shapes_world_generate.json"
@@ -143,3 +144,20 @@ def test_shipped_control_workflows_run(comfy_server, name, prefix):
     result = comfy_server.run(prompt, timeout=600)
     assert result["ok"], result["error"]
     assert [p for p in (comfy_server.base / "output" / "custvid").glob(prefix + "*") if p.stat().st_size > 1000]
+
+
+def test_shipped_camera_workflow_pans_the_background_as_commanded(comfy_server):
+    """The world camera workflow as shipped (the panning world, its window): the pan measured on the saved
+    video's background is the commanded one, within the camera benchmark's tolerance."""
+    prompt = to_api(json.loads((REPO / "workflows" / "custvid_world_camera.json").read_text()),
+                    comfy_server.object_info())
+    camera = next(n["inputs"] for n in prompt.values() if n["class_type"] == "CustVid_CameraShiftSampler")
+    scale = int(next(n["inputs"]["scale_by"] for n in prompt.values() if n["class_type"] == "ImageScaleBy"))
+    next(n["inputs"] for n in prompt.values() if n["class_type"] == "SaveVideo")["filename_prefix"] = "custvid/pan"
+    result = comfy_server.run(prompt, timeout=600)
+    assert result["ok"], result["error"]
+    video = sorted((comfy_server.base / "output" / "custvid").glob("pan_*"))[-1]
+    frames = read_video(video)[:, ::scale, ::scale]
+    commanded = torch.tensor([camera["pan_x"], camera["pan_y"]]) * frames.shape[2]
+    measured = camera_pan(frames, track(frames))[-1]
+    assert float((measured - commanded).norm() / commanded.norm()) < 0.2, (measured, commanded)
