@@ -148,7 +148,7 @@ def test_shipped_control_workflows_run(comfy_server, name, prefix):
 
 def test_shipped_camera_workflow_pans_the_background_as_commanded(comfy_server):
     """The world camera workflow as shipped (the panning world, its window): the pan measured on the saved
-    video's background is the commanded one, within the camera benchmark's tolerance."""
+    video's background is the commanded one within 10%."""
     prompt = to_api(json.loads((REPO / "workflows" / "custvid_world_camera.json").read_text()),
                     comfy_server.object_info())
     camera = next(n["inputs"] for n in prompt.values() if n["class_type"] == "CustVid_CameraShiftSampler")
@@ -160,4 +160,4 @@ def test_shipped_camera_workflow_pans_the_background_as_commanded(comfy_server):
     frames = read_video(video)[:, ::scale, ::scale]
     commanded = torch.tensor([camera["pan_x"], camera["pan_y"]]) * frames.shape[2]
     measured = camera_pan(frames, track(frames))[-1]
-    assert float((measured - commanded).norm() / commanded.norm()) < 0.2, (measured, commanded)
+    assert float((measured - commanded).norm() / commanded.norm()) < 0.1, (measured, commanded)
