@@ -40,13 +40,6 @@ def _override(text: str) -> tuple[str, str, object]:
     return node, name, value
 
 
-def _only(prompt: dict, class_type: str) -> dict:
-    found = [n for n in prompt.values() if n["class_type"] == class_type]
-    if len(found) != 1:
-        raise SystemExit(f"the workflow has {len(found)} {class_type} nodes; this benchmark expects one")
-    return found[0]["inputs"]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -58,7 +51,7 @@ def main() -> int:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
 
     from comfy_host import running_server
-    from workflow_api import to_api
+    from workflow_api import inputs_of, to_api
 
     from custvid_core.bench import mean_over_rows, measure
     from custvid_core.media import read_video
@@ -76,18 +69,20 @@ def main() -> int:
                 raise SystemExit(f"--set: the workflow has no node {node}")
             prompt[node]["inputs"][name] = value
         case_name = next(n["inputs"]["case"] for n in prompt.values()
-                         if n["class_type"] == "CustVid_WorldCaseData")
+                         if n["class_type"] == "CustVid_WorldCaseData")  # several clips, one case
         case = {c.name: c for c in load_cases()}[case_name]
-        scale = int(_only(prompt, "ImageScaleBy")["scale_by"])
+        references = case.subject_images()
+        scale = int(inputs_of(prompt, "ImageScaleBy")["scale_by"])
         for seed in (int(s) for s in args.seeds.split(",")):
-            _only(prompt, "KSampler")["seed"] = seed
-            _only(prompt, "SaveVideo")["filename_prefix"] = f"custvid/seed{seed}"
+            inputs_of(prompt, "KSampler")["seed"] = seed
+            inputs_of(prompt, "SaveVideo")["filename_prefix"] = f"custvid/seed{seed}"
             result = server.run(prompt, timeout=3600)
             if not result["ok"]:
                 raise SystemExit(f"the workflow failed: {result['error']}")
             video = sorted((base / "output" / "custvid").glob(f"seed{seed}_*"))[-1]
             frames = read_video(video)[:, ::scale, ::scale]  # back to the world's size (nearest upscale)
-            row = {"seed": seed, **{k: measure(case, frames, case.subject_images())[k] for k in COLUMNS}}
+            measured = measure(case, frames, references)
+            row = {"seed": seed, **{k: measured[k] for k in COLUMNS}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     average = {k: mean_over_rows(rows, k) for k in COLUMNS}

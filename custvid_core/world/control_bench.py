@@ -70,8 +70,11 @@ def camera_rows(world, settings: ControlBenchSettings, log=print) -> list[dict]:
     rows = []
     references = {seed: generate(world, prompts, seed=seed, steps=settings.steps, cfg=settings.cfg,
                                  progress=lambda *_: None) for seed in settings.seeds}
-    # The pan each unshifted clip shows of itself (a model that saw pans in training may drift on its own).
+    # The pan each unshifted clip shows of itself (a model that saw pans in training may drift on its own),
+    # and what it shows, measured once for every pan.
     own_pans = {seed: [camera_pan(f, track(f))[-1] for f in clips] for seed, clips in references.items()}
+    own_pan_px = float(torch.stack([p.norm() for pans in own_pans.values() for p in pans]).mean())
+    described = {seed: [describe_clip(f, SEEN_SHAPES) for f in clips] for seed, clips in references.items()}
     for pan_x, pan_y in CAMERA_PANS:
         commanded = torch.tensor([pan_x * size, pan_y * size])
         errors, added_errors, kept = [], [], []
@@ -79,17 +82,17 @@ def camera_rows(world, settings: ControlBenchSettings, log=print) -> list[dict]:
             clips = generate(world, prompts, seed=seed, steps=settings.steps, cfg=settings.cfg,
                              camera=CameraPath.constant(pan_x, pan_y), camera_window=settings.window,
                              progress=lambda *_: None)
-            for frames, reference, own in zip(clips, references[seed], own_pans[seed]):
+            for frames, unshifted, own in zip(clips, described[seed], own_pans[seed]):
                 measured = camera_pan(frames, track(frames))[-1]
                 errors.append(float((measured - commanded).norm() / commanded.norm()))
                 added_errors.append(float((measured - own - commanded).norm() / commanded.norm()))
-                a, b = describe_clip(frames, SEEN_SHAPES), describe_clip(reference, SEEN_SHAPES)
-                kept.append(a.colour == b.colour and a.shape == b.shape)
+                shifted = describe_clip(frames, SEEN_SHAPES)
+                kept.append(shifted.colour == unshifted.colour and shifted.shape == unshifted.shape)
         row = {"pan_x": pan_x, "pan_y": pan_y, "commanded_px": commanded.norm().item(),
                "relative_error": sum(errors) / len(errors),
                "within_10_percent": sum(e <= 0.1 for e in errors) / len(errors),
                "added_pan_error": sum(added_errors) / len(added_errors),
-               "own_pan_px": float(torch.stack([p.norm() for ps in own_pans.values() for p in ps]).mean()),
+               "own_pan_px": own_pan_px,
                "subject_kept": sum(kept) / len(kept), "clips": len(errors),
                "shifted_render_error": shifted_render_pan(scenes, pan_x, pan_y, world.spec)}
         log(f"camera ({pan_x:+.2f}, {pan_y:+.2f}): error {row['relative_error']:.3f}, "

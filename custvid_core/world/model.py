@@ -27,7 +27,6 @@ TEXT_FILE = WEIGHTS_DIR / "text_encoders" / "custvid_shapes_world_text.safetenso
 PANS_MODEL_FILE = WEIGHTS_DIR / "diffusion_models" / "custvid_shapes_world_pans_wan21.safetensors"
 
 
-
 def text_file_for(model_path: str | Path) -> Path:
     """The text encoder that belongs to a world model file: `<name>_text.safetensors` for `<name>_wan21.safetensors`,
     beside it (a world-train folder) or in the sibling text_encoders/ folder (how the pack ships them)."""

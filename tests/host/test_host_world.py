@@ -8,7 +8,7 @@ import pytest
 import torch
 from comfy_host import REPO, import_comfy, import_pack
 from PIL import Image
-from workflow_api import to_api
+from workflow_api import inputs_of, to_api
 
 from custvid_core.eval.metrics import camera_pan, describe_clip, track
 from custvid_core.media import read_video
@@ -151,9 +151,9 @@ def test_shipped_camera_workflow_pans_the_background_as_commanded(comfy_server):
     video's background is the commanded one within 10%."""
     prompt = to_api(json.loads((REPO / "workflows" / "custvid_world_camera.json").read_text()),
                     comfy_server.object_info())
-    camera = next(n["inputs"] for n in prompt.values() if n["class_type"] == "CustVid_CameraShiftSampler")
-    scale = int(next(n["inputs"]["scale_by"] for n in prompt.values() if n["class_type"] == "ImageScaleBy"))
-    next(n["inputs"] for n in prompt.values() if n["class_type"] == "SaveVideo")["filename_prefix"] = "custvid/pan"
+    camera = inputs_of(prompt, "CustVid_CameraShiftSampler")
+    scale = int(inputs_of(prompt, "ImageScaleBy")["scale_by"])
+    inputs_of(prompt, "SaveVideo")["filename_prefix"] = "custvid/pan"
     result = comfy_server.run(prompt, timeout=600)
     assert result["ok"], result["error"]
     video = sorted((comfy_server.base / "output" / "custvid").glob("pan_*"))[-1]

@@ -68,3 +68,11 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = value
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def inputs_of(prompt: dict, class_type: str) -> dict:
+    """The inputs of the one node of `class_type` in an API-form prompt (to read or change them)."""
+    found = [n["inputs"] for n in prompt.values() if n["class_type"] == class_type]
+    if len(found) != 1:
+        raise ValueError(f"the prompt has {len(found)} {class_type} nodes, expected one")
+    return found[0]
