@@ -226,10 +226,15 @@ def token_roles(prompt: str, subject_words: str, clip=None, world_text=None, bac
                 raise
             raise InputError(words_input, e.problem, e.expected) from None
 
-    def tokens(text: str) -> list[int]:
+    def key(token):
+        # A textual-inversion embedding (`embedding:name`, e.g. a learned placeholder) takes one context
+        # position per vector; its vectors are keyed by value so the same embedding is found again.
+        return ("embedding", token.float().numpy().tobytes()) if torch.is_tensor(token) else int(token)
+
+    def tokens(text: str) -> list:
         tokenized = clip.tokenize(text)
         name = next(iter(tokenized))
-        return [int(t[0]) for batch in tokenized[name] for t in batch if not torch.is_tensor(t[0])]
+        return [key(t[0]) for batch in tokenized[name] for t in batch]
 
     name = next(iter(clip.tokenize("")))
     inner = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", name), None)

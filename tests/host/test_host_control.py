@@ -134,24 +134,37 @@ def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_
         assert torch.allclose(ours[1], plain[1], atol=1e-5) and not torch.allclose(ours[0], plain[0], atol=1e-3)
 
 
+class _Clip:  # the part of ComfyUI's CLIP object the node uses, over ComfyUI's real CLIP-L tokenizer
+    def __init__(self, embedding_directory=None):
+        import comfy.sd1_clip
+
+        self.tokenizer = comfy.sd1_clip.SD1Tokenizer(embedding_directory=embedding_directory)
+
+    def tokenize(self, text):
+        return self.tokenizer.tokenize_with_weights(text)
+
+
 def test_subject_words_are_found_with_comfys_own_tokenizer(tiny):
-    import comfy.sd1_clip
-
-    _, _, nodes = tiny
-
-    class Clip:  # the part of ComfyUI's CLIP object the node uses, over ComfyUI's real CLIP-L tokenizer
-        tokenizer = comfy.sd1_clip.SD1Tokenizer()
-
-        def tokenize(self, text):
-            return self.tokenizer.tokenize_with_weights(text)
-
     from custvid_pack.nodes.host import token_roles
 
-    roles = token_roles("a photo of a corgi dog on the beach", "corgi dog", Clip(), background_words="beach")
+    roles = token_roles("a photo of a corgi dog on the beach", "corgi dog", _Clip(), background_words="beach")
     # CLIP-L: start token at 0, then a, photo, of, a, corgi, dog, on, the, beach.
     assert roles.subject == (5, 6) and roles.background == (9,) and roles.prompt == tuple(range(1, 10))
     with pytest.raises(ValueError, match="subject_words: 'cat' is not in the prompt"):
-        token_roles("a photo of a dog", "cat", Clip())
+        token_roles("a photo of a dog", "cat", _Clip())
+
+
+def test_a_placeholder_embedding_is_found_and_the_words_after_it_keep_their_place(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from custvid_pack.nodes.host import token_roles
+
+    save_file({"emb_params": torch.randn(2, 768)}, str(tmp_path / "my_subject.safetensors"))
+    clip = _Clip(str(tmp_path))
+    roles = token_roles("a photo of embedding:my_subject on the beach", "embedding:my_subject", clip,
+                        background_words="beach")
+    # start, a, photo, of, the embedding's two vectors (4, 5), on, the, beach (8).
+    assert roles.subject == (4, 5) and roles.background == (8,) and roles.prompt == tuple(range(1, 9))
 
 
 @pytest.mark.parametrize("call, name", [
