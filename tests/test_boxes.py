@@ -5,6 +5,7 @@ import torch
 
 from custvid_core.control.boxes import SUPPRESS, AttentionEdit, BoxSteering, BoxTrack, TokenRoles, word_positions
 from custvid_core.errors import InputError
+from custvid_core.media import draw_boxes
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
 
 
@@ -94,3 +95,15 @@ def test_a_suppressing_bias_and_kept_keys_equal_dropping_the_suppressed_words_in
         assert not torch.allclose(steered[0], plain[0], atol=1e-3)
     with torch.no_grad():  # and the processors are restored on exit
         assert torch.equal(world.backbone.forward(x, 0.5, context), plain)
+
+
+def test_boxes_are_outlined_on_a_copy_of_the_frames():
+    frames = torch.zeros(2, 8, 8, 3)
+    out = draw_boxes(frames, torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.0, 0.5, 0.5, 1.0]]), width=1)
+    outline = torch.zeros(8, 8, dtype=torch.bool)
+    outline[2:6, 2:6] = True
+    outline[3:5, 3:5] = False
+    assert torch.equal(out[0].amax(-1) > 0, outline)
+    assert out[1, 4, 0:4].amax() > 0 and out[1, 7, 0:4].amax() > 0 and out[1, 0:4].amax() == 0
+    assert frames.abs().sum() == 0
+

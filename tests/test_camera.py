@@ -105,6 +105,22 @@ def test_keyframed_paths_interpolate_and_boxes_follow():
     assert torch.allclose(moved, torch.tensor([[[0.2, 0.3, 0.6, 0.7]]]))
 
 
+def test_a_keyframed_pan_then_zoom_moves_each_frame_by_its_own_keyframe():
+    x = _latent(frames=3, h=8, w=8)
+    # Pan right by a quarter by mid-clip, then zoom in 2x at the same pan by the end.
+    path = CameraPath.parse("0.5: 0.25, 0\n1: 0.25, 0, 2")
+    out = LatentShift(path, steps=1, frames=3, window=StepWindow(0.0, 1.0)).after_step(0, x)
+    assert torch.equal(out[:, :, 0], x[:, :, 0])
+    assert torch.equal(out[:, :, 1, :, :6], x[:, :, 1, :, 2:])
+    # Last frame: the central half, centred 2 columns to the right: rows from round(r / 2 + 1.75),
+    # columns from round((c + 2 - 3.5) / 2 + 3.5).
+    rows, cols = torch.tensor([2, 2, 3, 3, 4, 4, 5, 5]), torch.tensor([3, 3, 4, 4, 5, 5, 6, 6])
+    assert torch.equal(out[0, :, 2], x[0, :, 2][:, rows][:, :, cols])
+    # Over a window of two steps the mid-clip pan lands on the same columns.
+    out = _run(LatentShift(path, steps=2, frames=3, window=StepWindow(0.0, 1.0)), x, 2)
+    assert torch.equal(out[:, :, 1, :, :6], x[:, :, 1, :, 2:])
+
+
 @pytest.mark.parametrize("make, name", [
     (lambda: CameraPath.constant(1.5, 0.0), "camera"),
     (lambda: CameraPath.constant(zoom=10.0), "camera"),

@@ -99,12 +99,13 @@ def test_all_in_one_camera_sampler_runs_on_a_video_latent(tiny):
     assert torch.equal(latent["samples"], torch.zeros(1, 16, 3, 16, 16))
 
 
-def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_only(tiny):
+@pytest.mark.parametrize("blocks, chosen", [("all", None), ("1", {1})])
+def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_only(tiny, blocks, chosen):
     import comfy.model_management
 
     patcher, world, nodes = tiny
     boxes = BoxTrack.parse("0: 0, 0, 0.5, 0.5")
-    steered = nodes.BoxSteeringNode.execute(patcher, boxes, PROMPT, "circle", 10.0, 0.5, "all", "",
+    steered = nodes.BoxSteeringNode.execute(patcher, boxes, PROMPT, "circle", 10.0, 0.5, blocks, "",
                                             world_text=world.text).result[0]
     assert "optimized_attention_override" not in patcher.model_options.get("transformer_options", {})
     comfy.model_management.load_models_gpu([steered])
@@ -128,10 +129,24 @@ def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_
         ours, plain = comfy_call(steered), comfy_call(patcher)
         progress = step_fraction(value, sigmas)
         with torch.no_grad(), world.backbone.cross_attention_edits(
-                lambda block, q_len, k_len: {0: steering.edit(grid, k_len, progress)}):  # row 1 (uncond) not
+                lambda block, q_len, k_len: {0: steering.edit(grid, k_len, progress)}  # row 1 (uncond) not
+                if chosen is None or block in chosen else {}):
             v = world.backbone.forward(x, sigma, context)
         assert torch.allclose(ours, x - value * v, atol=1e-4), value
         assert torch.allclose(ours[1], plain[1], atol=1e-5) and not torch.allclose(ours[0], plain[0], atol=1e-3)
+
+
+def test_boxes_read_from_a_mask_sequence_are_drawn_where_the_masks_are(tiny):
+    _, _, nodes = tiny
+    masks = torch.zeros(3, 16, 16)
+    for i in range(3):
+        masks[i, 4:8, 4 * i:4 * i + 4] = 1  # a square moving right
+    boxes = nodes.SubjectBoxes.execute("", masks).result[0]
+    assert torch.allclose(boxes.per_frame(3)[2], torch.tensor([0.5, 0.25, 0.75, 0.5]))
+    drawn = nodes.DrawBoxes.execute(torch.zeros(3, 16, 16, 3), boxes).result[0]
+    for i in range(3):
+        lit = (drawn[i].amax(-1) > 0).nonzero()
+        assert lit.amin(0).tolist() == [4, 4 * i] and lit.amax(0).tolist() == [7, 4 * i + 3]
 
 
 class _Clip:  # the part of ComfyUI's CLIP object the node uses, over ComfyUI's real CLIP-L tokenizer
@@ -155,9 +170,8 @@ def test_subject_words_are_found_with_comfys_own_tokenizer(tiny):
 
 
 def test_a_placeholder_embedding_is_found_and_the_words_after_it_keep_their_place(tiny, tmp_path):
-    from safetensors.torch import save_file
-
     from custvid_pack.nodes.host import token_roles
+    from safetensors.torch import save_file
 
     save_file({"emb_params": torch.randn(2, 768)}, str(tmp_path / "my_subject.safetensors"))
     clip = _Clip(str(tmp_path))
