@@ -6,7 +6,7 @@ import torch
 from comfy_host import import_pack, tiny_world_wan
 
 from custvid_core.control.boxes import BoxSteering, BoxTrack
-from custvid_core.control.camera import CameraPath, StepWindow
+from custvid_core.control.camera import CameraPath, LatentShift, StepWindow
 from custvid_core.control.strength import step_fraction
 from custvid_core.world.sample import flow_sigmas, generate
 from custvid_core.world.text import WorldTextEncoder
@@ -75,6 +75,40 @@ def test_camera_sampler_shifts_as_the_library_does_and_wraps_any_sampler(tiny):
         assert torch.isfinite(_comfy_sample(patcher, wrapped.result[0], world)).all()
 
 
+def test_a_wan22_latent_with_48_channels_is_shifted_per_latent_frame_in_comfys_sampling(tiny, tmp_path):
+    """A tiny Wan 2.2 (48 latent channels; ComfyUI loads it as WAN22): shifting during the last step only,
+    the wrapped sampler's result is the plain sampler's result moved by the library's LatentShift."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+
+    from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+
+    _, _, nodes = tiny
+    world = build_world({**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64, "in_channels": 48, "out_channels": 48})
+    save_world(world, tmp_path / "wan22.safetensors", tmp_path / "text.safetensors")
+    patcher = comfy.sd.load_diffusion_model(str(tmp_path / "wan22.safetensors"))
+    assert type(patcher.model).__name__ == "WAN22"
+    comfy.model_management.load_models_gpu([patcher])
+    with torch.no_grad():
+        positive, negative = [[world.text(PROMPT), {}]], [[world.text(""), {}]]
+    latent = torch.zeros(1, 48, 3, 8, 16)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = flow_sigmas(4, 3.0)
+    euler = comfy.samplers.sampler_object("euler")
+    shifted = nodes.CameraShiftSampler.execute(euler, 0.25, 0.0, 1.0, "", 0.75, 1.0, nodes.VIDEO_LAYOUT, 3).result[0]
+
+    def sample(sampler):
+        return comfy.sample.sample_custom(patcher, noise, 3.0, sampler, sigmas, positive, negative, latent,
+                                          disable_pbar=True, seed=0)
+    ours, plain = sample(shifted), sample(euler)
+    mover = LatentShift(CameraPath.constant(0.25, 0.0), 4, 3, StepWindow(0.75, 1.0), seed=3)
+    assert torch.allclose(ours, mover.after_step(3, plain), atol=1e-5)
+    # The last latent frame moved 4 cells left, every channel with it.
+    assert torch.allclose(ours[:, :, 2, :, :12], plain[:, :, 2, :, 4:], atol=1e-5)
+
+
 def test_two_expert_graphs_shift_inside_the_expert_that_holds_the_window(tiny):
     import comfy.samplers
 
@@ -88,15 +122,27 @@ def test_two_expert_graphs_shift_inside_the_expert_that_holds_the_window(tiny):
     assert torch.allclose(both, expected, atol=1e-3)
 
 
-def test_all_in_one_camera_sampler_runs_on_a_video_latent(tiny):
+def test_all_in_one_camera_sampler_is_the_wrapped_sampler_on_a_video_latent(tiny):
+    import comfy.sample
+    import comfy.samplers
+
     patcher, world, nodes = tiny
     with torch.no_grad():
         positive, negative = [[world.text(PROMPT), {}]], [[world.text(""), {}]]
     latent = {"samples": torch.zeros(1, 16, 3, 16, 16)}
-    out = nodes.CameraSample.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple", 0.3, 0.0, 1.0,
-                                     "", 0.25, 0.75, nodes.VIDEO_LAYOUT, 0).result[0]
-    assert out["samples"].shape == (1, 16, 3, 16, 16) and torch.isfinite(out["samples"]).all()
+    camera = (0.3, 0.0, 1.0, "", 0.25, 0.75, nodes.VIDEO_LAYOUT, 0)
+    out = nodes.CameraSample.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple",
+                                     *camera).result[0]["samples"]
     assert torch.equal(latent["samples"], torch.zeros(1, 16, 3, 16, 16))
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 4).cpu()
+    noise = comfy.sample.prepare_noise(latent["samples"], 1)
+
+    def sample_custom(sampler):
+        return comfy.sample.sample_custom(patcher, noise, 3.0, sampler, sigmas, positive, negative,
+                                          latent["samples"], disable_pbar=True, seed=1)
+    wrapped = nodes.CameraShiftSampler.execute(_euler(), *camera).result[0]
+    assert torch.allclose(out, sample_custom(wrapped), atol=1e-5)
+    assert not torch.allclose(out, sample_custom(_euler()), atol=1e-3)
 
 
 @pytest.mark.parametrize("blocks, chosen", [("all", None), ("1", {1})])
