@@ -1,0 +1,115 @@
+"""The Wan 2.1 workflows as shipped, run in ComfyUI on a tiny Wan 2.1 checkpoint and a tiny Wan 2.1 VAE
+(ComfyUI's own architectures, random weights) saved under the file names the workflows name.
+
+One part is replaced: umt5-xxl has a fixed 5.7B-parameter configuration and its tokenizer ships inside its
+weights, so the shapes world's text encoder (conditioning of the same width, 4096) stands in for
+CLIPLoader + CLIPTextEncode, with the prompts' words outside its vocabulary left out. Steps, frame sizes
+and training steps are shortened; everything else runs as the user would queue it."""
+
+import json
+
+import pytest
+import torch
+from comfy_host import MOTION_CLIP, REPO, SUBJECT_PHOTO, import_comfy
+from workflow_api import to_api
+
+from custvid_core.world.text import VOCABULARY
+
+WORLD_TEXT = "custvid_shapes_world_text.safetensors"
+FALLBACK_PROMPT = "red circle moving right"
+
+
+@pytest.fixture(scope="module")
+def wan_server(comfy_server):
+    """The session's ComfyUI with a tiny Wan 2.1 and a tiny Wan 2.1 VAE under the workflows' file names."""
+    import_comfy()
+    from comfy.ldm.wan.vae import WanVAE
+    from safetensors.torch import save_file
+
+    from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+
+    models = comfy_server.base / "models"
+    unet = _loader_value("custvid_wan_camera.json", "UNETLoader")
+    vae = _loader_value("custvid_wan_camera.json", "VAELoader")
+    torch.manual_seed(0)
+    # Four blocks: the subject workflow aligns block 3's hidden states with DINOv2.
+    world = build_world({**DEFAULT_CONFIG, "num_layers": 4, "ffn_dim": 64})
+    with torch.no_grad():  # diffusers starts the adaLN tables at zero; give every block an effect
+        for p in world.backbone.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    save_world(world, models / "diffusion_models" / unet, comfy_server.base / "unused_text.safetensors")
+    # ComfyUI's layers skip weight initialisation; give the tiny VAE small random weights.
+    weights = {k: torch.ones_like(v) if "gamma" in k else torch.randn_like(v) * (0.1 if v.ndim > 1 else 0.01)
+               for k, v in WanVAE(dim=8, z_dim=16, temperal_downsample=[False, True, True]).state_dict().items()}
+    (models / "vae").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(models / "vae" / vae))
+    return comfy_server
+
+
+def _loader_value(workflow: str, node_type: str) -> str:
+    nodes = json.loads((REPO / "workflows" / workflow).read_text())["nodes"]
+    return next(n["widgets_values"][0] for n in nodes if n["type"] == node_type)
+
+
+def _world_words(text: str) -> str:
+    words = [w for w in text.replace(",", " ").split() if w in VOCABULARY]
+    return " ".join(words) if set(words) - {"a", "an", "the"} else ""
+
+
+def runnable(name: str, server) -> dict:
+    """The shipped workflow in API form, with the world's text encoder for umt5 and shorter runs."""
+    prompt = to_api(json.loads((REPO / "workflows" / name).read_text()), server.object_info())
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPLoader":
+            prompt[node_id] = {"class_type": "CustVid_LoadShapesWorld", "inputs": {"text_encoder_name": WORLD_TEXT}}
+        elif kind == "CLIPTextEncode":
+            text = inputs["text"]
+            negative = "low quality" in text
+            prompt[node_id] = {"class_type": "CustVid_WorldTextEncode",
+                               "inputs": {"world_text": inputs["clip"],
+                                          "prompt": "" if negative else _world_words(text) or FALLBACK_PROMPT}}
+        elif kind == "CustVid_BoxSteering":
+            inputs["world_text"] = inputs.pop("clip")
+            inputs.update(prompt=FALLBACK_PROMPT, subject_words="red circle", background_words="")
+        elif kind == "EmptyHunyuanLatentVideo":
+            inputs.update(width=64, height=64, length=5)
+        elif kind in ("KSampler", "BasicScheduler"):
+            inputs["steps"] = 2
+        elif kind in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):
+            inputs["steps"] = 2
+        elif kind == "LoadImage":
+            inputs["image"] = SUBJECT_PHOTO
+        elif kind == "LoadVideo":
+            inputs["file"] = MOTION_CLIP
+    return prompt
+
+
+def _outputs(server, prefix: str) -> list:
+    return [p for p in (server.base / "output").glob(prefix + "*") if p.stat().st_size > 1000]
+
+
+def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_server):
+    """Train a subject LoRA, train a motion LoRA, then generate with both at SMRABooth's timing: the three
+    Wan workflows one after the other, as a user runs them."""
+    loras = wan_server.base / "models" / "loras"
+    for name, saved in (("custvid_wan_train_subject.json", "custvid/my_subject.safetensors"),
+                        ("custvid_wan_train_motion.json", "custvid/my_motion.safetensors")):
+        prompt = runnable(name, wan_server)
+        result = wan_server.run(prompt, timeout=900)
+        assert result["ok"], (name, result["error"])
+        assert (loras / saved).stat().st_size > 1000
+        check = next(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveVideo")
+        assert _outputs(wan_server, check), name
+    result = wan_server.run(runnable("custvid_wan_generate_customized.json", wan_server), timeout=900)
+    assert result["ok"], result["error"]
+    assert _outputs(wan_server, "custvid/wan_customized")
+
+
+@pytest.mark.parametrize("name, prefix", [("custvid_wan_camera.json", "custvid/wan_camera"),
+                                          ("custvid_wan_box_steering.json", "custvid/wan_box_steering")])
+def test_the_wan_control_workflows_run(wan_server, name, prefix):
+    result = wan_server.run(runnable(name, wan_server), timeout=600)
+    assert result["ok"], result["error"]
+    assert _outputs(wan_server, prefix)
