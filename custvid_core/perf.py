@@ -177,18 +177,34 @@ def sampling_step_seconds(controls=("plain", "steering", "camera", "both"), step
     return best
 
 
+def sampling_peak_memory_mb(control: str, size: int = 48, steps: int = 4) -> float:
+    """Peak resident memory (MB) above the resident memory before sampling that one sampling with `control`
+    reaches (run it in a fresh process; Linux)."""
+    import resource
+
+    sample = _control_sampler(control, size)
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2 ** 20
+    with torch.no_grad():
+        sample(steps)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - resident
+
+
 def run_control_perf(out: str | Path, steps: int = 10, size: int = 48) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seconds = sampling_step_seconds(steps=steps, size=size)
+    memory = {c: _in_fresh_process(f"p.sampling_peak_memory_mb('{c}', {size})") for c in ("plain", "steering")}
     result = {"model": PERF_WAN, "latent": f"[1, 16, 4, {size}, {size}] (20 world frames), text context 512",
               "threads": torch.get_num_threads(), "steps_timed": steps, "step_seconds": seconds,
-              "ratios": {f"{c}_over_plain": seconds[c] / seconds["plain"] for c in ("steering", "camera", "both")}}
+              "peak_memory_mb": memory,
+              "ratios": {**{f"{c}_over_plain": seconds[c] / seconds["plain"] for c in ("steering", "camera", "both")},
+                         "steering_peak_memory_over_plain": memory["steering"] / memory["plain"]}}
     (out / "control_perf.json").write_text(json.dumps(result, indent=2))
     r = result["ratios"]
     (out / "control_perf.md").write_text(
         "| sampling step | ratio to plain |\n| --- | --- |\n"
         f"| box steering (all blocks, conditional pass; tau 0.3) | {r['steering_over_plain']:.3f} |\n"
         f"| camera shift (a shift after every step) | {r['camera_over_plain']:.3f} |\n"
-        f"| both | {r['both_over_plain']:.3f} |\n")
+        f"| both | {r['both_over_plain']:.3f} |\n"
+        f"| peak memory of a sampling with box steering / without | {r['steering_peak_memory_over_plain']:.3f} |\n")
     return result

@@ -1,4 +1,4 @@
-"""The training benchmark's plumbing (its numbers come from `bench-training`, not from tests)."""
+"""The training and sampling benchmarks' plumbing (its numbers come from `bench-training`, not from tests)."""
 
 import json
 
@@ -17,8 +17,11 @@ def test_training_bench_writes_ratios(tmp_path, monkeypatch):
     assert "gradient checkpointing" in (tmp_path / "training_perf.md").read_text()
 
 
-def test_control_sampling_benchmark_runs_every_control():
-    from custvid_core.perf import sampling_step_seconds
-
-    seconds = sampling_step_seconds(steps=1, rounds=1, size=24)
-    assert set(seconds) == {"plain", "steering", "camera", "both"} and all(s > 0 for s in seconds.values())
+def test_control_sampling_benchmark_runs_every_control(tmp_path, monkeypatch):
+    monkeypatch.setattr(perf, "_in_fresh_process",
+                        lambda expr: perf.sampling_peak_memory_mb(expr.split("'")[1], size=24, steps=1) + 1.0)
+    result = perf.run_control_perf(tmp_path, steps=1, size=24)
+    assert set(result["step_seconds"]) == {"plain", "steering", "camera", "both"}
+    assert all(s > 0 for s in result["step_seconds"].values())
+    assert set(result["peak_memory_mb"]) == {"plain", "steering"} and result["ratios"]["steering_peak_memory_over_plain"] > 0
+    assert "peak memory" in (tmp_path / "control_perf.md").read_text()
