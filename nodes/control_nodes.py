@@ -270,10 +270,13 @@ def steering_patch(model, steering: BoxSteering):
     previous = options.get("optimized_attention_override")
 
     def record_call(executor, x, *args, **kwargs):
-        """Once per model call: the token grid and how far sampling has got, for every attention call."""
+        """Once per model call: the token grid, the text context's length and how far sampling has got, for
+        every attention call. (Wan's `_forward(x, timestep, context, clip_fea, time_dim_concat, options)`.)"""
         to = kwargs.get("transformer_options", args[4] if len(args) > 4 else None)
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
         if to is not None:
             to["custvid_token_grid"] = tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], patch_size))
+            to["custvid_text_length"] = context.shape[1] if torch.is_tensor(context) else None
             sigma = to.get("sigmas")
             to["custvid_progress"] = step_fraction(float(sigma.max()), to.get("sample_sigmas")) if sigma is not None \
                 else 0.0
@@ -292,8 +295,10 @@ def steering_patch(model, steering: BoxSteering):
         to = kwargs.get("transformer_options") or {}
         grid = to.get("custvid_token_grid")
         block = to.get("block_index", -1)
-        # Steered: Wan's text cross-attention (keys unlike queries, no mask of its own) in a chosen block.
-        if (grid is None or k.shape[1] == q.shape[1] or q.shape[1] != math.prod(grid)
+        # Steered: Wan's text cross-attention (keys as long as the text context, not an image-to-video
+        # model's CLIP image tokens; no mask of its own) in a chosen block.
+        if (grid is None or k.shape[1] != to.get("custvid_text_length") or k.shape[1] == q.shape[1]
+                or q.shape[1] != math.prod(grid)
                 or kwargs.get("mask") is not None or not steering.steers(block)):
             return call(q, k, v, None)
         chunks = to.get("cond_or_uncond") or [0]

@@ -182,6 +182,25 @@ def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_
         assert torch.allclose(ours[1], plain[1], atol=1e-5) and not torch.allclose(ours[0], plain[0], atol=1e-3)
 
 
+def test_only_the_text_cross_attention_is_steered_not_an_image_to_video_models_image_tokens(tiny):
+    """Wan image-to-video attends to 257 CLIP image tokens in a call of its own beside the text's: the
+    override steers the call whose keys are as long as the text context, and passes the other through."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    patcher, world, nodes = tiny
+    steered = nodes.BoxSteeringNode.execute(patcher, BoxTrack.parse("0: 0, 0, 0.5, 0.5"), PROMPT, "circle", 10.0, 0.5,
+                                            "all", "", world_text=world.text).result[0]
+    override = steered.model_options["transformer_options"]["optimized_attention_override"]
+    options = {"custvid_token_grid": (1, 4, 8), "custvid_text_length": 16, "custvid_progress": 0.0, "block_index": 0,
+               "cond_or_uncond": [0]}
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 32, 128, generator=g)
+    for keys, is_steered in ((257, False), (16, True)):
+        k = torch.randn(1, keys, 128, generator=g)
+        out = override(attention_pytorch, q, k, k, 1, transformer_options=options)
+        assert torch.allclose(out, attention_pytorch(q, k, k, 1), atol=1e-6) is not is_steered, keys
+
+
 def test_boxes_read_from_a_mask_sequence_are_drawn_where_the_masks_are(tiny):
     _, _, nodes = tiny
     masks = torch.zeros(3, 16, 16)
