@@ -180,19 +180,37 @@ def custvid_import_seconds(log_text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def tiny_world(layers: int = 2):
+    """A tiny shapes-world-layout Wan 2.1 with every block given an effect (diffusers starts the adaLN
+    tables at zero)."""
+    from custvid_core.world.model import DEFAULT_CONFIG, build_world
+
+    world = build_world({**DEFAULT_CONFIG, "num_layers": layers, "ffn_dim": 64})
+    with torch.no_grad():
+        for p in world.backbone.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return world
+
+
 def tiny_world_wan(folder: Path):
-    """A tiny shapes-world-layout Wan 2.1 (2 blocks) with every block given an effect (diffusers starts
-    the adaLN tables at zero), written in ComfyUI's native keys and loaded by ComfyUI's own loader.
+    """`tiny_world()` written in ComfyUI's native keys and loaded by ComfyUI's own loader.
     Returns (ModelPatcher, World, path of the file)."""
     import_comfy()
     import comfy.sd
 
-    from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+    from custvid_core.world.model import save_world
 
-    world = build_world({**DEFAULT_CONFIG, "num_layers": 2, "ffn_dim": 64})
-    with torch.no_grad():
-        for p in world.backbone.model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    world = tiny_world()
     path = folder / "tiny_wan.safetensors"
     save_world(world, path, folder / "tiny_text.safetensors")
     return comfy.sd.load_diffusion_model(str(path)), world, path
+
+
+def tiny_wan_vae_weights() -> dict:
+    """A Wan 2.1 VAE state dict (ComfyUI's architecture, 8 base channels) with small random weights:
+    ComfyUI's layers skip weight initialisation."""
+    import_comfy()
+    from comfy.ldm.wan.vae import WanVAE
+
+    return {k: torch.ones_like(v) if "gamma" in k else torch.randn_like(v) * (0.1 if v.ndim > 1 else 0.01)
+            for k, v in WanVAE(dim=8, z_dim=16, temperal_downsample=[False, True, True]).state_dict().items()}

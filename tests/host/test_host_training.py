@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from comfy_host import import_pack, tiny_world_wan
+from comfy_host import import_pack, tiny_wan_vae_weights, tiny_world_wan
 
 from custvid_core.world.model import save_world
 from custvid_core.world.scene import Scene, WorldSpec, render
@@ -266,16 +266,12 @@ def test_decoded_flow_decodes_through_comfyui_wan_vae_with_gradients(wan):
     ComfyUI's decode (in the model's latent space) and passes gradients back to the latents."""
     import comfy.latent_formats
     import comfy.sd
-    from comfy.ldm.wan.vae import WanVAE
 
     _, _, pack = wan
     from custvid_pack.nodes.host import decoder_with_grad
 
     torch.manual_seed(0)
-    # ComfyUI's layers skip weight initialisation; give the tiny VAE small random weights.
-    weights = {k: torch.ones_like(v) if "gamma" in k else torch.randn_like(v) * (0.1 if v.ndim > 1 else 0.01)
-               for k, v in WanVAE(dim=8, z_dim=16, temperal_downsample=[False, True, True]).state_dict().items()}
-    vae = comfy.sd.VAE(sd=weights)
+    vae = comfy.sd.VAE(sd=tiny_wan_vae_weights())
     params_before = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
     latent_format = comfy.latent_formats.Wan21()
     flow = decoder_with_grad(vae, latent_format.process_out, _raft(pack), window=2)

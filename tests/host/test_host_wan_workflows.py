@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from comfy_host import MOTION_CLIP, REPO, SUBJECT_PHOTO, import_comfy
+from comfy_host import MOTION_CLIP, REPO, SUBJECT_PHOTO, tiny_wan_vae_weights, tiny_world
 from workflow_api import to_api
 
 from custvid_core.world.text import VOCABULARY
@@ -22,28 +22,19 @@ FALLBACK_PROMPT = "red circle moving right"
 @pytest.fixture(scope="module")
 def wan_server(comfy_server):
     """The session's ComfyUI with a tiny Wan 2.1 and a tiny Wan 2.1 VAE under the workflows' file names."""
-    import_comfy()
-    from comfy.ldm.wan.vae import WanVAE
     from safetensors.torch import save_file
 
-    from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+    from custvid_core.world.model import save_world
 
     models = comfy_server.base / "models"
     unet = _loader_value("custvid_wan_camera.json", "UNETLoader")
     vae = _loader_value("custvid_wan_camera.json", "VAELoader")
     torch.manual_seed(0)
-    # Four blocks: the subject workflow aligns block 3's hidden states with DINOv2.
-    world = build_world({**DEFAULT_CONFIG, "num_layers": 4, "ffn_dim": 64})
-    with torch.no_grad():  # diffusers starts the adaLN tables at zero; give every block an effect
-        for p in world.backbone.model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
     (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
-    save_world(world, models / "diffusion_models" / unet, comfy_server.base / "unused_text.safetensors")
-    # ComfyUI's layers skip weight initialisation; give the tiny VAE small random weights.
-    weights = {k: torch.ones_like(v) if "gamma" in k else torch.randn_like(v) * (0.1 if v.ndim > 1 else 0.01)
-               for k, v in WanVAE(dim=8, z_dim=16, temperal_downsample=[False, True, True]).state_dict().items()}
+    # Four blocks: the subject workflow aligns block 3's hidden states with DINOv2.
+    save_world(tiny_world(layers=4), models / "diffusion_models" / unet, comfy_server.base / "unused_text.safetensors")
     (models / "vae").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(models / "vae" / vae))
+    save_file({k: v.contiguous() for k, v in tiny_wan_vae_weights().items()}, str(models / "vae" / vae))
     return comfy_server
 
 
