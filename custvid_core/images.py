@@ -76,3 +76,18 @@ def stack_same_size(images: list[torch.Tensor], input_name: str) -> torch.Tensor
         raise InputError(input_name, f"frames have different sizes {sorted(sizes)}",
                          "frames of one clip, all the same size")
     return torch.stack(images)
+
+
+def hue_rotations(frames: torch.Tensor, copies: int) -> list[torch.Tensor]:
+    """Frames `[F, H, W, 3]` and `copies` more versions of them with every hue turned evenly round the colour
+    circle (3 copies: by a quarter, a half, three quarters): the same motion in other colours, so that a
+    motion LoRA learning from them has no colour to learn (appearance debiasing). The input is not changed."""
+    from torchvision.transforms.functional import adjust_hue
+
+    if copies < 0:
+        raise InputError("hue_copies", f"{copies}", "0 (off) or more copies")
+    channels_first = frames[..., :3].permute(0, 3, 1, 2)
+    turns = [k / (copies + 1) for k in range(1, copies + 1)]
+    return [frames] + [adjust_hue(channels_first, turn - 1.0 if turn > 0.5 else turn).permute(0, 2, 3, 1).contiguous()
+                       for turn in turns]
+

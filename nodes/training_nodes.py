@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
 from ..custvid_core.errors import InputError
 from ..custvid_core.files import path_inside, save_safetensors
-from ..custvid_core.images import as_image_list, as_mask_list
+from ..custvid_core.images import as_image_list, as_mask_list, hue_rotations
 from ..custvid_core.media import loss_plot
 from ..custvid_core.training import (
     MotionSettings,
@@ -62,18 +62,25 @@ class VideoDataset(io.ComfyNode):
                 types.VideoDataset.Input("add_to", optional=True,
                                          tooltip="Clips encoded earlier; this clip is appended. All clips need "
                                                  "the same frame count and size."),
+                io.Int.Input("hue_copies", default=0, min=0, max=7, optional=True,
+                             tooltip="Also add this many copies of the clip with its colours turned round the colour "
+                                     "circle (same caption, same motion), so a motion LoRA cannot learn the clip's "
+                                     "colours and pass them to your subject. 3 is a good start for motion clips; "
+                                     "0 (off) for preservation clips. Each copy is encoded once, here."),
             ],
             outputs=[types.VideoDataset.Output(display_name="clips")],
         )
 
     @classmethod
-    def execute(cls, vae, frames, conditioning, motion_representation=None, add_to=None) -> io.NodeOutput:
+    def execute(cls, vae, frames, conditioning, motion_representation=None, add_to=None,
+                hue_copies=0) -> io.NodeOutput:
         if frames.shape[0] < 2:
             raise InputError("frames", f"{frames.shape[0]} frame", "a clip of at least 2 frames (5 or more on Wan)")
-        latents = _encode_clip(vae, frames)
+        versions = hue_rotations(frames[..., :3], hue_copies)
+        latents = torch.cat([_encode_clip(vae, v) for v in versions])
         # Single frames as photos for the motion recipe's spatial LoRA (up to 8, evenly spaced).
         picks = torch.linspace(0, frames.shape[0] - 1, min(8, frames.shape[0])).round().long().tolist()
-        stills = torch.cat([_encode_clip(vae, frames[i:i + 1]) for i in picks])[None]
+        stills = torch.stack([torch.cat([_encode_clip(vae, v[i:i + 1]) for i in picks]) for v in versions])
         context = _context(conditioning, "conditioning")
         flow = None
         if motion_representation is not None:
@@ -81,7 +88,7 @@ class VideoDataset(io.ComfyNode):
             if flow.shape[0] != frames.shape[0] - 1:
                 raise InputError("motion_representation", f"flow of {flow.shape[0] + 1} frames",
                                  f"the representation of this clip ({frames.shape[0]} frames)")
-            flow = flow[None].float()
+            flow = flow[None].float().expand(len(versions), *flow.shape)
         if add_to is not None:
             if add_to.latents.shape[1:] != latents.shape[1:]:
                 raise InputError("frames", f"latents {tuple(latents.shape[1:])} differ from the earlier clips' "

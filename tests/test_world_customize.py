@@ -41,6 +41,19 @@ def test_case_sets_hold_masks_representations_and_captions():
     assert torch.equal(motion.context, expected)
 
 
+def test_motion_clips_in_other_colours_keep_their_caption_and_flow():
+    world = build_world(TINY)
+    case = load_cases()[0]
+    raft = build_raft("raft_small")
+    plain, hued = motion_set(world, case, raft), motion_set(world, case, raft, hue_copies=2)
+    n = len(case.motion_clips())
+    assert hued.latents.shape[0] == hued.flow.shape[0] == hued.stills.shape[0] == hued.context.shape[0] == 3 * n
+    assert torch.equal(hued.latents[::3], plain.latents) and torch.equal(hued.context[::3], plain.context)
+    assert torch.equal(hued.flow[::3], plain.flow)
+    assert torch.equal(hued.context[1], hued.context[0]) and torch.equal(hued.flow[2], hued.flow[0])
+    assert not torch.allclose(hued.latents[1], hued.latents[0])
+
+
 def test_schedules_follow_smrabooth_timing():
     subject = SMRABOOTH_TIMING["subject"]
     assert [subject.at(i, 50) for i in (0, 14, 15, 49)] == [0.6, 0.6, 0.8, 0.8]

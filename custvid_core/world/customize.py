@@ -15,6 +15,7 @@ import torch
 from ..adapters.lora import LoraAdapters, save_lora
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
 from ..errors import InputError
+from ..images import hue_rotations
 from ..training.customize import (
     MotionSettings,
     SubjectSet,
@@ -70,19 +71,22 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
     return SubjectSet(latents, context, masks, tokens, clips, subject_tokens=(0,))  # "sks" is the only word
 
 
-def motion_set(world: World, case: Case, raft=None) -> VideoSet:
+def motion_set(world: World, case: Case, raft=None, hue_copies: int = 0) -> VideoSet:
     """The case's motion clips captioned with their own subject plus "mtn" (MotionDirector's captions),
-    their frames as stills, and their RAFT flow from the world's encoder, if given."""
+    their frames as stills, and their RAFT flow from the world's encoder, if given; with `hue_copies`, each
+    clip is followed by that many copies in other colours (same caption, same flow)."""
     clips = case.motion_clips()
+    versions = [(c, frames) for c in clips for frames in hue_rotations(c.frames, hue_copies)]
     with torch.no_grad():
-        context = world.text([f"{c.prompt} {MOTION_WORD}" for c in clips])
+        context = world.text([f"{c.prompt} {MOTION_WORD}" for c, _ in versions])
     flow = None
     if raft is not None:
         from ..representations.motion import compute_flow
 
-        flow = torch.stack([compute_flow(raft, c.frames, progress=lambda *_: None) for c in clips])
-    stills = torch.stack([encode_stills(c.frames) for c in clips])  # every frame as a photo, for the spatial LoRA
-    return VideoSet(encode(torch.stack([c.frames for c in clips])), context, flow, stills)
+        flows = [compute_flow(raft, c.frames, progress=lambda *_: None) for c in clips]
+        flow = torch.stack([f for f in flows for _ in range(hue_copies + 1)])
+    stills = torch.stack([encode_stills(f) for _, f in versions])  # every frame as a photo, for the spatial LoRA
+    return VideoSet(encode(torch.stack([f for _, f in versions])), context, flow, stills)
 
 
 def _world_optim(steps: int, lr: float) -> OptimSettings:
@@ -99,6 +103,7 @@ class LoraMethod:
     schedules: dict[str, StrengthSchedule] | None = None  # None: both at 1.0 throughout
     joint: OptimSettings | None = None  # the two LoRAs trained together in alternating steps (DualReal)
     motion_probability: float = 0.5  # joint training: the chance that a step is a motion step
+    hue_copies: int = 0  # copies of each motion clip in other colours (appearance debiasing)
     sampling_steps: int = 30
     cfg: float = 4.0
     encoders: dict = field(default_factory=dict)  # "dino", "raft": loaded world encoders
@@ -123,7 +128,7 @@ class LoraMethod:
         subject_data = None
         if self.subject is not None:
             subject_data = subject_set(world, case, dino, 16 if self.subject.preservation_weight else 0)
-        motion_data = motion_set(world, case, raft)
+        motion_data = motion_set(world, case, raft, self.hue_copies)
         if self.joint is not None:
             subject, motion = train_joint(world.backbone, subject_data, motion_data, self.subject, self.motion,
                                           self.joint, self.motion_probability, workdir=workdir / "joint",
@@ -188,6 +193,9 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         "mora": LoraMethod("mora", sura_subject, mora_motion),
         "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
         "full_still": LoraMethod("full_still", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
+        # + each motion clip also in three other colours, so the motion LoRA cannot learn the clips' colours.
+        "full_still_hue": LoraMethod("full_still_hue", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
+                                     hue_copies=3),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
         # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
         "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),

@@ -261,6 +261,23 @@ def _raft(pack):
     return ManagedModel.wrap(encoder, encoder.model)
 
 
+def test_a_clip_in_other_colours_joins_the_dataset_with_its_caption_and_flow(wan):
+    _, world, pack = wan
+    training, world_nodes = _nodes(pack)
+    vae = world_nodes.WorldVAE()
+    clip = render(Scene(colour="red", speed=2.0), WorldSpec())
+    flow = type("Rep", (), {"flow": torch.randn(4, 2, 32, 32)})()
+    conditioning = _conditioning(world, "red circle mtn")
+    plain = training.VideoDataset.execute(vae, clip.frames, conditioning, motion_representation=flow).result[0]
+    clips = training.VideoDataset.execute(vae, clip.frames, conditioning, motion_representation=flow, add_to=plain,
+                                          hue_copies=2).result[0]
+    assert clips.latents.shape[0] == clips.flow.shape[0] == clips.stills.shape[0] == clips.context.shape[0] == 4
+    assert torch.equal(clips.latents[1], plain.latents[0]) and not torch.allclose(clips.latents[2], plain.latents[0])
+    assert all(torch.equal(f, flow.flow) for f in clips.flow)
+    assert all(torch.equal(c, conditioning[0][0][0]) for c in clips.context)
+    assert clips.stills.shape[1:] == plain.stills.shape[1:]
+
+
 def test_decoded_flow_decodes_through_comfyui_wan_vae_with_gradients(wan):
     """A tiny Wan 2.1 VAE built by ComfyUI's own VAE loader from a state dict: the differentiable decode gives
     ComfyUI's decode (in the model's latent space) and passes gradients back to the latents."""
