@@ -65,8 +65,9 @@ class VideoDataset(io.ComfyNode):
                 io.Int.Input("hue_copies", default=0, min=0, max=7, optional=True,
                              tooltip="Also add this many copies of the clip with its colours turned round the colour "
                                      "circle (same caption, same motion), so a motion LoRA cannot learn the clip's "
-                                     "colours and pass them to your subject. 3 is a good start for motion clips; "
-                                     "0 (off) for preservation clips. Each copy is encoded once, here."),
+                                     "colours and pass them to your subject. Try 3 on motion clips if your subject "
+                                     "takes on their colours; 0 (off) for preservation clips. Each copy is encoded "
+                                     "once, here."),
             ],
             outputs=[types.VideoDataset.Output(display_name="clips")],
         )
