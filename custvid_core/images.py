@@ -86,8 +86,7 @@ def hue_rotations(frames: torch.Tensor, copies: int) -> list[torch.Tensor]:
 
     if copies < 0:
         raise InputError("hue_copies", f"{copies}", "0 (off) or more copies")
-    channels_first = frames[..., :3].permute(0, 3, 1, 2)
+    channels_first = frames.permute(0, 3, 1, 2)
     turns = [k / (copies + 1) for k in range(1, copies + 1)]
     return [frames] + [adjust_hue(channels_first, turn - 1.0 if turn > 0.5 else turn).permute(0, 2, 3, 1).contiguous()
                        for turn in turns]
-
