@@ -79,10 +79,25 @@ def _window(window_start, window_end) -> StepWindow:
 
 
 class CameraShift:
-    """Builds the LatentShift for a latent of a given shape and applies it to that layout."""
+    """Builds the LatentShift for a latent of a given shape and applies it to that layout. With `schedule`
+    (the whole schedule of a two-expert graph) the window is a part of it, wherever the sampler's own steps lie."""
 
-    def __init__(self, path: CameraPath, window: StepWindow, layout: str, seed: int, boxes: BoxTrack | None):
+    def __init__(self, path: CameraPath, window: StepWindow, layout: str, seed: int, boxes: BoxTrack | None,
+                 schedule: torch.Tensor | None = None):
         self.path, self.window, self.layout, self.seed, self.boxes = path, window, layout, seed, boxes
+        self.schedule = schedule
+
+    def place(self, sigmas: torch.Tensor) -> tuple[int, int]:
+        """(the index of the sampler's first step in the whole schedule, the schedule's step count)."""
+        steps = len(sigmas) - 1
+        if self.schedule is None:
+            return 0, steps
+        whole, part = self.schedule.detach().float().cpu(), sigmas.detach().float().cpu()
+        for offset in range(len(whole) - len(part) + 1):
+            if torch.allclose(whole[offset:offset + len(part)], part, rtol=1e-4, atol=1e-6):
+                return offset, len(whole) - 1
+        raise InputError("schedule", "the sampler's sigmas are not a part of it",
+                         "the SIGMAS the experts' SplitSigmas split (from the scheduler), or nothing")
 
     def frames(self, latent: torch.Tensor) -> int:
         t = latent.shape[2]
@@ -110,17 +125,21 @@ class CameraShift:
         camera = self
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
-            steps = len(sigmas) - 1
-            mover = camera.shift(x, steps)
+            first, total = camera.place(sigmas)
+            last = first + len(sigmas) - 1
+            mover = camera.shift(x, total)
             extra_args = dict(extra_args or {})
-            for start, end in mover.segments(steps):
+            for start, end in mover.segments(total):
+                start, end = max(start, first), min(end, last)
+                if start >= end:  # another expert's steps
+                    continue
                 args = dict(extra_args)
                 if "seed" in args:  # new noise for each range of a stochastic sampler, not a repeat
                     args["seed"] = args["seed"] + start
                 step_callback = None if callback is None else (
-                    lambda d, offset=start: callback({**d, "i": d["i"] + offset}))
-                x = inner.sampler_function(model, x, sigmas[start:end + 1], extra_args=args, callback=step_callback,
-                                           disable=disable, **inner.extra_options)
+                    lambda d, offset=start - first: callback({**d, "i": d["i"] + offset}))
+                x = inner.sampler_function(model, x, sigmas[start - first:end - first + 1], extra_args=args,
+                                           callback=step_callback, disable=disable, **inner.extra_options)
                 x = camera.after_step(mover, end - 1, x)
             return x
 
@@ -128,9 +147,9 @@ class CameraShift:
 
 
 def _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
-            subject_boxes) -> CameraShift:
+            subject_boxes, schedule=None) -> CameraShift:
     return CameraShift(_camera_path(pan_x, pan_y, zoom, camera_path), _window(window_start, window_end),
-                       latent_layout, fill_seed, subject_boxes)
+                       latent_layout, fill_seed, subject_boxes, schedule)
 
 
 class CameraShiftSampler(io.ComfyNode):
@@ -142,17 +161,22 @@ class CameraShiftSampler(io.ComfyNode):
             category=CATEGORY,
             description="Wraps a sampler for SamplerCustomAdvanced: pans/zooms the camera by shifting the noisy "
                         "latent between steps in a window of the schedule (MotionBooth; training-free). "
-                        "For Wan 2.2's two experts, use it on the expert whose steps hold the window.",
+                        "For Wan 2.2's two experts, wrap both experts' samplers and give both the whole schedule.",
             inputs=[io.Sampler.Input("sampler", tooltip="The sampler to wrap (e.g. from KSamplerSelect)."),
-                    *_camera_inputs()],
+                    *_camera_inputs(),
+                    io.Sigmas.Input("schedule", optional=True,
+                                    tooltip="For two-expert graphs (Wan 2.2): the whole schedule, i.e. the SIGMAS "
+                                            "before SplitSigmas. The window is then a part of the whole schedule and "
+                                            "the camera moves in whichever expert's steps it falls. Leave empty "
+                                            "when one sampler runs the whole schedule.")],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
     def execute(cls, sampler, pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
-                subject_boxes=None) -> io.NodeOutput:
+                subject_boxes=None, schedule=None) -> io.NodeOutput:
         camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
-                         subject_boxes)
+                         subject_boxes, schedule)
         return io.NodeOutput(camera.sampler(sampler))
 
 

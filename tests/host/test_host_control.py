@@ -122,6 +122,24 @@ def test_two_expert_graphs_shift_inside_the_expert_that_holds_the_window(tiny):
     assert torch.allclose(both, expected, atol=1e-3)
 
 
+def test_given_the_whole_schedule_a_window_spans_both_experts(tiny):
+    import comfy.samplers
+
+    patcher, world, nodes = tiny
+    euler = comfy.samplers.sampler_object("euler")
+    whole = flow_sigmas(6, 3.0)
+    # The window is steps 2-4 of 6; the experts split at step 4, so each makes part of the move.
+    settings = (0.25, 0.0, 1.0, "", 2 / 6, 5 / 6, nodes.WORLD_LAYOUT, 0)
+    camera = nodes.CameraShiftSampler.execute(euler, *settings, schedule=whole).result[0]
+    high = _comfy_sample(patcher, camera, world, part=(0, 4))
+    both = _normalise_out(_comfy_sample(patcher, camera, world, part=(4, 6), latent=high, add_noise=False))
+    expected = _library_latents(world, camera=CameraPath.constant(0.25, 0.0), camera_window=StepWindow(2 / 6, 5 / 6))
+    assert torch.allclose(both, expected, atol=1e-3)
+    with pytest.raises(ValueError, match="schedule:"):
+        other = nodes.CameraShiftSampler.execute(euler, *settings, schedule=flow_sigmas(8, 3.0)).result[0]
+        _comfy_sample(patcher, other, world, part=(0, 4))
+
+
 def test_all_in_one_camera_sampler_is_the_wrapped_sampler_on_a_video_latent(tiny):
     import comfy.sample
     import comfy.samplers
