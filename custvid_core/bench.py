@@ -64,11 +64,12 @@ def _lora_method(name: str) -> Callable[[], Method]:
 # full_still (+ a stillness LoRA under the subject LoRA), full_still_hue (+ the motion clips in other colours);
 # full_decoded_mora is the full method with MoRA through the decoder and RAFT (the authors' variant);
 # motion_lora_only is the plain motion LoRA on its own; joint trains the full method's two LoRAs together,
-# joint_still the same with the stillness LoRA.
+# joint_still the same with the stillness LoRA, joint_still_hue with the motion clips in other colours too.
 METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in
                                                                  ("plain_lora", "losses", "sura", "mora", "full",
                                                                   "full_still", "full_still_hue", "full_decoded_mora",
-                                                                  "motion_lora_only", "joint", "joint_still")}}
+                                                                  "motion_lora_only", "joint", "joint_still",
+                                                                  "joint_still_hue")}}
 
 METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation",
            "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker")

@@ -210,4 +210,7 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         # a motion step with probability 0.4, so each kind of step gets about as many as in the separate runs.
         "joint_still": LoraMethod("joint_still", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
                                   joint=_world_optim(5 * steps // 2, lr), motion_probability=0.4),
+        # Not in the default ladder: joint_still with the motion clips also in three other colours.
+        "joint_still_hue": LoraMethod("joint_still_hue", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
+                                      joint=_world_optim(5 * steps // 2, lr), motion_probability=0.4, hue_copies=3),
     }
