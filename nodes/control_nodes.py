@@ -89,9 +89,8 @@ class CameraShift:
 
     def place(self, sigmas: torch.Tensor) -> tuple[int, int]:
         """(the index of the sampler's first step in the whole schedule, the schedule's step count)."""
-        steps = len(sigmas) - 1
         if self.schedule is None:
-            return 0, steps
+            return 0, len(sigmas) - 1
         whole, part = self.schedule.detach().float().cpu(), sigmas.detach().float().cpu()
         for offset in range(len(whole) - len(part) + 1):
             if torch.allclose(whole[offset:offset + len(part)], part, rtol=1e-4, atol=1e-6):

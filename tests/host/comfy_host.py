@@ -88,6 +88,10 @@ class Server:
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log: {self.log}")
 
+    def saved(self, prefix: str) -> list[Path]:
+        """Files under the output folder whose path starts with `prefix` and that hold more than a header."""
+        return sorted(p for p in (self.base / "output").glob(prefix + "*") if p.stat().st_size > 1000)
+
     def alive(self) -> bool:
         try:
             self.get("/system_stats")
@@ -180,12 +184,12 @@ def custvid_import_seconds(log_text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def tiny_world(layers: int = 2):
-    """A tiny shapes-world-layout Wan 2.1 with every block given an effect (diffusers starts the adaLN
-    tables at zero)."""
+def tiny_world(layers: int = 2, **config):
+    """A tiny shapes-world-layout Wan 2.1 (`config` overrides the world's, e.g. 48 channels for Wan 2.2's
+    layout) with every block given an effect (diffusers starts the adaLN tables at zero)."""
     from custvid_core.world.model import DEFAULT_CONFIG, build_world
 
-    world = build_world({**DEFAULT_CONFIG, "num_layers": layers, "ffn_dim": 64})
+    world = build_world({**DEFAULT_CONFIG, "num_layers": layers, "ffn_dim": 64, **config})
     with torch.no_grad():
         for p in world.backbone.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

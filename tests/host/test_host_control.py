@@ -3,7 +3,7 @@ ComfyUI, in-process), checked against the library's world sampler on the same we
 
 import pytest
 import torch
-from comfy_host import import_pack, tiny_world_wan
+from comfy_host import import_pack, tiny_world, tiny_world_wan
 
 from custvid_core.control.boxes import BoxSteering, BoxTrack
 from custvid_core.control.camera import CameraPath, LatentShift, StepWindow
@@ -83,10 +83,10 @@ def test_a_wan22_latent_with_48_channels_is_shifted_per_latent_frame_in_comfys_s
     import comfy.samplers
     import comfy.sd
 
-    from custvid_core.world.model import DEFAULT_CONFIG, build_world, save_world
+    from custvid_core.world.model import save_world
 
     _, _, nodes = tiny
-    world = build_world({**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64, "in_channels": 48, "out_channels": 48})
+    world = tiny_world(layers=1, in_channels=48, out_channels=48)
     save_world(world, tmp_path / "wan22.safetensors", tmp_path / "text.safetensors")
     patcher = comfy.sd.load_diffusion_model(str(tmp_path / "wan22.safetensors"))
     assert type(patcher.model).__name__ == "WAN22"

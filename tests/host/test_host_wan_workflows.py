@@ -77,10 +77,6 @@ def runnable(name: str, server) -> dict:
     return prompt
 
 
-def _outputs(server, prefix: str) -> list:
-    return [p for p in (server.base / "output").glob(prefix + "*") if p.stat().st_size > 1000]
-
-
 def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_server):
     """Train a subject LoRA, train a motion LoRA, then generate with both at SMRABooth's timing: the three
     Wan workflows one after the other, as a user runs them."""
@@ -92,10 +88,10 @@ def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_ser
         assert result["ok"], (name, result["error"])
         assert (loras / saved).stat().st_size > 1000
         check = next(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveVideo")
-        assert _outputs(wan_server, check), name
+        assert wan_server.saved(check), name
     result = wan_server.run(runnable("custvid_wan_generate_customized.json", wan_server), timeout=900)
     assert result["ok"], result["error"]
-    assert _outputs(wan_server, "custvid/wan_customized")
+    assert wan_server.saved("custvid/wan_customized")
 
 
 @pytest.mark.parametrize("name, prefix", [("custvid_wan_camera.json", "custvid/wan_camera"),
@@ -103,4 +99,4 @@ def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_ser
 def test_the_wan_control_workflows_run(wan_server, name, prefix):
     result = wan_server.run(runnable(name, wan_server), timeout=600)
     assert result["ok"], result["error"]
-    assert _outputs(wan_server, prefix)
+    assert wan_server.saved(prefix)
