@@ -64,7 +64,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def world_spec_from_args(args: argparse.Namespace) -> WorldSpec:
-    return WorldSpec(wallpaper_contrast=args.wallpaper_contrast)
+    return WorldSpec(wallpaper_contrast=args.wallpaper_contrast, object_size=tuple(args.object_size))
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="diffusers", choices=["diffusers", "adaln-zero"], help="weight initialisation")
     p.add_argument("--wallpaper-contrast", type=float, default=WorldSpec.wallpaper_contrast,
                    help="amplitude of the background's waves (what a camera pan is seen by)")
+    p.add_argument("--object-size", type=float, nargs=2, default=WorldSpec.object_size, metavar=("MIN", "MAX"),
+                   help="side of an object's box in pixels, drawn uniformly between MIN and MAX")
     p.add_argument("--init-from", default="", help="a world model file to start from (fine-tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
