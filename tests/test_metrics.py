@@ -28,7 +28,7 @@ def test_colour_is_recognised_through_textures(colour):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shape_is_recognised_at_any_position_and_size(shape):
-    for start, size in (((12, 12), 12.0), ((20, 17), 15.0)):
+    for start, size in (((12, 12), 12.0), ((20, 17), 15.0), ((15, 16), 18.0)):
         clip = render(Scene(colour="yellow", shape=shape, start=start, object_size=size), WorldSpec(frames=1))
         assert metrics.classify_shape(clip.masks[0])[0] == shape
 

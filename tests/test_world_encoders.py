@@ -34,6 +34,8 @@ def test_shipped_world_raft_recovers_world_flow():
 @pytest.mark.skipif(not DINO_FILE.exists(), reason="world DINOv2 not trained yet")
 def test_shipped_world_dino_separates_subjects():
     quality = dino_quality(load_dinov2(DINO_FILE), per_class=60, seed=7)
-    # Colour is nearly solved; shape (8 classes, chance 1/8) is weak but above chance: see docs/shapes_world.md.
-    assert quality["colour_accuracy"] > 0.9 and quality["shape_accuracy"] > 1.3 / 8
+    # Colour (9 classes) and texture (4) are mostly right, shape (8 classes, chance 1/8) far less often, but
+    # well above chance: see docs/results.md.
+    assert quality["colour_accuracy"] > 0.8 and quality["shape_accuracy"] > 2.5 / 8
+    assert quality["texture_accuracy"] > 0.8
     assert quality["same_subject_cosine"] > quality["different_subject_cosine"] + 0.2

@@ -105,10 +105,10 @@ _TEMPLATES: dict[str, list[torch.Tensor]] = {}
 
 def _templates(shape: str) -> list[torch.Tensor]:
     """Tracked masks of a plain white `shape` at the sizes and sub-pixel positions world objects
-    have: at 11 to 15 pixels the pixel grid changes a shape's outline as much as its kind does."""
+    have (11 to 19 pixels): at these sizes the pixel grid changes a shape's outline as much as its kind does."""
     if shape not in _TEMPLATES:
         masks = []
-        for size in (11.0, 12.5, 14.0, 15.5):
+        for size in (11.0, 12.5, 14.0, 15.5, 17.0, 18.5):
             for offset in ((0.0, 0.0), (0.5, 0.25), (0.25, 0.5)):
                 clip = render(Scene(colour="white", shape=shape, start=(16 + offset[0], 16 + offset[1]),
                                     object_size=size), WorldSpec(frames=1))

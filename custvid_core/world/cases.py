@@ -6,7 +6,7 @@ A case file is JSON:
     {"cases": [{
         "name": "orange_star_circle",
         "seed": 0,
-        "subject": {"colour": "orange", "shape": "star", "texture": "plain", "object_size": 14,
+        "subject": {"colour": "orange", "shape": "star", "texture": "plain", "object_size": 17,
                     "images": 4, "words": "orange star"},
         "motion": {"path": "circle", "path_params": {"turns": 1.0}, "start": [23, 16],
                    "clips": 3, "words": "",
@@ -14,6 +14,7 @@ A case file is JSON:
         "prompts": ["{subject} {motion}"]
     }]}
 
+`object_size` (pixels; default: the middle of the world's range) sizes subject and motion objects.
 `start` and `path_params` place the path as in `Scene` (pixels of the world's frame); each motion
 clip shifts the whole path by a random offset that keeps it in frame. `words` are what a model
 without customization is prompted with; customization methods put their own tokens in the
@@ -48,7 +49,7 @@ class Case:
     def subject_scene(self) -> Scene:
         s = self.subject
         return scene_from_dict({"colour": s["colour"], "shape": s["shape"], "texture": s.get("texture", "plain"),
-                                "object_size": float(s.get("object_size", 13.0))})
+                                "object_size": float(s.get("object_size", sum(self.spec.object_size) / 2))})
 
     def motion_scene(self) -> Scene:
         m = self.motion

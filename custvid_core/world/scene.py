@@ -38,7 +38,9 @@ class WorldSpec:
 
     size: int = 32
     frames: int = 5
-    object_size: tuple[float, float] = (10.0, 13.0)  # side of the object's box, pixels
+    # Side of the object's box, pixels: at 16 to 19 the model's 2x2-pixel tokens leave room for corners and
+    # arms (at 10 to 13 it drew most shapes as blobs).
+    object_size: tuple[float, float] = (16.0, 19.0)
     # Straight motions, pixels per frame: fast enough that an object crosses most of the frame,
     # so direction is the dominant trait of a clip rather than a sub-token drift.
     speed: tuple[float, float] = (2.5, 3.2)
@@ -58,7 +60,7 @@ class Scene:
     direction: str = "right"  # for straight paths
     start: tuple[float, float] = (10.0, 16.0)  # object centre at frame 0
     speed: float = 1.5  # straight paths: pixels per frame
-    object_size: float = 12.0
+    object_size: float = 17.0
     background_offset: tuple[float, float] = (0.0, 0.0)  # wallpaper offset at frame 0
     background_seed: int = 0  # which wallpaper
     camera: tuple[float, float] = (0.0, 0.0)  # pan in pixels per frame (+x: camera moves right)
