@@ -64,7 +64,10 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def world_spec_from_args(args: argparse.Namespace) -> WorldSpec:
-    return WorldSpec(wallpaper_contrast=args.wallpaper_contrast, object_size=tuple(args.object_size))
+    low, high = args.object_size
+    if not 0 < low <= high < WorldSpec.size:
+        raise InputError("object-size", f"'{low:g} {high:g}'", f"MIN MAX in pixels with 0 < MIN <= MAX < {WorldSpec.size}")
+    return WorldSpec(wallpaper_contrast=args.wallpaper_contrast, object_size=(low, high))
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -134,3 +134,13 @@ def test_a_world_models_text_encoder_is_found_beside_it_or_in_the_shipped_layout
         tmp_path / "custvid_shapes_world_text.safetensors"  # a world-train output folder
     assert text_file_for(tmp_path / "models" / "custvid_shapes_world_pans_wan21.safetensors").name == \
         "custvid_shapes_world_pans_text.safetensors"
+
+
+@pytest.mark.parametrize("sizes", [("19", "16"), ("0", "12"), ("16", "40")])
+def test_world_train_refuses_object_sizes_that_do_not_fit_the_frame(tmp_path, capsys, sizes):
+    from custvid_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["world-train", "--out", str(tmp_path / "run"), "--steps", "1", "--object-size", *sizes])
+    assert exit_.value.code == 2 and "error: object-size:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
