@@ -80,17 +80,18 @@ def measure(case: Case, frames: torch.Tensor, references: list) -> dict:
     masks = metrics.track(frames)
     middle = int(masks.sum((1, 2)).argmax())
     hue = metrics.object_colour(frames, masks)
-    target_hue = torch.tensor(COLOURS[case.subject["colour"]])
-    target_hue = target_hue / target_hue.max()
+    target_hue = metrics.hue_of(torch.tensor(COLOURS[case.subject["colour"]]))
     shape = metrics.classify_shape(masks[middle], SHAPES)[0]
     path = metrics.path_error(metrics.centroids(masks), case.reference_path())
+    # The references are measured as the clip is, so both outlines lose the same thin tips to the tracker.
+    reference_masks = [metrics.track(r.frames)[0] for r in references]
     return {
         "colour_match": float(metrics.nearest_colour(hue) == case.subject["colour"]),
         "colour_distance": float((hue - target_hue).norm()) if not torch.isnan(hue).any() else math.nan,
         "shape_match": float(shape == case.subject["shape"]),
-        "shape_iou": max(metrics.shape_iou(masks[middle], r.masks[0]) for r in references),
-        "texture_correlation": max(metrics.texture_correlation(frames[middle], masks[middle], r.frames[0], r.masks[0])
-                                   for r in references),
+        "shape_iou": max(metrics.shape_iou(masks[middle], m) for m in reference_masks),
+        "texture_correlation": max(metrics.texture_correlation(frames[middle], masks[middle], r.frames[0], m)
+                                   for r, m in zip(references, reference_masks)),
         "path_shape_error": path.shape_distance,
         "direction_cosine": path.direction_cosine,
         "speed_ratio": path.speed_ratio,

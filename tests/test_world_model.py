@@ -9,9 +9,10 @@ from custvid_core.backbones.wan import diffusers_to_native_key
 from custvid_core.errors import InputError
 from custvid_core.files import load_safetensors
 from custvid_core.world import latent
+from custvid_core.world.evaluate import evaluate_vocabulary, vocabulary_prompts
 from custvid_core.world.model import DEFAULT_CONFIG, MODEL_FILE, TEXT_FILE, build_world, load_world, save_world, text_file_for
 from custvid_core.world.sample import flow_sigmas, generate, sample_flow
-from custvid_core.world.scene import Scene, render
+from custvid_core.world.scene import SEEN_SHAPES, Scene, render
 from custvid_core.world.text import PLACEHOLDERS, WorldTextEncoder
 
 TINY = {**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64}
@@ -144,3 +145,12 @@ def test_world_train_refuses_object_sizes_that_do_not_fit_the_frame(tmp_path, ca
         main(["world-train", "--out", str(tmp_path / "run"), "--steps", "1", "--object-size", *sizes])
     assert exit_.value.code == 2 and "error: object-size:" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_vocabulary_scores_count_every_clip_once():
+    scores = evaluate_vocabulary(build_world(TINY, seed=1), prompts=6, seeds=(0,), steps=2, batch=3)
+    assert scores.samples == 6 and set(scores.shape_confusion) == set(SEEN_SHAPES)
+    prompted = [s.shape for s in vocabulary_prompts(6)]
+    assert {s: sum(c.values()) for s, c in scores.shape_confusion.items()} == {s: prompted.count(s) for s in SEEN_SHAPES}
+    right = sum(c.get(s, 0) for s, c in scores.shape_confusion.items())
+    assert scores.shape == right / 6

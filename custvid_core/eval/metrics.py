@@ -44,9 +44,27 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def opening(mask: torch.Tensor) -> torch.Tensor:
+    """[F, H, W] bool -> the mask without the parts a 3x3 square does not fit in (1-2 px lines and dots)."""
+    eroded = -F.max_pool2d(-mask[:, None].float(), 3, 1, 1)
+    return F.max_pool2d(eroded, 3, 1, 1)[:, 0] > 0.5
+
+
 def track(frames: torch.Tensor, min_pixels: int = 4) -> torch.Tensor:
-    """[F, H, W] float mask of the main object per frame (empty where it is too small to count)."""
-    mask = largest_component(object_pixels(frames))
+    """[F, H, W] float mask of the main object per frame (empty where it is too small to count).
+
+    A generated clip can have dotted 1-2 px lines of saturated pixels along patch edges, touching the
+    object and changing its outline. They are removed twice: by hue (they are mostly of other hues
+    than the object; a texture only darkens it) and by an opening (world objects' parts are at least
+    3 px wide). A frame where the opening removes most of the object (a thin one, or one whose dark
+    texture is not counted, like a textured white one) keeps its unopened mask."""
+    pixels = object_pixels(frames)
+    first = largest_component(pixels)
+    for i in range(len(frames)):
+        pixels[i] &= (hue_of(frames[i]) - object_colour(frames[i], first[i])).norm(dim=-1) < 0.35
+    mask, unopened = largest_component(opening(pixels)), largest_component(pixels)
+    thin = mask.sum((1, 2)) < 0.5 * unopened.sum((1, 2))
+    mask[thin] = unopened[thin]
     mask[mask.sum((1, 2)) < min_pixels] = False
     return mask.float()
 
@@ -70,16 +88,19 @@ def object_colour(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     if len(pixels) == 0:
         return torch.full((3,), float("nan"))
     bright = pixels.max(-1).values
-    top = pixels[bright >= bright.quantile(0.75)].mean(0)
-    return top / top.max().clamp_min(1e-6)
+    return hue_of(pixels[bright >= bright.quantile(0.75)].mean(0))
+
+
+def hue_of(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB scaled to a maximum of 1 (what a texture or shading leaves unchanged)."""
+    return rgb / rgb.max(-1, keepdim=True).values.clamp_min(1e-6)
 
 
 def nearest_colour(rgb: torch.Tensor, names=tuple(COLOURS)) -> str | None:
     """The world colour nearest to a hue from `object_colour`."""
     if torch.isnan(rgb).any():
         return None
-    table = torch.tensor([COLOURS[n] for n in names])
-    table = table / table.max(1, keepdim=True).values
+    table = hue_of(torch.tensor([COLOURS[n] for n in names]))
     return names[int((table - rgb).norm(dim=1).argmin())]
 
 

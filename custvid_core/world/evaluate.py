@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 from ..eval.metrics import describe_clip
@@ -21,6 +22,7 @@ class VocabularyScores:
     direction: float
     texture: float  # textured objects look textured and plain ones plain
     present: float  # frames with an object
+    shape_confusion: dict[str, dict[str, int]]  # prompted shape -> shape recognised -> clips
 
     def as_dict(self):
         return self.__dict__.copy()
@@ -36,6 +38,7 @@ def evaluate_vocabulary(world, prompts: int = 24, seeds=(0, 1), steps: int = 30,
                         shift: float = 3.0, batch: int = 8) -> VocabularyScores:
     scenes = vocabulary_prompts(prompts)
     hits = dict(colour=0, shape=0, direction=0, texture=0)
+    confusion = {s: Counter() for s in SEEN_SHAPES}
     present, n = 0.0, 0
     for seed in seeds:
         for start in range(0, len(scenes), batch):
@@ -46,9 +49,11 @@ def evaluate_vocabulary(world, prompts: int = 24, seeds=(0, 1), steps: int = 30,
                 r = describe_clip(frames, SEEN_SHAPES)
                 hits["colour"] += r.colour == scene.colour
                 hits["shape"] += r.shape == scene.shape
+                confusion[scene.shape][str(r.shape)] += 1
                 hits["direction"] += r.direction == scene.direction
                 textured = r.texture_contrast > TEXTURED
                 hits["texture"] += textured == (scene.texture != "plain")
                 present += r.present_frames
                 n += 1
-    return VocabularyScores(n, *(hits[k] / n for k in ("colour", "shape", "direction", "texture")), present / n)
+    return VocabularyScores(n, *(hits[k] / n for k in ("colour", "shape", "direction", "texture")), present / n,
+                            {s: dict(c) for s, c in confusion.items()})
