@@ -55,9 +55,10 @@ def track(frames: torch.Tensor, min_pixels: int = 4) -> torch.Tensor:
 
     A generated clip can have dotted 1-2 px lines of saturated pixels along patch edges, touching the
     object and changing its outline. They are removed twice: by hue (they are mostly of other hues
-    than the object; a texture only darkens it) and by an opening (world objects' parts are at least
-    3 px wide). A frame where the opening removes most of the object (a thin one, or one whose dark
-    texture is not counted, like a textured white one) keeps its unopened mask."""
+    than the object; a texture only darkens it) and by an opening, whose cut is then given back where
+    it lies within 1 px of what is left (the tips of stars and triangles). A frame where the opening
+    removes most of the object (a thin one, or one whose dark texture is not counted, like a textured
+    white one) keeps its unopened mask."""
     pixels = object_pixels(frames)
     first = largest_component(pixels)
     for i in range(len(frames)):
@@ -65,6 +66,7 @@ def track(frames: torch.Tensor, min_pixels: int = 4) -> torch.Tensor:
     mask, unopened = largest_component(opening(pixels)), largest_component(pixels)
     thin = mask.sum((1, 2)) < 0.5 * unopened.sum((1, 2))
     mask[thin] = unopened[thin]
+    mask |= unopened & (F.max_pool2d(mask[:, None].float(), 3, 1, 1)[:, 0] > 0.5)
     mask[mask.sum((1, 2)) < min_pixels] = False
     return mask.float()
 
