@@ -53,7 +53,7 @@ def main() -> int:
     from comfy_host import running_server
     from workflow_api import inputs_of, to_api
 
-    from custvid_core.bench import mean_over_rows, measure
+    from custvid_core.bench import mean_over_rows, measure, subject_references
     from custvid_core.media import read_video
     from custvid_core.world.cases import load_cases
 
@@ -71,7 +71,7 @@ def main() -> int:
         case_name = next(n["inputs"]["case"] for n in prompt.values()
                          if n["class_type"] == "CustVid_WorldCaseData")  # several clips, one case
         case = {c.name: c for c in load_cases()}[case_name]
-        references = case.subject_images()
+        references = subject_references(case)
         scale = int(inputs_of(prompt, "ImageScaleBy")["scale_by"])
         for seed in (int(s) for s in args.seeds.split(",")):
             inputs_of(prompt, "KSampler")["seed"] = seed

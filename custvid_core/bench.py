@@ -75,23 +75,28 @@ METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "textu
            "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker")
 
 
-def measure(case: Case, frames: torch.Tensor, references: list) -> dict:
-    """Subject and motion match of one generated clip against the case's ground truth."""
+def subject_references(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The case's subject photos as (frame, mask) pairs for `measure`, the masks found by the tracker that
+    measures the clips, so both outlines are measured the same way."""
+    return [(photo.frames[0], metrics.track(photo.frames)[0]) for photo in case.subject_images()]
+
+
+def measure(case: Case, frames: torch.Tensor, references: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Subject and motion match of one generated clip against the case's ground truth (`references`: from
+    `subject_references`)."""
     masks = metrics.track(frames)
     middle = int(masks.sum((1, 2)).argmax())
     hue = metrics.object_colour(frames, masks)
     target_hue = metrics.hue_of(torch.tensor(COLOURS[case.subject["colour"]]))
     shape = metrics.classify_shape(masks[middle], SHAPES)[0]
     path = metrics.path_error(metrics.centroids(masks), case.reference_path())
-    # The references are measured as the clip is, so both outlines lose the same thin tips to the tracker.
-    reference_masks = [metrics.track(r.frames)[0] for r in references]
     return {
         "colour_match": float(metrics.nearest_colour(hue) == case.subject["colour"]),
         "colour_distance": float((hue - target_hue).norm()) if not torch.isnan(hue).any() else math.nan,
         "shape_match": float(shape == case.subject["shape"]),
-        "shape_iou": max(metrics.shape_iou(masks[middle], m) for m in reference_masks),
-        "texture_correlation": max(metrics.texture_correlation(frames[middle], masks[middle], r.frames[0], m)
-                                   for r, m in zip(references, reference_masks)),
+        "shape_iou": max(metrics.shape_iou(masks[middle], mask) for _, mask in references),
+        "texture_correlation": max(metrics.texture_correlation(frames[middle], masks[middle], frame, mask)
+                                   for frame, mask in references),
         "path_shape_error": path.shape_distance,
         "direction_cosine": path.direction_cosine,
         "speed_ratio": path.speed_ratio,
@@ -117,7 +122,7 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
-        references = case.subject_images()
+        references = subject_references(case)
         for method_name in methods:
             method = METHODS[method_name]()
             t0 = time.perf_counter()

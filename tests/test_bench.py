@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from custvid_core.bench import BaseModel, measure, run_bench
+from custvid_core.bench import BaseModel, measure, run_bench, subject_references
 from custvid_core.errors import InputError
 from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
@@ -35,11 +35,11 @@ def test_measure_gives_full_marks_to_the_ground_truth():
     truth = render(Scene(colour=subject.colour, shape=subject.shape, texture=subject.texture,
                          object_size=subject.object_size, path=motion.path, path_params=motion.path_params,
                          start=motion.start), case.spec)
-    m = measure(case, truth.frames, case.subject_images())
+    m = measure(case, truth.frames, subject_references(case))
     assert m["colour_match"] == 1 and m["shape_match"] == 1 and m["shape_iou"] > 0.8
     assert m["path_shape_error"] < 0.03 and m["direction_cosine"] > 0.95 and m["present"] == 1
     other = render(Scene(colour="green", shape="square", direction="left", start=(26, 10), speed=2.0), case.spec)
-    worse = measure(case, other.frames, case.subject_images())
+    worse = measure(case, other.frames, subject_references(case))
     assert worse["colour_match"] == 0 and worse["shape_match"] == 0 and worse["path_shape_error"] > 0.1
 
 

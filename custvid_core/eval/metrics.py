@@ -16,6 +16,10 @@ import torch.nn.functional as F
 from ..world.scene import COLOURS, DIRECTIONS, SHAPES, Scene, WorldSpec, render
 
 NORMALISED_SIDE = 16  # masks and textures are compared on this grid after cropping to the object
+# Largest distance of a pixel's hue (`hue_of`) from the object's for the pixel to belong to it: a third to a
+# half of the way from a saturated world colour to the background's hue, so edge pixels mostly count and
+# dots of another colour do not.
+HUE_TOLERANCE = 0.35
 
 
 # --- finding the object --------------------------------------------------------------------------
@@ -62,7 +66,7 @@ def track(frames: torch.Tensor, min_pixels: int = 4) -> torch.Tensor:
     pixels = object_pixels(frames)
     first = largest_component(pixels)
     for i in range(len(frames)):
-        pixels[i] &= (hue_of(frames[i]) - object_colour(frames[i], first[i])).norm(dim=-1) < 0.35
+        pixels[i] &= (hue_of(frames[i]) - object_colour(frames[i], first[i])).norm(dim=-1) < HUE_TOLERANCE
     mask, unopened = largest_component(opening(pixels)), largest_component(pixels)
     thin = mask.sum((1, 2)) < 0.5 * unopened.sum((1, 2))
     mask[thin] = unopened[thin]
