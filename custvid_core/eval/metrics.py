@@ -30,28 +30,43 @@ def object_pixels(frames: torch.Tensor) -> torch.Tensor:
     return ((saturation > 0.4) & (mx > 0.25)) | (mx > 0.55)
 
 
+def _max_3x3(mask: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] -> the largest value in each pixel's 3x3 neighbourhood, as float."""
+    m = mask.float()
+    return F.max_pool2d(m.reshape(-1, 1, *m.shape[-2:]), 3, 1, 1).reshape(m.shape)
+
+
+def grown(mask: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] -> bool mask of the pixels within 1 px (8-connected) of the mask."""
+    return _max_3x3(mask) > 0.5
+
+
+def interior(mask: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] -> the mask without its 1-pixel rim, where edges blend with the background (float)."""
+    return -_max_3x3(-mask.float())
+
+
+def opening(mask: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] bool -> the mask without the parts a 3x3 square does not fit in (1-2 px lines and dots)."""
+    return grown(interior(mask) > 0.5)
+
+
 def largest_component(mask: torch.Tensor) -> torch.Tensor:
     """[F, H, W] bool -> the largest 8-connected component of each frame (label propagation)."""
     f, h, w = mask.shape
     labels = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(f, h, w).clone()
     labels = labels * mask
     for _ in range(h + w):
-        grown = F.max_pool2d(labels[:, None], 3, 1, 1)[:, 0] * mask
-        if torch.equal(grown, labels):
+        spread = _max_3x3(labels) * mask
+        if torch.equal(spread, labels):
             break
-        labels = grown
+        labels = spread
     out = torch.zeros_like(mask)
     for i in range(f):
         ids, counts = labels[i][mask[i]].unique(return_counts=True)
         if len(ids):
             out[i] = labels[i] == ids[counts.argmax()]
     return out
-
-
-def opening(mask: torch.Tensor) -> torch.Tensor:
-    """[F, H, W] bool -> the mask without the parts a 3x3 square does not fit in (1-2 px lines and dots)."""
-    eroded = -F.max_pool2d(-mask[:, None].float(), 3, 1, 1)
-    return F.max_pool2d(eroded, 3, 1, 1)[:, 0] > 0.5
 
 
 def track(frames: torch.Tensor, min_pixels: int = 4) -> torch.Tensor:
@@ -70,7 +85,7 @@ def track(frames: torch.Tensor, min_pixels: int = 4) -> torch.Tensor:
     mask, unopened = largest_component(opening(pixels)), largest_component(pixels)
     thin = mask.sum((1, 2)) < 0.5 * unopened.sum((1, 2))
     mask[thin] = unopened[thin]
-    mask |= unopened & (F.max_pool2d(mask[:, None].float(), 3, 1, 1)[:, 0] > 0.5)
+    mask |= unopened & grown(mask)
     mask[mask.sum((1, 2)) < min_pixels] = False
     return mask.float()
 
@@ -160,11 +175,6 @@ def texture_signature(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     if len(inside) == 0:
         return torch.zeros(NORMALISED_SIDE, NORMALISED_SIDE)
     return _normalise(masks, bright / inside.quantile(0.9).clamp_min(1e-6) * masks)
-
-
-def interior(mask: torch.Tensor) -> torch.Tensor:
-    """The mask without its 1-pixel rim, where edges blend with the background."""
-    return -F.max_pool2d(-mask[None, None].float(), 3, 1, 1)[0, 0]
 
 
 def texture_contrast(frames: torch.Tensor, masks: torch.Tensor) -> float:
@@ -304,7 +314,7 @@ def flicker(frames: torch.Tensor, masks: torch.Tensor | None = None) -> float:
     Pixels within one pixel of the object in either frame are left out."""
     diff = (frames[1:] - frames[:-1]).abs().mean(-1)
     if masks is not None:
-        near = F.max_pool2d(masks[:, None].float(), 3, 1, 1)[:, 0] > 0.5
+        near = grown(masks)
         still = ~near[1:] & ~near[:-1]
         return float(diff[still].mean()) if still.any() else float("nan")
     return float(diff.mean())
