@@ -378,3 +378,29 @@ def test_motion_training_with_decoded_flow_alignment_trains_the_motion_lora_only
         train_motion(world.backbone, clips, settings)  # no decoder given
     with pytest.raises(InputError, match="motion_alignment"):
         train_motion(world.backbone, clips, _quick(MotionSettings(rank=4, alignment="pixels"), 2))
+
+
+def test_a_trigger_embedding_starts_at_the_prompt_and_learns_only_the_trigger_rows(tmp_path):
+    from custvid_core.adapters.embedding import TriggerEmbedding, add_at
+
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(2, 5, 64, generator=g)
+    assert torch.equal(TriggerEmbedding(2, 64)(context, (1, 3)), context)  # zero-initialised projection
+    backbone = describe(tiny_diffusers_wan())
+    data = _subject_set(with_dino=False, preservation=False)
+    data.subject_tokens = (1, 2)
+    settings = _quick(SubjectSettings(rank=4, token_attention_weight=0.0, trigger_embedding=True), 4)
+    trained = train_subject(backbone, data, settings, tmp_path / "run")
+    assert trained.trigger_embedding.shape == (2, 64) and float(trained.trigger_embedding.abs().max()) > 0
+    moved = add_at(context, data.subject_tokens, trained.trigger_embedding) - context
+    assert torch.equal(moved[:, [0, 3, 4]], torch.zeros(2, 3, 64)) and bool((moved[:, [1, 2]] != 0).all())
+    # The embedding is checkpointed with the LoRA: a rerun resumes the finished run and returns the same one.
+    again = train_subject(backbone, data, settings, tmp_path / "run")
+    assert torch.equal(again.trigger_embedding, trained.trigger_embedding)
+    assert train_subject(backbone, data, _quick(SubjectSettings(rank=4), 1)).trigger_embedding is None
+
+
+def test_a_trigger_embedding_needs_the_trigger_words_position():
+    settings = _quick(SubjectSettings(rank=4, trigger_embedding=True), 1)
+    with pytest.raises(InputError, match="trigger_embedding"):
+        train_subject(describe(tiny_diffusers_wan()), _subject_set(with_dino=False, preservation=False), settings)

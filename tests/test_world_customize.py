@@ -7,6 +7,7 @@ import torch
 
 from custvid_core.adapters import read_lora
 from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
+from custvid_core.files import load_safetensors
 from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
 from custvid_core.training.customize import TrainedLora
@@ -105,6 +106,24 @@ def test_merged_and_scheduled_sampling_agree_for_constant_strengths(tmp_path):
     assert not almost_constant["subject"].is_constant
     unmerged = generate_with_loras(world, loras, ["sks mtn"], 0, almost_constant, steps=2)
     assert torch.allclose(merged, unmerged, atol=1e-4)
+
+
+def test_a_trigger_embedding_is_saved_and_added_at_sks_only_while_generating(tmp_path):
+    world = build_world(TINY)
+    case = load_cases()[0]
+    method = lora_methods(steps=2, lr=1e-2)["plain_lora"]
+    method = replace(method, subject=replace(method.subject, trigger_embedding=True), sampling_steps=2)
+    words = world.text.embedding.weight.clone()
+    run, _ = method.prepare(world, case, tmp_path)
+    with_embedding = run(["sks mtn"], 0)
+    assert torch.equal(world.text.embedding.weight, words)
+    saved = load_safetensors(tmp_path / f"{case.name}_subject_trigger_embedding.safetensors")[0]["trigger_embedding"]
+    assert saved.shape == (1, world.text.embedding.weight.shape[1]) and float(saved.abs().max()) > 0
+    loras = [TrainedLora(spec, tensors, []) for tensors, spec, _ in
+             (read_lora(tmp_path / f"{case.name}_{name}.safetensors") for name in ("subject", "motion"))]
+    assert torch.allclose(generate_with_loras(world, [replace(loras[0], trigger_embedding=saved), loras[1]],
+                                              ["sks mtn"], 0, steps=2), with_embedding, atol=1e-5)
+    assert not torch.allclose(generate_with_loras(world, loras, ["sks mtn"], 0, steps=2), with_embedding, atol=1e-3)
 
 
 def test_the_ladder_trains_on_the_noise_levels_the_world_was_pretrained_on():

@@ -12,6 +12,7 @@ Subject (`train_subject`): images as one-frame videos, prompt with a placeholder
   v-MSE * preservation_weight) as MotionBooth does. Where photos can only be shown as still clips
   (the shapes world), a throw-away stillness LoRA learns stills of the preservation clips and runs
   frozen under the subject LoRA (Still-Moving), so the subject LoRA does not learn to stand still.
+  Optionally a trigger embedding (SynMotion's subject embedding) learns alongside the LoRA on the photos.
 Motion (`train_motion`): MotionDirector's two phases, alternating step by step: a spatial LoRA
   learns the clips' appearance from single frames; the motion LoRA learns the clips with the
   spatial LoRA active but frozen, with the appearance-debiased loss and MoRA (a projector reads
@@ -30,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from ..adapters.embedding import TriggerEmbedding
 from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraAdapters, LoraSpec
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
@@ -123,6 +125,9 @@ class SubjectSettings:
     # subject LoRA learns, so the subject LoRA learns the subject's look and not its stillness. 0: off.
     stillness_rank: int = 0
     stillness_roles: tuple[str, ...] = MOTION_ROLES
+    # SynMotion's subject embedding: a learnable residual on the trigger word's conditioning rows, trained with
+    # the LoRA on the photos (needs subject_tokens). Returned as `TrainedLora.trigger_embedding`.
+    trigger_embedding: bool = False
     gradient_checkpointing: bool = False
     name: str = "subject"
 
@@ -155,6 +160,7 @@ class TrainedLora:
     spec: LoraSpec
     tensors: dict[str, torch.Tensor]
     history: list[dict]
+    trigger_embedding: torch.Tensor | None = None  # [tokens, text_dim], added at the trigger word's rows
 
 
 def _pick(n: int, batch: int, g: torch.Generator) -> torch.Tensor:
@@ -184,6 +190,7 @@ class _Objective:
         self.spec = LoraSpec(settings.name, tuple(settings.roles), settings.rank)
         self.projector_width = projector_width
         self.projector = None
+        self.embedding: TriggerEmbedding | None = None
 
     @property
     def specs(self) -> list[LoraSpec]:
@@ -193,17 +200,29 @@ class _Objective:
     def projector_group(self) -> str:
         return f"{self.spec.name}_alignment_projector"
 
+    @property
+    def embedding_group(self) -> str:
+        return f"{self.spec.name}_trigger_embedding"
+
     def trainables(self, adapters: LoraAdapters, device: torch.device) -> dict[str, list[torch.nn.Parameter]]:
         groups = {s.name: adapters.parameters(s.name) for s in self.specs}
         if self.projector_width:
             torch.manual_seed(self.settings.optim.seed)
             self.projector = Projector(self.backbone.dim, self.projector_width, self.settings.projector_hidden).to(device)
             groups[self.projector_group] = list(self.projector.parameters())
+        if self.embedding is not None:
+            self.embedding.to(device)
+            groups[self.embedding_group] = list(self.embedding.parameters())
         return groups
 
     def main_groups(self) -> list[str]:
-        """What a step of the main objective updates: the LoRA and the projector."""
-        return [self.spec.name] + ([self.projector_group] if self.projector is not None else [])
+        """What a step of the main objective updates: the LoRA, the projector and the trigger embedding."""
+        return [self.spec.name] + [g for g, m in ((self.projector_group, self.projector),
+                                                  (self.embedding_group, self.embedding)) if m is not None]
+
+    def trained(self, adapters: LoraAdapters, history: list[dict]) -> TrainedLora:
+        embedding = None if self.embedding is None else self.embedding.residual().detach().cpu()
+        return TrainedLora(self.spec, adapters.native_state_dict(self.spec.name), history, embedding)
 
 
 class _SubjectObjective(_Objective):
@@ -228,6 +247,11 @@ class _SubjectObjective(_Objective):
                                  "and there are none", "preservation clips with their stills, or 0")
             stillness = LoraSpec(f"{settings.name}_stillness", tuple(settings.stillness_roles), settings.stillness_rank)
         super().__init__(backbone, settings, stillness, data.dino_tokens.shape[1] if self.align else 0)
+        if settings.trigger_embedding:
+            if not data.subject_tokens:
+                raise InputError("trigger_embedding", "a trigger embedding is learned at the trigger word, and the "
+                                 "subject images have none", "trigger words in the subject's prompt, or off")
+            self.embedding = TriggerEmbedding(len(data.subject_tokens), data.context.shape[-1], seed=settings.optim.seed)
 
     def step(self, i: int, g: torch.Generator, adapters: LoraAdapters, device: torch.device,
              dtype: torch.dtype) -> StepResult:
@@ -260,6 +284,8 @@ class _SubjectObjective(_Objective):
         x, target = add_noise(x0, sigma, g)
         mask = data.masks[idx].to(device) if settings.region_loss and data.masks is not None else None
         context = _rows(data.context, idx).to(device, dtype)
+        if self.embedding is not None:
+            context = self.embedding(context, data.subject_tokens)
         grid = backbone.token_grid(x.shape)
         with contextlib.ExitStack() as stack:
             hidden = stack.enter_context(backbone.capture(settings.alignment_block)) if self.align else None
@@ -378,7 +404,7 @@ def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpoi
                 return chosen.step(i, g, adapters, device, dtype)
 
         history = train(step, groups, optim, workdir, progress, log)
-        return [TrainedLora(o.spec, adapters.native_state_dict(o.spec.name), history) for o in objectives]
+        return [o.trained(adapters, history) for o in objectives]
 
 
 def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),

@@ -7,6 +7,7 @@ are then generated as "sks mtn" with both LoRAs attached.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from ..adapters.lora import LoraAdapters, save_lora
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
 from ..errors import InputError
+from ..files import save_safetensors
 from ..images import hue_rotations
 from ..training.customize import (
     MotionSettings,
@@ -142,6 +144,9 @@ class LoraMethod:
             save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
                       world.backbone, {"case": case.name, "method": self.name, "steps": len(trained.history),
                                        "trigger": SUBJECT_WORD if trained is subject else MOTION_WORD})
+            if trained.trigger_embedding is not None:  # beside the LoRA: a LoRA loader would not know its key
+                save_safetensors(workdir / f"{case.name}_{trained.spec.name}_trigger_embedding.safetensors",
+                                 {"trigger_embedding": trained.trigger_embedding}, {"trigger": SUBJECT_WORD})
 
         def run(prompts, seed):
             return generate_with_loras(world, trained_loras, prompts, seed, self.schedules,
@@ -153,9 +158,13 @@ class LoraMethod:
 
 def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[str], seed: int,
                         schedules: dict[str, StrengthSchedule] | None = None, **sampling) -> torch.Tensor:
-    """Generate with trained LoRAs attached; merged into the weights when no strength changes, unmerged
-    with per-step strengths otherwise. The world model is unchanged afterwards."""
-    with LoraAdapters(world.backbone, [t.spec for t in loras]) as adapters:
+    """Generate with trained LoRAs attached (and a subject LoRA's trigger embedding at "sks"); merged into the
+    weights when no strength changes, unmerged with per-step strengths otherwise. The world model is unchanged
+    afterwards."""
+    with LoraAdapters(world.backbone, [t.spec for t in loras]) as adapters, contextlib.ExitStack() as embeddings:
+        for t in loras:
+            if t.trigger_embedding is not None:
+                embeddings.enter_context(world.text.word_residual(SUBJECT_WORD, t.trigger_embedding))
         for t in loras:
             adapters.load_native_state_dict(t.spec.name, t.tensors)
         if schedules and not all(s.is_constant for s in schedules.values()):

@@ -7,6 +7,8 @@ in the vocabulary but never in pretraining prompts: customization methods learn 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -50,6 +52,21 @@ class WorldTextEncoder(nn.Module):
             if ids:
                 out[i, : len(ids)] = self.embedding(torch.tensor(ids, device=weight.device))
         return out
+
+    @contextlib.contextmanager
+    def word_residual(self, words: str, residual: torch.Tensor):
+        """`residual` `[tokens, dim]` (a trained trigger embedding) added to the vectors of `words` while inside:
+        a prompt's rows are its words' vectors, so this adds it wherever the words sit."""
+        rows = self.tokenize(words)
+        if len(rows) != residual.shape[0]:
+            raise InputError("trigger embedding", f"{residual.shape[0]} token rows for '{words}'",
+                             f"{len(rows)} rows, one per word")
+        saved = self.embedding.weight.data[rows].clone()
+        try:
+            self.embedding.weight.data[rows] += residual.to(saved)
+            yield
+        finally:
+            self.embedding.weight.data[rows] = saved
 
     def token_roles(self, prompt: str, subject_words: str, background_words: str = "") -> TokenRoles:
         """Context positions of a prompt's subject and background words, for box steering."""

@@ -1,0 +1,52 @@
+"""A learnable trigger-word embedding (SynMotion's subject embedding).
+
+The trigger word's rows of the text conditioning get a learnable residual: a random code through a
+zero-initialised projection, as SynMotion builds its subject embedding (without its refiner). Training so
+starts from the prompt exactly as the text encoder gives it, and the projection's fan-in sets the step size
+whatever the scale of the encoder's output (umt5's rows and the shapes world's differ by orders of magnitude).
+Once trained, the residual is a fixed `[tokens, text_dim]` tensor added wherever the trigger word sits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+CODE_DIM = 256
+
+
+class TriggerEmbedding(nn.Module):
+    def __init__(self, tokens: int, text_dim: int, code_dim: int = CODE_DIM, seed: int = 0):
+        super().__init__()
+        if tokens < 1:
+            raise InputError("trigger_words", "no trigger word tokens", "the positions of the trigger word's tokens")
+        g = torch.Generator().manual_seed(seed)
+        self.code = nn.Parameter(torch.randn(tokens, code_dim, generator=g))
+        self.project = nn.Linear(code_dim, text_dim, bias=False)
+        nn.init.zeros_(self.project.weight)
+
+    def residual(self) -> torch.Tensor:
+        """`[tokens, text_dim]`: what is added to the trigger word's rows."""
+        return self.project(self.code)
+
+    def forward(self, context: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        return add_at(context, positions, self.residual())
+
+
+def add_at(context: torch.Tensor, positions: Sequence[int], residual: torch.Tensor) -> torch.Tensor:
+    """`context` `[B, L, D]` with `residual` `[len(positions), D]` added at `positions` (a new tensor)."""
+    positions = list(positions)
+    if residual.shape[0] != len(positions):
+        raise InputError("trigger embedding", f"{residual.shape[0]} token rows for {len(positions)} trigger tokens",
+                         "a prompt whose trigger word has as many tokens as the one it was trained with")
+    if context.shape[-1] != residual.shape[-1]:
+        raise InputError("trigger embedding", f"width {residual.shape[-1]} on conditioning of width "
+                         f"{context.shape[-1]}", "an embedding trained with this text encoder")
+    delta = torch.zeros_like(context)
+    delta[:, positions] = residual.to(context)
+    return context + delta
+
