@@ -8,8 +8,10 @@ measured with the benchmark's subject columns:
 - `full_subject`: the subject LoRA of the benchmark's `full_still_hue` rung, prompted "sks";
 - `unrestricted_subject`: a subject LoRA with nothing held back, the upper end of what LoRA fine-tuning can
   teach this world: all ten roles at rank 32, the plain loss over the whole photo, no preservation, alignment,
-  token attention or stillness LoRA, and three times the steps, prompted "sks".
-Writes subject_ceiling.json and subject_ceiling.md to --out.
+  token attention or stillness LoRA, and three times the steps, prompted "sks";
+- `full_subject_embedding`, `unrestricted_subject_embedding`: the same two with a trigger embedding learned
+  alongside (SynMotion's subject embedding).
+`--variants` picks some of these. Writes subject_ceiling.json and subject_ceiling.md to --out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+VARIANTS = ("base", "full_subject", "unrestricted_subject", "full_subject_embedding",
+            "unrestricted_subject_embedding")
 COLUMNS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation", "present")
 
 
@@ -30,8 +34,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", default="0,1,2,3", help="sampling seeds, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, some of: "
+                        + ", ".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: some of {', '.join(VARIANTS)}")
 
     import torch
 
@@ -56,12 +65,19 @@ def main() -> int:
     unrestricted = replace(full, roles=ROLES, region_loss=False, preservation_weight=0.0, alignment_weight=0.0,
                            token_attention_weight=0.0, stillness_rank=0,
                            optim=replace(full.optim, steps=full.optim.steps * 3))
+    settings_of = {"full_subject": full, "unrestricted_subject": unrestricted,
+                   "full_subject_embedding": replace(full, trigger_embedding=True),
+                   "unrestricted_subject_embedding": replace(unrestricted, trigger_embedding=True)}
     rows = []
     for case in load_cases(DEFAULT_CASES):
         references = subject_references(case)
-        generators = {"base": lambda seed: generate(world, [case.subject["words"]], seed=seed,
-                                                    progress=lambda *_: None)}
-        for name, settings in (("full_subject", full), ("unrestricted_subject", unrestricted)):
+        generators = {}
+        if "base" in variants:
+            generators["base"] = lambda seed: generate(world, [case.subject["words"]], seed=seed,
+                                                       progress=lambda *_: None)
+        for name, settings in settings_of.items():
+            if name not in variants:
+                continue
             data = subject_set(world, case, dino if settings.alignment_weight else None,
                                16 if settings.preservation_weight else 0)
             lora = train_subject(world.backbone, data, settings, out / "work" / case.name / name)

@@ -404,3 +404,20 @@ def test_a_trigger_embedding_needs_the_trigger_words_position():
     settings = _quick(SubjectSettings(rank=4, trigger_embedding=True), 1)
     with pytest.raises(InputError, match="trigger_embedding"):
         train_subject(describe(tiny_diffusers_wan()), _subject_set(with_dino=False, preservation=False), settings)
+
+
+def test_a_region_margin_lets_the_region_loss_see_the_outline():
+    from custvid_core.training.objectives import widened
+
+    mask = torch.zeros(1, 1, 1, 8, 8)
+    mask[..., 3:5, 3:5] = 1
+    grown = widened(mask, 1)
+    assert int(grown.sum()) == 16 and bool(grown[..., 2:6, 2:6].all()) and torch.equal(widened(mask, 0), mask)
+    # An error just outside the subject (where a blob fills a star's notches) counts only with the margin.
+    target = torch.zeros(1, 16, 1, 8, 8)
+    pred = target.clone()
+    pred[..., 2, 3] = 1.0
+    assert float(region_loss(pred, target, mask)) == 0 and float(region_loss(pred, target, grown)) > 0
+    with pytest.raises(InputError, match="region_margin"):
+        train_subject(describe(tiny_diffusers_wan()), _subject_set(),
+                      _quick(SubjectSettings(rank=4, alignment_block=1, region_margin=-1)))

@@ -49,6 +49,7 @@ from .objectives import (
     subject_alignment_loss,
     subject_token_attention,
     token_attention_loss,
+    widened,
 )
 
 
@@ -114,6 +115,10 @@ class SubjectSettings:
     batch: int = 1
     sigmas: SigmaSampler = field(default_factory=SigmaSampler)
     region_loss: bool = True  # masked loss (needs masks); off: plain MSE over the image
+    # Latent cells added around the mask for the region loss, so it also sees the subject's outline against the
+    # background. On Wan a latent cell covers 8x8 pixels and the mask already reaches past the outline; a
+    # latent as fine as the pixels (the shapes world's) leaves a concave outline (a star's) unlearned without it.
+    region_margin: int = 0
     preservation_weight: float = 1.0  # 0 or no clips: no preservation batches
     alignment_weight: float = 0.05  # SuRA; 0 or no DINOv2 tokens: off
     alignment_block: int = 3
@@ -247,6 +252,8 @@ class _SubjectObjective(_Objective):
                                  "and there are none", "preservation clips with their stills, or 0")
             stillness = LoraSpec(f"{settings.name}_stillness", tuple(settings.stillness_roles), settings.stillness_rank)
         super().__init__(backbone, settings, stillness, data.dino_tokens.shape[1] if self.align else 0)
+        if settings.region_margin < 0:
+            raise InputError("region_margin", f"{settings.region_margin}", "0 or more latent cells")
         if settings.trigger_embedding:
             if not data.subject_tokens:
                 raise InputError("trigger_embedding", "a trigger embedding is learned at the trigger word, and the "
@@ -282,7 +289,9 @@ class _SubjectObjective(_Objective):
         x0 = data.latents[idx].to(device, dtype)
         sigma = settings.sigmas(len(idx), g)
         x, target = add_noise(x0, sigma, g)
-        mask = data.masks[idx].to(device) if settings.region_loss and data.masks is not None else None
+        mask = None
+        if settings.region_loss and data.masks is not None:
+            mask = widened(data.masks[idx], settings.region_margin).to(device)
         context = _rows(data.context, idx).to(device, dtype)
         if self.embedding is not None:
             context = self.embedding(context, data.subject_tokens)

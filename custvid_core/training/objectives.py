@@ -78,6 +78,13 @@ def latent_mask(masks: torch.Tensor, latent_shape: torch.Size | tuple[int, ...])
     return (F.adaptive_max_pool3d(m, (t, h, w)) > 0).float()
 
 
+def widened(masks: torch.Tensor, cells: int) -> torch.Tensor:
+    """Latent-grid masks `[B, 1, T, h, w]` grown by `cells` in height and width."""
+    if cells <= 0:
+        return masks
+    return F.max_pool3d(masks, (1, 2 * cells + 1, 2 * cells + 1), stride=1, padding=(0, cells, cells))
+
+
 class Projector(nn.Module):
     """REPA's projector: `dim -> hidden -> hidden -> out` with SiLU, applied per token.
 

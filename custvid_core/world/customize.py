@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.lora import LoraAdapters, save_lora
+from ..backbones.wan import ROLES
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
 from ..errors import InputError
 from ..files import save_safetensors
@@ -195,6 +196,8 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
     # + a throw-away stillness LoRA under the subject LoRA (the world shows photos as still clips), with half as
     # many steps again so the photos and the preservation clips get as many steps as before.
     still_subject = replace(sura_subject, stillness_rank=32, optim=_world_optim(steps * 3 // 2, lr))
+    embedding_subject = replace(still_subject, trigger_embedding=True, region_margin=3,
+                                optim=_world_optim(steps * 9 // 2, lr))
     return {
         "plain_lora": LoraMethod("plain_lora", plain_subject, plain_motion),
         "losses": LoraMethod("losses", losses_subject, losses_motion),
@@ -205,6 +208,13 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         # + each motion clip also in three other colours, so the motion LoRA cannot learn the clips' colours.
         "full_still_hue": LoraMethod("full_still_hue", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
                                      hue_copies=3),
+        # + a trigger embedding learned with the subject LoRA (SynMotion), the region loss widened by 3 px so it
+        # sees the outline, and three times the subject steps (the photos get a third of them).
+        "full_embedding": LoraMethod("full_embedding", embedding_subject, mora_motion,
+                                     schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
+        # Not in the default ladder: full_embedding with the subject LoRA on all ten roles.
+        "full_embedding_all_roles": LoraMethod("full_embedding_all_roles", replace(embedding_subject, roles=ROLES),
+                                               mora_motion, schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
         # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
         "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
