@@ -280,21 +280,26 @@ class TrainSubjectLoRA(io.ComfyNode):
                                          "LoRA learns, so the subject LoRA learns the photos' look and not their "
                                          "stillness. For models that see a photo as a still clip (the shapes "
                                          "world: 32); needs preservation clips; every third step is its own. "
-                                         "0: off.")],
+                                         "0: off."),
+                    io.Int.Input("region_margin", default=0, min=0, max=16, optional=True,
+                                 tooltip="Latent cells added around the mask for the region loss, so it also sees "
+                                         "the subject's outline against the background. On Wan a latent cell "
+                                         "covers 8x8 pixels and the mask already reaches past the outline: 0. On "
+                                         "the shapes world, whose latent is as fine as its pixels: 3.")],
             outputs=_train_outputs(),
         )
 
     @classmethod
     def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
-                run_name, preservation_weight, region_loss, stillness_rank=0) -> io.NodeOutput:
+                run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0) -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=min(20, steps // 10)),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
-            stillness_rank=stillness_rank)
+            stillness_rank=stillness_rank, region_margin=region_margin)
         folder = training_folder(run_name)
         with training_backbone(model) as (backbone, device, to_model):
             clips = subject.preservation

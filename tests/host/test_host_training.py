@@ -122,6 +122,22 @@ def test_trigger_words_turn_on_the_subject_token_attention_loss(wan, tmp_path):
                                         prompt="a sks", trigger_words="dog", world_text=world.text)
 
 
+def test_a_region_margin_reaches_the_region_loss(wan, tmp_path):
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    subject = _subject_dataset(pack, world)
+
+    def region_losses(run_name, **margin):
+        _train(pack, patcher, subject, run_name=run_name, steps=2, preservation_weight=0.0, **margin)
+        path = tmp_path / "custvid_training" / run_name / "checkpoint.pt"
+        return [r["region"] for r in torch.load(path, weights_only=True)["history"]]
+
+    # Same seed, same batches: only the band around the star is added to the loss.
+    assert region_losses("margin_0") != pytest.approx(region_losses("margin_2", region_margin=2), rel=1e-3)
+
+
 def test_training_stacks_on_a_stock_lora(wan, tmp_path):
     """A LoRA applied by the stock loader before training stays in effect during and after training."""
     import comfy.sd
