@@ -22,8 +22,6 @@ CODE_DIM = 256
 class TriggerEmbedding(nn.Module):
     def __init__(self, tokens: int, text_dim: int, code_dim: int = CODE_DIM, seed: int = 0):
         super().__init__()
-        if tokens < 1:
-            raise InputError("trigger_words", "no trigger word tokens", "the positions of the trigger word's tokens")
         g = torch.Generator().manual_seed(seed)
         self.code = nn.Parameter(torch.randn(tokens, code_dim, generator=g))
         self.project = nn.Linear(code_dim, text_dim, bias=False)

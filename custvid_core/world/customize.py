@@ -208,8 +208,8 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         # + each motion clip also in three other colours, so the motion LoRA cannot learn the clips' colours.
         "full_still_hue": LoraMethod("full_still_hue", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
                                      hue_copies=3),
-        # + a trigger embedding learned with the subject LoRA (SynMotion), the region loss widened by 3 px so it
-        # sees the outline, and three times the subject steps (the photos get a third of them).
+        # Not in the default ladder: full_still_hue + a trigger embedding learned with the subject LoRA (SynMotion),
+        # the region loss widened by 3 px so it sees the outline, and three times the subject steps.
         "full_embedding": LoraMethod("full_embedding", embedding_subject, mora_motion,
                                      schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
         # Not in the default ladder: full_embedding with the subject LoRA on all ten roles.
