@@ -68,7 +68,8 @@ def _lora_method(name: str) -> Callable[[], Method]:
 METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in
                                                                  ("plain_lora", "losses", "sura", "mora", "full",
                                                                   "full_still", "full_still_hue", "full_embedding",
-                                                                  "full_embedding_all_roles", "full_decoded_mora",
+                                                                  "full_embedding_all_roles", "unrestricted_subject_embedding",
+                                                                  "full_decoded_mora",
                                                                   "motion_lora_only", "joint", "joint_still",
                                                                   "joint_still_hue")}}
 

@@ -198,6 +198,9 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
     still_subject = replace(sura_subject, stillness_rank=32, optim=_world_optim(steps * 3 // 2, lr))
     embedding_subject = replace(still_subject, trigger_embedding=True, region_margin=3,
                                 optim=_world_optim(steps * 9 // 2, lr))
+    unrestricted_subject = replace(still_subject, roles=ROLES, region_loss=False, preservation_weight=0.0,
+                                   alignment_weight=0.0, token_attention_weight=0.0, stillness_rank=0,
+                                   trigger_embedding=True, optim=replace(still_subject.optim, steps=steps * 9 // 2))
     return {
         "plain_lora": LoraMethod("plain_lora", plain_subject, plain_motion),
         "losses": LoraMethod("losses", losses_subject, losses_motion),
@@ -215,6 +218,11 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         # Not in the default ladder: full_embedding with the subject LoRA on all ten roles.
         "full_embedding_all_roles": LoraMethod("full_embedding_all_roles", replace(embedding_subject, roles=ROLES),
                                                mora_motion, schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
+        # Not in the default ladder: the full method's motion LoRA with an unrestricted subject LoRA (all roles,
+        # the plain loss over the whole photo, no preservation, alignment, token attention or stillness LoRA,
+        # 3x the steps) and a trigger embedding: what draws an unseen shape best on its own.
+        "unrestricted_subject_embedding": LoraMethod("unrestricted_subject_embedding", unrestricted_subject,
+                                                     mora_motion, schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
         # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
         "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
