@@ -44,7 +44,6 @@ def main() -> int:
 
     import torch
 
-    from custvid_core.backbones.wan import ROLES
     from custvid_core.bench import mean_over_rows, measure, subject_references
     from custvid_core.representations.subject import load_dinov2
     from custvid_core.training.customize import train_subject
@@ -61,10 +60,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     world = load_world()
     dino = load_dinov2(DINO_FILE)
-    full = lora_methods()["full_still_hue"].subject
-    unrestricted = replace(full, roles=ROLES, region_loss=False, preservation_weight=0.0, alignment_weight=0.0,
-                           token_attention_weight=0.0, stillness_rank=0,
-                           optim=replace(full.optim, steps=full.optim.steps * 3))
+    methods = lora_methods()
+    full = methods["full_still_hue"].subject
+    unrestricted = replace(methods["unrestricted_subject_embedding"].subject, trigger_embedding=False)
     settings_of = {"full_subject": full, "unrestricted_subject": unrestricted,
                    "full_subject_embedding": replace(full, trigger_embedding=True),
                    "unrestricted_subject_embedding": replace(unrestricted, trigger_embedding=True)}

@@ -254,6 +254,9 @@ class _SubjectObjective(_Objective):
         super().__init__(backbone, settings, stillness, data.dino_tokens.shape[1] if self.align else 0)
         if settings.region_margin < 0:
             raise InputError("region_margin", f"{settings.region_margin}", "0 or more latent cells")
+        # The region loss's masks, widened once here rather than on every step.
+        self.region_masks = widened(data.masks, settings.region_margin) \
+            if settings.region_loss and data.masks is not None else None
         if settings.trigger_embedding:
             if not data.subject_tokens:
                 raise InputError("trigger_embedding", "a trigger embedding is learned at the trigger word, and the "
@@ -289,9 +292,7 @@ class _SubjectObjective(_Objective):
         x0 = data.latents[idx].to(device, dtype)
         sigma = settings.sigmas(len(idx), g)
         x, target = add_noise(x0, sigma, g)
-        mask = None
-        if settings.region_loss and data.masks is not None:
-            mask = widened(data.masks[idx], settings.region_margin).to(device)
+        mask = self.region_masks[idx].to(device) if self.region_masks is not None else None
         context = _rows(data.context, idx).to(device, dtype)
         if self.embedding is not None:
             context = self.embedding(context, data.subject_tokens)

@@ -164,10 +164,9 @@ def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[st
     afterwards."""
     with LoraAdapters(world.backbone, [t.spec for t in loras]) as adapters, contextlib.ExitStack() as embeddings:
         for t in loras:
+            adapters.load_native_state_dict(t.spec.name, t.tensors)
             if t.trigger_embedding is not None:
                 embeddings.enter_context(world.text.word_residual(SUBJECT_WORD, t.trigger_embedding))
-        for t in loras:
-            adapters.load_native_state_dict(t.spec.name, t.tensors)
         if schedules and not all(s.is_constant for s in schedules.values()):
             return generate(world, prompts, seed=seed, progress=lambda *_: None,
                             before_step=adapters.scheduler(schedules), **sampling)
