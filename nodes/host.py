@@ -23,6 +23,7 @@ MODEL_FOLDERS = {
     "custvid_dino": os.path.join("custvid", "dino"),
     "custvid_raft": os.path.join("custvid", "raft"),
     "custvid_representations": os.path.join("custvid", "representations"),
+    "custvid_trigger_embeddings": os.path.join("custvid", "trigger_embeddings"),
 }
 
 

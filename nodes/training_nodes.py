@@ -7,6 +7,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..custvid_core.adapters.embedding import LearnedTrigger
 from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
 from ..custvid_core.errors import InputError
 from ..custvid_core.files import path_inside, save_safetensors
@@ -136,10 +137,11 @@ class SubjectDataset(io.ComfyNode):
                 io.String.Input("prompt", default="", optional=True,
                                 tooltip="The training prompt exactly as encoded (e.g. 'a sks dog'). With trigger_words "
                                         "and clip (or world_text) it turns on MotionBooth's subject-token attention "
-                                        "loss, which needs masks."),
+                                        "loss (with masks) and lets Train Subject LoRA learn a trigger embedding."),
                 io.String.Input("trigger_words", default="", optional=True,
-                                tooltip="The subject's words in the prompt whose cross-attention should cover the mask "
-                                        "(e.g. 'sks dog')."),
+                                tooltip="The subject's words in the prompt (e.g. 'sks dog'): with masks, their "
+                                        "cross-attention is trained to cover the mask; a trigger embedding is "
+                                        "learned at them."),
                 io.Clip.Input("clip", optional=True, tooltip="The text encoder of the prompt; its tokenizer finds the "
                                                              "trigger words."),
                 types.WorldText.Input("world_text", optional=True,
@@ -167,15 +169,13 @@ class SubjectDataset(io.ComfyNode):
             tokens = subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
         context = _context(conditioning, "conditioning")
         subject_tokens = None
-        if trigger_words.strip():
-            if masks is None:
-                raise InputError("masks", "trigger words are given without masks",
-                                 "subject masks (the attention loss compares the words' attention with them)")
-            subject_tokens = token_roles(prompt, trigger_words, clip, world_text, words_input="trigger_words").subject
+        words = " ".join(trigger_words.split())
+        if words:
+            subject_tokens = token_roles(prompt, words, clip, world_text, words_input="trigger_words").subject
         if add_to is not None:
             return io.NodeOutput(_append_photos(add_to, latents, context, grid_masks, tokens, preservation,
-                                                subject_tokens))
-        return io.NodeOutput(SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens))
+                                                subject_tokens, words))
+        return io.NodeOutput(SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, words))
 
 
 def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
@@ -186,7 +186,8 @@ def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_
     return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
 
 
-def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preservation, subject_tokens) -> SubjectSet:
+def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preservation, subject_tokens,
+                   trigger_words) -> SubjectSet:
     n_old, n_new = earlier.latents.shape[0], latents.shape[0]
     if earlier.latents.shape[1:] != latents.shape[1:]:
         raise InputError("images", f"photos of latent size {tuple(latents.shape[-2:])} after photos of "
@@ -198,7 +199,8 @@ def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preserv
                       _append_context(earlier.context, n_old, context, n_new, "photos"),
                       torch.cat([earlier.masks, masks]) if masks is not None else None,
                       torch.cat([earlier.dino_tokens, tokens]) if tokens is not None else None,
-                      preservation or earlier.preservation, subject_tokens or earlier.subject_tokens)
+                      preservation or earlier.preservation, subject_tokens or earlier.subject_tokens,
+                      trigger_words if subject_tokens else earlier.trigger_words)
 
 
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
@@ -240,11 +242,11 @@ def _train_outputs():
             io.Image.Output(display_name="loss_graph")]
 
 
-def _finish(model, trained) -> io.NodeOutput:
+def _finish(model, trained, *more) -> io.NodeOutput:
     import comfy.sd
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, trained.tensors, 1.0, 0)
-    return io.NodeOutput(patched, trained.tensors, loss_plot(trained.history))
+    return io.NodeOutput(patched, trained.tensors, loss_plot(trained.history), *more)
 
 
 def _latents_in(to_model, latents: torch.Tensor) -> torch.Tensor:
@@ -285,30 +287,39 @@ class TrainSubjectLoRA(io.ComfyNode):
                                  tooltip="Latent cells added around the mask for the region loss, so it also sees "
                                          "the subject's outline against the background. On Wan a latent cell "
                                          "covers 8x8 pixels and the mask already reaches past the outline: 0. On "
-                                         "the shapes world, whose latent is as fine as its pixels: 3.")],
-            outputs=_train_outputs(),
+                                         "the shapes world, whose latent is as fine as its pixels: 3."),
+                    io.Boolean.Input("trigger_embedding", default=False, optional=True,
+                                     tooltip="Also learn a trigger embedding (SynMotion's subject embedding): a "
+                                             "correction to the trigger words' rows of the text conditioning, "
+                                             "learned with the LoRA on the photos. It helps the model draw a shape "
+                                             "it has no word for. Needs trigger_words in Subject Dataset; use it "
+                                             "with Apply Trigger Embedding, keep it with Save Trigger Embedding.")],
+            outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding")],
         )
 
     @classmethod
     def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
-                run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0) -> io.NodeOutput:
+                run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0,
+                trigger_embedding=False) -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=min(20, steps // 10)),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
-            stillness_rank=stillness_rank, region_margin=region_margin)
+            stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding)
         folder = training_folder(run_name)
         with training_backbone(model) as (backbone, device, to_model):
             clips = subject.preservation
             data = SubjectSet(_latents_in(to_model, subject.latents), plain(subject.context), plain(subject.masks),
                               plain(subject.dino_tokens), _clips_in(to_model, clips) if clips else None,
-                              subject.subject_tokens)
+                              subject.subject_tokens, subject.trigger_words)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     device=device)
-        return _finish(model, trained)
+        learned = None if trained.trigger_embedding is None else \
+            LearnedTrigger(trained.trigger_embedding, subject.trigger_words)
+        return _finish(model, trained, learned)
 
 
 class TrainMotionLoRA(io.ComfyNode):

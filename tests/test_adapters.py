@@ -87,3 +87,16 @@ def test_bad_specs_are_refused_with_the_input_named():
     with pytest.raises(InputError, match="block"):
         LoraAdapters(backbone, [LoraSpec("s", ("self_attn.q",), 2, blocks=(5,))])
     assert not any("lora" in n for n, _ in backbone.model.named_modules())
+
+
+def test_a_trigger_embedding_file_keeps_its_words_and_other_files_are_refused(tmp_path):
+    from custvid_core.adapters.embedding import LearnedTrigger, load_trigger_embedding, save_trigger_embedding
+    from custvid_core.files import save_safetensors
+
+    learned = LearnedTrigger(torch.randn(2, 8), "sks dog")
+    save_trigger_embedding(tmp_path / "dog.safetensors", learned)
+    loaded = load_trigger_embedding(tmp_path / "dog.safetensors")
+    assert torch.equal(loaded.residual, learned.residual) and loaded.trigger_words == "sks dog"
+    save_safetensors(tmp_path / "lora.safetensors", {"a.lora_down.weight": torch.zeros(2, 2)})
+    with pytest.raises(InputError, match="trigger_embedding: 'lora.safetensors' is not a CustVid trigger embedding"):
+        load_trigger_embedding(tmp_path / "lora.safetensors")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from custvid_core.adapters import read_lora
+from custvid_core.adapters.embedding import load_trigger_embedding
 from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
-from custvid_core.files import load_safetensors
 from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
 from custvid_core.training.customize import TrainedLora
@@ -117,8 +117,10 @@ def test_a_trigger_embedding_is_saved_and_added_at_sks_only_while_generating(tmp
     run, _ = method.prepare(world, case, tmp_path)
     with_embedding = run(["sks mtn"], 0)
     assert torch.equal(world.text.embedding.weight, words)
-    saved = load_safetensors(tmp_path / f"{case.name}_subject_trigger_embedding.safetensors")[0]["trigger_embedding"]
-    assert saved.shape == (1, world.text.embedding.weight.shape[1]) and float(saved.abs().max()) > 0
+    learned = load_trigger_embedding(tmp_path / f"{case.name}_subject_trigger_embedding.safetensors")
+    saved = learned.residual
+    assert learned.trigger_words == "sks" and saved.shape == (1, world.text.embedding.weight.shape[1])
+    assert float(saved.abs().max()) > 0
     loras = [TrainedLora(spec, tensors, []) for tensors, spec, _ in
              (read_lora(tmp_path / f"{case.name}_{name}.safetensors") for name in ("subject", "motion"))]
     assert torch.allclose(generate_with_loras(world, [replace(loras[0], trigger_embedding=saved), loras[1]],

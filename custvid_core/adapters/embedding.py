@@ -4,17 +4,22 @@ The trigger word's rows of the text conditioning get a learnable residual: a ran
 zero-initialised projection, as SynMotion builds its subject embedding (without its refiner). Training so
 starts from the prompt exactly as the text encoder gives it, and the projection's fan-in sets the step size
 whatever the scale of the encoder's output (umt5's rows and the shapes world's differ by orders of magnitude).
-Once trained, the residual is a fixed `[tokens, text_dim]` tensor added wherever the trigger word sits.
+Once trained, the residual is a fixed `[tokens, text_dim]` tensor added wherever the trigger word sits; it is
+saved in a file of its own, beside the LoRA, because a LoRA loader would not know its key.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..files import load_safetensors, save_safetensors
 
 CODE_DIM = 256
 
@@ -39,12 +44,37 @@ def add_at(context: torch.Tensor, positions: Sequence[int], residual: torch.Tens
     """`context` `[B, L, D]` with `residual` `[len(positions), D]` added at `positions` (a new tensor)."""
     positions = list(positions)
     if residual.shape[0] != len(positions):
-        raise InputError("trigger embedding", f"{residual.shape[0]} token rows for {len(positions)} trigger tokens",
+        raise InputError("trigger_embedding", f"{residual.shape[0]} token rows for {len(positions)} trigger tokens",
                          "a prompt whose trigger word has as many tokens as the one it was trained with")
     if context.shape[-1] != residual.shape[-1]:
-        raise InputError("trigger embedding", f"width {residual.shape[-1]} on conditioning of width "
+        raise InputError("trigger_embedding", f"width {residual.shape[-1]} on conditioning of width "
                          f"{context.shape[-1]}", "an embedding trained with this text encoder")
     delta = torch.zeros_like(context)
     delta[:, positions] = residual.to(context)
     return context + delta
 
+
+
+KIND = "trigger_embedding"
+
+
+@dataclass
+class LearnedTrigger:
+    """A trained trigger embedding and the words of the training prompt it was learned at."""
+
+    residual: torch.Tensor  # [tokens, text_dim]
+    trigger_words: str
+
+
+def save_trigger_embedding(path: str | os.PathLike, trigger: LearnedTrigger) -> Path:
+    return save_safetensors(path, {KIND: trigger.residual}, {"custvid.kind": KIND,
+                                                             "custvid.trigger_words": trigger.trigger_words})
+
+
+def load_trigger_embedding(path: str | os.PathLike, input_name: str = "trigger_embedding") -> LearnedTrigger:
+    tensors, meta = load_safetensors(path, input_name)
+    residual = tensors.get(KIND)
+    if meta.get("custvid.kind") != KIND or residual is None or residual.ndim != 2:
+        raise InputError(input_name, f"'{Path(path).name}' is not a CustVid trigger embedding",
+                         "a file written by Save Trigger Embedding")
+    return LearnedTrigger(residual.float(), meta.get("custvid.trigger_words", ""))

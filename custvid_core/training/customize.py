@@ -78,7 +78,7 @@ class VideoSet:
 class SubjectSet:
     """Cached subject images as one-frame latents `[N, C, 1, h, w]`, latent-grid masks `[N, 1, 1, h, w]`,
     context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, preservation clips, and where the subject's
-    trigger word sits in the context (for the token attention loss)."""
+    trigger word sits in the context (for the token attention loss and a trigger embedding)."""
 
     latents: torch.Tensor
     context: torch.Tensor
@@ -86,6 +86,7 @@ class SubjectSet:
     dino_tokens: torch.Tensor | None = None
     preservation: VideoSet | None = None
     subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
+    trigger_words: str = ""  # the words at subject_tokens, kept with a trigger embedding learned there
 
     def __post_init__(self):
         _check_set("subject images", self.latents, self.context, 5)

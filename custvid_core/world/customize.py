@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.embedding import LearnedTrigger, save_trigger_embedding
 from ..adapters.lora import LoraAdapters, save_lora
 from ..backbones.wan import ROLES
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
 from ..errors import InputError
-from ..files import save_safetensors
 from ..images import hue_rotations
 from ..training.customize import (
     MotionSettings,
@@ -71,7 +71,8 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
                               fit="stretch", progress=lambda *_: None)
         tokens = rep.patch_tokens.permute(0, 3, 1, 2).contiguous()
     clips = vocabulary_clips(world.text, case.spec, preservation, seed + 4242) if preservation else None
-    return SubjectSet(latents, context, masks, tokens, clips, subject_tokens=(0,))  # "sks" is the only word
+    return SubjectSet(latents, context, masks, tokens, clips, subject_tokens=(0,),  # "sks" is the only word
+                      trigger_words=SUBJECT_WORD)
 
 
 def motion_set(world: World, case: Case, raft=None, hue_copies: int = 0) -> VideoSet:
@@ -145,9 +146,9 @@ class LoraMethod:
             save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
                       world.backbone, {"case": case.name, "method": self.name, "steps": len(trained.history),
                                        "trigger": SUBJECT_WORD if trained is subject else MOTION_WORD})
-            if trained.trigger_embedding is not None:  # beside the LoRA: a LoRA loader would not know its key
-                save_safetensors(workdir / f"{case.name}_{trained.spec.name}_trigger_embedding.safetensors",
-                                 {"trigger_embedding": trained.trigger_embedding}, {"trigger": SUBJECT_WORD})
+            if trained.trigger_embedding is not None:
+                save_trigger_embedding(workdir / f"{case.name}_{trained.spec.name}_trigger_embedding.safetensors",
+                                       LearnedTrigger(trained.trigger_embedding, SUBJECT_WORD))
 
         def run(prompts, seed):
             return generate_with_loras(world, trained_loras, prompts, seed, self.schedules,

@@ -59,7 +59,7 @@ class WorldTextEncoder(nn.Module):
         a prompt's rows are its words' vectors, so this adds it wherever the words sit."""
         rows = self.tokenize(words)
         if len(rows) != residual.shape[0]:
-            raise InputError("trigger embedding", f"{residual.shape[0]} token rows for '{words}'",
+            raise InputError("trigger_embedding", f"{residual.shape[0]} token rows for '{words}'",
                              f"{len(rows)} rows, one per word")
         saved = self.embedding.weight.data[rows].clone()
         try:

@@ -11,6 +11,7 @@ NODE_IDS = {
     "CustVid_LoadMotionRepresentation", "CustVid_LoadShapesWorld", "CustVid_WorldTextEncode",
     "CustVid_WorldEmptyLatent", "CustVid_WorldCaseData", "CustVid_VideoDataset", "CustVid_SubjectDataset",
     "CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA", "CustVid_SaveLoRA", "CustVid_ApplyLoRASchedule",
+    "CustVid_ApplyTriggerEmbedding", "CustVid_SaveTriggerEmbedding", "CustVid_LoadTriggerEmbedding",
 }
 
 

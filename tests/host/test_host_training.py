@@ -78,7 +78,7 @@ def test_training_leaves_the_model_alone_and_its_lora_loads_through_the_stock_lo
     before_state, before_out = _state(patcher), _denoise(patcher)
     folder_paths.set_output_directory(str(tmp_path))
     subject = _subject_dataset(pack, world)
-    model, lora, graph = _train(pack, patcher, subject)
+    model, lora, graph, _ = _train(pack, patcher, subject)
     # The user's MODEL: same weights, same patches, same output.
     after = _state(patcher)
     assert all(torch.equal(after[k], before_state[k]) for k in before_state)
@@ -122,6 +122,58 @@ def test_trigger_words_turn_on_the_subject_token_attention_loss(wan, tmp_path):
                                         prompt="a sks", trigger_words="dog", world_text=world.text)
 
 
+def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loaded(wan, tmp_path):
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    folder_paths.add_model_folder_path("custvid_trigger_embeddings", str(tmp_path / "embeddings"), is_default=True)
+    training, world_nodes = _nodes(pack)
+    from custvid_pack.nodes.embedding_nodes import ApplyTriggerEmbedding, LoadTriggerEmbedding, SaveTriggerEmbedding
+
+    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1)) for i in range(2)]
+    images = torch.cat([p.frames for p in photos])
+    # Trigger words without masks: no attention loss, but an embedding can be learned at them.
+    subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"),
+                                              prompt="a sks", trigger_words=" sks ", world_text=world.text).result[0]
+    assert subject.trigger_words == "sks" and subject.subject_tokens == (1,)
+    learned = _train(pack, patcher, subject, run_name="embedding", steps=3, learning_rate=1e-2, region_loss=False,
+                     trigger_embedding=True)[3]
+    assert learned.trigger_words == "sks" and learned.residual.shape == (1, 4096)
+    assert float(learned.residual.abs().max()) > 0
+
+    # Added where the words sit in another prompt and nowhere else; the input conditioning is unchanged.
+    prompt = "a sks star moving right"
+    conditioning = _conditioning(world, prompt)
+    before = conditioning[0][0].clone()
+    applied = ApplyTriggerEmbedding.execute(conditioning, learned, prompt, world_text=world.text).result[0]
+    assert torch.equal(conditioning[0][0], before)
+    moved = applied[0][0] - before
+    assert torch.allclose(moved[0, 1], learned.residual[0])
+    assert torch.equal(moved[0, [0, 2, 3, 4]], torch.zeros(4, 4096))
+
+    # Saved with its words and loaded back the same; an existing name is kept unless overwrite is on.
+    name = SaveTriggerEmbedding.execute(learned, "custvid/star", False).result[0]
+    loaded = LoadTriggerEmbedding.execute(name).result[0]
+    assert name == "custvid/star.safetensors" and loaded.trigger_words == "sks"
+    assert torch.equal(loaded.residual, learned.residual)
+    saved = (tmp_path / "embeddings" / "custvid" / "star.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="filename: 'custvid/star.safetensors' already exists"):
+        SaveTriggerEmbedding.execute(loaded, "custvid/star", False)
+    assert (tmp_path / "embeddings" / "custvid" / "star.safetensors").read_bytes() == saved
+
+    # Words with another token count than in training, a train run without an embedding, trigger words missing.
+    with pytest.raises(ValueError, match="trigger_words: 'sks star' is 2 tokens in this prompt"):
+        ApplyTriggerEmbedding.execute(conditioning, learned, prompt, trigger_words="sks star", world_text=world.text)
+    none = _train(pack, patcher, subject, run_name="no_embedding", steps=1, region_loss=False)[3]
+    with pytest.raises(ValueError, match="trigger_embedding: the train node learned none"):
+        ApplyTriggerEmbedding.execute(conditioning, none, prompt, world_text=world.text)
+    no_words = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "sks")).result[0]
+    with pytest.raises(ValueError, match="trigger_embedding: a trigger embedding is learned at the trigger word"):
+        _train(pack, patcher, no_words, run_name="no_words", steps=1, region_loss=False, trigger_embedding=True)
+    assert not (tmp_path / "custvid_training" / "no_words").exists()
+
+
 def test_a_region_margin_reaches_the_region_loss(wan, tmp_path):
     import folder_paths
 
@@ -153,7 +205,7 @@ def test_training_stacks_on_a_stock_lora(wan, tmp_path):
     with_speed = _denoise(stacked)
     assert not torch.allclose(with_speed, _denoise(patcher), atol=1e-5)
     subject = _subject_dataset(pack, world)
-    model, lora, _ = _train(pack, stacked, subject, run_name="stacked")
+    model, lora, _, _ = _train(pack, stacked, subject, run_name="stacked")
     # The stock LoRA is still on the input and on the output; ours is added on top of it.
     assert torch.allclose(_denoise(stacked), with_speed, atol=1e-6)
     ours_alone, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
@@ -170,7 +222,7 @@ def test_training_with_low_vram_partial_loading_matches_full_loading(wan, tmp_pa
     patcher, world, pack = wan
     folder_paths.set_output_directory(str(tmp_path))
     subject = _subject_dataset(pack, world)
-    _, full, _ = _train(pack, patcher, subject, run_name="full", gradient_checkpointing=False)
+    _, full, _, _ = _train(pack, patcher, subject, run_name="full", gradient_checkpointing=False)
     comfy.model_management.unload_all_models()
     original = comfy.model_management.load_models_gpu
 
@@ -181,7 +233,7 @@ def test_training_with_low_vram_partial_loading_matches_full_loading(wan, tmp_pa
 
     comfy.model_management.load_models_gpu = partial
     try:
-        _, low, _ = _train(pack, patcher, subject, run_name="low", gradient_checkpointing=False)
+        _, low, _, _ = _train(pack, patcher, subject, run_name="low", gradient_checkpointing=False)
         lowvram_layers = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
     finally:
         comfy.model_management.load_models_gpu = original
