@@ -8,9 +8,8 @@ from comfy_api.latest import io
 
 from ..custvid_core.adapters.embedding import add_at, load_trigger_embedding, save_trigger_embedding
 from ..custvid_core.errors import InputError
-from ..custvid_core.files import path_inside
 from . import types
-from .host import default_folder, model_files, token_roles
+from .host import model_files, safetensors_path, token_roles
 
 FOLDER = "custvid_trigger_embeddings"
 
@@ -91,12 +90,7 @@ class SaveTriggerEmbedding(io.ComfyNode):
     @classmethod
     def execute(cls, trigger_embedding, filename, overwrite) -> io.NodeOutput:
         learned = _learned(trigger_embedding)
-        name = filename if filename.endswith(".safetensors") else filename + ".safetensors"
-        root = default_folder(FOLDER)
-        path = path_inside(root, name, "filename")
-        if path.exists() and not overwrite:
-            raise InputError("filename", f"'{name}' already exists in models/custvid/trigger_embeddings",
-                             "another name, or overwrite turned on")
+        root, path = safetensors_path(FOLDER, filename, "filename", overwrite)
         save_trigger_embedding(path, learned)
         return io.NodeOutput(path.relative_to(root).as_posix())
 

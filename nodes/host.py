@@ -6,6 +6,7 @@ import copy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import comfy.model_management
@@ -185,6 +186,21 @@ def plain(t: torch.Tensor | None) -> torch.Tensor | None:
         return None
     with torch.inference_mode(False):
         return t.clone()
+
+
+def safetensors_path(folder: str, name: str, input_name: str, overwrite: bool = True) -> tuple[str, Path]:
+    """Where a file name a user typed goes in one of ComfyUI's model folders (its first path):
+    `.safetensors` added, kept inside the folder, and an existing file refused unless `overwrite`.
+    Returns the folder and the path."""
+    from ..custvid_core.files import path_inside
+
+    name = name if name.endswith(".safetensors") else f"{name}.safetensors"
+    root = default_folder(folder)
+    path = path_inside(root, name, input_name)
+    if path.exists() and not overwrite:
+        raise InputError(input_name, f"'{name}' already exists in {root}",
+                         "another name, or overwrite turned on")
+    return root, path
 
 
 def training_folder(run_name: str) -> str:

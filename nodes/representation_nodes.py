@@ -6,10 +6,9 @@ import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
-from ..custvid_core.files import path_inside
 from ..custvid_core.representations import motion, storage, subject
 from . import types
-from .host import ManagedModel, default_folder, model_files, progress_callback
+from .host import ManagedModel, model_files, progress_callback, safetensors_path
 
 CATEGORY_LOADERS = "CustVid/loaders"
 CATEGORY_REPRESENTATIONS = "CustVid/representations"
@@ -189,8 +188,7 @@ class SaveRepresentation(io.ComfyNode):
 
     @classmethod
     def execute(cls, representation, file_name) -> io.NodeOutput:
-        name = file_name if file_name.endswith(".safetensors") else f"{file_name}.safetensors"
-        target = path_inside(default_folder("custvid_representations"), name, "file_name")
+        _, target = safetensors_path("custvid_representations", file_name, "file_name")
         storage.save_representation(representation, target)
         return io.NodeOutput(ui={"text": [f"saved {target.name}"]})
 

@@ -3,14 +3,13 @@ with MotionBooth's subject losses), and save them where ComfyUI's LoRA loaders f
 
 from __future__ import annotations
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..custvid_core.adapters.embedding import LearnedTrigger
 from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
 from ..custvid_core.errors import InputError
-from ..custvid_core.files import path_inside, save_safetensors
+from ..custvid_core.files import save_safetensors
 from ..custvid_core.images import as_image_list, as_mask_list, hue_rotations
 from ..custvid_core.media import loss_plot
 from ..custvid_core.training import (
@@ -26,7 +25,15 @@ from ..custvid_core.training import (
 from ..custvid_core.training.customize import MOTION_ALIGNMENT
 from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
 from . import types
-from .host import decoder_with_grad, plain, token_roles, training_backbone, training_folder, training_progress
+from .host import (
+    decoder_with_grad,
+    plain,
+    safetensors_path,
+    token_roles,
+    training_backbone,
+    training_folder,
+    training_progress,
+)
 
 CATEGORY_DATA = "CustVid/training data"
 CATEGORY_TRAIN = "CustVid/training"
@@ -408,12 +415,7 @@ class SaveLoRA(io.ComfyNode):
     def execute(cls, lora, filename, trigger_words, overwrite) -> io.NodeOutput:
         if not isinstance(lora, dict) or not native_lora_modules(lora):
             raise InputError("lora", "holds no Wan LoRA weights", "the lora output of a CustVid train node")
-        name = filename if filename.endswith(".safetensors") else filename + ".safetensors"
-        root = folder_paths.get_folder_paths("loras")[0]
-        path = path_inside(root, name, "filename")
-        if path.exists() and not overwrite:
-            raise InputError("filename", f"'{name}' already exists in models/loras",
-                             "another name, or overwrite turned on")
+        root, path = safetensors_path("loras", filename, "filename", overwrite)
         ranks = sorted({int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_down.weight")})
         roles = sorted({m.split(".", 2)[2] for m in native_lora_modules(lora)})
         save_safetensors(path, lora, {"custvid.lora.info": {"trigger_words": trigger_words, "ranks": ranks,

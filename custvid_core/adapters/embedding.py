@@ -54,7 +54,6 @@ def add_at(context: torch.Tensor, positions: Sequence[int], residual: torch.Tens
     return context + delta
 
 
-
 KIND = "trigger_embedding"
 
 

@@ -97,6 +97,10 @@ def test_training_leaves_the_model_alone_and_its_lora_loads_through_the_stock_lo
     training, _ = _nodes(pack)
     name = training.SaveLoRA.execute(lora, "custvid/test_subject", "sks", False).result[0]
     assert (loras / "custvid" / "test_subject.safetensors").exists() and name == "custvid/test_subject.safetensors"
+    saved = (loras / "custvid" / "test_subject.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="filename: 'custvid/test_subject.safetensors' already exists in .*loras"):
+        training.SaveLoRA.execute(lora, "custvid/test_subject", "sks", False)
+    assert (loras / "custvid" / "test_subject.safetensors").read_bytes() == saved
     with caplog.at_level(logging.WARNING):
         (stock,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)
     assert "lora key not loaded" not in caplog.text
