@@ -364,10 +364,7 @@ class BoxSteeringNode(io.ComfyNode):
                 io.String.Input("background_words", default="",
                                 tooltip="Optional words of the prompt describing the background: kept outside the box "
                                         "and muted inside it. Other prompt words are muted everywhere."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="The text encoder used for the prompt (its tokenizer finds the words)."),
-                types.WorldText.Input("world_text", optional=True,
-                                      tooltip="For the shapes world: its text encoder, instead of clip."),
+                *types.tokenizer_inputs("subject and background words"),
             ],
             outputs=[io.Model.Output()],
         )

@@ -40,10 +40,7 @@ class ApplyTriggerEmbedding(io.ComfyNode):
                 io.String.Input("trigger_words", default="",
                                 tooltip="The trigger words as they appear in the prompt, with as many tokens as "
                                         "in training (e.g. 'sks dog'). Empty: the words it was trained at."),
-                io.Clip.Input("clip", optional=True, tooltip="The text encoder of the prompt; its tokenizer finds "
-                                                             "the trigger words."),
-                types.WorldText.Input("world_text", optional=True,
-                                      tooltip="For the shapes world: its text encoder, instead of clip."),
+                *types.tokenizer_inputs("trigger words"),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning")],
         )

@@ -149,10 +149,7 @@ class SubjectDataset(io.ComfyNode):
                                 tooltip="The subject's words in the prompt (e.g. 'sks dog'): with masks, their "
                                         "cross-attention is trained to cover the mask; a trigger embedding is "
                                         "learned at them."),
-                io.Clip.Input("clip", optional=True, tooltip="The text encoder of the prompt; its tokenizer finds the "
-                                                             "trigger words."),
-                types.WorldText.Input("world_text", optional=True,
-                                      tooltip="For the shapes world: its text encoder, instead of clip."),
+                *types.tokenizer_inputs("trigger words"),
             ],
             outputs=[types.SubjectDataset.Output(display_name="subject")],
         )

@@ -11,3 +11,10 @@ VideoDataset = io.Custom("CUSTVID_VIDEO_DATASET")
 SubjectDataset = io.Custom("CUSTVID_SUBJECT_DATASET")
 Boxes = io.Custom("CUSTVID_BOXES")
 TriggerEmbedding = io.Custom("CUSTVID_TRIGGER_EMBEDDING")
+
+
+def tokenizer_inputs(words: str) -> list:
+    """The optional text encoder whose tokenizer finds `words` in a prompt (`token_roles` in host.py)."""
+    return [io.Clip.Input("clip", optional=True,
+                          tooltip=f"The text encoder of the prompt; its tokenizer finds the {words}."),
+            WorldText.Input("world_text", optional=True, tooltip="For the shapes world: its text encoder, instead of clip.")]
