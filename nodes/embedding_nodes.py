@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..custvid_core.adapters.embedding import add_at, load_trigger_embedding, save_trigger_embedding
 from ..custvid_core.errors import InputError
-from . import types
+from . import representation_nodes, schedule_nodes, training_nodes, types
 from .host import model_files, safetensors_path, token_roles
 
 FOLDER = "custvid_trigger_embeddings"
@@ -27,7 +27,7 @@ class ApplyTriggerEmbedding(io.ComfyNode):
         return io.Schema(
             node_id="CustVid_ApplyTriggerEmbedding",
             display_name="Apply Trigger Embedding",
-            category="CustVid/apply",
+            category=schedule_nodes.CATEGORY,
             description="Adds a subject's trigger embedding to a prompt's conditioning at its trigger words, as it "
                         "was added while the subject LoRA learned. The input conditioning is not changed.",
             inputs=[
@@ -72,7 +72,7 @@ class SaveTriggerEmbedding(io.ComfyNode):
         return io.Schema(
             node_id="CustVid_SaveTriggerEmbedding",
             display_name="Save Trigger Embedding",
-            category="CustVid/training",
+            category=training_nodes.CATEGORY_TRAIN,
             description="Writes a trigger embedding to models/custvid/trigger_embeddings, with the words it was "
                         "learned at. Keep it with the subject LoRA it was trained with.",
             is_output_node=True,
@@ -98,7 +98,7 @@ class LoadTriggerEmbedding(io.ComfyNode):
         return io.Schema(
             node_id="CustVid_LoadTriggerEmbedding",
             display_name="Load Trigger Embedding",
-            category="CustVid/loaders",
+            category=representation_nodes.CATEGORY_LOADERS,
             description="Loads a trigger embedding saved by Save Trigger Embedding.",
             inputs=[io.Combo.Input("trigger_embedding_name", options=model_files(FOLDER),
                                    tooltip="A file in models/custvid/trigger_embeddings.")],
