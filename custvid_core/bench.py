@@ -64,11 +64,13 @@ def _lora_method(name: str) -> Callable[[], Method]:
 # full_still (+ a stillness LoRA under the subject LoRA), full_still_hue (+ the motion clips in other colours);
 # full_decoded_mora is the full method with MoRA through the decoder and RAFT (the authors' variant);
 # motion_lora_only is the plain motion LoRA on its own; joint trains the full method's two LoRAs together,
-# joint_still the same with the stillness LoRA, joint_still_hue with the motion clips in other colours too.
+# joint_still the same with the stillness LoRA, joint_still_hue with the motion clips in other colours too;
+# moving_subject_embedding and full_moving also learn the subject from its photos made into moving clips.
 METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in
                                                                  ("plain_lora", "losses", "sura", "mora", "full",
                                                                   "full_still", "full_still_hue", "full_embedding",
                                                                   "full_embedding_all_roles", "unrestricted_subject_embedding",
+                                                                  "moving_subject_embedding", "full_moving",
                                                                   "full_decoded_mora",
                                                                   "motion_lora_only", "joint", "joint_still",
                                                                   "joint_still_hue")}}

@@ -421,3 +421,44 @@ def test_a_region_margin_lets_the_region_loss_see_the_outline():
     with pytest.raises(InputError, match="region_margin"):
         train_subject(describe(tiny_diffusers_wan()), _subject_set(),
                       _quick(SubjectSettings(rank=4, alignment_block=1, region_margin=-1)))
+
+
+def _with_moving(data: SubjectSet, seed: int) -> SubjectSet:
+    """`data` with four moving clips of two latent frames (as Wan encodes a 5-frame clip), masks on both."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(4, 1, 2, 8, 8)
+    masks[..., 1:5, 2:6] = 1
+    return replace(data, moving=SubjectSet(torch.randn(4, 16, 2, 8, 8, generator=g), data.context, masks))
+
+
+def test_moving_clips_take_their_share_of_the_photo_steps():
+    backbone = describe(tiny_diffusers_wan())
+    data = _subject_set(preservation=False)
+    data.subject_tokens = (1,)
+
+    def lora(d, share):
+        settings = _quick(SubjectSettings(rank=4, alignment_block=1, moving_share=share), 6)
+        return train_subject(backbone, d, settings)
+
+    def other_photos(d):
+        from dataclasses import replace
+        return replace(d, latents=torch.randn(d.latents.shape, generator=torch.Generator().manual_seed(9)))
+
+    # All photo steps on the moving clips: the photos themselves make no difference; none on them: the clips don't.
+    only_moving = lora(_with_moving(data, 1), 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(only_moving.tensors.values(),
+                                                  lora(other_photos(_with_moving(data, 1)), 1.0).tensors.values()))
+    assert not any("alignment" in r for r in only_moving.history)  # the DINOv2 features are the photos'
+    assert all("token_attention" in r for r in only_moving.history)  # the clips' own masks
+    no_moving = lora(_with_moving(data, 1), 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(no_moving.tensors.values(),
+                                                  lora(_with_moving(data, 2), 0.0).tensors.values()))
+    assert not all(torch.equal(a, b) for a, b in zip(no_moving.tensors.values(), only_moving.tensors.values()))
+    half = lora(_with_moving(data, 1), 0.5)
+    assert 0 < sum("alignment" in r for r in half.history) < len(half.history)
+    with pytest.raises(InputError, match="moving_share"):
+        lora(_with_moving(data, 1), 1.5)
+    with pytest.raises(InputError, match="moving_clips"):
+        SubjectSet(data.latents, data.context, moving=SubjectSet(data.latents, torch.zeros(1, 5, 32)))

@@ -42,6 +42,32 @@ def test_case_sets_hold_masks_representations_and_captions():
     assert torch.equal(motion.context, expected)
 
 
+def test_moving_clips_slide_each_photo_subject_at_the_world_speeds():
+    from custvid_core.world.latent import decode
+
+    world = build_world(TINY)
+    case = load_cases()[0]
+    subject = subject_set(world, case, preservation=0, moving_clips=2)
+    n = len(case.subject_images())
+    moving = subject.moving
+    assert moving.latents.shape == (2 * n, 16, 1, 32, 32) and moving.masks.shape == (2 * n, 1, 1, 32, 32)
+    assert torch.equal(moving.context, subject.context) and subject_set(world, case, preservation=0).moving is None
+    # A moving clip's mask covers the subject along its path: more cells than the photo's own mask.
+    assert bool((moving.masks.flatten(1).sum(1) > subject.masks.repeat_interleave(2, 0).flatten(1).sum(1)).all())
+    frames = decode(moving.latents)  # [2n, 5, 32, 32, 3]
+    photo = case.subject_images()[0]
+    colour = photo.frames[0][photo.masks[0] > 0].mean(0)
+
+    def centre(frame):  # where the subject's colour is
+        ys, xs = torch.nonzero((frame - colour).abs().sum(-1) < 0.15, as_tuple=True)
+        return torch.stack([xs.float().mean(), ys.float().mean()])
+
+    spec = case.spec
+    for clip in frames:
+        per_frame = float((centre(clip[-1]) - centre(clip[0])).norm()) / (spec.frames - 1)
+        assert spec.speed[0] - 0.6 <= per_frame <= spec.speed[1] + 0.6
+
+
 def test_motion_clips_in_other_colours_keep_their_caption_and_flow():
     world = build_world(TINY)
     case = load_cases()[0]

@@ -87,6 +87,10 @@ class SubjectSet:
     preservation: VideoSet | None = None
     subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
     trigger_words: str = ""  # the words at subject_tokens, kept with a trigger embedding learned there
+    # The photos' subject sliding over its own background as short clips (`images.moving_photos`), with their
+    # masks and prompt; same trigger words. Learned in turn with the photos, so the subject is not learned as
+    # something that stands still.
+    moving: SubjectSet | None = None
 
     def __post_init__(self):
         _check_set("subject images", self.latents, self.context, 5)
@@ -97,6 +101,9 @@ class SubjectSet:
         if self.dino_tokens is not None and self.dino_tokens.shape[0] != n:
             raise InputError("subject representation", f"features of {self.dino_tokens.shape[0]} images",
                              f"features of the same {n} images")
+        if self.moving is not None and self.moving.context.shape[1:] != self.context.shape[1:]:
+            raise InputError("moving_clips", "their conditioning has another shape than the photos'",
+                             "the photos' own prompt")
 
 
 def _check_set(what: str, latents: torch.Tensor, context: torch.Tensor, ndim: int) -> None:
@@ -134,6 +141,7 @@ class SubjectSettings:
     # SynMotion's subject embedding: a learnable residual on the trigger word's conditioning rows, trained with
     # the LoRA on the photos (needs subject_tokens). Returned as `TrainedLora.trigger_embedding`.
     trigger_embedding: bool = False
+    moving_share: float = 0.5  # of the photo steps, the share on the moving clips (if the data set has them)
     gradient_checkpointing: bool = False
     name: str = "subject"
 
@@ -255,9 +263,12 @@ class _SubjectObjective(_Objective):
         super().__init__(backbone, settings, stillness, data.dino_tokens.shape[1] if self.align else 0)
         if settings.region_margin < 0:
             raise InputError("region_margin", f"{settings.region_margin}", "0 or more latent cells")
+        if not 0 <= settings.moving_share <= 1:
+            raise InputError("moving_share", f"{settings.moving_share}", "a share from 0 to 1")
         # The region loss's masks, widened once here rather than on every step.
-        self.region_masks = widened(data.masks, settings.region_margin) \
-            if settings.region_loss and data.masks is not None else None
+        self.region_masks = {id(d): widened(d.masks, settings.region_margin)
+                             for d in (data, data.moving) if d is not None and d.masks is not None} \
+            if settings.region_loss else {}
         if settings.trigger_embedding:
             if not data.subject_tokens:
                 raise InputError("trigger_embedding", "a trigger embedding is learned at the trigger word, and the "
@@ -289,32 +300,36 @@ class _SubjectObjective(_Objective):
                 return StepResult(loss, {"stillness": float(loss.detach())}, update=[stillness.name])
             loss = settings.preservation_weight * region_loss(v, target)
             return StepResult(loss, {"preservation": float(loss.detach())}, update=[name])
-        idx = _pick(data.latents.shape[0], settings.batch, g)
-        x0 = data.latents[idx].to(device, dtype)
+        moving = data.moving is not None and float(torch.rand((), generator=g)) < settings.moving_share
+        items = data.moving if moving else data
+        align = self.align and items.dino_tokens is not None  # the photos' features, not the moving clips'
+        attend = self.attend and items.masks is not None
+        idx = _pick(items.latents.shape[0], settings.batch, g)
+        x0 = items.latents[idx].to(device, dtype)
         sigma = settings.sigmas(len(idx), g)
         x, target = add_noise(x0, sigma, g)
-        mask = self.region_masks[idx].to(device) if self.region_masks is not None else None
-        context = _rows(data.context, idx).to(device, dtype)
+        mask = self.region_masks[id(items)][idx].to(device) if id(items) in self.region_masks else None
+        context = _rows(items.context, idx).to(device, dtype)
         if self.embedding is not None:
             context = self.embedding(context, data.subject_tokens)
         grid = backbone.token_grid(x.shape)
         with contextlib.ExitStack() as stack:
-            hidden = stack.enter_context(backbone.capture(settings.alignment_block)) if self.align else None
-            attention = stack.enter_context(backbone.capture_cross_attention(self.attention_blocks)) if self.attend \
+            hidden = stack.enter_context(backbone.capture(settings.alignment_block)) if align else None
+            attention = stack.enter_context(backbone.capture_cross_attention(self.attention_blocks)) if attend \
                 else None
             v = backbone.forward(x, sigma.to(device), context)
         l_region = region_loss(v, target, mask)
         loss = l_region
         parts = {"region" if mask is not None else "mse": float(l_region.detach())}
-        if self.align:
+        if align:
             l_align = subject_alignment_loss(self.projector, hidden[settings.alignment_block], grid,
-                                             data.dino_tokens[idx].to(device))
+                                             items.dino_tokens[idx].to(device))
             loss = loss + settings.alignment_weight * l_align
             parts["alignment"] = float(l_align.detach())
-        if self.attend:
+        if attend:
             maps = [subject_token_attention(a["q"], a["k"], a["heads"], list(data.subject_tokens))
                     for a in attention.values()]
-            l_attend = token_attention_loss(maps, data.masks[idx].to(device), grid)
+            l_attend = token_attention_loss(maps, items.masks[idx].to(device), grid)
             loss = loss + settings.token_attention_weight * l_attend
             parts["token_attention"] = float(l_attend.detach())
         return StepResult(loss, parts, update=self.main_groups())

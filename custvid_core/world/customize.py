@@ -18,7 +18,7 @@ from ..adapters.lora import LoraAdapters, save_lora
 from ..backbones.wan import ROLES
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
 from ..errors import InputError
-from ..images import hue_rotations
+from ..images import hue_rotations, moving_photos
 from ..training.customize import (
     MotionSettings,
     SubjectSet,
@@ -54,15 +54,25 @@ def vocabulary_clips(text, spec: WorldSpec, count: int, seed: int = 0) -> VideoS
     return VideoSet(encode(frames), context, stills=torch.stack([encode_stills(f) for f in frames]))
 
 
-def subject_set(world: World, case: Case, dino=None, preservation: int = 16, seed: int = 0) -> SubjectSet:
+def subject_set(world: World, case: Case, dino=None, preservation: int = 16, seed: int = 0,
+                moving_clips: int = 0) -> SubjectSet:
     """The case's subject photos with masks under the prompt "sks", the DINOv2 patch tokens of each photo
-    (with the world's encoder, if given), and `preservation` clips of the base vocabulary."""
+    (with the world's encoder, if given), `preservation` clips of the base vocabulary, and `moving_clips` clips
+    of each photo's subject sliding along a straight path at the world's speeds."""
     photos = case.subject_images()
     frames = torch.cat([p.frames for p in photos])
+    pixel_masks = torch.cat([p.masks for p in photos])
     latents = encode_stills(frames)
-    masks = latent_mask(torch.cat([p.masks for p in photos])[:, None], latents.shape)
+    masks = latent_mask(pixel_masks[:, None], latents.shape)
     with torch.no_grad():
         context = world.text([SUBJECT_WORD])
+    moving = None
+    if moving_clips:
+        spec = case.spec
+        travel = tuple(v * (spec.frames - 1) / spec.size for v in spec.speed)  # the world's speeds, per clip
+        clips, clip_masks = moving_photos(list(frames), list(pixel_masks), moving_clips, spec.frames, travel, seed)
+        moving_latents = encode(clips)
+        moving = SubjectSet(moving_latents, context, latent_mask(clip_masks, moving_latents.shape))
     tokens = None
     if dino is not None:
         from ..representations.subject import extract_subject
@@ -72,7 +82,7 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
         tokens = rep.patch_tokens.permute(0, 3, 1, 2).contiguous()
     clips = vocabulary_clips(world.text, case.spec, preservation, seed + 4242) if preservation else None
     return SubjectSet(latents, context, masks, tokens, clips, subject_tokens=(0,),  # "sks" is the only word
-                      trigger_words=SUBJECT_WORD)
+                      trigger_words=SUBJECT_WORD, moving=moving)
 
 
 def motion_set(world: World, case: Case, raft=None, hue_copies: int = 0) -> VideoSet:
@@ -108,6 +118,7 @@ class LoraMethod:
     joint: OptimSettings | None = None  # the two LoRAs trained together in alternating steps (DualReal)
     motion_probability: float = 0.5  # joint training: the chance that a step is a motion step
     hue_copies: int = 0  # copies of each motion clip in other colours (appearance debiasing)
+    moving_clips: int = 0  # clips of each subject photo sliding along a straight path, learned with the photos
     sampling_steps: int = 30
     cfg: float = 4.0
     encoders: dict = field(default_factory=dict)  # "dino", "raft": loaded world encoders
@@ -131,7 +142,8 @@ class LoraMethod:
             decoded = DecodedFlow(decode, raft, DecodedFlow.grouped_frames(TEMPORAL_FACTOR))
         subject_data = None
         if self.subject is not None:
-            subject_data = subject_set(world, case, dino, 16 if self.subject.preservation_weight else 0)
+            subject_data = subject_set(world, case, dino, 16 if self.subject.preservation_weight else 0,
+                                       moving_clips=self.moving_clips)
         motion_data = motion_set(world, case, raft, self.hue_copies)
         if self.joint is not None:
             subject, motion = train_joint(world.backbone, subject_data, motion_data, self.subject, self.motion,
@@ -223,6 +235,13 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         # 3x the steps) and a trigger embedding: what draws an unseen shape best on its own.
         "unrestricted_subject_embedding": LoraMethod("unrestricted_subject_embedding", unrestricted_subject,
                                                      mora_motion, schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
+        # Not in the default ladder: unrestricted_subject_embedding with the subject also learned from its photos
+        # made into moving clips (the subject sliding over its own background), on half of the photo steps.
+        "moving_subject_embedding": LoraMethod("moving_subject_embedding", unrestricted_subject, mora_motion,
+                                               schedules=dict(SMRABOOTH_TIMING), hue_copies=3, moving_clips=4),
+        # Not in the default ladder: full_embedding_all_roles with moving clips instead of the stillness LoRA.
+        "full_moving": LoraMethod("full_moving", replace(embedding_subject, roles=ROLES, stillness_rank=0), mora_motion,
+                                  schedules=dict(SMRABOOTH_TIMING), hue_copies=3, moving_clips=4),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
         # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
         "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
