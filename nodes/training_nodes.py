@@ -10,7 +10,7 @@ from ..custvid_core.adapters.embedding import LearnedTrigger
 from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
 from ..custvid_core.errors import InputError
 from ..custvid_core.files import save_safetensors
-from ..custvid_core.images import as_image_list, as_mask_list, hue_rotations
+from ..custvid_core.images import as_image_list, as_mask_list, hue_rotations, moving_photos
 from ..custvid_core.media import loss_plot
 from ..custvid_core.training import (
     MotionSettings,
@@ -150,6 +150,18 @@ class SubjectDataset(io.ComfyNode):
                                         "cross-attention is trained to cover the mask; a trigger embedding is "
                                         "learned at them."),
                 *types.tokenizer_inputs("trigger words"),
+                io.Int.Input("moving_clips", default=0, min=0, max=16, optional=True,
+                             tooltip="Per photo, this many short clips of the subject (cut out by its mask) "
+                                     "sliding along a random straight path over the photo's background, its place "
+                                     "filled in. Train Subject LoRA learns them in turn with the photos, so the "
+                                     "subject is not learned as something that stands still. Needs masks. 0: off."),
+                io.Int.Input("moving_frames", default=17, min=2, max=121, optional=True,
+                             tooltip="Frames of each moving clip: 1 + 4k on Wan (17 is about a second), a "
+                                     "multiple of 5 on the shapes world."),
+                io.Float.Input("moving_travel", default=0.3, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="How far the subject slides over a clip, as a share of the photo's width "
+                                       "(each clip draws 75% to 100% of it; shortened where the photo has no "
+                                       "room)."),
             ],
             outputs=[types.SubjectDataset.Output(display_name="subject")],
         )
@@ -157,13 +169,16 @@ class SubjectDataset(io.ComfyNode):
     @classmethod
     def execute(cls, vae, images, conditioning, masks=None, subject_representation=None,
                 preservation=None, add_to=None, prompt="", trigger_words="", clip=None,
-                world_text=None) -> io.NodeOutput:
+                world_text=None, moving_clips=0, moving_frames=17, moving_travel=0.3) -> io.NodeOutput:
         photos = as_image_list(images, "images")
         latents = torch.cat([_encode_clip(vae, p[None]) for p in photos])
-        grid_masks = None
+        grid_masks = mask_list = None
         if masks is not None:
             mask_list = as_mask_list(masks, photos, "masks")
             grid_masks = latent_mask(torch.stack(mask_list)[:, None], latents.shape)
+        context = _context(conditioning, "conditioning")
+        moving = _moving_clips(vae, photos, mask_list, context, moving_clips, moving_frames, moving_travel) \
+            if moving_clips else None
         tokens = None
         if subject_representation is not None:
             if subject_representation.patch_tokens.shape[0] != len(photos):
@@ -171,15 +186,29 @@ class SubjectDataset(io.ComfyNode):
                                  f"features of {subject_representation.patch_tokens.shape[0]} images",
                                  f"the representation of these {len(photos)} photos")
             tokens = subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
-        context = _context(conditioning, "conditioning")
         subject_tokens = None
         words = " ".join(trigger_words.split())
         if words:
             subject_tokens = token_roles(prompt, words, clip, world_text, words_input="trigger_words").subject
-        if add_to is not None:
-            return io.NodeOutput(_append_photos(add_to, latents, context, grid_masks, tokens, preservation,
-                                                subject_tokens, words))
-        return io.NodeOutput(SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, words))
+        photo_set = SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, words, moving)
+        return io.NodeOutput(photo_set if add_to is None else _append_photos(add_to, photo_set))
+
+
+def _moving_clips(vae, photos, masks, context, per_photo: int, frames: int, travel: float) -> SubjectSet:
+    """The photos' subjects sliding over their backgrounds, encoded as clips with their masks."""
+    if masks is None:
+        raise InputError("moving_clips", "the subject is cut out by its mask, and no masks were given",
+                         "masks for the photos, or 0")
+    step = vae.temporal_compression_decode() or 1
+    if frames % step not in (0, 1 % step):
+        raise InputError("moving_frames", f"{frames} frames",
+                         f"a count this VAE encodes whole: 1 + {step}k or {step}k (Wan: 17, 33, ...)")
+    sizes = {tuple(p.shape) for p in photos}
+    if len(sizes) != 1:
+        raise InputError("images", f"photos of different sizes {sorted(sizes)}", "photos of one size for moving clips")
+    clips, clip_masks = moving_photos(photos, masks, per_photo, frames, (0.75 * travel, travel))
+    latents = torch.cat([_encode_clip(vae, c) for c in clips])
+    return SubjectSet(latents, context, latent_mask(clip_masks, latents.shape))
 
 
 def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
@@ -190,21 +219,29 @@ def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_
     return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
 
 
-def _append_photos(earlier: SubjectSet, latents, context, masks, tokens, preservation, subject_tokens,
-                   trigger_words) -> SubjectSet:
-    n_old, n_new = earlier.latents.shape[0], latents.shape[0]
-    if earlier.latents.shape[1:] != latents.shape[1:]:
-        raise InputError("images", f"photos of latent size {tuple(latents.shape[-2:])} after photos of "
+def _append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
+    n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
+    if earlier.latents.shape[1:] != new.latents.shape[1:]:
+        raise InputError("images", f"photos of latent size {tuple(new.latents.shape[-2:])} after photos of "
                          f"{tuple(earlier.latents.shape[-2:])}", "photos of the same size in one dataset")
-    if (earlier.masks is None) != (masks is None) or (earlier.dino_tokens is None) != (tokens is None):
+    if (earlier.masks is None) != (new.masks is None) or (earlier.dino_tokens is None) != (new.dino_tokens is None):
         raise InputError("masks", "given for some photos and not others",
                          "masks (and subject representations) for every photo, or for none")
-    return SubjectSet(torch.cat([earlier.latents, latents]),
-                      _append_context(earlier.context, n_old, context, n_new, "photos"),
-                      torch.cat([earlier.masks, masks]) if masks is not None else None,
-                      torch.cat([earlier.dino_tokens, tokens]) if tokens is not None else None,
-                      preservation or earlier.preservation, subject_tokens or earlier.subject_tokens,
-                      trigger_words if subject_tokens else earlier.trigger_words)
+    moving = earlier.moving or new.moving
+    if earlier.moving is not None and new.moving is not None:
+        if earlier.moving.latents.shape[1:] != new.moving.latents.shape[1:]:
+            raise InputError("moving_frames", "moving clips of another length or size than the earlier photos'",
+                             "the same moving_frames and photo size in one dataset")
+        moving = SubjectSet(torch.cat([earlier.moving.latents, new.moving.latents]),
+                            _append_context(earlier.moving.context, earlier.moving.latents.shape[0], new.moving.context,
+                                            new.moving.latents.shape[0], "moving clips"),
+                            torch.cat([earlier.moving.masks, new.moving.masks]))
+    return SubjectSet(torch.cat([earlier.latents, new.latents]),
+                      _append_context(earlier.context, n_old, new.context, n_new, "photos"),
+                      torch.cat([earlier.masks, new.masks]) if new.masks is not None else None,
+                      torch.cat([earlier.dino_tokens, new.dino_tokens]) if new.dino_tokens is not None else None,
+                      new.preservation or earlier.preservation, new.subject_tokens or earlier.subject_tokens,
+                      new.trigger_words if new.subject_tokens else earlier.trigger_words, moving)
 
 
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
@@ -264,6 +301,15 @@ def _clips_in(to_model, clips: VideoSet) -> VideoSet:
                     _latents_in(to_model, stills.flatten(0, 1)).view(stills.shape) if stills is not None else None)
 
 
+def _subject_in(to_model, subject: SubjectSet) -> SubjectSet:
+    """A subject dataset as the model takes it (its photos, moving clips and preservation clips)."""
+    clips, moving = subject.preservation, subject.moving
+    return SubjectSet(_latents_in(to_model, subject.latents), plain(subject.context), plain(subject.masks),
+                      plain(subject.dino_tokens), _clips_in(to_model, clips) if clips else None,
+                      subject.subject_tokens, subject.trigger_words,
+                      _subject_in(to_model, moving) if moving is not None else None)
+
+
 class TrainSubjectLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -297,7 +343,10 @@ class TrainSubjectLoRA(io.ComfyNode):
                                              "correction to the trigger words' rows of the text conditioning, "
                                              "learned with the LoRA on the photos. It helps the model draw a shape "
                                              "it has no word for. Needs trigger_words in Subject Dataset; use it "
-                                             "with Apply Trigger Embedding, keep it with Save Trigger Embedding.")],
+                                             "with Apply Trigger Embedding, keep it with Save Trigger Embedding."),
+                    io.Float.Input("moving_share", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                                   tooltip="If the dataset has moving clips (Subject Dataset's moving_clips): the "
+                                           "share of the photo steps that learn from them instead of the photos.")],
             outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding")],
         )
 
@@ -305,20 +354,18 @@ class TrainSubjectLoRA(io.ComfyNode):
     def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0,
-                trigger_embedding=False) -> io.NodeOutput:
+                trigger_embedding=False, moving_share=0.5) -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=min(20, steps // 10)),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
-            stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding)
+            stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding,
+            moving_share=moving_share)
         folder = training_folder(run_name)
         with training_backbone(model) as (backbone, device, to_model):
-            clips = subject.preservation
-            data = SubjectSet(_latents_in(to_model, subject.latents), plain(subject.context), plain(subject.masks),
-                              plain(subject.dino_tokens), _clips_in(to_model, clips) if clips else None,
-                              subject.subject_tokens, subject.trigger_words)
+            data = _subject_in(to_model, subject)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     device=device)
         learned = None if trained.trigger_embedding is None else \

@@ -178,6 +178,44 @@ def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loa
     assert not (tmp_path / "custvid_training" / "no_words").exists()
 
 
+def test_moving_clips_of_the_photos_are_encoded_and_trained_on(wan, tmp_path):
+    import comfy.sd
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    training, world_nodes = _nodes(pack)
+    photos = [render(Scene(colour="orange", shape="star", start=(12 + 4 * i, 16)), WorldSpec(frames=1)) for i in range(2)]
+    images, masks = torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos])
+
+    def dataset(vae, **moving):
+        return training.SubjectDataset.execute(vae, images, _conditioning(world, "sks"), masks=masks, **moving).result[0]
+
+    subject = dataset(world_nodes.WorldVAE(), moving_clips=3, moving_frames=5, moving_travel=0.35)
+    assert subject.moving.latents.shape == (6, 16, 1, 32, 32) and subject.moving.masks.shape == (6, 1, 1, 32, 32)
+    # A moving clip's mask covers the star along its path: more cells than the photo's.
+    assert bool((subject.moving.masks.flatten(1).sum(1) > subject.masks.repeat_interleave(3, 0).flatten(1).sum(1)).all())
+    chained = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "sks"), masks=masks,
+                                              add_to=subject, moving_clips=1, moving_frames=5).result[0]
+    assert chained.latents.shape[0] == 4 and chained.moving.latents.shape[0] == 8
+    # On ComfyUI's own Wan VAE a 5-frame clip is 2 latent frames; the masks follow.
+    wan_vae = comfy.sd.VAE(sd=tiny_wan_vae_weights())
+    on_wan = dataset(wan_vae, moving_clips=1, moving_frames=5)
+    assert on_wan.moving.latents.shape == (2, 16, 2, 4, 4) and on_wan.moving.masks.shape == (2, 1, 2, 4, 4)
+
+    def region_losses(run_name, share):
+        _train(pack, patcher, subject, run_name=run_name, steps=2, preservation_weight=0.0, moving_share=share)
+        path = tmp_path / "custvid_training" / run_name / "checkpoint.pt"
+        return [r["region"] for r in torch.load(path, weights_only=True)["history"]]
+
+    # Same seed and noise: every step on the clips instead of the photos changes what is learned from.
+    assert region_losses("photos_only", 0.0) != pytest.approx(region_losses("moving_only", 1.0), rel=1e-3)
+    with pytest.raises(ValueError, match="moving_clips: the subject is cut out by its mask"):
+        training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "sks"), moving_clips=1)
+    with pytest.raises(ValueError, match="moving_frames: 7 frames"):
+        dataset(wan_vae, moving_clips=1, moving_frames=7)
+
+
 def test_a_region_margin_reaches_the_region_loss(wan, tmp_path):
     import folder_paths
 
