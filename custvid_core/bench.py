@@ -71,6 +71,7 @@ METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_metho
                                                                   "full_still", "full_still_hue", "full_embedding",
                                                                   "full_embedding_all_roles", "unrestricted_subject_embedding",
                                                                   "moving_subject_embedding", "full_moving",
+                                                                  "full_moving_smrabooth_roles",
                                                                   "full_decoded_mora",
                                                                   "motion_lora_only", "joint", "joint_still",
                                                                   "joint_still_hue")}}

@@ -242,6 +242,10 @@ def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -
         # Not in the default ladder: full_embedding_all_roles with moving clips instead of the stillness LoRA.
         "full_moving": LoraMethod("full_moving", replace(embedding_subject, roles=ROLES, stillness_rank=0), mora_motion,
                                   schedules=dict(SMRABOOTH_TIMING), hue_copies=3, moving_clips=4),
+        # Not in the default ladder: full_moving with the subject LoRA on SMRABooth's roles (q, k, ffn.0) only.
+        "full_moving_smrabooth_roles": LoraMethod("full_moving_smrabooth_roles",
+                                                  replace(embedding_subject, stillness_rank=0), mora_motion,
+                                                  schedules=dict(SMRABOOTH_TIMING), hue_copies=3, moving_clips=4),
         # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
         # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
         "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
