@@ -30,12 +30,16 @@ def _conditioning(world, prompt):
         return [[world.text([prompt]), {}]]
 
 
+def _star_photos(count):
+    """`count` photos of an orange star a little further right each time, and their masks."""
+    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1))
+              for i in range(count)]
+    return torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos])
+
+
 def _subject_dataset(pack, world):
     training, world_nodes = _nodes(pack)
-    spec = WorldSpec(frames=1)
-    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), spec) for i in range(3)]
-    images = torch.cat([p.frames for p in photos])
-    masks = torch.cat([p.masks for p in photos])
+    images, masks = _star_photos(3)
     clip = render(Scene(), WorldSpec())
     vae = world_nodes.WorldVAE()
     clips = training.VideoDataset.execute(vae, clip.frames, _conditioning(world, clip.prompt)).result[0]
@@ -113,8 +117,7 @@ def test_trigger_words_turn_on_the_subject_token_attention_loss(wan, tmp_path):
     patcher, world, pack = wan
     folder_paths.set_output_directory(str(tmp_path))
     training, world_nodes = _nodes(pack)
-    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1)) for i in range(2)]
-    images, masks = torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos])
+    images, masks = _star_photos(2)
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
                                               prompt="a sks", trigger_words="sks", world_text=world.text).result[0]
     assert subject.subject_tokens == (1,)
@@ -135,8 +138,7 @@ def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loa
     training, world_nodes = _nodes(pack)
     from custvid_pack.nodes.embedding_nodes import ApplyTriggerEmbedding, LoadTriggerEmbedding, SaveTriggerEmbedding
 
-    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1)) for i in range(2)]
-    images = torch.cat([p.frames for p in photos])
+    images, _ = _star_photos(2)
     # Trigger words without masks: no attention loss, but an embedding can be learned at them.
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"),
                                               prompt="a sks", trigger_words=" sks ", world_text=world.text).result[0]
@@ -185,8 +187,7 @@ def test_moving_clips_of_the_photos_are_encoded_and_trained_on(wan, tmp_path):
     patcher, world, pack = wan
     folder_paths.set_output_directory(str(tmp_path))
     training, world_nodes = _nodes(pack)
-    photos = [render(Scene(colour="orange", shape="star", start=(12 + 4 * i, 16)), WorldSpec(frames=1)) for i in range(2)]
-    images, masks = torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos])
+    images, masks = _star_photos(2)
 
     def dataset(vae, **moving):
         return training.SubjectDataset.execute(vae, images, _conditioning(world, "sks"), masks=masks, **moving).result[0]
