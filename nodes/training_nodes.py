@@ -28,6 +28,7 @@ from . import types
 from .host import (
     decoder_with_grad,
     plain,
+    progress_callback,
     safetensors_path,
     token_roles,
     training_backbone,
@@ -203,11 +204,13 @@ def _moving_clips(vae, photos, masks, context, per_photo: int, frames: int, trav
     if frames % step not in (0, 1 % step):
         raise InputError("moving_frames", f"{frames} frames",
                          f"a count this VAE encodes whole: 1 + {step}k or {step}k (Wan: 17, 33, ...)")
-    sizes = {tuple(p.shape) for p in photos}
-    if len(sizes) != 1:
-        raise InputError("images", f"photos of different sizes {sorted(sizes)}", "photos of one size for moving clips")
     clips, clip_masks = moving_photos(photos, masks, per_photo, frames, (0.75 * travel, travel))
-    latents = torch.cat([_encode_clip(vae, c) for c in clips])
+    progress = progress_callback(len(clips))
+    encoded = []
+    for i, c in enumerate(clips):
+        encoded.append(_encode_clip(vae, c))
+        progress(i + 1, len(clips))
+    latents = torch.cat(encoded)
     return SubjectSet(latents, context, latent_mask(clip_masks, latents.shape))
 
 
