@@ -159,12 +159,13 @@ def slide_subject(image: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor
     if background is None:
         background = fill_region(image, mask)
     layers = torch.cat([image.permute(2, 0, 1), mask[None].float()])  # the subject and its mask move together
+    behind = background.permute(2, 0, 1)
     frames, masks = [], []
     for dx, dy in offsets.tolist():
         moved = tvf.affine(layers, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
                            interpolation=tvf.InterpolationMode.BILINEAR)
         alpha = moved[3:]
-        frames.append((moved[:3] * alpha + background.permute(2, 0, 1) * (1 - alpha)).permute(1, 2, 0))
+        frames.append((moved[:3] * alpha + behind * (1 - alpha)).permute(1, 2, 0))
         masks.append((alpha[0] > 0.5).float())
     return torch.stack(frames).clamp(0, 1), torch.stack(masks)
 

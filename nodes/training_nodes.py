@@ -235,10 +235,7 @@ def _append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
         if earlier.moving.latents.shape[1:] != new.moving.latents.shape[1:]:
             raise InputError("moving_frames", "moving clips of another length or size than the earlier photos'",
                              "the same moving_frames and photo size in one dataset")
-        moving = SubjectSet(torch.cat([earlier.moving.latents, new.moving.latents]),
-                            _append_context(earlier.moving.context, earlier.moving.latents.shape[0], new.moving.context,
-                                            new.moving.latents.shape[0], "moving clips"),
-                            torch.cat([earlier.moving.masks, new.moving.masks]))
+        moving = _append_photos(earlier.moving, new.moving)  # clips with masks, appended as photos are
     return SubjectSet(torch.cat([earlier.latents, new.latents]),
                       _append_context(earlier.context, n_old, new.context, n_new, "photos"),
                       torch.cat([earlier.masks, new.masks]) if new.masks is not None else None,

@@ -266,8 +266,9 @@ class _SubjectObjective(_Objective):
         if not 0 <= settings.moving_share <= 1:
             raise InputError("moving_share", f"{settings.moving_share}", "a share from 0 to 1")
         # The region loss's masks, widened once here rather than on every step.
-        self.region_masks = {id(d): widened(d.masks, settings.region_margin)
-                             for d in (data, data.moving) if d is not None and d.masks is not None} \
+        # Keyed by whether a step takes the moving clips.
+        self.region_masks = {moving: widened(d.masks, settings.region_margin)
+                             for moving, d in ((False, data), (True, data.moving)) if d is not None and d.masks is not None} \
             if settings.region_loss else {}
         if settings.trigger_embedding:
             if not data.subject_tokens:
@@ -308,7 +309,7 @@ class _SubjectObjective(_Objective):
         x0 = items.latents[idx].to(device, dtype)
         sigma = settings.sigmas(len(idx), g)
         x, target = add_noise(x0, sigma, g)
-        mask = self.region_masks[id(items)][idx].to(device) if id(items) in self.region_masks else None
+        mask = self.region_masks[moving][idx].to(device) if moving in self.region_masks else None
         context = _rows(items.context, idx).to(device, dtype)
         if self.embedding is not None:
             context = self.embedding(context, data.subject_tokens)
