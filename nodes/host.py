@@ -136,9 +136,47 @@ def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torc
     clone = model.clone()
     backbone = describe(clone.model.diffusion_model)
     comfy.model_management.load_models_gpu([clone])
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), _casting_weights(clone.model.diffusion_model):
         _usable_by_autograd(clone.model.diffusion_model)
         yield backbone, clone.load_device, clone.model.process_latent_in
+
+
+TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_training_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of a training run on `device`. auto: bf16 where ComfyUI finds the device good at it,
+    else fp32 (fp16 only when chosen: it trains with a loss scale and may overflow)."""
+    from ..custvid_core.training.customize import TRAINING_DTYPES as DTYPES
+
+    if choice == "auto":
+        use_bf16 = comfy.model_management.should_use_bf16(device, prioritize_performance=False)
+        return torch.bfloat16 if use_bf16 else torch.float32
+    if choice not in DTYPES:
+        raise InputError("training_dtype", f"'{choice}'", f"one of {', '.join(TRAINING_DTYPES)}")
+    return DTYPES[choice]
+
+
+@contextmanager
+def _casting_weights(module: torch.nn.Module) -> Iterator[None]:
+    """ComfyUI's layers cast their weights to the input's dtype when `comfy_cast_weights` is set (as for fp8
+    weights, low-VRAM loading and LoRA patches). Training turns it on for every layer, so the model computes
+    in the training dtype from weights stored in any precision (fp8, scaled fp8, fp16) without a full-precision
+    copy of the model; each layer's flag is put back after."""
+    import comfy.ops
+
+    layers = [m for m in module.modules() if isinstance(m, comfy.ops.CastWeightBiasOp) and not m.comfy_cast_weights]
+    own = {m: m.__dict__["comfy_cast_weights"] for m in layers if "comfy_cast_weights" in m.__dict__}
+    for m in layers:
+        m.comfy_cast_weights = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            if m in own:
+                m.comfy_cast_weights = own[m]
+            else:
+                del m.comfy_cast_weights
 
 
 def _usable_by_autograd(module: torch.nn.Module) -> None:

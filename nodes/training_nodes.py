@@ -26,9 +26,11 @@ from ..custvid_core.training.customize import MOTION_ALIGNMENT
 from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
 from . import types
 from .host import (
+    TRAINING_DTYPES,
     decoder_with_grad,
     plain,
     progress_callback,
+    resolve_training_dtype,
     safetensors_path,
     token_roles,
     training_backbone,
@@ -274,6 +276,14 @@ def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str
     ]
 
 
+def _training_dtype_input():
+    return io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto", optional=True,
+                          tooltip="The precision of the training data and the LoRA's math, whatever your model's "
+                                  "file or weight_dtype (fp16, bf16, fp8, scaled fp8: the weights stay as loaded). "
+                                  "auto: bf16 on a GPU that supports it, else fp32 (CPU). fp16: for GPUs without "
+                                  "bf16; trains with a loss scale. The LoRA itself is kept and saved in fp32.")
+
+
 def _roles(text: str) -> tuple[str, ...]:
     return tuple(r.strip() for r in text.split(",") if r.strip())
 
@@ -346,7 +356,8 @@ class TrainSubjectLoRA(io.ComfyNode):
                                              "with Apply Trigger Embedding, keep it with Save Trigger Embedding."),
                     io.Float.Input("moving_share", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
                                    tooltip="If the dataset has moving clips (Subject Dataset's moving_clips): the "
-                                           "share of the photo steps that learn from them instead of the photos.")],
+                                           "share of the photo steps that learn from them instead of the photos."),
+                    _training_dtype_input()],
             outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding")],
         )
 
@@ -354,7 +365,7 @@ class TrainSubjectLoRA(io.ComfyNode):
     def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0,
-                trigger_embedding=False, moving_share=0.5) -> io.NodeOutput:
+                trigger_embedding=False, moving_share=0.5, training_dtype="auto") -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
@@ -367,7 +378,7 @@ class TrainSubjectLoRA(io.ComfyNode):
         with training_backbone(model) as (backbone, device, to_model):
             data = _subject_in(to_model, subject)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
-                                    device=device)
+                                    device=device, dtype=resolve_training_dtype(training_dtype, device))
         learned = None if trained.trigger_embedding is None else \
             LearnedTrigger(trained.trigger_embedding, subject.trigger_words)
         return _finish(model, trained, learned)
@@ -402,7 +413,8 @@ class TrainMotionLoRA(io.ComfyNode):
                     types.RaftModel.Input("raft", optional=True,
                                           tooltip="For decoded_flow: the flow network from Load RAFT."),
                     io.Int.Input("decode_window", default=6, min=1, max=64, optional=True,
-                                 tooltip="For decoded_flow: latent frames decoded per step (the authors' 6).")],
+                                 tooltip="For decoded_flow: latent frames decoded per step (the authors' 6)."),
+                    _training_dtype_input()],
             outputs=_train_outputs(),
         )
 
@@ -410,7 +422,7 @@ class TrainMotionLoRA(io.ComfyNode):
     def execute(cls, model, clips, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, spatial_rank, debiased_weight, motion_alignment="features", vae=None, raft=None,
-                decode_window=6) -> io.NodeOutput:
+                decode_window=6, training_dtype="auto") -> io.NodeOutput:
         decoded = motion_alignment == "decoded_flow" and alignment_weight > 0
         if decoded and clips.flow is None:
             raise InputError("clips", "have no motion representation",
@@ -432,7 +444,8 @@ class TrainMotionLoRA(io.ComfyNode):
             flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
                 if decoded else None
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
-                                   device=device, decoded_flow=flow_through)
+                                   device=device, decoded_flow=flow_through,
+                                   dtype=resolve_training_dtype(training_dtype, device))
         return _finish(model, trained)
 
 

@@ -74,6 +74,17 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
+def _linear_like_types(backbone: WanBackbone, targets: Iterable[str]) -> dict[type, type]:
+    """Target layers that are linear maps without subclassing nn.Linear (a host's quantized linear, such as
+    ComfyUI's for scaled-fp8 files) -> peft's LoRA Linear, which only needs their `in_features`,
+    `out_features` and forward."""
+    from peft.tuners.lora import Linear
+
+    modules = [backbone.model.get_submodule(t) for t in targets]
+    return {type(m): Linear for m in modules
+            if not isinstance(m, nn.Linear) and hasattr(m, "in_features") and hasattr(m, "out_features")}
+
+
 class LoraAdapters:
     """peft LoRA layers attached to a backbone by role. Use as a context manager, or call `detach()`.
 
@@ -105,6 +116,7 @@ class LoraAdapters:
                 self._targets[spec.name] = targets
                 config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
                                     target_modules=list(targets), lora_dropout=0.0, bias="none")
+                config._register_custom_module(_linear_like_types(backbone, targets))
                 with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter
                     warnings.simplefilter("ignore", UserWarning)
                     inject_adapter_in_model(config, backbone.model, adapter_name=spec.name)

@@ -64,6 +64,9 @@ class WanBackbone:
 
     implementation = ""
     role_paths: dict[str, str] = {}
+    # Whether the layers cast their weights to the input's dtype (ComfyUI's ops), so that the model computes in
+    # any dtype from weights stored in another (fp8 included). Plain torch layers compute in their weights' dtype.
+    casts_weights = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -211,6 +214,7 @@ class ComfyWanBackbone(WanBackbone):
 
     implementation = "comfyui"
     role_paths = {r: r for r in ROLES}
+    casts_weights = True  # ComfyUI's cast ops; the host turns casting on for layers loaded without it
 
     @property
     def patch_size(self):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -185,9 +185,60 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx] if x.shape[0] > 1 else x.expand(len(idx), *x.shape[1:])
 
 
-def _device_dtype(backbone: WanBackbone, device: torch.device | None) -> tuple[torch.device, torch.dtype]:
-    param = backbone.role_module(0, "self_attn.q").weight
-    return (device or param.device), param.dtype
+# The dtypes a run can compute in (`train_*(dtype=...)`); the LoRA parameters and optimiser state stay fp32.
+TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16's loss scale: the loss's gradient is multiplied by it on the way into the fp16 activations (where
+# small gradients would underflow) and divided out again at the fp32 trainable parameters.
+FP16_LOSS_SCALE = 1024.0
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a run's data, forward and LoRA math use: `dtype`, or by default fp32 on a CPU and bf16 on a
+    CUDA device that supports it (fp32 elsewhere). Never the weights' dtype: fp8 weights are storage only."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in TRAINING_DTYPES.values():
+        raise InputError("training_dtype", f"{dtype}", f"one of {', '.join(TRAINING_DTYPES)}")
+    return dtype
+
+
+def _device(backbone: WanBackbone, device: torch.device | None) -> torch.device:
+    return device or backbone.role_module(0, "self_attn.q").weight.device
+
+
+def _autocast(backbone: WanBackbone, device: torch.device, dtype: torch.dtype):
+    """The forward in the compute dtype. Below fp32, autocast runs every matmul (the LoRA's too) in it.
+    At fp32, a host whose layers cast their weights to the input's dtype (`casts_weights`) computes in fp32
+    from any stored precision; plain torch layers stored in 16 bits compute in those 16 bits (casting them
+    up would copy the whole base), with the data, loss and LoRA parameters still fp32."""
+    if dtype == torch.float32 and not backbone.casts_weights:
+        stored = {p.dtype for p in backbone.model.parameters()}
+        dtype = next((d for d in (torch.bfloat16, torch.float16) if d in stored), dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; backward multiplies the gradient by `scale` (a loss scale)."""
+
+    @staticmethod
+    def forward(ctx, loss, scale):
+        ctx.scale = scale
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+@contextlib.contextmanager
+def _loss_scaled(groups: dict[str, list[torch.nn.Parameter]], scale: float) -> Iterator[Callable]:
+    """Yields `scaled(loss)`; while inside, the gradient reaching each trainable parameter is divided by `scale`."""
+    handles = [p.register_hook(lambda grad: grad / scale) for ps in groups.values() for p in ps]
+    try:
+        yield lambda loss: _ScaleGradient.apply(loss, scale)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _check_block(block: int, backbone: WanBackbone, name: str) -> None:
@@ -412,23 +463,28 @@ class _MotionObjective(_Objective):
 
 
 def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpointing: bool,
-         choose: Callable[[int, torch.Generator], int], workdir, progress, log, device) -> list[TrainedLora]:
+         choose: Callable[[int, torch.Generator], int], workdir, progress, log, device,
+         dtype: torch.dtype | None) -> list[TrainedLora]:
     """Attach every objective's adapters, train, and return each objective's main adapter. `choose(step, g)`
     picks the objective that takes a step; the others' main adapters run in the forward pass, frozen, and
-    their throw-away helpers (a spatial or stillness LoRA, after the main one in `specs`) are off."""
-    device, dtype = _device_dtype(backbone, device)
+    their throw-away helpers (a spatial or stillness LoRA, after the main one in `specs`) are off. The data
+    is cast to the compute dtype `dtype`; the LoRAs stay fp32."""
+    device = _device(backbone, device)
+    dtype = compute_dtype(device, dtype)
     specs = [s for o in objectives for s in o.specs]
     with LoraAdapters(backbone, specs, seed=optim.seed, device=device) as adapters, \
-            backbone.checkpointing(checkpointing):
+            backbone.checkpointing(checkpointing), contextlib.ExitStack() as stack:
         groups = {}
         for objective in objectives:
             groups.update(objective.trainables(adapters, device))
+        scaled = stack.enter_context(_loss_scaled(groups, FP16_LOSS_SCALE)) if dtype == torch.float16 else None
 
         def step(i: int, g: torch.Generator) -> StepResult:
             chosen = objectives[choose(i, g)]
             helpers_off = {s.name: 0.0 for o in objectives if o is not chosen for s in o.specs[1:]}
-            with adapters.strengths_set(**helpers_off):
-                return chosen.step(i, g, adapters, device, dtype)
+            with adapters.strengths_set(**helpers_off), _autocast(backbone, device, dtype):
+                result = chosen.step(i, g, adapters, device, dtype)
+            return result if scaled is None else replace(result, loss=scaled(result.loss))
 
         history = train(step, groups, optim, workdir, progress, log)
         return [o.trained(adapters, history) for o in objectives]
@@ -436,22 +492,24 @@ def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpoi
 
 def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),
                   workdir: str | Path | None = None, progress: Progress | None = None,
-                  log: Callable[[str], None] | None = None, device: torch.device | None = None) -> TrainedLora:
+                  log: Callable[[str], None] | None = None, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> TrainedLora:
     """`device`: where the forward runs (a partially loaded model's weights may sit elsewhere);
-    default: the model's first parameter's device."""
+    default: the model's first parameter's device. `dtype`: the compute dtype (`compute_dtype`), whatever
+    the weights are stored in."""
     objective = _SubjectObjective(backbone, data, settings)
     return _run(backbone, [objective], settings.optim, settings.gradient_checkpointing, lambda i, g: 0,
-                workdir, progress, log, device)[0]
+                workdir, progress, log, device, dtype)[0]
 
 
 def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
                  workdir: str | Path | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                 decoded_flow: DecodedFlow | None = None) -> TrainedLora:
-    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`."""
+                 decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None) -> TrainedLora:
+    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`; `device`, `dtype`: as `train_subject`."""
     objective = _MotionObjective(backbone, data, settings, decoded_flow)
     return _run(backbone, [objective], settings.optim, settings.gradient_checkpointing, lambda i, g: 0,
-                workdir, progress, log, device)[0]
+                workdir, progress, log, device, dtype)[0]
 
 
 def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet,
@@ -459,7 +517,8 @@ def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: Vi
                 optim: OptimSettings = OptimSettings(steps=600, lr=1e-4), motion_probability: float = 0.5,
                 workdir: str | Path | None = None, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                decoded_flow: DecodedFlow | None = None) -> tuple[TrainedLora, TrainedLora]:
+                decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None
+                ) -> tuple[TrainedLora, TrainedLora]:
     """Subject and motion LoRAs trained together (DualReal's dual-aware adaptation): each step is a motion
     step with probability `motion_probability`, else a subject step; both LoRAs run in every forward pass
     and only the stepping one learns, so each learns in the presence of the other it will be used with.
@@ -476,7 +535,8 @@ def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: Vi
         return int(float(torch.rand((), generator=g)) < motion_probability)
 
     checkpointing = subject.gradient_checkpointing or motion.gradient_checkpointing
-    subject_lora, motion_lora = _run(backbone, objectives, optim, checkpointing, choose, workdir, progress, log, device)
+    subject_lora, motion_lora = _run(backbone, objectives, optim, checkpointing, choose, workdir, progress, log, device,
+                                     dtype)
     return subject_lora, motion_lora
 
 
