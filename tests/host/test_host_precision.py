@@ -12,6 +12,7 @@ import torch
 from comfy_host import import_pack, tiny_world
 from safetensors.torch import load_file, save_file
 
+from custvid_core.control.boxes import BoxTrack
 from custvid_core.training import OptimSettings, SigmaSampler, SubjectSettings, train_subject
 from custvid_core.world.model import save_world
 from custvid_core.world.text import WorldTextEncoder
@@ -199,3 +200,93 @@ def test_a_lora_trained_on_one_precision_changes_another_through_the_stock_loade
     assert float(on_target.abs().max()) > 0.01
     # The same change as on the fp32 model, up to the target's rounding (seen: cosine 0.97 or more).
     assert torch.nn.functional.cosine_similarity(on_target.flatten(), on_fp32.flatten(), dim=0) > 0.9
+
+
+FP8_BASES = [("fp8_e4m3fn", "fp8_e4m3fn"), ("fp8_scaled", "default"), ("fp16", "fp8_e4m3fn_fast")]
+
+
+def _random_lora(patcher, roles=("self_attn.q", "ffn.0"), rank=2):
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for b, block in enumerate(patcher.model.diffusion_model.blocks):
+        for role in roles:
+            layer = block.get_submodule(role)
+            key = f"diffusion_model.blocks.{b}.{role}"
+            out[key + ".lora_down.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.3
+            out[key + ".lora_up.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.3
+            out[key + ".alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def _apply(patcher, sigma, sigmas, x, context, rows=(0,)):
+    import comfy.model_management
+
+    options = {"wrappers": patcher.wrappers, **patcher.model_options.get("transformer_options", {}),
+               "cond_or_uncond": list(rows), "sigmas": sigma, "sample_sigmas": sigmas}
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patcher])
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options).float()
+
+
+def test_a_step_schedule_on_fp8_weights_adds_the_whole_lora_in_the_compute_dtype(wan):
+    """The scheduled LoRA's weight function gets the weight already cast to the compute dtype (fp32 here), so
+    its delta is not rounded into fp8: on fp8 storage it equals the stock LoRA merged into the same values in fp32."""
+    import comfy.sd
+    from custvid_pack.nodes.schedule_nodes import ApplyLoRASchedule
+
+    fp8, same_values_fp32 = _load("fp8_e4m3fn", "fp8_e4m3fn"), _load("fp8_e4m3fn", "default")
+    lora = _random_lora(fp8)
+    scheduled = ApplyLoRASchedule.execute(fp8, "(use lora input)", "custom", "0:0.0, 0.5:1.0", lora=lora).result[0]
+    arrived = []
+    scheduled.add_weight_wrapper("diffusion_model.blocks.0.self_attn.q.weight", lambda w: arrived.append(w.dtype) or w)
+
+    stock = comfy.sd.load_lora_for_models(same_values_fp32, None, lora, 1.0, 0)[0]
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 16, 2, 16, 16, generator=g), torch.randn(1, 16, 4096, generator=g)
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    early, late = torch.tensor([0.75]), torch.tensor([0.5])
+    assert torch.allclose(_apply(scheduled, early, sigmas, x, context), _apply(fp8, early, sigmas, x, context), atol=1e-5)
+    assert torch.allclose(_apply(scheduled, late, sigmas, x, context), _apply(stock, late, sigmas, x, context), atol=1e-4)
+    assert not torch.allclose(_apply(fp8, late, sigmas, x, context), _apply(stock, late, sigmas, x, context), atol=1e-3)
+    assert arrived and set(arrived) == {torch.float32}
+
+
+@pytest.mark.parametrize("base", FP8_BASES, ids=[f"{p}-{w}" for p, w in FP8_BASES])
+def test_schedule_box_steering_and_camera_change_the_output_of_fp8_bases(wan, base):
+    import comfy.sample
+    import comfy.samplers
+
+    _, world, pack = wan
+    from custvid_pack.nodes.control_nodes import VIDEO_LAYOUT, BoxSteeringNode, CameraSample
+    from custvid_pack.nodes.schedule_nodes import ApplyLoRASchedule
+
+    patcher = _load(*base)
+    prompt = "red striped circle moving right"
+    with torch.no_grad():
+        context = world.text([prompt, prompt])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 1, 32, 32, generator=g)
+    sigmas, sigma = torch.linspace(1, 0, 11), torch.tensor([0.8, 0.8])
+    plain = _apply(patcher, sigma, sigmas, x, context, rows=(0, 1))
+
+    scheduled = ApplyLoRASchedule.execute(patcher, "(use lora input)", "smrabooth_subject", "",
+                                          lora=_random_lora(patcher)).result[0]
+    with_lora = _apply(scheduled, sigma, sigmas, x, context, rows=(0, 1))
+    assert torch.isfinite(with_lora).all() and not torch.allclose(with_lora, plain, atol=1e-3)
+
+    steered = BoxSteeringNode.execute(patcher, BoxTrack.parse("0: 0, 0, 0.5, 0.5"), prompt, "circle", 10.0, 0.5, "all",
+                                      "", world_text=world.text).result[0]
+    out = _apply(steered, sigma, sigmas, x, context, rows=(0, 1))
+    assert torch.isfinite(out).all() and not torch.allclose(out[0], plain[0], atol=1e-3)
+    assert torch.allclose(out[1], plain[1], atol=1e-5)  # the unconditional pass is not steered
+
+    positive, negative = [[context[:1], {}]], [[world.text([""]), {}]]
+    latent = {"samples": torch.zeros(1, 16, 3, 16, 16)}
+    with torch.inference_mode():
+        moved = CameraSample.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple", 0.3, 0.0, 1.0,
+                                     "", 0.25, 0.75, VIDEO_LAYOUT, 0).result[0]["samples"]
+        still = comfy.sample.sample_custom(
+            patcher, comfy.sample.prepare_noise(latent["samples"], 1), 3.0, comfy.samplers.sampler_object("euler"),
+            comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 4).cpu(), positive,
+            negative, latent["samples"], disable_pbar=True, seed=1)
+    assert torch.isfinite(moved).all() and not torch.allclose(moved, still, atol=1e-3)
