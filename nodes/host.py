@@ -181,10 +181,12 @@ def _casting_weights(module: torch.nn.Module) -> Iterator[None]:
 
 def _usable_by_autograd(module: torch.nn.Module) -> None:
     """Weights loaded under ComfyUI's inference mode cannot be saved for backward; replace each such
-    tensor by an ordinary copy with the same values (outputs are unchanged)."""
+    tensor by an ordinary copy with the same values and dtype (outputs are unchanged). Quantized weights (a
+    tensor subclass, from scaled-fp8 files) stay: they are dequantized into a new tensor at every use, so
+    autograd never saves them, and a copy would keep their inner data an inference tensor."""
     for sub in module.modules():
         for name, p in list(sub.named_parameters(recurse=False)):
-            if p.is_inference():
+            if p.is_inference() and type(p.data) is torch.Tensor:
                 setattr(sub, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
         for name, b in list(sub.named_buffers(recurse=False)):
             if b is not None and b.is_inference():

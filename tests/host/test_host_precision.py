@@ -4,6 +4,7 @@ ComfyUI's scaled-fp8 layout (`scaled_fp8` marker, fp8 weights with a `.scale_wei
 and never changes how the base is stored; the LoRA trained on one precision loads through the stock loader on
 another and changes its output as on fp32; the step schedule, box steering and the camera run on fp8 bases."""
 
+import json
 import math
 from dataclasses import replace
 
@@ -290,3 +291,45 @@ def test_schedule_box_steering_and_camera_change_the_output_of_fp8_bases(wan, ba
             comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 4).cpu(), positive,
             negative, latent["samples"], disable_pbar=True, seed=1)
     assert torch.isfinite(moved).all() and not torch.allclose(moved, still, atol=1e-3)
+
+
+def test_through_the_server_a_scaled_fp8_file_loaded_as_fp8_trains_and_saves_an_fp32_lora(comfy_server, wan):
+    import shutil
+
+    from custvid_core.world.model import TEXT_FILE
+
+    folder, _, _ = wan
+    target = comfy_server.base / "models" / "diffusion_models"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(folder / "tiny_wan_fp8_scaled.safetensors", target / "tiny_wan_fp8_scaled.safetensors")
+    info = comfy_server.object_info()
+    for node in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):  # added last, optional, for saved graphs
+        assert list(info[node]["input"]["optional"])[-1] == "training_dtype"
+        assert info[node]["input"]["optional"]["training_dtype"][1]["options"] == ["auto", "fp32", "bf16", "fp16"]
+    case = info["CustVid_WorldCaseData"]["input"]["required"]["case"][1]["options"][0]
+    train = dict(model=["unet", 0], subject=["subject", 0], steps=2, learning_rate=1e-3, rank=4,
+                 roles="self_attn.q, self_attn.k, ffn.0", batch_size=1, alignment_weight=0.0, alignment_block=1,
+                 timestep_sampling="uniform", shift=1.0, gradient_checkpointing=True, training_seed=0,
+                 checkpoint_every=100, run_name="precision_server", preservation_weight=1.0, region_loss=True,
+                 training_dtype="auto")
+    prompt = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_fp8_scaled.safetensors",
+                                                        "weight_dtype": "fp8_e4m3fn"}},
+        "world": {"class_type": "CustVid_LoadShapesWorld", "inputs": {"text_encoder_name": TEXT_FILE.name}},
+        "data": {"class_type": "CustVid_WorldCaseData", "inputs": {"case": case, "motion_clip": 0}},
+        "words": {"class_type": "CustVid_WorldTextEncode", "inputs": {"world_text": ["world", 0], "prompt": "sks"}},
+        "subject": {"class_type": "CustVid_SubjectDataset", "inputs": {"vae": ["world", 1], "images": ["data", 0],
+                                                                      "conditioning": ["words", 0],
+                                                                      "masks": ["data", 1]}},
+        "train": {"class_type": "CustVid_TrainSubjectLoRA", "inputs": train},
+        "save": {"class_type": "CustVid_SaveLoRA", "inputs": {"lora": ["train", 1], "filename": "precision/server_fp8",
+                                                             "trigger_words": "sks", "overwrite": True}},
+    }
+    result = comfy_server.run(prompt)
+    assert result["ok"], result["error"]
+    saved = load_file(comfy_server.base / "models" / "loras" / "precision" / "server_fp8.safetensors")
+    assert saved and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if k.endswith("lora_up.weight"))
+    prompt["train"]["inputs"]["training_dtype"] = "fp8"
+    refused = comfy_server.run(prompt)
+    assert not refused["ok"] and "training_dtype" in json.dumps(refused["node_errors"])
