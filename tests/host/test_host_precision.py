@@ -20,11 +20,18 @@ from custvid_core.world.text import WorldTextEncoder
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_scaled")
 FP8_MAX = 448.0  # float8_e4m3fn's largest value
-# (file, how it is loaded): UNETLoader's weight_dtype, or "stored" for the file's own 16-bit weights, as ComfyUI
-# keeps them on a GPU (on a CPU its default loads them as fp32).
-CASES = [("fp32", "default"), ("fp16", "default"), ("bf16", "default"), ("fp8_e4m3fn", "default"),
-         ("fp8_scaled", "default"), ("fp16", "stored"), ("bf16", "stored"), ("fp32", "fp8_e4m3fn"),
-         ("fp16", "fp8_e4m3fn_fast"), ("bf16", "fp8_e5m2"), ("fp8_scaled", "fp8_e4m3fn")]
+# (file, how it is loaded, training_dtype). How it is loaded: UNETLoader's weight_dtype; "stored": the file's
+# 16-bit weights kept as they are (on a CPU ComfyUI's default loads them as fp32), computed in fp32 by ComfyUI's
+# manual cast; "as on a GPU": kept and computed in 16 bits with ComfyUI's plain (non-casting) layers, as on a GPU
+# that supports the dtype, so training in another dtype needs the layers to cast.
+CASES = [("fp32", "default", "auto"), ("fp16", "default", "auto"), ("bf16", "default", "auto"),
+         ("fp8_e4m3fn", "default", "auto"), ("fp8_scaled", "default", "auto"), ("fp16", "stored", "auto"),
+         ("bf16", "stored", "auto"), ("fp16", "as on a GPU", "auto"), ("bf16", "as on a GPU", "auto"),
+         ("fp32", "fp8_e4m3fn", "auto"), ("fp16", "fp8_e4m3fn_fast", "auto"), ("bf16", "fp8_e5m2", "auto"),
+         ("fp8_scaled", "fp8_e4m3fn", "auto"),
+         ("fp32", "fp8_e4m3fn", "bf16"), ("fp8_scaled", "default", "bf16"), ("bf16", "as on a GPU", "bf16"),
+         ("fp8_scaled", "fp8_e4m3fn", "fp16"), ("fp16", "as on a GPU", "fp16")]
+REFERENCE = ("fp32", "default", "auto")
 STEPS = 6
 # Losses of the same seeded run on every precision stay within 2% of fp32's (seen: 0.3% at most; fp8's
 # rounding of the base is the largest difference).
@@ -72,6 +79,7 @@ def wan(tmp_path_factory):
 
 def _load(precision: str, weight_dtype: str):
     """The file loaded as ComfyUI loads it when a graph runs (under inference mode)."""
+    import comfy.ops
     import comfy.sd
     import folder_paths
 
@@ -79,10 +87,12 @@ def _load(precision: str, weight_dtype: str):
 
     name = f"tiny_wan_{precision}.safetensors"
     with torch.inference_mode():
-        if weight_dtype == "stored":
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        if weight_dtype in ("stored", "as on a GPU"):
+            options = {"dtype": {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]}
+            if weight_dtype == "as on a GPU":
+                options["custom_operations"] = comfy.ops.disable_weight_init
             return comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models", name),
-                                                 model_options={"dtype": dtype})
+                                                 model_options=options)
         return nodes.UNETLoader().load_unet(name, weight_dtype)[0]
 
 
@@ -136,22 +146,23 @@ def trained(wan):
     """Every case trained on the same data and seed: (precision, weight_dtype) -> (run, storage before/during/after)."""
     _, world, pack = wan
     subject = _subject(world, pack)
-    runs = {case: _train(_load(*case), subject) for case in CASES}
-    reference = [r["loss"] for r in runs[("fp32", "default")][0].history]
-    print(f"\nprecision / weight_dtype -> loss after {STEPS} steps vs fp32 ({reference[-1]:.4f}); largest step deviation")
-    for (precision, weight_dtype), (run, *_) in runs.items():
+    runs = {case: _train(_load(*case[:2]), subject, case[2]) for case in CASES}
+    reference = [r["loss"] for r in runs[REFERENCE][0].history]
+    print(f"\nprecision / weight_dtype / training_dtype -> loss after {STEPS} steps vs fp32 ({reference[-1]:.4f}); "
+          "largest deviation over the steps")
+    for (precision, weight_dtype, dtype), (run, *_) in runs.items():
         losses = [r["loss"] for r in run.history]
         worst = max(abs(a - b) / b for a, b in zip(losses, reference))
-        print(f"{precision:>10} / {weight_dtype:<15} -> {losses[-1]:.4f} ({losses[-1] / reference[-1] - 1:+.2%}); "
-              f"max {worst:.2%}")
+        print(f"{precision:>10} / {weight_dtype:<15} / {dtype:<4} -> {losses[-1]:.4f} "
+              f"({losses[-1] / reference[-1] - 1:+.2%}); max {worst:.2%}")
     return runs
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{p}-{w}" for p, w in CASES])
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
 def test_training_follows_fp32_and_never_changes_how_the_base_is_stored(trained, case):
     run, before, during, after = trained[case]
     losses = [r["loss"] for r in run.history]
-    reference = [r["loss"] for r in trained[("fp32", "default")][0].history]
+    reference = [r["loss"] for r in trained[REFERENCE][0].history]
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
     assert all(abs(a - b) <= LOSS_TOLERANCE * b for a, b in zip(losses, reference)), (losses, reference)
     # Not upcast, not converted: the base keeps its fp8 / quantized / 16-bit storage during training and after.
@@ -161,14 +172,14 @@ def test_training_follows_fp32_and_never_changes_how_the_base_is_stored(trained,
 
 def test_the_weights_stay_as_comfyui_loaded_them(trained):
     """The cases differ where it matters: fp8 stays fp8, scaled fp8 stays quantized, 16-bit stays 16-bit."""
-    def kinds(case):
-        return {k for k in trained[case][1]}
+    def kinds(*case):
+        return set(trained[(*case, "auto")][1])
 
-    assert ("Tensor", torch.float8_e4m3fn) in kinds(("fp32", "fp8_e4m3fn"))
-    assert ("Tensor", torch.float8_e5m2) in kinds(("bf16", "fp8_e5m2"))
-    assert ("QuantizedTensor", torch.float8_e4m3fn) in kinds(("fp8_scaled", "default"))
-    assert ("Tensor", torch.bfloat16) in kinds(("bf16", "stored"))
-    assert ("Tensor", torch.float16) in kinds(("fp16", "stored"))
+    assert ("Tensor", torch.float8_e4m3fn) in kinds("fp32", "fp8_e4m3fn")
+    assert ("Tensor", torch.float8_e5m2) in kinds("bf16", "fp8_e5m2")
+    assert ("QuantizedTensor", torch.float8_e4m3fn) in kinds("fp8_scaled", "default")
+    assert ("Tensor", torch.bfloat16) in kinds("bf16", "stored") and ("Tensor", torch.bfloat16) in kinds("bf16", "as on a GPU")
+    assert ("Tensor", torch.float16) in kinds("fp16", "stored") and ("Tensor", torch.float16) in kinds("fp16", "as on a GPU")
 
 
 @pytest.mark.parametrize("source, target", [(("fp8_scaled", "default"), ("fp16", "fp8_e4m3fn_fast")),
