@@ -344,3 +344,35 @@ def test_through_the_server_a_scaled_fp8_file_loaded_as_fp8_trains_and_saves_an_
     prompt["train"]["inputs"]["training_dtype"] = "fp8"
     refused = comfy_server.run(prompt)
     assert not refused["ok"] and "training_dtype" in json.dumps(refused["node_errors"])
+
+
+def test_train_motion_lora_node_trains_a_scaled_fp8_model_in_fp16_and_leaves_it_usable(wan, tmp_path):
+    """The node as a graph runs it (inference mode): the MODEL it returns carries the LoRA, the user's MODEL
+    keeps its quantized weights and its output, and loads a stock LoRA afterwards."""
+    import comfy.sd
+    import folder_paths
+    from custvid_pack.nodes import training_nodes, world_nodes
+
+    from custvid_core.world.scene import Scene, WorldSpec, render
+
+    _, world, _ = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    patcher = _load("fp8_scaled", "fp8_e4m3fn")
+    before, plain = _storage(patcher.model.diffusion_model), _denoise(patcher)
+    clip = render(Scene(), WorldSpec())
+    with torch.no_grad():
+        conditioning = [[world.text([clip.prompt]), {}]]
+    with torch.inference_mode():
+        clips = training_nodes.VideoDataset.execute(world_nodes.WorldVAE(), clip.frames, conditioning).result[0]
+        model, lora, _ = training_nodes.TrainMotionLoRA.execute(
+            patcher, clips, steps=3, learning_rate=1e-2, rank=4, roles="self_attn.v, self_attn.o, ffn.2", batch_size=1,
+            alignment_weight=0.0, alignment_block=1, timestep_sampling="uniform", shift=1.0,
+            gradient_checkpointing=True, training_seed=0, checkpoint_every=100, run_name="precision_motion",
+            spatial_rank=4, debiased_weight=1.0, training_dtype="fp16").result
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert _storage(patcher.model.diffusion_model) == before
+    assert torch.equal(_denoise(patcher), plain)
+    assert not torch.allclose(_denoise(model), plain, atol=1e-4)
+    with torch.inference_mode():
+        stock = comfy.sd.load_lora_for_models(patcher, None, _random_lora(patcher), 1.0, 0)[0]
+    assert not torch.allclose(_denoise(stock), plain, atol=1e-3)
