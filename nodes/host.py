@@ -129,7 +129,8 @@ def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torc
     """The user's MODEL, loaded through a clone for a training run: yields its Wan description, the
     compute device, and the latent normalisation the model applies to VAE latents. ComfyUI runs
     nodes under inference mode; training needs it off. Stock LoRAs already on the MODEL are part
-    of the weights being adapted."""
+    of the weights being adapted. The weights stay in the precision they were loaded in; inside, every
+    layer casts them to the training dtype as it runs."""
     from ..custvid_core.backbones import describe
 
     enable_rope_backward()
