@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import SHOWN_MODULE, InputError
 from ..files import atomic_path
 from .fingerprint import settings_record
 
@@ -86,6 +86,9 @@ Progress = Callable[[int, int, dict], None]
 
 class TrainingStopped(RuntimeError):
     """Training stopped on a non-finite or diverging loss; the last good checkpoint is kept."""
+
+
+TrainingStopped.__module__ = SHOWN_MODULE
 
 
 def _fingerprint(groups: dict[str, list[nn.Parameter]], settings: OptimSettings, about: dict | None) -> dict:
