@@ -141,6 +141,17 @@ def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torc
         yield backbone, clone.load_device, clone.model.process_latent_in
 
 
+def base_model_signature(model) -> str:
+    """What a training run's checkpoint records as its base model: the MODEL's weights and the LoRAs applied to
+    it (a LoRA trained on top of stock LoRAs learns against them). Call it while the model is loaded: the weights
+    those LoRAs patch are then read by name and shape only, as loading may have merged the LoRAs into them."""
+    from ..custvid_core.training.fingerprint import WEIGHT_SAMPLE, content_digest, model_signature
+
+    prefix = "diffusion_model."
+    patched = {k[len(prefix):] for k in model.patches if k.startswith(prefix)}
+    return content_digest(model_signature(model.model.diffusion_model, patched), model.patches, sample=WEIGHT_SAMPLE)
+
+
 def _usable_by_autograd(module: torch.nn.Module) -> None:
     """Weights loaded under ComfyUI's inference mode cannot be saved for backward; replace each such
     tensor by an ordinary copy with the same values (outputs are unchanged)."""
@@ -194,7 +205,10 @@ def safetensors_path(folder: str, name: str, input_name: str, overwrite: bool = 
     Returns the folder and the path."""
     from ..custvid_core.files import path_inside
 
-    name = name if name.endswith(".safetensors") else f"{name}.safetensors"
+    stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
+    if not stem.replace("\\", "/").rsplit("/", 1)[-1].strip(". "):  # '', '  ', '.', '..': no name
+        raise InputError(input_name, f"'{name}' has no file name", "a file name such as 'custvid/my_subject'")
+    name = f"{stem}.safetensors"
     root = default_folder(folder)
     path = path_inside(root, name, input_name)
     if path.exists() and not overwrite:

@@ -31,6 +31,14 @@ def test_a_schedule_of_nan_or_inf_is_refused(text):
         StrengthSchedule.parse(text)
 
 
+@pytest.mark.parametrize("text", ["0.5: nan, 0", "0.5: 0, nan", "0.5: 0.1, 0, nan"])
+def test_a_camera_path_of_nan_is_refused(text):
+    from custvid_core.control.camera import CameraPath
+
+    with pytest.raises(InputError, match="^camera_path: "):
+        CameraPath.parse(text)
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("this ran",))
