@@ -225,6 +225,16 @@ def training_folder(run_name: str) -> str:
     return str(path_inside(root, run_name, "run_name"))
 
 
+def show_on_node(text: str) -> None:
+    """Text under the running node in ComfyUI's frontend (its progress-text preview, which any node may use)."""
+    from comfy_execution.utils import get_executing_context
+    from server import PromptServer
+
+    context, server = get_executing_context(), getattr(PromptServer, "instance", None)
+    if context is not None and server is not None:
+        server.send_progress_text(text, context.node_id, server.client_id)
+
+
 def training_progress(total: int, label: str) -> Callable[[int, int, dict], None]:
     """Progress bar (also ComfyUI's interrupt point) and a console line with loss and seconds per step."""
     import logging

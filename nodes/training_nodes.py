@@ -34,6 +34,7 @@ from .host import (
     plain,
     progress_callback,
     safetensors_path,
+    show_on_node,
     token_roles,
     training_backbone,
     training_folder,
@@ -290,13 +291,14 @@ def _train_outputs():
 
 
 def _run_log(run_name: str) -> tuple[list[str], Callable[[str], None]]:
-    """What became of the run's checkpoint (resumed, already trained, trained afresh): on the console and,
-    through `_finish`, under the node."""
+    """What became of the run's checkpoint (resumed, already trained, trained afresh): on the console and
+    under the node, as soon as it is known (and, through `_finish`, in the node's UI output)."""
     notes: list[str] = []
 
     def log(message: str) -> None:
         notes.append(f"run_name '{run_name}': {message}")
         logging.info(f"CustVid {notes[-1]}")
+        show_on_node(notes[-1])
 
     return notes, log
 
@@ -306,6 +308,7 @@ def _finish(model, trained, notes: list[str], *more) -> io.NodeOutput:
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, trained.tensors, 1.0, 0)
     text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
+    show_on_node(text)
     return io.NodeOutput(patched, trained.tensors, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
 
 

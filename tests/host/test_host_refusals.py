@@ -21,7 +21,10 @@ def run(server, prompt: dict, timeout: float = 300) -> dict:
     r = requests.post(server.url + "/prompt", json={"prompt": prompt, "client_id": uuid.uuid4().hex}, timeout=30)
     if r.status_code != 200:
         return {"ok": False, "validation": r.json(), "error": None, "outputs": {}}
-    prompt_id = r.json()["prompt_id"]
+    return finished(server, r.json()["prompt_id"], timeout)
+
+
+def finished(server, prompt_id: str, timeout: float) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         entry = server.get(f"/history/{prompt_id}").get(prompt_id)
@@ -31,6 +34,37 @@ def run(server, prompt: dict, timeout: float = 300) -> dict:
                     "error": errors[0] if errors else None, "outputs": entry.get("outputs", {})}
         time.sleep(0.2)
     raise TimeoutError(f"prompt {prompt_id} did not finish; log: {server.log}")
+
+
+def run_watching(server, prompt: dict, timeout: float = 300) -> tuple[dict, list[tuple[str, str]]]:
+    """`run`, listening on the websocket as the frontend does; also returns the text previews the nodes sent
+    (node id, text), which the frontend shows under the node."""
+    import asyncio
+    import struct
+
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+
+    async def listen():
+        texts = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url.replace('http', 'ws', 1)}/ws?clientId={client_id}") as ws:
+                queued = await session.post(server.url + "/prompt", json={"prompt": prompt, "client_id": client_id})
+                prompt_id = (await queued.json())["prompt_id"]
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", message.data[:4])[0] == 3:
+                        length = struct.unpack(">I", message.data[4:8])[0]
+                        texts.append((message.data[8:8 + length].decode(), message.data[8 + length:].decode()))
+                    elif message.type == aiohttp.WSMsgType.TEXT:
+                        event = json.loads(message.data)
+                        if event["type"] in ("execution_success", "execution_error") and \
+                                event["data"].get("prompt_id") == prompt_id:
+                            return prompt_id, texts
+        raise RuntimeError("the websocket closed before the prompt finished")
+
+    prompt_id, texts = asyncio.run(asyncio.wait_for(listen(), timeout))
+    return finished(server, prompt_id, timeout), texts
 
 
 def graph(**nodes) -> dict:
@@ -379,7 +413,10 @@ def test_a_reused_run_name_resumes_only_its_own_run_and_says_so(probe_server):
 
     assert train() == "trained 2 steps"
     # A setting that leaves what is learned alone: ComfyUI runs the node again, the checkpoint is the same run's.
-    assert train(checkpoint_every=99) == "run_name 'probe_reuse': already trained (2 steps)"
+    # The frontend shows it under the node too.
+    result, texts = run_watching(probe_server, subject_training(run_name="probe_reuse", steps=2, checkpoint_every=99))
+    assert result["ok"] and result["outputs"]["train"]["text"] == ["run_name 'probe_reuse': already trained (2 steps)"]
+    assert ("train", "run_name 'probe_reuse': already trained (2 steps)") in texts
     assert train(steps=3) == "run_name 'probe_reuse': resumed from step 2 of 3"
     folder = probe_server.base / "output" / "custvid_training" / "probe_reuse"
     other = train(steps=3, rank=4)
