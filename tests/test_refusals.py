@@ -39,6 +39,16 @@ def test_a_camera_path_of_nan_is_refused(text):
         CameraPath.parse(text)
 
 
+def test_a_subject_set_with_an_empty_mask_is_refused():
+    """With an empty mask the region loss is zero and nothing is learned from that photo."""
+    from custvid_core.training import SubjectSet
+
+    masks = torch.zeros(2, 1, 1, 8, 8)
+    masks[0, ..., 2:4, 2:4] = 1
+    with pytest.raises(InputError, match="^masks: mask 1 is empty"):
+        SubjectSet(torch.randn(2, 16, 1, 8, 8), torch.randn(1, 5, 64), masks)
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("this ran",))

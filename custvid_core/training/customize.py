@@ -99,6 +99,9 @@ class SubjectSet:
         if self.masks is not None and (self.masks.shape[0] != n or self.masks.shape[-2:] != self.latents.shape[-2:]):
             raise InputError("masks", f"{self.masks.shape[0]} masks of grid {tuple(self.masks.shape[-2:])}",
                              f"{n} masks, one per image, of the images' size")
+        empty = [] if self.masks is None else torch.nonzero(self.masks.flatten(1).amax(1) <= 0).flatten().tolist()
+        if empty:  # nothing to learn there: the region loss and the attention loss would be zero
+            raise InputError("masks", f"mask {empty[0]} is empty", "masks that mark the subject (white) in every photo")
         if self.dino_tokens is not None and self.dino_tokens.shape[0] != n:
             raise InputError("subject representation", f"features of {self.dino_tokens.shape[0]} images",
                              f"features of the same {n} images")

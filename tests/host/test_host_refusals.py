@@ -284,6 +284,12 @@ CASES["a subject representation of other photos"] = (graph(**WORLD, photo=("Load
                                                                **SUBJECT, "subject_representation": ["rep", 0]}),
                                                            out=show("subject")), "subject_representation:")
 
+CASES["empty masks"] = (graph(**WORLD, none=("SolidMask", {"value": 0.0, "width": 32, "height": 32}),
+                               empty=("MaskComposite", {"destination": ["case", 1], "source": ["none", 0], "x": 0,
+                                                        "y": 0, "operation": "multiply"}),
+                               subject=("CustVid_SubjectDataset", {**SUBJECT, "masks": ["empty", 0]}),
+                               out=show("subject")), "masks:")
+
 # Trigger embedding.
 CASES["trigger words of another token count"] = (trigger(trigger_words="sks circle"), "trigger_words:")
 CASES["trigger words not in the prompt to apply"] = (trigger(prompt="a red circle"), "trigger_words:")
