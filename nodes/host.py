@@ -226,11 +226,14 @@ def training_folder(run_name: str) -> str:
 
 
 def show_on_node(text: str) -> None:
-    """Text under the running node in ComfyUI's frontend (its progress-text preview, which any node may use)."""
-    from comfy_execution.utils import get_executing_context
-    from server import PromptServer
+    """Text under the running node in ComfyUI's frontend (its progress-text preview, which any node may use).
+    Only where ComfyUI's server runs (it has imported its `server` module); elsewhere, nothing."""
+    import sys
 
-    context, server = get_executing_context(), getattr(PromptServer, "instance", None)
+    from comfy_execution.utils import get_executing_context
+
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    context = get_executing_context()
     if context is not None and server is not None:
         server.send_progress_text(text, context.node_id, server.client_id)
 
