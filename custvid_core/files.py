@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,9 +86,13 @@ def load_state_dict(path: str | os.PathLike, input_name: str = "file") -> dict[s
                          f"one of {', '.join(WEIGHT_SUFFIXES)}")
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # PyTorch's own message advises loading it with code allowed: not here
+        raise InputError(input_name, f"'{path.name}' could not be read as a weights-only file: it holds Python objects "
+                         "other than tensors, which CustVid does not load (loading them could run code)",
+                         "weights only: a .safetensors file, or a torch file of tensors") from None
     except Exception as e:
-        raise InputError(input_name, f"'{path.name}' could not be read as a weights-only torch file ({e})",
-                         "an uncorrupted checkpoint saved with torch.save or safetensors") from e
+        raise InputError(input_name, f"'{path.name}' could not be read as a weights-only torch file "
+                         f"({type(e).__name__})", "an uncorrupted checkpoint saved with torch.save or safetensors") from e
     for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -97,10 +102,21 @@ def load_state_dict(path: str | os.PathLike, input_name: str = "file") -> dict[s
     return sd
 
 
+# The longest file or folder name most file systems accept, in bytes.
+MAX_NAME_BYTES = 255
+
+
 def path_inside(root: str | os.PathLike, name: str, input_name: str) -> Path:
-    """Resolve a file name a user typed under `root`, refusing anything that escapes it."""
+    """Resolve a file name a user typed under `root`, refusing anything that escapes it or that no file
+    system takes (an empty or blank name, a NUL character, a name over 255 bytes)."""
     if not name or not name.strip():
         raise InputError(input_name, "the file name is empty", "a file name such as 'my_subject'")
+    if "\0" in name:
+        raise InputError(input_name, f"{name!r} holds a NUL character", "a file name of printable characters")
+    too_long = next((part for part in Path(name).parts if len(os.fsencode(part)) > MAX_NAME_BYTES), None)
+    if too_long is not None:
+        raise InputError(input_name, f"'{too_long[:40]}...' is {len(os.fsencode(too_long))} bytes long",
+                         f"file and folder names of at most {MAX_NAME_BYTES} bytes")
     root = Path(root).resolve()
     target = (root / name).resolve()
     if target != root and root not in target.parents:

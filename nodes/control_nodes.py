@@ -250,7 +250,12 @@ class SubjectBoxes(io.ComfyNode):
 
     @classmethod
     def execute(cls, keyframes, masks=None) -> io.NodeOutput:
-        return io.NodeOutput(BoxTrack.from_masks(masks) if masks is not None else BoxTrack.parse(keyframes))
+        if masks is not None:
+            return io.NodeOutput(BoxTrack.from_masks(masks))
+        try:
+            return io.NodeOutput(BoxTrack.parse(keyframes))
+        except InputError as e:
+            raise InputError("keyframes", e.problem, e.expected) from None
 
 
 class DrawBoxes(io.ComfyNode):
@@ -268,20 +273,29 @@ class DrawBoxes(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, boxes) -> io.NodeOutput:
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise InputError("images", "the batch is empty" if images.ndim == 4 else f"shape {tuple(images.shape)}",
+                             "at least one frame")
         return io.NodeOutput(draw_boxes(images, boxes.per_frame(images.shape[0])))
 
 
-def _parse_blocks(text: str) -> frozenset[int] | None:
+def _parse_blocks(text: str, count: int) -> frozenset[int] | None:
+    """The blocks named by `text` ('all', or numbers and ranges) among a model's `count` blocks."""
     text = text.strip().lower()
     if text in ("", "all"):
         return None
+    expected = f"'all' or block numbers and ranges from 0 to {count - 1}, such as '0-{min(9, count - 1)}'"
     blocks: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            blocks.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise InputError("blocks", f"'{text}'", "'all' or block numbers and ranges such as '0-9, 20'") from None
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if dash else first
+        except ValueError:
+            raise InputError("blocks", f"'{text}'", expected) from None
+        if not 0 <= first <= last < count:
+            raise InputError("blocks", f"'{part.strip()}' is not a range of this model's {count} blocks", expected)
+        blocks.update(range(first, last + 1))
     return frozenset(blocks)
 
 
@@ -372,8 +386,13 @@ class BoxSteeringNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, boxes, prompt, subject_words, alpha, tau, blocks, background_words, clip=None,
                 world_text=None) -> io.NodeOutput:
+        network = model.get_model_object("diffusion_model")
+        if not isinstance(getattr(network, "blocks", None), torch.nn.ModuleList):
+            raise InputError("model", f"a {type(network).__name__}, which has no transformer blocks to steer",
+                             "a Wan video model")
+        chosen = _parse_blocks(blocks, len(network.blocks))
         roles = token_roles(prompt, subject_words, clip, world_text, background_words)
-        steering = BoxSteering(boxes, roles, alpha=alpha, tau=tau, blocks=_parse_blocks(blocks))
+        steering = BoxSteering(boxes, roles, alpha=alpha, tau=tau, blocks=chosen)
         return io.NodeOutput(steering_patch(model, steering))
 
 

@@ -180,6 +180,17 @@ def _casting_weights(module: torch.nn.Module) -> Iterator[None]:
                 del m.comfy_cast_weights
 
 
+def base_model_signature(model) -> str:
+    """What a training run's checkpoint records as its base model: the MODEL's weights and the LoRAs applied to
+    it (a LoRA trained on top of stock LoRAs learns against them). Call it while the model is loaded: the weights
+    those LoRAs patch are then read by name and shape only, as loading may have merged the LoRAs into them."""
+    from ..custvid_core.training.fingerprint import WEIGHT_SAMPLE, content_digest, model_signature
+
+    prefix = "diffusion_model."
+    patched = {k[len(prefix):] for k in model.patches if k.startswith(prefix)}
+    return content_digest(model_signature(model.model.diffusion_model, patched), model.patches, sample=WEIGHT_SAMPLE)
+
+
 def _usable_by_autograd(module: torch.nn.Module) -> None:
     """Weights loaded under ComfyUI's inference mode cannot be saved for backward; replace each such
     tensor by an ordinary copy with the same values and dtype (outputs are unchanged). Quantized weights (a
@@ -235,7 +246,10 @@ def safetensors_path(folder: str, name: str, input_name: str, overwrite: bool = 
     Returns the folder and the path."""
     from ..custvid_core.files import path_inside
 
-    name = name if name.endswith(".safetensors") else f"{name}.safetensors"
+    stem = name[:-len(".safetensors")] if name.endswith(".safetensors") else name
+    if not stem.replace("\\", "/").rsplit("/", 1)[-1].strip(". "):  # '', '  ', '.', '..': no name
+        raise InputError(input_name, f"'{name}' has no file name", "a file name such as 'custvid/my_subject'")
+    name = f"{stem}.safetensors"
     root = default_folder(folder)
     path = path_inside(root, name, input_name)
     if path.exists() and not overwrite:
@@ -250,6 +264,19 @@ def training_folder(run_name: str) -> str:
 
     root = os.path.join(folder_paths.get_output_directory(), "custvid_training")
     return str(path_inside(root, run_name, "run_name"))
+
+
+def show_on_node(text: str) -> None:
+    """Text under the running node in ComfyUI's frontend (its progress-text preview, which any node may use).
+    Only where ComfyUI's server runs (it has imported its `server` module); elsewhere, nothing."""
+    import sys
+
+    from comfy_execution.utils import get_executing_context
+
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    context = get_executing_context()
+    if context is not None and server is not None:
+        server.send_progress_text(text, context.node_id, server.client_id)
 
 
 def training_progress(total: int, label: str) -> Callable[[int, int, dict], None]:

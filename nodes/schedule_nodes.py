@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import comfy.patcher_extension
 import comfy.sd
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..custvid_core.control.strength import ScheduledLora, StrengthSchedule, step_fraction
 from ..custvid_core.errors import InputError
+from ..custvid_core.files import load_state_dict
 
 CATEGORY = "CustVid/apply"
 PRESETS = {"custom": None, "smrabooth_subject": "0:0.6, 0.3:0.8", "smrabooth_motion": "1.0"}
@@ -41,25 +41,26 @@ class ApplyLoRASchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, preset, schedule, lora=None) -> io.NodeOutput:
+        source = "lora"
         if lora is None:
             if lora_name == "(use lora input)":
                 raise InputError("lora_name", "no LoRA file chosen and the lora input is not connected",
                                  "a file from models/loras, or a connected lora input")
-            lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+            source = "lora_name"
+            lora = load_state_dict(folder_paths.get_full_path_or_raise("loras", lora_name), "lora_name")
         text = PRESETS[preset] or schedule
         try:
             parsed = StrengthSchedule.parse(text)
         except InputError as e:
             raise InputError("schedule", e.problem, e.expected) from e
+        _check_fits(model, lora, source)
         if parsed.is_constant:  # merged, exactly as the stock LoRA loader does it
             return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, lora, parsed.at_fraction(0.0), 0)[0])
-        scheduled = ScheduledLora(lora, parsed)
+        try:
+            scheduled = ScheduledLora(lora, parsed)
+        except InputError as e:
+            raise InputError(source, e.problem, e.expected) from None
         patched = model.clone()
-        known = set(patched.model.state_dict())
-        missing = [m for m in scheduled.layers if f"{m}.weight" not in known]
-        if missing:
-            raise InputError("lora", f"'{missing[0]}' is not a layer of this model",
-                             "a LoRA made for this model (same architecture and size)")
         for module in scheduled.layers:
             patched.add_weight_wrapper(f"{module}.weight", scheduled.weight_function(module))
 
@@ -71,6 +72,35 @@ class ApplyLoRASchedule(io.ComfyNode):
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL,
                                      f"custvid_lora_schedule_{id(scheduled)}", follow_schedule)
         return io.NodeOutput(patched)
+
+
+def _check_fits(model, lora: dict, input_name: str) -> None:
+    """Every layer of the LoRA is a layer of this model, with its sizes: ComfyUI's loader would skip the others
+    with only a console warning, and the LoRA would apply as less than it is, or as nothing."""
+    import comfy.lora
+
+    expected = "a LoRA made for this model (the same architecture and size)"
+    if not isinstance(lora, dict) or not lora:
+        raise InputError(input_name, "holds no LoRA weights", expected)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    layers = {k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in lora}  # '<layer>.lora_up.weight' etc.
+    stray = sorted(layers - set(key_map))
+    if stray:
+        raise InputError(input_name, f"{len(stray)} of its {len(layers)} layers are not in this model, e.g. "
+                         f"'{stray[0]}'", expected)
+    weights = model.model.state_dict()
+    for key, patch in comfy.lora.load_lora(lora, key_map, log_missing=False).items():
+        weight = weights.get(key) if isinstance(key, str) else None
+        if weight is None or getattr(patch, "name", None) != "lora":
+            continue
+        up, down = patch.weights[0], patch.weights[1]
+        if up.shape[1] != down.shape[0]:
+            raise InputError(input_name, f"its layer '{key.removesuffix('.weight')}' has factors of ranks "
+                             f"{up.shape[1]} and {down.shape[0]}", "a LoRA whose up and down factors share a rank")
+        if up.shape[0] != weight.shape[0] or down.shape[1:].numel() != weight.shape[1:].numel():
+            raise InputError(input_name, f"its layer '{key.removesuffix('.weight')}' is {up.shape[0]} x "
+                             f"{down.shape[1:].numel()}, the model's {weight.shape[0]} x {weight.shape[1:].numel()}",
+                             expected)
 
 
 NODES = [ApplyLoRASchedule]

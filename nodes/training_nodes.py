@@ -3,8 +3,11 @@ with MotionBooth's subject losses), and save them where ComfyUI's LoRA loaders f
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..custvid_core.adapters.embedding import LearnedTrigger
 from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
@@ -27,11 +30,13 @@ from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
 from . import types
 from .host import (
     TRAINING_DTYPES,
+    base_model_signature,
     decoder_with_grad,
     plain,
     progress_callback,
     resolve_training_dtype,
     safetensors_path,
+    show_on_node,
     token_roles,
     training_backbone,
     training_folder,
@@ -272,7 +277,9 @@ def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str
         io.Int.Input("checkpoint_every", default=100, min=1, max=100000,
                      tooltip="Write a checkpoint every N steps; a rerun with the same run_name resumes."),
         io.String.Input("run_name", default="custvid_run",
-                        tooltip="Folder under output/custvid_training/ for this run's checkpoint."),
+                        tooltip="Folder under output/custvid_training/ for this run's checkpoint. A rerun with the "
+                                "same data, settings and model resumes it; another run trains afresh and keeps "
+                                "the earlier checkpoint beside its own."),
     ]
 
 
@@ -293,11 +300,26 @@ def _train_outputs():
             io.Image.Output(display_name="loss_graph")]
 
 
-def _finish(model, trained, *more) -> io.NodeOutput:
+def _run_log(run_name: str) -> tuple[list[str], Callable[[str], None]]:
+    """What became of the run's checkpoint (resumed, already trained, trained afresh): on the console and
+    under the node, as soon as it is known (and, through `_finish`, in the node's UI output)."""
+    notes: list[str] = []
+
+    def log(message: str) -> None:
+        notes.append(f"run_name '{run_name}': {message}")
+        logging.info(f"CustVid {notes[-1]}")
+        show_on_node(notes[-1])
+
+    return notes, log
+
+
+def _finish(model, trained, notes: list[str], *more) -> io.NodeOutput:
     import comfy.sd
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, trained.tensors, 1.0, 0)
-    return io.NodeOutput(patched, trained.tensors, loss_plot(trained.history), *more)
+    text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
+    show_on_node(text)
+    return io.NodeOutput(patched, trained.tensors, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
 
 
 def _latents_in(to_model, latents: torch.Tensor) -> torch.Tensor:
@@ -375,13 +397,15 @@ class TrainSubjectLoRA(io.ComfyNode):
             stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding,
             moving_share=moving_share)
         folder = training_folder(run_name)
+        notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
             data = _subject_in(to_model, subject)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
-                                    device=device, dtype=resolve_training_dtype(training_dtype, device))
+                                    log, device=device, dtype=resolve_training_dtype(training_dtype, device),
+                                    base_model=base_model_signature(model))
         learned = None if trained.trigger_embedding is None else \
             LearnedTrigger(trained.trigger_embedding, subject.trigger_words)
-        return _finish(model, trained, learned)
+        return _finish(model, trained, notes, learned)
 
 
 class TrainMotionLoRA(io.ComfyNode):
@@ -439,14 +463,16 @@ class TrainMotionLoRA(io.ComfyNode):
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
             alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing)
         folder = training_folder(run_name)
+        notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
             data = _clips_in(to_model, clips)
             flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
                 if decoded else None
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
-                                   device=device, decoded_flow=flow_through,
-                                   dtype=resolve_training_dtype(training_dtype, device))
-        return _finish(model, trained)
+                                   log, device=device, decoded_flow=flow_through,
+                                   dtype=resolve_training_dtype(training_dtype, device),
+                                   base_model=base_model_signature(model))
+        return _finish(model, trained, notes)
 
 
 class SaveLoRA(io.ComfyNode):

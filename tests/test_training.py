@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,10 +155,53 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full.history], rel=1e-5)
     for k, v in full.tensors.items():
         assert torch.allclose(v, resumed.tensors[k], atol=1e-6)
-    # A different configuration in the same folder is refused rather than silently mixed.
-    with pytest.raises(InputError, match="checkpoint"):
-        train_subject(describe(tiny_diffusers_wan()), data, _quick(SubjectSettings(rank=8, alignment_block=1), 6),
-                      workdir=tmp_path / "b")
+    logs.clear()
+    again = train_subject(describe(tiny_diffusers_wan()), data, settings, workdir=tmp_path / "b", log=logs.append)
+    assert logs == ["already trained (6 steps)"] and again.history == resumed.history
+
+
+def test_a_checkpoint_of_other_data_settings_or_model_is_not_resumed(tmp_path):
+    """A folder reused for another run trains afresh and says why; the other run's checkpoint is kept aside."""
+    import shutil
+
+    data, other_data = _subject_set(), _subject_set()
+    other_data.latents = other_data.latents.clone()
+    other_data.latents[0, 0, 0, 0, 0] += 1e-3  # one value of one photo
+    settings = _quick(SubjectSettings(rank=4, alignment_block=1), steps=2)
+    first = train_subject(describe(tiny_diffusers_wan()), data, settings, workdir=tmp_path / "first")
+    other_model = tiny_diffusers_wan()
+    with torch.no_grad():
+        other_model.blocks[1].ffn.net[2].weight[0, 0] += 1e-3  # the same sizes, another checkpoint
+
+    def rerun(folder, data=data, settings=settings, model=None):
+        logs = []
+        trained = train_subject(describe(model or tiny_diffusers_wan()), data, settings, workdir=tmp_path / folder,
+                                log=logs.append)
+        return trained, logs
+
+    cases = {"other data": dict(data=other_data), "other model": dict(model=other_model),
+             "other settings (region_margin)": dict(settings=replace(settings, region_margin=1)),
+             "other settings (lr)": dict(settings=replace(settings, optim=replace(settings.optim, lr=2e-3)))}
+    for why, changed in cases.items():
+        shutil.copytree(tmp_path / "first", tmp_path / why)
+        trained, logs = rerun(why, **changed)
+        assert logs == [f"trained afresh: '{tmp_path / why}' held a checkpoint of another run ({why}); "
+                        "it is kept as checkpoint.previous.pt"]
+        assert [r["step"] for r in trained.history] == [1, 2]
+        # Switching back to the first run's data and settings resumes it from the kept checkpoint, and back again.
+        again, logs = rerun(why)  # the kept checkpoint and the current one swap
+        assert logs == ["already trained (2 steps)"]
+        assert all(torch.equal(again.tensors[k], v) for k, v in first.tensors.items())
+        again, logs = rerun(why, **changed)
+        assert logs == ["already trained (2 steps)"]
+        assert all(torch.equal(again.tensors[k], v) for k, v in trained.tensors.items())
+    # A longer run of the same data continues the checkpoint; a damaged one is set aside.
+    longer, logs = rerun("first", settings=replace(settings, optim=replace(settings.optim, steps=3)))
+    assert logs == ["resumed from step 2 of 3"] and len(longer.history) == 3
+    (tmp_path / "first" / "checkpoint.pt").write_bytes(b"damaged")
+    _, logs = rerun("first")
+    assert logs == [f"trained afresh: '{tmp_path / 'first'}' held a checkpoint of another run (an unreadable "
+                    "checkpoint); it is kept as checkpoint.previous.pt"]
 
 
 def test_nan_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):

@@ -50,7 +50,7 @@ class CameraPath:
         for key in self.keys:
             if not 0.0 <= key.at <= 1.0:
                 raise InputError("camera", f"keyframe time {key.at}", "times between 0 (first frame) and 1 (last)")
-            if abs(key.x) > 1.0 or abs(key.y) > 1.0:
+            if not abs(key.x) <= 1.0 or not abs(key.y) <= 1.0:  # also refuses nan
                 raise InputError("camera", f"a pan of ({key.x}, {key.y}) frames",
                                  "pans within one frame width/height (-1 to 1) over the clip")
             if not 1 / MAX_ZOOM <= key.zoom <= MAX_ZOOM:

@@ -8,6 +8,7 @@ at 1.0 throughout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ class StrengthSchedule:
     points: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
 
     def __post_init__(self):
+        if not all(math.isfinite(v) for point in self.points for v in point):
+            raise InputError("strength schedule", f"{list(self.points)}", "finite numbers (no nan or inf)")
         starts = [p[0] for p in self.points]
         if not self.points or starts[0] != 0.0 or starts != sorted(starts) or not all(0 <= s < 1 for s in starts):
             raise InputError("strength schedule", f"{list(self.points)}",
@@ -33,9 +36,8 @@ class StrengthSchedule:
     def parse(cls, text: str) -> "StrengthSchedule":
         """'0.6' or '0:0.6, 0.3:0.8' (start fraction: strength)."""
         try:
-            if ":" not in text:
-                return cls.constant(float(text))
-            pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",") if part.strip()]
+            pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",") if part.strip()] \
+                if ":" in text else [(0.0, float(text))]
         except ValueError as e:
             raise InputError("strength schedule", f"'{text}'", "a number, or 'start:strength' pairs "
                              "such as '0:0.6, 0.3:0.8'") from e

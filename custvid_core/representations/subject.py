@@ -119,6 +119,41 @@ def build_dinov2(config: dict, name: str = "dinov2") -> DinoEncoder:
     return DinoEncoder(Dinov2Model(Dinov2Config(**config)).eval(), name)
 
 
+# Bounds well beyond every DINOv2 (giant: 1536 wide, 40 layers, 24 heads, patch 14, 518 px), so a damaged or
+# foreign config is refused before a model of its sizes is built.
+DINO_LIMITS = {"hidden_size": 8192, "num_hidden_layers": 128, "num_attention_heads": 128, "patch_size": 64,
+               "image_size": 4096, "num_channels": 4, "mlp_ratio": 16}
+
+
+def _read_config(text: str, where: str, input_name: str) -> dict:
+    try:
+        config = json.loads(text)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise InputError(input_name, f"{where} is not a JSON object of settings",
+                         "the config.json that came with the DINOv2 weights")
+    return config
+
+
+def _check_sizes(config: dict, name: str, input_name: str) -> None:
+    """The sizes a configuration gives (those it leaves to DINOv2's defaults are sane), within DINO_LIMITS."""
+    for key, limit in DINO_LIMITS.items():
+        value = config.get(key, 1)
+        kind = (int, float) if key == "mlp_ratio" else int
+        if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value <= limit:
+            raise InputError(input_name, f"'{name}' has {key} = {value!r} in its configuration",
+                             f"a DINOv2 configuration with {key} from 1 to {limit}")
+    width, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if width and heads and width % heads:
+        raise InputError(input_name, f"'{name}' has {heads} attention heads for a width of {width}",
+                         "a DINOv2 configuration whose heads divide its width")
+    patch, image = config.get("patch_size"), config.get("image_size")
+    if patch and image and patch > image:
+        raise InputError(input_name, f"'{name}' has patches of {patch} pixels in {image}-pixel images",
+                         "a DINOv2 configuration with patches smaller than its images")
+
+
 def load_dinov2(path: str | Path, input_name: str = "dino_path") -> DinoEncoder:
     """Load DINOv2 from a Hugging Face folder (config.json + weights) or a single weights file.
 
@@ -141,19 +176,27 @@ def load_dinov2(path: str | Path, input_name: str = "dino_path") -> DinoEncoder:
     if path.suffix == ".safetensors":
         sd, meta = load_safetensors(path, input_name)
         if "config" in meta:
-            config = json.loads(meta["config"])
+            config = _read_config(meta["config"], f"'{path.name}''s config metadata", input_name)
     else:
         sd = load_state_dict(path, input_name)
     if (path.parent / "config.json").is_file():
-        config = json.loads((path.parent / "config.json").read_text())
+        config = _read_config((path.parent / "config.json").read_text(errors="replace"),
+                              f"'{path.parent.name}/config.json'", input_name)
     sd = _rename_to(sd, set())  # prefixes only, so the shape probe below finds its keys
     try:
-        cfg = Dinov2Config(**config) if config else Dinov2Config(**_config_from_state_dict(sd))
+        config = config or _config_from_state_dict(sd)
     except (KeyError, ValueError, StopIteration) as e:
         raise InputError(input_name, f"'{path.name}' does not look like DINOv2 weights (missing {e})",
                          expected) from e
+    _check_sizes(config, path.name, input_name)
+    try:
+        cfg = Dinov2Config(**config)
+    except Exception as e:  # transformers checks some settings itself, with several error types
+        raise InputError(input_name, f"'{path.name}' has a configuration DINOv2 does not accept ({e})",
+                         expected) from e
     if getattr(cfg, "model_type", "dinov2") != "dinov2":
         raise InputError(input_name, f"'{path.name}' is a {cfg.model_type} model", expected)
+    _check_sizes(cfg.to_dict(), path.name, input_name)
     with torch.device("meta"):
         expected_keys = set(Dinov2Model(cfg).state_dict())
     sd = _rename_to(sd, expected_keys)

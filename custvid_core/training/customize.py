@@ -35,6 +35,7 @@ from ..adapters.embedding import TriggerEmbedding
 from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraAdapters, LoraSpec
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
+from .fingerprint import content_digest, model_signature, settings_record
 from .loop import OptimSettings, Progress, StepResult, train
 from .objectives import (
     DecodedFlow,
@@ -98,6 +99,9 @@ class SubjectSet:
         if self.masks is not None and (self.masks.shape[0] != n or self.masks.shape[-2:] != self.latents.shape[-2:]):
             raise InputError("masks", f"{self.masks.shape[0]} masks of grid {tuple(self.masks.shape[-2:])}",
                              f"{n} masks, one per image, of the images' size")
+        empty = [] if self.masks is None else torch.nonzero(self.masks.flatten(1).amax(1) <= 0).flatten().tolist()
+        if empty:  # nothing to learn there: the region loss and the attention loss would be zero
+            raise InputError("masks", f"mask {empty[0]} is empty", "masks that mark the subject (white) in every photo")
         if self.dino_tokens is not None and self.dino_tokens.shape[0] != n:
             raise InputError("subject representation", f"features of {self.dino_tokens.shape[0]} images",
                              f"features of the same {n} images")
@@ -464,13 +468,23 @@ class _MotionObjective(_Objective):
 
 def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpointing: bool,
          choose: Callable[[int, torch.Generator], int], workdir, progress, log, device,
-         dtype: torch.dtype | None) -> list[TrainedLora]:
+         dtype: torch.dtype | None, base_model: str | None, recipe: dict | None = None) -> list[TrainedLora]:
     """Attach every objective's adapters, train, and return each objective's main adapter. `choose(step, g)`
     picks the objective that takes a step; the others' main adapters run in the forward pass, frozen, and
     their throw-away helpers (a spatial or stillness LoRA, after the main one in `specs`) are off. The data
-    is cast to the compute dtype `dtype`; the LoRAs stay fp32."""
+    is cast to the compute dtype `dtype`; the LoRAs stay fp32. A checkpoint in `workdir` is resumed only for
+    the same data, settings (+ `recipe`, + the compute dtype) and base model."""
     device = _device(backbone, device)
     dtype = compute_dtype(device, dtype)
+    about = None
+    if workdir is not None:
+        settings = {**(recipe or {}), "training_dtype": str(dtype)}
+        for o in objectives:  # the recipe settings that change what is learned, named as users set them
+            prefix = f"{o.settings.name}." if len(objectives) > 1 else ""
+            leave_out = ("optim", "gradient_checkpointing")
+            settings.update({prefix + k: v for k, v in settings_record(o.settings, leave_out).items()})
+        about = {"data": content_digest(*[o.data for o in objectives]), "settings": settings,
+                 "model": base_model or model_signature(backbone.model)}
     specs = [s for o in objectives for s in o.specs]
     with LoraAdapters(backbone, specs, seed=optim.seed, device=device) as adapters, \
             backbone.checkpointing(checkpointing), contextlib.ExitStack() as stack:
@@ -486,30 +500,33 @@ def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpoi
                 result = chosen.step(i, g, adapters, device, dtype)
             return result if scaled is None else replace(result, loss=scaled(result.loss))
 
-        history = train(step, groups, optim, workdir, progress, log)
+        history = train(step, groups, optim, workdir, progress, log, about=about)
         return [o.trained(adapters, history) for o in objectives]
 
 
 def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),
                   workdir: str | Path | None = None, progress: Progress | None = None,
                   log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> TrainedLora:
+                  dtype: torch.dtype | None = None, base_model: str | None = None) -> TrainedLora:
     """`device`: where the forward runs (a partially loaded model's weights may sit elsewhere);
     default: the model's first parameter's device. `dtype`: the compute dtype (`compute_dtype`), whatever
-    the weights are stored in."""
+    the weights are stored in. `base_model`: the base model's signature for the checkpoint (a host that
+    merged LoRAs into the weights gives its own); default: from its weights."""
     objective = _SubjectObjective(backbone, data, settings)
     return _run(backbone, [objective], settings.optim, settings.gradient_checkpointing, lambda i, g: 0,
-                workdir, progress, log, device, dtype)[0]
+                workdir, progress, log, device, dtype, base_model)[0]
 
 
 def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
                  workdir: str | Path | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                 decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None) -> TrainedLora:
-    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`; `device`, `dtype`: as `train_subject`."""
+                 decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
+                 base_model: str | None = None) -> TrainedLora:
+    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`; `device`, `dtype`, `base_model`: as
+    `train_subject`."""
     objective = _MotionObjective(backbone, data, settings, decoded_flow)
     return _run(backbone, [objective], settings.optim, settings.gradient_checkpointing, lambda i, g: 0,
-                workdir, progress, log, device, dtype)[0]
+                workdir, progress, log, device, dtype, base_model)[0]
 
 
 def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet,
@@ -517,8 +534,8 @@ def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: Vi
                 optim: OptimSettings = OptimSettings(steps=600, lr=1e-4), motion_probability: float = 0.5,
                 workdir: str | Path | None = None, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None
-                ) -> tuple[TrainedLora, TrainedLora]:
+                decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
+                base_model: str | None = None) -> tuple[TrainedLora, TrainedLora]:
     """Subject and motion LoRAs trained together (DualReal's dual-aware adaptation): each step is a motion
     step with probability `motion_probability`, else a subject step; both LoRAs run in every forward pass
     and only the stepping one learns, so each learns in the presence of the other it will be used with.
@@ -536,7 +553,7 @@ def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: Vi
 
     checkpointing = subject.gradient_checkpointing or motion.gradient_checkpointing
     subject_lora, motion_lora = _run(backbone, objectives, optim, checkpointing, choose, workdir, progress, log, device,
-                                     dtype)
+                                     dtype, base_model, {"motion_probability": repr(motion_probability)})
     return subject_lora, motion_lora
 
 

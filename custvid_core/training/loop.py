@@ -12,19 +12,24 @@ optimizer update that step (DualReal's gradient masks, MotionDirector's frozen s
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import SHOWN_MODULE, InputError
 from ..files import atomic_path
+from .fingerprint import settings_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The checkpoint of the run before, in the same folder: kept when a run of other data, settings or model starts
+# there, so switching back resumes it.
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.pt"
 SCHEDULES = ("cosine", "constant")
 
 
@@ -83,19 +88,40 @@ class TrainingStopped(RuntimeError):
     """Training stopped on a non-finite or diverging loss; the last good checkpoint is kept."""
 
 
-def _fingerprint(groups: dict[str, list[nn.Parameter]], settings: OptimSettings) -> dict:
-    return {"groups": {n: [list(p.shape) for p in ps] for n, ps in groups.items()},
-            "settings": {k: v for k, v in asdict(settings).items() if k not in ("steps", "checkpoint_every")}}
+TrainingStopped.__module__ = SHOWN_MODULE
+
+
+def _fingerprint(groups: dict[str, list[nn.Parameter]], settings: OptimSettings, about: dict | None) -> dict:
+    """What a checkpoint must match to be resumed: the trained groups' shapes, the settings (all but the step
+    count, so a rerun with more steps continues), and `about`'s data / model digests and recipe settings."""
+    about = dict(about or {})
+    record = {**settings_record(settings, leave_out=("steps", "checkpoint_every")), **about.pop("settings", {})}
+    return {"groups": {n: [list(p.shape) for p in ps] for n, ps in groups.items()}, "settings": record, **about}
+
+
+def _differences(old: dict, new: dict) -> str:
+    """What differs between two fingerprints, in words."""
+    what = [f"other {k}" for k in ("data", "model") if old.get(k) != new.get(k)]
+    before, now = old.get("settings", {}), new["settings"]
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        what.append("other settings (" + ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "") + ")")
+    elif old.get("groups") != new.get("groups"):
+        what.append("other adapters")
+    return ", ".join(what) or "another version of CustVid"
 
 
 def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
           workdir: str | Path | None = None, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None, extra_state: dict[str, nn.Module] | None = None) -> list[dict]:
+          log: Callable[[str], None] | None = None, extra_state: dict[str, nn.Module] | None = None,
+          about: dict | None = None) -> list[dict]:
     """Run `settings.steps` steps and return the loss history (one record per step).
 
-    With `workdir`, a checkpoint there is resumed if it matches these groups and settings, and one
-    is written every `checkpoint_every` steps and at the end. `extra_state` modules (e.g. a
-    data sampler's state) are checkpointed with the parameters.
+    With `workdir`, a checkpoint there is resumed if it matches these groups and settings and `about`
+    (digests of the data and the base model, `data` and `model`, and the recipe's `settings` as a dict),
+    and one is written every `checkpoint_every` steps and at the end. A checkpoint of another run is kept
+    aside (one, as `checkpoint.previous.pt`) and this run trains afresh; `log` says which happened.
+    `extra_state` modules (e.g. a data sampler's state) are checkpointed with the parameters.
     """
     if not groups or not any(groups.values()):
         raise InputError("adapters", "nothing to train", "at least one adapter or trainable module")
@@ -108,14 +134,14 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
     g = torch.Generator().manual_seed(settings.seed)
     history: list[dict] = []
     start = 0
-    fingerprint = _fingerprint(groups, settings)
+    fingerprint = _fingerprint(groups, settings, about)
     ckpt_path = Path(workdir) / CHECKPOINT_FILE if workdir is not None else None
-    if ckpt_path is not None and ckpt_path.exists():
-        start, history = _resume(ckpt_path, groups, opt, g, fingerprint, extra_state)
+    state = _matching_checkpoint(Path(workdir), fingerprint, log or (lambda m: None)) if ckpt_path else None
+    if state is not None:
+        start, history = _resume(state, groups, opt, g, extra_state)
         if log:
-            log(f"resumed from step {start} of {settings.steps}")
-    if start >= settings.steps and log:
-        log(f"the checkpoint already holds {start} steps; nothing to train")
+            log(f"already trained ({start} steps)" if start >= settings.steps
+                else f"resumed from step {start} of {settings.steps}")
 
     def save(step: int):
         if ckpt_path is None:
@@ -169,15 +195,35 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
     return history
 
 
-def _resume(path: Path, groups, opt, g, fingerprint, extra_state) -> tuple[int, list[dict]]:
+def _read_checkpoint(path: Path) -> dict | None:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError("checkpoint", f"'{path}' could not be read ({e})",
-                         "a checkpoint written by CustVid, or an empty work folder") from e
-    if state.get("fingerprint") != fingerprint:
-        raise InputError("checkpoint", f"'{path}' belongs to a run with other adapters or settings",
-                         "the same settings as the run that wrote it, or another work folder / run name")
+        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    except Exception:  # damaged, or not written by CustVid: not resumable
+        return {}
+
+
+def _matching_checkpoint(workdir: Path, fingerprint: dict, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint in `workdir` written by this run (same data, model and settings), or None to train afresh.
+    A checkpoint of another run there is kept as the previous one; the run before it is dropped."""
+    current, previous = workdir / CHECKPOINT_FILE, workdir / PREVIOUS_CHECKPOINT_FILE
+    state = _read_checkpoint(current)
+    if state is None or state.get("fingerprint") == fingerprint:
+        return state
+    kept = _read_checkpoint(previous)
+    if kept and kept.get("fingerprint") == fingerprint:  # switched back to the run before: swap the two
+        swap = workdir / f".{CHECKPOINT_FILE}.swap"
+        os.replace(current, swap)
+        os.replace(previous, current)
+        os.replace(swap, previous)
+        return kept
+    why = _differences(state.get("fingerprint") or {}, fingerprint) if state else "an unreadable checkpoint"
+    os.replace(current, previous)
+    log(f"trained afresh: '{workdir}' held a checkpoint of another run ({why}); "
+        f"it is kept as {PREVIOUS_CHECKPOINT_FILE}")
+    return None
+
+
+def _resume(state: dict, groups, opt, g, extra_state) -> tuple[int, list[dict]]:
     with torch.no_grad():
         for name, ps in groups.items():
             for p, saved in zip(ps, state["params"][name]):
