@@ -99,7 +99,8 @@ def test_control_bench_measures_the_chosen_parts_with_the_chosen_camera_window(t
 
 @pytest.mark.parametrize("option, value, named", [("--parts", "camera,colour", "parts"),
                                                   ("--camera-window", "0.6,0.2", "camera-window"),
-                                                  ("--camera-window", "half", "camera-window")])
+                                                  ("--camera-window", "half", "camera-window"),
+                                                  ("--perf-pairs", "1", "perf-pairs")])
 def test_control_bench_refuses_bad_options_with_the_option_named(tmp_path, capsys, option, value, named):
     from custvid_core.cli import main
 
