@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-## The main job: generate a clip, extract its subject and motion representations, write previews.
+## The main job: learn a case's subject and motion on the shapes world, then the base model's clip and the
+## customized clip for the same prompt, side by side and measured (a few minutes on a CPU).
 demo: $(VENV)/.installed
 	$(PY) -m custvid_core demo --out out/demo
 

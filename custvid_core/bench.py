@@ -1,6 +1,6 @@
 """The benchmark: customization methods measured on shapes-world cases.
 
-`python -m custvid_core bench --cases FILE --out DIR [--methods base,...] [--seeds 0,1]` prepares
+`python -m custvid_core bench --cases FILE --out DIR [--methods base,...] [--seeds 0,1] [--sampling-steps 30]` prepares
 each method on each case (training, if the method trains), generates the case's prompts for every
 seed and measures subject match and motion match against the case's ground truth. It writes
 `results.json` (every clip), `results.csv` and `results.md` (per case and averaged per method).
@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -31,6 +31,7 @@ Generator = Callable[[list[str], int], torch.Tensor]
 
 class Method(Protocol):
     name: str
+    sampling_steps: int
 
     def prepare(self, world: World, case: Case, workdir: Path) -> tuple[Generator, dict]:
         """Learn the case if the method learns; return a generator and the prompt words to use."""
@@ -41,12 +42,14 @@ class BaseModel:
     """No customization: the base model prompted with the case's own words ("no customization" row)."""
 
     name: str = "base"
-    steps: int = 30
+    sampling_steps: int = 30
     cfg: float = 4.0
+    progress_bars: bool = False  # a tqdm bar while sampling (the benchmark runs without)
 
     def prepare(self, world, case, workdir):
         def run(prompts, seed):
-            return generate(world, prompts, seed=seed, steps=self.steps, cfg=self.cfg, progress=lambda *_: None)
+            return generate(world, prompts, seed=seed, steps=self.sampling_steps, cfg=self.cfg,
+                            progress=None if self.progress_bars else lambda *_: None)
 
         return run, {"subject": case.subject.get("words", ""), "motion": case.motion.get("words", "")}
 
@@ -117,10 +120,12 @@ def mean_over_rows(rows: list[dict], key: str) -> float:
 
 
 def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds: list[int],
-              world: World | None = None, log=print) -> dict:
+              world: World | None = None, log=print, sampling_steps: int = 30) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError("--methods", f"'{unknown[0]}' is not a method", f"some of {', '.join(METHODS)}")
+    if sampling_steps < 1:
+        raise InputError("--sampling-steps", f"{sampling_steps}", "at least 1 sampling step per clip")
     cases = load_cases(cases_path)
     world = world or load_world()
     out = Path(out)
@@ -129,7 +134,7 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
     for case in cases:
         references = subject_references(case)
         for method_name in methods:
-            method = METHODS[method_name]()
+            method = replace(METHODS[method_name](), sampling_steps=sampling_steps)
             t0 = time.perf_counter()
             run, words = method.prepare(world, case, out / "work" / case.name / method_name)
             prepare_seconds = time.perf_counter() - t0
@@ -144,7 +149,7 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
                 for k in ("colour_match", "shape_iou", "path_shape_error")))
     summary = _summaries(rows, methods, [c.name for c in cases])
     (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "seeds": seeds,
-                                                  "cases": str(cases_path)}, indent=1))
+                                                  "sampling_steps": sampling_steps, "cases": str(cases_path)}, indent=1))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -4,63 +4,53 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from .errors import InputError
+from .world.cases import DEFAULT_CASES
 from .world.scene import WorldSpec
 
 CONTROL_PARTS = ("perf", "camera", "boxes")
+# The demo's default: the case and the ladder's rung that show customization best in a few minutes on a CPU
+# (docs/results.md).
+DEMO_CASE, DEMO_METHOD = "purple_heart_bounce", "full_moving"
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The main job: a clip from the shapes-world model, what the measurements see in it, and its
-    motion and subject representations from the world's own RAFT and DINOv2."""
-    from .eval.metrics import describe_clip
-    from .media import contact_sheet, save_gif, save_mp4, save_png
-    from .representations import motion, storage, subject
-    from .world.encoders import DINO_FILE, RAFT_FILE
+    """The main job on the shapes world: learn a case's subject from its photos and its motion from its clips,
+    then the same prompt from the base model and customized, side by side and measured."""
+    from dataclasses import replace
+
+    from .world.cases import load_cases
+    from .world.customize import lora_methods
+    from .world.demo import run_demo
     from .world.model import load_world
-    from .world.sample import generate
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world = load_world()
-    t0 = time.perf_counter()
-    frames = generate(world, args.prompt, seed=args.seed, steps=args.steps, cfg=args.cfg)[0]
-    seconds = time.perf_counter() - t0
-    save_mp4(frames, out / "clip.mp4", fps=4, scale=8)
-    save_gif(frames, out / "clip.gif", fps=4, scale=8)
-    save_png(contact_sheet(frames, columns=frames.shape[0], scale=8), out / "contact_sheet.png")
-    seen = describe_clip(frames)
-
-    raft = motion.load_raft(RAFT_FILE)
-    motion_rep = motion.extract_motion(raft, frames, seen.masks if seen.present_frames == 1 else None)
-    storage.save_representation(motion_rep, out / "motion.safetensors")
-    save_png(contact_sheet(motion.flow_preview(motion_rep), columns=frames.shape[0], scale=8), out / "flow_preview.png")
-    dino = subject.load_dinov2(DINO_FILE)
-    middle = int(seen.masks.sum((1, 2)).argmax())
-    subject_rep = subject.extract_subject(dino, frames[middle:middle + 1],
-                                          seen.masks[middle:middle + 1] if seen.masks[middle].any() else None,
-                                          resolution=world.spec.size, fit="stretch")
-    storage.save_representation(subject_rep, out / "subject.safetensors")
-
-    summary = {
-        "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "cfg": args.cfg,
-        "sampling_seconds": round(seconds, 2),
-        "seen": {"colour": seen.colour, "shape": seen.shape, "direction": seen.direction,
-                 "textured": seen.texture_contrast > 0.2, "object_in_frames": seen.present_frames},
-        "motion_representation": {"mean_object_step": motion_rep.object_flow.mean(0).tolist(),
-                                  "subject_from": motion_rep.subject_from},
-        "subject_representation": {"grid": list(subject_rep.grid), "feature_dim": subject_rep.patch_tokens.shape[-1]},
-        "model": world.info.get("command", ""),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    print(f"Wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    cases = {c.name: c for c in load_cases(args.cases)}
+    if args.case not in cases:
+        raise InputError("case", f"'{args.case}' is not in {args.cases}", f"one of {', '.join(cases)}")
+    if args.training_steps < 1 or args.steps < 1:
+        raise InputError("training-steps" if args.training_steps < 1 else "steps",
+                         f"{min(args.training_steps, args.steps)}", "at least 1 step")
+    methods = lora_methods(steps=args.training_steps)
+    if args.method not in methods:
+        raise InputError("method", f"'{args.method}' is not a LoRA method", f"one of {', '.join(methods)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method = replace(methods[args.method], sampling_steps=args.steps, cfg=args.cfg)
+    summary = run_demo(load_world(), cases[args.case], method, args.out, seed=args.seed)
+    print(f"Seconds taken: {json.dumps(summary['seconds'])}")
     return 0
+
+
+def _command_line() -> str:
+    """This process's command, as written into results and weights' metadata."""
+    import shlex
+    import sys
+
+    return "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def world_spec_from_args(args: argparse.Namespace) -> WorldSpec:
@@ -81,16 +71,12 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def world_train(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
     from .world.train import train_world
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = train_config_from_args(args)
-    command = "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    train_world(args.out, cfg, world_spec_from_args(args), command=command)
+    train_world(args.out, cfg, world_spec_from_args(args), command=_command_line())
     return 0
 
 
@@ -108,16 +94,13 @@ def world_eval(args: argparse.Namespace) -> int:
 
 
 def world_encoders(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
     from .world import encoders
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m custvid_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line()
     report = {"command": command}
     if args.raft_steps:
         cfg = encoders.RaftTrainConfig(steps=args.raft_steps, seed=args.seed)
@@ -141,7 +124,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_bench(args.cases, args.out, [m.strip() for m in args.methods.split(",")],
-              [int(s) for s in args.seeds.split(",")])
+              [int(s) for s in args.seeds.split(",")], sampling_steps=args.sampling_steps)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
@@ -160,10 +143,12 @@ def bench_control(args: argparse.Namespace) -> int:
     except (TypeError, ValueError):
         raise InputError("camera-window", f"'{args.camera_window}'", "START,END as fractions of the steps, "
                          "0 <= START < END <= 1") from None
+    if "perf" in parts and args.perf_pairs < 2:
+        raise InputError("perf-pairs", f"{args.perf_pairs}", "at least 2 pairs of samplings (a spread needs two)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if "perf" in parts:
-        perf = run_control_perf(args.out)
+        perf = run_control_perf(args.out, pairs=args.perf_pairs, command=_command_line())
         print(json.dumps(perf["ratios"], indent=2))
     if parts & {"camera", "boxes"}:
         model = Path(args.model or MODEL_FILE)
@@ -179,7 +164,7 @@ def bench_training(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_training_bench(args.out, args.steps)
+    result = run_training_bench(args.out, args.steps, args.pairs, command=_command_line())
     print(json.dumps(result["ratios"], indent=2))
     return 0
 
@@ -187,12 +172,20 @@ def bench_training(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="generate a clip with the shapes-world model and measure it")
-    p.add_argument("--prompt", default="red striped circle moving right")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30)
+    p = sub.add_parser("demo", help="learn a case's subject and motion on the shapes world, then generate with the "
+                                     "base model and customized, side by side and measured")
+    p.add_argument("--cases", default=str(DEFAULT_CASES), help="case file")
+    p.add_argument("--case", default=DEMO_CASE, help="which case of the file to learn")
+    p.add_argument("--method", default=DEMO_METHOD, help="which rung of the benchmark's LoRA ladder learns it")
+    p.add_argument("--training-steps", type=int, default=300,
+                   help="the ladder's base step count (each rung trains a multiple of it)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same noise for both clips)")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps")
     p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--out", default="out/demo", help="output folder (its training/ folder is resumed)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads: the shapes world is too small to gain from more, and several threads slow "
+                        "down badly on a busy machine (0: torch's default)")
     p.set_defaults(run=demo)
 
     p = sub.add_parser("world-train", help="pretrain the shapes-world base model")
@@ -244,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--methods", default="base", help="comma-separated method names")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
+    p.add_argument("--sampling-steps", type=int, default=30, help="sampling steps per clip")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench)
 
@@ -258,13 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure: perf (sampling cost ratios), camera, boxes (comma-separated)")
     p.add_argument("--camera-window", default="0.2,0.4",
                    help="START,END: the part of the schedule the camera shifts in (MotionBooth: 0.2,0.4)")
+    p.add_argument("--perf-pairs", type=int, default=5,
+                   help="perf: interleaved pairs of plain and controlled samplings per ratio, after one warm-up round")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench_control)
 
     p = sub.add_parser("bench-training", help="training speed and memory ratios (full objective vs plain LoRA, "
                                               "gradient checkpointing vs none)")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=12, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per training run (even)")
+    p.add_argument("--pairs", type=int, default=7,
+                   help="interleaved pairs of plain and other training runs per ratio, after one warm-up round")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench_training)
     return parser

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from custvid_core.bench import BaseModel, measure, run_bench, subject_references
+from custvid_core.bench import measure, run_bench, subject_references
 from custvid_core.errors import InputError
 from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
@@ -49,11 +49,11 @@ def test_bench_writes_tables_for_any_case_file(tmp_path):
     data["cases"] = data["cases"][:1]
     case_file.write_text(json.dumps(data))
     world = build_world({**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64})
-    BaseModel.steps = 2
-    try:
-        summary = run_bench(case_file, tmp_path / "out", ["base"], [0, 1], world=world, log=lambda *_: None)
-    finally:
-        BaseModel.steps = 30
+    forwards = []
+    world.backbone.model.register_forward_hook(lambda *_: forwards.append(1))
+    summary = run_bench(case_file, tmp_path / "out", ["base"], [0, 1], world=world, log=lambda *_: None,
+                        sampling_steps=2)
+    assert len(forwards) == 2 * 2  # the steps asked for, for each seed (CFG's two passes run as one batch)
     assert set(summary["base"]) == {"orange_star_circle", "average"}
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert len(rows) == 2 and rows[0]["prompt"] == "orange star"
@@ -99,7 +99,8 @@ def test_control_bench_measures_the_chosen_parts_with_the_chosen_camera_window(t
 
 @pytest.mark.parametrize("option, value, named", [("--parts", "camera,colour", "parts"),
                                                   ("--camera-window", "0.6,0.2", "camera-window"),
-                                                  ("--camera-window", "half", "camera-window")])
+                                                  ("--camera-window", "half", "camera-window"),
+                                                  ("--perf-pairs", "1", "perf-pairs")])
 def test_control_bench_refuses_bad_options_with_the_option_named(tmp_path, capsys, option, value, named):
     from custvid_core.cli import main
 

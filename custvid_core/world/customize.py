@@ -107,6 +107,25 @@ def _world_optim(steps: int, lr: float) -> OptimSettings:
     return OptimSettings(steps=steps, lr=lr, warmup=min(20, steps // 10), checkpoint_every=max(1, steps))
 
 
+def _training_bar(description: str):
+    """A training loop's progress callback drawing a tqdm bar with the loss; the bar opens at the first
+    step trained (a finished run that resumes draws none)."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def progress(step: int, total: int, record: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, desc=description, unit="step")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        bar.update(step - bar.n)
+        if step == total:
+            bar.close()
+
+    return progress
+
+
 @dataclass
 class LoraMethod:
     """A benchmark method: a subject LoRA and a motion LoRA trained on a case, generated together."""
@@ -122,6 +141,7 @@ class LoraMethod:
     sampling_steps: int = 30
     cfg: float = 4.0
     encoders: dict = field(default_factory=dict)  # "dino", "raft": loaded world encoders
+    progress_bars: bool = False  # tqdm bars while training and sampling (the benchmark runs without)
 
     def prepare(self, world: World, case: Case, workdir: Path):
         from ..representations.motion import load_raft
@@ -145,14 +165,19 @@ class LoraMethod:
             subject_data = subject_set(world, case, dino, 16 if self.subject.preservation_weight else 0,
                                        moving_clips=self.moving_clips)
         motion_data = motion_set(world, case, raft, self.hue_copies)
+
+        def bar(description: str):
+            return _training_bar(description) if self.progress_bars else None
+
         if self.joint is not None:
             subject, motion = train_joint(world.backbone, subject_data, motion_data, self.subject, self.motion,
                                           self.joint, self.motion_probability, workdir=workdir / "joint",
-                                          decoded_flow=decoded)
+                                          decoded_flow=decoded, progress=bar("subject and motion LoRAs"))
         else:
             subject = None if subject_data is None else train_subject(world.backbone, subject_data, self.subject,
-                                                                      workdir / "subject")
-            motion = train_motion(world.backbone, motion_data, self.motion, workdir / "motion", decoded_flow=decoded)
+                                                                      workdir / "subject", bar("subject LoRA"))
+            motion = train_motion(world.backbone, motion_data, self.motion, workdir / "motion", bar("motion LoRA"),
+                                  decoded_flow=decoded)
         trained_loras = [t for t in (subject, motion) if t is not None]
         for trained in trained_loras:
             save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
@@ -164,29 +189,31 @@ class LoraMethod:
 
         def run(prompts, seed):
             return generate_with_loras(world, trained_loras, prompts, seed, self.schedules,
-                                       steps=self.sampling_steps, cfg=self.cfg)
+                                       progress_bar=self.progress_bars, steps=self.sampling_steps, cfg=self.cfg)
 
         subject_words = SUBJECT_WORD if subject is not None else case.motion_clips()[0].prompt
         return run, {"subject": subject_words, "motion": MOTION_WORD}
 
 
 def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[str], seed: int,
-                        schedules: dict[str, StrengthSchedule] | None = None, **sampling) -> torch.Tensor:
+                        schedules: dict[str, StrengthSchedule] | None = None, progress_bar: bool = False,
+                        **sampling) -> torch.Tensor:
     """Generate with trained LoRAs attached (and a subject LoRA's trigger embedding at "sks"); merged into the
     weights when no strength changes, unmerged with per-step strengths otherwise. The world model is unchanged
-    afterwards."""
+    afterwards. `progress_bar`: a tqdm bar over the sampling steps."""
+    progress = None if progress_bar else lambda *_: None  # generate draws a bar when given no callback
     with LoraAdapters(world.backbone, [t.spec for t in loras]) as adapters, contextlib.ExitStack() as embeddings:
         for t in loras:
             adapters.load_native_state_dict(t.spec.name, t.tensors)
             if t.trigger_embedding is not None:
                 embeddings.enter_context(world.text.word_residual(SUBJECT_WORD, t.trigger_embedding))
         if schedules and not all(s.is_constant for s in schedules.values()):
-            return generate(world, prompts, seed=seed, progress=lambda *_: None,
-                            before_step=adapters.scheduler(schedules), **sampling)
+            return generate(world, prompts, seed=seed, progress=progress, before_step=adapters.scheduler(schedules),
+                            **sampling)
         for name, schedule in (schedules or {}).items():
             adapters.set_strength(name, schedule.at(0, 1))
         with adapters.merged():
-            return generate(world, prompts, seed=seed, progress=lambda *_: None, **sampling)
+            return generate(world, prompts, seed=seed, progress=progress, **sampling)
 
 
 def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -> dict[str, LoraMethod]:
