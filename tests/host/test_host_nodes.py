@@ -1,12 +1,10 @@
 """Every CustVid node executed by a real ComfyUI server, its results checked against the library."""
 
-import json
-
 import pytest
 import torch
 from comfy_host import MOTION_CLIP, RAFT_FILE, REPO, SUBJECT_PHOTO, TINY_DINO, example_clip
 from PIL import Image
-from workflow_api import to_api
+from workflow_api import shipped, to_api
 
 from custvid_core.media import read_video
 from custvid_core.representations.motion import extract_motion, load_raft
@@ -14,7 +12,6 @@ from custvid_core.representations.storage import load_representation
 from custvid_core.representations.subject import extract_subject, load_dinov2
 from custvid_core.world.cases import load_cases
 
-EXTRACTION = "custvid_extract_representations.json"
 WORLD_WEIGHTS = REPO / "custvid_core" / "world" / "weights"
 
 quiet = dict(progress=lambda done, total: None)
@@ -27,7 +24,7 @@ def reps_dir(server):
 @pytest.fixture(scope="module")
 def extracted(comfy_server):
     """Run the shipped extraction workflow once, as a user would after loading it."""
-    workflow = json.loads((REPO / "workflows" / EXTRACTION).read_text())
+    workflow = shipped("03")
     result = comfy_server.run(to_api(workflow, comfy_server.object_info()))
     assert result["ok"], result["error"]
     return result
@@ -62,7 +59,7 @@ def test_extraction_workflow_runs_as_shipped_on_the_worlds_encoders_and_data(com
 def test_extraction_workflow_keeps_the_users_own_photo_and_clip_ready(comfy_server):
     """Its Load Image / Load Video path, unmuted and connected as its note says, runs on a user's cut-out photo
     and clip with DINOv2 and RAFT files of the user's."""
-    workflow = json.loads((REPO / "workflows" / EXTRACTION).read_text())
+    workflow = shipped("03")
     nodes = {n["type"]: n for n in workflow["nodes"]}
     for kind in ("LoadImage", "InvertMask", "LoadVideo", "GetVideoComponents"):
         assert nodes[kind]["mode"] == 2, kind  # muted: the shipped workflow needs no file of the user's

@@ -6,14 +6,13 @@ weights, so the shapes world's text encoder (conditioning of the same width, 409
 CLIPLoader + CLIPTextEncode, with the prompts' words outside its vocabulary left out. Steps, frame sizes
 and training steps are shortened; everything else runs as the user would queue it."""
 
-import json
 import os
 import stat
 
 import pytest
 import torch
-from comfy_host import MOTION_CLIP, REPO, SUBJECT_PHOTO, tiny_wan_vae_weights, tiny_world
-from workflow_api import to_api
+from comfy_host import MOTION_CLIP, SUBJECT_PHOTO, tiny_wan_vae_weights, tiny_world
+from workflow_api import shipped, to_api
 
 from custvid_core.world.text import VOCABULARY
 
@@ -30,8 +29,8 @@ def wan_server(comfy_server):
     from custvid_core.world.model import save_world
 
     models = comfy_server.base / "models"
-    unet = _loader_value("custvid_wan_camera.json", "UNETLoader")
-    vae = _loader_value("custvid_wan_camera.json", "VAELoader")
+    unet = _loader_value("09", "UNETLoader")
+    vae = _loader_value("09", "VAELoader")
     torch.manual_seed(0)
     (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
     # Four blocks: the subject workflow aligns block 3's hidden states with DINOv2.
@@ -39,15 +38,15 @@ def wan_server(comfy_server):
     (models / "vae").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tiny_wan_vae_weights().items()}, str(models / "vae" / vae))
     # The motion workflow names the safetensors form of torchvision's RAFT weights (what ComfyUI offers to download).
-    raft = _loader_value("custvid_wan_train_motion.json", "CustVid_LoadRAFT")
+    raft = _loader_value("07", "CustVid_LoadRAFT")
     torch.manual_seed(0)
     save_file({k: v.contiguous() for k, v in build_raft("raft_large").model.state_dict().items()},
               str(models / "custvid" / "raft" / raft))
     return comfy_server
 
 
-def _loader_value(workflow: str, node_type: str) -> str:
-    nodes = json.loads((REPO / "workflows" / workflow).read_text())["nodes"]
+def _loader_value(number: str, node_type: str) -> str:
+    nodes = shipped(number)["nodes"]
     return next(n["widgets_values"][0] for n in nodes if n["type"] == node_type)
 
 
@@ -56,9 +55,9 @@ def _world_words(text: str) -> str:
     return " ".join(words) if set(words) - {"a", "an", "the"} else ""
 
 
-def runnable(name: str, server) -> dict:
+def runnable(number: str, server) -> dict:
     """The shipped workflow in API form, with the world's text encoder for umt5 and shorter runs."""
-    prompt = to_api(json.loads((REPO / "workflows" / name).read_text()), server.object_info())
+    prompt = to_api(shipped(number), server.object_info())
     for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CLIPLoader":
@@ -101,27 +100,25 @@ def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_ser
     loras = wan_server.base / "models" / "loras"
     umask = os.umask(0)  # the server's, inherited from this process
     os.umask(umask)
-    for name, saved in (("custvid_wan_train_subject.json", "custvid/my_subject.safetensors"),
-                        ("custvid_wan_train_motion.json", "custvid/my_motion.safetensors")):
-        prompt = runnable(name, wan_server)
+    for number, saved in (("06", "custvid/my_subject.safetensors"), ("07", "custvid/my_motion.safetensors")):
+        prompt = runnable(number, wan_server)
         result = wan_server.run(prompt, timeout=900)
-        assert result["ok"], (name, result["error"])
+        assert result["ok"], (number, result["error"])
         assert (loras / saved).stat().st_size > 1000
         assert stat.S_IMODE((loras / saved).stat().st_mode) == 0o666 & ~umask  # as the user's other files
         check = next(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveVideo")
-        assert wan_server.saved(check), name
+        assert wan_server.saved(check), number
     # The subject workflow gives Subject Dataset its prompt, trigger words and text encoder: every photo step
     # then also trained the trigger words' cross-attention onto the masks.
     history = _checkpoint_history(wan_server, "my_subject")
     assert history and all("token_attention" in record for record in history), history
-    result = wan_server.run(runnable("custvid_wan_generate_customized.json", wan_server), timeout=900)
+    result = wan_server.run(runnable("08", wan_server), timeout=900)
     assert result["ok"], result["error"]
     assert wan_server.saved("custvid/wan_customized")
 
 
-@pytest.mark.parametrize("name, prefix", [("custvid_wan_camera.json", "custvid/wan_camera"),
-                                          ("custvid_wan_box_steering.json", "custvid/wan_box_steering")])
-def test_the_wan_control_workflows_run(wan_server, name, prefix):
-    result = wan_server.run(runnable(name, wan_server), timeout=600)
+@pytest.mark.parametrize("number, prefix", [("09", "custvid/wan_camera"), ("10", "custvid/wan_box_steering")])
+def test_the_wan_control_workflows_run(wan_server, number, prefix):
+    result = wan_server.run(runnable(number, wan_server), timeout=600)
     assert result["ok"], result["error"]
     assert wan_server.saved(prefix)
