@@ -1,6 +1,6 @@
 """The template browser's thumbnails: `<workflow>.jpg` beside each workflow in `workflows/`.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/workflow_thumbnails.py [--out out/thumbnails]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/workflow_thumbnails.py [--out out/thumbnails] [--only 02,04]
 
 The workflows that need no download (the shapes world's) are queued as shipped in a real ComfyUI (`--cpu`, a
 fresh base folder inside --out; the customization trains for a few minutes) and their thumbnail shows what
@@ -103,8 +103,9 @@ def graph_card(workflow: dict, title: str):
     lines.append(line)
     for i, text in enumerate(lines[:2]):
         draw.text((8, SIDE - band + 6 + 19 * i), text, fill=(235, 235, 235), font=font)
-    draw.text((8, SIDE - 24), "amber: model files ComfyUI offers to download", fill=(196, 140, 40),
-              font=ImageFont.load_default(size=11))
+    legend = ("amber: model files ComfyUI offers to download", (196, 140, 40)) if needs_download(workflow) else \
+        ("runs as it opens: no download", (150, 150, 160))
+    draw.text((8, SIDE - 24), legend[0], fill=legend[1], font=ImageFont.load_default(size=11))
     return image
 
 
@@ -118,6 +119,7 @@ def save_jpeg(image, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/thumbnails", help="where ComfyUI's base folder is made")
+    parser.add_argument("--only", default="", help="the workflows' numbers, comma-separated (default: all)")
     args = parser.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
@@ -129,6 +131,8 @@ def main() -> int:
     from custvid_core.media import to_uint8
 
     paths = sorted((REPO / "workflows").glob("*.json"))
+    if args.only:
+        paths = [p for p in paths if p.name.split(" ", 1)[0] in args.only.split(",")]
     for path in paths:
         workflow = json.loads(path.read_text())
         if needs_download(workflow):
