@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "host"))
 sys.path.insert(0, str(REPO))
 
-WORKFLOW = REPO / "workflows" / "custvid_world_customize.json"
+WORKFLOW = REPO / "workflows" / "01 Shapes world (no download), learn a subject and a motion and generate them together.json"
 COLUMNS = ("colour_match", "colour_distance", "shape_iou", "texture_correlation", "path_shape_error",
            "direction_cosine", "speed_ratio")
 

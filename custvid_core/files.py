@@ -7,7 +7,8 @@ import contextlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,18 +27,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; saved files get the usual permissions
+    tmp = _new_file_beside(path)
+    usual_mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
+        # Some writers (safetensors) replace the file with an owner-only one of their own.
+        os.chmod(tmp, usual_mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _new_file_beside(path: Path) -> Path:
+    """Create an empty file with an unused name beside `path`, with the usual permissions.
+
+    Created with mode 0666, to which the system applies the user's umask (0644 under the common 022), as
+    for any file the user's programs write. tempfile.mkstemp would make it owner-only (0600), and reading the
+    umask to correct that means setting it, which races with other threads creating files.
+    """
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no unused temporary name beside {path}")
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],

@@ -1,17 +1,18 @@
 """Every CustVid node executed by a real ComfyUI server, its results checked against the library."""
 
-import json
-
 import pytest
 import torch
-from comfy_host import MOTION_CLIP, REPO, SUBJECT_PHOTO, TINY_DINO, example_clip
+from comfy_host import MOTION_CLIP, RAFT_FILE, REPO, SUBJECT_PHOTO, TINY_DINO, example_clip
 from PIL import Image
-from workflow_api import to_api
+from workflow_api import shipped, to_api
 
 from custvid_core.media import read_video
 from custvid_core.representations.motion import extract_motion, load_raft
 from custvid_core.representations.storage import load_representation
 from custvid_core.representations.subject import extract_subject, load_dinov2
+from custvid_core.world.cases import load_cases
+
+WORLD_WEIGHTS = REPO / "custvid_core" / "world" / "weights"
 
 quiet = dict(progress=lambda done, total: None)
 
@@ -23,16 +24,64 @@ def reps_dir(server):
 @pytest.fixture(scope="module")
 def extracted(comfy_server):
     """Run the shipped extraction workflow once, as a user would after loading it."""
-    workflow = json.loads((REPO / "workflows" / "custvid_extract_representations.json").read_text())
+    workflow = shipped("03")
     result = comfy_server.run(to_api(workflow, comfy_server.object_info()))
     assert result["ok"], result["error"]
     return result
 
 
-def test_extraction_workflow_matches_the_library(comfy_server, extracted):
-    base = comfy_server.base
+def test_extraction_workflow_runs_as_shipped_on_the_worlds_encoders_and_data(comfy_server, extracted):
+    """No download and no file of the user's: the world's example case, DINOv2 and RAFT, as the library
+    computes them."""
     subject_file = load_representation(reps_dir(comfy_server) / "my_subject.safetensors", "subject")
     motion_file = load_representation(reps_dir(comfy_server) / "my_motion.safetensors", "motion")
+
+    case = next(c for c in load_cases() if c.name == "orange_star_circle")
+    photos = case.subject_images()
+    dino = load_dinov2(WORLD_WEIGHTS / "dino" / "custvid_shapes_world_dinov2.safetensors")
+    expected = extract_subject(dino, torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos]),
+                               resolution=32, fit="stretch", **quiet)
+    assert subject_file.has_masks and subject_file.patch_tokens.shape[0] == len(photos)
+    assert torch.allclose(subject_file.patch_tokens, expected.patch_tokens, atol=1e-3)
+    assert torch.allclose(subject_file.object_features, expected.object_features, atol=1e-3)
+
+    frames = case.motion_clips()[0].frames
+    raft = load_raft(WORLD_WEIGHTS / "raft" / "custvid_shapes_world_raft_small.safetensors")
+    expected = extract_motion(raft, frames, iterations=12, max_side=512, **quiet)
+    assert motion_file.flow.shape == (len(frames) - 1, 2, *frames.shape[1:3])
+    assert torch.allclose(motion_file.flow, expected.flow, atol=1e-3)
+    assert motion_file.flow.abs().amax() > 0.5  # the world's RAFT sees the clip's subject move
+
+    flow_preview = extracted["outputs"]["10"]["images"]
+    assert len(flow_preview) == len(frames) - 1
+
+
+def test_extraction_workflow_keeps_the_users_own_photo_and_clip_ready(comfy_server):
+    """Its Load Image / Load Video path, unmuted and connected as its note says, runs on a user's cut-out photo
+    and clip with DINOv2 and RAFT files of the user's."""
+    workflow = shipped("03")
+    nodes = {n["type"]: n for n in workflow["nodes"]}
+    for kind in ("LoadImage", "InvertMask", "LoadVideo", "GetVideoComponents"):
+        assert nodes[kind]["mode"] == 2, kind  # muted: the shipped workflow needs no file of the user's
+        nodes[kind]["mode"] = 0
+    prompt = to_api(workflow, comfy_server.object_info())
+    ids = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+    prompt[ids["CustVid_SubjectRepresentation"]]["inputs"].update(
+        images=[ids["LoadImage"], 0], masks=[ids["InvertMask"], 0], resolution=448, fit="pad")
+    prompt[ids["CustVid_MotionRepresentation"]]["inputs"]["frames"] = [ids["GetVideoComponents"], 0]
+    prompt[ids["LoadImage"]]["inputs"]["image"] = SUBJECT_PHOTO
+    prompt[ids["LoadVideo"]]["inputs"]["file"] = MOTION_CLIP
+    prompt[ids["CustVid_LoadDINOv2"]]["inputs"]["dino_name"] = "dinov2-base/model.safetensors"
+    prompt[ids["CustVid_LoadRAFT"]]["inputs"]["raft_name"] = RAFT_FILE
+    del prompt[ids["CustVid_WorldCaseData"]]
+    for node in prompt.values():
+        if node["class_type"] == "CustVid_SaveRepresentation":
+            node["inputs"]["file_name"] = "own/" + node["inputs"]["file_name"]
+    result = comfy_server.run(prompt)
+    assert result["ok"], result["error"]
+    base = comfy_server.base
+    subject_file = load_representation(reps_dir(comfy_server) / "own" / "my_subject.safetensors", "subject")
+    motion_file = load_representation(reps_dir(comfy_server) / "own" / "my_motion.safetensors", "motion")
 
     rgba = torch.from_numpy(__import__("numpy").array(Image.open(base / "input" / SUBJECT_PHOTO))).float() / 255
     dino = load_dinov2(base / "models" / "custvid" / "dino" / "dinov2-base")
@@ -43,13 +92,10 @@ def test_extraction_workflow_matches_the_library(comfy_server, extracted):
     assert torch.allclose(subject_file.object_features, expected.object_features, atol=1e-3)
 
     frames = read_video(base / "input" / MOTION_CLIP)
-    raft = load_raft(base / "models" / "custvid" / "raft" / "raft_large_C_T_SKHT_V2-ff5fadd5.pth")
+    raft = load_raft(base / "models" / "custvid" / "raft" / RAFT_FILE)
     expected = extract_motion(raft, frames, iterations=12, max_side=512, **quiet)
     assert motion_file.flow.shape == (len(frames) - 1, 2, *example_clip()[0].shape[1:3])
     assert torch.allclose(motion_file.flow, expected.flow, atol=1e-3)
-
-    flow_preview = extracted["outputs"]["10"]["images"]
-    assert len(flow_preview) == len(frames) - 1
 
 
 def test_saved_representations_load_preview_and_save_again(comfy_server, extracted):

@@ -6,12 +6,13 @@ weights, so the shapes world's text encoder (conditioning of the same width, 409
 CLIPLoader + CLIPTextEncode, with the prompts' words outside its vocabulary left out. Steps, frame sizes
 and training steps are shortened; everything else runs as the user would queue it."""
 
-import json
+import os
+import stat
 
 import pytest
 import torch
-from comfy_host import MOTION_CLIP, REPO, SUBJECT_PHOTO, tiny_wan_vae_weights, tiny_world
-from workflow_api import to_api
+from comfy_host import MOTION_CLIP, SUBJECT_PHOTO, tiny_wan_vae_weights, tiny_world
+from workflow_api import shipped, to_api
 
 from custvid_core.world.text import VOCABULARY
 
@@ -24,22 +25,28 @@ def wan_server(comfy_server):
     """The session's ComfyUI with a tiny Wan 2.1 and a tiny Wan 2.1 VAE under the workflows' file names."""
     from safetensors.torch import save_file
 
+    from custvid_core.representations.motion import build_raft
     from custvid_core.world.model import save_world
 
     models = comfy_server.base / "models"
-    unet = _loader_value("custvid_wan_camera.json", "UNETLoader")
-    vae = _loader_value("custvid_wan_camera.json", "VAELoader")
+    unet = _loader_value("09", "UNETLoader")
+    vae = _loader_value("09", "VAELoader")
     torch.manual_seed(0)
     (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
     # Four blocks: the subject workflow aligns block 3's hidden states with DINOv2.
     save_world(tiny_world(layers=4), models / "diffusion_models" / unet, comfy_server.base / "unused_text.safetensors")
     (models / "vae").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tiny_wan_vae_weights().items()}, str(models / "vae" / vae))
+    # The motion workflow names the safetensors form of torchvision's RAFT weights (what ComfyUI offers to download).
+    raft = _loader_value("07", "CustVid_LoadRAFT")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in build_raft("raft_large").model.state_dict().items()},
+              str(models / "custvid" / "raft" / raft))
     return comfy_server
 
 
-def _loader_value(workflow: str, node_type: str) -> str:
-    nodes = json.loads((REPO / "workflows" / workflow).read_text())["nodes"]
+def _loader_value(number: str, node_type: str) -> str:
+    nodes = shipped(number)["nodes"]
     return next(n["widgets_values"][0] for n in nodes if n["type"] == node_type)
 
 
@@ -48,19 +55,24 @@ def _world_words(text: str) -> str:
     return " ".join(words) if set(words) - {"a", "an", "the"} else ""
 
 
-def runnable(name: str, server) -> dict:
+def runnable(number: str, server) -> dict:
     """The shipped workflow in API form, with the world's text encoder for umt5 and shorter runs."""
-    prompt = to_api(json.loads((REPO / "workflows" / name).read_text()), server.object_info())
+    prompt = to_api(shipped(number), server.object_info())
     for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CLIPLoader":
             prompt[node_id] = {"class_type": "CustVid_LoadShapesWorld", "inputs": {"text_encoder_name": WORLD_TEXT}}
         elif kind == "CLIPTextEncode":
             text = inputs["text"]
-            negative = "low quality" in text
+            if isinstance(text, str):  # typed here, not linked from a String node (rewritten below)
+                text = "" if "low quality" in text else _world_words(text) or FALLBACK_PROMPT
             prompt[node_id] = {"class_type": "CustVid_WorldTextEncode",
-                               "inputs": {"world_text": inputs["clip"],
-                                          "prompt": "" if negative else _world_words(text) or FALLBACK_PROMPT}}
+                               "inputs": {"world_text": inputs["clip"], "prompt": text}}
+        elif kind == "PrimitiveString":
+            inputs["value"] = _world_words(inputs["value"]) or FALLBACK_PROMPT
+        elif kind == "CustVid_SubjectDataset" and "clip" in inputs:
+            inputs["world_text"] = inputs.pop("clip")
+            inputs["trigger_words"] = _world_words(inputs["trigger_words"])
         elif kind == "CustVid_BoxSteering":
             inputs["world_text"] = inputs.pop("clip")
             inputs.update(prompt=FALLBACK_PROMPT, subject_words="red circle", background_words="")
@@ -77,26 +89,36 @@ def runnable(name: str, server) -> dict:
     return prompt
 
 
+def _checkpoint_history(server, run_name: str) -> list[dict]:
+    (checkpoint,) = (server.base / "output" / "custvid_training" / run_name).rglob("checkpoint.pt")
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
+
+
 def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_server):
     """Train a subject LoRA, train a motion LoRA, then generate with both at SMRABooth's timing: the three
     Wan workflows one after the other, as a user runs them."""
     loras = wan_server.base / "models" / "loras"
-    for name, saved in (("custvid_wan_train_subject.json", "custvid/my_subject.safetensors"),
-                        ("custvid_wan_train_motion.json", "custvid/my_motion.safetensors")):
-        prompt = runnable(name, wan_server)
+    umask = os.umask(0)  # the server's, inherited from this process
+    os.umask(umask)
+    for number, saved in (("06", "custvid/my_subject.safetensors"), ("07", "custvid/my_motion.safetensors")):
+        prompt = runnable(number, wan_server)
         result = wan_server.run(prompt, timeout=900)
-        assert result["ok"], (name, result["error"])
+        assert result["ok"], (number, result["error"])
         assert (loras / saved).stat().st_size > 1000
+        assert stat.S_IMODE((loras / saved).stat().st_mode) == 0o666 & ~umask  # as the user's other files
         check = next(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveVideo")
-        assert wan_server.saved(check), name
-    result = wan_server.run(runnable("custvid_wan_generate_customized.json", wan_server), timeout=900)
+        assert wan_server.saved(check), number
+    # The subject workflow gives Subject Dataset its prompt, trigger words and text encoder: every photo step
+    # then also trained the trigger words' cross-attention onto the masks.
+    history = _checkpoint_history(wan_server, "my_subject")
+    assert history and all("token_attention" in record for record in history), history
+    result = wan_server.run(runnable("08", wan_server), timeout=900)
     assert result["ok"], result["error"]
     assert wan_server.saved("custvid/wan_customized")
 
 
-@pytest.mark.parametrize("name, prefix", [("custvid_wan_camera.json", "custvid/wan_camera"),
-                                          ("custvid_wan_box_steering.json", "custvid/wan_box_steering")])
-def test_the_wan_control_workflows_run(wan_server, name, prefix):
-    result = wan_server.run(runnable(name, wan_server), timeout=600)
+@pytest.mark.parametrize("number, prefix", [("09", "custvid/wan_camera"), ("10", "custvid/wan_box_steering")])
+def test_the_wan_control_workflows_run(wan_server, number, prefix):
+    result = wan_server.run(runnable(number, wan_server), timeout=600)
     assert result["ok"], result["error"]
     assert wan_server.saved(prefix)

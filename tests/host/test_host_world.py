@@ -1,20 +1,16 @@
 """The shapes world inside ComfyUI: the stock UNETLoader loads it as Wan 2.1, and stock samplers
 generate clips with it whose content the world's measurements recognise."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from comfy_host import REPO, import_comfy, import_pack
+from comfy_host import import_comfy, import_pack
 from PIL import Image
-from workflow_api import inputs_of, to_api
+from workflow_api import inputs_of, shipped, to_api
 
 from custvid_core.eval.metrics import camera_pan, describe_clip, track
 from custvid_core.media import read_video
 from custvid_core.world.model import MODEL_FILE, TEXT_FILE, load_world
-
-WORKFLOW = REPO / "workflows" / "custvid_shapes_world_generate.json"
 
 
 def test_unet_loader_detects_wan21_and_computes_what_the_library_computes():
@@ -89,7 +85,7 @@ def test_stock_samplers_generate_what_the_prompt_asks(comfy_server):
 
 
 def test_shipped_world_workflow_runs(comfy_server):
-    workflow = json.loads(WORKFLOW.read_text())
+    workflow = shipped("02")
     result = comfy_server.run(to_api(workflow, comfy_server.object_info()))
     assert result["ok"], result["error"]
     videos = list((comfy_server.base / "output" / "custvid").glob("shapes_world*"))
@@ -99,7 +95,7 @@ def test_shipped_world_workflow_runs(comfy_server):
 def test_shipped_customization_workflow_trains_saves_and_generates(comfy_server):
     """The world customization workflow, shortened (3 subject and 2 motion training steps, 2 sampling steps),
     end to end."""
-    workflow = json.loads((REPO / "workflows" / "custvid_world_customize.json").read_text())
+    workflow = shipped("01")
     prompt = to_api(workflow, comfy_server.object_info())
     for node in prompt.values():
         if node["class_type"] in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):
@@ -132,12 +128,11 @@ def _world_weights_present():
         pytest.fail(f"{MODEL_FILE} is missing: the shapes world ships with the repository")
 
 
-@pytest.mark.parametrize("name, prefix", [("custvid_world_camera.json", "world_camera"),
-                                          ("custvid_world_box_steering.json", "world_box_steering")])
-def test_shipped_control_workflows_run(comfy_server, name, prefix):
+@pytest.mark.parametrize("number, prefix", [("04", "world_camera"), ("05", "world_box_steering")])
+def test_shipped_control_workflows_run(comfy_server, number, prefix):
     """The camera (SamplerCustomAdvanced + Camera by Latent Shift) and box-steering world workflows, with
     fewer sampling steps, end to end through ComfyUI's own samplers."""
-    prompt = to_api(json.loads((REPO / "workflows" / name).read_text()), comfy_server.object_info())
+    prompt = to_api(shipped(number), comfy_server.object_info())
     for node in prompt.values():
         if node["class_type"] in ("KSampler", "BasicScheduler"):
             node["inputs"]["steps"] = 6
@@ -149,8 +144,7 @@ def test_shipped_control_workflows_run(comfy_server, name, prefix):
 def test_shipped_camera_workflow_pans_the_background_as_commanded(comfy_server):
     """The world camera workflow as shipped (the panning world, its window): the pan measured on the saved
     video's background is the commanded one within 10%."""
-    prompt = to_api(json.loads((REPO / "workflows" / "custvid_world_camera.json").read_text()),
-                    comfy_server.object_info())
+    prompt = to_api(shipped("04"), comfy_server.object_info())
     camera = inputs_of(prompt, "CustVid_CameraShiftSampler")
     scale = int(inputs_of(prompt, "ImageScaleBy")["scale_by"])
     inputs_of(prompt, "SaveVideo")["filename_prefix"] = "custvid/pan"

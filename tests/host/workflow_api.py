@@ -3,8 +3,18 @@ type-checking their links and turning them into the API form that /prompt execut
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the browser, never sent to the server
+
+
+def shipped(number: str) -> dict:
+    """The shipped workflow whose file name starts with `number` (its place in the template browser)."""
+    (path,) = WORKFLOWS.glob(f"{number} *.json")
+    return json.loads(path.read_text())
 
 
 def ordered_inputs(info: dict) -> list[tuple[str, list]]:
