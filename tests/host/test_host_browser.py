@@ -19,7 +19,7 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 # Runnable as shipped on the test server (the shapes world ships in the pack; the encoders are the test's tiny ones).
 WORLD_WORKFLOWS = ["custvid_shapes_world_generate", "custvid_world_camera", "custvid_world_box_steering",
                    "custvid_extract_representations", "custvid_world_customize"]
-RUN_TIMEOUT = 900  # the customize workflow trains for about 2 minutes on a CPU
+RUN_TIMEOUT = 1800  # the customize workflow trains for about 2 minutes on a free 2-core CPU; a guard against hangs
 
 pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=f"browser test skipped: {browser.missing()}")
 

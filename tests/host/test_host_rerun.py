@@ -1,0 +1,27 @@
+"""Running a shapes-world workflow again repeats its documented run: the same video, every node run again."""
+
+import json
+
+import pytest
+import torch
+from comfy_host import REPO
+from workflow_api import to_api
+
+from custvid_core.media import read_video
+
+
+@pytest.mark.parametrize("name", ["custvid_shapes_world_generate", "custvid_world_camera", "custvid_world_box_steering",
+                                  "custvid_world_customize"])
+def test_world_workflow_gives_the_same_video_twice(comfy_server, name):
+    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    prompt = to_api(workflow, comfy_server.object_info())
+    save = next(i for i, node in prompt.items() if node["class_type"] == "SaveVideo")
+    videos = []
+    for _ in range(2):
+        comfy_server.clear_cache()
+        result = comfy_server.run(prompt, timeout=900)
+        assert result["ok"], result["error"]
+        assert result["cached"] == []
+        saved = result["outputs"][save]["images"][0]
+        videos.append(read_video(comfy_server.base / "output" / saved["subfolder"] / saved["filename"]))
+    assert torch.equal(videos[0], videos[1])
