@@ -34,7 +34,7 @@ def missing() -> str | None:
     except ImportError:
         return "playwright is not installed (pip install -e '.[test]')"
     if chromium_path() is None:
-        return "no chromium on PATH (Debian: apt-get install chromium)"
+        return "no chromium on PATH or at CUSTVID_CHROMIUM (Debian: apt-get install chromium)"
     return None
 
 

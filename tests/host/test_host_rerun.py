@@ -15,6 +15,9 @@ from custvid_core.media import read_video
 def test_world_workflow_gives_the_same_video_twice(comfy_server, name):
     workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     prompt = to_api(workflow, comfy_server.object_info())
+    for node in prompt.values():
+        if node["class_type"] in ("KSampler", "BasicScheduler"):
+            node["inputs"]["steps"] = 6  # fewer sampling steps, the same graph
     save = next(i for i, node in prompt.items() if node["class_type"] == "SaveVideo")
     videos = []
     for _ in range(2):
