@@ -193,7 +193,9 @@ class WorldPreservationClips(io.ComfyNode):
             inputs=[
                 types.WorldText.Input("world_text", tooltip="From Load Shapes World (captions the clips)."),
                 io.Int.Input("count", default=16, min=1, max=64, tooltip="How many clips."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Which clips (fixed by seed)."),
+                # Picks the clips rather than noise: no control, or the frontend would add one set to randomize.
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                             tooltip="Which clips (fixed by seed)."),
             ],
             outputs=[types.VideoDataset.Output(display_name="clips")],
         )

@@ -79,14 +79,23 @@ class Server:
             if prompt_id in history:
                 entry = history[prompt_id]
                 status = entry.get("status", {})
-                error = None
+                error, cached = None, []
                 for kind, data in status.get("messages", []):
                     if kind == "execution_error":
                         error = f"{data.get('node_type')}: {data.get('exception_message')}"
+                    if kind == "execution_cached":
+                        cached += data.get("nodes", [])
                 return {"ok": status.get("status_str") == "success", "error": error,
-                        "outputs": entry.get("outputs", {}), "node_errors": {}}
+                        "outputs": entry.get("outputs", {}), "node_errors": {}, "cached": cached}
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log: {self.log}")
+
+    def clear_cache(self) -> None:
+        """Make the next prompt run every node again rather than reuse the cached results of the last ones."""
+        import requests
+
+        requests.post(self.url + "/free", json={"free_memory": True}, timeout=30).raise_for_status()
+        time.sleep(1)  # the server drops its caches between prompts, once its queue worker wakes
 
     def saved(self, prefix: str) -> list[Path]:
         """Files under the output folder whose path starts with `prefix` and that hold more than a header."""

@@ -63,21 +63,30 @@ def to_api(workflow: dict, object_info: dict) -> dict:
         if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:
             continue
         linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
-        values = list(node.get("widgets_values") or [])
+        values = stored_widget_values(node, object_info[node["type"]])
         inputs = {}
         for name, spec in ordered_inputs(object_info[node["type"]]):
-            value = None
-            if is_widget(spec) and values:
-                value = values.pop(0)  # a linked widget keeps its slot in widgets_values
-                if len(spec) > 1 and spec[1].get("control_after_generate"):
-                    values.pop(0)
             if name in linked:
                 link = links[linked[name]]
                 inputs[name] = [str(link[1]), link[2]]
-            elif value is not None:
-                inputs[name] = value
+            elif values.get(name) is not None:
+                inputs[name] = values[name]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def stored_widget_values(node: dict, info: dict) -> dict:
+    """A UI-format node's `widgets_values` by input name, as the server's schema `info` orders them: a linked
+    widget keeps its slot; an input declared with control_after_generate is followed by its control's value
+    (under `<input>.control_after_generate`)."""
+    values = list(node.get("widgets_values") or [])
+    named = {}
+    for name, spec in ordered_inputs(info):
+        if is_widget(spec) and values:
+            named[name] = values.pop(0)
+            if len(spec) > 1 and spec[1].get("control_after_generate") and values:
+                named[name + ".control_after_generate"] = values.pop(0)
+    return named
 
 
 def inputs_of(prompt: dict, class_type: str) -> dict:
