@@ -140,9 +140,26 @@ def view_problems(graph: dict) -> list[str]:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_loads_without_missing_nodes_or_errors(loaded, path):
-    _, graph, errors = loaded(path)
+    workflow, graph, errors = loaded(path)
     assert [d for d in graph["dialogs"] if "missing nodes" in d.lower()] == []
-    assert errors == []
+    assert without_offline_download_probes(errors, workflow) == []
+
+
+def without_offline_download_probes(errors: list[str], workflow: dict) -> list[str]:
+    """`errors` less those of the missing-models dialog asking each offered download (the loaders'
+    `properties.models`) for its size, which a machine without internet cannot reach: a failed load of that URL
+    and the frontend's "Error fetching file size" after it. Those are the network's failures, not the workflow's."""
+    urls = {m["url"] for n in workflow["nodes"] for m in n.get("properties", {}).get("models", [])}
+    probes = [e for e in errors if e.startswith("Failed to load resource") and any(e.endswith(f"({u})") for u in urls)]
+    left, unanswered = [], len(probes)
+    for e in errors:
+        if e in probes:
+            continue
+        if unanswered and e.startswith("Error fetching file size"):
+            unanswered -= 1
+            continue
+        left.append(e)
+    return left
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -180,6 +197,7 @@ def test_run_twice_queues_the_same_prompt(ui, path):
         route.fulfill(json={"prompt_id": f"custvid-test-{len(sent)}", "number": len(sent), "node_errors": {}})
 
     ui.load(json.loads(path.read_text()))
+    ui.close_dialogs()  # as a user closes the missing-models dialog of a Wan workflow (its files are not here)
     ui.page.route("**/api/prompt", accept)
     try:
         for count in (1, 2):
