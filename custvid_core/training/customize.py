@@ -210,15 +210,15 @@ def _device(backbone: WanBackbone, device: torch.device | None) -> torch.device:
     return device or backbone.role_module(0, "self_attn.q").weight.device
 
 
-def _autocast(backbone: WanBackbone, device: torch.device, dtype: torch.dtype):
-    """The forward in the compute dtype. Below fp32, autocast runs every matmul (the LoRA's too) in it.
-    At fp32, a host whose layers cast their weights to the input's dtype (`casts_weights`) computes in fp32
-    from any stored precision; plain torch layers stored in 16 bits compute in those 16 bits (casting them
-    up would copy the whole base), with the data, loss and LoRA parameters still fp32."""
+def _forward_dtype(backbone: WanBackbone, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward runs in under autocast (fp32: autocast off). Below fp32, autocast runs every matmul
+    (the LoRA's too) in the compute dtype. At fp32, a host whose layers cast their weights to the input's dtype
+    (`casts_weights`) computes in fp32 from any stored precision; plain torch layers stored in 16 bits compute in
+    those 16 bits (casting them up would copy the whole base), with the data, loss and LoRA parameters still fp32."""
     if dtype == torch.float32 and not backbone.casts_weights:
         stored = {p.dtype for p in backbone.model.parameters()}
         dtype = next((d for d in (torch.bfloat16, torch.float16) if d in stored), dtype)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return dtype
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -492,11 +492,13 @@ def _run(backbone: WanBackbone, objectives: list, optim: OptimSettings, checkpoi
         for objective in objectives:
             groups.update(objective.trainables(adapters, device))
         scaled = stack.enter_context(_loss_scaled(groups, FP16_LOSS_SCALE)) if dtype == torch.float16 else None
+        forward_dtype = _forward_dtype(backbone, dtype)  # once: the weights' storage does not change in a run
 
         def step(i: int, g: torch.Generator) -> StepResult:
             chosen = objectives[choose(i, g)]
             helpers_off = {s.name: 0.0 for o in objectives if o is not chosen for s in o.specs[1:]}
-            with adapters.strengths_set(**helpers_off), _autocast(backbone, device, dtype):
+            with adapters.strengths_set(**helpers_off), \
+                    torch.autocast(device.type, dtype=forward_dtype, enabled=forward_dtype != torch.float32):
                 result = chosen.step(i, g, adapters, device, dtype)
             return result if scaled is None else replace(result, loss=scaled(result.loss))
 
