@@ -21,8 +21,8 @@ from custvid_core.training import (
     train_motion,
     train_subject,
 )
+from custvid_core.adapters.parts import Projector
 from custvid_core.training.objectives import (
-    Projector,
     SigmaSampler,
     appearance_debiased,
     flow_on_token_grid,

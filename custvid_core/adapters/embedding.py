@@ -6,20 +6,25 @@ starts from the prompt exactly as the text encoder gives it, and the projection'
 whatever the scale of the encoder's output (umt5's rows and the shapes world's differ by orders of magnitude).
 Once trained, the residual is a fixed `[tokens, text_dim]` tensor added wherever the trigger word sits; it is
 saved in a file of its own, beside the LoRA, because a LoRA loader would not know its key.
+`TriggerEmbeddingPart` is the embedding as a training part: attached, it edits the text context where it
+enters the backbone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from ..files import load_safetensors, save_safetensors
+from .parts import Exported, PartBase, StrengthValue, built_unseeded
 
 CODE_DIM = 256
 
@@ -29,7 +34,7 @@ class TriggerEmbedding(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.code = nn.Parameter(torch.randn(tokens, code_dim, generator=g))
-        self.project = nn.Linear(code_dim, text_dim, bias=False)
+        self.project = built_unseeded(lambda: nn.Linear(code_dim, text_dim, bias=False))
         nn.init.zeros_(self.project.weight)
 
     def residual(self) -> torch.Tensor:
@@ -55,6 +60,48 @@ def add_at(context: torch.Tensor, positions: Sequence[int], residual: torch.Tens
 
 
 KIND = "trigger_embedding"
+
+
+class TriggerEmbeddingPart(PartBase):
+    """A trigger embedding as a part: while attached (and its strength is not 0), the rows `positions` of the
+    text context get the embedding's residual (times the strength) before the backbone's text embedding."""
+
+    kind = KIND
+
+    def __init__(self, name: str, positions: Sequence[int], text_dim: int, trigger_words: str = "", seed: int = 0):
+        super().__init__(name)
+        self.positions, self.text_dim, self.trigger_words, self.seed = tuple(positions), text_dim, trigger_words, seed
+        self.module: TriggerEmbedding | None = None
+        self._scale: StrengthValue = 1.0
+
+    @contextlib.contextmanager
+    def attach(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
+        self.module = TriggerEmbedding(len(self.positions), self.text_dim, seed=self.seed).to(device)
+        handle = backbone.edit_text_context(self._edit)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.module = None
+
+    def _edit(self, context: torch.Tensor) -> torch.Tensor:
+        if isinstance(self._scale, float) and self._scale == 0.0:
+            return context
+        if isinstance(self._scale, float) and self._scale == 1.0:
+            return self.module(context, self.positions)
+        return add_at(context, self.positions, self.module.residual() * self._scale)
+
+    def _apply_strength(self, value: StrengthValue) -> None:
+        self._scale = float(value) if not isinstance(value, torch.Tensor) else value
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        if self.module is None:
+            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
+        return {self.name: list(self.module.parameters())}
+
+    def export(self) -> Exported:
+        residual = self.module.residual().detach().cpu()
+        return Exported(self.kind, {KIND: residual}, {"trigger_words": self.trigger_words})
 
 
 @dataclass

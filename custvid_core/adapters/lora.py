@@ -1,7 +1,8 @@
 """LoRA adapters on a Wan backbone's roles, through peft, saved in ComfyUI's native LoRA form.
 
 Several named adapters can sit on one backbone (SMRABooth's subject and motion LoRAs share
-`ffn.0`); each has its own strength, which can change between sampling steps. peft supplies the
+`ffn.0`); each has its own strength, which can change between sampling steps. `LoraPart` is a LoRA as
+a training part (`parts.Part`); the LoRA parts of a run share one `LoraAdapters`. peft supplies the
 LoRA layers; this module chooses their targets by role, exports and imports them under the names
 ComfyUI's stock `LoraLoaderModelOnly` reads (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
 `.lora_up.weight`, `.alpha`), and removes them again without a trace, because inside ComfyUI the
@@ -11,6 +12,7 @@ module tree belongs to a model that other graph nodes share.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
@@ -20,6 +22,7 @@ from torch import nn
 
 from ..backbones.wan import NATIVE_PREFIX, ROLES, WanBackbone
 from ..errors import InputError
+from .parts import Exported, PartBase
 
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -51,6 +54,11 @@ class LoraSpec:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSpec":
+        return cls(d["name"], tuple(d["roles"]), int(d["rank"]), d.get("alpha"),
+                   tuple(d["blocks"]) if d.get("blocks") is not None else None)
 
 
 # SMRABooth's split by location: appearance in q/k and the first FFN layer, motion in v/o and the FFN.
@@ -105,34 +113,53 @@ class LoraAdapters:
                              "a model without attached adapters")
         self._requires_grad = {name: p.requires_grad for name, p in backbone.model.named_parameters()}
         self._targets: dict[str, dict[str, str]] = {}  # adapter -> module path -> native name
+        block_of: dict[str, int] = {}
         self._had_peft_config = hasattr(backbone.model, "peft_config")
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # peft draws lora_A with the global generator
         try:
-            for spec in self.specs.values():
-                targets = {backbone.module_path(b, r): backbone.native_name(b, r)
-                           for b in (range(backbone.num_blocks) if spec.blocks is None else spec.blocks)
-                           for r in spec.roles}
-                self._targets[spec.name] = targets
-                config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
-                                    target_modules=list(targets), lora_dropout=0.0, bias="none")
-                config._register_custom_module(_linear_like_types(backbone, targets))
-                with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter
-                    warnings.simplefilter("ignore", UserWarning)
-                    inject_adapter_in_model(config, backbone.model, adapter_name=spec.name)
+            # peft draws its initial weights from the global generator; they are drawn again below from the
+            # adapters' own, so the global one is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                for spec in self.specs.values():
+                    blocks = range(backbone.num_blocks) if spec.blocks is None else spec.blocks
+                    targets = {backbone.module_path(b, r): backbone.native_name(b, r) for b in blocks for r in spec.roles}
+                    block_of.update({backbone.module_path(b, r): b for b in blocks for r in spec.roles})
+                    self._targets[spec.name] = targets
+                    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+                                        target_modules=list(targets), lora_dropout=0.0, bias="none")
+                    config._register_custom_module(_linear_like_types(backbone, targets))
+                    with warnings.catch_warnings():  # peft warns that a second adapter is one more adapter
+                        warnings.simplefilter("ignore", UserWarning)
+                        inject_adapter_in_model(config, backbone.model, adapter_name=spec.name)
         except Exception:
             self.detach()
             raise
-        finally:
-            torch.random.set_rng_state(generator_state)
         self._paths = dict(_lora_layers(backbone.model))
+        # adapter -> (layer, block) for each layer it sits on, in the model's order
+        self._layers = {name: [(layer, block_of[path]) for path, layer in self._paths.items() if name in layer.lora_A]
+                        for name in self.specs}
         for layer in self._paths.values():
             layer.set_adapter(list(self.specs))  # every adapter active at once, all trainable
             for name in self.specs:
                 if name in layer.lora_A:  # fp32 adapters, on the compute device even if the base is offloaded
                     layer.lora_A[name].to(device=device, dtype=dtype)
                     layer.lora_B[name].to(device=device, dtype=dtype)
-        self.strengths = {name: 1.0 for name in self.specs}
+        self._initialise(torch.Generator().manual_seed(seed))
+        self.strengths: dict[str, float | torch.Tensor] = {name: 1.0 for name in self.specs}
+
+    def _initialise(self, g: torch.Generator) -> None:
+        """Draw every `lora_A` as peft does (torch's nn.Linear default), from `g`, in peft's order: adapter by
+        adapter, layer by layer, each layer building `lora_A` and `lora_B` (two draws) and then drawing
+        `lora_A` again. `lora_B` stays zero, so each adapter starts as the identity."""
+
+        def kaiming(shape) -> torch.Tensor:
+            return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=g)
+
+        with torch.no_grad():
+            for name, layers in self._layers.items():
+                for layer, _ in layers:
+                    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                    kaiming(a.shape), kaiming(b.shape)  # what building the two layers drew
+                    a.copy_(kaiming(a.shape))
 
     # --- parameters ------------------------------------------------------------------------
     def parameters(self, name: str) -> list[nn.Parameter]:
@@ -140,17 +167,22 @@ class LoraAdapters:
         return [p for layer in self._paths.values() if name in layer.lora_A
                 for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
 
-    def set_trainable(self, name: str, trainable: bool) -> None:
-        for p in self.parameters(name):
-            p.requires_grad_(trainable)
-
-    def set_strength(self, name: str, strength: float) -> None:
-        """Scale an adapter's contribution (1.0 = as trained); cheap enough to call every sampling step."""
+    def set_strength(self, name: str, strength: float | torch.Tensor) -> None:
+        """Scale an adapter's contribution (1.0 = as trained): a float, or a tensor of one weight per block (or
+        a 0-dim one), which may carry gradients into whatever set it. Cheap enough to call every sampling step."""
         self._check(name)
-        if strength != self.strengths[name]:
-            for layer in self._paths.values():
+        before = self.strengths[name]
+        if isinstance(strength, torch.Tensor):
+            per_block = strength.ndim == 1
+            if per_block and strength.shape[0] != self.backbone.num_blocks:
+                raise InputError(f"{name} strength", f"{strength.shape[0]} weights",
+                                 f"one weight per block ({self.backbone.num_blocks}) or one for all")
+            for layer, block in self._layers[name]:
+                layer.set_scale(name, strength[block] if per_block else strength)
+        elif isinstance(before, torch.Tensor) or strength != before:
+            for layer, _ in self._layers[name]:
                 layer.set_scale(name, strength)
-            self.strengths[name] = strength
+        self.strengths[name] = strength
 
     @contextlib.contextmanager
     def strengths_set(self, **strengths: float) -> Iterator[None]:
@@ -165,7 +197,7 @@ class LoraAdapters:
 
     @contextlib.contextmanager
     def merged(self) -> Iterator[None]:
-        """Fold the adapters into the base weights at their current strengths while inside (faster
+        """Fold the adapters into the base weights at their current (float) strengths while inside (faster
         sampling when no strength changes between steps); unmerged on exit."""
         for layer in self._paths.values():
             layer.merge(adapter_names=[n for n in self.specs if n in layer.lora_A])
@@ -253,6 +285,49 @@ class LoraAdapters:
         return name
 
 
+class LoraPart(PartBase):
+    """A LoRA as a part. The LoRA parts of a run attach together, as one `LoraAdapters` (peft keeps several
+    adapters on one layer), whose initial weights are drawn from their common seed."""
+
+    kind = "lora"
+
+    def __init__(self, spec: LoraSpec, seed: int = 0):
+        super().__init__(spec.name)
+        self.spec, self.seed = spec, seed
+        self.adapters: LoraAdapters | None = None
+
+    @classmethod
+    def attach_together(cls, backbone: WanBackbone, parts, device, stack: contextlib.ExitStack) -> None:
+        seeds = {p.seed for p in parts}
+        if len(seeds) > 1:
+            raise InputError("seed", f"LoRA parts with seeds {sorted(seeds)}", "one seed for the LoRAs of a run")
+        adapters = stack.enter_context(LoraAdapters(backbone, [p.spec for p in parts], seed=seeds.pop(), device=device))
+        for p in parts:
+            p.adapters = adapters
+            stack.callback(setattr, p, "adapters", None)
+
+    @contextlib.contextmanager
+    def attach(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            self.attach_together(backbone, [self], device, stack)
+            yield
+
+    def _attached(self) -> LoraAdapters:
+        if self.adapters is None:
+            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
+        return self.adapters
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        return {self.name: self._attached().parameters(self.name)}
+
+    def _apply_strength(self, value) -> None:
+        self._attached().set_strength(self.name, value)
+
+    def export(self) -> Exported:
+        """ComfyUI's native LoRA keys, and the spec."""
+        return Exported(self.kind, self._attached().native_state_dict(self.name), {"spec": self.spec.to_dict()})
+
+
 def native_lora_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
     """The module names (without `diffusion_model.`) a native LoRA file patches."""
     return {k[len(NATIVE_PREFIX):-len(s)] for k in tensors for s in LORA_SUFFIXES
@@ -287,7 +362,5 @@ def read_lora(path, input_name: str = "lora") -> tuple[dict[str, torch.Tensor], 
                          "a Wan LoRA with '.lora_down.weight' / '.lora_up.weight' keys")
     spec = None
     if "custvid.lora.spec" in meta:
-        d = json.loads(meta["custvid.lora.spec"])
-        spec = LoraSpec(d["name"], tuple(d["roles"]), int(d["rank"]), d.get("alpha"),
-                        tuple(d["blocks"]) if d.get("blocks") is not None else None)
+        spec = LoraSpec.from_dict(json.loads(meta["custvid.lora.spec"]))
     return tensors, spec, {k: json.loads(v) if k.startswith("custvid.") else v for k, v in meta.items()}

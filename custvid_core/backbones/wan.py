@@ -4,8 +4,9 @@ Two implementations of the same architecture exist: ComfyUI's native
 `comfy.ldm.wan.model.WanModel` (what `UNETLoader` gives) and diffusers' `WanTransformer3DModel`.
 They differ only in module names. A description gives, for either: the blocks, the linear
 layer of each role in a block, the token grid of a latent, one forward call, capture of a
-block's hidden states, and each role's name in ComfyUI's native LoRA key form
-(`diffusion_model.blocks.N.self_attn.q`), which is the same for both.
+block's hidden states, the attach points where adapters add to the model (a residual beside a block's
+self-attention or FFN, an edit of the text context), and each role's name in ComfyUI's native LoRA key
+form (`diffusion_model.blocks.N.self_attn.q`), which is the same for both.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError
 
@@ -26,6 +28,8 @@ SELF_ATTENTION_ROLES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.
 CROSS_ATTENTION_ROLES = ("cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o")
 FFN_ROLES = ("ffn.0", "ffn.2")
 ROLES = SELF_ATTENTION_ROLES + CROSS_ATTENTION_ROLES + FFN_ROLES
+# The sublayers of a block that a residual can sit beside (`WanBackbone.add_residual`).
+RESIDUAL_SITES = ("self_attn", "ffn")
 NATIVE_PREFIX = "diffusion_model."
 
 # diffusers module path -> native module path, for everything a Wan 2.1 T2V checkpoint holds.
@@ -64,6 +68,8 @@ class WanBackbone:
 
     implementation = ""
     role_paths: dict[str, str] = {}
+    site_paths: dict[str, str] = {}  # residual site -> the sublayer's module path in a block
+    text_embedding_path = ""  # the module the text context enters the model through
     # Whether the layers cast their weights to the input's dtype (ComfyUI's ops), so that the model computes in
     # any dtype from weights stored in another (fp8 included). Plain torch layers compute in their weights' dtype.
     casts_weights = False
@@ -181,6 +187,32 @@ class WanBackbone:
             for h in handles:
                 h.remove()
 
+    # --- attach points ---------------------------------------------------------------------
+    def add_residual(self, block: int, site: str, residual: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
+        """Add `residual(h)` to the output of block `block`'s `site` sublayer (one of RESIDUAL_SITES), where `h`
+        is the normalised, modulated tokens `[B, L, dim]` that feed that sublayer; the block's gate then scales
+        the sum, as it scales the sublayer's own output. Gradients flow through `h` and `residual`.
+        `.remove()` on the returned handle leaves the model as it was."""
+        if site not in self.site_paths:
+            raise InputError("site", f"'{site}' is not a place for a residual", f"one of {RESIDUAL_SITES}")
+        if not 0 <= block < self.num_blocks:
+            raise InputError("block", f"block {block} does not exist", f"0 to {self.num_blocks - 1}")
+
+        def hook(_module, args, kwargs, output):
+            h = args[0] if args else next(iter(kwargs.values()))
+            return output + residual(h).to(output.dtype)
+
+        return self.blocks[block].get_submodule(self.site_paths[site]).register_forward_hook(hook, with_kwargs=True)
+
+    def edit_text_context(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
+        """Replace the text context `[B, L, text_dim]` by `edit(context)` where it enters the model (before the
+        text embedding), in every forward until the returned handle's `.remove()`."""
+
+        def hook(_module, args):
+            return (edit(args[0]), *args[1:])
+
+        return self.model.get_submodule(self.text_embedding_path).register_forward_pre_hook(hook)
+
     @contextlib.contextmanager
     def checkpointing(self, enabled: bool = True) -> Iterator[None]:
         """Gradient checkpointing per block while inside: activations are recomputed in backward.
@@ -214,6 +246,8 @@ class ComfyWanBackbone(WanBackbone):
 
     implementation = "comfyui"
     role_paths = {r: r for r in ROLES}
+    site_paths = {"self_attn": "self_attn", "ffn": "ffn"}
+    text_embedding_path = "text_embedding"
     casts_weights = True  # ComfyUI's cast ops; the host turns casting on for layers loaded without it
 
     @property
@@ -245,6 +279,8 @@ class DiffusersWanBackbone(WanBackbone):
         "cross_attn.o": "attn2.to_out.0",
         "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
     }
+    site_paths = {"self_attn": "attn1", "ffn": "ffn"}
+    text_embedding_path = "condition_embedder.text_embedder"
 
     @property
     def patch_size(self):

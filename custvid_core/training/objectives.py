@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ..adapters.parts import Projector
 from ..errors import InputError
 from ..representations.motion import RaftEncoder, raft_flow, resize_flow
 
@@ -83,23 +83,6 @@ def widened(masks: torch.Tensor, cells: int) -> torch.Tensor:
     if cells <= 0:
         return masks
     return F.max_pool3d(masks, (1, 2 * cells + 1, 2 * cells + 1), stride=1, padding=(0, cells, cells))
-
-
-class Projector(nn.Module):
-    """REPA's projector: `dim -> hidden -> hidden -> out` with SiLU, applied per token.
-
-    `hidden=0` picks REPA's (and SMRABooth's) 2048 on real models, narrowed to 4x the model's width on
-    models under 512 wide, where a 2048-wide MLP on every token would cost about as much as the model.
-    """
-
-    def __init__(self, dim: int, out: int, hidden: int = 0):
-        super().__init__()
-        hidden = hidden or min(2048, 4 * dim)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, out))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
 
 
 def tokens_to_grid(h: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
