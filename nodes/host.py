@@ -148,7 +148,7 @@ TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 def resolve_training_dtype(choice: str, device: torch.device) -> torch.dtype:
     """The compute dtype of a training run on `device`. auto: bf16 where ComfyUI finds the device good at it,
     else fp32 (fp16 only when chosen: it trains with a loss scale and may overflow)."""
-    from ..custvid_core.training.customize import TRAINING_DTYPES as DTYPES
+    from ..custvid_core.training.engine import TRAINING_DTYPES as DTYPES
 
     if choice == "auto":
         use_bf16 = comfy.model_management.should_use_bf16(device, prioritize_performance=False)

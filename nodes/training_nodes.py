@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 from comfy_api.latest import io, ui
 
-from ..custvid_core.adapters.embedding import LearnedTrigger
 from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
 from ..custvid_core.errors import InputError
 from ..custvid_core.files import save_safetensors
@@ -26,6 +25,7 @@ from ..custvid_core.training import (
     train_subject,
 )
 from ..custvid_core.training.customize import MOTION_ALIGNMENT
+from ..custvid_core.training.loop import warmup_steps
 from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
 from . import types
 from .host import (
@@ -391,7 +391,7 @@ class TrainSubjectLoRA(io.ComfyNode):
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                                warmup=min(20, steps // 10)),
+                                warmup=warmup_steps(steps)),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
             stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding,
@@ -403,9 +403,7 @@ class TrainSubjectLoRA(io.ComfyNode):
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     log, device=device, dtype=resolve_training_dtype(training_dtype, device),
                                     base_model=base_model_signature(model))
-        learned = None if trained.trigger_embedding is None else \
-            LearnedTrigger(trained.trigger_embedding, subject.trigger_words)
-        return _finish(model, trained, notes, learned)
+        return _finish(model, trained, notes, trained.learned_trigger())
 
 
 class TrainMotionLoRA(io.ComfyNode):
@@ -459,7 +457,7 @@ class TrainMotionLoRA(io.ComfyNode):
             rank=rank, roles=_roles(roles), spatial_rank=spatial_rank, batch=batch_size,
             sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                                warmup=min(20, steps // 10)),
+                                warmup=warmup_steps(steps)),
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
             alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing)
         folder = training_folder(run_name)

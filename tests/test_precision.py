@@ -10,7 +10,7 @@ from builders import tiny_diffusers_wan
 from custvid_core.backbones import describe
 from custvid_core.errors import InputError
 from custvid_core.training import OptimSettings, SubjectSet, SubjectSettings, train_subject
-from custvid_core.training.customize import compute_dtype
+from custvid_core.training.engine import compute_dtype
 from custvid_core.training.objectives import SigmaSampler
 
 

@@ -6,6 +6,7 @@ import torch
 from builders import tiny_diffusers_wan
 
 from custvid_core.adapters import LoraAdapters, subject_lora
+from custvid_core.adapters.parts import Projector
 from custvid_core.backbones import describe
 from custvid_core.errors import InputError
 from custvid_core.training import (
@@ -16,12 +17,12 @@ from custvid_core.training import (
     SubjectSettings,
     TrainingStopped,
     VideoSet,
+    engine,
     train,
     train_joint,
     train_motion,
     train_subject,
 )
-from custvid_core.adapters.parts import Projector
 from custvid_core.training.objectives import (
     SigmaSampler,
     appearance_debiased,
@@ -266,14 +267,14 @@ def test_a_stillness_lora_learns_stills_of_the_preservation_clips_and_is_thrown_
 
 def test_joint_training_steps_one_lora_at_a_time_with_the_other_running_frozen(monkeypatch):
     backbone = describe(tiny_diffusers_wan())
-    zeroed = []  # the adapters switched off around each call
-    real_strengths_set = LoraAdapters.strengths_set
+    zeroed = []  # the parts switched off around each step
+    real_strengths_set = engine.strengths_set
 
-    def recording_strengths_set(self, **strengths):
+    def recording_strengths_set(parts, strengths):
         zeroed.append({n for n, v in strengths.items() if v == 0.0})
-        return real_strengths_set(self, **strengths)
+        return real_strengths_set(parts, strengths)
 
-    monkeypatch.setattr(LoraAdapters, "strengths_set", recording_strengths_set)
+    monkeypatch.setattr(engine, "strengths_set", recording_strengths_set)
     g = torch.Generator().manual_seed(1)
     clips = VideoSet(torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g))
     subject = _quick(SubjectSettings(rank=4, alignment_block=1), 1)
@@ -342,8 +343,7 @@ def test_token_attention_maps_sum_to_one_over_text_and_the_loss_follows_the_mask
     assert token_attention_loss([right], mask, (1, 2, 2)) < token_attention_loss([1 - right], mask, (1, 2, 2))
 
 
-@pytest.mark.parametrize("backbone_kind", ["diffusers"])
-def test_subject_training_with_token_attention_captures_every_block(backbone_kind):
+def test_subject_training_with_token_attention_captures_every_block():
     backbone = describe(tiny_diffusers_wan())
     data = _subject_set(with_dino=False, preservation=False)
     data.subject_tokens = (0, 1)

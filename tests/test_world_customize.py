@@ -7,10 +7,11 @@ import torch
 
 from custvid_core.adapters import read_lora
 from custvid_core.adapters.embedding import load_trigger_embedding
+from custvid_core.adapters.parts import Exported
 from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
 from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
-from custvid_core.training.customize import TrainedLora
+from custvid_core.training import TrainedParts
 from custvid_core.world.cases import load_cases
 from custvid_core.world.customize import generate_with_loras, lora_methods, motion_set, subject_set
 from custvid_core.world.encoders import DINO_CONFIG
@@ -115,6 +116,14 @@ def test_the_full_method_trains_saves_and_generates_leaving_the_world_unchanged(
     assert not torch.allclose(clips, constant) and not torch.allclose(constant, base)
 
 
+def _trained(spec, tensors, trigger=None) -> TrainedParts:
+    """A subject or motion LoRA read back from its file (and a trigger embedding), as a run returns them."""
+    parts = {spec.name: Exported("lora", tensors, {"spec": spec.to_dict()})}
+    if trigger is not None:
+        parts["trigger"] = Exported("trigger_embedding", {"trigger_embedding": trigger}, {"trigger_words": "sks"})
+    return TrainedParts(parts, [], spec.name)
+
+
 def test_merged_and_scheduled_sampling_agree_for_constant_strengths(tmp_path):
     world = build_world(TINY)
     case = load_cases()[0]
@@ -127,7 +136,7 @@ def test_merged_and_scheduled_sampling_agree_for_constant_strengths(tmp_path):
     loras = []
     for name in ("subject", "motion"):
         tensors, spec, _ = read_lora(tmp_path / f"{case.name}_{name}.safetensors")
-        loras.append(TrainedLora(spec, tensors, []))
+        loras.append(_trained(spec, tensors))
     almost_constant = {"subject": StrengthSchedule(((0.0, 1.0), (0.5, 1.0 + 1e-7)))}
     assert not almost_constant["subject"].is_constant
     unmerged = generate_with_loras(world, loras, ["sks mtn"], 0, almost_constant, steps=2)
@@ -147,9 +156,9 @@ def test_a_trigger_embedding_is_saved_and_added_at_sks_only_while_generating(tmp
     saved = learned.residual
     assert learned.trigger_words == "sks" and saved.shape == (1, world.text.embedding.weight.shape[1])
     assert float(saved.abs().max()) > 0
-    loras = [TrainedLora(spec, tensors, []) for tensors, spec, _ in
+    loras = [_trained(spec, tensors) for tensors, spec, _ in
              (read_lora(tmp_path / f"{case.name}_{name}.safetensors") for name in ("subject", "motion"))]
-    assert torch.allclose(generate_with_loras(world, [replace(loras[0], trigger_embedding=saved), loras[1]],
+    assert torch.allclose(generate_with_loras(world, [_trained(loras[0].spec, loras[0].tensors, saved), loras[1]],
                                               ["sks mtn"], 0, steps=2), with_embedding, atol=1e-5)
     assert not torch.allclose(generate_with_loras(world, loras, ["sks mtn"], 0, steps=2), with_embedding, atol=1e-3)
 

@@ -64,6 +64,11 @@ class OptimSettings:
         return warmup_cosine(step, self.lr, self.warmup, self.steps, self.min_lr_ratio)
 
 
+def warmup_steps(steps: int) -> int:
+    """The warm-up a run of `steps` steps gets from the nodes and the world: a tenth of it, at most 20 steps."""
+    return min(20, steps // 10)
+
+
 def warmup_cosine(step: int, lr: float, warmup: int, steps: int, min_lr_ratio: float) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to `min_lr_ratio * lr` at `steps`."""
     if step < warmup:
@@ -113,15 +118,16 @@ def _differences(old: dict, new: dict) -> str:
 
 def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
           workdir: str | Path | None = None, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None, extra_state: dict[str, nn.Module] | None = None,
-          about: dict | None = None) -> list[dict]:
+          log: Callable[[str], None] | None = None, about: dict | None = None) -> list[dict]:
     """Run `settings.steps` steps and return the loss history (one record per step).
 
     With `workdir`, a checkpoint there is resumed if it matches these groups and settings and `about`
     (digests of the data and the base model, `data` and `model`, and the recipe's `settings` as a dict),
     and one is written every `checkpoint_every` steps and at the end. A checkpoint of another run is kept
     aside (one, as `checkpoint.previous.pt`) and this run trains afresh; `log` says which happened.
-    `extra_state` modules (e.g. a data sampler's state) are checkpointed with the parameters.
+
+    Every random draw of a step comes from the generator `step_fn` is given (seeded with `settings.seed` and
+    checkpointed with the parameters), so a resumed run draws what the uninterrupted one would have.
     """
     if not groups or not any(groups.values()):
         raise InputError("adapters", "nothing to train", "at least one adapter or trainable module")
@@ -138,7 +144,7 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
     ckpt_path = Path(workdir) / CHECKPOINT_FILE if workdir is not None else None
     state = _matching_checkpoint(Path(workdir), fingerprint, log or (lambda m: None)) if ckpt_path else None
     if state is not None:
-        start, history = _resume(state, groups, opt, g, extra_state)
+        start, history = _resume(state, groups, opt, g)
         if log:
             log(f"already trained ({start} steps)" if start >= settings.steps
                 else f"resumed from step {start} of {settings.steps}")
@@ -148,9 +154,7 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
             return
         state = {"fingerprint": fingerprint, "step": step, "history": history,
                  "params": {n: [p.detach().cpu() for p in ps] for n, ps in groups.items()},
-                 "optimizer": opt.state_dict(), "generator": g.get_state(),
-                 "torch_rng": torch.random.get_rng_state(),
-                 "extra": {k: m.state_dict() for k, m in (extra_state or {}).items()}}
+                 "optimizer": opt.state_dict(), "generator": g.get_state()}
         with atomic_path(ckpt_path) as tmp:
             torch.save(state, tmp)
 
@@ -223,19 +227,11 @@ def _matching_checkpoint(workdir: Path, fingerprint: dict, log: Callable[[str], 
     return None
 
 
-def _resume(state: dict, groups, opt, g, extra_state) -> tuple[int, list[dict]]:
+def _resume(state: dict, groups, opt, g) -> tuple[int, list[dict]]:
     with torch.no_grad():
         for name, ps in groups.items():
             for p, saved in zip(ps, state["params"][name]):
                 p.copy_(saved)
     opt.load_state_dict(state["optimizer"])
     g.set_state(state["generator"])
-    torch.random.set_rng_state(state["torch_rng"])
-    for k, m in (extra_state or {}).items():
-        m.load_state_dict(state["extra"][k])
     return int(state["step"]), list(state["history"])
-
-
-def seconds_per_step(history: list[dict], last: int = 20) -> float:
-    recent = history[-last:]
-    return sum(r["seconds"] for r in recent) / max(1, len(recent))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.embedding import LearnedTrigger, save_trigger_embedding
+from ..adapters.embedding import save_trigger_embedding
 from ..adapters.lora import LoraAdapters, save_lora
 from ..backbones.wan import ROLES
 from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
@@ -23,13 +23,13 @@ from ..training.customize import (
     MotionSettings,
     SubjectSet,
     SubjectSettings,
-    TrainedLora,
     VideoSet,
     train_joint,
     train_motion,
     train_subject,
 )
-from ..training.loop import OptimSettings
+from ..training.engine import TrainedParts
+from ..training.loop import OptimSettings, warmup_steps
 from ..training.objectives import DecodedFlow, SigmaSampler, latent_mask
 from .cases import Case
 from .latent import TEMPORAL_FACTOR, decode, encode, encode_stills
@@ -104,7 +104,7 @@ def motion_set(world: World, case: Case, raft=None, hue_copies: int = 0) -> Vide
 
 
 def _world_optim(steps: int, lr: float) -> OptimSettings:
-    return OptimSettings(steps=steps, lr=lr, warmup=min(20, steps // 10), checkpoint_every=max(1, steps))
+    return OptimSettings(steps=steps, lr=lr, warmup=warmup_steps(steps), checkpoint_every=max(1, steps))
 
 
 def _training_bar(description: str):
@@ -183,9 +183,10 @@ class LoraMethod:
             save_lora(workdir / f"{case.name}_{trained.spec.name}.safetensors", trained.tensors, trained.spec,
                       world.backbone, {"case": case.name, "method": self.name, "steps": len(trained.history),
                                        "trigger": SUBJECT_WORD if trained is subject else MOTION_WORD})
-            if trained.trigger_embedding is not None:
+            learned = trained.learned_trigger()  # learned at the subject set's trigger words, SUBJECT_WORD
+            if learned is not None:
                 save_trigger_embedding(workdir / f"{case.name}_{trained.spec.name}_trigger_embedding.safetensors",
-                                       LearnedTrigger(trained.trigger_embedding, SUBJECT_WORD))
+                                       learned)
 
         def run(prompts, seed):
             return generate_with_loras(world, trained_loras, prompts, seed, self.schedules,
@@ -195,7 +196,7 @@ class LoraMethod:
         return run, {"subject": subject_words, "motion": MOTION_WORD}
 
 
-def generate_with_loras(world: World, loras: list[TrainedLora], prompts: list[str], seed: int,
+def generate_with_loras(world: World, loras: list[TrainedParts], prompts: list[str], seed: int,
                         schedules: dict[str, StrengthSchedule] | None = None, progress_bar: bool = False,
                         **sampling) -> torch.Tensor:
     """Generate with trained LoRAs attached (and a subject LoRA's trigger embedding at "sks"); merged into the
