@@ -27,3 +27,38 @@ def tiny_diffusers_wan(layers=2):
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                                  in_channels=16, out_channels=16, text_dim=64, freq_dim=32, ffn_dim=64,
                                  num_layers=layers).eval()
+
+
+def residual_effect(backbone, block: int, site: str, x, sigma, context, stream_input: str, chunks):
+    """Run `backbone` with a residual `f(h) = h @ W` beside `site` of `block` and without it; return (how the
+    residual stream changed, gate * f(h) computed by hand). The stream is read after the sublayer's gated
+    add: at the input of the block's module `stream_input` for the self-attention, at the block's output for
+    the FFN. `chunks(block_module, args, kwargs)` gives the block's six modulation chunks from its inputs."""
+    module = backbone.blocks[block]
+    weight = torch.randn(backbone.dim, backbone.dim, generator=torch.Generator().manual_seed(1)) * 0.1
+    seen = {}
+
+    def residual(h):
+        seen["h"] = h
+        return h @ weight
+
+    def run():
+        hooks = [module.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("chunks", chunks(m, a, k)),
+                                                  with_kwargs=True)]
+        if site == "ffn":
+            hooks.append(module.register_forward_hook(lambda m, a, out: seen.__setitem__("stream", out)))
+        else:
+            hooks.append(module.get_submodule(stream_input).register_forward_pre_hook(
+                lambda m, a: seen.__setitem__("stream", a[0])))
+        with torch.no_grad():
+            backbone.forward(x, sigma, context)
+        for h in hooks:
+            h.remove()
+        return seen["stream"]
+
+    plain = run()
+    handle = backbone.add_residual(block, site, residual)
+    added = run()
+    handle.remove()
+    gate = seen["chunks"][2 if site == "self_attn" else 5]
+    return added - plain, gate * (seen["h"] @ weight)

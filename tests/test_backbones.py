@@ -1,6 +1,6 @@
 import pytest
 import torch
-from builders import tiny_diffusers_wan
+from builders import residual_effect, tiny_diffusers_wan
 
 from custvid_core.backbones import ROLES, describe, diffusers_to_native_key
 from custvid_core.errors import InputError
@@ -101,3 +101,38 @@ def test_real_wan21_configs_on_the_meta_device(config, dim, keys):
     # Every role's LoRA name points at a weight of the published checkpoint.
     for name, module in backbone.role_modules():
         assert native[name.removeprefix("diffusion_model.") + ".weight"] == tuple(module.weight.shape)
+
+
+@pytest.mark.parametrize("site", ["self_attn", "ffn"])
+def test_a_residual_beside_a_sublayer_adds_gate_times_f_of_its_input_and_leaves_no_trace(site):
+    backbone = describe(tiny_diffusers_wan())
+    with torch.no_grad():  # diffusers' modulation tables start near zero; make the gates matter
+        for b in backbone.blocks:
+            b.scale_shift_table.add_(torch.randn(b.scale_shift_table.shape, generator=torch.Generator().manual_seed(2)))
+    x, context = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 5, 64)
+    before = backbone.forward(x, 0.4, context)
+
+    def chunks(block, args, kwargs):
+        return (block.scale_shift_table + args[2].float()).chunk(6, dim=1)
+
+    change, expected = residual_effect(backbone, 1, site, x, 0.4, context, "norm2", chunks)
+    assert expected.abs().max() > 1e-2
+    assert torch.allclose(change, expected, atol=1e-5)
+    assert torch.equal(backbone.forward(x, 0.4, context), before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in backbone.model.modules())
+    with pytest.raises(InputError, match="site"):
+        backbone.add_residual(0, "cross_attn", lambda h: h)
+
+
+def test_a_text_context_edit_changes_the_forward_until_removed():
+    backbone = describe(tiny_diffusers_wan())
+    x, context = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 5, 64)
+    before = backbone.forward(x, 0.4, context)
+    edited = context.clone()
+    edited[:, 2] += 1.0
+    with_edited = backbone.forward(x, 0.4, edited)
+    assert not torch.allclose(with_edited, before)
+    handle = backbone.edit_text_context(lambda c: c + (edited - context))
+    assert torch.allclose(backbone.forward(x, 0.4, context), with_edited, atol=1e-6)
+    handle.remove()
+    assert torch.equal(backbone.forward(x, 0.4, context), before)

@@ -96,3 +96,22 @@ def test_cross_attention_capture_agrees_between_implementations():
     assert a_native[1]["q"].shape == (1, 2 * 3 * 4, TINY["dim"]) and a_native[1]["k"].shape == (1, 5, TINY["dim"])
     for name in ("q", "k"):
         assert torch.allclose(a_native[1][name], a_theirs[1][name], atol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["self_attn", "ffn"])
+def test_a_residual_beside_a_sublayer_of_comfyuis_wan_adds_gate_times_f_of_its_input_and_leaves_no_trace(site):
+    from builders import residual_effect
+
+    native, _ = tiny_pair()
+    x, context = torch.randn(1, 16, 2, 6, 8), torch.randn(1, 5, TINY["text_dim"])
+    before = native.forward(x, 0.4, context)
+
+    def chunks(block, args, kwargs):  # as WanAttentionBlock.forward splits them
+        e = kwargs["e"]
+        return (block.modulation + e).chunk(6, dim=1) if e.ndim < 4 else (block.modulation.unsqueeze(0) + e).unbind(2)
+
+    change, expected = residual_effect(native, 1, site, x, 0.4, context, "norm3", chunks)
+    assert expected.abs().max() > 1e-2
+    assert torch.allclose(change, expected, atol=1e-5)
+    assert torch.equal(native.forward(x, 0.4, context), before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in native.model.modules())
