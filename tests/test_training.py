@@ -506,3 +506,13 @@ def test_moving_clips_take_their_share_of_the_photo_steps():
         lora(_with_moving(data, 1), 1.5)
     with pytest.raises(InputError, match="moving_clips"):
         SubjectSet(data.latents, data.context, moving=SubjectSet(data.latents, torch.zeros(1, 5, 32)))
+
+
+def test_a_run_leaves_the_global_random_generator_as_it_was():
+    backbone = describe(tiny_diffusers_wan())
+    data = _subject_set()
+    data.subject_tokens = (0, 1)
+    state = torch.random.get_rng_state()
+    trained = train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1, trigger_embedding=True), 2))
+    assert "alignment" in trained.history[0] and trained.trigger_embedding is not None
+    assert torch.equal(torch.random.get_rng_state(), state)
