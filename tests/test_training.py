@@ -516,3 +516,24 @@ def test_a_run_leaves_the_global_random_generator_as_it_was():
     trained = train_subject(backbone, data, _quick(SubjectSettings(rank=4, alignment_block=1, trigger_embedding=True), 2))
     assert "alignment" in trained.history[0] and trained.trigger_embedding is not None
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_phase_schedules_pick_tasks_by_the_global_step_and_draw_only_where_they_choose_at_random():
+    from custvid_core.training.tasks import Cycle, Random, Stages, Task, task_at, tasks_in
+
+    a, b, c, d = (Task(n, lambda g, run: None, (n,)) for n in "abcd")
+    cycle = Cycle([a, b, c])
+    g = torch.Generator().manual_seed(0)
+    assert [task_at(cycle, i, g).name for i in range(7)] == list("abcabca")
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # a cycle draws nothing
+    # Random draws one number per step, and runs the first choice whose running sum passes it.
+    joint = Random([(0.3, d), (0.7, cycle)])
+    g, twin = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for i in range(40):
+        expected = d if float(torch.rand((), generator=twin)) < 0.3 else [a, b, c][i % 3]  # the cycle's own phase
+        assert task_at(joint, i, g) is expected
+    stages = Stages([(2, a), (3, Cycle([b, c])), (1, d)])
+    assert [task_at(stages, i, g).name for i in range(8)] == list("aabcbddd")
+    assert list(tasks_in(Random([(0.5, stages), (0.5, cycle)]))) == [a, b, c, d, a, b, c]
+    with pytest.raises(InputError, match="probabilities"):
+        Random([(0.3, a), (0.3, b)])
