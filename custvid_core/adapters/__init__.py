@@ -1,5 +1,9 @@
-"""Adapters that customize a backbone: LoRA by role (peft), in ComfyUI's native LoRA file form."""
+"""What customizes a backbone, as parts (`parts.Part`): LoRA by role (peft, in ComfyUI's native LoRA file form),
+the trigger embedding, the alignment projector."""
 
-from .lora import LoraAdapters, LoraSpec, motion_lora, read_lora, save_lora, subject_lora
+from .embedding import TriggerEmbeddingPart
+from .lora import LoraAdapters, LoraPart, LoraSpec, motion_lora, read_lora, save_lora, subject_lora
+from .parts import Exported, Part, ProjectorPart, attached
 
-__all__ = ["LoraAdapters", "LoraSpec", "motion_lora", "read_lora", "save_lora", "subject_lora"]
+__all__ = ["Exported", "LoraAdapters", "LoraPart", "LoraSpec", "Part", "ProjectorPart", "TriggerEmbeddingPart",
+           "attached", "motion_lora", "read_lora", "save_lora", "subject_lora"]

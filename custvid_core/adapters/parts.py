@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterable, Iterator, Protocol, Sequence, Union, runtime_checkable
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol, Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -57,9 +57,8 @@ class Part(Protocol):
 
 
 class PartBase:
-    """What most parts share: a name, a strength held until the progress resolves it, and attaching alone.
-    Subclasses apply a resolved strength in `_apply_strength`. Parts that must attach together (LoRAs, which
-    share one peft injection) override `attach_together`."""
+    """What most parts share: a name, and a strength held until the progress resolves it. Subclasses apply a
+    resolved strength in `_apply_strength`."""
 
     def __init__(self, name: str):
         self.name = name
@@ -77,23 +76,22 @@ class PartBase:
     def _apply_strength(self, value: StrengthValue) -> None:
         raise NotImplementedError
 
-    @classmethod
-    def attach_together(cls, backbone: WanBackbone, parts: Sequence["PartBase"], device: torch.device | None,
-                        stack: contextlib.ExitStack) -> None:
-        for part in parts:
-            stack.enter_context(part.attach(backbone, device))
-
 
 @contextlib.contextmanager
 def attached(backbone: WanBackbone, parts: Iterable[Part], device: torch.device | None = None) -> Iterator[None]:
-    """Attach `parts` to `backbone` while inside, each kind together in the order it first appears (all LoRA
-    parts in one injection), and detach them all on exit."""
+    """Attach `parts` to `backbone` while inside, kind by kind in the order each kind first appears, and detach
+    them all on exit. A kind whose parts must attach together (LoRAs: one peft injection for all) has a
+    classmethod `attach_together(backbone, parts, device, stack)` that enters what it attaches on `stack`."""
     by_kind: dict[type, list[Part]] = {}
     for part in parts:
         by_kind.setdefault(type(part), []).append(part)
     with contextlib.ExitStack() as stack:
         for kind, members in by_kind.items():
-            kind.attach_together(backbone, members, device, stack)
+            if hasattr(kind, "attach_together"):
+                kind.attach_together(backbone, members, device, stack)
+            else:
+                for part in members:
+                    stack.enter_context(part.attach(backbone, device))
         yield
 
 

@@ -231,7 +231,8 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
                                          data.context.shape[-1], data.trigger_words, seed)
         parts.append(embedding)
     learns_subject = tuple(p.name for p in (main, projector, embedding) if p is not None)
-    other_prompts = (embedding.name,) if embedding is not None else ()  # the trigger's rows are not theirs
+    # The trigger embedding edits the rows of the photos' prompt: off on clips with prompts of their own.
+    photo_prompt_only = (embedding.name,) if embedding is not None else ()
     # The region loss's masks, widened once here rather than on every step; keyed by whether a step takes the
     # moving clips.
     region_masks = {moving: widened(d.masks, settings.region_margin)
@@ -243,31 +244,31 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
         photo_align = align and not moving  # the photos' DINOv2 features, on photo steps only
         clip_attend = attend and items.masks is not None
 
-        def loss(g: torch.Generator, run: StepContext):
+        def loss(g: torch.Generator, ctx: StepContext):
             idx = _pick(items.latents.shape[0], settings.batch, g)
-            x0 = items.latents[idx].to(run.device, run.dtype)
+            x0 = items.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            mask = region_masks[moving][idx].to(run.device) if moving in region_masks else None
-            context = _rows(items.context, idx).to(run.device, run.dtype)
-            grid = run.backbone.token_grid(x.shape)
+            mask = region_masks[moving][idx].to(ctx.device) if moving in region_masks else None
+            context = _rows(items.context, idx).to(ctx.device, ctx.dtype)
+            grid = ctx.backbone.token_grid(x.shape)
             with contextlib.ExitStack() as stack:
-                hidden = stack.enter_context(run.backbone.capture(settings.alignment_block)) if photo_align else None
-                attention = stack.enter_context(run.backbone.capture_cross_attention(attention_blocks)) \
+                hidden = stack.enter_context(ctx.backbone.capture(settings.alignment_block)) if photo_align else None
+                attention = stack.enter_context(ctx.backbone.capture_cross_attention(attention_blocks)) \
                     if clip_attend else None
-                v = run.backbone.forward(x, sigma.to(run.device), context)
+                v = ctx.backbone.forward(x, sigma.to(ctx.device), context)
             l_region = region_loss(v, target, mask)
             total = l_region
             terms = {"region" if mask is not None else "mse": float(l_region.detach())}
             if photo_align:
                 l_align = subject_alignment_loss(projector.module, hidden[settings.alignment_block], grid,
-                                                 data.dino_tokens[idx].to(run.device))
+                                                 data.dino_tokens[idx].to(ctx.device))
                 total = total + settings.alignment_weight * l_align
                 terms["alignment"] = float(l_align.detach())
             if clip_attend:
                 maps = [subject_token_attention(a["q"], a["k"], a["heads"], list(data.subject_tokens))
                         for a in attention.values()]
-                l_attend = token_attention_loss(maps, items.masks[idx].to(run.device), grid)
+                l_attend = token_attention_loss(maps, items.masks[idx].to(ctx.device), grid)
                 total = total + settings.token_attention_weight * l_attend
                 terms["token_attention"] = float(l_attend.detach())
             return total, terms
@@ -277,16 +278,16 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
     def clips_loss(still: bool):
         clips = data.preservation
 
-        def loss(g: torch.Generator, run: StepContext):
+        def loss(g: torch.Generator, ctx: StepContext):
             idx = _pick(clips.latents.shape[0], settings.batch, g)
             if still:
                 k = int(torch.randint(clips.stills.shape[1], (1,), generator=g))
-                x0 = clips.stills[idx, k].to(run.device, run.dtype)
+                x0 = clips.stills[idx, k].to(ctx.device, ctx.dtype)
             else:
-                x0 = clips.latents[idx].to(run.device, run.dtype)
+                x0 = clips.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            v = run.backbone.forward(x, sigma.to(run.device), _rows(clips.context, idx).to(run.device, run.dtype))
+            v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(clips.context, idx).to(ctx.device, ctx.dtype))
             if still:
                 loss = region_loss(v, target)
                 return loss, {"stillness": float(loss.detach())}
@@ -302,14 +303,14 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
     schedule = photos
     if preserve:
         preservation = Task("preservation", clips_loss(False), (main.name,),
-                            off=other_prompts + ((stillness.name,) if stillness is not None else ()))
+                            off=photo_prompt_only + ((stillness.name,) if stillness is not None else ()))
         schedule = Cycle([photos, preservation])
         if stillness is not None:
             # Stills of the preservation clips; the subject LoRA off, so that it does not learn them.
-            still = Task("stillness", clips_loss(True), (stillness.name,), off=(main.name, *other_prompts))
+            still = Task("stillness", clips_loss(True), (stillness.name,), off=(main.name, *photo_prompt_only))
             schedule = Cycle([still, photos, preservation])
     own_only = tuple(p.name for p in (stillness, embedding) if p is not None)
-    return Recipe(settings.name, parts, schedule, returns=learns_subject[:1] + other_prompts, own_only=own_only,
+    return Recipe(settings.name, parts, schedule, returns=(main.name, *photo_prompt_only), own_only=own_only,
                   settings=settings, data=data)
 
 
@@ -340,31 +341,31 @@ def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSetting
         projector = _projector(settings, backbone, 2, seed)
         parts.append(projector)
 
-    def spatial_loss(g: torch.Generator, run: StepContext):
+    def spatial_loss(g: torch.Generator, ctx: StepContext):
         """Single frames as images (MotionDirector's spatial phase)."""
         idx = _pick(data.latents.shape[0], settings.batch, g)
-        context = _rows(data.context, idx).to(run.device, run.dtype)
+        context = _rows(data.context, idx).to(ctx.device, ctx.dtype)
         sigma = settings.sigmas(len(idx), g)
         if data.stills is not None:
             k = int(torch.randint(data.stills.shape[1], (1,), generator=g))
-            x0 = data.stills[idx, k].to(run.device, run.dtype)
+            x0 = data.stills[idx, k].to(ctx.device, ctx.dtype)
         else:
             f = int(torch.randint(frames, (1,), generator=g))
-            x0 = data.latents[idx][:, :, f:f + 1].to(run.device, run.dtype)
+            x0 = data.latents[idx][:, :, f:f + 1].to(ctx.device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
-        loss = region_loss(run.backbone.forward(x, sigma.to(run.device), context), target)
+        loss = region_loss(ctx.backbone.forward(x, sigma.to(ctx.device), context), target)
         return loss, {"spatial": float(loss.detach())}
 
-    def motion_loss(g: torch.Generator, run: StepContext):
-        backbone, device = run.backbone, run.device
+    def motion_loss(g: torch.Generator, ctx: StepContext):
+        backbone, device = ctx.backbone, ctx.device
         idx = _pick(data.latents.shape[0], settings.batch, g)
-        context = _rows(data.context, idx).to(device, run.dtype)
+        context = _rows(data.context, idx).to(device, ctx.dtype)
         sigma = settings.sigmas(len(idx), g)
-        x0 = data.latents[idx].to(device, run.dtype)
+        x0 = data.latents[idx].to(device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
         if decode_align:
             v = backbone.forward(x, sigma.to(device), context)
-            x0_pred = x - sigma.to(device, run.dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
+            x0_pred = x - sigma.to(device, ctx.dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
             l_align = decoded_flow_loss(decoded_flow, x0_pred, data.flow[idx].to(device), g)
         elif align:
             with backbone.capture(settings.alignment_block) as hidden:

@@ -140,6 +140,12 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
         names = [p.name for r in recipes for p in r.parts]
         raise InputError("name", f"part names {names}", "different names for the recipes' adapters")
     owner = {task: r for r in recipes for task in tasks_in(r.schedule)}
+    for task in tasks_in(schedule):
+        unknown = [n for n in task.off if n not in parts]
+        if task not in owner or unknown:
+            raise InputError("schedule", f"task '{task.name}' " + (f"switches off unknown parts {unknown}" if unknown
+                                                                  else "belongs to none of the recipes"),
+                             "tasks of the run's recipes, switching off their parts")
     context = StepContext(backbone, device, dtype)
     with attached(backbone, parts.values(), device), backbone.checkpointing(checkpointing), \
             contextlib.ExitStack() as stack:
