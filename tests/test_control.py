@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from custvid_core.adapters.lora import native_lora_factors
-from custvid_core.control import AttentionEdit, Controls, SamplingControl, SamplingStep, ScheduledStrengths, \
-    StrengthSchedule, UnmergedLora
+from custvid_core.control import (
+    AttentionEdit,
+    Controls,
+    SamplingControl,
+    SamplingStep,
+    ScheduledStrengths,
+    StrengthSchedule,
+    UnmergedLora,
+)
 from custvid_core.control.sampling import CrossAttentionCall, conditional_rows
 from custvid_core.errors import InputError
 
