@@ -41,10 +41,10 @@ def sample_flow(backbone: WanBackbone, context: torch.Tensor, uncond: torch.Tens
     both = torch.cat([context, uncond]) if guided else context
     rows = conditional_rows([0, 1] if guided else [0], both.shape[0])
     control = Controls(controls)
-    now: list[SamplingStep] = []  # the step being run, for the attention hook
+    now: dict[str, SamplingStep] = {}  # the step being run, for the attention hook
     edited = contextlib.nullcontext()
     if control.edits_attention:
-        edited = backbone.text_cross_attention(cross_attention_hook(control, lambda: now[-1],
+        edited = backbone.text_cross_attention(cross_attention_hook(control, lambda: now["step"],
                                                                     backbone.token_grid(noise.shape)))
     bar = None
     if progress is None:
@@ -53,7 +53,7 @@ def sample_flow(backbone: WanBackbone, context: torch.Tensor, uncond: torch.Tens
     with edited:
         for i in range(steps):
             step = SamplingStep.of(i, sigmas, rows)
-            now.append(step)
+            now["step"] = step
             control.before_step(step)
             if guided:
                 v_cond, v_uncond = backbone.forward(torch.cat([x, x]), step.sigma, both).chunk(2)
