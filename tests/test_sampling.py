@@ -65,8 +65,9 @@ def _generate(with_strengths=True, **changes):
 
 
 def test_generate_with_camera_steering_and_a_strength_schedule_gives_the_recorded_clips():
-    """Recorded with the sampler as it was before the sampling contract (controls then came as a `before_step`
-    from `LoraAdapters.scheduler`, the camera and the steering as generate's own code)."""
+    """Recorded at commit 8f9787e, before the sampling contract: the same world and settings through
+    `generate(world, PROMPTS, before_step=adapters.scheduler(SCHEDULES), **SAMPLING)` (this module's top level
+    imports only what that tree has, so the recording can be made again there)."""
     from safetensors.torch import load_file
 
     recorded = load_file(RECORDED)["clips"]
