@@ -6,9 +6,6 @@ all-in-one sampler node; box steering is a MODEL patch (an attention override on
 
 from __future__ import annotations
 
-import math
-
-import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -16,13 +13,14 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..custvid_core.control.boxes import BoxSteering, BoxTrack, attend_edited
+from ..custvid_core.control.boxes import BoxSteering, BoxTrack, PromptSteering
 from ..custvid_core.control.camera import MAX_ZOOM, CameraPath, LatentShift, StepWindow
-from ..custvid_core.control.strength import step_fraction
+from ..custvid_core.control.sampling import LatentView, SamplingControl, SamplingStep
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import draw_boxes
 from ..custvid_core.world import latent as world_latent
 from . import types
+from .comfy_sampling import drive_controls
 from .host import token_roles
 
 CATEGORY = "CustVid/control"
@@ -87,14 +85,14 @@ class CameraShift:
         self.path, self.window, self.layout, self.seed, self.boxes = path, window, layout, seed, boxes
         self.schedule = schedule
 
-    def place(self, sigmas: torch.Tensor) -> tuple[int, int]:
-        """(the index of the sampler's first step in the whole schedule, the schedule's step count)."""
+    def place(self, sigmas: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(the index of the sampler's first step in the whole schedule, the whole schedule)."""
         if self.schedule is None:
-            return 0, len(sigmas) - 1
+            return 0, sigmas
         whole, part = self.schedule.detach().float().cpu(), sigmas.detach().float().cpu()
         for offset in range(len(whole) - len(part) + 1):
             if torch.allclose(whole[offset:offset + len(part)], part, rtol=1e-4, atol=1e-6):
-                return offset, len(whole) - 1
+                return offset, whole
         raise InputError("schedule", "the sampler's sigmas are not a part of it",
                          "the SIGMAS the experts' SplitSigmas split (from the scheduler), or nothing")
 
@@ -110,10 +108,11 @@ class CameraShift:
         boxes = None if self.boxes is None else self.boxes.per_frame(frames)[:, None]
         return LatentShift(self.path, steps, frames, self.window, boxes, self.seed)
 
-    def after_step(self, mover: LatentShift, step: int, x: torch.Tensor) -> torch.Tensor:
+    def control(self, mover: LatentShift) -> SamplingControl:
+        """The shift as the latent's layout needs it."""
         if self.layout == WORLD_LAYOUT:
-            return world_latent.from_frames(mover.after_step(step, world_latent.as_frames(x)), x)
-        return mover.after_step(step, x)
+            return LatentView(mover, world_latent.as_frames, world_latent.from_frames)
+        return mover
 
     def sampler(self, inner) -> comfy.samplers.KSAMPLER:
         """Wraps a KSAMPLER: it runs range by range, and the latent is shifted after each window step.
@@ -124,9 +123,10 @@ class CameraShift:
         camera = self
 
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
-            first, total = camera.place(sigmas)
-            last = first + len(sigmas) - 1
+            first, whole = camera.place(sigmas)
+            last, total = first + len(sigmas) - 1, len(whole) - 1
             mover = camera.shift(x, total)
+            control = camera.control(mover)
             extra_args = dict(extra_args or {})
             for start, end in mover.segments(total):
                 start, end = max(start, first), min(end, last)
@@ -139,7 +139,7 @@ class CameraShift:
                     lambda d, offset=start - first: callback({**d, "i": d["i"] + offset}))
                 x = inner.sampler_function(model, x, sigmas[start - first:end - first + 1], extra_args=args,
                                            callback=step_callback, disable=disable, **inner.extra_options)
-                x = camera.after_step(mover, end - 1, x)
+                x = control.after_step(SamplingStep.of(end - 1, whole), x)
             return x
 
         return comfy.samplers.KSAMPLER(sample, inpaint_options=inner.inpaint_options)
@@ -301,53 +301,7 @@ def _parse_blocks(text: str, count: int) -> frozenset[int] | None:
 
 def steering_patch(model, steering: BoxSteering):
     """A clone of `model` whose text cross-attention follows `steering` in the conditional pass."""
-    patched = model.clone()
-    patch_size = getattr(patched.get_model_object("diffusion_model"), "patch_size", (1, 2, 2))
-    options = patched.model_options.setdefault("transformer_options", {})
-    previous = options.get("optimized_attention_override")
-
-    def record_call(executor, x, *args, **kwargs):
-        """Once per model call: the token grid, the text context's length and how far sampling has got, for
-        every attention call. (Wan's `_forward(x, timestep, context, clip_fea, time_dim_concat, options)`.)"""
-        to = kwargs.get("transformer_options", args[4] if len(args) > 4 else None)
-        context = kwargs.get("context", args[1] if len(args) > 1 else None)
-        if to is not None:
-            to["custvid_token_grid"] = tuple(math.ceil(n / p) for n, p in zip(x.shape[2:], patch_size))
-            to["custvid_text_length"] = context.shape[1] if torch.is_tensor(context) else None
-            sigma = to.get("sigmas")
-            to["custvid_progress"] = step_fraction(float(sigma.max()), to.get("sample_sigmas")) if sigma is not None \
-                else 0.0
-        return executor(x, *args, **kwargs)
-
-    def attention(func, *args, **kwargs):
-        def call(q, k, v, mask):
-            rest = dict(kwargs)
-            if mask is not None:
-                rest["mask"] = mask.to(q.dtype)
-            if previous is not None:
-                return previous(func, q, k, v, *args[3:], **rest)
-            return func(q, k, v, *args[3:], **rest)
-
-        q, k, v = args[:3]
-        to = kwargs.get("transformer_options") or {}
-        grid = to.get("custvid_token_grid")
-        block = to.get("block_index", -1)
-        # Steered: Wan's text cross-attention (keys as long as the text context, not an image-to-video
-        # model's CLIP image tokens; no mask of its own) in a chosen block.
-        if (grid is None or k.shape[1] != to.get("custvid_text_length") or k.shape[1] == q.shape[1]
-                or q.shape[1] != math.prod(grid)
-                or kwargs.get("mask") is not None or not steering.steers(block)):
-            return call(q, k, v, None)
-        chunks = to.get("cond_or_uncond") or [0]
-        per_chunk = q.shape[0] // len(chunks)
-        rows = [c * per_chunk + i for c, kind in enumerate(chunks) if kind == 0 for i in range(per_chunk)]
-        edit = steering.edit(grid, k.shape[1], to.get("custvid_progress", 0.0), q.dtype, q.device)
-        return attend_edited(call, q, k, v, {row: edit for row in rows})
-
-    options["optimized_attention_override"] = attention
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
-                                 f"custvid_box_steering_{id(steering)}", record_call)
-    return patched
+    return drive_controls(model, [PromptSteering([steering])], f"custvid_box_steering_{id(steering)}")
 
 
 class BoxSteeringNode(io.ComfyNode):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import comfy.patcher_extension
 import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
-from ..custvid_core.control.strength import ScheduledLora, StrengthSchedule, step_fraction
+from ..custvid_core.control.strength import ScheduledStrengths, StrengthSchedule, UnmergedLora
 from ..custvid_core.errors import InputError
 from ..custvid_core.files import load_state_dict
+from .comfy_sampling import drive_controls
 
 CATEGORY = "CustVid/apply"
 PRESETS = {"custom": None, "smrabooth_subject": "0:0.6, 0.3:0.8", "smrabooth_motion": "1.0"}
@@ -55,22 +55,12 @@ class ApplyLoRASchedule(io.ComfyNode):
             raise InputError("schedule", e.problem, e.expected) from e
         _check_fits(model, lora, source)
         if parsed.is_constant:  # merged, exactly as the stock LoRA loader does it
-            return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, lora, parsed.at_fraction(0.0), 0)[0])
-        try:
-            scheduled = ScheduledLora(lora, parsed)
-        except InputError as e:
-            raise InputError(source, e.problem, e.expected) from None
-        patched = model.clone()
-        for module in scheduled.layers:
-            patched.add_weight_wrapper(f"{module}.weight", scheduled.weight_function(module))
-
-        def follow_schedule(executor, x, t, *args, **kwargs):
-            options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("transformer_options", {})
-            scheduled.set_progress(step_fraction(float(t.max()), options.get("sample_sigmas")))
-            return executor(x, t, *args, **kwargs)
-
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL,
-                                     f"custvid_lora_schedule_{id(scheduled)}", follow_schedule)
+            return io.NodeOutput(comfy.sd.load_lora_for_models(model, None, lora, parsed.at(0.0), 0)[0])
+        unmerged = UnmergedLora(lora, input_name=source)
+        patched = drive_controls(model, [ScheduledStrengths(unmerged, {unmerged.name: parsed})],
+                                 f"custvid_lora_schedule_{id(unmerged)}")
+        for module in unmerged.layers:
+            patched.add_weight_wrapper(f"{module}.weight", unmerged.weight_function(module))
         return io.NodeOutput(patched)
 
 

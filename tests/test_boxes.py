@@ -1,9 +1,12 @@
 """Box steering: box tracks, token roles and the cross-attention logit bias, with known answers."""
 
+import math
+
 import pytest
 import torch
 
 from custvid_core.control.boxes import SUPPRESS, AttentionEdit, BoxSteering, BoxTrack, TokenRoles, word_positions
+from custvid_core.control.sampling import SamplingControl, SamplingStep, cross_attention_hook
 from custvid_core.errors import InputError
 from custvid_core.media import draw_boxes
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
@@ -74,18 +77,27 @@ def test_a_suppressing_bias_and_kept_keys_equal_dropping_the_suppressed_words_in
     x = torch.randn(2, 16, 1, 8, 8, generator=g)
     context = torch.randn(2, 6, 4096, generator=g)
 
-    def suppress(block, q_len, k_len):
-        b = torch.zeros(q_len, k_len)
+    class Edit(SamplingControl):
+        def __init__(self, make):
+            self.make = make
+
+        def attention_edit(self, step, call):
+            return {0: self.make(call)}
+
+    def suppress(call):
+        b = torch.zeros(math.prod(call.grid), call.key_length)
         b[:, 2:] = SUPPRESS
-        return {0: AttentionEdit(bias=b)}
+        return AttentionEdit(bias=b)
 
-    def keep(block, q_len, k_len):
-        return {0: AttentionEdit(keep=torch.tensor([0, 1]))}
+    def keep(call):
+        return AttentionEdit(keep=torch.tensor([0, 1]))
 
+    step = SamplingStep(0, 1, 0.5, 0.0, (0,))
     with torch.no_grad():
         outputs = []
-        for edits in (suppress, keep):
-            with world.backbone.cross_attention_edits(edits):
+        for make in (suppress, keep):
+            hook = cross_attention_hook(Edit(make), lambda: step, world.backbone.token_grid(x.shape))
+            with world.backbone.text_cross_attention(hook):
                 outputs.append(world.backbone.forward(x, 0.5, context))
         dropped = world.backbone.forward(x[:1], 0.5, context[:1, :2])
         plain = world.backbone.forward(x, 0.5, context)

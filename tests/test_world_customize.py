@@ -84,7 +84,7 @@ def test_motion_clips_in_other_colours_keep_their_caption_and_flow():
 
 def test_schedules_follow_smrabooth_timing():
     subject = SMRABOOTH_TIMING["subject"]
-    assert [subject.at(i, 50) for i in (0, 14, 15, 49)] == [0.6, 0.6, 0.8, 0.8]
+    assert [subject.at(i / 50) for i in (0, 14, 15, 49)] == [0.6, 0.6, 0.8, 0.8]
     assert StrengthSchedule.parse("0:0.6, 0.3:0.8") == subject
     assert StrengthSchedule.parse("0.7").is_constant
 

@@ -15,7 +15,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -207,17 +207,6 @@ class LoraAdapters:
             for layer in self._paths.values():
                 layer.unmerge()
 
-    def scheduler(self, schedules: dict) -> Callable[[int, int], None]:
-        """A sampler's `before_step` that sets each adapter's strength from its StrengthSchedule."""
-        for name in schedules:
-            self._check(name)
-
-        def before_step(step: int, steps: int) -> None:
-            for name, schedule in schedules.items():
-                self.set_strength(name, schedule.at(step, steps))
-
-        return before_step
-
     # --- ComfyUI's LoRA form ---------------------------------------------------------------
     def native_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """The adapter as ComfyUI's stock loader reads it: `<native>.lora_down.weight [r, in]`,
@@ -364,3 +353,21 @@ def read_lora(path, input_name: str = "lora") -> tuple[dict[str, torch.Tensor], 
     if "custvid.lora.spec" in meta:
         spec = LoraSpec.from_dict(json.loads(meta["custvid.lora.spec"]))
     return tensors, spec, {k: json.loads(v) if k.startswith("custvid.") else v for k, v in meta.items()}
+
+
+def native_lora_factors(tensors: dict[str, torch.Tensor],
+                        input_name: str = "lora") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """A native LoRA file's layers: module name (without `diffusion_model.`) -> (down `[r, in]`, up `[out, r]`,
+    alpha / rank), the factors in fp32; a missing alpha means alpha = rank."""
+    factors = {}
+    for name in sorted(native_lora_modules(tensors)):
+        module = NATIVE_PREFIX + name
+        if module + ".lora_down.weight" not in tensors:
+            continue
+        if module + ".lora_up.weight" not in tensors:
+            raise InputError(input_name, f"'{module}.lora_up.weight' is missing beside its down factor",
+                             "a LoRA with an up and a down factor for every layer")
+        down, up = tensors[module + ".lora_down.weight"], tensors[module + ".lora_up.weight"]
+        alpha = float(tensors.get(module + ".alpha", torch.tensor(float(down.shape[0]))))
+        factors[name] = (down.float(), up.float(), alpha / down.shape[0])
+    return factors

@@ -299,11 +299,12 @@ class DiffusersWanBackbone(WanBackbone):
         return self.model(hidden_states=latents, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
 
     @contextlib.contextmanager
-    def cross_attention_edits(self, edits: Callable[[int, int, int], dict | None]) -> Iterator[None]:
-        """While inside, block i's text cross-attention applies `edits(i, query_length, key_length)`: a
-        dict of batch row -> AttentionEdit (a logit bias, or the keys kept), or None for no change."""
-        from ..control.boxes import attend_edited
-
+    def text_cross_attention(self, hook: Callable[[int, Callable, torch.Tensor, torch.Tensor], torch.Tensor | None]
+                             ) -> Iterator[None]:
+        """While inside, block i's text cross-attention calls `hook(i, attend, hidden_states, context)`:
+        `attend(hidden_states, context, bias)` runs the block's own attention with an optional logit bias
+        `[B, Lq, Lk]` (the same for every head); the hook returns the attention's output, or None to leave
+        the call as it is."""
         swapped = []
         try:
             for i, block in enumerate(self.blocks):
@@ -312,15 +313,14 @@ class DiffusersWanBackbone(WanBackbone):
 
                 def processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                               rotary_emb=None, _original=original, _i=i):
-                    rows = edits(_i, hidden_states.shape[1], encoder_hidden_states.shape[1])
-                    if not rows:
-                        return _original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-
-                    def attend(h, context, _unused, bias):
+                    def attend(h, context, bias):
                         mask = None if bias is None else bias[:, None].to(h.dtype)  # one bias for every head
                         return _original(attn, h, context, mask, rotary_emb)
 
-                    return attend_edited(attend, hidden_states, encoder_hidden_states, encoder_hidden_states, rows)
+                    out = hook(_i, attend, hidden_states, encoder_hidden_states)
+                    if out is None:
+                        return _original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+                    return out
 
                 attn.processor = processor
                 swapped.append((attn, original))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import Sequence
 
 import torch
 
 from ..errors import InputError
+from .sampling import AttentionEdit, CrossAttentionCall, SamplingControl, SamplingStep
 
 # Added to suppressed logits: far below any real logit, still finite so fp16 softmax stays defined.
 SUPPRESS = -1.0e4
@@ -137,18 +138,6 @@ class TokenRoles:
 
 
 @dataclass
-class AttentionEdit:
-    """A change to one cross-attention call: a logit bias `[Lq, Lk]`, or the keys to keep (the others dropped)."""
-
-    bias: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
-
-    @property
-    def changes(self) -> bool:
-        return self.bias is not None or self.keep is not None
-
-
-@dataclass
 class BoxSteering:
     """Box-steered cross-attention for one prompt.
 
@@ -229,25 +218,16 @@ def word_positions(prompt_tokens: list, word_tokens: dict[str, list], name: str,
     return tuple(sorted(set(found)))
 
 
-def attend_edited(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  edits: dict[int, AttentionEdit]) -> torch.Tensor:
-    """`attend(q, k, v, mask)` over a batch where rows in `edits` (the conditional pass) get their edit and
-    the other rows run unchanged, batched (the host's fast path). `k`/`v` may be the same tensor."""
-    n = q.shape[0]
-    edits = {i: e for i, e in edits.items() if e.changes}
-    plain = [i for i in range(n) if i not in edits]
-    if not edits:
-        return attend(q, k, v, None)
-    outputs = {}
-    for i, e in edits.items():
-        ki, vi = k[i:i + 1], v[i:i + 1]
-        if e.keep is not None:
-            ki, vi = ki[:, e.keep], vi[:, e.keep]
-        outputs[i] = attend(q[i:i + 1], ki, vi, None if e.bias is None else e.bias[None])
-    first = next(iter(outputs.values()))
-    out = first.new_empty((n, *first.shape[1:]))
-    for i, o in outputs.items():
-        out[i] = o[0]
-    if plain:
-        out[plain] = attend(q[plain], k[plain], v[plain], None)
-    return out
+class PromptSteering(SamplingControl):
+    """Box steering as a sampling control: in the text cross-attention, the i-th conditional row of the batch
+    follows `steerings[i % len(steerings)]` (one per prompt; a single one steers every prompt)."""
+
+    def __init__(self, steerings: Sequence[BoxSteering]):
+        if not steerings:
+            raise InputError("steering", "none given", "at least one box steering")
+        self.steerings = list(steerings)
+
+    def attention_edit(self, step: SamplingStep, call: CrossAttentionCall) -> dict[int, AttentionEdit] | None:
+        n = len(self.steerings)
+        return {row: s.edit(call.grid, call.key_length, step.progress, call.dtype, call.device)
+                for i, row in enumerate(step.conditional_rows) if (s := self.steerings[i % n]).steers(call.block)}

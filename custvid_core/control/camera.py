@@ -24,6 +24,7 @@ import torch
 
 from ..errors import InputError
 from .boxes import cells_in_boxes
+from .sampling import SamplingControl, SamplingStep
 
 MAX_ZOOM = 4.0
 
@@ -162,17 +163,18 @@ def _fill_along_last(x: torch.Tensor, vacant: torch.Tensor, free: torch.Tensor, 
     return torch.where(filled[:, None, :], values, x), vacant & ~filled
 
 
-class LatentShift:
-    """Moves latent frames along a camera path during a window of sampling steps.
+class LatentShift(SamplingControl):
+    """Moves latent frames along a camera path during a window of the sampling steps (a control's `after_step`).
 
-    `frames` is the latent's time axis (`[B, C, T, H, W]`); call `after_step(step, x)` after every
-    sampling step. Subject boxes `[T, N, 4]` (normalised xyxy per latent frame) keep the fill away from
-    the subject; they move with the content and are read back from `boxes` (the input is not changed).
+    `frames` is the latent's time axis (`[B, C, T, H, W]`); `steps` the schedule's step count. Subject boxes
+    `[T, N, 4]` (normalised xyxy per latent frame) keep the fill away from the subject; they move with the
+    content and are read back from `boxes` (the input is not changed).
     """
 
     def __init__(self, path: CameraPath, steps: int, frames: int, window: StepWindow = StepWindow(),
                  boxes: torch.Tensor | None = None, seed: int = 0):
         self.path = path.per_frame(frames)
+        self.steps = steps
         self.window = list(window.steps(steps))
         self.seed = seed
         self.start_boxes = None if boxes is None else boxes.detach().float().cpu().clone()
@@ -181,23 +183,25 @@ class LatentShift:
             raise InputError("boxes", f"shape {tuple(boxes.shape)}", f"[{frames} latent frames, boxes, 4] (xyxy)")
         self.boxes = self.start_boxes
 
-    def progress(self, step: int) -> float:
-        """How much of the camera move is done after `step` (0 before the window, 1 after it)."""
-        if step < self.window[0]:
+    def moved(self, index: int) -> float:
+        """How much of the camera move is done after step `index` (0 before the window, 1 after it)."""
+        if index < self.window[0]:
             return 0.0
-        return min(1.0, (step - self.window[0] + 1) / len(self.window))
+        return min(1.0, (index - self.window[0] + 1) / len(self.window))
 
     def segments(self, steps: int) -> list[tuple[int, int]]:
         """Step ranges [start, end) to run a sampler over so that every window step ends one: a host
-        sampler that cannot be stopped between steps runs range by range, with `after_step(end - 1)`."""
+        sampler that cannot be stopped between steps runs range by range, with `after_step` of step `end - 1`."""
         bounds = sorted({0, steps, *self.window, *(s + 1 for s in self.window)} & set(range(steps + 1)))
         return list(zip(bounds, bounds[1:]))
 
-    def after_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
-        if step not in self.window:
+    def after_step(self, step: SamplingStep, x: torch.Tensor) -> torch.Tensor:
+        if step.count != self.steps:
+            raise InputError("steps", f"a schedule of {step.count} steps", f"the {self.steps} the camera was made for")
+        if step.index not in self.window:
             return x
-        before, after = self.progress(step - 1), self.progress(step)
-        moved = self._move(x, before, after, step)
+        before, after = self.moved(step.index - 1), self.moved(step.index)
+        moved = self._move(x, before, after, step.index)
         if self.start_boxes is not None:
             self.boxes = move_boxes(self.start_boxes, self.path, after)
         return moved

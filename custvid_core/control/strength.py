@@ -1,6 +1,6 @@
 """Per-step adapter strengths while sampling (SMRABooth's sparse "timing").
 
-A schedule is piecewise constant over the fraction of sampling steps done: `((0.0, 0.6), (0.3, 0.8))`
+A schedule is piecewise constant over the sampling progress (the fraction of the steps done): `((0.0, 0.6), (0.3, 0.8))`
 means 0.6 for the first 30% of the steps, then 0.8. SMRABooth's preset: the subject LoRA at 0.6
 for the first 15 of 50 steps (layout forms before the subject's details), then 0.8; the motion LoRA
 at 1.0 throughout.
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from ..adapters.lora import NATIVE_PREFIX, native_lora_factors
 from ..errors import InputError
+from .sampling import SamplingControl, SamplingStep
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,11 @@ class StrengthSchedule:
     def is_constant(self) -> bool:
         return len({s for _, s in self.points}) == 1
 
-    def at(self, step: int, steps: int) -> float:
-        return self.at_fraction(step / max(1, steps))
-
-    def at_fraction(self, fraction: float) -> float:
+    def at(self, progress: float) -> float:
+        """The strength at a step's `progress` (`SamplingStep.progress`)."""
         value = self.points[0][1]
         for start, strength in self.points:
-            if fraction + 1e-9 >= start:
+            if progress + 1e-9 >= start:
                 value = strength
         return value
 
@@ -64,39 +65,40 @@ SMRABOOTH_TIMING = {"subject": StrengthSchedule(((0.0, 0.6), (0.3, 0.8))),
                     "motion": StrengthSchedule.constant(1.0)}
 
 
-def step_fraction(sigma: float, sigmas: torch.Tensor | None = None) -> float:
-    """How far sampling has got when the model is called at `sigma`: the step's index over the
-    schedule's length when the schedule is known, else 1 - sigma (flow models run sigma 1 -> 0)."""
-    if sigmas is None or len(sigmas) < 2:
-        return min(1.0, max(0.0, 1.0 - sigma))
-    index = int((sigmas[:-1].float().cpu() - sigma).abs().argmin())
-    return index / (len(sigmas) - 1)
+class StrengthTarget(Protocol):
+    """Anything whose adapters' strengths can be set by name: the library's LoRA adapters, a host's unmerged LoRA."""
+
+    def set_strength(self, name: str, strength: float) -> None: ...
 
 
-class ScheduledLora:
-    """A LoRA applied unmerged, `W + s * alpha / rank * up @ down`, with the strength s following a
-    schedule over the sampling steps. `weight_function(module)` gives the per-layer function a host
-    applies to a layer's weight at each forward; `set_progress` moves the strength along."""
+class ScheduledStrengths(SamplingControl):
+    """Before each step, sets each named adapter of `target` to its schedule's strength at the step's progress."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], schedule: StrengthSchedule):
-        self.schedule = schedule
-        self.strength = schedule.at_fraction(0.0)
-        from ..adapters.lora import NATIVE_PREFIX, native_lora_modules
+    def __init__(self, target: StrengthTarget, schedules: dict[str, StrengthSchedule]):
+        self.target, self.schedules = target, dict(schedules)
 
-        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for name in native_lora_modules(tensors):
-            module = NATIVE_PREFIX + name
-            if module + ".lora_down.weight" not in tensors:
-                continue
-            down, up = tensors[module + ".lora_down.weight"], tensors[module + ".lora_up.weight"]
-            alpha = float(tensors.get(module + ".alpha", torch.tensor(float(down.shape[0]))))
-            self.layers[module] = (down.float(), up.float(), alpha / down.shape[0])
+    def before_step(self, step: SamplingStep) -> None:
+        for name, schedule in self.schedules.items():
+            self.target.set_strength(name, schedule.at(step.progress))
+
+
+class UnmergedLora:
+    """A LoRA file applied unmerged, `W + s * alpha / rank * up @ down`, through a host's per-layer weight
+    functions (`weight_function(module)`, applied to the layer's weight at each forward), so that its strength s
+    can change between steps: a `StrengthTarget` with one adapter, `name`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], name: str = "lora", input_name: str = "lora"):
+        self.name, self.strength = name, 1.0
+        self.layers = {NATIVE_PREFIX + module: factors
+                       for module, factors in native_lora_factors(tensors, input_name).items()}
         if not self.layers:
-            raise InputError("lora", "holds no LoRA weights under 'diffusion_model.' names",
+            raise InputError(input_name, "holds no LoRA weights under 'diffusion_model.' names",
                              "a Wan LoRA with '.lora_down.weight' / '.lora_up.weight' keys")
 
-    def set_progress(self, fraction: float) -> None:
-        self.strength = self.schedule.at_fraction(fraction)
+    def set_strength(self, name: str, strength: float) -> None:
+        if name != self.name:
+            raise InputError("adapter", f"'{name}' is not this LoRA", f"'{self.name}'")
+        self.strength = strength
 
     def weight_function(self, module: str):
         down, up, scale = self.layers[module]
@@ -112,6 +114,3 @@ class ScheduledLora:
             return weight + (self.strength * scale) * (u @ d)
 
         return apply
-
-    def __deepcopy__(self, memo):  # hosts deep-copy model options; the schedule state must stay shared
-        return self

@@ -19,6 +19,7 @@ import torch
 
 from ..control.boxes import BoxSteering, BoxTrack
 from ..control.camera import CameraPath, LatentShift, StepWindow
+from ..control.sampling import SamplingStep
 from ..eval.metrics import box_adherence, camera_pan, centroids, describe_clip, track
 from .evaluate import vocabulary_prompts
 from .latent import TEMPORAL_FACTOR, as_frames, decode, encode, from_frames
@@ -58,7 +59,7 @@ def shifted_render_pan(scenes, pan_x: float, pan_y: float, spec) -> float:
         clip = render(scene, spec)
         x = encode(clip.frames)
         mover = LatentShift(CameraPath.constant(pan_x, pan_y), 1, spec.frames, StepWindow(0.0, 1.0))
-        frames = decode(from_frames(mover.after_step(0, as_frames(x)), x))[0]
+        frames = decode(from_frames(mover.after_step(SamplingStep(0, 1, 1.0, 0.0), as_frames(x)), x))[0]
         errors.append(float((camera_pan(frames, track(frames))[-1] - commanded).norm() / commanded.norm()))
     return sum(errors) / len(errors)
 

@@ -16,7 +16,7 @@ import torch
 from ..adapters.embedding import save_trigger_embedding
 from ..adapters.lora import LoraAdapters, save_lora
 from ..backbones.wan import ROLES
-from ..control.strength import SMRABOOTH_TIMING, StrengthSchedule
+from ..control.strength import SMRABOOTH_TIMING, ScheduledStrengths, StrengthSchedule
 from ..errors import InputError
 from ..images import hue_rotations, moving_photos
 from ..training.customize import (
@@ -209,10 +209,11 @@ def generate_with_loras(world: World, loras: list[TrainedParts], prompts: list[s
             if t.trigger_embedding is not None:
                 embeddings.enter_context(world.text.word_residual(SUBJECT_WORD, t.trigger_embedding))
         if schedules and not all(s.is_constant for s in schedules.values()):
-            return generate(world, prompts, seed=seed, progress=progress, before_step=adapters.scheduler(schedules),
+            return generate(world, prompts, seed=seed, progress=progress,
+                            controls=[ScheduledStrengths(adapters, schedules), *sampling.pop("controls", ())],
                             **sampling)
         for name, schedule in (schedules or {}).items():
-            adapters.set_strength(name, schedule.at(0, 1))
+            adapters.set_strength(name, schedule.at(0.0))
         with adapters.merged():
             return generate(world, prompts, seed=seed, progress=progress, **sampling)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from comfy_host import import_pack, tiny_world, tiny_world_wan
 
-from custvid_core.control.boxes import BoxSteering, BoxTrack
+from custvid_core.control.boxes import BoxSteering, BoxTrack, PromptSteering
 from custvid_core.control.camera import CameraPath, LatentShift, StepWindow
-from custvid_core.control.strength import step_fraction
+from custvid_core.control.sampling import SamplingControl, SamplingStep, cross_attention_hook
 from custvid_core.world.sample import flow_sigmas, generate
 from custvid_core.world.text import WorldTextEncoder
 
@@ -38,15 +38,25 @@ def _comfy_sample(patcher, sampler, world, steps=6, cfg=3.0, seed=0, part=None, 
                                       positive, negative, latent, disable_pbar=True, seed=seed)
 
 
-def _library_latents(world, steps=6, cfg=3.0, seed=0, **controls):
-    captured = {}
+class _Record(SamplingControl):
+    """Keeps every step it is shown and the latent after the last one."""
 
-    def keep(i, s, s_next, x):
-        captured["x"] = x
+    def __init__(self):
+        self.steps, self.latent = [], None
+
+    def before_step(self, step):
+        self.steps.append(step)
+
+    def after_step(self, step, x):
+        self.latent = x
         return x
-    generate(world, [PROMPT], seed=seed, steps=steps, cfg=cfg, shift=3.0, step_hook=keep,
+
+
+def _library_latents(world, steps=6, cfg=3.0, seed=0, **controls):
+    record = _Record()
+    generate(world, [PROMPT], seed=seed, steps=steps, cfg=cfg, shift=3.0, controls=[record],
              progress=lambda *_: None, **controls)
-    return captured["x"]
+    return record.latent
 
 
 def _normalise_out(latent):
@@ -104,7 +114,7 @@ def test_a_wan22_latent_with_48_channels_is_shifted_per_latent_frame_in_comfys_s
                                           disable_pbar=True, seed=0)
     ours, plain = sample(shifted), sample(euler)
     mover = LatentShift(CameraPath.constant(0.25, 0.0), 4, 3, StepWindow(0.75, 1.0), seed=3)
-    assert torch.allclose(ours, mover.after_step(3, plain), atol=1e-5)
+    assert torch.allclose(ours, mover.after_step(SamplingStep.of(3, sigmas), plain), atol=1e-5)
     # The last latent frame moved 4 cells left, every channel with it.
     assert torch.allclose(ours[:, :, 2, :, :12], plain[:, :, 2, :, 4:], atol=1e-5)
 
@@ -163,6 +173,44 @@ def test_all_in_one_camera_sampler_is_the_wrapped_sampler_on_a_video_latent(tiny
     assert not torch.allclose(out, sample_custom(_euler()), atol=1e-3)
 
 
+def test_comfys_sampling_and_the_worlds_sampler_describe_each_step_alike(tiny):
+    """The same schedule sampled by ComfyUI (a control driven through the pack's model wrapper) and by the world's
+    sampler: the same steps with the same progress, and in each the conditional rows hold the prompt's context."""
+    import comfy.patcher_extension
+    from custvid_pack.nodes.comfy_sampling import drive_controls
+
+    patcher, world, _ = tiny
+    with torch.no_grad():
+        positive, negative = world.text(PROMPT), world.text("")
+    comfy_record, comfy_contexts = _Record(), []
+
+    def keep_context(executor, x, t, c_concat, c_crossattn, *args, **kwargs):
+        comfy_contexts.append(c_crossattn)
+        return executor(x, t, c_concat, c_crossattn, *args, **kwargs)
+    driven = drive_controls(patcher, [comfy_record], "test_record")
+    driven.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_contexts", keep_context)
+    _comfy_sample(driven, _euler(), world)
+    world_record, world_contexts = _Record(), []
+    forward = world.backbone.forward
+    world.backbone.forward = lambda x, sigma, context: world_contexts.append(context) or forward(x, sigma, context)
+    try:
+        generate(world, [PROMPT], steps=6, cfg=3.0, shift=3.0, controls=[world_record], progress=lambda *_: None)
+    finally:
+        del world.backbone.forward
+    for steps, contexts in ((comfy_record.steps, comfy_contexts), (world_record.steps, world_contexts)):
+        assert len(steps) == len(contexts) >= 6
+        for step, context in zip(steps, contexts):
+            assert step.conditional_rows
+            for row in range(context.shape[0]):
+                expected = positive if row in step.conditional_rows else negative
+                assert torch.allclose(context[row].float(), expected[0], atol=1e-6), (step, row)
+
+    def described(steps):  # a host may call the model more than once per step
+        return sorted({(s.index, s.count, s.progress, round(s.sigma, 5), round(s.sigma_next, 5)) for s in steps})
+    assert described(comfy_record.steps) == described(world_record.steps)
+    assert [s[2] for s in described(world_record.steps)] == [i / 6 for i in range(6)]
+
+
 @pytest.mark.parametrize("blocks, chosen", [("all", None), ("1", {1})])
 def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_only(tiny, blocks, chosen):
     import comfy.model_management
@@ -185,16 +233,15 @@ def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_
         with torch.no_grad():
             return model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
 
-    steering = BoxSteering(boxes, world.text.token_roles(PROMPT, "circle"), alpha=10.0, tau=0.5)
+    steering = PromptSteering([BoxSteering(boxes, world.text.token_roles(PROMPT, "circle"), alpha=10.0, tau=0.5,
+                                           blocks=None if chosen is None else frozenset(chosen))])
     grid = world.backbone.token_grid(x.shape)
     # Step 2 of 10 (boost on: a logit bias) and step 8 (boost over: the muted words dropped).
     for value in (0.8, 0.2):
         sigma = torch.tensor([value, value])
         ours, plain = comfy_call(steered), comfy_call(patcher)
-        progress = step_fraction(value, sigmas)
-        with torch.no_grad(), world.backbone.cross_attention_edits(
-                lambda block, q_len, k_len: {0: steering.edit(grid, k_len, progress)}  # row 1 (uncond) not
-                if chosen is None or block in chosen else {}):
+        step = SamplingStep.at_sigma(value, sigmas, (0,))  # row 1 (uncond) not
+        with torch.no_grad(), world.backbone.text_cross_attention(cross_attention_hook(steering, lambda: step, grid)):
             v = world.backbone.forward(x, sigma, context)
         assert torch.allclose(ours, x - value * v, atol=1e-4), value
         assert torch.allclose(ours[1], plain[1], atol=1e-5) and not torch.allclose(ours[0], plain[0], atol=1e-3)
@@ -209,8 +256,9 @@ def test_only_the_text_cross_attention_is_steered_not_an_image_to_video_models_i
     steered = nodes.BoxSteeringNode.execute(patcher, BoxTrack.parse("0: 0, 0, 0.5, 0.5"), PROMPT, "circle", 10.0, 0.5,
                                             "all", "", world_text=world.text).result[0]
     override = steered.model_options["transformer_options"]["optimized_attention_override"]
-    options = {"custvid_token_grid": (1, 4, 8), "custvid_text_length": 16, "custvid_progress": 0.0, "block_index": 0,
-               "cond_or_uncond": [0]}
+    from custvid_pack.nodes.comfy_sampling import MODEL_CALL, ModelCall
+
+    options = {MODEL_CALL: ModelCall(SamplingStep(0, 10, 1.0, 0.9, (0,)), (1, 4, 8), 16), "block_index": 0}
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 32, 128, generator=g)
     for keys, is_steered in ((257, False), (16, True)):
