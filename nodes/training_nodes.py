@@ -248,18 +248,10 @@ def _finish(model, trained, notes: list[str], *more, trigger_words: str = "") ->
     return io.NodeOutput(patched, lora, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
 
 
-def _latents_in(to_model, latents: torch.Tensor) -> torch.Tensor:
-    return plain(to_model(latents))
-
-
-def _clips_in(to_model, clips: VideoSet) -> VideoSet:
-    """A clips dataset as the model takes it (latents and stills in the model's own latent format)."""
-    return converted(clips, lambda latents: _latents_in(to_model, latents), plain)
-
-
-def _subject_in(to_model, subject: SubjectSet) -> SubjectSet:
-    """A subject dataset as the model takes it (its photos, moving clips and preservation clips)."""
-    return converted(subject, lambda latents: _latents_in(to_model, latents), plain)
+def _data_in(to_model, data: SubjectSet | VideoSet) -> SubjectSet | VideoSet:
+    """A dataset as the model takes it: its latents (and stills, moving and preservation clips') in the model's
+    own latent format, every tensor usable by autograd."""
+    return converted(data, lambda latents: plain(to_model(latents)), plain)
 
 
 class TrainSubjectLoRA(io.ComfyNode):
@@ -319,7 +311,7 @@ class TrainSubjectLoRA(io.ComfyNode):
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
-            data = _subject_in(to_model, subject)
+            data = _data_in(to_model, subject)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     log, device=device, dtype=resolve_training_dtype(training_dtype, device),
                                     base_model=base_model_signature(model))
@@ -385,7 +377,7 @@ class TrainMotionLoRA(io.ComfyNode):
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
-            data = _clips_in(to_model, clips)
+            data = _data_in(to_model, clips)
             flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
                 if decoded else None
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),

@@ -15,13 +15,16 @@ them; sets built separately are joined with `append_clips` / `append_photos`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from ..errors import InputError
 from ..images import as_image_list, as_mask_list, hue_rotations, moving_photos
 from .objectives import latent_mask
+
+if TYPE_CHECKING:
+    from ..representations.subject import SubjectRepresentation
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
@@ -192,7 +195,8 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
 
 
 def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
-                masks: torch.Tensor | Sequence[torch.Tensor] | None = None, subject_representation=None,
+                masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                subject_representation: SubjectRepresentation | None = None,
                 preservation: VideoSet | None = None, subject_tokens: tuple[int, ...] | None = None,
                 trigger_words: str = "", moving_clips: int = 0, moving_frames: int = 17,
                 travel: tuple[float, float] = (0.225, 0.3), seed: int = 0, frame_step: int = 1,
@@ -218,6 +222,7 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
     if subject_representation is not None and subject_representation.patch_tokens.shape[0] != len(images):
         raise InputError("subject_representation", f"features of {subject_representation.patch_tokens.shape[0]} "
                          "images", f"the representation of these {len(images)} photos")
+    clips = clip_masks = None
     if moving_clips:
         if mask_list is None:
             raise InputError("moving_clips", "the subject is cut out by its mask, and no masks were given",
@@ -226,12 +231,12 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
             raise InputError("moving_frames", f"{moving_frames} frames",
                              f"a count this VAE encodes whole: 1 + {frame_step}k or {frame_step}k (Wan: 17, 33, ...)")
         clips, clip_masks = moving_photos(images, mask_list, moving_clips, moving_frames, travel, seed)
-    encoding = _Encoding(encode, encode_still, len(images) + (len(clips) if moving_clips else 0), progress,
+    encoding = _Encoding(encode, encode_still, len(images) + (0 if clips is None else len(clips)), progress,
                          "encoding photos")
     latents = encoding.stills(images)
     grid_masks = None if mask_list is None else latent_mask(torch.stack(mask_list)[:, None], latents.shape)
     moving = None
-    if moving_clips:
+    if clips is not None:
         clip_latents = encoding.clips(clips)
         moving = MovingClips(clip_latents, context, latent_mask(clip_masks, clip_latents.shape))
     tokens = None if subject_representation is None else \
