@@ -9,10 +9,16 @@ from typing import Callable
 import torch
 from comfy_api.latest import io, ui
 
-from ..custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, native_lora_modules
+from ..custvid_core.adapters.lora import (
+    MOTION_ROLES,
+    SUBJECT_ROLES,
+    LoraWeights,
+    native_lora_modules,
+    save_lora,
+)
+from ..custvid_core.adapters.lora import base_model_signature as lora_base_model
+from ..custvid_core.backbones import describe
 from ..custvid_core.errors import InputError
-from ..custvid_core.files import save_safetensors
-from ..custvid_core.images import as_image_list, as_mask_list, hue_rotations, moving_photos
 from ..custvid_core.media import loss_plot
 from ..custvid_core.training import (
     MotionSettings,
@@ -21,12 +27,17 @@ from ..custvid_core.training import (
     SubjectSet,
     SubjectSettings,
     VideoSet,
+    append_clips,
+    append_photos,
+    clip_set,
+    subject_set,
     train_motion,
     train_subject,
 )
 from ..custvid_core.training.customize import MOTION_ALIGNMENT
+from ..custvid_core.training.datasets import converted
 from ..custvid_core.training.loop import warmup_steps
-from ..custvid_core.training.objectives import SIGMA_SAMPLING, latent_mask
+from ..custvid_core.training.objectives import SIGMA_SAMPLING
 from . import types
 from .host import (
     TRAINING_DTYPES,
@@ -53,8 +64,9 @@ def _context(conditioning, input_name: str) -> torch.Tensor:
     return conditioning[0][0].float().cpu()
 
 
-def _encode_clip(vae, frames: torch.Tensor) -> torch.Tensor:
-    return vae.encode(frames[..., :3]).float().cpu()
+def _encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The core's `encode` over a ComfyUI VAE: clips `[N, F, H, W, 3]` -> latents, one clip at a time."""
+    return lambda clips: torch.cat([vae.encode(c[..., :3]).float().cpu() for c in clips])
 
 
 class VideoDataset(io.ComfyNode):
@@ -91,36 +103,10 @@ class VideoDataset(io.ComfyNode):
     @classmethod
     def execute(cls, vae, frames, conditioning, motion_representation=None, add_to=None,
                 hue_copies=0) -> io.NodeOutput:
-        if frames.shape[0] < 2:
-            raise InputError("frames", f"{frames.shape[0]} frame", "a clip of at least 2 frames (5 or more on Wan)")
-        versions = hue_rotations(frames[..., :3], hue_copies)
-        latents = torch.cat([_encode_clip(vae, v) for v in versions])
-        # Single frames as photos for the motion recipe's spatial LoRA (up to 8, evenly spaced).
-        picks = torch.linspace(0, frames.shape[0] - 1, min(8, frames.shape[0])).round().long().tolist()
-        stills = torch.stack([torch.cat([_encode_clip(vae, v[i:i + 1]) for i in picks]) for v in versions])
-        context = _context(conditioning, "conditioning")
-        flow = None
-        if motion_representation is not None:
-            flow = motion_representation.flow
-            if flow.shape[0] != frames.shape[0] - 1:
-                raise InputError("motion_representation", f"flow of {flow.shape[0] + 1} frames",
-                                 f"the representation of this clip ({frames.shape[0]} frames)")
-            flow = flow[None].float().expand(len(versions), *flow.shape)
-        if add_to is not None:
-            if add_to.latents.shape[1:] != latents.shape[1:]:
-                raise InputError("frames", f"latents {tuple(latents.shape[1:])} differ from the earlier clips' "
-                                 f"{tuple(add_to.latents.shape[1:])}", "clips of the same frame count and size")
-            if (add_to.flow is None) != (flow is None):
-                raise InputError("motion_representation", "given for some clips and not others",
-                                 "a motion representation for every clip, or for none")
-            if add_to.stills.shape[1] != stills.shape[1]:
-                raise InputError("frames", f"{frames.shape[0]} frames after clips of another length",
-                                 "clips of the same frame count and size")
-            context = _append_context(add_to.context, add_to.latents.shape[0], context, latents.shape[0], "clips")
-            latents = torch.cat([add_to.latents, latents])
-            flow = torch.cat([add_to.flow, flow]) if flow is not None else None
-            stills = torch.cat([add_to.stills, stills])
-        return io.NodeOutput(VideoSet(latents, context, flow, stills))
+        flow = None if motion_representation is None else motion_representation.flow
+        clips = clip_set(frames, _encoder(vae), _context(conditioning, "conditioning"), flow, hue_copies=hue_copies,
+                         progress=progress_callback(1))
+        return io.NodeOutput(clips if add_to is None else append_clips(add_to, clips))
 
 
 class SubjectDataset(io.ComfyNode):
@@ -178,77 +164,14 @@ class SubjectDataset(io.ComfyNode):
     def execute(cls, vae, images, conditioning, masks=None, subject_representation=None,
                 preservation=None, add_to=None, prompt="", trigger_words="", clip=None,
                 world_text=None, moving_clips=0, moving_frames=17, moving_travel=0.3) -> io.NodeOutput:
-        photos = as_image_list(images, "images")
-        latents = torch.cat([_encode_clip(vae, p[None]) for p in photos])
-        grid_masks = mask_list = None
-        if masks is not None:
-            mask_list = as_mask_list(masks, photos, "masks")
-            grid_masks = latent_mask(torch.stack(mask_list)[:, None], latents.shape)
-        context = _context(conditioning, "conditioning")
-        moving = _moving_clips(vae, photos, mask_list, context, moving_clips, moving_frames, moving_travel) \
-            if moving_clips else None
-        tokens = None
-        if subject_representation is not None:
-            if subject_representation.patch_tokens.shape[0] != len(photos):
-                raise InputError("subject_representation",
-                                 f"features of {subject_representation.patch_tokens.shape[0]} images",
-                                 f"the representation of these {len(photos)} photos")
-            tokens = subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
-        subject_tokens = None
         words = " ".join(trigger_words.split())
-        if words:
-            subject_tokens = token_roles(prompt, words, clip, world_text, words_input="trigger_words").subject
-        photo_set = SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, words, moving)
-        return io.NodeOutput(photo_set if add_to is None else _append_photos(add_to, photo_set))
-
-
-def _moving_clips(vae, photos, masks, context, per_photo: int, frames: int, travel: float) -> SubjectSet:
-    """The photos' subjects sliding over their backgrounds, encoded as clips with their masks."""
-    if masks is None:
-        raise InputError("moving_clips", "the subject is cut out by its mask, and no masks were given",
-                         "masks for the photos, or 0")
-    step = vae.temporal_compression_decode() or 1
-    if frames % step not in (0, 1 % step):
-        raise InputError("moving_frames", f"{frames} frames",
-                         f"a count this VAE encodes whole: 1 + {step}k or {step}k (Wan: 17, 33, ...)")
-    clips, clip_masks = moving_photos(photos, masks, per_photo, frames, (0.75 * travel, travel))
-    progress = progress_callback(len(clips))
-    encoded = []
-    for i, c in enumerate(clips):
-        encoded.append(_encode_clip(vae, c))
-        progress(i + 1, len(clips))
-    latents = torch.cat(encoded)
-    return SubjectSet(latents, context, latent_mask(clip_masks, latents.shape))
-
-
-def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
-    """One conditioning row per item of a chained dataset (a single row stands for all of its items)."""
-    if earlier.shape[1:] != context.shape[1:]:
-        raise InputError("conditioning", f"its shape differs from the earlier {what}'",
-                         "prompts from the same text encoder")
-    return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
-
-
-def _append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
-    n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
-    if earlier.latents.shape[1:] != new.latents.shape[1:]:
-        raise InputError("images", f"photos of latent size {tuple(new.latents.shape[-2:])} after photos of "
-                         f"{tuple(earlier.latents.shape[-2:])}", "photos of the same size in one dataset")
-    if (earlier.masks is None) != (new.masks is None) or (earlier.dino_tokens is None) != (new.dino_tokens is None):
-        raise InputError("masks", "given for some photos and not others",
-                         "masks (and subject representations) for every photo, or for none")
-    moving = earlier.moving or new.moving
-    if earlier.moving is not None and new.moving is not None:
-        if earlier.moving.latents.shape[1:] != new.moving.latents.shape[1:]:
-            raise InputError("moving_frames", "moving clips of another length or size than the earlier photos'",
-                             "the same moving_frames and photo size in one dataset")
-        moving = _append_photos(earlier.moving, new.moving)  # clips with masks, appended as photos are
-    return SubjectSet(torch.cat([earlier.latents, new.latents]),
-                      _append_context(earlier.context, n_old, new.context, n_new, "photos"),
-                      torch.cat([earlier.masks, new.masks]) if new.masks is not None else None,
-                      torch.cat([earlier.dino_tokens, new.dino_tokens]) if new.dino_tokens is not None else None,
-                      new.preservation or earlier.preservation, new.subject_tokens or earlier.subject_tokens,
-                      new.trigger_words if new.subject_tokens else earlier.trigger_words, moving)
+        subject_tokens = token_roles(prompt, words, clip, world_text, words_input="trigger_words").subject \
+            if words else None
+        photos = subject_set(images, _encoder(vae), _context(conditioning, "conditioning"), masks,
+                             subject_representation, preservation, subject_tokens, words, moving_clips, moving_frames,
+                             (0.75 * moving_travel, moving_travel), frame_step=vae.temporal_compression_decode() or 1,
+                             progress=progress_callback(1))
+        return io.NodeOutput(photos if add_to is None else append_photos(add_to, photos))
 
 
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
@@ -313,33 +236,22 @@ def _run_log(run_name: str) -> tuple[list[str], Callable[[str], None]]:
     return notes, log
 
 
-def _finish(model, trained, notes: list[str], *more) -> io.NodeOutput:
+def _finish(model, trained, notes: list[str], *more, trigger_words: str = "") -> io.NodeOutput:
     import comfy.sd
 
-    patched, _ = comfy.sd.load_lora_for_models(model, None, trained.tensors, 1.0, 0)
+    # The LORA output keeps what Save LoRA writes into the file beside the tensors.
+    lora = LoraWeights(trained.tensors, trained.spec, lora_base_model(describe(model.model.diffusion_model)),
+                       trigger_words)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
     text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
     show_on_node(text)
-    return io.NodeOutput(patched, trained.tensors, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
+    return io.NodeOutput(patched, lora, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
 
 
-def _latents_in(to_model, latents: torch.Tensor) -> torch.Tensor:
-    return plain(to_model(latents))
-
-
-def _clips_in(to_model, clips: VideoSet) -> VideoSet:
-    """A clips dataset as the model takes it (latents and stills in the model's own latent format)."""
-    stills = clips.stills
-    return VideoSet(_latents_in(to_model, clips.latents), plain(clips.context), plain(clips.flow),
-                    _latents_in(to_model, stills.flatten(0, 1)).view(stills.shape) if stills is not None else None)
-
-
-def _subject_in(to_model, subject: SubjectSet) -> SubjectSet:
-    """A subject dataset as the model takes it (its photos, moving clips and preservation clips)."""
-    clips, moving = subject.preservation, subject.moving
-    return SubjectSet(_latents_in(to_model, subject.latents), plain(subject.context), plain(subject.masks),
-                      plain(subject.dino_tokens), _clips_in(to_model, clips) if clips else None,
-                      subject.subject_tokens, subject.trigger_words,
-                      _subject_in(to_model, moving) if moving is not None else None)
+def _data_in(to_model, data: SubjectSet | VideoSet) -> SubjectSet | VideoSet:
+    """A dataset as the model takes it: its latents (and stills, moving and preservation clips') in the model's
+    own latent format, every tensor usable by autograd."""
+    return converted(data, lambda latents: plain(to_model(latents)), plain)
 
 
 class TrainSubjectLoRA(io.ComfyNode):
@@ -399,11 +311,11 @@ class TrainSubjectLoRA(io.ComfyNode):
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
-            data = _subject_in(to_model, subject)
+            data = _data_in(to_model, subject)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     log, device=device, dtype=resolve_training_dtype(training_dtype, device),
                                     base_model=base_model_signature(model))
-        return _finish(model, trained, notes, trained.learned_trigger())
+        return _finish(model, trained, notes, trained.learned_trigger(), trigger_words=subject.trigger_words)
 
 
 class TrainMotionLoRA(io.ComfyNode):
@@ -463,7 +375,7 @@ class TrainMotionLoRA(io.ComfyNode):
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
-            data = _clips_in(to_model, clips)
+            data = _data_in(to_model, clips)
             flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
                 if decoded else None
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
@@ -486,7 +398,8 @@ class SaveLoRA(io.ComfyNode):
                     io.String.Input("filename", default="custvid/my_subject",
                                     tooltip="Name under models/loras (sub-folders allowed); .safetensors is added."),
                     io.String.Input("trigger_words", default="sks",
-                                    tooltip="Words the LoRA was trained with, stored in the file for reference."),
+                                    tooltip="Words the LoRA was trained with, stored in the file for reference. Empty: the "
+                                            "trigger words of the Subject Dataset it was trained on."),
                     io.Boolean.Input("overwrite", default=False,
                                      tooltip="Replace an existing file of the same name.")],
             outputs=[io.String.Output(display_name="lora_name")],
@@ -497,10 +410,7 @@ class SaveLoRA(io.ComfyNode):
         if not isinstance(lora, dict) or not native_lora_modules(lora):
             raise InputError("lora", "holds no Wan LoRA weights", "the lora output of a CustVid train node")
         root, path = safetensors_path("loras", filename, "filename", overwrite)
-        ranks = sorted({int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_down.weight")})
-        roles = sorted({m.split(".", 2)[2] for m in native_lora_modules(lora)})
-        save_safetensors(path, lora, {"custvid.lora.info": {"trigger_words": trigger_words, "ranks": ranks,
-                                                            "roles": roles}})
+        save_lora(path, lora, trigger_words=" ".join(trigger_words.split()) or None)
         return io.NodeOutput(path.relative_to(root).as_posix())
 
 

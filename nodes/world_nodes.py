@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io
 
 from ..custvid_core.errors import InputError
-from ..custvid_core.training.customize import VideoSet
+from ..custvid_core.training.datasets import converted
 from ..custvid_core.world import latent as world_latent
 from ..custvid_core.world.cases import load_cases
 from ..custvid_core.world.customize import MOTION_WORD, vocabulary_clips
@@ -204,9 +204,7 @@ class WorldPreservationClips(io.ComfyNode):
     def execute(cls, world_text, count, seed) -> io.NodeOutput:
         clips = vocabulary_clips(world_text, WorldSpec(), count, seed)
         # In ComfyUI's latent format, as the world's VAE encodes them for Video Clips Dataset.
-        to_comfy = WorldVAE().format.process_out
-        stills = to_comfy(clips.stills.flatten(0, 1)).view(clips.stills.shape)
-        return io.NodeOutput(VideoSet(to_comfy(clips.latents), clips.context, None, stills))
+        return io.NodeOutput(converted(clips, WorldVAE().format.process_out))
 
 
 NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent, WorldCaseData, WorldPreservationClips]

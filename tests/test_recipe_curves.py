@@ -17,6 +17,7 @@ from builders import tiny_diffusers_wan
 from custvid_core.backbones import describe
 from custvid_core.training import (
     MotionSettings,
+    MovingClips,
     OptimSettings,
     SubjectSet,
     SubjectSettings,
@@ -49,7 +50,7 @@ def _subject(g, moving=True, stills=True):
     if moving:
         moving_masks = torch.zeros(4, 1, 2, 8, 8)
         moving_masks[..., 1:5, 2:6] = 1
-        moving_set = SubjectSet(torch.randn(4, 16, 2, 8, 8, generator=g), context, moving_masks)
+        moving_set = MovingClips(torch.randn(4, 16, 2, 8, 8, generator=g), context, moving_masks)
     return SubjectSet(**data, moving=moving_set)
 
 

@@ -11,6 +11,7 @@ from custvid_core.backbones import describe
 from custvid_core.errors import InputError
 from custvid_core.training import (
     MotionSettings,
+    MovingClips,
     OptimSettings,
     StepResult,
     SubjectSet,
@@ -474,7 +475,7 @@ def _with_moving(data: SubjectSet, seed: int) -> SubjectSet:
     g = torch.Generator().manual_seed(seed)
     masks = torch.zeros(4, 1, 2, 8, 8)
     masks[..., 1:5, 2:6] = 1
-    return replace(data, moving=SubjectSet(torch.randn(4, 16, 2, 8, 8, generator=g), data.context, masks))
+    return replace(data, moving=MovingClips(torch.randn(4, 16, 2, 8, 8, generator=g), data.context, masks))
 
 
 def test_moving_clips_take_their_share_of_the_photo_steps():

@@ -2,8 +2,8 @@
 the trigger embedding, the alignment projector."""
 
 from .embedding import TriggerEmbeddingPart
-from .lora import LoraAdapters, LoraPart, LoraSpec, motion_lora, read_lora, save_lora, subject_lora
+from .lora import LoraAdapters, LoraPart, LoraSpec, LoraWeights, motion_lora, read_lora, save_lora, subject_lora
 from .parts import Exported, Part, ProjectorPart, attached
 
-__all__ = ["Exported", "LoraAdapters", "LoraPart", "LoraSpec", "Part", "ProjectorPart", "TriggerEmbeddingPart",
-           "attached", "motion_lora", "read_lora", "save_lora", "subject_lora"]
+__all__ = ["Exported", "LoraAdapters", "LoraPart", "LoraSpec", "LoraWeights", "Part", "ProjectorPart",
+           "TriggerEmbeddingPart", "attached", "motion_lora", "read_lora", "save_lora", "subject_lora"]

@@ -328,15 +328,46 @@ def base_model_signature(backbone: WanBackbone) -> dict:
     return {"architecture": "wan", "blocks": backbone.num_blocks, "dim": backbone.dim, "text_dim": backbone.text_dim}
 
 
-def save_lora(path, tensors: dict[str, torch.Tensor], spec: LoraSpec, backbone: WanBackbone,
-              info: dict | None = None):
-    """Write an adapter's native tensors as a ComfyUI LoRA file (atomic), with its spec and base model in the
-    metadata."""
+class LoraWeights(dict):
+    """A LoRA's native tensors (`diffusion_model.blocks.N.<role>.lora_down.weight` -> tensor), which is all
+    ComfyUI's LORA_MODEL holds and its stock nodes read, carrying beside them what the LoRA's file records:
+    its spec, the base model it fits (`base_model_signature`) and the words it was trained with."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], spec: LoraSpec | None = None,
+                 base_model: dict | None = None, trigger_words: str = ""):
+        super().__init__(tensors)
+        self.spec, self.base_model, self.trigger_words = spec, base_model, trigger_words
+
+
+def lora_metadata(tensors: dict[str, torch.Tensor], spec: LoraSpec | None = None, base_model: dict | None = None,
+                  info: dict | None = None) -> dict:
+    """A LoRA file's CustVid metadata: its spec and base model where known, and `info`; without a spec, the
+    ranks and roles its tensors show."""
+    meta = {}
+    if spec is not None:
+        meta["custvid.lora.spec"] = spec.to_dict()
+    if base_model is not None:
+        meta["custvid.lora.base_model"] = base_model
+    if spec is None:
+        ranks = sorted({int(v.shape[0]) for k, v in tensors.items() if k.endswith(".lora_down.weight")})
+        roles = sorted({m.split(".", 2)[2] for m in native_lora_modules(tensors)})
+        info = {"ranks": ranks, "roles": roles, **(info or {})}
+    meta["custvid.lora.info"] = info or {}
+    return meta
+
+
+def save_lora(path, tensors: dict[str, torch.Tensor], spec: LoraSpec | None = None,
+              backbone: WanBackbone | None = None, info: dict | None = None, trigger_words: str | None = None):
+    """Write a LoRA's native tensors as a ComfyUI LoRA file (atomic), with `lora_metadata`. What is not given
+    comes from the tensors where they are `LoraWeights` (spec, base model, trigger words); trigger words go
+    into the info."""
     from ..files import save_safetensors
 
-    meta = {"custvid.lora.spec": spec.to_dict(), "custvid.lora.base_model": base_model_signature(backbone),
-            "custvid.lora.info": info or {}}
-    return save_safetensors(path, tensors, meta)
+    spec = spec or getattr(tensors, "spec", None)
+    base_model = base_model_signature(backbone) if backbone is not None else getattr(tensors, "base_model", None)
+    words = trigger_words if trigger_words is not None else getattr(tensors, "trigger_words", "")
+    info = {**({"trigger_words": words} if words else {}), **(info or {})}
+    return save_safetensors(path, tensors, lora_metadata(tensors, spec, base_model, info))
 
 
 def read_lora(path, input_name: str = "lora") -> tuple[dict[str, torch.Tensor], LoraSpec | None, dict]:

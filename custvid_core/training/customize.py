@@ -42,6 +42,7 @@ from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec
 from ..adapters.parts import ProjectorPart
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
+from .datasets import SubjectSet, VideoSet
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import (
@@ -59,71 +60,6 @@ from .objectives import (
     widened,
 )
 from .tasks import Cycle, Random, Recipe, Schedule, StepContext, Task
-
-
-@dataclass
-class VideoSet:
-    """Cached clips: latents `[N, C, T, h, w]`, context `[N, L, D]`, optional RAFT flow `[N, F-1, 2, H, W]`,
-    and optional stills `[N, K, C, 1, h, w]`: K single frames of each clip encoded as images, which the
-    motion recipe's spatial phase learns from (MotionDirector trains it on single frames)."""
-
-    latents: torch.Tensor
-    context: torch.Tensor
-    flow: torch.Tensor | None = None
-    stills: torch.Tensor | None = None
-
-    def __post_init__(self):
-        _check_set("clips", self.latents, self.context, 5)
-        if self.flow is not None and self.flow.shape[0] != self.latents.shape[0]:
-            raise InputError("motion representation", f"{self.flow.shape[0]} flows for {self.latents.shape[0]} clips",
-                             "one motion representation per clip")
-        if self.stills is not None and self.stills.shape[0] != self.latents.shape[0]:
-            raise InputError("frames", f"stills of {self.stills.shape[0]} clips for {self.latents.shape[0]} clips",
-                             "single frames of every clip")
-
-
-@dataclass
-class SubjectSet:
-    """Cached subject images as one-frame latents `[N, C, 1, h, w]`, latent-grid masks `[N, 1, 1, h, w]`,
-    context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, preservation clips, and where the subject's
-    trigger word sits in the context (for the token attention loss and a trigger embedding)."""
-
-    latents: torch.Tensor
-    context: torch.Tensor
-    masks: torch.Tensor | None = None
-    dino_tokens: torch.Tensor | None = None
-    preservation: VideoSet | None = None
-    subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
-    trigger_words: str = ""  # the words at subject_tokens, kept with a trigger embedding learned there
-    # The photos' subject sliding over its own background as short clips (`images.moving_photos`), with their
-    # masks and prompt; same trigger words. Learned in turn with the photos, so the subject is not learned as
-    # something that stands still.
-    moving: SubjectSet | None = None
-
-    def __post_init__(self):
-        _check_set("subject images", self.latents, self.context, 5)
-        n = self.latents.shape[0]
-        if self.masks is not None and (self.masks.shape[0] != n or self.masks.shape[-2:] != self.latents.shape[-2:]):
-            raise InputError("masks", f"{self.masks.shape[0]} masks of grid {tuple(self.masks.shape[-2:])}",
-                             f"{n} masks, one per image, of the images' size")
-        empty = [] if self.masks is None else torch.nonzero(self.masks.flatten(1).amax(1) <= 0).flatten().tolist()
-        if empty:  # nothing to learn there: the region loss and the attention loss would be zero
-            raise InputError("masks", f"mask {empty[0]} is empty", "masks that mark the subject (white) in every photo")
-        if self.dino_tokens is not None and self.dino_tokens.shape[0] != n:
-            raise InputError("subject representation", f"features of {self.dino_tokens.shape[0]} images",
-                             f"features of the same {n} images")
-        if self.moving is not None and self.moving.context.shape[1:] != self.context.shape[1:]:
-            raise InputError("moving_clips", "their conditioning has another shape than the photos'",
-                             "the photos' own prompt")
-
-
-def _check_set(what: str, latents: torch.Tensor, context: torch.Tensor, ndim: int) -> None:
-    if latents.ndim != ndim or latents.shape[0] == 0:
-        raise InputError(what, "the data set is empty" if latents.numel() == 0 else f"shape {tuple(latents.shape)}",
-                         "at least one item")
-    if context.shape[0] not in (1, latents.shape[0]):
-        raise InputError("prompt", f"{context.shape[0]} conditionings for {latents.shape[0]} items",
-                         "one prompt for all items or one per item")
 
 
 @dataclass

@@ -18,19 +18,18 @@ from ..adapters.lora import LoraAdapters, save_lora
 from ..backbones.wan import ROLES
 from ..control.strength import SMRABOOTH_TIMING, ScheduledStrengths, StrengthSchedule
 from ..errors import InputError
-from ..images import hue_rotations, moving_photos
+from ..training import datasets
 from ..training.customize import (
     MotionSettings,
-    SubjectSet,
     SubjectSettings,
-    VideoSet,
     train_joint,
     train_motion,
     train_subject,
 )
+from ..training.datasets import SubjectSet, VideoSet
 from ..training.engine import TrainedParts
 from ..training.loop import OptimSettings, warmup_steps
-from ..training.objectives import DecodedFlow, SigmaSampler, latent_mask
+from ..training.objectives import DecodedFlow, SigmaSampler
 from .cases import Case
 from .latent import TEMPORAL_FACTOR, decode, encode, encode_stills
 from .model import World
@@ -48,10 +47,14 @@ def vocabulary_clips(text, spec: WorldSpec, count: int, seed: int = 0) -> VideoS
         raise InputError("count", f"{count}", "at least 1 clip")
     g = torch.Generator().manual_seed(seed)
     rendered = [render(random_scene(g, spec), spec) for _ in range(count)]
-    frames = torch.stack([c.frames for c in rendered])
     with torch.no_grad():
         context = text([c.prompt for c in rendered])
-    return VideoSet(encode(frames), context, stills=torch.stack([encode_stills(f) for f in frames]))
+    return datasets.clip_set(torch.stack([c.frames for c in rendered]), encode, context, stills=None,
+                    encode_still=encode_stills, progress=_quiet)
+
+
+def _quiet(done: int, total: int) -> None:
+    """The world's sets take moments to make: no progress bars."""
 
 
 def subject_set(world: World, case: Case, dino=None, preservation: int = 16, seed: int = 0,
@@ -61,28 +64,22 @@ def subject_set(world: World, case: Case, dino=None, preservation: int = 16, see
     of each photo's subject sliding along a straight path at the world's speeds."""
     photos = case.subject_images()
     frames = torch.cat([p.frames for p in photos])
-    pixel_masks = torch.cat([p.masks for p in photos])
-    latents = encode_stills(frames)
-    masks = latent_mask(pixel_masks[:, None], latents.shape)
+    masks = torch.cat([p.masks for p in photos])
     with torch.no_grad():
         context = world.text([SUBJECT_WORD])
-    moving = None
-    if moving_clips:
-        spec = case.spec
-        travel = tuple(v * (spec.frames - 1) / spec.size for v in spec.speed)  # the world's speeds, per clip
-        clips, clip_masks = moving_photos(list(frames), list(pixel_masks), moving_clips, spec.frames, travel, seed)
-        moving_latents = encode(clips)
-        moving = SubjectSet(moving_latents, context, latent_mask(clip_masks, moving_latents.shape))
-    tokens = None
+    representation = None
     if dino is not None:
         from ..representations.subject import extract_subject
 
-        rep = extract_subject(dino, frames, torch.cat([p.masks for p in photos]), resolution=case.spec.size,
-                              fit="stretch", progress=lambda *_: None)
-        tokens = rep.patch_tokens.permute(0, 3, 1, 2).contiguous()
-    clips = vocabulary_clips(world.text, case.spec, preservation, seed + 4242) if preservation else None
-    return SubjectSet(latents, context, masks, tokens, clips, subject_tokens=(0,),  # "sks" is the only word
-                      trigger_words=SUBJECT_WORD, moving=moving)
+        representation = extract_subject(dino, frames, masks, resolution=case.spec.size, fit="stretch",
+                                         progress=_quiet)
+    spec = case.spec
+    clips = vocabulary_clips(world.text, spec, preservation, seed + 4242) if preservation else None
+    return datasets.subject_set(
+        frames, encode, context, masks, representation, clips, subject_tokens=(0,),  # "sks" is the only word
+        trigger_words=SUBJECT_WORD, moving_clips=moving_clips, moving_frames=spec.frames,
+        travel=tuple(v * (spec.frames - 1) / spec.size for v in spec.speed),  # the world's speeds, per clip
+        seed=seed, encode_still=encode_stills, progress=_quiet)
 
 
 def motion_set(world: World, case: Case, raft=None, hue_copies: int = 0) -> VideoSet:
@@ -90,17 +87,15 @@ def motion_set(world: World, case: Case, raft=None, hue_copies: int = 0) -> Vide
     their frames as stills, and their RAFT flow from the world's encoder, if given; with `hue_copies`, each
     clip is followed by that many copies in other colours (same caption, same flow)."""
     clips = case.motion_clips()
-    versions = [(c, frames) for c in clips for frames in hue_rotations(c.frames, hue_copies)]
     with torch.no_grad():
-        context = world.text([f"{c.prompt} {MOTION_WORD}" for c, _ in versions])
+        context = world.text([f"{c.prompt} {MOTION_WORD}" for c in clips])
     flow = None
     if raft is not None:
         from ..representations.motion import compute_flow
 
-        flows = [compute_flow(raft, c.frames, progress=lambda *_: None) for c in clips]
-        flow = torch.stack([f for f in flows for _ in range(hue_copies + 1)])
-    stills = torch.stack([encode_stills(f) for _, f in versions])  # every frame as a photo, for the spatial LoRA
-    return VideoSet(encode(torch.stack([f for _, f in versions])), context, flow, stills)
+        flow = torch.stack([compute_flow(raft, c.frames, progress=_quiet) for c in clips])
+    return datasets.clip_set(torch.stack([c.frames for c in clips]), encode, context, flow, stills=None,
+                    hue_copies=hue_copies, encode_still=encode_stills, progress=_quiet)
 
 
 def _world_optim(steps: int, lr: float) -> OptimSettings:

@@ -440,3 +440,52 @@ def test_motion_lora_with_decoded_flow_alignment_on_the_world_vae(wan, tmp_path)
         training.TrainMotionLoRA.execute(patcher, clips, vae=vae, **args)
     with pytest.raises(ValueError, match="vae: is not connected"):
         training.TrainMotionLoRA.execute(patcher, clips, raft=_raft(pack), **args)
+
+
+def test_the_lora_output_keeps_its_spec_through_save_lora_and_the_stock_lora_nodes(wan, tmp_path):
+    """The LORA a train node outputs carries its spec, base model and trigger words to Save LoRA, which writes the
+    metadata the core's save_lora writes; ComfyUI's own LORA_MODEL nodes take it as the plain dict they expect,
+    and a plain dict from another node still saves."""
+    import folder_paths
+    from comfy_extras.nodes_train import LoraModelLoader
+    from comfy_extras.nodes_train import SaveLoRA as StockSaveLoRA
+    from safetensors.torch import load_file
+
+    from custvid_core.adapters.lora import base_model_signature, read_lora
+    from custvid_core.backbones import describe
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    loras = tmp_path / "loras"
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    training, world_nodes = _nodes(pack)
+    images, masks = _star_photos(2)
+    subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
+                                              prompt="a sks", trigger_words="sks", world_text=world.text).result[0]
+    _, lora, _, _ = _train(pack, patcher, subject, run_name="spec_test", steps=2)
+    assert isinstance(lora, dict) and lora.spec is not None and lora.trigger_words == "sks"
+
+    name = training.SaveLoRA.execute(lora, "custvid/with_spec", "", False).result[0]
+    tensors, spec, meta = read_lora(loras / name)
+    assert spec.to_dict() == lora.spec.to_dict() and meta["custvid.lora.info"] == {"trigger_words": "sks"}
+    assert meta["custvid.lora.base_model"] == base_model_signature(describe(patcher.model.diffusion_model))
+    assert all(torch.equal(tensors[k], v) for k, v in lora.items())
+    # Words typed into Save LoRA are stored instead.
+    name = training.SaveLoRA.execute(lora, "custvid/typed_words", "sks star", False).result[0]
+    assert read_lora(loras / name)[2]["custvid.lora.info"] == {"trigger_words": "sks star"}
+
+    # A plain dict (another node's LoRA): saved with the ranks and roles its tensors show.
+    name = training.SaveLoRA.execute(dict(lora), "custvid/plain", "sks", False).result[0]
+    _, spec, meta = read_lora(loras / name)
+    assert spec is None and "custvid.lora.base_model" not in meta
+    assert meta["custvid.lora.info"] == {"ranks": [4], "roles": ["ffn.0", "self_attn.k", "self_attn.q"],
+                                         "trigger_words": "sks"}
+
+    # ComfyUI's own LORA_MODEL nodes: Load LoRA Model patches as with a plain dict; Save LoRA Weights writes it.
+    (with_spec,) = LoraModelLoader.execute(patcher, lora, 1.0).result
+    (with_dict,) = LoraModelLoader.execute(patcher, dict(lora), 1.0).result
+    assert len(with_spec.patches) == len(with_dict.patches) == 2 * 3
+    assert torch.allclose(_denoise(with_spec), _denoise(with_dict))
+    StockSaveLoRA.execute(lora, "loras/stock")
+    (written,) = (tmp_path / "loras").glob("stock_*.safetensors")
+    assert load_file(written).keys() == lora.keys()

@@ -1,0 +1,324 @@
+"""Training sets: what the recipes learn from, encoded once, and the builders that make them.
+
+A set holds latents, their text conditioning and what the losses need beside them (masks on the latent
+grid, DINOv2 tokens, RAFT flow, single frames as stills). The builders take pixels and an `encode`
+callable (a VAE's encode: pixels `[N, F, H, W, 3]` in [0, 1] -> latents `[N, C, T, h, w]`; a photo is a clip
+of one frame) and make everything derived from the pixels here: stills of clips, copies of clips in other
+colours (`images.hue_rotations`), a subject's photos as moving clips (`images.moving_photos`) and masks on
+the latent grid (`objectives.latent_mask`). The ComfyUI nodes and the shapes world build their sets through
+them; sets built separately are joined with `append_clips` / `append_photos`.
+
+    clips = clip_set(frames, vae_encode, context, hue_copies=3)
+    subject = subject_set(photos, vae_encode, context, masks=masks, preservation=clips, moving_clips=2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from ..errors import InputError
+from ..images import as_image_list, as_mask_list, hue_rotations, moving_photos
+from .objectives import latent_mask
+
+if TYPE_CHECKING:
+    from ..representations.subject import SubjectRepresentation
+
+Encode = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class VideoSet:
+    """Cached clips: latents `[N, C, T, h, w]`, context `[N, L, D]`, optional RAFT flow `[N, F-1, 2, H, W]`,
+    and optional stills `[N, K, C, 1, h, w]`: K single frames of each clip encoded as images, which the
+    motion recipe's spatial phase learns from (MotionDirector trains it on single frames)."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    flow: torch.Tensor | None = None
+    stills: torch.Tensor | None = None
+
+    def __post_init__(self):
+        _check_set("clips", self.latents, self.context, 5)
+        if self.flow is not None and self.flow.shape[0] != self.latents.shape[0]:
+            raise InputError("motion representation", f"{self.flow.shape[0]} flows for {self.latents.shape[0]} clips",
+                             "one motion representation per clip")
+        if self.stills is not None and self.stills.shape[0] != self.latents.shape[0]:
+            raise InputError("frames", f"stills of {self.stills.shape[0]} clips for {self.latents.shape[0]} clips",
+                             "single frames of every clip")
+
+
+@dataclass
+class MovingClips:
+    """A subject's photos as short clips of it sliding over its own background (`images.moving_photos`):
+    latents `[N, C, T, h, w]`, the photos' context `[1 or N, L, D]`, and the subject's masks on the latent
+    grid `[N, 1, T, h, w]`. Learned in turn with the photos, so the subject is not learned as something that
+    stands still."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    masks: torch.Tensor
+
+    def __post_init__(self):
+        _check_set("moving_clips", self.latents, self.context, 5)
+        _check_masks(self.masks, self.latents, "clip")
+
+
+@dataclass
+class SubjectSet:
+    """Cached subject images as one-frame latents `[N, C, 1, h, w]`, latent-grid masks `[N, 1, 1, h, w]`,
+    context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, preservation clips, where the subject's
+    trigger word sits in the context (for the token attention loss and a trigger embedding), and optionally
+    the photos as moving clips (same prompt, same trigger words)."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    masks: torch.Tensor | None = None
+    dino_tokens: torch.Tensor | None = None
+    preservation: VideoSet | None = None
+    subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
+    trigger_words: str = ""  # the words at subject_tokens, kept with a trigger embedding learned there
+    moving: MovingClips | None = None
+
+    def __post_init__(self):
+        _check_set("subject images", self.latents, self.context, 5)
+        n = self.latents.shape[0]
+        if self.masks is not None:
+            _check_masks(self.masks, self.latents, "photo")
+        if self.dino_tokens is not None and self.dino_tokens.shape[0] != n:
+            raise InputError("subject representation", f"features of {self.dino_tokens.shape[0]} images",
+                             f"features of the same {n} images")
+        if self.moving is not None and self.moving.context.shape[1:] != self.context.shape[1:]:
+            raise InputError("moving_clips", "their conditioning has another shape than the photos'",
+                             "the photos' own prompt")
+
+
+def _check_set(what: str, latents: torch.Tensor, context: torch.Tensor, ndim: int) -> None:
+    if latents.ndim != ndim or latents.shape[0] == 0:
+        raise InputError(what, "the data set is empty" if latents.numel() == 0 else f"shape {tuple(latents.shape)}",
+                         "at least one item")
+    if context.shape[0] not in (1, latents.shape[0]):
+        raise InputError("prompt", f"{context.shape[0]} conditionings for {latents.shape[0]} items",
+                         "one prompt for all items or one per item")
+
+
+def _check_masks(masks: torch.Tensor, latents: torch.Tensor, item: str) -> None:
+    n = latents.shape[0]
+    if masks.shape[0] != n or masks.shape[-2:] != latents.shape[-2:]:
+        raise InputError("masks", f"{masks.shape[0]} masks of grid {tuple(masks.shape[-2:])}",
+                         f"{n} masks, one per {item}, of the {item}s' size")
+    empty = torch.nonzero(masks.flatten(1).amax(1) <= 0).flatten().tolist()
+    if empty:  # nothing to learn there: the region loss and the attention loss would be zero
+        raise InputError("masks", f"mask {empty[0]} is empty", f"masks that mark the subject (white) in every {item}")
+
+
+class _Encoding:
+    """`encode` (and `encode_still` for single images) applied one item at a time, reporting each item done."""
+
+    def __init__(self, encode: Encode, encode_still: Encode | None, total: int, progress: Progress | None,
+                 description: str):
+        self.encode, self.encode_still = encode, encode_still or (lambda photos: encode(photos[:, None]))
+        self.total, self.done, self.progress, self.bar = total, 0, progress, None
+        if progress is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=description, unit="item")
+
+    def _count(self, latents: torch.Tensor) -> torch.Tensor:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.done == self.total:
+                self.bar.close()
+        else:
+            self.progress(self.done, self.total)
+        return latents.float().cpu()
+
+    def clips(self, clips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Clips `[F, H, W, 3]` -> latents `[N, C, T, h, w]`."""
+        return torch.cat([self._count(self.encode(c[None])) for c in clips])
+
+    def stills(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images `[H, W, 3]` -> latents `[N, C, 1, h, w]`."""
+        return torch.cat([self._count(self.encode_still(i[None])) for i in images])
+
+
+def _still_frames(frame_count: int, stills: int | None) -> list[int]:
+    """`stills` evenly spaced frames of a clip (all of them for None)."""
+    count = frame_count if stills is None else min(stills, frame_count)
+    return torch.linspace(0, frame_count - 1, count).round().long().tolist()
+
+
+def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
+             flow: torch.Tensor | None = None, stills: int | None = 8, hue_copies: int = 0,
+             encode_still: Encode | None = None, progress: Progress | None = None) -> VideoSet:
+    """Clips encoded for training (motion clips, or a subject's preservation clips).
+
+    frames: clips `[N, F, H, W, 3]` in [0, 1] (or one clip `[F, H, W, 3]`), all of one length and size.
+    context: their text conditioning, `[1, L, D]` for all or `[N, L, D]` one per clip.
+    flow: their RAFT flow (the motion representation) `[N, F-1, 2, H, W]` (or `[F-1, 2, H, W]` for one clip).
+    stills: how many single frames of each clip (evenly spaced) are also encoded as images, for the motion
+        recipe's spatial phase and a stillness LoRA; None: every frame, 0: none.
+    hue_copies: after each clip, this many copies with its colours turned round the colour circle (same
+        conditioning, same flow), so a motion LoRA cannot learn the clips' colours.
+    encode_still: images `[N, H, W, 3]` -> one-frame latents `[N, C, 1, h, w]`, where a photo is not a clip of one
+        frame to `encode` (default: `encode` on one-frame clips).
+    progress: `progress(done, total)` after each encoded item (default: a tqdm bar)."""
+    clips = [frames] if isinstance(frames, torch.Tensor) and frames.ndim == 4 else list(frames)
+    if not clips:
+        raise InputError("frames", "no clips were given", "at least one clip")
+    for c in clips:
+        if c.ndim != 4 or c.shape[-1] not in (3, 4) or c.shape[0] < 2:
+            raise InputError("frames", f"a clip of shape {tuple(c.shape)}",
+                             "a clip of at least 2 frames (5 or more on Wan), [frames, height, width, 3]")
+    if len({tuple(c.shape[:3]) for c in clips}) != 1:
+        raise InputError("frames", "clips of different lengths or sizes", "clips of the same frame count and size")
+    versions = [v for c in clips for v in hue_rotations(c[..., :3], hue_copies)]
+    if context.shape[0] not in (1, len(clips)):
+        raise InputError("conditioning", f"{context.shape[0]} conditionings for {len(clips)} clips",
+                         "one for all clips or one per clip")
+    context = context.repeat_interleave(hue_copies + 1, 0) if context.shape[0] > 1 else context
+    if flow is not None:
+        flow = flow[None] if flow.ndim == 4 else flow
+        if flow.shape[0] != len(clips) or flow.shape[1] != clips[0].shape[0] - 1:
+            raise InputError("motion_representation", f"flow of {flow.shape[0]} clips of {flow.shape[1] + 1} frames",
+                             f"the representation of these {len(clips)} clips ({clips[0].shape[0]} frames)")
+        flow = flow.float().repeat_interleave(hue_copies + 1, 0)
+    picks = _still_frames(clips[0].shape[0], stills) if stills != 0 else []
+    encoding = _Encoding(encode, encode_still, len(versions) * (1 + len(picks)), progress, "encoding clips")
+    latents = encoding.clips(versions)
+    still_latents = torch.stack([encoding.stills(v[picks]) for v in versions]) if picks else None
+    return VideoSet(latents, context, flow, still_latents)
+
+
+def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
+                masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                subject_representation: SubjectRepresentation | None = None,
+                preservation: VideoSet | None = None, subject_tokens: tuple[int, ...] | None = None,
+                trigger_words: str = "", moving_clips: int = 0, moving_frames: int = 17,
+                travel: tuple[float, float] = (0.225, 0.3), seed: int = 0, frame_step: int = 1,
+                encode_still: Encode | None = None, progress: Progress | None = None) -> SubjectSet:
+    """A subject's photos encoded for training.
+
+    photos: `[N, H, W, 3]` in [0, 1] (or a list of `[H, W, 3]`), all of one size; masks: the subject in each,
+        `[N, H, W]` in [0, 1] (for the region and token attention losses, and moving clips).
+    context: the training prompt's conditioning, `[1, L, D]` or one per photo.
+    subject_representation: the photos' DINOv2 features (`representations.subject.SubjectRepresentation`),
+        for subject alignment.
+    preservation: captioned clips (`clip_set`) learned in turn, so the model keeps making video.
+    subject_tokens, trigger_words: where the trigger words sit in the context, and the words.
+    moving_clips: per photo, this many clips of `moving_frames` frames of the subject (cut out by its mask)
+        sliding along a random straight path over the photo's background; each path is `travel` (a range) of
+        the photo's width long; deterministic by `seed`. `frame_step`: the encoder's frames per latent frame
+        (Wan: 4), which `moving_frames` must fit (1 + k steps or k steps).
+    encode_still, progress: as for `clip_set`."""
+    images = as_image_list(photos, "images")
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise InputError("images", "photos of different sizes", "photos of one size in one dataset")
+    mask_list = as_mask_list(masks, images, "masks")
+    if subject_representation is not None and subject_representation.patch_tokens.shape[0] != len(images):
+        raise InputError("subject_representation", f"features of {subject_representation.patch_tokens.shape[0]} "
+                         "images", f"the representation of these {len(images)} photos")
+    clips = clip_masks = None
+    if moving_clips:
+        if mask_list is None:
+            raise InputError("moving_clips", "the subject is cut out by its mask, and no masks were given",
+                             "masks for the photos, or 0")
+        if moving_frames % frame_step not in (0, 1 % frame_step):
+            raise InputError("moving_frames", f"{moving_frames} frames",
+                             f"a count this VAE encodes whole: 1 + {frame_step}k or {frame_step}k (Wan: 17, 33, ...)")
+        clips, clip_masks = moving_photos(images, mask_list, moving_clips, moving_frames, travel, seed)
+    encoding = _Encoding(encode, encode_still, len(images) + (0 if clips is None else len(clips)), progress,
+                         "encoding photos")
+    latents = encoding.stills(images)
+    grid_masks = None if mask_list is None else latent_mask(torch.stack(mask_list)[:, None], latents.shape)
+    moving = None
+    if clips is not None:
+        clip_latents = encoding.clips(clips)
+        moving = MovingClips(clip_latents, context, latent_mask(clip_masks, clip_latents.shape))
+    tokens = None if subject_representation is None else \
+        subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
+    return SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, trigger_words, moving)
+
+
+def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
+    """One conditioning row per item of a joined set (a single row stands for all of its items)."""
+    if earlier.shape[1:] != context.shape[1:]:
+        raise InputError("conditioning", f"its shape differs from the earlier {what}'",
+                         "prompts from the same text encoder")
+    return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
+
+
+def append_clips(earlier: VideoSet, new: VideoSet) -> VideoSet:
+    """`earlier`'s clips followed by `new`'s (of the same frame count and size)."""
+    if earlier.latents.shape[1:] != new.latents.shape[1:]:
+        raise InputError("frames", f"latents {tuple(new.latents.shape[1:])} differ from the earlier clips' "
+                         f"{tuple(earlier.latents.shape[1:])}", "clips of the same frame count and size")
+    if (earlier.flow is None) != (new.flow is None):
+        raise InputError("motion_representation", "given for some clips and not others",
+                         "a motion representation for every clip, or for none")
+    if (earlier.stills is None) != (new.stills is None) or \
+            (new.stills is not None and earlier.stills.shape[1] != new.stills.shape[1]):
+        raise InputError("frames", "clips with another number of stills after the earlier clips",
+                         "clips of the same frame count and size")
+    n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
+    return VideoSet(torch.cat([earlier.latents, new.latents]),
+                    _append_context(earlier.context, n_old, new.context, n_new, "clips"),
+                    torch.cat([earlier.flow, new.flow]) if new.flow is not None else None,
+                    torch.cat([earlier.stills, new.stills]) if new.stills is not None else None)
+
+
+def _append_moving(earlier: MovingClips, new: MovingClips) -> MovingClips:
+    if earlier.latents.shape[1:] != new.latents.shape[1:]:
+        raise InputError("moving_frames", "moving clips of another length or size than the earlier photos'",
+                         "the same moving_frames and photo size in one dataset")
+    n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
+    return MovingClips(torch.cat([earlier.latents, new.latents]),
+                       _append_context(earlier.context, n_old, new.context, n_new, "photos"),
+                       torch.cat([earlier.masks, new.masks]))
+
+
+def append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
+    """`earlier`'s photos (and moving clips) followed by `new`'s; `new`'s preservation clips and trigger words
+    where it has them, else `earlier`'s."""
+    n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
+    if earlier.latents.shape[1:] != new.latents.shape[1:]:
+        raise InputError("images", f"photos of latent size {tuple(new.latents.shape[-2:])} after photos of "
+                         f"{tuple(earlier.latents.shape[-2:])}", "photos of the same size in one dataset")
+    if (earlier.masks is None) != (new.masks is None) or (earlier.dino_tokens is None) != (new.dino_tokens is None):
+        raise InputError("masks", "given for some photos and not others",
+                         "masks (and subject representations) for every photo, or for none")
+    moving = earlier.moving or new.moving
+    if earlier.moving is not None and new.moving is not None:
+        moving = _append_moving(earlier.moving, new.moving)
+    return SubjectSet(torch.cat([earlier.latents, new.latents]),
+                      _append_context(earlier.context, n_old, new.context, n_new, "photos"),
+                      torch.cat([earlier.masks, new.masks]) if new.masks is not None else None,
+                      torch.cat([earlier.dino_tokens, new.dino_tokens]) if new.dino_tokens is not None else None,
+                      new.preservation or earlier.preservation, new.subject_tokens or earlier.subject_tokens,
+                      new.trigger_words if new.subject_tokens else earlier.trigger_words, moving)
+
+
+def _or_none(convert: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else convert(t)
+
+
+def converted(data, latents: Callable[[torch.Tensor], torch.Tensor],
+              tensors: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
+    """`data` (a `VideoSet`, `MovingClips` or `SubjectSet`, with its moving and preservation clips) with every
+    latent tensor (latents, stills) passed through `latents` (e.g. into a model's latent format) and every other
+    tensor through `tensors`."""
+    if isinstance(data, VideoSet):
+        stills = data.stills
+        return VideoSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.flow),
+                        None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape))
+    if isinstance(data, MovingClips):
+        return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks))
+    return SubjectSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.masks),
+                      _or_none(tensors, data.dino_tokens),
+                      None if data.preservation is None else converted(data.preservation, latents, tensors),
+                      data.subject_tokens, data.trigger_words,
+                      None if data.moving is None else converted(data.moving, latents, tensors))
