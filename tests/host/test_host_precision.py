@@ -120,11 +120,11 @@ def _train(patcher, subject, training_dtype="auto", settings=SETTINGS):
     """A few seeded training steps through the host glue; returns the run and the base's storage before,
     during every step, and after."""
     from custvid_pack.nodes.host import resolve_training_dtype, training_backbone
-    from custvid_pack.nodes.training_nodes import _subject_in
+    from custvid_pack.nodes.training_nodes import _data_in
 
     before, during = _storage(patcher.model.diffusion_model), []
     with training_backbone(patcher) as (backbone, device, to_model):
-        trained = train_subject(backbone, _subject_in(to_model, subject), settings, device=device,
+        trained = train_subject(backbone, _data_in(to_model, subject), settings, device=device,
                                 progress=lambda *_: during.append(_storage(backbone.model)),
                                 dtype=resolve_training_dtype(training_dtype, device))
     return trained, before, during, _storage(patcher.model.diffusion_model)
