@@ -151,7 +151,7 @@ class SubjectDataset(io.ComfyNode):
                                                    "appended. Photos of one dataset share a size."),
                 io.String.Input("prompt", default="", optional=True,
                                 tooltip="The training prompt exactly as encoded (e.g. 'a sks dog'). With trigger_words "
-                                        "and clip (or world_text) it turns on MotionBooth's subject-token attention "
+                                        "and clip it turns on MotionBooth's subject-token attention "
                                         "loss (with masks) and lets Train Subject LoRA learn a trigger embedding."),
                 io.String.Input("trigger_words", default="", optional=True,
                                 tooltip="The subject's words in the prompt (e.g. 'sks dog'): with masks, their "
@@ -197,7 +197,7 @@ class SubjectDataset(io.ComfyNode):
         subject_tokens = None
         words = " ".join(trigger_words.split())
         if words:
-            subject_tokens = token_roles(prompt, words, clip, world_text, words_input="trigger_words").subject
+            subject_tokens = token_roles(prompt, words, clip or world_text, words_input="trigger_words").subject
         photo_set = SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, words, moving)
         return io.NodeOutput(photo_set if add_to is None else _append_photos(add_to, photo_set))
 

@@ -17,4 +17,5 @@ def tokenizer_inputs(words: str) -> list:
     """The optional text encoder whose tokenizer finds `words` in a prompt (`token_roles` in host.py)."""
     return [io.Clip.Input("clip", optional=True,
                           tooltip=f"The text encoder of the prompt; its tokenizer finds the {words}."),
-            WorldText.Input("world_text", optional=True, tooltip="For the shapes world: its text encoder, instead of clip.")]
+            WorldText.Input("world_text", optional=True,
+                             tooltip="Deprecated (from the deprecated Load Shapes World): connect its clip to clip.")]
