@@ -38,7 +38,7 @@ def test_every_node_is_listed_with_category_tooltips_and_custvid_types(comfy_ser
     assert NODE_IDS | DEPRECATED <= set(info)
     assert {k for k, v in info.items() if v.get("deprecated")} == DEPRECATED
     for node_id in set(info) - DEPRECATED:  # the shapes world's needs are no choices on the nodes in use
-        assert "latent_layout" not in dict(ordered_inputs(info[node_id])), node_id
+        assert not {"latent_layout", "world_text"} & set(dict(ordered_inputs(info[node_id]))), node_id
         assert "CUSTVID_WORLD_TEXT" not in info[node_id]["output"], node_id
     for node_id, node in info.items():
         assert node["category"].startswith("CustVid/"), node_id
