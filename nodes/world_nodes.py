@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import comfy.latent_formats
+import comfy.model_management
 import comfy.sd
 import folder_paths
 import torch
@@ -116,6 +117,8 @@ class _WorldTextModel(torch.nn.Module):
         rows = [[t[0] for t in chunk if t[0] != pad] for chunk in tokens["world"]]
         with torch.no_grad():
             context = self.text.context(rows)
+        # Where ComfyUI's own text encoders leave their output, whatever device encoded it.
+        context = context.to(comfy.model_management.intermediate_device())
         return context, None, {LATENT_LAYOUT: world_latent.FramesInChannels()}
 
 

@@ -315,3 +315,20 @@ def _euler():
     import comfy.samplers
 
     return comfy.samplers.sampler_object("euler")
+
+
+def test_the_worlds_clip_encodes_and_finds_words_as_its_text_encoder_does(tiny):
+    """ComfyUI's CLIP around the world's text encoder: CLIPTextEncode's calls give the encoder's own context, a
+    clone encodes the same, and `token_roles` through `clip.tokenize` finds the positions the encoder finds."""
+    from custvid_pack.nodes.host import token_roles
+
+    _, world, _ = tiny
+    ((context, extras),) = _encode(world.clip, PROMPT)
+    with torch.no_grad():
+        assert torch.equal(context, world.text(PROMPT))
+        assert torch.equal(_encode(world.clip.clone(), "")[0][0], world.text(""))
+    assert extras["pooled_output"] is None  # as umt5 gives Wan
+    roles = token_roles(PROMPT, "striped circle", world.clip, background_words="red")
+    assert roles == world.text.token_roles(PROMPT, "striped circle", "red")
+    with pytest.raises(ValueError, match="^prompt: 'dog' is not a word of the shapes world"):
+        world.clip.tokenize("a dog")
