@@ -44,11 +44,12 @@ def main() -> int:
 
     import torch
 
-    from custvid_core.bench import mean_over_rows, measure, subject_references
     from custvid_core.representations.subject import load_dinov2
     from custvid_core.training.customize import train_subject
+    from custvid_core.world.bench.customization import mean_over_rows, measure, subject_references
+    from custvid_core.world.bench.methods import lora_methods
     from custvid_core.world.cases import DEFAULT_CASES, load_cases
-    from custvid_core.world.customize import SUBJECT_WORD, generate_with_loras, lora_methods, subject_set
+    from custvid_core.world.customize import SUBJECT_WORD, generate_with_loras, subject_set
     from custvid_core.world.encoders import DINO_FILE
     from custvid_core.world.model import load_world
     from custvid_core.world.sample import generate

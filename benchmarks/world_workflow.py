@@ -53,8 +53,8 @@ def main() -> int:
     from comfy_host import running_server
     from workflow_api import inputs_of, to_api
 
-    from custvid_core.bench import mean_over_rows, measure, subject_references
     from custvid_core.media import read_video
+    from custvid_core.world.bench.customization import mean_over_rows, measure, subject_references
     from custvid_core.world.cases import load_cases
 
     out = Path(args.out)

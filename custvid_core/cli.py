@@ -23,8 +23,8 @@ def demo(args: argparse.Namespace) -> int:
     then the same prompt from the base model and customized, side by side and measured."""
     from dataclasses import replace
 
+    from .world.bench.methods import lora_methods
     from .world.cases import load_cases
-    from .world.customize import lora_methods
     from .world.demo import run_demo
     from .world.model import load_world
 
@@ -119,7 +119,7 @@ def world_encoders(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .world.bench.customization import run_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,8 +131,8 @@ def bench(args: argparse.Namespace) -> int:
 
 def bench_control(args: argparse.Namespace) -> int:
     from .control.camera import StepWindow
-    from .perf import run_control_perf
-    from .world.control_bench import ControlBenchSettings, run_control_bench
+    from .world.bench.control import ControlBenchSettings, run_control_bench
+    from .world.bench.perf import run_control_perf
     from .world.model import MODEL_FILE, load_world, text_file_for
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -160,7 +160,7 @@ def bench_control(args: argparse.Namespace) -> int:
 
 
 def bench_training(args: argparse.Namespace) -> int:
-    from .perf import run_training_bench
+    from .world.bench.perf import run_training_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,19 +18,54 @@ from ..custvid_core.control.camera import MAX_ZOOM, CameraPath, LatentShift, Ste
 from ..custvid_core.control.sampling import LatentView, SamplingControl, SamplingStep
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import draw_boxes
-from ..custvid_core.world import latent as world_latent
+from ..custvid_core.world.latent import FramesInChannels
 from . import types
 from .comfy_sampling import drive_controls
-from .host import token_roles
+from .host import LATENT_LAYOUT, token_roles
 
 CATEGORY = "CustVid/control"
+
+
+class TimeAxis:
+    """Wan's video latents: one latent frame per time step, on its own axis."""
+
+    @staticmethod
+    def frames(latent_frames: int) -> int:
+        return latent_frames
+
+    @staticmethod
+    def as_frames(latent: torch.Tensor) -> torch.Tensor:
+        return latent
+
+    @staticmethod
+    def from_frames(frames: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return frames
+
+
+def conditioning_layout(conds) -> object:
+    """How the latent holds time, as the text encoder put it in the conditioning (`LATENT_LAYOUT`, set by the
+    shapes world's clip); Wan's video layout where none says otherwise. `conds`: the extras dicts of a
+    CONDITIONING, or the cond dicts ComfyUI's sampling holds."""
+    return next((c[LATENT_LAYOUT] for c in conds if c.get(LATENT_LAYOUT) is not None), TimeAxis())
+
+
+def _sampling_layout(model) -> object:
+    """The layout of the conditioning a sampler function samples with: its `model` wraps the guider that holds the
+    positive and negative conds (comfy.samplers.KSAMPLER.sample)."""
+    conds = getattr(getattr(model, "inner_model", None), "conds", None) or {}
+    return conditioning_layout([c for part in conds.values() for c in part])
+
+
+# The choice the deprecated camera nodes offered; the others read the layout from the conditioning.
 VIDEO_LAYOUT = "video latent (Wan: one latent frame per time step)"
 WORLD_LAYOUT = "shapes world (5 frames in each latent frame)"
+LEGACY_LAYOUTS = {VIDEO_LAYOUT: TimeAxis(), WORLD_LAYOUT: FramesInChannels()}
 
 
 # --- camera -----------------------------------------------------------------------------------------
 
-def _camera_inputs() -> list:
+def _camera_inputs(latent_layout: bool = False) -> list:
+    """The camera's inputs; `latent_layout`: with the deprecated layout choice, where saved workflows have it."""
     return [
         io.Float.Input("pan_x", default=0.25, min=-1.0, max=1.0, step=0.01,
                        tooltip="Camera pan to the right over the whole clip, as a fraction of the frame width "
@@ -48,9 +83,10 @@ def _camera_inputs() -> list:
         io.Float.Input("window_end", default=0.4, min=0.0, max=1.0, step=0.01,
                        tooltip="Fraction of the sampling steps where the shift ends (MotionBooth: step 20 of 50). "
                                "Earlier windows move more of the layout; later ones only the details."),
-        io.Combo.Input("latent_layout", options=[VIDEO_LAYOUT, WORLD_LAYOUT], default=VIDEO_LAYOUT,
-                       tooltip="How time is stored in the latent: Wan's video latents keep time on their own axis; "
-                               "the shapes world stores 5 frames in each latent frame's channels."),
+        *([io.Combo.Input("latent_layout", options=list(LEGACY_LAYOUTS), default=VIDEO_LAYOUT,
+                          tooltip="How time is stored in the latent: Wan's video latents keep time on their own "
+                                  "axis; the shapes world stores 5 frames in each latent frame's channels.")]
+          if latent_layout else []),
         io.Int.Input("fill_seed", default=0, min=0, max=0xFFFFFFFF,
                      tooltip="Seed for choosing the latent cells that fill the strip the shift leaves empty."),
         types.Boxes.Input("subject_boxes", optional=True,
@@ -78,9 +114,10 @@ def _window(window_start, window_end) -> StepWindow:
 
 class CameraShift:
     """Builds the LatentShift for a latent of a given shape and applies it to that layout. With `schedule`
-    (the whole schedule of a two-expert graph) the window is a part of it, wherever the sampler's own steps lie."""
+    (the whole schedule of a two-expert graph) the window is a part of it, wherever the sampler's own steps lie.
+    `layout` (how the latent holds time): None reads it from the conditioning being sampled."""
 
-    def __init__(self, path: CameraPath, window: StepWindow, layout: str, seed: int, boxes: BoxTrack | None,
+    def __init__(self, path: CameraPath, window: StepWindow, layout, seed: int, boxes: BoxTrack | None,
                  schedule: torch.Tensor | None = None):
         self.path, self.window, self.layout, self.seed, self.boxes = path, window, layout, seed, boxes
         self.schedule = schedule
@@ -96,23 +133,18 @@ class CameraShift:
         raise InputError("schedule", "the sampler's sigmas are not a part of it",
                          "the SIGMAS the experts' SplitSigmas split (from the scheduler), or nothing")
 
-    def frames(self, latent: torch.Tensor) -> int:
-        t = latent.shape[2]
-        return t * world_latent.TEMPORAL_FACTOR if self.layout == WORLD_LAYOUT else t
-
-    def shift(self, latent: torch.Tensor, steps: int) -> LatentShift:
+    def shift(self, latent: torch.Tensor, steps: int, layout) -> LatentShift:
         if latent.ndim != 5:
             raise InputError("latent_image", f"a latent of shape {tuple(latent.shape)}",
                              "a video latent [batch, channels, frames, height, width] (Wan)")
-        frames = self.frames(latent)
+        frames = layout.frames(latent.shape[2])
         boxes = None if self.boxes is None else self.boxes.per_frame(frames)[:, None]
         return LatentShift(self.path, steps, frames, self.window, boxes, self.seed)
 
-    def control(self, mover: LatentShift) -> SamplingControl:
-        """The shift as the latent's layout needs it."""
-        if self.layout == WORLD_LAYOUT:
-            return LatentView(mover, world_latent.as_frames, world_latent.from_frames)
-        return mover
+    @staticmethod
+    def control(mover: LatentShift, layout) -> SamplingControl:
+        """The shift on the frames of a latent in `layout`."""
+        return LatentView(mover, layout.as_frames, layout.from_frames)
 
     def sampler(self, inner) -> comfy.samplers.KSAMPLER:
         """Wraps a KSAMPLER: it runs range by range, and the latent is shifted after each window step.
@@ -125,8 +157,9 @@ class CameraShift:
         def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
             first, whole = camera.place(sigmas)
             last, total = first + len(sigmas) - 1, len(whole) - 1
-            mover = camera.shift(x, total)
-            control = camera.control(mover)
+            layout = camera.layout or _sampling_layout(model)
+            mover = camera.shift(x, total, layout)
+            control = camera.control(mover, layout)
             extra_args = dict(extra_args or {})
             for start, end in mover.segments(total):
                 start, end = max(start, first), min(end, last)
@@ -145,85 +178,140 @@ class CameraShift:
         return comfy.samplers.KSAMPLER(sample, inpaint_options=inner.inpaint_options)
 
 
-def _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
-            subject_boxes, schedule=None) -> CameraShift:
+def _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, fill_seed, subject_boxes, schedule=None,
+            latent_layout: str | None = None) -> CameraShift:
+    layout = None
+    if latent_layout is not None:
+        if latent_layout not in LEGACY_LAYOUTS:
+            raise InputError("latent_layout", f"'{latent_layout}'", f"one of {list(LEGACY_LAYOUTS)}")
+        layout = LEGACY_LAYOUTS[latent_layout]
     return CameraShift(_camera_path(pan_x, pan_y, zoom, camera_path), _window(window_start, window_end),
-                       latent_layout, fill_seed, subject_boxes, schedule)
+                       layout, fill_seed, subject_boxes, schedule)
+
+
+def _camera_sampler_schema(node_id: str, deprecated: bool) -> io.Schema:
+    return io.Schema(
+        node_id=node_id,
+        display_name="Camera by Latent Shift (sampler)",
+        category=CATEGORY,
+        description=("Deprecated: use the one without latent_layout (it reads the layout from the conditioning). "
+                     if deprecated else "") +
+                    "Wraps a sampler for SamplerCustomAdvanced: pans/zooms the camera by shifting the noisy "
+                    "latent between steps in a window of the schedule (MotionBooth; training-free). "
+                    "For Wan 2.2's two experts, wrap both experts' samplers and give both the whole schedule.",
+        inputs=[io.Sampler.Input("sampler", tooltip="The sampler to wrap (e.g. from KSamplerSelect)."),
+                *_camera_inputs(latent_layout=deprecated),
+                io.Sigmas.Input("schedule", optional=True,
+                                tooltip="For two-expert graphs (Wan 2.2): the whole schedule, i.e. the SIGMAS "
+                                        "before SplitSigmas. The window is then a part of the whole schedule and "
+                                        "the camera moves in whichever expert's steps it falls. Leave empty "
+                                        "when one sampler runs the whole schedule.")],
+        outputs=[io.Sampler.Output()],
+        is_deprecated=deprecated,
+    )
+
+
+class CameraShiftSamplerV2(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _camera_sampler_schema("CustVid_CameraShiftSamplerV2", deprecated=False)
+
+    @classmethod
+    def execute(cls, sampler, pan_x, pan_y, zoom, camera_path, window_start, window_end, fill_seed,
+                subject_boxes=None, schedule=None) -> io.NodeOutput:
+        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, fill_seed, subject_boxes, schedule)
+        return io.NodeOutput(camera.sampler(sampler))
 
 
 class CameraShiftSampler(io.ComfyNode):
+    """Kept for saved workflows: the layout is a choice here."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="CustVid_CameraShiftSampler",
-            display_name="Camera by Latent Shift (sampler)",
-            category=CATEGORY,
-            description="Wraps a sampler for SamplerCustomAdvanced: pans/zooms the camera by shifting the noisy "
-                        "latent between steps in a window of the schedule (MotionBooth; training-free). "
-                        "For Wan 2.2's two experts, wrap both experts' samplers and give both the whole schedule.",
-            inputs=[io.Sampler.Input("sampler", tooltip="The sampler to wrap (e.g. from KSamplerSelect)."),
-                    *_camera_inputs(),
-                    io.Sigmas.Input("schedule", optional=True,
-                                    tooltip="For two-expert graphs (Wan 2.2): the whole schedule, i.e. the SIGMAS "
-                                            "before SplitSigmas. The window is then a part of the whole schedule and "
-                                            "the camera moves in whichever expert's steps it falls. Leave empty "
-                                            "when one sampler runs the whole schedule.")],
-            outputs=[io.Sampler.Output()],
-        )
+        return _camera_sampler_schema("CustVid_CameraShiftSampler", deprecated=True)
 
     @classmethod
     def execute(cls, sampler, pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
                 subject_boxes=None, schedule=None) -> io.NodeOutput:
-        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
-                         subject_boxes, schedule)
+        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, fill_seed, subject_boxes, schedule,
+                         latent_layout)
         return io.NodeOutput(camera.sampler(sampler))
 
 
-class CameraSample(io.ComfyNode):
+def _camera_sample_schema(node_id: str, deprecated: bool) -> io.Schema:
+    return io.Schema(
+        node_id=node_id,
+        display_name="Sample with Camera (latent shift)",
+        category=CATEGORY,
+        description=("Deprecated: use the one without latent_layout (it reads the layout from the conditioning). "
+                     if deprecated else "") +
+                    "KSampler with a camera pan/zoom by latent shift, for graphs without SamplerCustomAdvanced.",
+        inputs=[
+            io.Model.Input("model", tooltip="The video model."),
+            io.Conditioning.Input("positive", tooltip="What to generate."),
+            io.Conditioning.Input("negative", tooltip="What to avoid."),
+            io.Latent.Input("latent_image", tooltip="The empty (or partly noised) video latent."),
+            io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                         tooltip="Noise seed."),
+            io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps."),
+            io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
+            io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                           tooltip="Sampler."),
+            io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple",
+                           tooltip="Noise schedule."),
+            *_camera_inputs(latent_layout=deprecated),
+        ],
+        outputs=[io.Latent.Output()],
+        is_deprecated=deprecated,
+    )
+
+
+def _camera_sample(camera: CameraShift, model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                   scheduler) -> dict:
+    latent = latent_image["samples"]
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    # checks the latent's shape before any sampling
+    camera.shift(latent, steps, camera.layout or conditioning_layout([c[1] for c in positive + negative]))
+    sampler = camera.sampler(comfy.samplers.sampler_object(sampler_name))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                         noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent_image.copy()
+    out["samples"] = samples
+    return out
+
+
+class CameraSampleV2(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="CustVid_CameraSample",
-            display_name="Sample with Camera (latent shift)",
-            category=CATEGORY,
-            description="KSampler with a camera pan/zoom by latent shift, for graphs without SamplerCustomAdvanced.",
-            inputs=[
-                io.Model.Input("model", tooltip="The video model."),
-                io.Conditioning.Input("positive", tooltip="What to generate."),
-                io.Conditioning.Input("negative", tooltip="What to avoid."),
-                io.Latent.Input("latent_image", tooltip="The empty (or partly noised) video latent."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed."),
-                io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
-                               tooltip="Sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple",
-                               tooltip="Noise schedule."),
-                *_camera_inputs(),
-            ],
-            outputs=[io.Latent.Output()],
-        )
+        return _camera_sample_schema("CustVid_CameraSampleV2", deprecated=False)
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, pan_x, pan_y,
+                zoom, camera_path, window_start, window_end, fill_seed, subject_boxes=None) -> io.NodeOutput:
+        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, fill_seed, subject_boxes)
+        return io.NodeOutput(_camera_sample(camera, model, positive, negative, latent_image, seed, steps, cfg,
+                                            sampler_name, scheduler))
+
+
+class CameraSample(io.ComfyNode):
+    """Kept for saved workflows: the layout is a choice here."""
+
+    @classmethod
+    def define_schema(cls):
+        return _camera_sample_schema("CustVid_CameraSample", deprecated=True)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, pan_x, pan_y,
                 zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
                 subject_boxes=None) -> io.NodeOutput:
-        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, latent_layout, fill_seed,
-                         subject_boxes)
-        latent = latent_image["samples"]
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        camera.shift(latent, steps)  # checks the latent's shape before any sampling
-        sampler = camera.sampler(comfy.samplers.sampler_object(sampler_name))
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        callback = latent_preview.prepare_callback(model, steps)
-        samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                             noise_mask=latent_image.get("noise_mask"), callback=callback,
-                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        out = latent_image.copy()
-        out["samples"] = samples
-        return io.NodeOutput(out)
+        camera = _camera(pan_x, pan_y, zoom, camera_path, window_start, window_end, fill_seed, subject_boxes,
+                         latent_layout=latent_layout)
+        return io.NodeOutput(_camera_sample(camera, model, positive, negative, latent_image, seed, steps, cfg,
+                                            sampler_name, scheduler))
 
 
 # --- boxes ------------------------------------------------------------------------------------------
@@ -345,9 +433,9 @@ class BoxSteeringNode(io.ComfyNode):
             raise InputError("model", f"a {type(network).__name__}, which has no transformer blocks to steer",
                              "a Wan video model")
         chosen = _parse_blocks(blocks, len(network.blocks))
-        roles = token_roles(prompt, subject_words, clip, world_text, background_words)
+        roles = token_roles(prompt, subject_words, clip or world_text, background_words)
         steering = BoxSteering(boxes, roles, alpha=alpha, tau=tau, blocks=chosen)
         return io.NodeOutput(steering_patch(model, steering))
 
 
-NODES = [CameraShiftSampler, CameraSample, SubjectBoxes, DrawBoxes, BoxSteeringNode]
+NODES = [CameraShiftSamplerV2, CameraSampleV2, SubjectBoxes, DrawBoxes, BoxSteeringNode, CameraShiftSampler, CameraSample]

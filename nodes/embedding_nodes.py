@@ -52,7 +52,7 @@ class ApplyTriggerEmbedding(io.ComfyNode):
         if not prompt.strip():
             raise InputError("prompt", "it is empty", "the prompt exactly as encoded into conditioning")
         words = " ".join(trigger_words.split()) or learned.trigger_words
-        positions = token_roles(prompt, words, clip, world_text, words_input="trigger_words").subject
+        positions = token_roles(prompt, words, clip or world_text, words_input="trigger_words").subject
         rows = learned.residual.shape[0]
         if len(positions) != rows:
             raise InputError("trigger_words", f"'{words}' is {len(positions)} tokens in this prompt",

@@ -49,6 +49,12 @@ def register_model_folders() -> None:
     _register("diffusion_models", os.path.join(WORLD_WEIGHTS, "diffusion_models"), is_default=False)
 
 
+# Conditioning key under which a text encoder says how its model's latents hold time, when not as Wan's video
+# latents do (one latent frame per time step): an object with `frames(latent_frames)`, `as_frames(latent)` and
+# `from_frames(frames, latent)`. The shapes world's clip sets it; the camera sampler reads it.
+LATENT_LAYOUT = "custvid_latent_layout"
+
+
 def model_files(folder: str) -> list[str]:
     return folder_paths.get_filename_list(folder)
 
@@ -294,22 +300,14 @@ def training_progress(total: int, label: str) -> Callable[[int, int, dict], None
     return progress
 
 
-def token_roles(prompt: str, subject_words: str, clip=None, world_text=None, background_words: str = "",
+def token_roles(prompt: str, subject_words: str, clip=None, background_words: str = "",
                 words_input: str = "subject_words"):
     """Context positions of the subject (and background) words of `prompt`, found with the text encoder's
-    own tokenizer: ComfyUI's CLIP object, or the shapes world's text encoder."""
+    own tokenizer (ComfyUI's CLIP object, the shapes world's included)."""
     if not subject_words.strip():
         raise InputError(words_input, "it is empty", "the subject's words as they appear in the prompt")
-    if clip is None and world_text is None:
-        raise InputError("clip", "neither clip nor world_text is connected",
-                         "the text encoder that encoded the prompt (clip, or world_text for the shapes world)")
-    if world_text is not None:
-        try:
-            return world_text.token_roles(prompt, subject_words, background_words)
-        except ValueError as e:  # an InputError, possibly of another import of custvid_core
-            if getattr(e, "input_name", None) != "subject_words":
-                raise
-            raise InputError(words_input, e.problem, e.expected) from None
+    if clip is None:
+        raise InputError("clip", "it is not connected", "the text encoder that encoded the prompt")
 
     def key(token):
         # A textual-inversion embedding (`embedding:name`, e.g. a learned placeholder) takes one context
@@ -327,7 +325,12 @@ def token_roles(prompt: str, subject_words: str, clip=None, world_text=None, bac
     ids = tokens(prompt)
 
     def find(words: str, input_name: str) -> tuple[int, ...]:
-        word_ids = {w: [t for t in tokens(w) if t not in special] for w in words.split()}
+        try:  # a tokenizer with a closed vocabulary (the shapes world's) refuses unknown words
+            word_ids = {w: [t for t in tokens(w) if t not in special] for w in words.split()}
+        except ValueError as e:  # an InputError, possibly of another import of custvid_core
+            if not hasattr(e, "input_name"):
+                raise
+            raise InputError(input_name, e.problem, e.expected) from None
         return word_positions(ids, word_ids, input_name, prompt)
 
     return TokenRoles(find(subject_words, words_input), tuple(i for i, t in enumerate(ids) if t not in special),

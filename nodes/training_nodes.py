@@ -137,7 +137,7 @@ class SubjectDataset(io.ComfyNode):
                                                    "appended. Photos of one dataset share a size."),
                 io.String.Input("prompt", default="", optional=True,
                                 tooltip="The training prompt exactly as encoded (e.g. 'a sks dog'). With trigger_words "
-                                        "and clip (or world_text) it turns on MotionBooth's subject-token attention "
+                                        "and clip it turns on MotionBooth's subject-token attention "
                                         "loss (with masks) and lets Train Subject LoRA learn a trigger embedding."),
                 io.String.Input("trigger_words", default="", optional=True,
                                 tooltip="The subject's words in the prompt (e.g. 'sks dog'): with masks, their "
@@ -165,7 +165,7 @@ class SubjectDataset(io.ComfyNode):
                 preservation=None, add_to=None, prompt="", trigger_words="", clip=None,
                 world_text=None, moving_clips=0, moving_frames=17, moving_travel=0.3) -> io.NodeOutput:
         words = " ".join(trigger_words.split())
-        subject_tokens = token_roles(prompt, words, clip, world_text, words_input="trigger_words").subject \
+        subject_tokens = token_roles(prompt, words, clip or world_text, words_input="trigger_words").subject \
             if words else None
         photos = subject_set(images, _encoder(vae), _context(conditioning, "conditioning"), masks,
                              subject_representation, preservation, subject_tokens, words, moving_clips, moving_frames,

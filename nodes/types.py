@@ -14,7 +14,10 @@ TriggerEmbedding = io.Custom("CUSTVID_TRIGGER_EMBEDDING")
 
 
 def tokenizer_inputs(words: str) -> list:
-    """The optional text encoder whose tokenizer finds `words` in a prompt (`token_roles` in host.py)."""
+    """The optional text encoder whose tokenizer finds `words` in a prompt (`token_roles` in host.py).
+
+    Workflows saved before the shapes world's text encoder became a CLIP link a `world_text` input here (from the
+    deprecated Load Shapes World). The frontend keeps such a saved link and sends it, so the nodes still take a
+    `world_text` argument and use it as their clip."""
     return [io.Clip.Input("clip", optional=True,
-                          tooltip=f"The text encoder of the prompt; its tokenizer finds the {words}."),
-            WorldText.Input("world_text", optional=True, tooltip="For the shapes world: its text encoder, instead of clip.")]
+                          tooltip=f"The text encoder of the prompt; its tokenizer finds the {words}.")]

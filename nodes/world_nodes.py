@@ -1,26 +1,32 @@
 """Nodes for the shapes world: the small embedded model a new user runs first.
 
 ComfyUI's own UNETLoader loads the world's Wan 2.1 file (CustVid adds its folder to
-`diffusion_models`); these nodes add what a real Wan gets from umt5 and its VAE: the world's
-text encoder (CONDITIONING) and its fixed pixel <-> latent map (a VAE for VAEEncode/VAEDecode).
+`diffusion_models`); Load Shapes World gives what a real Wan gets from its text encoder and VAE
+loaders: the world's text encoder as a CLIP (for ComfyUI's CLIPTextEncode and every node that
+takes a clip) and its fixed pixel <-> latent map as a VAE (for VAEEncode/VAEDecode).
 """
 
 from __future__ import annotations
 
+import functools
+
 import comfy.latent_formats
+import comfy.model_management
+import comfy.sd
 import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..custvid_core.errors import InputError
-from ..custvid_core.training.datasets import converted
+from ..custvid_core.training.datasets import VideoSet, converted
 from ..custvid_core.world import latent as world_latent
 from ..custvid_core.world.cases import load_cases
 from ..custvid_core.world.customize import MOTION_WORD, vocabulary_clips
 from ..custvid_core.world.model import load_text_encoder
 from ..custvid_core.world.scene import WorldSpec
+from ..custvid_core.world.text import WorldTextEncoder
 from . import types
-from .host import model_files
+from .host import LATENT_LAYOUT, model_files
 
 CATEGORY = "CustVid/shapes world"
 
@@ -70,34 +76,129 @@ class WorldVAE:
         return world_latent.TEMPORAL_FACTOR
 
 
+class _WorldTokenizer:
+    """ComfyUI's tokenizer interface over the world's words: one token per word, padded with `<pad>` to the
+    context length as umt5 pads, so code that finds words through `clip.tokenize` finds the world's too."""
+
+    def __init__(self, text: WorldTextEncoder, embedding_directory=None, tokenizer_data=None):
+        self.text = text
+        self.pad_token = text.index["<pad>"]
+        # ComfyUI's tokenizers name their inner tokenizer in `clip`; this one is its own.
+        self.clip = "world"
+        self.world = self
+
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
+        ids = self.text.tokenize(text)
+        words = [(t, 1.0, i + 1) if return_word_ids else (t, 1.0) for i, t in enumerate(ids)]
+        padding = [(self.pad_token, 1.0, 0) if return_word_ids else (self.pad_token, 1.0)] * (self.text.length - len(ids))
+        return {"world": [words + padding]}
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class _WorldTextModel(torch.nn.Module):
+    """The `cond_stage_model` of the world's CLIP: tokens -> the world's context. Its conditioning also says how
+    the world's latent holds time (`LATENT_LAYOUT`), which the camera sampler reads."""
+
+    def __init__(self, text: WorldTextEncoder, device=None, dtype=None, model_options=None):
+        super().__init__()
+        self.text = text.to(device) if device is not None else text
+        self.dtypes = {torch.float32}  # the embedding is used as trained, whatever dtype ComfyUI offers
+
+    def reset_clip_options(self) -> None:
+        pass
+
+    def set_clip_options(self, options: dict) -> None:
+        pass  # no layers to skip, no projection: the options of CLIP models do not apply
+
+    def encode_token_weights(self, tokens: dict):
+        pad = self.text.index["<pad>"]
+        rows = [[t[0] for t in chunk if t[0] != pad] for chunk in tokens["world"]]
+        with torch.no_grad():
+            context = self.text.context(rows)
+        # Where ComfyUI's own text encoders leave their output, whatever device encoded it.
+        context = context.to(comfy.model_management.intermediate_device())
+        return context, None, {LATENT_LAYOUT: world_latent.FramesInChannels()}
+
+
+def world_clip(text: WorldTextEncoder) -> comfy.sd.CLIP:
+    """The world's text encoder as ComfyUI's CLIP (clone, hooks and memory management as for any text encoder)."""
+    target = type("WorldClipTarget", (), {})()
+    target.params = {}
+    target.clip = functools.partial(_WorldTextModel, text)
+    target.tokenizer = functools.partial(_WorldTokenizer, text)
+    parameters = sum(p.numel() for p in text.parameters())
+    return comfy.sd.CLIP(target, parameters=parameters, model_options={"dtype": torch.float32})
+
+
+def world_text_encoder(clip, input_name: str = "clip") -> WorldTextEncoder:
+    """The world's text encoder inside a CLIP from Load Shapes World."""
+    model = getattr(clip, "cond_stage_model", None)
+    if not isinstance(model, _WorldTextModel):
+        raise InputError(input_name, "is not the shapes world's text encoder", "the clip from Load Shapes World")
+    return model.text
+
+
+def _text_encoder_input():
+    return io.Combo.Input("text_encoder_name", options=model_files("custvid_world_text"),
+                          tooltip="The world's text encoder, shipped with CustVid.")
+
+
+def _load(text_encoder_name: str):
+    path = folder_paths.get_full_path_or_raise("custvid_world_text", text_encoder_name)
+    return world_clip(load_text_encoder(path, input_name="text_encoder_name")), WorldVAE()
+
+
+class LoadShapesWorldClip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_LoadShapesWorldClip",
+            display_name="Load Shapes World (CLIP + VAE)",
+            category=CATEGORY,
+            description="The shapes world's text encoder (a CLIP for CLIP Text Encode) and its pixel<->latent map "
+                        "(a VAE). Load its diffusion model with ComfyUI's Load Diffusion Model "
+                        "(custvid_shapes_world_wan21.safetensors).",
+            inputs=[_text_encoder_input()],
+            outputs=[io.Clip.Output(display_name="clip"), io.Vae.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder_name) -> io.NodeOutput:
+        return io.NodeOutput(*_load(text_encoder_name))
+
+
 class LoadShapesWorld(io.ComfyNode):
+    """Kept for saved workflows: its text encoder output is the same CLIP as Load Shapes World (CLIP + VAE)'s."""
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="CustVid_LoadShapesWorld",
             display_name="Load Shapes World (text encoder + VAE)",
             category=CATEGORY,
-            description="The shapes world's text encoder and pixel<->latent map. Load its diffusion "
-                        "model with ComfyUI's Load Diffusion Model (custvid_shapes_world_wan21.safetensors).",
-            inputs=[io.Combo.Input("text_encoder_name", options=model_files("custvid_world_text"),
-                                   tooltip="The world's text encoder, shipped with CustVid.")],
+            description="Deprecated: use Load Shapes World (CLIP + VAE) with CLIP Text Encode.",
+            inputs=[_text_encoder_input()],
             outputs=[types.WorldText.Output(display_name="world_text"), io.Vae.Output(display_name="vae")],
+            is_deprecated=True,
         )
 
     @classmethod
     def execute(cls, text_encoder_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("custvid_world_text", text_encoder_name)
-        return io.NodeOutput(load_text_encoder(path, input_name="text_encoder_name"), WorldVAE())
+        return io.NodeOutput(*_load(text_encoder_name))
 
 
 class WorldTextEncode(io.ComfyNode):
+    """Kept for saved workflows: what CLIP Text Encode does with the world's clip."""
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="CustVid_WorldTextEncode",
             display_name="Shapes World Text Encode",
             category=CATEGORY,
-            description="Turns a shapes-world prompt into CONDITIONING for the world model.",
+            description="Deprecated: use CLIP Text Encode with the clip of Load Shapes World (CLIP + VAE).",
             inputs=[
                 types.WorldText.Input("world_text", tooltip="From Load Shapes World."),
                 io.String.Input("prompt", multiline=True, default="red striped circle moving right",
@@ -106,13 +207,12 @@ class WorldTextEncode(io.ComfyNode):
                                         "'moving left/right/up/down'. Leave empty for the negative prompt."),
             ],
             outputs=[io.Conditioning.Output()],
+            is_deprecated=True,
         )
 
     @classmethod
     def execute(cls, world_text, prompt) -> io.NodeOutput:
-        with torch.no_grad():
-            context = world_text(prompt.strip())
-        return io.NodeOutput([[context, {}]])
+        return io.NodeOutput(world_text.encode_from_tokens_scheduled(world_text.tokenize(prompt)))
 
 
 class WorldEmptyLatent(io.ComfyNode):
@@ -180,31 +280,59 @@ class WorldCaseData(io.ComfyNode):
                              clip.frames, f"{clip.prompt} {MOTION_WORD}")
 
 
-class WorldPreservationClips(io.ComfyNode):
+def _preservation_schema(node_id: str, text_input, deprecated: bool) -> io.Schema:
+    return io.Schema(
+        node_id=node_id,
+        display_name="Shapes World Preservation Clips",
+        category=CATEGORY,
+        description=("Deprecated: use the one that takes the clip of Load Shapes World (CLIP + VAE). " if deprecated
+                     else "") +
+                    "Clips of the world's own vocabulary with their captions, encoded for training: the "
+                    "preservation clips of a Subject Dataset (MotionBooth's video preservation loss, and "
+                    "the stills a stillness LoRA learns from).",
+        inputs=[
+            text_input,
+            io.Int.Input("count", default=16, min=1, max=64, tooltip="How many clips."),
+            # Picks the clips rather than noise: no control, or the frontend would add one set to randomize.
+            io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                         tooltip="Which clips (fixed by seed)."),
+        ],
+        outputs=[types.VideoDataset.Output(display_name="clips")],
+        is_deprecated=deprecated,
+    )
+
+
+def _preservation_clips(text: WorldTextEncoder, count: int, seed: int) -> VideoSet:
+    clips = vocabulary_clips(text, WorldSpec(), count, seed)
+    # In ComfyUI's latent format, as the world's VAE encodes them for Video Clips Dataset.
+    return converted(clips, WorldVAE().format.process_out)
+
+
+class WorldPreservationClipsV2(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="CustVid_WorldPreservationClips",
-            display_name="Shapes World Preservation Clips",
-            category=CATEGORY,
-            description="Clips of the world's own vocabulary with their captions, encoded for training: the "
-                        "preservation clips of a Subject Dataset (MotionBooth's video preservation loss, and "
-                        "the stills a stillness LoRA learns from).",
-            inputs=[
-                types.WorldText.Input("world_text", tooltip="From Load Shapes World (captions the clips)."),
-                io.Int.Input("count", default=16, min=1, max=64, tooltip="How many clips."),
-                # Picks the clips rather than noise: no control, or the frontend would add one set to randomize.
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
-                             tooltip="Which clips (fixed by seed)."),
-            ],
-            outputs=[types.VideoDataset.Output(display_name="clips")],
-        )
+        return _preservation_schema("CustVid_WorldPreservationClipsV2",
+                                    io.Clip.Input("clip", tooltip="From Load Shapes World (captions the clips)."),
+                                    deprecated=False)
+
+    @classmethod
+    def execute(cls, clip, count, seed) -> io.NodeOutput:
+        return io.NodeOutput(_preservation_clips(world_text_encoder(clip), count, seed))
+
+
+class WorldPreservationClips(io.ComfyNode):
+    """Kept for saved workflows (its text encoder input is of the deprecated type)."""
+
+    @classmethod
+    def define_schema(cls):
+        return _preservation_schema("CustVid_WorldPreservationClips",
+                                    types.WorldText.Input("world_text", tooltip="From Load Shapes World."),
+                                    deprecated=True)
 
     @classmethod
     def execute(cls, world_text, count, seed) -> io.NodeOutput:
-        clips = vocabulary_clips(world_text, WorldSpec(), count, seed)
-        # In ComfyUI's latent format, as the world's VAE encodes them for Video Clips Dataset.
-        return io.NodeOutput(converted(clips, WorldVAE().format.process_out))
+        return io.NodeOutput(_preservation_clips(world_text_encoder(world_text, "world_text"), count, seed))
 
 
-NODES = [LoadShapesWorld, WorldTextEncode, WorldEmptyLatent, WorldCaseData, WorldPreservationClips]
+NODES = [LoadShapesWorldClip, WorldEmptyLatent, WorldCaseData, WorldPreservationClipsV2,
+         LoadShapesWorld, WorldTextEncode, WorldPreservationClips]

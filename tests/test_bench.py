@@ -1,12 +1,14 @@
 """The benchmark command: case files, measurements with known answers, result tables."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from custvid_core.bench import measure, run_bench, subject_references
 from custvid_core.errors import InputError
+from custvid_core.world.bench.customization import METHODS, measure, run_bench, subject_references
+from custvid_core.world.bench.methods import lora_methods
 from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
 from custvid_core.world.scene import Scene, render
@@ -108,3 +110,22 @@ def test_control_bench_refuses_bad_options_with_the_option_named(tmp_path, capsy
         main(["bench-control", "--out", str(tmp_path), option, value])
     assert exit_.value.code == 2 and f"error: {named}:" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+RECORDED_METHODS = json.loads((Path(__file__).parent / "data" / "lora_methods_before.json").read_text())
+
+
+@pytest.mark.parametrize("ladder", sorted(RECORDED_METHODS))
+def test_the_methods_file_gives_the_settings_the_ladder_had_in_code(ladder):
+    """`methods.toml` read for a ladder (steps, lr, alignment block) gives every method's settings exactly as the
+    `replace()` chains they replaced did (their reprs recorded from that code, every field of every setting)."""
+    methods = lora_methods(*json.loads(ladder))
+    assert list(methods) == list(RECORDED_METHODS[ladder])  # the same names, in the ladder's order
+    for name, method in methods.items():
+        assert repr(method) == RECORDED_METHODS[ladder][name], name
+    # Each method loads its own encoders (prepare fills them in): no dict shared with the method it starts from.
+    assert len({id(m.encoders) for m in methods.values()}) == len(methods)
+
+
+def test_bench_offers_base_and_every_method_of_the_file():
+    assert list(METHODS) == ["base", *lora_methods()]

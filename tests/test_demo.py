@@ -9,8 +9,8 @@ from PIL import Image
 
 from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
+from custvid_core.world.bench.methods import lora_methods
 from custvid_core.world.cases import load_cases
-from custvid_core.world.customize import lora_methods
 from custvid_core.world.demo import MOTION_MATCH, SUBJECT_MATCH, run_demo
 from custvid_core.world.encoders import DINO_CONFIG
 from custvid_core.world.model import DEFAULT_CONFIG, build_world

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from custvid_core import perf
 from custvid_core.errors import InputError
+from custvid_core.world.bench import perf
 
 
 def _runs(calls: list, load: list, costs: dict[str, list[float]]):

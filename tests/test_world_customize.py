@@ -12,8 +12,9 @@ from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
 from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
 from custvid_core.training import TrainedParts
+from custvid_core.world.bench.methods import lora_methods
 from custvid_core.world.cases import load_cases
-from custvid_core.world.customize import generate_with_loras, lora_methods, motion_set, subject_set
+from custvid_core.world.customize import generate_with_loras, motion_set, subject_set
 from custvid_core.world.encoders import DINO_CONFIG
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
 from custvid_core.world.sample import generate

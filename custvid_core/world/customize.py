@@ -8,15 +8,14 @@ are then generated as "sks mtn" with both LoRAs attached.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..adapters.embedding import save_trigger_embedding
 from ..adapters.lora import LoraAdapters, save_lora
-from ..backbones.wan import ROLES
-from ..control.strength import SMRABOOTH_TIMING, ScheduledStrengths, StrengthSchedule
+from ..control.strength import ScheduledStrengths, StrengthSchedule
 from ..errors import InputError
 from ..training import datasets
 from ..training.customize import (
@@ -28,8 +27,8 @@ from ..training.customize import (
 )
 from ..training.datasets import SubjectSet, VideoSet
 from ..training.engine import TrainedParts
-from ..training.loop import OptimSettings, warmup_steps
-from ..training.objectives import DecodedFlow, SigmaSampler
+from ..training.loop import OptimSettings
+from ..training.objectives import DecodedFlow
 from .cases import Case
 from .latent import TEMPORAL_FACTOR, decode, encode, encode_stills
 from .model import World
@@ -96,10 +95,6 @@ def motion_set(world: World, case: Case, raft=None, hue_copies: int = 0) -> Vide
         flow = torch.stack([compute_flow(raft, c.frames, progress=_quiet) for c in clips])
     return datasets.clip_set(torch.stack([c.frames for c in clips]), encode, context, flow, stills=None,
                     hue_copies=hue_copies, encode_still=encode_stills, progress=_quiet)
-
-
-def _world_optim(steps: int, lr: float) -> OptimSettings:
-    return OptimSettings(steps=steps, lr=lr, warmup=warmup_steps(steps), checkpoint_every=max(1, steps))
 
 
 def _training_bar(description: str):
@@ -211,80 +206,3 @@ def generate_with_loras(world: World, loras: list[TrainedParts], prompts: list[s
             adapters.set_strength(name, schedule.at(0.0))
         with adapters.merged():
             return generate(world, prompts, seed=seed, progress=progress, **sampling)
-
-
-def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1) -> dict[str, LoraMethod]:
-    """The ablation ladder of the benchmark: each rung adds one thing to the one before."""
-    # The noise levels the shipped world was pretrained on (uniform through the sampler's shift-3 schedule):
-    # the layout and the path are decided at the highest ones, which logit-normal rarely visits.
-    sigmas = SigmaSampler("uniform", shift=3.0)
-    optim = _world_optim(steps, lr)
-    plain_subject = SubjectSettings(rank=32, optim=optim, sigmas=sigmas, region_loss=False, preservation_weight=0.0,
-                                    alignment_weight=0.0, alignment_block=alignment_block,
-                                    token_attention_weight=0.0)
-    plain_motion = MotionSettings(rank=64, spatial_rank=0, optim=optim, sigmas=sigmas, debiased_weight=0.0,
-                                  alignment_weight=0.0, alignment_block=alignment_block)
-    losses_subject = replace(plain_subject, region_loss=True, preservation_weight=1.0, token_attention_weight=0.01)
-    losses_motion = replace(plain_motion, spatial_rank=32, debiased_weight=1.0)
-    sura_subject = replace(losses_subject, alignment_weight=0.05)
-    mora_motion = replace(losses_motion, alignment_weight=1.0)
-    mora_decoded_motion = replace(mora_motion, alignment="decoded_flow")
-    # + a throw-away stillness LoRA under the subject LoRA (the world shows photos as still clips), with half as
-    # many steps again so the photos and the preservation clips get as many steps as before.
-    still_subject = replace(sura_subject, stillness_rank=32, optim=_world_optim(steps * 3 // 2, lr))
-    embedding_subject = replace(still_subject, trigger_embedding=True, region_margin=3,
-                                optim=_world_optim(steps * 9 // 2, lr))
-    unrestricted_subject = replace(still_subject, roles=ROLES, region_loss=False, preservation_weight=0.0,
-                                   alignment_weight=0.0, token_attention_weight=0.0, stillness_rank=0,
-                                   trigger_embedding=True, optim=replace(still_subject.optim, steps=steps * 9 // 2))
-    return {
-        "plain_lora": LoraMethod("plain_lora", plain_subject, plain_motion),
-        "losses": LoraMethod("losses", losses_subject, losses_motion),
-        "sura": LoraMethod("sura", sura_subject, losses_motion),
-        "mora": LoraMethod("mora", sura_subject, mora_motion),
-        "full": LoraMethod("full", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
-        "full_still": LoraMethod("full_still", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING)),
-        # + each motion clip also in three other colours, so the motion LoRA cannot learn the clips' colours.
-        "full_still_hue": LoraMethod("full_still_hue", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
-                                     hue_copies=3),
-        # Not in the default ladder: full_still_hue + a trigger embedding learned with the subject LoRA (SynMotion),
-        # the region loss widened by 3 px so it sees the outline, and three times the subject steps.
-        "full_embedding": LoraMethod("full_embedding", embedding_subject, mora_motion,
-                                     schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
-        # Not in the default ladder: full_embedding with the subject LoRA on all ten roles.
-        "full_embedding_all_roles": LoraMethod("full_embedding_all_roles", replace(embedding_subject, roles=ROLES),
-                                               mora_motion, schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
-        # Not in the default ladder: the full method's motion LoRA with an unrestricted subject LoRA (all roles,
-        # the plain loss over the whole photo, no preservation, alignment, token attention or stillness LoRA,
-        # 3x the steps) and a trigger embedding: what draws an unseen shape best on its own.
-        "unrestricted_subject_embedding": LoraMethod("unrestricted_subject_embedding", unrestricted_subject,
-                                                     mora_motion, schedules=dict(SMRABOOTH_TIMING), hue_copies=3),
-        # Not in the default ladder: unrestricted_subject_embedding with the subject also learned from its photos
-        # made into moving clips (the subject sliding over its own background), on half of the photo steps.
-        "moving_subject_embedding": LoraMethod("moving_subject_embedding", unrestricted_subject, mora_motion,
-                                               schedules=dict(SMRABOOTH_TIMING), hue_copies=3, moving_clips=4),
-        # Not in the default ladder: full_embedding_all_roles with moving clips instead of the stillness LoRA.
-        "full_moving": LoraMethod("full_moving", replace(embedding_subject, roles=ROLES, stillness_rank=0), mora_motion,
-                                  schedules=dict(SMRABOOTH_TIMING), hue_copies=3, moving_clips=4),
-        # Not in the default ladder: full_moving with the subject LoRA on SMRABooth's roles (q, k, ffn.0) only.
-        "full_moving_smrabooth_roles": LoraMethod("full_moving_smrabooth_roles",
-                                                  replace(embedding_subject, stillness_rank=0), mora_motion,
-                                                  schedules=dict(SMRABOOTH_TIMING), hue_copies=3, moving_clips=4),
-        # Not in the default ladder: the plain motion LoRA without a subject LoRA, prompted with the first
-        # motion clip's subject ("green square mtn"): what the motion LoRA has learned on its own.
-        "motion_lora_only": LoraMethod("motion_lora_only", None, plain_motion),
-        # Not in the default ladder: MoRA through the decoder and RAFT, as the authors' code runs it.
-        "full_decoded_mora": LoraMethod("full_decoded_mora", sura_subject, mora_decoded_motion,
-                                        schedules=dict(SMRABOOTH_TIMING)),
-        # Not in the default ladder: the full rung's two LoRAs trained together, a subject or a motion step at
-        # random (DualReal's dual-aware adaptation), as many steps in all as the two separate runs.
-        "joint": LoraMethod("joint", sura_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
-                            joint=_world_optim(2 * steps, lr)),
-        # Not in the default ladder: joint training with the stillness LoRA under the subject LoRA; 2.5x the steps,
-        # a motion step with probability 0.4, so each kind of step gets about as many as in the separate runs.
-        "joint_still": LoraMethod("joint_still", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
-                                  joint=_world_optim(5 * steps // 2, lr), motion_probability=0.4),
-        # Not in the default ladder: joint_still with the motion clips also in three other colours.
-        "joint_still_hue": LoraMethod("joint_still_hue", still_subject, mora_motion, schedules=dict(SMRABOOTH_TIMING),
-                                      joint=_world_optim(5 * steps // 2, lr), motion_probability=0.4, hue_copies=3),
-    }

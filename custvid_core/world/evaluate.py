@@ -7,7 +7,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from ..eval.metrics import describe_clip
+from .measures import describe_clip
 from .sample import generate
 from .scene import DIRECTIONS, SEEN_COLOURS, SEEN_SHAPES, SEEN_TEXTURES, Scene
 

@@ -69,3 +69,16 @@ def from_frames(frames: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     t = f // TEMPORAL_FACTOR
     x = frames.reshape(b, 3, t, TEMPORAL_FACTOR, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b, _USED, t, h, w)
     return torch.cat([x, latents[:, _USED:]], 1)
+
+
+class FramesInChannels:
+    """How the world's latent holds time, for controls that move frames (a camera shift): each latent frame
+    holds 5 frames in its channels. The world's text encoder hands it to ComfyUI's samplers in its conditioning,
+    so a control learns the layout from the graph, not from a user's choice."""
+
+    @staticmethod
+    def frames(latent_frames: int) -> int:
+        return latent_frames * TEMPORAL_FACTOR
+
+    as_frames = staticmethod(as_frames)
+    from_frames = staticmethod(from_frames)

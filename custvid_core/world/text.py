@@ -45,10 +45,13 @@ class WorldTextEncoder(nn.Module):
     def forward(self, prompts: list[str] | str) -> torch.Tensor:
         """Prompts -> context `[B, length, 4096]`; positions after the last word are zero ("" is all zero)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.context([self.tokenize(p) for p in prompts])
+
+    def context(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """Tokenized prompts -> context `[B, length, 4096]`, zero after each prompt's last word."""
         weight = self.embedding.weight
-        out = weight.new_zeros(len(prompts), self.length, weight.shape[1])
-        for i, p in enumerate(prompts):
-            ids = self.tokenize(p)
+        out = weight.new_zeros(len(token_ids), self.length, weight.shape[1])
+        for i, ids in enumerate(token_ids):
             if ids:
                 out[i, : len(ids)] = self.embedding(torch.tensor(ids, device=weight.device))
         return out

@@ -18,7 +18,13 @@ PROMPT = "red striped circle moving right"
 def tiny(tmp_path_factory):
     patcher, world, _ = tiny_world_wan(tmp_path_factory.mktemp("tiny_wan_control"))
     world.text = WorldTextEncoder()
+    world.clip = import_pack().nodes.world_nodes.world_clip(world.text)  # as Load Shapes World gives it
     return patcher, world, import_pack().nodes.control_nodes
+
+
+def _encode(clip, text):
+    """What ComfyUI's CLIPTextEncode does."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 def _comfy_sample(patcher, sampler, world, steps=6, cfg=3.0, seed=0, part=None, latent=None, add_noise=True):
@@ -26,9 +32,7 @@ def _comfy_sample(patcher, sampler, world, steps=6, cfg=3.0, seed=0, part=None, 
     Wan 2.2's two experts does."""
     import comfy.sample
 
-    with torch.no_grad():
-        positive = [[world.text(PROMPT), {}]]
-        negative = [[world.text(""), {}]]
+    positive, negative = _encode(world.clip, PROMPT), _encode(world.clip, "")
     latent = torch.zeros(1, 16, 1, 32, 32) if latent is None else latent
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     sigmas = flow_sigmas(steps, 3.0)
@@ -70,8 +74,9 @@ def test_camera_sampler_shifts_as_the_library_does_and_wraps_any_sampler(tiny):
 
     patcher, world, nodes = tiny
     euler = comfy.samplers.sampler_object("euler")
-    node = nodes.CameraShiftSampler
-    shifted = node.execute(euler, 0.25, 0.0, 1.0, "", 0.2, 0.6, nodes.WORLD_LAYOUT, 0).result[0]  # the fill seed generate uses
+    node = nodes.CameraShiftSamplerV2
+    # The layout is the world's, read from the conditioning its clip made; fill seed 0 as generate uses.
+    shifted = node.execute(euler, 0.25, 0.0, 1.0, "", 0.2, 0.6, 0).result[0]
     ours = _normalise_out(_comfy_sample(patcher, shifted, world))
     plain = _normalise_out(_comfy_sample(patcher, euler, world))
     expected = _library_latents(world, camera=CameraPath.constant(0.25, 0.0), camera_window=StepWindow(0.2, 0.6))
@@ -81,8 +86,23 @@ def test_camera_sampler_shifts_as_the_library_does_and_wraps_any_sampler(tiny):
     assert not torch.allclose(ours, plain, atol=1e-2)
     # A multistep and a stochastic sampler run through the wrapper too.
     for name in ("uni_pc", "euler_ancestral"):
-        wrapped = node.execute(comfy.samplers.sampler_object(name), 0.0, 0.2, 1.2, "", 0.2, 0.6, nodes.VIDEO_LAYOUT, 0)
+        wrapped = node.execute(comfy.samplers.sampler_object(name), 0.0, 0.2, 1.2, "", 0.2, 0.6, 0)
         assert torch.isfinite(_comfy_sample(patcher, wrapped.result[0], world)).all()
+
+
+def test_the_deprecated_camera_sampler_keeps_its_layout_choice(tiny):
+    """Saved workflows choose the layout on the deprecated node; the same choice gives what the new node reads
+    from the world's conditioning, and the other choice does not."""
+    import comfy.samplers
+
+    patcher, world, nodes = tiny
+    euler = comfy.samplers.sampler_object("euler")
+    detected = nodes.CameraShiftSamplerV2.execute(euler, 0.25, 0.0, 1.0, "", 0.2, 0.6, 0).result[0]
+    chosen = {layout: nodes.CameraShiftSampler.execute(euler, 0.25, 0.0, 1.0, "", 0.2, 0.6, layout, 0).result[0]
+              for layout in (nodes.WORLD_LAYOUT, nodes.VIDEO_LAYOUT)}
+    ours = _comfy_sample(patcher, detected, world)
+    assert torch.equal(ours, _comfy_sample(patcher, chosen[nodes.WORLD_LAYOUT], world))
+    assert not torch.allclose(ours, _comfy_sample(patcher, chosen[nodes.VIDEO_LAYOUT], world), atol=1e-2)
 
 
 def test_a_wan22_latent_with_48_channels_is_shifted_per_latent_frame_in_comfys_sampling(tiny, tmp_path):
@@ -107,7 +127,7 @@ def test_a_wan22_latent_with_48_channels_is_shifted_per_latent_frame_in_comfys_s
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     sigmas = flow_sigmas(4, 3.0)
     euler = comfy.samplers.sampler_object("euler")
-    shifted = nodes.CameraShiftSampler.execute(euler, 0.25, 0.0, 1.0, "", 0.75, 1.0, nodes.VIDEO_LAYOUT, 3).result[0]
+    shifted = nodes.CameraShiftSamplerV2.execute(euler, 0.25, 0.0, 1.0, "", 0.75, 1.0, 3).result[0]
 
     def sample(sampler):
         return comfy.sample.sample_custom(patcher, noise, 3.0, sampler, sigmas, positive, negative, latent,
@@ -125,7 +145,7 @@ def test_two_expert_graphs_shift_inside_the_expert_that_holds_the_window(tiny):
     patcher, world, nodes = tiny
     euler = comfy.samplers.sampler_object("euler")
     # High-noise expert: steps 0-3 of 6, its window 0.25-0.75 = its steps 1-2; the low-noise expert: steps 4-5.
-    camera = nodes.CameraShiftSampler.execute(euler, 0.25, 0.0, 1.0, "", 0.25, 0.75, nodes.WORLD_LAYOUT, 0).result[0]
+    camera = nodes.CameraShiftSamplerV2.execute(euler, 0.25, 0.0, 1.0, "", 0.25, 0.75, 0).result[0]
     high = _comfy_sample(patcher, camera, world, part=(0, 4))
     both = _normalise_out(_comfy_sample(patcher, euler, world, part=(4, 6), latent=high, add_noise=False))
     expected = _library_latents(world, camera=CameraPath.constant(0.25, 0.0), camera_window=StepWindow(1 / 6, 0.5))
@@ -139,14 +159,14 @@ def test_given_the_whole_schedule_a_window_spans_both_experts(tiny):
     euler = comfy.samplers.sampler_object("euler")
     whole = flow_sigmas(6, 3.0)
     # The window is steps 2-4 of 6; the experts split at step 4, so each makes part of the move.
-    settings = (0.25, 0.0, 1.0, "", 2 / 6, 5 / 6, nodes.WORLD_LAYOUT, 0)
-    camera = nodes.CameraShiftSampler.execute(euler, *settings, schedule=whole).result[0]
+    settings = (0.25, 0.0, 1.0, "", 2 / 6, 5 / 6, 0)
+    camera = nodes.CameraShiftSamplerV2.execute(euler, *settings, schedule=whole).result[0]
     high = _comfy_sample(patcher, camera, world, part=(0, 4))
     both = _normalise_out(_comfy_sample(patcher, camera, world, part=(4, 6), latent=high, add_noise=False))
     expected = _library_latents(world, camera=CameraPath.constant(0.25, 0.0), camera_window=StepWindow(2 / 6, 5 / 6))
     assert torch.allclose(both, expected, atol=1e-3)
     with pytest.raises(ValueError, match="schedule:"):
-        other = nodes.CameraShiftSampler.execute(euler, *settings, schedule=flow_sigmas(8, 3.0)).result[0]
+        other = nodes.CameraShiftSamplerV2.execute(euler, *settings, schedule=flow_sigmas(8, 3.0)).result[0]
         _comfy_sample(patcher, other, world, part=(0, 4))
 
 
@@ -155,12 +175,15 @@ def test_all_in_one_camera_sampler_is_the_wrapped_sampler_on_a_video_latent(tiny
     import comfy.samplers
 
     patcher, world, nodes = tiny
-    with torch.no_grad():
+    with torch.no_grad():  # conditioning as a Wan text encoder gives it: no layout of its own
         positive, negative = [[world.text(PROMPT), {}]], [[world.text(""), {}]]
     latent = {"samples": torch.zeros(1, 16, 3, 16, 16)}
-    camera = (0.3, 0.0, 1.0, "", 0.25, 0.75, nodes.VIDEO_LAYOUT, 0)
-    out = nodes.CameraSample.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple",
-                                     *camera).result[0]["samples"]
+    camera = (0.3, 0.0, 1.0, "", 0.25, 0.75, 0)
+    out = nodes.CameraSampleV2.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple",
+                                       *camera).result[0]["samples"]
+    legacy = nodes.CameraSample.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple",
+                                        *camera[:6], nodes.VIDEO_LAYOUT, 0).result[0]["samples"]
+    assert torch.equal(out, legacy)
     assert torch.equal(latent["samples"], torch.zeros(1, 16, 3, 16, 16))
     sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 4).cpu()
     noise = comfy.sample.prepare_noise(latent["samples"], 1)
@@ -168,7 +191,7 @@ def test_all_in_one_camera_sampler_is_the_wrapped_sampler_on_a_video_latent(tiny
     def sample_custom(sampler):
         return comfy.sample.sample_custom(patcher, noise, 3.0, sampler, sigmas, positive, negative,
                                           latent["samples"], disable_pbar=True, seed=1)
-    wrapped = nodes.CameraShiftSampler.execute(_euler(), *camera).result[0]
+    wrapped = nodes.CameraShiftSamplerV2.execute(_euler(), *camera).result[0]
     assert torch.allclose(out, sample_custom(wrapped), atol=1e-5)
     assert not torch.allclose(out, sample_custom(_euler()), atol=1e-3)
 
@@ -218,7 +241,7 @@ def test_box_steering_patch_equals_the_library_steering_in_the_conditional_pass_
     patcher, world, nodes = tiny
     boxes = BoxTrack.parse("0: 0, 0, 0.5, 0.5")
     steered = nodes.BoxSteeringNode.execute(patcher, boxes, PROMPT, "circle", 10.0, 0.5, blocks, "",
-                                            world_text=world.text).result[0]
+                                            clip=world.clip).result[0]
     assert "optimized_attention_override" not in patcher.model_options.get("transformer_options", {})
     comfy.model_management.load_models_gpu([steered])
     g = torch.Generator().manual_seed(1)
@@ -254,7 +277,7 @@ def test_only_the_text_cross_attention_is_steered_not_an_image_to_video_models_i
 
     patcher, world, nodes = tiny
     steered = nodes.BoxSteeringNode.execute(patcher, BoxTrack.parse("0: 0, 0, 0.5, 0.5"), PROMPT, "circle", 10.0, 0.5,
-                                            "all", "", world_text=world.text).result[0]
+                                            "all", "", clip=world.clip).result[0]
     override = steered.model_options["transformer_options"]["optimized_attention_override"]
     from custvid_pack.nodes.comfy_sampling import MODEL_CALL, ModelCall
 
@@ -313,18 +336,19 @@ def test_a_placeholder_embedding_is_found_and_the_words_after_it_keep_their_plac
 
 
 @pytest.mark.parametrize("call, name", [
-    (lambda n, p, w: n.CameraShiftSampler.execute(None, 0.2, 0, 1, "", 0.2, 0.4, n.VIDEO_LAYOUT, 0), "sampler"),
-    (lambda n, p, w: n.CameraShiftSampler.execute(_euler(), 1.5, 0, 1, "", 0.2, 0.4, n.VIDEO_LAYOUT, 0), "pan_x"),
-    (lambda n, p, w: n.CameraShiftSampler.execute(_euler(), 0.2, 0, 1, "", 0.5, 0.4, n.VIDEO_LAYOUT, 0),
-     "window_start"),
-    (lambda n, p, w: n.CameraShiftSampler.execute(_euler(), 0.2, 0, 1, "1: 3, 0", 0.2, 0.4, n.VIDEO_LAYOUT, 0),
-     "camera_path"),
+    (lambda n, p, w: n.CameraShiftSamplerV2.execute(None, 0.2, 0, 1, "", 0.2, 0.4, 0), "sampler"),
+    (lambda n, p, w: n.CameraShiftSamplerV2.execute(_euler(), 1.5, 0, 1, "", 0.2, 0.4, 0), "pan_x"),
+    (lambda n, p, w: n.CameraShiftSamplerV2.execute(_euler(), 0.2, 0, 1, "", 0.5, 0.4, 0), "window_start"),
+    (lambda n, p, w: n.CameraShiftSamplerV2.execute(_euler(), 0.2, 0, 1, "1: 3, 0", 0.2, 0.4, 0), "camera_path"),
+    (lambda n, p, w: n.CameraShiftSampler.execute(_euler(), 0.2, 0, 1, "", 0.2, 0.4, "world", 0), "latent_layout"),
     (lambda n, p, w: n.SubjectBoxes.execute("0: 0.5, 0.1, 0.2, 0.4"), "keyframes"),
     (lambda n, p, w: n.SubjectBoxes.execute("0: -0.1, 0.1, 0.2, 0.4"), "keyframes"),
     (lambda n, p, w: n.BoxSteeringNode.execute(p, BoxTrack.parse("0: 0,0,1,1"), PROMPT, "dog", 10, 0.3, "all", "",
-                                               world_text=w.text), "subject_words"),
+                                               clip=w.clip), "subject_words"),
+    (lambda n, p, w: n.BoxSteeringNode.execute(p, BoxTrack.parse("0: 0,0,1,1"), PROMPT, "circle", 10, 0.3, "all",
+                                               "dog", clip=w.clip), "background_words"),
     (lambda n, p, w: n.BoxSteeringNode.execute(p, BoxTrack.parse("0: 0,0,1,1"), PROMPT, "circle", 10, 0.3, "x", "",
-                                               world_text=w.text), "blocks"),
+                                               world_text=w.clip), "blocks"),
     (lambda n, p, w: n.BoxSteeringNode.execute(p, BoxTrack.parse("0: 0,0,1,1"), PROMPT, "circle", 10, 0.3, "all", ""),
      "clip"),
 ])
@@ -339,3 +363,21 @@ def _euler():
     import comfy.samplers
 
     return comfy.samplers.sampler_object("euler")
+
+
+def test_the_worlds_clip_encodes_and_finds_words_as_its_text_encoder_does(tiny):
+    """ComfyUI's CLIP around the world's text encoder: CLIPTextEncode's calls give the encoder's own context, a
+    clone encodes the same, and `token_roles` through `clip.tokenize` finds the positions the encoder finds."""
+    from custvid_pack.nodes.host import token_roles
+
+    _, world, _ = tiny
+    ((context, extras),) = _encode(world.clip, PROMPT)
+    with torch.no_grad():
+        assert torch.equal(context, world.text(PROMPT))
+        assert torch.equal(_encode(world.clip.clone(), "")[0][0], world.text(""))
+    assert extras["pooled_output"] is None  # as umt5 gives Wan
+    roles = token_roles(PROMPT, "striped circle", world.clip, background_words="red")
+    expected = world.text.token_roles(PROMPT, "striped circle", "red")  # (another import of custvid_core's class)
+    assert (roles.subject, roles.prompt, roles.background) == (expected.subject, expected.prompt, expected.background)
+    with pytest.raises(ValueError, match="^prompt: 'dog' is not a word of the shapes world"):
+        world.clip.tokenize("a dog")

@@ -269,8 +269,9 @@ def test_schedule_box_steering_and_camera_change_the_output_of_fp8_bases(wan, ba
     import comfy.samplers
 
     _, world, pack = wan
-    from custvid_pack.nodes.control_nodes import VIDEO_LAYOUT, BoxSteeringNode, CameraSample
+    from custvid_pack.nodes.control_nodes import BoxSteeringNode, CameraSampleV2
     from custvid_pack.nodes.schedule_nodes import ApplyLoRASchedule
+    from custvid_pack.nodes.world_nodes import world_clip
 
     patcher = _load(*base)
     prompt = "red striped circle moving right"
@@ -287,7 +288,7 @@ def test_schedule_box_steering_and_camera_change_the_output_of_fp8_bases(wan, ba
     assert torch.isfinite(with_lora).all() and not torch.allclose(with_lora, plain, atol=1e-3)
 
     steered = BoxSteeringNode.execute(patcher, BoxTrack.parse("0: 0, 0, 0.5, 0.5"), prompt, "circle", 10.0, 0.5, "all",
-                                      "", world_text=world.text).result[0]
+                                      "", clip=world_clip(world.text)).result[0]
     out = _apply(steered, sigma, sigmas, x, context, rows=(0, 1))
     assert torch.isfinite(out).all() and not torch.allclose(out[0], plain[0], atol=1e-3)
     assert torch.allclose(out[1], plain[1], atol=1e-5)  # the unconditional pass is not steered
@@ -295,8 +296,8 @@ def test_schedule_box_steering_and_camera_change_the_output_of_fp8_bases(wan, ba
     positive, negative = [[context[:1], {}]], [[world.text([""]), {}]]
     latent = {"samples": torch.zeros(1, 16, 3, 16, 16)}
     with torch.inference_mode():
-        moved = CameraSample.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple", 0.3, 0.0, 1.0,
-                                     "", 0.25, 0.75, VIDEO_LAYOUT, 0).result[0]["samples"]
+        moved = CameraSampleV2.execute(patcher, positive, negative, latent, 1, 4, 3.0, "euler", "simple", 0.3, 0.0, 1.0,
+                                       "", 0.25, 0.75, 0).result[0]["samples"]
         still = comfy.sample.sample_custom(
             patcher, comfy.sample.prepare_noise(latent["samples"], 1), 3.0, comfy.samplers.sampler_object("euler"),
             comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 4).cpu(), positive,

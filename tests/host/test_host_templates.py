@@ -19,7 +19,7 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 SHIPPED_WEIGHTS = REPO / "custvid_core" / "world" / "weights"
 LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae",
                   "CustVid_LoadDINOv2": "custvid_dino", "CustVid_LoadRAFT": "custvid_raft",
-                  "CustVid_LoadShapesWorld": "custvid_world_text"}
+                  "CustVid_LoadShapesWorld": "custvid_world_text", "CustVid_LoadShapesWorldClip": "custvid_world_text"}
 # What the frontend's missing-models dialog accepts (MissingModelsWarning).
 DOWNLOAD_SOURCES = ("https://civitai.com/", "https://huggingface.co/")
 DOWNLOAD_SUFFIXES = (".safetensors", ".sft")

@@ -73,6 +73,11 @@ def _train(pack, patcher, subject, **overrides):
     return training.TrainSubjectLoRA.execute(patcher, subject, **args).result
 
 
+def _clip(world):
+    """The world's text encoder as Load Shapes World gives it: a CLIP."""
+    return import_pack().nodes.world_nodes.world_clip(world.text)
+
+
 def test_training_leaves_the_model_alone_and_its_lora_loads_through_the_stock_loader(wan, tmp_path, caplog):
     import folder_paths
 
@@ -119,14 +124,14 @@ def test_trigger_words_turn_on_the_subject_token_attention_loss(wan, tmp_path):
     training, world_nodes = _nodes(pack)
     images, masks = _star_photos(2)
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
-                                              prompt="a sks", trigger_words="sks", world_text=world.text).result[0]
+                                              prompt="a sks", trigger_words="sks", clip=_clip(world)).result[0]
     assert subject.subject_tokens == (1,)
     _train(pack, patcher, subject, run_name="stca_test", steps=2)
     history = torch.load(tmp_path / "custvid_training" / "stca_test" / "checkpoint.pt", weights_only=True)["history"]
     assert len(history) == 2 and all(r["token_attention"] > 0 for r in history)
     with pytest.raises(ValueError, match="trigger_words: 'dog' is not"):
         training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
-                                        prompt="a sks", trigger_words="dog", world_text=world.text)
+                                        prompt="a sks", trigger_words="dog", clip=_clip(world))
 
 
 def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loaded(wan, tmp_path):
@@ -141,7 +146,7 @@ def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loa
     images, _ = _star_photos(2)
     # Trigger words without masks: no attention loss, but an embedding can be learned at them.
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"),
-                                              prompt="a sks", trigger_words=" sks ", world_text=world.text).result[0]
+                                              prompt="a sks", trigger_words=" sks ", clip=_clip(world)).result[0]
     assert subject.trigger_words == "sks" and subject.subject_tokens == (1,)
     learned = _train(pack, patcher, subject, run_name="embedding", steps=3, learning_rate=1e-2, region_loss=False,
                      trigger_embedding=True)[3]
@@ -152,7 +157,7 @@ def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loa
     prompt = "a sks star moving right"
     conditioning = _conditioning(world, prompt)
     before = conditioning[0][0].clone()
-    applied = ApplyTriggerEmbedding.execute(conditioning, learned, prompt, world_text=world.text).result[0]
+    applied = ApplyTriggerEmbedding.execute(conditioning, learned, prompt, clip=_clip(world)).result[0]
     assert torch.equal(conditioning[0][0], before)
     moved = applied[0][0] - before
     assert torch.allclose(moved[0, 1], learned.residual[0])
@@ -170,10 +175,10 @@ def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loa
 
     # Words with another token count than in training, a train run without an embedding, trigger words missing.
     with pytest.raises(ValueError, match="trigger_words: 'sks star' is 2 tokens in this prompt"):
-        ApplyTriggerEmbedding.execute(conditioning, learned, prompt, trigger_words="sks star", world_text=world.text)
+        ApplyTriggerEmbedding.execute(conditioning, learned, prompt, trigger_words="sks star", clip=_clip(world))
     none = _train(pack, patcher, subject, run_name="no_embedding", steps=1, region_loss=False)[3]
     with pytest.raises(ValueError, match="trigger_embedding: the train node learned none"):
-        ApplyTriggerEmbedding.execute(conditioning, none, prompt, world_text=world.text)
+        ApplyTriggerEmbedding.execute(conditioning, none, prompt, clip=_clip(world))
     no_words = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "sks")).result[0]
     with pytest.raises(ValueError, match="trigger_embedding: a trigger embedding is learned at the trigger word"):
         _train(pack, patcher, no_words, run_name="no_words", steps=1, region_loss=False, trigger_embedding=True)

@@ -60,21 +60,17 @@ def runnable(number: str, server) -> dict:
     prompt = to_api(shipped(number), server.object_info())
     for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CLIPLoader":
-            prompt[node_id] = {"class_type": "CustVid_LoadShapesWorld", "inputs": {"text_encoder_name": WORLD_TEXT}}
+        if kind == "CLIPLoader":  # the world's CLIP: the stock text encode and every clip input take it
+            prompt[node_id] = {"class_type": "CustVid_LoadShapesWorldClip", "inputs": {"text_encoder_name": WORLD_TEXT}}
         elif kind == "CLIPTextEncode":
             text = inputs["text"]
             if isinstance(text, str):  # typed here, not linked from a String node (rewritten below)
-                text = "" if "low quality" in text else _world_words(text) or FALLBACK_PROMPT
-            prompt[node_id] = {"class_type": "CustVid_WorldTextEncode",
-                               "inputs": {"world_text": inputs["clip"], "prompt": text}}
+                inputs["text"] = "" if "low quality" in text else _world_words(text) or FALLBACK_PROMPT
         elif kind == "PrimitiveString":
             inputs["value"] = _world_words(inputs["value"]) or FALLBACK_PROMPT
         elif kind == "CustVid_SubjectDataset" and "clip" in inputs:
-            inputs["world_text"] = inputs.pop("clip")
             inputs["trigger_words"] = _world_words(inputs["trigger_words"])
         elif kind == "CustVid_BoxSteering":
-            inputs["world_text"] = inputs.pop("clip")
             inputs.update(prompt=FALLBACK_PROMPT, subject_words="red circle", background_words="")
         elif kind == "EmptyHunyuanLatentVideo":
             inputs.update(width=64, height=64, length=5)

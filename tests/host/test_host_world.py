@@ -6,10 +6,10 @@ import pytest
 import torch
 from comfy_host import import_comfy, import_pack
 from PIL import Image
-from workflow_api import inputs_of, shipped, to_api
+from workflow_api import inputs_of, shipped, shipped_before, to_api
 
-from custvid_core.eval.metrics import camera_pan, describe_clip, track
 from custvid_core.media import read_video
+from custvid_core.world.measures import camera_pan, describe_clip, track
 from custvid_core.world.model import MODEL_FILE, TEXT_FILE, load_world
 
 
@@ -48,13 +48,23 @@ def test_vae_round_trips_through_comfys_latent_normalisation():
     assert torch.allclose(decoded[0], frames, atol=1e-5)
 
 
-def _frames_prompt(prompt, seed):
+def _frames_prompt(prompt, seed, deprecated=False):
+    """The world through ComfyUI's own CLIPTextEncode (the negative: ConditioningZeroOut), or through the
+    deprecated world loader and text encode that saved workflows hold."""
+    if deprecated:
+        encoders = {
+            "world": {"class_type": "CustVid_LoadShapesWorld", "inputs": {"text_encoder_name": TEXT_FILE.name}},
+            "pos": {"class_type": "CustVid_WorldTextEncode", "inputs": {"world_text": ["world", 0], "prompt": prompt}},
+            "neg": {"class_type": "CustVid_WorldTextEncode", "inputs": {"world_text": ["world", 0], "prompt": ""}}}
+    else:
+        encoders = {
+            "world": {"class_type": "CustVid_LoadShapesWorldClip", "inputs": {"text_encoder_name": TEXT_FILE.name}},
+            "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["world", 0], "text": prompt}},
+            "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}}}
     return {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_FILE.name, "weight_dtype": "default"}},
         "shift": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["unet", 0], "shift": 3.0}},
-        "world": {"class_type": "CustVid_LoadShapesWorld", "inputs": {"text_encoder_name": TEXT_FILE.name}},
-        "pos": {"class_type": "CustVid_WorldTextEncode", "inputs": {"world_text": ["world", 0], "prompt": prompt}},
-        "neg": {"class_type": "CustVid_WorldTextEncode", "inputs": {"world_text": ["world", 0], "prompt": ""}},
+        **encoders,
         "latent": {"class_type": "CustVid_WorldEmptyLatent", "inputs": {"frames": 5, "size": 32, "batch_size": 1}},
         "sample": {"class_type": "KSampler", "inputs": {"model": ["shift", 0], "positive": ["pos", 0],
                                                         "negative": ["neg", 0], "latent_image": ["latent", 0],
@@ -62,8 +72,24 @@ def _frames_prompt(prompt, seed):
                                                         "scheduler": "simple", "denoise": 1.0}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["world", 1]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0],
-                                                       "filename_prefix": f"world_{seed}_{prompt.replace(' ', '_')}"}},
+                                                       "filename_prefix": f"world_{seed}_{prompt.replace(' ', '_')}"
+                                                                          + ("_old" if deprecated else "")}},
     }
+
+
+def _saved_frames(server, result, node="save"):
+    return torch.stack([torch.from_numpy(np.array(Image.open(server.base / "output" / im["subfolder"] /
+                                                             im["filename"]))).float() / 255
+                        for im in result["outputs"][node]["images"]])
+
+
+def test_clip_text_encode_with_the_worlds_clip_makes_what_the_deprecated_nodes_made(comfy_server):
+    """The world's text encoder as a stock CLIP: CLIPTextEncode + ConditioningZeroOut give the very clip the
+    deprecated Load Shapes World + Shapes World Text Encode give (an empty prompt is all zeros)."""
+    new = comfy_server.run(_frames_prompt("blue circle moving left", seed=7))
+    old = comfy_server.run(_frames_prompt("blue circle moving left", seed=7, deprecated=True))
+    assert new["ok"] and old["ok"], (new["error"], old["error"])
+    assert torch.equal(_saved_frames(comfy_server, new), _saved_frames(comfy_server, old))
 
 
 def test_stock_samplers_generate_what_the_prompt_asks(comfy_server):
@@ -73,10 +99,7 @@ def test_stock_samplers_generate_what_the_prompt_asks(comfy_server):
     for i, prompt in enumerate(prompts):
         result = comfy_server.run(_frames_prompt(prompt, seed=i))
         assert result["ok"], result["error"]
-        images = result["outputs"]["save"]["images"]
-        assert len(images) == 5
-        frames = torch.stack([torch.from_numpy(np.array(Image.open(comfy_server.base / "output" / im["subfolder"] /
-                                                                   im["filename"]))).float() / 255 for im in images])
+        frames = _saved_frames(comfy_server, result)
         assert frames.shape == (5, 32, 32, 3)
         seen = describe_clip(frames)
         found.append((seen.colour == prompt.split()[0], seen.direction == prompt.split()[-1]))
@@ -145,7 +168,7 @@ def test_shipped_camera_workflow_pans_the_background_as_commanded(comfy_server):
     """The world camera workflow as shipped (the panning world, its window): the pan measured on the saved
     video's background is the commanded one within 10%."""
     prompt = to_api(shipped("04"), comfy_server.object_info())
-    camera = inputs_of(prompt, "CustVid_CameraShiftSampler")
+    camera = inputs_of(prompt, "CustVid_CameraShiftSamplerV2")
     scale = int(inputs_of(prompt, "ImageScaleBy")["scale_by"])
     inputs_of(prompt, "SaveVideo")["filename_prefix"] = "custvid/pan"
     result = comfy_server.run(prompt, timeout=600)
@@ -155,3 +178,47 @@ def test_shipped_camera_workflow_pans_the_background_as_commanded(comfy_server):
     commanded = torch.tensor([camera["pan_x"], camera["pan_y"]]) * frames.shape[2]
     measured = camera_pan(frames, track(frames))[-1]
     assert float((measured - commanded).norm() / commanded.norm()) < 0.1, (measured, commanded)
+
+
+OLD_WORKFLOWS = "8dfa241"  # the shipped workflows before the world's CLIP and the camera without latent_layout
+
+
+def _old_workflow(number: str) -> dict:
+    return shipped_before(number, OLD_WORKFLOWS)
+
+
+@pytest.mark.parametrize("number", ["01", "02", "03", "04", "05"])
+def test_workflows_saved_before_the_worlds_clip_still_connect(comfy_server, number):
+    from workflow_api import check_links
+
+    info = comfy_server.object_info()
+    workflow = _old_workflow(number)
+    # Only the deprecated world_text sockets are gone from the nodes in use (the browser still sends their links).
+    assert all(p.endswith("has no input world_text") for p in check_links(workflow, info)), check_links(workflow, info)
+    to_api(workflow, info)  # every saved widget value has its input
+
+
+def test_a_camera_workflow_saved_with_latent_layout_makes_what_the_shipped_one_makes(comfy_server):
+    """The old camera workflow (the deprecated nodes, latent_layout chosen) and the shipped one (the layout read
+    from the world's conditioning) give the same video, with fewer steps."""
+    info = comfy_server.object_info()
+    videos = []
+    for name, workflow in (("old", _old_workflow("04")), ("new", shipped("04"))):
+        prompt = to_api(workflow, info)
+        inputs_of(prompt, "BasicScheduler")["steps"] = 6
+        inputs_of(prompt, "SaveVideo")["filename_prefix"] = f"custvid/pan_{name}_"
+        result = comfy_server.run(prompt, timeout=600)
+        assert result["ok"], result["error"]
+        videos.append(read_video(comfy_server.saved(f"custvid/pan_{name}_")[-1]))
+    assert torch.equal(*videos)
+
+
+def test_a_box_steering_workflow_saved_with_world_text_links_still_runs(comfy_server):
+    """Old workflow 05: Box Steering's saved world_text link (a socket it no longer shows), fed by the deprecated
+    loader, is sent as the frontend sends it and still finds the subject words."""
+    prompt = to_api(_old_workflow("05"), comfy_server.object_info())
+    inputs_of(prompt, "KSampler")["steps"] = 6
+    inputs_of(prompt, "SaveVideo")["filename_prefix"] = "custvid/old_box_steering"
+    result = comfy_server.run(prompt, timeout=600)
+    assert result["ok"], result["error"]
+    assert comfy_server.saved("custvid/old_box_steering")

@@ -17,6 +17,18 @@ def shipped(number: str) -> dict:
     return json.loads(path.read_text())
 
 
+def shipped_before(number: str, commit: str) -> dict:
+    """The workflow shipped as `number` at git `commit` (a workflow as users saved it then)."""
+    import subprocess
+
+    repo = WORKFLOWS.parent
+    names = subprocess.run(["git", "-C", str(repo), "ls-tree", "--name-only", commit, "workflows/"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    (name,) = [n for n in names if n.startswith(f"workflows/{number} ") and n.endswith(".json")]
+    return json.loads(subprocess.run(["git", "-C", str(repo), "show", f"{commit}:{name}"],
+                                     capture_output=True, text=True, check=True).stdout)
+
+
 def ordered_inputs(info: dict) -> list[tuple[str, list]]:
     spec = info["input"]
     return [(name, s) for part in ("required", "optional") for name, s in spec.get(part, {}).items()]
@@ -71,6 +83,9 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = [str(link[1]), link[2]]
             elif values.get(name) is not None:
                 inputs[name] = values[name]
+        # As the frontend does, a saved link into an input the node no longer declares is sent too.
+        for name, link_id in linked.items():
+            inputs.setdefault(name, [str(links[link_id][1]), links[link_id][2]])
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 

@@ -18,12 +18,13 @@ from typing import Callable, Protocol
 
 import torch
 
-from .errors import InputError
-from .eval import metrics
-from .world.cases import Case, load_cases
-from .world.model import World, load_world
-from .world.sample import generate
-from .world.scene import COLOURS, SHAPES
+from ...errors import InputError
+from .. import measures as metrics
+from ..cases import Case, load_cases
+from ..model import World, load_world
+from ..sample import generate
+from ..scene import COLOURS, SHAPES
+from .methods import lora_methods, method_names
 
 # (prompts, seed) -> clips [B, F, H, W, 3]
 Generator = Callable[[list[str], int], torch.Tensor]
@@ -55,29 +56,11 @@ class BaseModel:
 
 
 def _lora_method(name: str) -> Callable[[], Method]:
-    def make():
-        from .world.customize import lora_methods
-
-        return lora_methods()[name]
-
-    return make
+    return lambda: lora_methods()[name]
 
 
-# The LoRA ladder: plain LoRA, + region/preservation/debiased losses, + SuRA, + MoRA, full (+ timing),
-# full_still (+ a stillness LoRA under the subject LoRA), full_still_hue (+ the motion clips in other colours);
-# full_decoded_mora is the full method with MoRA through the decoder and RAFT (the authors' variant);
-# motion_lora_only is the plain motion LoRA on its own; joint trains the full method's two LoRAs together,
-# joint_still the same with the stillness LoRA, joint_still_hue with the motion clips in other colours too;
-# moving_subject_embedding and full_moving also learn the subject from its photos made into moving clips.
-METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in
-                                                                 ("plain_lora", "losses", "sura", "mora", "full",
-                                                                  "full_still", "full_still_hue", "full_embedding",
-                                                                  "full_embedding_all_roles", "unrestricted_subject_embedding",
-                                                                  "moving_subject_embedding", "full_moving",
-                                                                  "full_moving_smrabooth_roles",
-                                                                  "full_decoded_mora",
-                                                                  "motion_lora_only", "joint", "joint_still",
-                                                                  "joint_still_hue")}}
+# "base" (no customization) and the LoRA methods of methods.toml, in its order (the ladder first).
+METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in method_names()}}
 
 METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation",
            "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker")

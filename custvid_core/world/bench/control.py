@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..control.boxes import BoxSteering, BoxTrack
-from ..control.camera import CameraPath, LatentShift, StepWindow
-from ..control.sampling import SamplingStep
-from ..eval.metrics import box_adherence, camera_pan, centroids, describe_clip, track
-from .evaluate import vocabulary_prompts
-from .latent import TEMPORAL_FACTOR, as_frames, decode, encode, from_frames
-from .sample import generate
-from .scene import SEEN_SHAPES, render
+from ...control.boxes import BoxSteering, BoxTrack
+from ...control.camera import CameraPath, LatentShift, StepWindow
+from ...control.sampling import SamplingStep
+from ..evaluate import vocabulary_prompts
+from ..latent import TEMPORAL_FACTOR, as_frames, decode, encode, from_frames
+from ..measures import box_adherence, camera_pan, centroids, describe_clip, track
+from ..sample import generate
+from ..scene import SEEN_SHAPES, render
 
 CAMERA_PANS = ((0.15, 0.0), (-0.15, 0.0), (0.3, 0.0), (-0.3, 0.0), (0.0, 0.15), (0.0, -0.15), (0.0, 0.3), (0.0, -0.3))
 # Paths over four latent frames (20 frames); each latent frame is steered to the box at its time.

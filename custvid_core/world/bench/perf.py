@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
+from ...errors import InputError
 
 # Big enough that attention and the FFN dominate, small enough for a CPU: 4 heads of 64, 8 blocks.
 PERF_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
@@ -39,14 +39,14 @@ PERF_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=
 def _backbone():
     from diffusers import WanTransformer3DModel
 
-    from .backbones import describe
+    from ...backbones import describe
 
     torch.manual_seed(0)
     return describe(WanTransformer3DModel(**PERF_WAN))
 
 
 def _subject_data(side: int = 32, images: int = 4, clip_frames: int = 4):
-    from .training import SubjectSet, VideoSet
+    from ...training import SubjectSet, VideoSet
 
     g = torch.Generator().manual_seed(0)
     masks = torch.zeros(images, 1, 1, side, side)
@@ -57,7 +57,7 @@ def _subject_data(side: int = 32, images: int = 4, clip_frames: int = 4):
 
 
 def _settings(kind: str, steps: int, checkpointing: bool = False):
-    from .training import OptimSettings, SubjectSettings
+    from ...training import OptimSettings, SubjectSettings
 
     optim = OptimSettings(steps=steps, lr=1e-4, warmup=1, checkpoint_every=10 ** 6)
     plain = SubjectSettings(rank=32, optim=optim, region_loss=False, preservation_weight=0.0, alignment_weight=0.0,
@@ -99,7 +99,7 @@ def interleaved_ratios(baseline: Callable[[], float], others: dict[str, Callable
 def training_step_seconds(backbone, data, kind: str, steps: int) -> Callable[[], float]:
     """A function running a short training of `kind` and returning its mean seconds per step, the first step
     (optimizer state, first allocations) left out; a new LoRA on the same backbone each time."""
-    from .training import train_subject
+    from ...training import train_subject
 
     def run() -> float:
         history = train_subject(backbone, data, _settings(kind, steps + 1)).history
@@ -112,7 +112,7 @@ def peak_memory_mb(checkpointing: bool, steps: int = 3) -> float:
     """Peak resident memory (MB) a few training steps add to this process (run it in a fresh process)."""
     import resource
 
-    from .training import train_subject
+    from ...training import train_subject
 
     # A batch big enough that activations, not the model, set the peak.
     backbone, data = _backbone(), _subject_data(side=64, images=8)
@@ -122,7 +122,7 @@ def peak_memory_mb(checkpointing: bool, steps: int = 3) -> float:
 
 
 def _in_fresh_process(expression: str) -> float:
-    code = f"import torch; torch.set_num_threads({torch.get_num_threads()}); import custvid_core.perf as p; " \
+    code = f"import torch; torch.set_num_threads({torch.get_num_threads()}); import custvid_core.world.bench.perf as p; " \
            f"print({expression})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -183,9 +183,9 @@ def run_training_bench(out: str | Path, steps: int = 4, pairs: int = 7, command:
 
 def _control_world(size: int = 24, frames: int = 20, context: int = 512):
     """A world-layout sampler over the PERF_WAN model, with a text context as long as umt5's (512)."""
-    from .world.model import World
-    from .world.scene import WorldSpec
-    from .world.text import WorldTextEncoder
+    from ..model import World
+    from ..scene import WorldSpec
+    from ..text import WorldTextEncoder
 
     return World(_backbone(), WorldTextEncoder(dim=PERF_WAN["text_dim"], length=context),
                  WorldSpec(size=size, frames=frames))
@@ -194,9 +194,9 @@ def _control_world(size: int = 24, frames: int = 20, context: int = 512):
 def _control_sampler(control: str, size: int):
     """A function running one sampling with `control` in plain / steering / camera / both. The camera
     shifts at every step (window 0..1): the cost of a shifted step, not averaged over a short window."""
-    from .control.boxes import BoxSteering, BoxTrack
-    from .control.camera import CameraPath, StepWindow
-    from .world.sample import generate
+    from ...control.boxes import BoxSteering, BoxTrack
+    from ...control.camera import CameraPath, StepWindow
+    from ..sample import generate
 
     world = _control_world(size)
     prompt = "red striped circle moving right"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from custvid_core.eval import metrics
+from custvid_core.world import measures as metrics
 from custvid_core.world.scene import COLOURS, DIRECTIONS, SHAPES, Scene, WorldSpec, render
 
 
@@ -115,7 +115,7 @@ def test_camera_pan_reads_a_latent_shift_despite_its_filled_strip(pan):
     """Known answer: the camera shift applied to a rendered clip's latents (no model); the strip it fills
     with cells from elsewhere (up to 30% of the frame) does not follow the pan and must not pull the
     measurement off the commanded pan."""
-    from custvid_core.world.control_bench import shifted_render_pan
+    from custvid_core.world.bench.control import shifted_render_pan
     from custvid_core.world.evaluate import vocabulary_prompts
     from custvid_core.world.scene import WorldSpec
 

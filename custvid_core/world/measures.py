@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..world.scene import COLOURS, DIRECTIONS, SHAPES, Scene, WorldSpec, render
+from .scene import COLOURS, DIRECTIONS, SHAPES, Scene, WorldSpec, render
 
 NORMALISED_SIDE = 16  # masks and textures are compared on this grid after cropping to the object
 # Largest distance of a pixel's hue (`hue_of`) from the object's for the pixel to belong to it: a third to a
