@@ -466,7 +466,7 @@ def test_the_lora_output_keeps_its_spec_through_save_lora_and_the_stock_lora_nod
     training, world_nodes = _nodes(pack)
     images, masks = _star_photos(2)
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
-                                              prompt="a sks", trigger_words="sks", world_text=world.text).result[0]
+                                              prompt="a sks", trigger_words="sks", clip=_clip(world)).result[0]
     _, lora, _, _ = _train(pack, patcher, subject, run_name="spec_test", steps=2)
     assert isinstance(lora, dict) and lora.spec is not None and lora.trigger_words == "sks"
 
