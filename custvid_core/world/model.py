@@ -63,8 +63,9 @@ def build_world(config: dict | None = None, spec: WorldSpec = WorldSpec(), seed:
 
     if init not in INITS:
         raise InputError("init", f"'{init}'", f"one of {INITS}")
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(**(config or DEFAULT_CONFIG))
+    with torch.random.fork_rng(devices=[]):  # the weights from `seed` alone; the global generator left as it was
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(**(config or DEFAULT_CONFIG))
     if init == "adaln-zero":
         with torch.no_grad():
             for module in (model.condition_embedder.time_proj, model.proj_out):
