@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backbones.wan import EmbeddedInputs, WanBackbone
 from ..errors import InputError
-from .dualreal import DualAdapterPart, _load, check_base_model
+from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model
 from .lora import base_model_signature
 from .parts import Exported, PartBase, StrengthValue, built_unseeded, seeded_linear_init
 
@@ -151,3 +151,17 @@ class StageBlenderPart(PartBase):
         return cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
                    base_model=meta["base_model"])
 
+
+
+def dualreal_parts(weights: DualRealWeights, name: str = "dualreal", input_name: str = "dualreal") -> list[PartBase]:
+    """Parts that apply a trained DualReal (`load_dualreal`'s or a run's `dualreal_weights`): the identity and motion
+    adapters, and the controller that weighs them if it was trained with one."""
+    identity = DualAdapterPart.from_exported(f"{name}_identity", weights.parts["identity"], input_name)
+    motion = DualAdapterPart.from_exported(f"{name}_motion", weights.parts["motion"], input_name)
+    if identity.role != "identity" or motion.role != "motion":
+        raise InputError(input_name, "its identity and motion adapters are swapped", "a file written by Save DualReal")
+    parts = [identity, motion]
+    if "controller" in weights.parts:
+        parts.append(StageBlenderPart.from_exported(f"{name}_controller", weights.parts["controller"], identity, motion,
+                                                    input_name))
+    return parts
