@@ -304,3 +304,39 @@ def test_bad_dualreal_input_is_refused_with_the_input_named(tmp_path):
     with pytest.raises(InputError):
         save_dualreal(tmp_path / "half.safetensors", type(weights)({"identity": weights.parts["identity"]}))
     assert not list(tmp_path.glob("*half*"))
+
+
+def test_gradient_checkpointing_trains_the_same_adapters_and_controller():
+    subject, clips = _data()
+    runs = [train_dualreal(describe(tiny_diffusers_wan(BLOCKS)), subject, clips,
+                           _settings(3, gradient_checkpointing=checkpointing), _embeddings())
+            for checkpointing in (False, True)]
+    assert [r["loss"] for r in runs[0].history] == pytest.approx([r["loss"] for r in runs[1].history], rel=1e-5)
+    for name, part in runs[0].parts.items():
+        assert all(torch.allclose(v, runs[1].parts[name].tensors[k], atol=1e-6) for k, v in part.tensors.items())
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in runs[1].parts["dualreal_identity"].tensors.items()
+               if ".up." in k)
+
+
+def test_adamw_betas_are_used_and_enter_the_checkpoint_fingerprint_only_when_changed():
+    from custvid_core.training.loop import StepResult, _fingerprint, train
+
+    def run(betas):
+        p = torch.nn.Parameter(torch.ones(3))
+        train(lambda i, g: StepResult((p * torch.tensor([1.0, -2.0, 3.0])).sum() * (i + 1)), {"p": [p]},
+              OptimSettings(steps=3, lr=0.1, warmup=1, schedule="constant", weight_decay=0.0, grad_clip=1e6,
+                            betas=betas))
+        return p.detach()
+
+    q = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([q], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+    for i in range(3):
+        opt.zero_grad()
+        ((q * torch.tensor([1.0, -2.0, 3.0])).sum() * (i + 1)).backward()
+        opt.step()
+    assert torch.allclose(run((0.9, 0.95)), q.detach()) and not torch.allclose(run((0.9, 0.999)), q.detach())
+    groups = {"p": [torch.nn.Parameter(torch.ones(3))]}
+    assert "betas" not in _fingerprint(groups, OptimSettings(), None)["settings"]  # checkpoints before it resume
+    assert _fingerprint(groups, OptimSettings(betas=(0.9, 0.95)), None)["settings"]["betas"] == "(0.9, 0.95)"
+    with pytest.raises(InputError, match="betas"):
+        OptimSettings(betas=(0.9, 1.5))
