@@ -31,8 +31,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # there, so switching back resumes it.
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.pt"
 SCHEDULES = ("cosine", "constant")
-# OptimSettings fields added since the first checkpoints, with their defaults (see `_fingerprint`).
-LATER_SETTINGS = {"betas": (0.9, 0.999)}
+# OptimSettings fields added since the first checkpoints (see `_fingerprint`).
+LATER_SETTINGS = ("betas",)
 
 
 @dataclass
@@ -105,7 +105,8 @@ def _fingerprint(groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
     count, so a rerun with more steps continues), and `about`'s data / model digests and recipe settings."""
     about = dict(about or {})
     # Settings added after checkpoints were first written count only when changed, so those checkpoints resume.
-    later = tuple(name for name, default in LATER_SETTINGS.items() if getattr(settings, name) == default)
+    defaults = OptimSettings()
+    later = tuple(name for name in LATER_SETTINGS if getattr(settings, name) == getattr(defaults, name))
     record = {**settings_record(settings, leave_out=("steps", "checkpoint_every", *later)), **about.pop("settings", {})}
     return {"groups": {n: [list(p.shape) for p in ps] for n, ps in groups.items()}, "settings": record, **about}
 
