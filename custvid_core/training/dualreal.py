@@ -4,8 +4,8 @@ Parts: the identity and motion adapters of every block (`adapters.dualreal.DualA
 (`adapters.stage_blender.StageBlenderPart`). Tasks: `identity` (the subject's photos as one-frame videos, and its
 moving clips where the set has them) and `motion` (the clips; the motion adapters take the first frame's image
 embedding where given); both regress Wan's velocity (plain MSE, as the authors' diffusion loss). Schedule:
-`Random([(p, motion), (1 - p, identity)])`. Both adapters run in every forward;
-only the stepping task's adapter learns (the gradient mask: the task's `trains`), the controller learns every step.
+`Random([(p, motion), (1 - p, identity)])`. Both adapters run in every forward; only the stepping task's adapter
+learns (the gradient mask: the task's `trains`), the controller learns every step.
 The defaults are the authors' recipe: AdamW (0.9, 0.95), weight decay 1e-4, lr 1e-3, 200 warm-up steps, cosine to
 zero (their "cosine with restarts" with its one cycle), gradient norm 1.0, 1000 steps.
 """
