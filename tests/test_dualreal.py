@@ -279,8 +279,8 @@ def test_bad_dualreal_input_is_refused_with_the_input_named(tmp_path):
     weights = dualreal_weights(train_dualreal(backbone, subject, clips, _settings(1), _embeddings()))
     x, context = _inputs()
     # Another model size.
-    with pytest.raises(InputError, match="dualreal_identity: made for a model with blocks 3, and this one has blocks 2"):
-        with attached(describe(tiny_diffusers_wan(2)), dualreal_parts(weights)):
+    with pytest.raises(InputError, match="dualreal_file: made for a model with blocks 3, and this one has blocks 2"):
+        with attached(describe(tiny_diffusers_wan(2)), dualreal_parts(weights, input_name="dualreal_file")):
             pass
     # A file of another kind.
     lora = save_lora(tmp_path / "lora.safetensors", {"diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(2, 4),

@@ -98,6 +98,7 @@ class DualAdapterPart(PartBase):
                              "conditioning on the motion adapters only")
         self.role, self.spec, self.seed = role, spec, seed
         self.tensors, self.base_model = tensors, base_model
+        self.input_name = name  # what refusals of its loaded weights name (the file's input, where loaded from one)
         self.module: BlockAdapters | None = None
         self.backbone: WanBackbone | None = None
         self.scale: StrengthValue = 1.0
@@ -128,7 +129,7 @@ class DualAdapterPart(PartBase):
     @contextlib.contextmanager
     def _built(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
         if self.base_model is not None:
-            check_base_model(self.base_model, backbone, self.name)
+            check_base_model(self.base_model, backbone, self.input_name)
         spec = self.spec
         module = built_unseeded(lambda: BlockAdapters(backbone.num_blocks, backbone.dim, spec.bottleneck,
                                                       spec.condition_dim, spec.residual))
@@ -141,7 +142,7 @@ class DualAdapterPart(PartBase):
                         adapter.up.weight.zero_()
                         adapter.up.bias.zero_()
         else:
-            _load(module, self.tensors, self.name)
+            _load(module, self.tensors, self.input_name)
         self.module, self.backbone = module.to(device), backbone
         try:
             yield
@@ -215,8 +216,10 @@ class DualAdapterPart(PartBase):
         if exported.kind != ADAPTER_KIND:
             raise InputError(input_name, f"a '{exported.kind}' where DualReal adapters belong", "DualReal adapters")
         meta = exported.metadata
-        return cls(name, meta["role"], DualAdapterSpec(**meta["spec"]), tensors=exported.tensors,
+        part = cls(name, meta["role"], DualAdapterSpec(**meta["spec"]), tensors=exported.tensors,
                    base_model=meta["base_model"])
+        part.input_name = input_name
+        return part
 
 
 def check_base_model(expected: dict, backbone: WanBackbone, input_name: str) -> None:

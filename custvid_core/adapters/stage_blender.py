@@ -80,6 +80,7 @@ class StageBlenderPart(PartBase):
             raise InputError("weighting", f"'{weighting}'", f"one of {WEIGHTINGS}")
         self.identity, self.motion, self.groups_wanted, self.weighting, self.seed = identity, motion, groups, weighting, seed
         self.tensors, self.base_model = tensors, base_model
+        self.input_name = name  # what refusals of its loaded weights name (the file's input, where loaded from one)
         self.module: StageBlender | None = None
         self.backbone: WanBackbone | None = None
         self.last_weights: torch.Tensor | None = None  # [B, groups]: the identity weights of the last forward
@@ -87,7 +88,7 @@ class StageBlenderPart(PartBase):
     @contextlib.contextmanager
     def attach(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
         if self.base_model is not None:
-            check_base_model(self.base_model, backbone, self.name)
+            check_base_model(self.base_model, backbone, self.input_name)
         groups = group_count(self.groups_wanted, backbone.num_blocks)
         module = built_unseeded(lambda: StageBlender(backbone.dim, backbone.dim, groups))  # Wan's time embedding: dim
         if self.tensors is None:
@@ -97,7 +98,7 @@ class StageBlenderPart(PartBase):
                 module.fuse[-1].weight.zero_()
                 module.fuse[-1].bias.zero_()
         else:
-            _load(module, self.tensors, self.name)
+            _load(module, self.tensors, self.input_name)
         self.module, self.backbone = module.to(device), backbone
         self._of_block = block_groups(groups, backbone.num_blocks).to(device)
         try:
@@ -148,8 +149,10 @@ class StageBlenderPart(PartBase):
             raise InputError(input_name, f"a '{exported.kind}' where a StageBlender controller belongs",
                              "a StageBlender controller")
         meta = exported.metadata
-        return cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
+        part = cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
                    base_model=meta["base_model"])
+        part.input_name = input_name
+        return part
 
 
 
