@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -63,6 +64,17 @@ def diffusers_to_native_key(key: str) -> str:
     return key
 
 
+@dataclass
+class EmbeddedInputs:
+    """What a forward feeds its first block: the video tokens after the patch embedding `[B, Lv, dim]`, the text
+    tokens after the text embedding `[B, Lt, dim]`, and the timestep embedding `[B, dim]` (averaged over the
+    tokens where each token has its own timestep, as on Wan 2.2's 5B)."""
+
+    video: torch.Tensor
+    text: torch.Tensor
+    time: torch.Tensor
+
+
 class WanBackbone:
     """A Wan transformer seen through roles. Subclasses say where each role's module lives."""
 
@@ -70,6 +82,8 @@ class WanBackbone:
     role_paths: dict[str, str] = {}
     site_paths: dict[str, str] = {}  # residual site -> the sublayer's module path in a block
     text_embedding_path = ""  # the module the text context enters the model through
+    patch_embedding_path = "patch_embedding"  # the video latents' patch embedding (a Conv3d)
+    time_embedding_path = ""  # the timestep embedding (sinusoid -> MLP), before its projection to the blocks
     # Whether the layers cast their weights to the input's dtype (ComfyUI's ops), so that the model computes in
     # any dtype from weights stored in another (fp8 included). Plain torch layers compute in their weights' dtype.
     casts_weights = False
@@ -214,6 +228,33 @@ class WanBackbone:
         return self.model.get_submodule(self.text_embedding_path).register_forward_pre_hook(hook)
 
     @contextlib.contextmanager
+    def before_blocks(self, callback: Callable[[EmbeddedInputs], None]) -> Iterator[None]:
+        """While inside, every forward calls `callback(inputs)` with its `EmbeddedInputs` after the embeddings and
+        before the first block runs (what a controller that sets the blocks' adapters from the step's tokens and
+        timestep needs). Gradients flow through the inputs."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            def hook(_module, _args, output):
+                seen[name] = output
+            return hook
+
+        def call(_module, _args):
+            video = seen["video"].flatten(2).transpose(1, 2)  # [B, dim, t, h, w] -> tokens in t, h, w order
+            time = seen["time"]
+            callback(EmbeddedInputs(video, seen["text"], time.reshape(video.shape[0], -1, time.shape[-1]).mean(1)))
+
+        handles = [self.model.get_submodule(path).register_forward_hook(keep(name)) for name, path in
+                   (("video", self.patch_embedding_path), ("text", self.text_embedding_path),
+                    ("time", self.time_embedding_path))]
+        handles.append(self.blocks[0].register_forward_pre_hook(call))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
     def checkpointing(self, enabled: bool = True) -> Iterator[None]:
         """Gradient checkpointing per block while inside: activations are recomputed in backward.
 
@@ -248,6 +289,7 @@ class ComfyWanBackbone(WanBackbone):
     role_paths = {r: r for r in ROLES}
     site_paths = {"self_attn": "self_attn", "ffn": "ffn"}
     text_embedding_path = "text_embedding"
+    time_embedding_path = "time_embedding"
     casts_weights = True  # ComfyUI's cast ops; the host turns casting on for layers loaded without it
 
     @property
@@ -281,6 +323,7 @@ class DiffusersWanBackbone(WanBackbone):
     }
     site_paths = {"self_attn": "attn1", "ffn": "ffn"}
     text_embedding_path = "condition_embedder.text_embedder"
+    time_embedding_path = "condition_embedder.time_embedder"
 
     @property
     def patch_size(self):

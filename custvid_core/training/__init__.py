@@ -9,12 +9,14 @@ from .customize import (
     train_subject,
 )
 from .datasets import MovingClips, SubjectSet, VideoSet, append_clips, append_photos, clip_set, subject_set
+from .dualreal import DualRealSettings, ImageEmbeddings, dualreal_weights, train_dualreal
 from .engine import TrainedParts
 from .loop import OptimSettings, StepResult, TrainingStopped, train
 from .objectives import SigmaSampler
 from .tasks import Cycle, Random, Recipe, Stages, Task
 
-__all__ = ["Cycle", "MotionSettings", "MovingClips", "OptimSettings", "Random", "Recipe", "SigmaSampler", "Stages",
-           "StepResult", "SubjectSet", "SubjectSettings", "Task", "TrainedParts", "TrainingStopped", "VideoSet",
-           "append_clips", "append_photos", "clip_set", "subject_set", "train", "train_joint", "train_motion",
+__all__ = ["Cycle", "DualRealSettings", "ImageEmbeddings", "MotionSettings", "MovingClips", "OptimSettings",
+           "Random", "Recipe", "SigmaSampler", "Stages", "StepResult", "SubjectSet", "SubjectSettings", "Task",
+           "TrainedParts", "TrainingStopped", "VideoSet", "append_clips", "append_photos", "clip_set",
+           "dualreal_weights", "subject_set", "train", "train_dualreal", "train_joint", "train_motion",
            "train_subject"]

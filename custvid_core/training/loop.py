@@ -31,6 +31,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # there, so switching back resumes it.
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.pt"
 SCHEDULES = ("cosine", "constant")
+# OptimSettings fields added since the first checkpoints (see `_fingerprint`).
+LATER_SETTINGS = ("betas",)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class OptimSettings:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
     seed: int = 0
     checkpoint_every: int = 100
     # A loss this many times the median of the last 50 steps counts as divergence.
@@ -53,6 +56,7 @@ class OptimSettings:
                   ("warmup", 0 <= self.warmup, "0 or more warm-up steps"),
                   ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
                   ("grad_clip", self.grad_clip > 0, "a positive gradient norm, e.g. 1.0"),
+                  ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
                   ("checkpoint_every", self.checkpoint_every >= 1, "at least 1 step"))
         for name, ok, expected in checks:
             if not ok:
@@ -100,7 +104,10 @@ def _fingerprint(groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
     """What a checkpoint must match to be resumed: the trained groups' shapes, the settings (all but the step
     count, so a rerun with more steps continues), and `about`'s data / model digests and recipe settings."""
     about = dict(about or {})
-    record = {**settings_record(settings, leave_out=("steps", "checkpoint_every")), **about.pop("settings", {})}
+    # Settings added after checkpoints were first written count only when changed, so those checkpoints resume.
+    defaults = OptimSettings()
+    later = tuple(name for name in LATER_SETTINGS if getattr(settings, name) == getattr(defaults, name))
+    record = {**settings_record(settings, leave_out=("steps", "checkpoint_every", *later)), **about.pop("settings", {})}
     return {"groups": {n: [list(p.shape) for p in ps] for n, ps in groups.items()}, "settings": record, **about}
 
 
@@ -136,7 +143,7 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
         p.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": ps, "name": n,
                               "weight_decay": settings.weight_decay} for n, ps in groups.items() if ps],
-                            lr=settings.lr, betas=(0.9, 0.999))
+                            lr=settings.lr, betas=tuple(settings.betas))
     g = torch.Generator().manual_seed(settings.seed)
     history: list[dict] = []
     start = 0

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_host import import_comfy
+from comfy_host import import_comfy, import_pack
 
 from custvid_core.backbones import ROLES, describe, diffusers_to_native_key
 
@@ -114,4 +114,57 @@ def test_a_residual_beside_a_sublayer_of_comfyuis_wan_adds_gate_times_f_of_its_i
     assert expected.abs().max() > 1e-2
     assert torch.allclose(change, expected, atol=1e-5)
     assert torch.equal(native.forward(x, 0.4, context), before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in native.model.modules())
+
+
+def test_before_blocks_gives_the_same_embedded_inputs_in_both_implementations():
+    native, theirs = tiny_pair()
+    x, context = torch.randn(2, 16, 2, 6, 8), torch.randn(2, 5, TINY["text_dim"])
+    seen = {}
+    for backbone in (native, theirs):
+        with torch.no_grad(), backbone.before_blocks(lambda inputs, b=backbone: seen.__setitem__(b, inputs)):
+            backbone.forward(x, torch.tensor([0.3, 0.8]), context)
+    a, b = seen[native], seen[theirs]
+    assert a.video.shape == (2, 2 * 3 * 4, TINY["dim"]) and a.text.shape == (2, 5, TINY["dim"])
+    assert a.time.shape == (2, TINY["dim"]) and not torch.allclose(a.time[0], a.time[1])
+    for name in ("video", "text", "time"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4), name
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in native.model.modules())
+
+
+def test_dualreal_adapters_and_controller_on_comfyuis_wan_act_as_on_diffusers_and_learn():
+    from custvid_core.adapters.dualreal import DualAdapterPart, DualAdapterSpec, DualRealWeights
+    from custvid_core.adapters.parts import attached
+    from custvid_core.adapters.stage_blender import StageBlenderPart, dualreal_parts
+
+    import_pack().nodes.host.enable_rope_backward()  # as the pack's training does, for comfy-kitchen's fused RoPE
+    native, theirs = tiny_pair()
+    x, context = torch.randn(2, 16, 2, 6, 8), torch.randn(2, 5, TINY["text_dim"])
+    identity = DualAdapterPart("dualreal_identity", "identity", DualAdapterSpec(8))
+    motion = DualAdapterPart("dualreal_motion", "motion", DualAdapterSpec(8, condition_dim=12))
+    controller = StageBlenderPart("dualreal_controller", identity, motion, groups=2)
+    parts = [identity, motion, controller]
+    c = torch.randn(1, 12)
+    plain = native.forward(x, 0.4, context)
+    with attached(native, parts):
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # trained-looking weights: every adapter and the controller's last layer non-zero
+            for part in parts:
+                for p in part.module.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        motion.set_condition(c)
+        v_native = native.forward(x, torch.tensor([0.3, 0.8]), context)
+        v_native.square().mean().backward()
+        assert controller.module.tokens.weight.grad.abs().max() > 0
+        weights_native = identity.block_weights.detach()
+        exported = DualRealWeights({role: p.export() for role, p in zip(("identity", "motion", "controller"), parts)})
+    assert not torch.allclose(v_native, plain, atol=1e-3)
+    assert weights_native.shape == (2, TINY["num_layers"]) and not torch.equal(weights_native[0], weights_native[1])
+    loaded = dualreal_parts(exported)
+    with torch.no_grad(), attached(theirs, loaded):
+        loaded[1].set_condition(c)
+        v_theirs = theirs.forward(x, torch.tensor([0.3, 0.8]), context)
+        assert torch.allclose(loaded[0].block_weights, weights_native, atol=1e-5)
+    assert torch.allclose(v_native.detach(), v_theirs, atol=1e-4)
+    assert torch.equal(native.forward(x, 0.4, context), plain)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in native.model.modules())

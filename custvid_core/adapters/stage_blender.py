@@ -1,0 +1,170 @@
+"""DualReal's StageBlender controller: how much identity and how much motion each group of blocks gets, per step.
+
+From the forward's own inputs (`WanBackbone.before_blocks`), before the first block runs: the `[text; video]` tokens
+after their embeddings, max-pooled over the tokens -> `c = Linear(dim -> 512)`; the timestep embedding -> SiLU ->
+Linear -> (shift, scale, gate); `f = LN(c) * (1 + scale) + shift`, `f = MLP(f) + gate * c`;
+`w = sigmoid(Linear(128 -> n)(relu(Linear(512 -> 128)(relu(f)))))`, the last layer zero-initialised. With the
+authors' code's weighting (`weighting="code"`, the default) the identity adapters of group g get `0.2 * w[g]` and
+the motion adapters `0.2 - 0.2 * w[g]` (both 0.1 at initialisation); with the paper's (`"paper"`), `w[g]` and
+`1 - w[g]` (0.5 each). Groups are `n` runs of consecutive blocks (block i is in group `i * n // blocks`).
+
+The weights are set on the dual adapter parts for that forward, one row per batch row (the prompt and the
+unconditional pass of guidance differ), and stay in the autograd graph, so the controller learns with every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..backbones.wan import EmbeddedInputs, WanBackbone
+from ..errors import InputError
+from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model
+from .lora import base_model_signature
+from .parts import Exported, PartBase, StrengthValue, built_unseeded, seeded_linear_init
+
+KIND = "stage_blender"
+WEIGHTINGS = ("code", "paper")
+DEFAULT_GROUPS = 7
+WIDTH, HIDDEN = 512, 128  # the authors' feature and fusion widths
+CODE_SCALE = 0.2  # the code's identity + motion weight
+
+
+def group_count(groups: int | None, blocks: int) -> int:
+    """`groups`, or by default 7 (the block count where smaller); more groups than blocks are refused."""
+    if groups is None:
+        return min(DEFAULT_GROUPS, blocks)
+    if not 1 <= groups <= blocks:
+        raise InputError("groups", f"{groups} groups of blocks", f"1 to {blocks} (the model's block count)")
+    return groups
+
+
+def block_groups(groups: int, blocks: int) -> torch.Tensor:
+    """The group of each block: `groups` runs of consecutive blocks, as even as the counts allow."""
+    return torch.arange(blocks) * groups // blocks
+
+
+class StageBlender(nn.Module):
+    def __init__(self, dim: int, time_dim: int, groups: int):
+        super().__init__()
+        self.tokens = nn.Linear(dim, WIDTH)
+        self.time = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 3 * WIDTH))
+        self.norm = nn.LayerNorm(WIDTH)
+        self.mlp = nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(approximate="tanh"), nn.Linear(4 * WIDTH, WIDTH))
+        self.fuse = nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, groups))
+
+    def forward(self, tokens: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """`[B, L, dim]` tokens, `[B, time_dim]` timestep embedding -> `[B, groups]` in (0, 1)."""
+        shift, scale, gate = self.time(time).chunk(3, dim=1)
+        c = self.tokens(tokens.max(dim=1).values)
+        f = self.norm(c) * (1 + scale) + shift
+        f = self.mlp(f) + gate * c
+        return torch.sigmoid(self.fuse(f))
+
+
+class StageBlenderPart(PartBase):
+    """The controller as a part: attached, it weighs `identity` and `motion` (attached dual adapter parts) in every
+    forward. It adds nothing to the model itself, so its strength is not used; `tensors` load instead of seeded
+    initial weights."""
+
+    kind = KIND
+
+    def __init__(self, name: str, identity: DualAdapterPart, motion: DualAdapterPart, groups: int | None = None,
+                 weighting: str = "code", seed: int = 0, tensors: dict[str, torch.Tensor] | None = None,
+                 base_model: dict | None = None):
+        super().__init__(name)
+        if weighting not in WEIGHTINGS:
+            raise InputError("weighting", f"'{weighting}'", f"one of {WEIGHTINGS}")
+        self.identity, self.motion, self.groups_wanted, self.weighting, self.seed = identity, motion, groups, weighting, seed
+        self.tensors, self.base_model = tensors, base_model
+        self.input_name = name  # what refusals of its loaded weights name (the file's input, where loaded from one)
+        self.module: StageBlender | None = None
+        self.backbone: WanBackbone | None = None
+        self.last_weights: torch.Tensor | None = None  # [B, groups]: the identity weights of the last forward
+
+    @contextlib.contextmanager
+    def attach(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
+        if self.base_model is not None:
+            check_base_model(self.base_model, backbone, self.input_name)
+        groups = group_count(self.groups_wanted, backbone.num_blocks)
+        module = built_unseeded(lambda: StageBlender(backbone.dim, backbone.dim, groups))  # Wan's time embedding: dim
+        if self.tensors is None:
+            seeded_linear_init(module, torch.Generator().manual_seed(self.seed))
+            with torch.no_grad():
+                module.norm.reset_parameters()
+                module.fuse[-1].weight.zero_()
+                module.fuse[-1].bias.zero_()
+        else:
+            _load(module, self.tensors, self.input_name)
+        self.module, self.backbone = module.to(device), backbone
+        self._of_block = block_groups(groups, backbone.num_blocks).to(device)
+        try:
+            with backbone.before_blocks(self._weigh):
+                yield
+        finally:
+            for part in (self.identity, self.motion):
+                part.set_block_weights(None)
+            self.module = self.backbone = self.last_weights = None
+
+    def _weigh(self, inputs: EmbeddedInputs) -> None:
+        param = self.module.tokens.weight
+        tokens = torch.cat([inputs.text, inputs.video], dim=1).to(param)
+        w = self.module(tokens, inputs.time.to(param))
+        self.last_weights = w.detach()
+        identity = w[:, self._of_block.to(w.device)]  # [B, blocks]
+        if self.weighting == "code":
+            identity, motion = CODE_SCALE * identity, CODE_SCALE - CODE_SCALE * identity
+        else:
+            motion = 1 - identity
+        self.identity.set_block_weights(identity)
+        self.motion.set_block_weights(motion)
+
+    def identity_weights(self) -> torch.Tensor | None:
+        """The identity adapters' weight per group `[B, groups]` in the last forward (motion: the rest)."""
+        if self.last_weights is None:
+            return None
+        return CODE_SCALE * self.last_weights if self.weighting == "code" else self.last_weights
+
+    def _apply_strength(self, value: StrengthValue) -> None:
+        pass  # the controller weighs the adapters; it adds nothing itself
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        if self.module is None:
+            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
+        return {self.name: list(self.module.parameters())}
+
+    def export(self) -> Exported:
+        tensors = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        return Exported(self.kind, tensors, {"groups": self.module.fuse[-1].out_features, "weighting": self.weighting,
+                                             "blocks": self.backbone.num_blocks,
+                                             "base_model": base_model_signature(self.backbone)})
+
+    @classmethod
+    def from_exported(cls, name: str, exported: Exported, identity: DualAdapterPart, motion: DualAdapterPart,
+                      input_name: str = "dualreal") -> "StageBlenderPart":
+        if exported.kind != KIND:
+            raise InputError(input_name, f"a '{exported.kind}' where a StageBlender controller belongs",
+                             "a StageBlender controller")
+        meta = exported.metadata
+        part = cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
+                   base_model=meta["base_model"])
+        part.input_name = input_name
+        return part
+
+
+
+def dualreal_parts(weights: DualRealWeights, name: str = "dualreal", input_name: str = "dualreal") -> list[PartBase]:
+    """Parts that apply a trained DualReal (`load_dualreal`'s or a run's `dualreal_weights`): the identity and motion
+    adapters, and the controller that weighs them if it was trained with one."""
+    identity = DualAdapterPart.from_exported(f"{name}_identity", weights.parts["identity"], input_name)
+    motion = DualAdapterPart.from_exported(f"{name}_motion", weights.parts["motion"], input_name)
+    if identity.role != "identity" or motion.role != "motion":
+        raise InputError(input_name, "its identity and motion adapters are swapped", "a file written by Save DualReal")
+    parts = [identity, motion]
+    if "controller" in weights.parts:
+        parts.append(StageBlenderPart.from_exported(f"{name}_controller", weights.parts["controller"], identity, motion,
+                                                    input_name))
+    return parts
