@@ -115,6 +115,15 @@ def test_control_bench_refuses_bad_options_with_the_option_named(tmp_path, capsy
 RECORDED_METHODS = json.loads((Path(__file__).parent / "data" / "lora_methods_before.json").read_text())
 
 
+def _as_recorded(text: str) -> str:
+    """A repr without the optimiser fields added after the recording (`loop.LATER_SETTINGS`) at their defaults."""
+    from custvid_core.training.loop import LATER_SETTINGS, OptimSettings
+
+    for name in LATER_SETTINGS:
+        text = text.replace(f", {name}={getattr(OptimSettings(), name)!r}", "")
+    return text
+
+
 @pytest.mark.parametrize("ladder", sorted(RECORDED_METHODS))
 def test_the_methods_file_gives_the_settings_the_ladder_had_in_code(ladder):
     """`methods.toml` read for a ladder (steps, lr, alignment block) gives every method's settings exactly as the
@@ -122,7 +131,7 @@ def test_the_methods_file_gives_the_settings_the_ladder_had_in_code(ladder):
     methods = lora_methods(*json.loads(ladder))
     assert list(methods) == list(RECORDED_METHODS[ladder])  # the same names, in the ladder's order
     for name, method in methods.items():
-        assert repr(method) == RECORDED_METHODS[ladder][name], name
+        assert _as_recorded(repr(method)) == RECORDED_METHODS[ladder][name], name
     # Each method loads its own encoders (prepare fills them in): no dict shared with the method it starts from.
     assert len({id(m.encoders) for m in methods.values()}) == len(methods)
 
