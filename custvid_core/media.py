@@ -110,6 +110,36 @@ def loss_plot(history: list[dict], width: int = 512, height: int = 256) -> torch
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
+GROUP_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def series_plot(values: torch.Tensor, labels: list[str], title: str, width: int = 512, height: int = 256
+                ) -> torch.Tensor:
+    """Curves `values[:, j]` over the steps (one colour per column, labelled) as an IMAGE `[1, H, W, 3]`; the
+    vertical axis spans the values' range, written in the title."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    steps, series = values.shape
+    lo, hi = float(values.min()), float(values.max())
+    span = hi - lo or 1.0
+    margin, legend = 24, 110
+
+    def point(i, v):
+        x = margin + (width - 2 * margin - legend) * (i / max(1, steps - 1))
+        return x, height - margin - (height - 2 * margin) * (float(v) - lo) / span
+
+    for j in range(series):
+        colour = GROUP_COLOURS[j % len(GROUP_COLOURS)]
+        line = [point(i, v) for i, v in enumerate(values[:, j])]
+        draw.line(line if steps > 1 else line * 2, fill=colour, width=2)
+        draw.text((width - legend, margin + 12 * j), labels[j], fill=colour)
+    draw.text((margin, 4), f"{title} (from {lo:.4f} to {hi:.4f}; steps 1 to {steps})", fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
 def draw_boxes(frames: torch.Tensor, boxes: torch.Tensor, colour=(1.0, 0.9, 0.1), width: int | None = None
                ) -> torch.Tensor:
     """Frames `[F, H, W, 3]` with each frame's box `[F, 4]` (normalised xyxy) outlined; a new tensor."""

@@ -3,7 +3,15 @@
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from . import control_nodes, embedding_nodes, representation_nodes, schedule_nodes, training_nodes, world_nodes
+from . import (
+    control_nodes,
+    dualreal_nodes,
+    embedding_nodes,
+    representation_nodes,
+    schedule_nodes,
+    training_nodes,
+    world_nodes,
+)
 from .host import register_model_folders
 
 # Before any schema lists files from these folders.
@@ -14,7 +22,7 @@ class CustVidExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*representation_nodes.NODES, *training_nodes.NODES, *embedding_nodes.NODES, *schedule_nodes.NODES,
-                *world_nodes.NODES, *control_nodes.NODES]
+                *world_nodes.NODES, *control_nodes.NODES, *dualreal_nodes.NODES]
 
 
 async def comfy_entrypoint() -> CustVidExtension:

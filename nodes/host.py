@@ -25,6 +25,7 @@ MODEL_FOLDERS = {
     "custvid_raft": os.path.join("custvid", "raft"),
     "custvid_representations": os.path.join("custvid", "representations"),
     "custvid_trigger_embeddings": os.path.join("custvid", "trigger_embeddings"),
+    "custvid_dualreal": os.path.join("custvid", "dualreal"),
 }
 
 

@@ -11,6 +11,7 @@ VideoDataset = io.Custom("CUSTVID_VIDEO_DATASET")
 SubjectDataset = io.Custom("CUSTVID_SUBJECT_DATASET")
 Boxes = io.Custom("CUSTVID_BOXES")
 TriggerEmbedding = io.Custom("CUSTVID_TRIGGER_EMBEDDING")
+DualReal = io.Custom("CUSTVID_DUALREAL")
 
 
 def tokenizer_inputs(words: str) -> list:

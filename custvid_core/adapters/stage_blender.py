@@ -24,7 +24,7 @@ from ..backbones.wan import EmbeddedInputs, WanBackbone
 from ..errors import InputError
 from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model
 from .lora import base_model_signature
-from .parts import Exported, PartBase, StrengthValue, built_unseeded, seeded_linear_init
+from .parts import Exported, PartBase, StrengthValue, attached, built_unseeded, seeded_linear_init
 
 KIND = "stage_blender"
 WEIGHTINGS = ("code", "paper")
@@ -168,3 +168,24 @@ def dualreal_parts(weights: DualRealWeights, name: str = "dualreal", input_name:
         parts.append(StageBlenderPart.from_exported(f"{name}_controller", weights.parts["controller"], identity, motion,
                                                     input_name))
     return parts
+
+
+def weights_over_steps(backbone: WanBackbone, parts: list[PartBase], noise: torch.Tensor, sigmas: torch.Tensor,
+                       context: torch.Tensor, condition: torch.Tensor | None = None,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """The identity weight the controller gives each group of blocks at each step `[steps, groups]` (DualReal's
+    Figure 7), along a flow sampling run of a prompt: Euler steps on `sigmas` from `noise`, conditional only
+    (`context` `[1, L, text_dim]`; `condition`: the motion adapters' image embedding). `parts`: `dualreal_parts`."""
+    controller = next((p for p in parts if isinstance(p, StageBlenderPart)), None)
+    if controller is None:
+        raise InputError("dualreal", "has no StageBlender controller (trained with fixed weights)",
+                         "DualReal trained with its controller")
+    rows = []
+    x = noise.to(device)
+    with torch.no_grad(), attached(backbone, parts, device):
+        controller.motion.set_condition(condition)
+        for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            v = backbone.forward(x, torch.tensor([sigma], device=device), context.to(device))
+            rows.append(controller.identity_weights()[0].float().cpu())
+            x = x + (sigma_next - sigma) * v.to(x.dtype)
+    return torch.stack(rows)
