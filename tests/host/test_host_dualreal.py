@@ -1,0 +1,236 @@
+"""DualReal's nodes on the shapes world's model loaded by ComfyUI's own loader (in-process): trained through the
+node, saved, loaded and applied to a MODEL clone that ComfyUI's samplers run; stacked with a stock LoRA, a LoRA
+step schedule, box steering and the camera sampler; the StageBlender plot; and the refusals."""
+
+import logging
+
+import pytest
+import torch
+from comfy_host import import_comfy, import_pack, tiny_world_wan
+
+from custvid_core.control.boxes import BoxTrack
+from custvid_core.world.model import MODEL_FILE, load_world
+from custvid_core.world.scene import Scene, WorldSpec, render
+
+WIDTH = 12  # the image embeddings' width in these tests (a CLIP ViT-H gives 1024)
+PROMPT = "orange star moving right"
+
+
+def _vision(rows, seed):
+    """What CLIP Vision Encode gives: ComfyUI's own output object, here with embeddings of our choosing (no CLIP
+    vision model can be downloaded here)."""
+    import comfy.clip_vision
+
+    out = comfy.clip_vision.Output()
+    out["image_embeds"] = torch.randn(rows, WIDTH, generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+def _encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+TRAIN = dict(steps=4, learning_rate=1e-2, groups=3, bottleneck=8, motion_probability=0.5, residual="code",
+             weighting="code", gradient_checkpointing=False, training_seed=0, checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import_comfy()
+    import comfy.sd
+    import folder_paths
+
+    pack = import_pack()
+    from custvid_pack.nodes import dualreal_nodes, training_nodes, world_nodes
+
+    base = tmp_path_factory.mktemp("dualreal")
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.add_model_folder_path("custvid_dualreal", str(base / "dualreal"), is_default=True)
+    folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
+    patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
+    clip, vae = world_nodes.world_clip(load_world().text), world_nodes.WorldVAE()
+    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1))
+              for i in range(2)]
+    subject = training_nodes.SubjectDataset.execute(vae, torch.cat([p.frames for p in photos]), _encode(clip, "sks"),
+                                                    masks=torch.cat([p.masks for p in photos])).result[0]
+    clips = None
+    for direction in ("right", "down"):
+        clip_scene = render(Scene(direction=direction), WorldSpec())
+        clips = training_nodes.VideoDataset.execute(vae, clip_scene.frames, _encode(clip, clip_scene.prompt),
+                                                    add_to=clips).result[0]
+    model, dualreal, graph = dualreal_nodes.TrainDualReal.execute(
+        patcher, subject, clips, run_name="dualreal_test", clips_image=_vision(2, 1), subject_image=_vision(1, 2),
+        **TRAIN).result
+    latent = world_nodes.WorldEmptyLatent.execute(5, 32, 1).result[0]
+    return dict(pack=pack, nodes=dualreal_nodes, patcher=patcher, clip=clip, subject=subject, clips=clips,
+                model=model, dualreal=dualreal, graph=graph, latent=latent, base=base)
+
+
+def _sample(model, world, steps=3, seed=0):
+    import nodes as comfy_nodes
+
+    positive, negative = _encode(world["clip"], PROMPT), _encode(world["clip"], "")
+    return comfy_nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "simple", positive, negative,
+                                         world["latent"])[0]["samples"]
+
+
+def _state(patcher):
+    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def _no_hooks(patcher):
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in patcher.model.diffusion_model.modules())
+
+
+def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_model(world):
+    nodes, patcher = world["nodes"], world["patcher"]
+    before_state, base = _state(patcher), _sample(patcher, world)
+    trained_out = _sample(world["model"], world)
+    assert world["graph"].shape[0] == 1 and world["graph"].shape[-1] == 3
+    assert (world["base"] / "output" / "custvid_training" / "dualreal_test" / "checkpoint.pt").exists()
+    assert not torch.allclose(trained_out, base, atol=1e-3)
+
+    name = nodes.SaveDualReal.execute(world["dualreal"], "custvid/star_right", False).result[0]
+    path = world["base"] / "dualreal" / "custvid" / "star_right.safetensors"
+    assert name == "custvid/star_right.safetensors" and path.exists()
+    saved = path.read_bytes()
+    with pytest.raises(ValueError, match="filename: 'custvid/star_right.safetensors' already exists"):
+        nodes.SaveDualReal.execute(world["dualreal"], "custvid/star_right", False)
+    assert path.read_bytes() == saved
+    loaded = nodes.LoadDualReal.execute(name).result[0]
+    applied = nodes.ApplyDualReal.execute(patcher, loaded, 1.0, clip_vision_output=_vision(1, 2)).result[0]
+    assert torch.allclose(_sample(applied, world), trained_out, atol=1e-5)
+
+    # Strength 0 leaves the model as it was; another reference image changes what the motion adapters add.
+    off = nodes.ApplyDualReal.execute(patcher, loaded, 0.0, clip_vision_output=_vision(1, 2)).result[0]
+    assert torch.allclose(_sample(off, world), base, atol=1e-5)
+    other = nodes.ApplyDualReal.execute(patcher, loaded, 1.0, clip_vision_output=_vision(1, 9)).result[0]
+    assert not torch.allclose(_sample(other, world), trained_out, atol=1e-4)
+
+    # The user's MODEL: same weights, no wrappers or hooks left, same output.
+    after = _state(patcher)
+    assert all(torch.equal(after[k], before_state[k]) for k in before_state)
+    assert not any("custvid_dualreal" in str(w) for w in patcher.wrappers.values())
+    assert _no_hooks(patcher)
+    assert torch.equal(_sample(patcher, world), base)
+
+
+def _stock_lora(world):
+    """A random LoRA on every block's ffn.0 in ComfyUI's native keys, loaded by the stock LoraLoaderModelOnly."""
+    from safetensors.torch import save_file
+
+    import nodes as comfy_nodes
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for b in range(6):
+        key = f"diffusion_model.blocks.{b}.ffn.0"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, 128, generator=g) * 0.2
+        tensors[f"{key}.lora_up.weight"] = torch.randn(512, 4, generator=g) * 0.2
+    (world["base"] / "loras").mkdir(exist_ok=True)
+    save_file(tensors, str(world["base"] / "loras" / "random_ffn.safetensors"))
+    return lambda model: comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "random_ffn.safetensors",
+                                                                                1.0)[0]
+
+
+def test_stacked_with_a_stock_lora_both_act_in_either_order(world, caplog):
+    nodes, patcher = world["nodes"], world["patcher"]
+    with caplog.at_level(logging.WARNING):
+        lora = _stock_lora(world)
+        lora_only = lora(patcher)
+    assert "lora key not loaded" not in caplog.text
+
+    def dualreal(model):
+        return nodes.ApplyDualReal.execute(model, world["dualreal"], 1.0, clip_vision_output=_vision(1, 2)).result[0]
+
+    base, with_lora, with_dualreal = _sample(patcher, world), _sample(lora_only, world), _sample(dualreal(patcher), world)
+    both, both_other_order = _sample(lora(dualreal(patcher)), world), _sample(dualreal(lora_only), world)
+    assert torch.allclose(both, both_other_order, atol=1e-5)
+    for alone in (base, with_lora, with_dualreal):
+        assert not torch.allclose(both, alone, atol=1e-3)
+    assert not torch.allclose(with_lora, base, atol=1e-3)
+
+
+def test_with_a_lora_step_schedule_box_steering_and_the_camera_sampler_it_runs_and_acts(world):
+    from custvid_pack.nodes import control_nodes, schedule_nodes
+
+    nodes, patcher = world["nodes"], world["patcher"]
+    lora = _stock_lora(world)  # writes the file
+    del lora
+
+    def chain(model, with_dualreal):
+        model = schedule_nodes.ApplyLoRASchedule.execute(model, "random_ffn.safetensors", "custom",
+                                                         "0:0.5, 0.5:1.0").result[0]
+        if with_dualreal:
+            model = nodes.ApplyDualReal.execute(model, world["dualreal"], 1.0,
+                                                clip_vision_output=_vision(1, 2)).result[0]
+        model = control_nodes.BoxSteeringNode.execute(model, BoxTrack.parse("0: 0, 0, 0.5, 0.5"), PROMPT, "star", 10.0,
+                                                      0.5, "all", "", clip=world["clip"]).result[0]
+        positive, negative = _encode(world["clip"], PROMPT), _encode(world["clip"], "")
+        return control_nodes.CameraSampleV2.execute(model, positive, negative, world["latent"], 0, 4, 3.0, "euler",
+                                                    "simple", 0.25, 0.0, 1.0, "", 0.25, 0.75, 0).result[0]["samples"]
+
+    with_dualreal, without = chain(patcher, True), chain(patcher, False)
+    assert with_dualreal.shape == world["latent"]["samples"].shape and torch.isfinite(with_dualreal).all()
+    assert not torch.allclose(with_dualreal, without, atol=1e-3)
+    assert _no_hooks(patcher)
+
+
+def test_the_stageblender_plot_draws_one_curve_per_group_over_the_steps(world):
+    from custvid_core.adapters.stage_blender import dualreal_parts, weights_over_steps
+    from custvid_core.backbones import describe
+
+    nodes, patcher = world["nodes"], world["patcher"]
+    conditioning = _encode(world["clip"], PROMPT)
+    plot = nodes.StageBlenderPlot.execute(patcher, world["dualreal"], conditioning, world["latent"], 5, 0,
+                                          clip_vision_output=_vision(1, 2)).result[0]
+    assert plot.shape == (1, 256, 512, 3)
+    colours = {tuple(c) for c in (plot[0] * 255).round().int().reshape(-1, 3).tolist()}
+    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= colours  # the three groups' curves
+
+    # The weights it draws: one row per step and group, moving with the noise level.
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    backbone = describe(patcher.model.diffusion_model)
+    noise = torch.randn(1, 16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    weights = weights_over_steps(backbone, dualreal_parts(world["dualreal"]), noise, torch.linspace(1, 0, 6),
+                                 conditioning[0][0], _vision(1, 2)["image_embeds"])
+    assert weights.shape == (5, 3) and ((weights > 0) & (weights < 0.2)).all()
+    assert not torch.allclose(weights[0], weights[-1])
+    assert _no_hooks(patcher)
+
+
+def test_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path):
+    from safetensors.torch import save_file
+
+    nodes, patcher = world["nodes"], world["patcher"]
+    apply = nodes.ApplyDualReal.execute
+    with pytest.raises(ValueError, match="clip_vision_output: is not connected, and this DualReal was trained with"):
+        apply(patcher, world["dualreal"], 1.0)
+    wide = _vision(1, 2)
+    wide["image_embeds"] = torch.randn(1, WIDTH + 1)
+    with pytest.raises(ValueError, match=f"clip_vision_output: embeddings of width {WIDTH + 1}"):
+        apply(patcher, world["dualreal"], 1.0, clip_vision_output=wide)
+    with pytest.raises(ValueError, match="dualreal: is not a DualReal"):
+        apply(patcher, {"lora": torch.zeros(1)}, 1.0)
+    small, _, _ = tiny_world_wan(tmp_path)  # 2 blocks
+    with pytest.raises(ValueError, match="dualreal: made for a model with blocks 6"):
+        apply(small, world["dualreal"], 1.0, clip_vision_output=_vision(1, 2))
+
+    # A file of another kind in the folder.
+    save_file({"x": torch.zeros(1)}, str(world["base"] / "dualreal" / "not_dualreal.safetensors"))
+    with pytest.raises(ValueError, match="dualreal_name: 'not_dualreal.safetensors' is not a DualReal file"):
+        nodes.LoadDualReal.execute("not_dualreal.safetensors")
+
+    # Training: more groups than blocks, one CLIP vision input without the other; no run folder is written.
+    train = nodes.TrainDualReal.execute
+    runs = world["base"] / "output" / "custvid_training"
+    with pytest.raises(ValueError, match="groups: 9 groups of blocks"):
+        train(patcher, world["subject"], world["clips"], run_name="too_many_groups", **{**TRAIN, "groups": 9})
+    with pytest.raises(ValueError, match="subject_image: is not connected while the other"):
+        train(patcher, world["subject"], world["clips"], run_name="one_image", clips_image=_vision(2, 1), **TRAIN)
+    with pytest.raises(ValueError, match="image_embeddings: clips: shape"):
+        train(patcher, world["subject"], world["clips"], run_name="three_images", clips_image=_vision(3, 1),
+              subject_image=_vision(1, 2), **TRAIN)
+    assert not any((runs / name).exists() for name in ("too_many_groups", "one_image", "three_images"))
