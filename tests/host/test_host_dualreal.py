@@ -151,6 +151,34 @@ def test_stacked_with_a_stock_lora_both_act_in_either_order(world, caplog):
     assert not torch.allclose(with_lora, base, atol=1e-3)
 
 
+def test_with_low_vram_partial_loading_it_samples_as_fully_loaded(world):
+    """ComfyUI's partial loading (weights cast per layer with their LoRA patches) under the attached adapters."""
+    import comfy.model_management
+
+    nodes, patcher = world["nodes"], world["patcher"]
+    applied = nodes.ApplyDualReal.execute(_stock_lora(world)(patcher), world["dualreal"], 1.0,
+                                          clip_vision_output=_vision(1, 2)).result[0]
+    full = _sample(applied, world)
+    comfy.model_management.unload_all_models()
+    original = comfy.model_management.load_models_gpu
+
+    def partial(models, *args, **kwargs):  # what a small GPU does: only part of the weights resident
+        for m in models:
+            m.model_patches_to(m.load_device)
+            m.load(m.load_device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
+
+    comfy.model_management.load_models_gpu = partial
+    try:
+        low = _sample(applied, world)
+        lowvram_layers = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
+    finally:
+        comfy.model_management.load_models_gpu = original
+        comfy.model_management.unload_all_models()
+    assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
+    assert torch.allclose(low, full, atol=1e-4)
+    assert not torch.allclose(full, _sample(patcher, world), atol=1e-3)
+
+
 def test_with_a_lora_step_schedule_box_steering_and_the_camera_sampler_it_runs_and_acts(world):
     from custvid_pack.nodes import control_nodes, schedule_nodes
 
