@@ -23,6 +23,7 @@ from .host import (
     base_model_signature,
     model_files,
     plain,
+    progress_callback,
     resolve_training_dtype,
     safetensors_path,
     show_on_node,
@@ -306,7 +307,8 @@ class StageBlenderPlot(io.ComfyNode):
         parts = dualreal_parts(dualreal)
         with training_backbone(model) as (loaded, device, to_model):
             start = sampling.noise_scaling(sigmas[:1], noise, plain(to_model(samples[:1].float())))
-            weights = weights_over_steps(loaded, parts, start, sigmas, context, reference, device)
+            weights = weights_over_steps(loaded, parts, start, sigmas, context, reference, device,
+                                         progress_callback(steps))
         of_block = block_groups(weights.shape[1], backbone.num_blocks)
         labels = [f"blocks {int(b[0])}-{int(b[-1])}" for b in (torch.nonzero(of_block == g).flatten()
                                                                  for g in range(weights.shape[1]))]

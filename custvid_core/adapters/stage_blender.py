@@ -15,7 +15,7 @@ unconditional pass of guidance differ), and stay in the autograd graph, so the c
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -172,10 +172,12 @@ def dualreal_parts(weights: DualRealWeights, name: str = "dualreal", input_name:
 
 def weights_over_steps(backbone: WanBackbone, parts: list[PartBase], noise: torch.Tensor, sigmas: torch.Tensor,
                        context: torch.Tensor, condition: torch.Tensor | None = None,
-                       device: torch.device | None = None) -> torch.Tensor:
+                       device: torch.device | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """The identity weight the controller gives each group of blocks at each step `[steps, groups]` (DualReal's
     Figure 7), along a flow sampling run of a prompt: Euler steps on `sigmas` from `noise`, conditional only
-    (`context` `[1, L, text_dim]`; `condition`: the motion adapters' image embedding). `parts`: `dualreal_parts`."""
+    (`context` `[1, L, text_dim]`; `condition`: the motion adapters' image embedding). `parts`: `dualreal_parts`;
+    `progress(done, total)` after each step."""
     controller = next((p for p in parts if isinstance(p, StageBlenderPart)), None)
     if controller is None:
         raise InputError("dualreal", "has no StageBlender controller (trained with fixed weights)",
@@ -188,4 +190,6 @@ def weights_over_steps(backbone: WanBackbone, parts: list[PartBase], noise: torc
             v = backbone.forward(x, torch.tensor([sigma], device=device), context.to(device))
             rows.append(controller.identity_weights()[0].float().cpu())
             x = x + (sigma_next - sigma) * v.to(x.dtype)
+            if progress is not None:
+                progress(len(rows), len(sigmas) - 1)
     return torch.stack(rows)
