@@ -18,6 +18,7 @@ from ..custvid_core.backbones import describe
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import loss_plot, series_plot
 from ..custvid_core.training.dualreal import DualRealSettings, ImageEmbeddings, dualreal_weights, train_dualreal
+from ..custvid_core.training.objectives import SIGMA_SAMPLING, SigmaSampler
 from . import types
 from .host import (
     base_model_signature,
@@ -138,6 +139,10 @@ class TrainDualReal(io.ComfyNode):
                 io.Combo.Input("weighting", options=list(WEIGHTINGS), default="code",
                                tooltip="code: identity weight w and motion weight 0.2 - w, w in (0, 0.2) (the "
                                        "authors' code). paper: w and 1 - w, w in (0, 1)."),
+                io.Combo.Input("timestep_sampling", options=list(SIGMA_SAMPLING), default="logit_normal",
+                               tooltip="How noise levels are drawn for training."),
+                io.Float.Input("shift", default=1.0, min=0.1, max=20.0, step=0.1,
+                               tooltip="Shift of the drawn noise levels (higher: more training at high noise)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
                 io.Int.Input("training_seed", default=0, min=0, max=2 ** 31 - 1,
@@ -162,8 +167,8 @@ class TrainDualReal(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, subject, clips, steps, learning_rate, groups, bottleneck, motion_probability, residual,
-                weighting, gradient_checkpointing, training_seed, checkpoint_every, run_name, clips_image=None,
-                subject_image=None, training_dtype="auto") -> io.NodeOutput:
+                weighting, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
+                clips_image=None, subject_image=None, training_dtype="auto") -> io.NodeOutput:
         given = {"clips_image": clips_image, "subject_image": subject_image}
         missing = [name for name, v in given.items() if v is None]
         if len(missing) == 1:
@@ -173,7 +178,8 @@ class TrainDualReal(io.ComfyNode):
         authors = DualRealSettings()
         settings = dataclasses.replace(
             authors, bottleneck=bottleneck, groups=groups or None, residual=residual, weighting=weighting,
-            motion_probability=motion_probability, gradient_checkpointing=gradient_checkpointing,
+            motion_probability=motion_probability, sigmas=SigmaSampler(timestep_sampling, shift),
+            gradient_checkpointing=gradient_checkpointing,
             optim=dataclasses.replace(authors.optim, steps=steps, lr=learning_rate, seed=training_seed,
                                       checkpoint_every=checkpoint_every,
                                       warmup=min(authors.optim.warmup, steps // AUTHORS_WARMUP_SHARE)))

@@ -31,7 +31,8 @@ def _encode(clip, text):
 
 
 TRAIN = dict(steps=4, learning_rate=1e-2, groups=3, bottleneck=8, motion_probability=0.5, residual="code",
-             weighting="code", gradient_checkpointing=False, training_seed=0, checkpoint_every=100)
+             weighting="code", timestep_sampling="uniform", shift=3.0, gradient_checkpointing=False, training_seed=0,
+             checkpoint_every=100)
 
 
 @pytest.fixture(scope="module")
