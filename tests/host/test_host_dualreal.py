@@ -263,3 +263,28 @@ def test_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path):
         train(patcher, world["subject"], world["clips"], run_name="three_images", clips_image=_vision(3, 1),
               subject_image=_vision(1, 2), **TRAIN)
     assert not any((runs / name).exists() for name in ("too_many_groups", "one_image", "three_images"))
+
+
+def test_shipped_dualreal_workflow_trains_saves_plots_and_generates(comfy_server):
+    """The world DualReal workflow, shortened (4 training steps, 2 sampling and 3 plot steps), end to end through a
+    real server: its links type-check, it trains on both kinds of step, saves, plots and saves a video."""
+    from workflow_api import check_links, shipped, to_api
+
+    workflow = shipped("11")
+    info = comfy_server.object_info()
+    assert not check_links(workflow, info)
+    prompt = to_api(workflow, info)
+    for node in prompt.values():
+        if node["class_type"] == "CustVid_TrainDualReal":
+            node["inputs"].update(steps=4, run_name="world_dualreal_host_test")
+        if node["class_type"] in ("KSampler", "CustVid_StageBlenderPlot"):
+            node["inputs"]["steps"] = 2 if node["class_type"] == "KSampler" else 3
+    result = comfy_server.run(prompt, timeout=900)
+    assert result["ok"], result["error"]
+    assert (comfy_server.base / "models" / "custvid" / "dualreal" / "custvid" / "world_dualreal.safetensors").exists()
+    assert list((comfy_server.base / "output" / "custvid").glob("world_dualreal*"))
+    checkpoint = comfy_server.base / "output" / "custvid_training" / "world_dualreal_host_test" / "checkpoint.pt"
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    assert len(history) == 4 and {"motion", "identity"} <= {k for r in history for k in r}
+    previews = [im for o in result["outputs"].values() for im in o.get("images", []) if im["type"] == "temp"]
+    assert len(previews) == 2  # the loss graph and the StageBlender plot
