@@ -270,7 +270,7 @@ def test_shipped_dualreal_workflow_trains_saves_plots_and_generates(comfy_server
     real server: its links type-check, it trains on both kinds of step, saves, plots and saves a video."""
     from workflow_api import check_links, shipped, to_api
 
-    workflow = shipped("11")
+    workflow = shipped("06")
     info = comfy_server.object_info()
     assert not check_links(workflow, info)
     prompt = to_api(workflow, info)
