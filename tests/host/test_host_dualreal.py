@@ -102,6 +102,26 @@ def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_mo
     applied = nodes.ApplyDualReal.execute(patcher, loaded, 1.0, clip_vision_output=_vision(1, 2)).result[0]
     assert torch.allclose(_sample(applied, world), trained_out, atol=1e-5)
 
+    # One call of the applied model computes what the library's parts compute on the same weights.
+    import comfy.model_management
+
+    from custvid_core.adapters.parts import attached
+    from custvid_core.adapters.stage_blender import dualreal_parts
+    from custvid_core.backbones import describe
+
+    comfy.model_management.load_models_gpu([applied])
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(2, 16, 1, 16, 16, generator=g), torch.tensor([0.7, 0.3])
+    context = _encode(world["clip"], PROMPT)[0][0].expand(2, -1, -1)
+    with torch.no_grad():
+        denoised = applied.model.apply_model(x, sigma, c_crossattn=context,
+                                             transformer_options={"wrappers": applied.wrappers})
+        parts = dualreal_parts(loaded)
+        with attached(describe(patcher.model.diffusion_model), parts):
+            parts[1].set_condition(_vision(1, 2)["image_embeds"])
+            v = describe(patcher.model.diffusion_model).forward(x, sigma, context)
+    assert torch.allclose(denoised, x - sigma.view(-1, 1, 1, 1, 1) * v, atol=1e-4)
+
     # Strength 0 leaves the model as it was; another reference image changes what the motion adapters add.
     off = nodes.ApplyDualReal.execute(patcher, loaded, 0.0, clip_vision_output=_vision(1, 2)).result[0]
     assert torch.allclose(_sample(off, world), base, atol=1e-5)
