@@ -29,8 +29,8 @@ def wan_server(comfy_server):
     from custvid_core.world.model import save_world
 
     models = comfy_server.base / "models"
-    unet = _loader_value("10", "UNETLoader")
-    vae = _loader_value("10", "VAELoader")
+    unet = _loader_value("09", "UNETLoader")
+    vae = _loader_value("09", "VAELoader")
     torch.manual_seed(0)
     (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
     # Four blocks: the subject workflow aligns block 3's hidden states with DINOv2.
@@ -38,7 +38,7 @@ def wan_server(comfy_server):
     (models / "vae").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tiny_wan_vae_weights().items()}, str(models / "vae" / vae))
     # The motion workflow names the safetensors form of torchvision's RAFT weights (what ComfyUI offers to download).
-    raft = _loader_value("08", "CustVid_LoadRAFT")
+    raft = _loader_value("07", "CustVid_LoadRAFT")
     torch.manual_seed(0)
     save_file({k: v.contiguous() for k, v in build_raft("raft_large").model.state_dict().items()},
               str(models / "custvid" / "raft" / raft))
@@ -96,7 +96,7 @@ def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_ser
     loras = wan_server.base / "models" / "loras"
     umask = os.umask(0)  # the server's, inherited from this process
     os.umask(umask)
-    for number, saved in (("07", "custvid/my_subject.safetensors"), ("08", "custvid/my_motion.safetensors")):
+    for number, saved in (("06", "custvid/my_subject.safetensors"), ("07", "custvid/my_motion.safetensors")):
         prompt = runnable(number, wan_server)
         result = wan_server.run(prompt, timeout=900)
         assert result["ok"], (number, result["error"])
@@ -108,12 +108,12 @@ def test_the_wan_customization_workflows_train_save_and_generate_in_turn(wan_ser
     # then also trained the trigger words' cross-attention onto the masks.
     history = _checkpoint_history(wan_server, "my_subject")
     assert history and all("token_attention" in record for record in history), history
-    result = wan_server.run(runnable("09", wan_server), timeout=900)
+    result = wan_server.run(runnable("08", wan_server), timeout=900)
     assert result["ok"], result["error"]
     assert wan_server.saved("custvid/wan_customized")
 
 
-@pytest.mark.parametrize("number, prefix", [("10", "custvid/wan_camera"), ("11", "custvid/wan_box_steering")])
+@pytest.mark.parametrize("number, prefix", [("09", "custvid/wan_camera"), ("10", "custvid/wan_box_steering")])
 def test_the_wan_control_workflows_run(wan_server, number, prefix):
     result = wan_server.run(runnable(number, wan_server), timeout=600)
     assert result["ok"], result["error"]
