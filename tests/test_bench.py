@@ -8,7 +8,7 @@ import torch
 
 from custvid_core.errors import InputError
 from custvid_core.world.bench.customization import METHODS, measure, run_bench, subject_references
-from custvid_core.world.bench.methods import lora_methods
+from custvid_core.world.bench.methods import dualreal_methods, lora_methods
 from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
 from custvid_core.world.scene import Scene, render
@@ -61,6 +61,21 @@ def test_bench_writes_tables_for_any_case_file(tmp_path):
     assert len(rows) == 2 and rows[0]["prompt"] == "orange star"
     assert (tmp_path / "out" / "results.csv").read_text().startswith("case,method,seed,prompt")
     assert "| base | **average** |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_bench_runs_a_dualreal_method(tmp_path, monkeypatch):
+    case_file = tmp_path / "one.json"
+    data = json.loads(DEFAULT_CASES.read_text())
+    data["cases"] = data["cases"][:1]
+    case_file.write_text(json.dumps(data))
+    world = build_world({**DEFAULT_CONFIG, "num_layers": 1, "ffn_dim": 64})
+    monkeypatch.setitem(METHODS, "dualreal", lambda: dualreal_methods(steps=2)["dualreal"])  # 11 training steps
+    summary = run_bench(case_file, tmp_path / "out", ["dualreal"], [0], world=world, log=lambda *_: None,
+                        sampling_steps=2)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["prompt"] == "sks mtn" and rows[0]["method"] == "dualreal"
+    assert set(summary["dualreal"]) == {"orange_star_circle", "average"}
+    assert (tmp_path / "out" / "work" / "orange_star_circle" / "dualreal" / "diagnostics.json").exists()
 
 
 @pytest.mark.parametrize("content, match", [
@@ -137,4 +152,5 @@ def test_the_methods_file_gives_the_settings_the_ladder_had_in_code(ladder):
 
 
 def test_bench_offers_base_and_every_method_of_the_file():
-    assert list(METHODS) == ["base", *lora_methods()]
+    assert list(METHODS) == ["base", *lora_methods(), *dualreal_methods()]
+    assert type(METHODS["dualreal"]()).__name__ == "DualRealMethod" and METHODS["full_moving"]().name == "full_moving"

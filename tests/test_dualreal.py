@@ -340,3 +340,14 @@ def test_adamw_betas_are_used_and_enter_the_checkpoint_fingerprint_only_when_cha
     assert _fingerprint(groups, OptimSettings(betas=(0.9, 0.95)), None)["settings"]["betas"] == "(0.9, 0.95)"
     with pytest.raises(InputError, match="betas"):
         OptimSettings(betas=(0.9, 1.5))
+
+
+def test_each_step_records_the_identity_weight_the_controller_gave_each_group():
+    subject, clips = _data()
+    backbone = describe(tiny_diffusers_wan(BLOCKS))
+    history = train_dualreal(backbone, subject, clips, _settings(4, groups=2)).history
+    weights = [[r[f"identity_weight_{g}"] for g in range(2)] for r in history]
+    assert weights[0] == pytest.approx([0.1, 0.1])  # the zero-initialised last layer: 0.2 * sigmoid(0)
+    assert weights[-1] != pytest.approx([0.1, 0.1], abs=1e-7)  # and then what it learned
+    assert not any("identity_weight_0" in r for r in train_dualreal(
+        backbone, subject, clips, _settings(2, controller=False)).history)

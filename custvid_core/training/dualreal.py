@@ -5,7 +5,9 @@ Parts: the identity and motion adapters of every block (`adapters.dualreal.DualA
 moving clips where the set has them) and `motion` (the clips; the motion adapters take the first frame's image
 embedding where given); both regress Wan's velocity (plain MSE, as the authors' diffusion loss). Schedule:
 `Random([(p, motion), (1 - p, identity)])`. Both adapters run in every forward; only the stepping task's adapter
-learns (the gradient mask: the task's `trains`), the controller learns every step.
+learns (the gradient mask: the task's `trains`), the controller learns every step. Each step's record holds its
+task's loss and, with a controller, the identity weight it gave each group of blocks (`identity_weight_<g>`, the
+mean over the batch).
 The defaults are the authors' recipe: AdamW (0.9, 0.95), weight decay 1e-4, lr 1e-3, 200 warm-up steps, cosine to
 zero (their "cosine with restarts" with its one cycle), gradient norm 1.0, 1000 steps.
 """
@@ -116,7 +118,11 @@ def dualreal_recipe(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
             motion.set_condition(None if condition is None else _rows(condition, idx).to(ctx.device))
             v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(context, idx).to(ctx.device, ctx.dtype))
             l_mse = region_loss(v, target)
-            return l_mse, {term: float(l_mse.detach())}
+            record = {term: float(l_mse.detach())}
+            if controller is not None:  # what the controller weighed this step with: its learning, step by step
+                weights = controller.identity_weights().mean(0)
+                record.update({f"identity_weight_{g}": float(w) for g, w in enumerate(weights)})
+            return l_mse, record
 
         return loss
 

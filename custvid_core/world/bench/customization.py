@@ -24,7 +24,7 @@ from ..cases import Case, load_cases
 from ..model import World, load_world
 from ..sample import generate
 from ..scene import COLOURS, SHAPES
-from .methods import lora_methods, method_names
+from .methods import bench_methods, method_names
 
 # (prompts, seed) -> clips [B, F, H, W, 3]
 Generator = Callable[[list[str], int], torch.Tensor]
@@ -55,12 +55,12 @@ class BaseModel:
         return run, {"subject": case.subject.get("words", ""), "motion": case.motion.get("words", "")}
 
 
-def _lora_method(name: str) -> Callable[[], Method]:
-    return lambda: lora_methods()[name]
+def _file_method(name: str) -> Callable[[], Method]:
+    return lambda: bench_methods()[name]
 
 
-# "base" (no customization) and the LoRA methods of methods.toml, in its order (the ladder first).
-METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _lora_method(n) for n in method_names()}}
+# "base" (no customization) and the methods of methods.toml (LoRA and DualReal), in its order (the ladder first).
+METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _file_method(n) for n in method_names()}}
 
 METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation",
            "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker")

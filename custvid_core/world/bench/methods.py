@@ -12,9 +12,11 @@ import tomllib
 from ...backbones.wan import ROLES
 from ...control.strength import SMRABOOTH_TIMING
 from ...training.customize import MotionSettings, SubjectSettings
+from ...training.dualreal import DualRealSettings
 from ...training.loop import OptimSettings, warmup_steps
 from ...training.objectives import SigmaSampler
 from ..customize import LoraMethod
+from ..dualreal import DualRealMethod
 
 METHODS_FILE = Path(__file__).with_name("methods.toml")
 # Names the file uses for values too long to write there.
@@ -31,15 +33,50 @@ def method_names(path: str | Path = METHODS_FILE) -> list[str]:
     return list(tomllib.loads(Path(path).read_text()))
 
 
+def _scaled(steps: int, fraction: str) -> int:
+    f = Fraction(fraction)
+    return steps * f.numerator // f.denominator
+
+
+def bench_methods(steps: int = 300, lr: float = 1e-3, path: str | Path = METHODS_FILE) -> dict:
+    """Every method of `path` (LoRA and DualReal) for a ladder of `steps` steps at learning rate `lr`, in the file's
+    order."""
+    methods = {**lora_methods(steps, lr, path=path), **dualreal_methods(steps, lr, path)}
+    return {name: methods[name] for name in method_names(path)}
+
+
+def dualreal_methods(steps: int = 300, lr: float = 1e-3, path: str | Path = METHODS_FILE) -> dict[str, DualRealMethod]:
+    """The DualReal methods of `path` (`kind = "dualreal"`; `dualreal` changes fields of DualRealSettings, `optim`
+    is the authors' optimiser (DualRealSettings') for that fraction of `steps`, at `lr`, one checkpoint at the end)."""
+    table = tomllib.loads(Path(path).read_text())
+    methods: dict[str, DualRealMethod] = {}
+
+    def build(name: str) -> DualRealMethod:
+        if name not in methods:
+            entry = dict(table[name])
+            entry.pop("kind")
+            parent = build(entry.pop("from")) if "from" in entry else DualRealMethod(name)
+            settings = dict(entry.pop("dualreal", {}))
+            if "sigmas" in settings:
+                settings["sigmas"] = SigmaSampler(**settings["sigmas"])
+            if "optim" in entry:
+                n = _scaled(steps, entry.pop("optim"))
+                settings["optim"] = replace(DualRealSettings().optim, steps=n, lr=lr, checkpoint_every=n)
+            methods[name] = replace(parent, name=name, encoders={}, settings=replace(parent.settings, **settings),
+                                    **entry)
+        return methods[name]
+
+    return {name: build(name) for name, entry in table.items() if entry.get("kind") == "dualreal"}
+
+
 def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1,
                  path: str | Path = METHODS_FILE) -> dict[str, LoraMethod]:
-    """The methods of `path` for a ladder of `steps` training steps at learning rate `lr`, in the file's order;
+    """The LoRA methods of `path` for a ladder of `steps` training steps at learning rate `lr`, in the file's order;
     `alignment_block`: the block SuRA and MoRA align (for every method)."""
-    table = tomllib.loads(Path(path).read_text())
+    table = {name: entry for name, entry in tomllib.loads(Path(path).read_text()).items() if "kind" not in entry}
 
     def scaled(fraction: str) -> int:
-        f = Fraction(fraction)
-        return steps * f.numerator // f.denominator
+        return _scaled(steps, fraction)
 
     def changed(settings, changes: dict):
         values = dict(changes)
