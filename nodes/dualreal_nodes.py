@@ -18,7 +18,7 @@ from ..custvid_core.backbones import describe
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import loss_plot, series_plot
 from ..custvid_core.training.dualreal import DualRealSettings, ImageEmbeddings, dualreal_weights, train_dualreal
-from ..custvid_core.training.objectives import SIGMA_SAMPLING, SigmaSampler
+from ..custvid_core.training.objectives import SigmaSampler
 from . import types
 from .host import (
     base_model_signature,
@@ -32,7 +32,7 @@ from .host import (
     training_folder,
     training_progress,
 )
-from .training_nodes import _context, _data_in, _run_log, _training_dtype_input
+from .training_nodes import _context, _data_in, _run_log, _training_dtype_input, noise_and_memory_inputs
 
 CATEGORY = "CustVid/DualReal"
 FOLDER = "custvid_dualreal"
@@ -139,12 +139,7 @@ class TrainDualReal(io.ComfyNode):
                 io.Combo.Input("weighting", options=list(WEIGHTINGS), default="code",
                                tooltip="code: identity weight w and motion weight 0.2 - w, w in (0, 0.2) (the "
                                        "authors' code). paper: w and 1 - w, w in (0, 1)."),
-                io.Combo.Input("timestep_sampling", options=list(SIGMA_SAMPLING), default="logit_normal",
-                               tooltip="How noise levels are drawn for training."),
-                io.Float.Input("shift", default=1.0, min=0.1, max=20.0, step=0.1,
-                               tooltip="Shift of the drawn noise levels (higher: more training at high noise)."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
+                *noise_and_memory_inputs(),
                 io.Int.Input("training_seed", default=0, min=0, max=2 ** 31 - 1,
                              tooltip="Seed for noise, batches, step kinds and the adapters' initialisation (fixed, "
                                      "so a rerun resumes)."),

@@ -174,6 +174,18 @@ class SubjectDataset(io.ComfyNode):
         return io.NodeOutput(photos if add_to is None else append_photos(add_to, photos))
 
 
+def noise_and_memory_inputs() -> list:
+    """The noise levels a train node draws and whether it recomputes activations (every train node has them)."""
+    return [
+        io.Combo.Input("timestep_sampling", options=list(SIGMA_SAMPLING), default="logit_normal",
+                       tooltip="How noise levels are drawn for training."),
+        io.Float.Input("shift", default=1.0, min=0.1, max=20.0, step=0.1,
+                       tooltip="Shift of the drawn noise levels (higher: more training at high noise)."),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
+    ]
+
+
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
     return [
         io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps (batches)."),
@@ -189,12 +201,7 @@ def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str
                                "dataset); 0 turns it off."),
         io.Int.Input("alignment_block", default=3, min=0, max=63,
                      tooltip="The block whose hidden states are aligned (SMRABooth: block 3)."),
-        io.Combo.Input("timestep_sampling", options=list(SIGMA_SAMPLING), default="logit_normal",
-                       tooltip="How noise levels are drawn for training."),
-        io.Float.Input("shift", default=1.0, min=0.1, max=20.0, step=0.1,
-                       tooltip="Shift of the drawn noise levels (higher: more training at high noise)."),
-        io.Boolean.Input("gradient_checkpointing", default=True,
-                         tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
+        *noise_and_memory_inputs(),
         io.Int.Input("training_seed", default=0, min=0, max=2 ** 31 - 1,
                      tooltip="Seed for noise, batches and LoRA initialisation (fixed, so a rerun resumes)."),
         io.Int.Input("checkpoint_every", default=100, min=1, max=100000,
