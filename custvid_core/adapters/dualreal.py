@@ -33,7 +33,7 @@ from ..backbones.wan import RESIDUAL_SITES, WanBackbone
 from ..errors import InputError
 from ..files import load_safetensors, save_safetensors
 from .lora import base_model_signature
-from .parts import Exported, PartBase, StrengthValue, built_unseeded, seeded_linear_init
+from .parts import Exported, ModulePart, StrengthValue, built_unseeded, seeded_linear_init
 
 ROLES = ("identity", "motion")
 RESIDUALS = ("code", "pure")
@@ -82,7 +82,7 @@ class DualAdapterSpec:
             raise InputError("image_embedding", f"width {self.condition_dim}", "0 (none) or a positive width")
 
 
-class DualAdapterPart(PartBase):
+class DualAdapterPart(ModulePart):
     """The identity or the motion adapters of every block, as a part (see the module's docstring). Only the motion
     adapters take an image embedding. `tensors` (an export's) load instead of seeded initial weights."""
 
@@ -199,11 +199,6 @@ class DualAdapterPart(PartBase):
             raise InputError(f"{self.name} strength", f"{value.shape[0]} weights",
                              f"one weight per block ({self.backbone.num_blocks}) or one for all")
         self.scale = value
-
-    def groups(self) -> dict[str, list[nn.Parameter]]:
-        if self.module is None:
-            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
-        return {self.name: list(self.module.parameters())}
 
     def export(self) -> Exported:
         tensors = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}

@@ -24,7 +24,7 @@ from torch import nn
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from ..files import load_safetensors, save_safetensors
-from .parts import Exported, PartBase, StrengthValue, built_unseeded
+from .parts import Exported, ModulePart, StrengthValue, built_unseeded
 
 CODE_DIM = 256
 
@@ -62,7 +62,7 @@ def add_at(context: torch.Tensor, positions: Sequence[int], residual: torch.Tens
 KIND = "trigger_embedding"
 
 
-class TriggerEmbeddingPart(PartBase):
+class TriggerEmbeddingPart(ModulePart):
     """A trigger embedding as a part: while attached (and its strength is not 0), the rows `positions` of the
     text context get the embedding's residual (times the strength) before the backbone's text embedding."""
 
@@ -93,11 +93,6 @@ class TriggerEmbeddingPart(PartBase):
 
     def _apply_strength(self, value: StrengthValue) -> None:
         self._scale = float(value) if not isinstance(value, torch.Tensor) else value
-
-    def groups(self) -> dict[str, list[nn.Parameter]]:
-        if self.module is None:
-            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
-        return {self.name: list(self.module.parameters())}
 
     def export(self) -> Exported:
         residual = self.module.residual().detach().cpu()

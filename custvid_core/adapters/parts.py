@@ -77,6 +77,18 @@ class PartBase:
         raise NotImplementedError
 
 
+class ModulePart(PartBase):
+    """A part whose trainable parameters are one module's, built on attach (`module`, None while detached), in
+    one group named after the part."""
+
+    module: nn.Module | None = None
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        if self.module is None:
+            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
+        return {self.name: list(self.module.parameters())}
+
+
 @contextlib.contextmanager
 def attached(backbone: WanBackbone, parts: Iterable[Part], device: torch.device | None = None) -> Iterator[None]:
     """Attach `parts` to `backbone` while inside, kind by kind in the order each kind first appears, and detach
@@ -144,7 +156,7 @@ class Projector(nn.Module):
         return self.net(h)
 
 
-class ProjectorPart(PartBase):
+class ProjectorPart(ModulePart):
     """A trainable helper: a REPA projector reading `width` features off a block's hidden states (SuRA, MoRA).
     It adds nothing to the backbone's forward and exports nothing; its initial weights come from `seed`."""
 
@@ -163,10 +175,6 @@ class ProjectorPart(PartBase):
         finally:
             self.module = None
 
-    def groups(self) -> dict[str, list[nn.Parameter]]:
-        if self.module is None:
-            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
-        return {self.name: list(self.module.parameters())}
 
     def _apply_strength(self, value: StrengthValue) -> None:
         pass  # the projector reads the model; it does not change it

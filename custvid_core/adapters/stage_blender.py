@@ -24,7 +24,7 @@ from ..backbones.wan import EmbeddedInputs, WanBackbone
 from ..errors import InputError
 from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model
 from .lora import base_model_signature
-from .parts import Exported, PartBase, StrengthValue, attached, built_unseeded, seeded_linear_init
+from .parts import Exported, ModulePart, PartBase, StrengthValue, attached, built_unseeded, seeded_linear_init
 
 KIND = "stage_blender"
 WEIGHTINGS = ("code", "paper")
@@ -65,7 +65,7 @@ class StageBlender(nn.Module):
         return torch.sigmoid(self.fuse(f))
 
 
-class StageBlenderPart(PartBase):
+class StageBlenderPart(ModulePart):
     """The controller as a part: attached, it weighs `identity` and `motion` (attached dual adapter parts) in every
     forward. It adds nothing to the model itself, so its strength is not used; `tensors` load instead of seeded
     initial weights."""
@@ -130,11 +130,6 @@ class StageBlenderPart(PartBase):
 
     def _apply_strength(self, value: StrengthValue) -> None:
         pass  # the controller weighs the adapters; it adds nothing itself
-
-    def groups(self) -> dict[str, list[nn.Parameter]]:
-        if self.module is None:
-            raise InputError("adapter", f"'{self.name}' is not attached", "an attached part")
-        return {self.name: list(self.module.parameters())}
 
     def export(self) -> Exported:
         tensors = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
