@@ -69,7 +69,8 @@ def test_the_worlds_subject_set_is_what_the_old_formulas_made():
     old = SubjectSet(latents, context, masks, rep.patch_tokens.permute(0, 3, 1, 2).contiguous(),
                      _old_vocabulary_clips(world.text, spec, preservation, seed + 4242), subject_tokens=(0,),
                      trigger_words="sks", moving=MovingClips(moving_latents, context,
-                                                             latent_mask(clip_masks, moving_latents.shape)))
+                                                             latent_mask(clip_masks, moving_latents.shape),
+                                                             torch.arange(len(frames)).repeat_interleave(per_photo)))
     _equal(built, old)
 
 
@@ -159,6 +160,21 @@ def test_sets_join_and_convert_with_their_moving_and_preservation_clips():
     doubled = converted(joined, lambda x: 2 * x)
     assert torch.equal(doubled.moving.latents, 2 * joined.moving.latents)
     assert torch.equal(doubled.preservation.stills, 2 * clips.stills) and torch.equal(doubled.masks, joined.masks)
+
+
+def test_moving_clips_know_their_photo_and_its_prompt_across_joins():
+    photos, masks = _photos()
+    prompts = torch.arange(3.0)[:, None, None].expand(3, 5, 8)  # one prompt per photo, its index as its value
+    subject = subject_set(photos, _vae_encode, prompts, masks, moving_clips=2, moving_frames=5, progress=_quiet)
+    assert subject.moving.photo.tolist() == [0, 0, 1, 1, 2, 2]
+    assert subject.moving.context[:, 0, 0].tolist() == [0, 0, 1, 1, 2, 2]
+    still = subject_set(photos[:1], _vae_encode, prompts[:1], masks[:1], progress=_quiet)
+    moving = subject_set(photos[1:], _vae_encode, prompts[1:], masks[1:], moving_clips=1, moving_frames=5,
+                         progress=_quiet)
+    joined = append_photos(append_photos(still, moving), moving)  # photos 1, 2 and again 3, 4 have moving clips
+    assert joined.moving.photo.tolist() == [1, 2, 3, 4]
+    assert torch.equal(joined.moving.context[:, 0, 0], joined.context[joined.moving.photo, 0, 0])
+    assert converted(joined, lambda x: 2 * x).moving.photo.tolist() == [1, 2, 3, 4]
 
 
 def test_moving_clips_are_validated_like_the_photos():

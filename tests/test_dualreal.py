@@ -17,7 +17,7 @@ from custvid_core.adapters.stage_blender import StageBlenderPart, block_groups, 
 from custvid_core.backbones import describe
 from custvid_core.backbones.wan import RESIDUAL_SITES
 from custvid_core.errors import InputError
-from custvid_core.training import OptimSettings, SubjectSet, VideoSet, engine
+from custvid_core.training import MovingClips, OptimSettings, SubjectSet, VideoSet, engine
 from custvid_core.training.dualreal import (
     DualRealSettings,
     ImageEmbeddings,
@@ -182,6 +182,31 @@ def test_a_joint_run_steps_one_adapter_at_a_time_and_the_controller_every_time()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in backbone.model.modules())
     assert set(trained.parts) == {"dualreal_identity", "dualreal_motion", "dualreal_controller"}
     assert any(k.startswith("blocks.0.self_attn.condition.") for k in trained.parts["dualreal_motion"].tensors)
+
+
+def test_each_moving_clip_is_conditioned_on_its_own_photos_image_embedding():
+    backbone = describe(tiny_diffusers_wan(BLOCKS))
+    subject, clips = _data()
+    g = torch.Generator().manual_seed(4)
+    photo = torch.arange(3).repeat_interleave(2)  # two moving clips per photo
+    prompts = (100.0 + photo)[:, None, None].expand(6, 5, 64)  # a moving clip's prompt tells its photo
+    subject.moving = MovingClips(torch.randn(6, 16, 2, 8, 8, generator=g), prompts, torch.ones(6, 1, 2, 8, 8), photo)
+    embeddings = ImageEmbeddings(torch.randn(2, 12, generator=g), torch.randn(3, 12, generator=g))  # one per photo
+    settings = _settings(30, moving_share=1.0)
+    recipe = dualreal_recipe(backbone, subject, clips, settings, embeddings)
+    motion = next(p for p in recipe.parts if p.name == "dualreal_motion")
+    seen, conditions = [], []
+    set_condition, forward = motion.set_condition, backbone.forward
+    motion.set_condition = lambda c: (conditions.append(c), set_condition(c))[1]
+    backbone.forward = lambda x, sigma, context: (seen.append((context[0, 0, 0].item(), conditions[-1])),
+                                                  forward(x, sigma, context))[1]
+    engine.run(backbone, [recipe], recipe.schedule, settings.optim)
+    moving_steps = [(p - 100, c) for p, c in seen if p >= 100]
+    assert len({p for p, _ in moving_steps}) == 3  # every photo's clips were drawn
+    assert all(torch.equal(c[0], embeddings.subject[int(p)]) for p, c in moving_steps)
+    subject.moving.photo = None  # clips of unknown photos cannot take per-photo embeddings
+    with pytest.raises(InputError, match="image_embeddings: one per photo"):
+        dualreal_recipe(backbone, subject, clips, settings, embeddings)
 
 
 def test_without_the_gradient_mask_both_adapters_learn_every_step():

@@ -14,7 +14,7 @@ them; sets built separately are joined with `append_clips` / `append_photos`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -55,16 +55,21 @@ class VideoSet:
 class MovingClips:
     """A subject's photos as short clips of it sliding over its own background (`images.moving_photos`):
     latents `[N, C, T, h, w]`, the photos' context `[1 or N, L, D]`, and the subject's masks on the latent
-    grid `[N, 1, T, h, w]`. Learned in turn with the photos, so the subject is not learned as something that
-    stands still."""
+    grid `[N, 1, T, h, w]`; `photo`: which of the subject set's photos each clip shows `[N]` (where known: what
+    ties a clip to its photo's own image embedding). Learned in turn with the photos, so the subject is not learned
+    as something that stands still."""
 
     latents: torch.Tensor
     context: torch.Tensor
     masks: torch.Tensor
+    photo: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("moving_clips", self.latents, self.context, 5)
         _check_masks(self.masks, self.latents, "clip")
+        if self.photo is not None and self.photo.shape != self.latents.shape[:1]:
+            raise InputError("moving_clips", f"photo indices of shape {tuple(self.photo.shape)}",
+                             f"one photo index per clip ({self.latents.shape[0]})")
 
 
 @dataclass
@@ -238,7 +243,10 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
     moving = None
     if clips is not None:
         clip_latents = encoding.clips(clips)
-        moving = MovingClips(clip_latents, context, latent_mask(clip_masks, clip_latents.shape))
+        # `moving_photos` gives each photo's clips in turn: a prompt per photo becomes one per clip.
+        moving = MovingClips(clip_latents, context.repeat_interleave(moving_clips, 0) if context.shape[0] > 1 else context,
+                             latent_mask(clip_masks, clip_latents.shape),
+                             torch.arange(len(images)).repeat_interleave(moving_clips))
     tokens = None if subject_representation is None else \
         subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
     return SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, trigger_words, moving)
@@ -271,14 +279,21 @@ def append_clips(earlier: VideoSet, new: VideoSet) -> VideoSet:
                     torch.cat([earlier.stills, new.stills]) if new.stills is not None else None)
 
 
+def _photos_after(moving: MovingClips, earlier_photos: int) -> MovingClips:
+    """`moving` of photos that now follow `earlier_photos` photos in a joined set."""
+    return replace(moving, photo=None if moving.photo is None else moving.photo + earlier_photos)
+
+
 def _append_moving(earlier: MovingClips, new: MovingClips) -> MovingClips:
+    """`new` follows `earlier` (both with their photos' indices already counted in the joined set)."""
     if earlier.latents.shape[1:] != new.latents.shape[1:]:
         raise InputError("moving_frames", "moving clips of another length or size than the earlier photos'",
                          "the same moving_frames and photo size in one dataset")
     n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
+    known = earlier.photo is not None and new.photo is not None
     return MovingClips(torch.cat([earlier.latents, new.latents]),
                        _append_context(earlier.context, n_old, new.context, n_new, "photos"),
-                       torch.cat([earlier.masks, new.masks]))
+                       torch.cat([earlier.masks, new.masks]), torch.cat([earlier.photo, new.photo]) if known else None)
 
 
 def append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
@@ -291,9 +306,10 @@ def append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
     if (earlier.masks is None) != (new.masks is None) or (earlier.dino_tokens is None) != (new.dino_tokens is None):
         raise InputError("masks", "given for some photos and not others",
                          "masks (and subject representations) for every photo, or for none")
-    moving = earlier.moving or new.moving
-    if earlier.moving is not None and new.moving is not None:
-        moving = _append_moving(earlier.moving, new.moving)
+    later = None if new.moving is None else _photos_after(new.moving, n_old)
+    moving = earlier.moving or later
+    if earlier.moving is not None and later is not None:
+        moving = _append_moving(earlier.moving, later)
     return SubjectSet(torch.cat([earlier.latents, new.latents]),
                       _append_context(earlier.context, n_old, new.context, n_new, "photos"),
                       torch.cat([earlier.masks, new.masks]) if new.masks is not None else None,
@@ -316,7 +332,7 @@ def converted(data, latents: Callable[[torch.Tensor], torch.Tensor],
         return VideoSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.flow),
                         None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape))
     if isinstance(data, MovingClips):
-        return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks))
+        return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks), data.photo)
     return SubjectSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.masks),
                       _or_none(tensors, data.dino_tokens),
                       None if data.preservation is None else converted(data.preservation, latents, tensors),

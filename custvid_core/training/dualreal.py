@@ -85,6 +85,10 @@ def _check(settings: DualRealSettings, subject: SubjectSet, clips: VideoSet, emb
         if e.ndim != 2 or e.shape[0] not in ((n,) if what == "clips" else (1, n)):
             raise InputError("image_embeddings", f"{what}: shape {tuple(e.shape)}",
                              f"[{n}, width]: one embedding per {'clip' if what == 'clips' else 'photo (or one for all)'}")
+    moving = subject.moving
+    if embeddings.subject.shape[0] > 1 and moving is not None and moving.photo is None:
+        raise InputError("image_embeddings", "one per photo, and the subject's moving clips do not say which photo "
+                         "each shows", "one embedding for all photos, or moving clips made by subject_set")
     if embeddings.clips.shape[1] != embeddings.subject.shape[1]:
         raise InputError("image_embeddings", f"widths {embeddings.clips.shape[1]} (clips) and "
                          f"{embeddings.subject.shape[1]} (subject)", "one image encoder for both")
@@ -134,8 +138,11 @@ def dualreal_recipe(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
     photos: Schedule = Task("identity", loss_on(subject.latents, subject.context, subject_condition, "identity"),
                             trains(identity))
     if subject.moving is not None:
-        # The moving clips are the photos (one clip per photo): the photos' embeddings condition them.
-        moving = Task("identity_moving", loss_on(subject.moving.latents, subject.moving.context, subject_condition,
+        # Each moving clip shows one of the photos: that photo's embedding conditions it.
+        moving_condition = subject_condition
+        if subject_condition is not None and subject_condition.shape[0] > 1:
+            moving_condition = subject_condition[subject.moving.photo]
+        moving = Task("identity_moving", loss_on(subject.moving.latents, subject.moving.context, moving_condition,
                                                  "identity_moving"), trains(identity))
         photos = Random([(settings.moving_share, moving), (1 - settings.moving_share, photos)])
     learn_motion = Task("motion", loss_on(clips.latents, clips.context, clip_condition, "motion"), trains(motion))
