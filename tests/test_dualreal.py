@@ -1,5 +1,7 @@
 """DualReal: the dual adapters, the StageBlender controller and the joint recipe, on a tiny diffusers Wan."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from builders import tiny_diffusers_wan
@@ -376,3 +378,22 @@ def test_each_step_records_the_identity_weight_the_controller_gave_each_group():
     assert weights[-1] != pytest.approx([0.1, 0.1], abs=1e-7)  # and then what it learned
     assert not any("identity_weight_0" in r for r in train_dualreal(
         backbone, subject, clips, _settings(2, controller=False)).history)
+
+
+def test_the_controller_can_learn_at_its_own_rate():
+    backbone = describe(tiny_diffusers_wan(BLOCKS))
+    subject, clips = _data()
+
+    def controller_change(controller_lr):
+        settings = _settings(3, controller_lr=controller_lr)
+        settings.optim = replace(settings.optim, warmup=0, schedule="constant", weight_decay=0.0)
+        start = dualreal_weights(train_dualreal(backbone, subject, clips, _settings(1, controller_lr=1e-12)))
+        after = dualreal_weights(train_dualreal(backbone, subject, clips, settings))
+        t0, t1 = start.parts["controller"].tensors, after.parts["controller"].tensors
+        return max(float((t1[k] - t0[k]).abs().max()) for k in t0)
+
+    # Adam moves a weight by about its learning rate a step; the controller has a gradient from the second step on
+    # (at the start both adapters add the same).
+    assert 0.5e-3 < controller_change(None) <= 3e-3 and 0.5e-5 < controller_change(1e-5) <= 3e-5
+    with pytest.raises(InputError, match="controller_lr"):
+        train_dualreal(backbone, subject, clips, _settings(1, controller_lr=2.0))

@@ -538,3 +538,21 @@ def test_phase_schedules_pick_tasks_by_the_global_step_and_draw_only_where_they_
     assert list(tasks_in(Random([(0.5, stages), (0.5, cycle)]))) == [a, b, c, d, a, b, c]
     with pytest.raises(InputError, match="probabilities"):
         Random([(0.3, a), (0.3, b)])
+
+
+def test_a_group_learning_rate_factor_scales_that_groups_steps_and_enters_the_fingerprint_only_when_set():
+    from custvid_core.training.loop import StepResult, _fingerprint, train
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    settings = OptimSettings(steps=1, lr=0.1, warmup=0, schedule="constant", weight_decay=0.0,
+                             lr_factors=(("b", 0.01),))
+    train(lambda i, g: StepResult((a + b).sum()), {"a": [a], "b": [b]}, settings)
+    # Adam's first step moves each weight by its learning rate.
+    assert torch.allclose(a.detach(), torch.full((3,), -0.1)) and torch.allclose(b.detach(), torch.full((3,), -0.001))
+    with pytest.raises(InputError, match="lr_factors: unknown groups \\['c'\\]"):
+        train(lambda i, g: StepResult(a.sum()), {"a": [a]}, replace(settings, lr_factors=(("c", 0.5),)))
+    with pytest.raises(InputError, match="lr_factors"):
+        OptimSettings(lr_factors=(("a", 0.0),))
+    groups = {"a": [a]}
+    assert "lr_factors" not in _fingerprint(groups, OptimSettings(), None)["settings"]  # older checkpoints resume
+    assert "lr_factors" in _fingerprint(groups, OptimSettings(lr_factors=(("a", 0.5),)), None)["settings"]

@@ -14,7 +14,7 @@ zero (their "cosine with restarts" with its one cycle), gradient norm 1.0, 1000 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,7 @@ class DualRealSettings:
     bottleneck: int = 64
     groups: int | None = None  # groups of consecutive blocks the controller weighs apart; None: 7 (or every block)
     controller: bool = True  # off: fixed weights (0.1 each)
+    controller_lr: float | None = None  # the controller's own learning rate; None: the adapters' (the authors')
     weighting: str = "code"  # WEIGHTINGS: the code's (w, 0.2 - w) or the paper's (w, 1 - w)
     residual: str = "code"  # the adapters' residual: the code's (+ x) or the paper's pure one
     condition_lam: float = 1.0  # the image embedding's weight in the motion adapters' input
@@ -78,6 +79,8 @@ def _check(settings: DualRealSettings, subject: SubjectSet, clips: VideoSet, emb
         raise InputError("weighting", f"'{settings.weighting}'", f"one of {WEIGHTINGS}")
     if settings.controller:
         group_count(settings.groups, backbone.num_blocks)
+    if settings.controller_lr is not None and not 0 < settings.controller_lr < 1:
+        raise InputError("controller_lr", f"{settings.controller_lr}", "a learning rate between 0 and 1, e.g. 1e-5")
     if embeddings is None:
         return
     for what, e, n in (("clips", embeddings.clips, clips.latents.shape[0]),
@@ -166,5 +169,8 @@ def train_dualreal(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
     `<name>_motion` and `<name>_controller` (`dualreal_weights` gives them by role). `image_embeddings`: condition
     the motion adapters (then always needed with them); `device`, `dtype`, `base_model`: as `train_subject`."""
     recipe = dualreal_recipe(backbone, subject, clips, settings, image_embeddings)
-    return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
+    optim = settings.optim
+    if settings.controller and settings.controller_lr is not None:
+        optim = replace(optim, lr_factors=((f"{settings.name}_controller", settings.controller_lr / optim.lr),))
+    return run(backbone, [recipe], recipe.schedule, optim, settings.gradient_checkpointing, workdir,
                progress, log, device, dtype, base_model)[0]

@@ -32,7 +32,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.pt"
 SCHEDULES = ("cosine", "constant")
 # OptimSettings fields added since the first checkpoints (see `_fingerprint`).
-LATER_SETTINGS = ("betas",)
+LATER_SETTINGS = ("betas", "lr_factors")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class OptimSettings:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
+    lr_factors: tuple[tuple[str, float], ...] = ()  # (group, factor): a group's learning rate is `factor * lr`
     seed: int = 0
     checkpoint_every: int = 100
     # A loss this many times the median of the last 50 steps counts as divergence.
@@ -57,7 +58,8 @@ class OptimSettings:
                   ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
                   ("grad_clip", self.grad_clip > 0, "a positive gradient norm, e.g. 1.0"),
                   ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
-                  ("checkpoint_every", self.checkpoint_every >= 1, "at least 1 step"))
+                  ("checkpoint_every", self.checkpoint_every >= 1, "at least 1 step"),
+                  ("lr_factors", all(f > 0 for _, f in self.lr_factors), "positive learning-rate factors"))
         for name, ok, expected in checks:
             if not ok:
                 raise InputError(name, f"{getattr(self, name if name != 'learning_rate' else 'lr')}", expected)
@@ -141,6 +143,9 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
     params = [p for ps in groups.values() for p in ps]
     for p in params:
         p.requires_grad_(True)
+    factors = dict(settings.lr_factors)
+    if set(factors) - set(groups):
+        raise InputError("lr_factors", f"unknown groups {sorted(set(factors) - set(groups))}", f"some of {list(groups)}")
     opt = torch.optim.AdamW([{"params": ps, "name": n,
                               "weight_decay": settings.weight_decay} for n, ps in groups.items() if ps],
                             lr=settings.lr, betas=tuple(settings.betas))
@@ -169,7 +174,7 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
         t0 = time.perf_counter()
         lr = settings.lr_at(step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * factors.get(group["name"], 1.0)
         result = step_fn(step, g)
         loss = result.loss
         value = float(loss.detach())
