@@ -3,8 +3,11 @@ last tenth of the steps that had it), and the StageBlender controller's identity
 training steps and over the sampling steps (the weights its plot draws).
 
     .venv/bin/python benchmarks/dualreal_diagnostics.py out/dualreal_a out/dualreal_b > diagnostics.md
+    .venv/bin/python benchmarks/dualreal_diagnostics.py --plots docs/results out/dualreal_a > diagnostics.md
 
-Reads `<out>/work/<case>/<method>/`: a DualReal method's `diagnostics.json`, a LoRA method's `checkpoint.pt` files.
+`--plots DIR` also draws each DualReal run's controller weights over the sampling steps of seed 0 (DualReal's
+Figure 7) as `DIR/dualreal_controller_<case>_<method>.png`. Reads `<out>/work/<case>/<method>/`: a DualReal
+method's `diagnostics.json`, a LoRA method's `checkpoint.pt` files.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from custvid_core.media import series_plot
 
 META = {"step", "loss", "lr", "grad_norm", "seconds"}
 WEIGHT_KEYS = [f"identity_weight_{g}" for g in range(64)]  # a DualReal run's controller weights, per group
@@ -49,7 +54,17 @@ def histories(method_dir: Path) -> dict[str, list[dict]]:
             for p in sorted(method_dir.rglob("checkpoint.pt"))}
 
 
-def main(outs: list[str]) -> str:
+def plot(per_step: list[list[float]], path: Path) -> None:
+    """The identity weight of each group over the sampling steps, as a PNG."""
+    from PIL import Image
+
+    values = torch.tensor(per_step)
+    labels = [f"group {g}" for g in range(values.shape[1])]
+    image = series_plot(values, labels, "identity weight per group of blocks")
+    Image.fromarray((image[0].numpy() * 255).round().astype("uint8")).save(path)
+
+
+def main(outs: list[str], plots: Path | None = None) -> str:
     lines = ["### Training losses (mean over the first / last tenth of each term's steps)", "",
              "| case | method | run | term | steps | first | last |", "| --- | --- | --- | --- | --- | --- | --- |"]
     during = ["", "### The controller's identity weight per group of blocks while training (mean of the 10 steps up to each)",
@@ -67,6 +82,8 @@ def main(outs: list[str]) -> str:
             diagnostics = method_dir / "diagnostics.json"
             per_step = json.loads(diagnostics.read_text())["controller_identity_weights"].get("0", []) \
                 if diagnostics.exists() else []
+            if plots is not None and per_step:
+                plot(per_step, plots / f"dualreal_controller_{case}_{method}.png")
             for i in sorted({0, len(per_step) // 4, len(per_step) // 2, 3 * len(per_step) // 4, len(per_step) - 1}):
                 if 0 <= i < len(per_step):
                     cells = ", ".join(f"{w:.3g}" for w in per_step[i])
@@ -75,4 +92,8 @@ def main(outs: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(main(sys.argv[1:]))
+    args = sys.argv[1:]
+    plots = None
+    if args[:1] == ["--plots"]:
+        plots, args = Path(args[1]), args[2:]
+    sys.stdout.write(main(args, plots))

@@ -397,3 +397,27 @@ def test_the_controller_can_learn_at_its_own_rate():
     assert 0.5e-3 < controller_change(None) <= 3e-3 and 0.5e-5 < controller_change(1e-5) <= 3e-5
     with pytest.raises(InputError, match="controller_lr"):
         train_dualreal(backbone, subject, clips, _settings(1, controller_lr=2.0))
+
+
+def test_saturated_controller_groups_are_found_and_reported():
+    from custvid_core.training.dualreal import saturated_groups
+
+    def history(*weights):
+        return [{"step": i, **{f"identity_weight_{g}": w for g, w in enumerate(weights)}} for i in range(60)]
+
+    # Group 0 is off, group 2 all identity, group 1 still between (code weighting: at most 0.2).
+    assert saturated_groups(history(1e-9, 0.1, 0.19999)) == [0, 2]
+    assert saturated_groups(history(1e-9, 0.1, 0.19999), "paper") == [0]
+    moving = history(1e-9, 1e-9)
+    moving[-10]["identity_weight_1"] = 0.01  # it moved within the last steps
+    assert saturated_groups(moving) == [0] and saturated_groups([]) == []
+
+    backbone = describe(tiny_diffusers_wan(BLOCKS))
+    subject, clips = _data()
+    settings = _settings(16)
+    settings.optim = replace(settings.optim, lr=0.05, warmup=1, schedule="constant")
+    notes = []
+    trained = train_dualreal(backbone, subject, clips, settings, log=notes.append)
+    stuck = saturated_groups(trained.history)
+    assert stuck, [trained.history[-1][k] for k in trained.history[-1] if k.startswith("identity")]
+    assert any("controller is saturated in" in n and str(stuck) in n for n in notes), notes

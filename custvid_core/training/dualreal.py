@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..adapters.dualreal import DualAdapterPart, DualAdapterSpec, DualRealWeights
-from ..adapters.stage_blender import WEIGHTINGS, StageBlenderPart, group_count
+from ..adapters.stage_blender import CODE_SCALE, WEIGHTINGS, StageBlenderPart, group_count
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import SubjectSet, VideoSet
@@ -154,6 +154,23 @@ def dualreal_recipe(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
                   data=(subject, clips, image_embeddings))
 
 
+SATURATION_WINDOW = 50  # steps (at most half the run)
+
+
+def saturated_groups(history: list[dict], weighting: str = "code") -> list[int]:
+    """The groups of blocks whose controller weight stayed within a thousandth of 0 or of its maximum over the run's
+    last `SATURATION_WINDOW` steps (or its last half): the sigmoid gives no gradient there, so training will not
+    move them back, and in them one of the two adapters adds nothing."""
+    if len(history) < 2:
+        return []
+    keys = sorted((k for k in history[-1] if k.startswith("identity_weight_")),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
+    top = CODE_SCALE if weighting == "code" else 1.0
+    window = history[-min(SATURATION_WINDOW, len(history) // 2):]
+    return [int(k.rsplit("_", 1)[1]) for k in keys
+            if all(r[k] < 1e-3 * top for r in window) or all(r[k] > (1 - 1e-3) * top for r in window)]
+
+
 def dualreal_weights(trained: TrainedParts, name: str = "dualreal") -> DualRealWeights:
     """A DualReal run's parts by role, as `save_dualreal` writes them."""
     roles = {"identity": f"{name}_identity", "motion": f"{name}_motion", "controller": f"{name}_controller"}
@@ -172,5 +189,11 @@ def train_dualreal(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
     optim = settings.optim
     if settings.controller and settings.controller_lr is not None:
         optim = replace(optim, lr_factors=((f"{settings.name}_controller", settings.controller_lr / optim.lr),))
-    return run(backbone, [recipe], recipe.schedule, optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model)[0]
+    trained = run(backbone, [recipe], recipe.schedule, optim, settings.gradient_checkpointing, workdir,
+                  progress, log, device, dtype, base_model)[0]
+    stuck = saturated_groups(trained.history, settings.weighting) if settings.controller else []
+    if stuck and log is not None:
+        log(f"the StageBlender controller is saturated in {len(stuck)} of its groups of blocks ({stuck}): there it "
+            "gives one adapter all the weight and the other none, and it cannot learn its way back. A lower "
+            "controller learning rate (e.g. 1e-5) keeps it learning")
+    return trained
