@@ -155,6 +155,10 @@ class TrainDualReal(io.ComfyNode):
                                                     "each photo): what the motion adapters see on the identity "
                                                     "steps and at sampling. Connect clips_image too. Optional."),
                 _training_dtype_input(),
+                io.Float.Input("controller_learning_rate", default=0.0, min=0.0, max=1e-1, step=1e-6, optional=True,
+                               tooltip="The StageBlender controller's own learning rate. 0: the adapters' "
+                                       "learning_rate (the authors'). If the run says its controller saturated "
+                                       "(one adapter off in some blocks), try 1e-5."),
             ],
             outputs=[io.Model.Output(display_name="model"), types.DualReal.Output(display_name="dualreal"),
                      io.Image.Output(display_name="loss_graph")],
@@ -163,7 +167,8 @@ class TrainDualReal(io.ComfyNode):
     @classmethod
     def execute(cls, model, subject, clips, steps, learning_rate, groups, bottleneck, motion_probability, residual,
                 weighting, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
-                clips_image=None, subject_image=None, training_dtype="auto") -> io.NodeOutput:
+                clips_image=None, subject_image=None, training_dtype="auto",
+                controller_learning_rate=0.0) -> io.NodeOutput:
         given = {"clips_image": clips_image, "subject_image": subject_image}
         missing = [name for name, v in given.items() if v is None]
         if len(missing) == 1:
@@ -174,7 +179,7 @@ class TrainDualReal(io.ComfyNode):
         settings = dataclasses.replace(
             authors, bottleneck=bottleneck, groups=groups or None, residual=residual, weighting=weighting,
             motion_probability=motion_probability, sigmas=SigmaSampler(timestep_sampling, shift),
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, controller_lr=controller_learning_rate or None,
             optim=dataclasses.replace(authors.optim, steps=steps, lr=learning_rate, seed=training_seed,
                                       checkpoint_every=checkpoint_every,
                                       warmup=min(authors.optim.warmup, steps // AUTHORS_WARMUP_SHARE)))

@@ -395,7 +395,7 @@ def test_the_controller_can_learn_at_its_own_rate():
     # Adam moves a weight by about its learning rate a step; the controller has a gradient from the second step on
     # (at the start both adapters add the same).
     assert 0.5e-3 < controller_change(None) <= 3e-3 and 0.5e-5 < controller_change(1e-5) <= 3e-5
-    with pytest.raises(InputError, match="controller_lr"):
+    with pytest.raises(InputError, match="controller_learning_rate: 2.0"):
         train_dualreal(backbone, subject, clips, _settings(1, controller_lr=2.0))
 
 

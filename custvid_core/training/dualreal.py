@@ -80,7 +80,8 @@ def _check(settings: DualRealSettings, subject: SubjectSet, clips: VideoSet, emb
     if settings.controller:
         group_count(settings.groups, backbone.num_blocks)
     if settings.controller_lr is not None and not 0 < settings.controller_lr < 1:
-        raise InputError("controller_lr", f"{settings.controller_lr}", "a learning rate between 0 and 1, e.g. 1e-5")
+        raise InputError("controller_learning_rate", f"{settings.controller_lr}",
+                         "a learning rate between 0 and 1, e.g. 1e-5")
     if embeddings is None:
         return
     for what, e, n in (("clips", embeddings.clips, clips.latents.shape[0]),
@@ -195,5 +196,5 @@ def train_dualreal(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
     if stuck and log is not None:
         log(f"the StageBlender controller is saturated in {len(stuck)} of its groups of blocks ({stuck}): there it "
             "gives one adapter all the weight and the other none, and it cannot learn its way back. A lower "
-            "controller learning rate (e.g. 1e-5) keeps it learning")
+            "controller learning rate (e.g. 1e-5) keeps it from saturating")
     return trained

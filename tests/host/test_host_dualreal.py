@@ -268,6 +268,7 @@ def test_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path):
         apply(small, world["dualreal"], 1.0, clip_vision_output=_vision(1, 2))
 
     # A file of another kind in the folder.
+    (world["base"] / "dualreal").mkdir(exist_ok=True)  # where no earlier test saved one
     save_file({"x": torch.zeros(1)}, str(world["base"] / "dualreal" / "not_dualreal.safetensors"))
     with pytest.raises(ValueError, match="dualreal_name: 'not_dualreal.safetensors' is not a DualReal file"):
         nodes.LoadDualReal.execute("not_dualreal.safetensors")
@@ -282,7 +283,11 @@ def test_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path):
     with pytest.raises(ValueError, match="image_embeddings: clips: shape"):
         train(patcher, world["subject"], world["clips"], run_name="three_images", clips_image=_vision(3, 1),
               subject_image=_vision(1, 2), **TRAIN)
-    assert not any((runs / name).exists() for name in ("too_many_groups", "one_image", "three_images"))
+    with pytest.raises(ValueError, match="controller_learning_rate: 2.0"):
+        train(patcher, world["subject"], world["clips"], run_name="fast_controller", controller_learning_rate=2.0,
+              **TRAIN)
+    assert not any((runs / name).exists() for name in ("too_many_groups", "one_image", "three_images",
+                                                       "fast_controller"))
 
 
 def test_the_world_dualreal_workflow_trains_saves_plots_and_generates(comfy_server):
