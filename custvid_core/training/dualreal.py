@@ -9,7 +9,9 @@ learns (the gradient mask: the task's `trains`), the controller learns every ste
 task's loss and, with a controller, the identity weight it gave each group of blocks (`identity_weight_<g>`, the
 mean over the batch).
 The defaults are the authors' recipe: AdamW (0.9, 0.95), weight decay 1e-4, lr 1e-3, 200 warm-up steps, cosine to
-zero (their "cosine with restarts" with its one cycle), gradient norm 1.0, 1000 steps.
+zero (their "cosine with restarts" with its one cycle), gradient norm 1.0, 1000 steps. With them the controller can
+saturate (its sigmoid pinned at 0 or 1 in a group, one adapter off there for good): a run says so in its log
+(`saturated_groups`), and `controller_lr` gives the controller a learning rate of its own.
 """
 
 from __future__ import annotations
