@@ -167,3 +167,34 @@ def test_bad_joint_settings_are_refused_with_the_input_named():
     with pytest.raises(InputError, match="motion_probability"):
         train_joint(backbone, *_data(), *_settings(), OptimSettings(steps=1), motion_probability=0.0,
                     controller=JointController())
+
+
+def test_a_stopped_run_with_the_controller_resumes_bit_identically(tmp_path):
+    optim = OptimSettings(steps=6, lr=1e-2, warmup=1, checkpoint_every=2)
+
+    def run(workdir, **kw):
+        return train_joint(describe(tiny_diffusers_wan(BLOCKS)), *_data(), *_settings(), optim, workdir=workdir,
+                           controller=JointController(groups=2), **kw)
+
+    full = run(tmp_path / "a")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_four(step, total, record):
+        if step == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", progress=stop_after_four)
+    logs = []
+    resumed = run(tmp_path / "b", log=logs.append)
+    assert logs == ["resumed from step 4 of 6"]
+    assert [r["loss"] for r in resumed[0].history] == [r["loss"] for r in full[0].history]
+    for trained, again in zip(full, resumed):
+        for name, part in trained.parts.items():
+            assert all(torch.equal(v, again.parts[name].tensors[k]) for k, v in part.tensors.items())
+    logs.clear()
+    train_joint(describe(tiny_diffusers_wan(BLOCKS)), *_data(), *_settings(), optim, workdir=tmp_path / "b",
+                log=logs.append)
+    assert logs and logs[0].startswith("trained afresh")  # without the controller: another run
