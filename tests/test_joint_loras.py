@@ -123,6 +123,9 @@ def test_a_joint_run_with_the_controller_steps_one_lora_at_a_time_and_the_contro
     subject_lora, motion_lora, trained_controller = engine.run(backbone, recipes, schedule, optim, progress=record)
     subject_steps = {i for i, (keys, *_) in enumerate(snapshots) if "region" in keys}
     assert 0 < len(subject_steps) < 10
+    assert all({"subject_weight_0", "subject_weight_1"} <= keys for keys, *_ in snapshots)
+    weights = [[r[f"subject_weight_{g}"] for g in range(2)] for r in subject_lora.history]
+    assert weights[0] == [1.0, 1.0] and weights[-1] != weights[0]  # 1.0 at first, then learned
     for i in range(1, 10):
         (_, s_now, m_now, c_now), (_, s_before, m_before, c_before) = snapshots[i], snapshots[i - 1]
         subject_moved = any(not torch.equal(s_now[n], s_before[n]) for n in s_now)

@@ -34,7 +34,8 @@ Joint (`joint_recipes`, `train_joint`): both recipes in one run, Random(motion, 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -63,7 +64,7 @@ from .objectives import (
     token_attention_loss,
     widened,
 )
-from .tasks import Cycle, Random, Recipe, Schedule, StepContext, Task, also_training
+from .tasks import Cycle, Random, Recipe, Schedule, StepContext, Task, each_task
 
 
 @dataclass
@@ -372,6 +373,17 @@ class JointController:
     name: str = "joint"
 
 
+def _weighed_by(controller: StageBlenderPart, task: Task) -> Task:
+    """`task`, also training the controller, its record holding the subject LoRA's weight per group of blocks
+    (`subject_weight_<g>`, the batch's mean; the motion LoRA's is 2 minus it)."""
+    def loss(g: torch.Generator, ctx: StepContext):
+        total, terms = task.loss(g, ctx)
+        weights = controller.identity_weights().mean(0)
+        return total, {**terms, **{f"subject_weight_{i}": float(w) for i, w in enumerate(weights)}}
+
+    return replace(task, loss=loss, trains=(*task.trains, controller.name))
+
+
 def joint_recipes(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet, subject: SubjectSettings,
                   motion: MotionSettings, seed: int, motion_probability: float = 0.5,
                   controller: JointController | None = None,
@@ -389,7 +401,7 @@ def joint_recipes(backbone: WanBackbone, subject_data: SubjectSet, motion_data: 
         subject_lora, motion_lora = (r.parts[0] for r in recipes)  # each recipe's main LoRA comes first
         weigher = StageBlenderPart(f"{controller.name}_controller", subject_lora, motion_lora, controller.groups,
                                    LORA_WEIGHTING, seed)
-        recipes = [also_training(r, (weigher.name,)) for r in recipes]
+        recipes = [each_task(r, partial(_weighed_by, weigher)) for r in recipes]
     schedule = Random([(motion_probability, recipes[1].schedule), (1 - motion_probability, recipes[0].schedule)])
     if weigher is not None:
         recipes.append(Recipe(controller.name, [weigher], schedule, returns=(weigher.name,), settings=controller))

@@ -133,11 +133,10 @@ class Recipe:
         self.main = self.main or self.returns[0]
 
 
-def also_training(recipe: Recipe, groups: tuple[str, ...]) -> Recipe:
-    """`recipe` with every task also training `groups` (a part of the run that learns on every step, such as a
-    joint run's controller)."""
-    return replace(recipe, schedule=_each_task(recipe.schedule, lambda task: replace(task, trains=(*task.trains,
-                                                                                                   *groups))))
+def each_task(recipe: Recipe, change: Callable[[Task], Task]) -> Recipe:
+    """`recipe` with every task of its schedule replaced by `change(task)` (e.g. also training a part of the run
+    that learns on every step, such as a joint run's controller)."""
+    return replace(recipe, schedule=_each_task(recipe.schedule, change))
 
 
 def _each_task(schedule: Schedule, change: Callable[[Task], Task]) -> Schedule:

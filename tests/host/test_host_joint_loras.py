@@ -126,6 +126,28 @@ def test_with_the_controller_its_model_runs_the_loras_weighed_and_leaves_the_mod
     assert _untouched(world) and torch.equal(_sample(patcher, world), base)
 
 
+KNOWN_BIAS = torch.tensor([-1.0, 0.5, 2.0])
+
+
+def _controlled(world, model):
+    """The node's controlled MODEL over `model`, with the joint run's LoRAs and a controller whose weights are known:
+    it ignores the tokens (its last layer's weights are zero) and gives group g the subject weight
+    2 * sigmoid(KNOWN_BIAS[g])."""
+    from custvid_core.adapters.lora import LoraPart
+    from custvid_core.adapters.parts import attached
+    from custvid_core.adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart
+    from custvid_core.backbones import describe
+
+    _, subject_lora, motion_lora, _ = world["plain"]
+    with torch.no_grad():
+        parts = [LoraPart(subject_lora.spec, tensors=subject_lora), LoraPart(motion_lora.spec, tensors=motion_lora)]
+        weigher = StageBlenderPart("c", *parts, groups=3, weighting=LORA_WEIGHTING)
+        with attached(describe(world["patcher"].model.diffusion_model), [*parts, weigher]):
+            weigher.module.fuse[-1].bias.copy_(KNOWN_BIAS)
+            controller = weigher.export()
+    return world["nodes"]._controlled_model(model, [subject_lora, motion_lora], controller)
+
+
 def test_a_controlled_model_call_weighs_each_lora_per_group_of_blocks(world):
     """The MODEL a controller makes, on a controller whose weights are known (it ignores the tokens: 2w per group
     from its last layer's bias), computes one model call as the library does with the LoRAs at those strengths per
@@ -134,25 +156,19 @@ def test_a_controlled_model_call_weighs_each_lora_per_group_of_blocks(world):
 
     from custvid_core.adapters.lora import LoraPart
     from custvid_core.adapters.parts import attached
-    from custvid_core.adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, block_groups
+    from custvid_core.adapters.stage_blender import block_groups
     from custvid_core.backbones import describe
 
     patcher = world["patcher"]
     _, subject_lora, motion_lora, _ = world["plain"]
     backbone = describe(patcher.model.diffusion_model)
-    bias = torch.tensor([-1.0, 0.5, 2.0])
-    with torch.no_grad():
-        parts = [LoraPart(subject_lora.spec, tensors=subject_lora), LoraPart(motion_lora.spec, tensors=motion_lora)]
-        weigher = StageBlenderPart("c", *parts, groups=3, weighting=LORA_WEIGHTING)
-        with attached(backbone, [*parts, weigher]):
-            weigher.module.fuse[-1].bias.copy_(bias)
-            controller = weigher.export()
-    model = world["nodes"]._controlled_model(patcher, [subject_lora, motion_lora], controller)
+    model = _controlled(world, patcher)
+    parts = [LoraPart(subject_lora.spec, tensors=subject_lora), LoraPart(motion_lora.spec, tensors=motion_lora)]
     comfy.model_management.load_models_gpu([model])
     g = torch.Generator().manual_seed(3)
     x, sigma = torch.randn(2, 16, 1, 16, 16, generator=g), torch.tensor([0.7, 0.3])
     context = torch.cat([_encode(world["clip"], PROMPT)[0][0], _encode(world["clip"], "")[0][0]])
-    w = 2 * torch.sigmoid(bias)[block_groups(3, backbone.num_blocks)]
+    w = 2 * torch.sigmoid(KNOWN_BIAS)[block_groups(3, backbone.num_blocks)]
     with torch.no_grad():
         denoised = model.model.apply_model(x, sigma, c_crossattn=context,
                                            transformer_options={"wrappers": model.wrappers})
@@ -166,6 +182,55 @@ def test_a_controlled_model_call_weighs_each_lora_per_group_of_blocks(world):
     comfy.model_management.unload_all_models()
     assert torch.allclose(denoised, x - sigma.view(-1, 1, 1, 1, 1) * v, atol=1e-4)
     assert not torch.allclose(denoised, x - sigma.view(-1, 1, 1, 1, 1) * at_one, atol=1e-3)
+    assert _untouched(world)
+
+
+def _stock_lora(world):
+    """A random LoRA on every block's ffn.0 (where both trained LoRAs also sit), for the stock LoraLoaderModelOnly."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for b in range(6):
+        key = f"diffusion_model.blocks.{b}.ffn.0"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, 128, generator=g) * 0.2
+        tensors[f"{key}.lora_up.weight"] = torch.randn(512, 4, generator=g) * 0.2
+    (world["base"] / "loras").mkdir(exist_ok=True)
+    save_file(tensors, str(world["base"] / "loras" / "random_ffn.safetensors"))
+    return lambda model: _stock_loaded(world, model, ["random_ffn.safetensors"])
+
+
+def test_the_controlled_model_stacks_with_a_stock_lora_and_samples_the_same_partially_loaded(world):
+    """The LoRAs attached per call sit on layers a stock LoRA patches too: both act, in either order, and ComfyUI's
+    partial loading (weights cast per layer with their patches) gives what full loading gives."""
+    import comfy.model_management
+
+    patcher = world["patcher"]
+    stock = _stock_lora(world)
+    base, controlled, stock_only = _sample(patcher, world), _sample(_controlled(world, patcher), world), \
+        _sample(stock(patcher), world)
+    both = _sample(stock(_controlled(world, patcher)), world)
+    assert torch.allclose(_sample(_controlled(world, stock(patcher)), world), both, atol=1e-5)
+    for alone in (base, controlled, stock_only):
+        assert not torch.allclose(both, alone, atol=1e-3)
+
+    comfy.model_management.unload_all_models()
+    original = comfy.model_management.load_models_gpu
+
+    def partial(models, *args, **kwargs):  # what a small GPU does: only part of the weights resident
+        for m in models:
+            m.model_patches_to(m.load_device)
+            m.load(m.load_device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
+
+    comfy.model_management.load_models_gpu = partial
+    try:
+        low = _sample(stock(_controlled(world, patcher)), world)
+        lowvram_layers = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
+    finally:
+        comfy.model_management.load_models_gpu = original
+        comfy.model_management.unload_all_models()
+    assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
+    assert torch.allclose(low, both, atol=1e-4)
     assert _untouched(world)
 
 
