@@ -107,7 +107,15 @@ def _lora_ups(backbone, adapter):
     return {n: p.detach().clone() for n, p in backbone.model.named_parameters() if f"lora_B.{adapter}." in n}
 
 
-def test_a_joint_run_with_the_controller_steps_one_lora_at_a_time_and_the_controller_every_time():
+def test_a_joint_run_with_the_controller_steps_one_lora_at_a_time_and_the_controller_every_time(monkeypatch):
+    zeroed = []  # the parts switched off around each step
+    real_strengths_set = engine.strengths_set
+
+    def recording_strengths_set(parts, strengths):
+        zeroed.append({n for n, v in strengths.items() if v == 0.0})
+        return real_strengths_set(parts, strengths)
+
+    monkeypatch.setattr(engine, "strengths_set", recording_strengths_set)
     backbone = describe(tiny_diffusers_wan(BLOCKS))
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     optim = OptimSettings(steps=10, lr=1e-2, warmup=1)
@@ -132,6 +140,9 @@ def test_a_joint_run_with_the_controller_steps_one_lora_at_a_time_and_the_contro
         motion_moved = any(not torch.equal(m_now[n], m_before[n]) for n in m_now)
         assert subject_moved == (i in subject_steps) and not (subject_moved and motion_moved), i
         assert any(not torch.equal(a, b) for a, b in zip(c_now, c_before)), i  # the controller learns every step
+    # The motion recipe's throw-away spatial LoRA is off on the subject steps only: the controller's recipe owns none.
+    assert [i for i, z in enumerate(zeroed) if z == {"motion_spatial"}] == sorted(subject_steps)
+    assert all(z <= {"motion"} for i, z in enumerate(zeroed) if i not in subject_steps)  # the spatial task's
     assert set(trained_controller.parts) == {"joint_controller"}
     exported = trained_controller.parts["joint_controller"]
     assert exported.kind == "stage_blender" and exported.metadata["weighting"] == LORA_WEIGHTING
