@@ -193,21 +193,33 @@ def noise_and_memory_inputs() -> list:
     ]
 
 
+def _learning_rate_input():
+    return io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
+                          tooltip="AdamW learning rate after warm-up; cosine decay to a tenth of it.")
+
+
+def _batch_input():
+    return io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step.")
+
+
+def _alignment_block_input():
+    return io.Int.Input("alignment_block", default=3, min=0, max=63,
+                        tooltip="The block whose hidden states are aligned (SMRABooth: block 3).")
+
+
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
     return [
         io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps (batches)."),
-        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
-                       tooltip="AdamW learning rate after warm-up; cosine decay to a tenth of it."),
+        _learning_rate_input(),
         io.Int.Input("rank", default=default_rank, min=1, max=256, tooltip="LoRA rank."),
         io.String.Input("roles", default=", ".join(roles),
                         tooltip="Which linear layers of every block get the LoRA, comma-separated: "
                                 "self_attn.q/k/v/o, cross_attn.q/k/v/o, ffn.0, ffn.2."),
-        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step."),
+        _batch_input(),
         io.Float.Input("alignment_weight", default=default_alignment, min=0.0, max=10.0, step=0.01,
                        tooltip="Weight of the representation alignment loss (needs representations in the "
                                "dataset); 0 turns it off."),
-        io.Int.Input("alignment_block", default=3, min=0, max=63,
-                     tooltip="The block whose hidden states are aligned (SMRABooth: block 3)."),
+        _alignment_block_input(),
         *noise_and_memory_inputs(),
         *_run_inputs("custvid_run"),
     ]
@@ -447,8 +459,7 @@ class TrainJointLoRAs(io.ComfyNode):
                 types.VideoDataset.Input("clips", tooltip="From Video Clips Dataset: the motion steps learn them."),
                 io.Int.Input("steps", default=600, min=1, max=100000,
                              tooltip="Training steps in all (subject and motion steps together)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
-                               tooltip="AdamW learning rate after warm-up; cosine decay to a tenth of it."),
+                _learning_rate_input(),
                 io.Float.Input("motion_probability", default=0.5, min=0.01, max=0.99, step=0.01,
                                tooltip="Share of the steps that learn the clips (motion); the others learn the "
                                        "subject."),
@@ -471,15 +482,14 @@ class TrainJointLoRAs(io.ComfyNode):
                 io.Int.Input("stillness_rank", default=0, min=0, max=256,
                              tooltip="Rank of the subject steps' throw-away stillness LoRA (Still-Moving), as in "
                                      "Train Subject LoRA; needs preservation clips. 0: off."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step."),
+                _batch_input(),
                 io.Float.Input("subject_alignment_weight", default=0.05, min=0.0, max=10.0, step=0.01,
                                tooltip="Weight of DINOv2 alignment (SuRA) on subject steps (needs the subject's "
                                        "representation in the dataset); 0 turns it off."),
                 io.Float.Input("motion_alignment_weight", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Weight of RAFT alignment (MoRA, on features) on motion steps (needs the clips' "
                                        "representation in the dataset); 0 turns it off."),
-                io.Int.Input("alignment_block", default=3, min=0, max=63,
-                             tooltip="The block whose hidden states are aligned (SMRABooth: block 3)."),
+                _alignment_block_input(),
                 io.Float.Input("preservation_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Weight of the subject's preservation clips' loss (if its dataset has clips)."),
                 io.Boolean.Input("region_loss", default=True,
