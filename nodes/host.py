@@ -336,3 +336,23 @@ def token_roles(prompt: str, subject_words: str, clip=None, background_words: st
 
     return TokenRoles(find(subject_words, words_input), tuple(i for i, t in enumerate(ids) if t not in special),
                       find(background_words, "background_words") if background_words.strip() else ())
+
+
+def attached_per_call(model, parts: list, key: str, on_enter: Callable[[], None] | None = None):
+    """A clone of `model` on which every call of the diffusion model runs with `parts` (custvid_core parts)
+    attached, and detached after it, so the diffusion model the clone shares with other MODELs never keeps them;
+    the input MODEL is not changed. `on_enter`: what to set on the parts after attaching (e.g. a condition)."""
+    import comfy.patcher_extension
+
+    from ..custvid_core.adapters.parts import attached
+    from ..custvid_core.backbones import describe
+
+    def around_call(executor, x, *args, **kwargs):
+        with attached(describe(executor.class_obj), parts, x.device):
+            if on_enter is not None:
+                on_enter()
+            return executor(x, *args, **kwargs)
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, f"{key}_{id(parts)}", around_call)
+    return patched

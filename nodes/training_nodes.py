@@ -1,5 +1,6 @@
 """Nodes that learn a subject and a motion as LoRAs on the user's own Wan model (SMRABooth's recipe
-with MotionBooth's subject losses), and save them where ComfyUI's LoRA loaders find them."""
+with MotionBooth's subject losses), apart or jointly (DualReal's dual-aware training, optionally with its
+StageBlender controller weighing the two), and save them where ComfyUI's LoRA loaders find them."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from comfy_api.latest import io, ui
 from ..custvid_core.adapters.lora import (
     MOTION_ROLES,
     SUBJECT_ROLES,
+    LoraPart,
     LoraWeights,
     native_lora_modules,
     save_lora,
 )
 from ..custvid_core.adapters.lora import base_model_signature as lora_base_model
+from ..custvid_core.adapters.parts import Exported
+from ..custvid_core.adapters.stage_blender import StageBlenderPart
 from ..custvid_core.backbones import describe
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import loss_plot
 from ..custvid_core.training import (
+    JointController,
     MotionSettings,
     OptimSettings,
     SigmaSampler,
@@ -31,6 +36,7 @@ from ..custvid_core.training import (
     append_photos,
     clip_set,
     subject_set,
+    train_joint,
     train_motion,
     train_subject,
 )
@@ -41,6 +47,7 @@ from ..custvid_core.training.objectives import SIGMA_SAMPLING
 from . import types
 from .host import (
     TRAINING_DTYPES,
+    attached_per_call,
     base_model_signature,
     decoder_with_grad,
     plain,
@@ -186,27 +193,46 @@ def noise_and_memory_inputs() -> list:
     ]
 
 
+def _learning_rate_input():
+    return io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
+                          tooltip="AdamW learning rate after warm-up; cosine decay to a tenth of it.")
+
+
+def _batch_input():
+    return io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step.")
+
+
+def _alignment_block_input():
+    return io.Int.Input("alignment_block", default=3, min=0, max=63,
+                        tooltip="The block whose hidden states are aligned (SMRABooth: block 3).")
+
+
 def _common_inputs(default_rank: int, default_alignment: float, roles: tuple[str, ...]) -> list:
     return [
         io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps (batches)."),
-        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
-                       tooltip="AdamW learning rate after warm-up; cosine decay to a tenth of it."),
+        _learning_rate_input(),
         io.Int.Input("rank", default=default_rank, min=1, max=256, tooltip="LoRA rank."),
         io.String.Input("roles", default=", ".join(roles),
                         tooltip="Which linear layers of every block get the LoRA, comma-separated: "
                                 "self_attn.q/k/v/o, cross_attn.q/k/v/o, ffn.0, ffn.2."),
-        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Items per step."),
+        _batch_input(),
         io.Float.Input("alignment_weight", default=default_alignment, min=0.0, max=10.0, step=0.01,
                        tooltip="Weight of the representation alignment loss (needs representations in the "
                                "dataset); 0 turns it off."),
-        io.Int.Input("alignment_block", default=3, min=0, max=63,
-                     tooltip="The block whose hidden states are aligned (SMRABooth: block 3)."),
+        _alignment_block_input(),
         *noise_and_memory_inputs(),
+        *_run_inputs("custvid_run"),
+    ]
+
+
+def _run_inputs(run_name: str) -> list:
+    """A LoRA train node's seed and checkpoint inputs."""
+    return [
         io.Int.Input("training_seed", default=0, min=0, max=2 ** 31 - 1,
                      tooltip="Seed for noise, batches and LoRA initialisation (fixed, so a rerun resumes)."),
         io.Int.Input("checkpoint_every", default=100, min=1, max=100000,
                      tooltip="Write a checkpoint every N steps; a rerun with the same run_name resumes."),
-        io.String.Input("run_name", default="custvid_run",
+        io.String.Input("run_name", default=run_name,
                         tooltip="Folder under output/custvid_training/ for this run's checkpoint. A rerun with the "
                                 "same data, settings and model resumes it; another run trains afresh and keeps "
                                 "the earlier checkpoint beside its own."),
@@ -243,16 +269,30 @@ def _run_log(run_name: str) -> tuple[list[str], Callable[[str], None]]:
     return notes, log
 
 
-def _finish(model, trained, notes: list[str], *more, trigger_words: str = "") -> io.NodeOutput:
+def _lora_weights(model, trained, trigger_words: str = "") -> LoraWeights:
+    """A run's main LoRA as the LORA output, keeping what Save LoRA writes into the file beside the tensors."""
+    return LoraWeights(trained.tensors, trained.spec, lora_base_model(describe(model.model.diffusion_model)),
+                       trigger_words)
+
+
+def _with_loras(model, loras: list[LoraWeights]):
+    """A clone of `model` with the LoRAs applied at 1.0 by ComfyUI's own LoRA loading."""
     import comfy.sd
 
-    # The LORA output keeps what Save LoRA writes into the file beside the tensors.
-    lora = LoraWeights(trained.tensors, trained.spec, lora_base_model(describe(model.model.diffusion_model)),
-                       trigger_words)
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    for lora in loras:
+        model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    return model
+
+
+def _finish(model, trained, notes: list[str], *more, trigger_words: str = "", loras: list | None = None,
+            patched=None) -> io.NodeOutput:
+    """The train node's outputs: the MODEL with the LoRAs (by default the run's main LoRA; `patched`: the MODEL
+    made otherwise), the LoRAs, the loss graph and `more`; the run's notes shown on the node."""
+    loras = loras or [_lora_weights(model, trained, trigger_words)]
+    patched = _with_loras(model, loras) if patched is None else patched
     text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
     show_on_node(text)
-    return io.NodeOutput(patched, lora, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
+    return io.NodeOutput(patched, *loras, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
 
 
 def _data_in(to_model, data: SubjectSet | VideoSet) -> SubjectSet | VideoSet:
@@ -392,6 +432,116 @@ class TrainMotionLoRA(io.ComfyNode):
         return _finish(model, trained, notes)
 
 
+def _controlled_model(model, loras: list[LoraWeights], controller: Exported):
+    """A clone of `model` on which every model call runs the subject and motion LoRAs weighed by a trained
+    StageBlender controller (`controller`: its export), from that call's tokens and timestep, per batch row and
+    group of blocks."""
+    subject, motion = (LoraPart(lora.spec, tensors=lora) for lora in loras)
+    weigher = StageBlenderPart.from_exported("joint_controller", controller, subject, motion, "controller")
+    return attached_per_call(model, [subject, motion, weigher], "custvid_joint_controller")
+
+
+class TrainJointLoRAs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_TrainJointLoRAs",
+            display_name="Train Subject and Motion LoRAs Jointly",
+            category=CATEGORY_TRAIN,
+            description="Learns your subject and a motion as two LoRAs in one run (DualReal's dual-aware training): "
+                        "each step learns the subject's photos (Train Subject LoRA's recipe) or the clips (Train "
+                        "Motion LoRA's) while the other LoRA runs, frozen, so each learns beside the other it will "
+                        "be used with. Optionally DualReal's StageBlender controller weighs the two per denoising "
+                        "step and per group of blocks. The input MODEL is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan model from Load Diffusion Model (LoRAs may be applied)."),
+                types.SubjectDataset.Input("subject", tooltip="From Subject Dataset: the subject steps learn it."),
+                types.VideoDataset.Input("clips", tooltip="From Video Clips Dataset: the motion steps learn them."),
+                io.Int.Input("steps", default=600, min=1, max=100000,
+                             tooltip="Training steps in all (subject and motion steps together)."),
+                _learning_rate_input(),
+                io.Float.Input("motion_probability", default=0.5, min=0.01, max=0.99, step=0.01,
+                               tooltip="Share of the steps that learn the clips (motion); the others learn the "
+                                       "subject."),
+                io.Boolean.Input("controller", default=False,
+                                 tooltip="Also learn DualReal's StageBlender controller: per denoising step and group "
+                                         "of blocks it multiplies the subject LoRA by 2w and the motion LoRA by 2 - 2w "
+                                         "(both 1.0 at first), learning on every step. It acts in this node's model "
+                                         "output only: the saved LoRAs, loaded alone at 1.0, act as at its start. "
+                                         "Off: both LoRAs at 1.0 throughout."),
+                io.Int.Input("groups", default=0, min=0, max=64,
+                             tooltip="With controller: groups of consecutive blocks weighed apart. 0: 7 (one per block "
+                                     "on a model with fewer blocks). At most the model's block count."),
+                io.Int.Input("subject_rank", default=32, min=1, max=256,
+                             tooltip="Rank of the subject LoRA (on q, k and ffn.0, as Train Subject LoRA)."),
+                io.Int.Input("motion_rank", default=64, min=1, max=256,
+                             tooltip="Rank of the motion LoRA (on v, o and the FFN, as Train Motion LoRA)."),
+                io.Int.Input("spatial_rank", default=32, min=0, max=256,
+                             tooltip="Rank of the motion steps' throw-away spatial LoRA (q, k, ffn.0), off on "
+                                     "subject steps; 0: no spatial phase."),
+                io.Int.Input("stillness_rank", default=0, min=0, max=256,
+                             tooltip="Rank of the subject steps' throw-away stillness LoRA (Still-Moving), as in "
+                                     "Train Subject LoRA; needs preservation clips. 0: off."),
+                _batch_input(),
+                io.Float.Input("subject_alignment_weight", default=0.05, min=0.0, max=10.0, step=0.01,
+                               tooltip="Weight of DINOv2 alignment (SuRA) on subject steps (needs the subject's "
+                                       "representation in the dataset); 0 turns it off."),
+                io.Float.Input("motion_alignment_weight", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Weight of RAFT alignment (MoRA, on features) on motion steps (needs the clips' "
+                                       "representation in the dataset); 0 turns it off."),
+                _alignment_block_input(),
+                io.Float.Input("preservation_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the subject's preservation clips' loss (if its dataset has clips)."),
+                io.Boolean.Input("region_loss", default=True,
+                                 tooltip="On subject steps, count only the subject's region (needs masks)."),
+                io.Int.Input("region_margin", default=0, min=0, max=16,
+                             tooltip="Latent cells added around the mask for the region loss (Wan: 0; the shapes "
+                                     "world: 3)."),
+                io.Float.Input("moving_share", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="If the subject dataset has moving clips: the share of the photo steps that "
+                                       "learn from them instead of the photos."),
+                io.Float.Input("debiased_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the appearance-debiased loss on motion steps."),
+                *noise_and_memory_inputs(),
+                *_run_inputs("custvid_joint"),
+                _training_dtype_input(),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="subject_lora"),
+                     io.LoraModel.Output(display_name="motion_lora"), io.Image.Output(display_name="loss_graph")],
+        )
+
+    @classmethod
+    def execute(cls, model, subject, clips, steps, learning_rate, motion_probability, controller, groups,
+                subject_rank, motion_rank, spatial_rank, stillness_rank, batch_size, subject_alignment_weight,
+                motion_alignment_weight, alignment_block, preservation_weight, region_loss, region_margin,
+                moving_share, debiased_weight, timestep_sampling, shift, gradient_checkpointing, training_seed,
+                checkpoint_every, run_name, training_dtype="auto") -> io.NodeOutput:
+        sigmas = SigmaSampler(timestep_sampling, shift)
+        subject_settings = SubjectSettings(
+            rank=subject_rank, batch=batch_size, sigmas=sigmas, region_loss=region_loss,
+            preservation_weight=preservation_weight, alignment_weight=subject_alignment_weight,
+            alignment_block=alignment_block, stillness_rank=stillness_rank, region_margin=region_margin,
+            moving_share=moving_share, gradient_checkpointing=gradient_checkpointing)
+        motion_settings = MotionSettings(
+            rank=motion_rank, spatial_rank=spatial_rank, batch=batch_size, sigmas=sigmas,
+            debiased_weight=debiased_weight, alignment_weight=motion_alignment_weight, alignment_block=alignment_block,
+            gradient_checkpointing=gradient_checkpointing)
+        optim = OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
+                              warmup=warmup_steps(steps))
+        folder = training_folder(run_name)
+        notes, log = _run_log(run_name)
+        with training_backbone(model) as (backbone, device, to_model):
+            trained = train_joint(backbone, _data_in(to_model, subject), _data_in(to_model, clips), subject_settings,
+                                  motion_settings, optim, motion_probability, folder,
+                                  training_progress(steps, "subject and motion LoRAs"), log, device=device,
+                                  dtype=resolve_training_dtype(training_dtype, device),
+                                  base_model=base_model_signature(model),
+                                  controller=JointController(groups or None) if controller else None)
+        loras = [_lora_weights(model, trained[0], subject.trigger_words), _lora_weights(model, trained[1])]
+        patched = _controlled_model(model, loras, trained[2].parts[trained[2].main]) if controller else None
+        return _finish(model, trained[0], notes, loras=loras, patched=patched)
+
+
 class SaveLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -421,4 +571,4 @@ class SaveLoRA(io.ComfyNode):
         return io.NodeOutput(path.relative_to(root).as_posix())
 
 
-NODES = [VideoDataset, SubjectDataset, TrainSubjectLoRA, TrainMotionLoRA, SaveLoRA]
+NODES = [VideoDataset, SubjectDataset, TrainSubjectLoRA, TrainMotionLoRA, TrainJointLoRAs, SaveLoRA]

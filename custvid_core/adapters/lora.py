@@ -15,7 +15,8 @@ import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
+from functools import partial
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -112,6 +113,7 @@ class LoraAdapters:
             raise InputError("model", "the model already carries LoRA layers from another run",
                              "a model without attached adapters")
         self._requires_grad = {name: p.requires_grad for name, p in backbone.model.named_parameters()}
+        self._weighing: dict[str, list] = {}  # adapter -> its output hooks, once a controller has weighed it
         self._targets: dict[str, dict[str, str]] = {}  # adapter -> module path -> native name
         block_of: dict[str, int] = {}
         self._had_peft_config = hasattr(backbone.model, "peft_config")
@@ -145,6 +147,7 @@ class LoraAdapters:
                     layer.lora_B[name].to(device=device, dtype=dtype)
         self._initialise(torch.Generator().manual_seed(seed))
         self.strengths: dict[str, float | torch.Tensor] = {name: 1.0 for name in self.specs}
+        self.block_weights: dict[str, torch.Tensor | None] = dict.fromkeys(self.specs)
 
     def _initialise(self, g: torch.Generator) -> None:
         """Draw every `lora_A` as peft does (torch's nn.Linear default), from `g`, in peft's order: adapter by
@@ -183,6 +186,27 @@ class LoraAdapters:
             for layer, _ in self._layers[name]:
                 layer.set_scale(name, strength)
         self.strengths[name] = strength
+
+    def set_block_weights(self, name: str, weights: torch.Tensor | None) -> None:
+        """Weights `[B or 1, blocks]` (a controller's, one row per batch row, with gradients while training)
+        multiplying the adapter's output in each block, on top of its strength, in the forwards that follow;
+        None: none. A strength is one number per layer for the whole batch; these differ by batch row, so they
+        scale the adapter's output (a hook on its up projection) rather than its scale."""
+        self._check(name)
+        if weights is not None and name not in self._weighing:
+            self._weighing[name] = [layer.lora_B[name].register_forward_hook(partial(self._weighed, name, block))
+                                    for layer, block in self._layers[name]]
+        self.block_weights[name] = weights
+
+    def _weighed(self, name: str, block: int, module, args, out: torch.Tensor) -> torch.Tensor | None:
+        weights = self.block_weights[name]
+        if weights is None:
+            return None
+        w = weights[:, block]
+        if w.shape[0] not in (1, out.shape[0]):
+            raise InputError("block weights", f"{w.shape[0]} rows for a batch of {out.shape[0]}",
+                             "one row per batch row")
+        return out * w.to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
 
     @contextlib.contextmanager
     def strengths_set(self, **strengths: float) -> Iterator[None]:
@@ -247,6 +271,9 @@ class LoraAdapters:
     # --- teardown --------------------------------------------------------------------------
     def detach(self) -> None:
         """Put the original linear layers back; the model is as it was before attaching."""
+        for handles in self._weighing.values():
+            for handle in handles:
+                handle.remove()
         model = self.backbone.model
         for path, module in list(_lora_layers(model)):
             parent_path, _, child = path.rpartition(".")
@@ -276,13 +303,14 @@ class LoraAdapters:
 
 class LoraPart(PartBase):
     """A LoRA as a part. The LoRA parts of a run attach together, as one `LoraAdapters` (peft keeps several
-    adapters on one layer), whose initial weights are drawn from their common seed."""
+    adapters on one layer), whose initial weights are drawn from their common seed; `tensors` (ComfyUI's native
+    keys, an export's) load instead. A controller may weigh it per block and batch row (`set_block_weights`)."""
 
     kind = "lora"
 
-    def __init__(self, spec: LoraSpec, seed: int = 0):
+    def __init__(self, spec: LoraSpec, seed: int = 0, tensors: Mapping[str, torch.Tensor] | None = None):
         super().__init__(spec.name)
-        self.spec, self.seed = spec, seed
+        self.spec, self.seed, self.tensors = spec, seed, tensors
         self.adapters: LoraAdapters | None = None
 
     @classmethod
@@ -292,6 +320,8 @@ class LoraPart(PartBase):
             raise InputError("seed", f"LoRA parts with seeds {sorted(seeds)}", "one seed for the LoRAs of a run")
         adapters = stack.enter_context(LoraAdapters(backbone, [p.spec for p in parts], seed=seeds.pop(), device=device))
         for p in parts:
+            if p.tensors is not None:
+                adapters.load_native_state_dict(p.name, dict(p.tensors), p.name)
             p.adapters = adapters
             stack.callback(setattr, p, "adapters", None)
 
@@ -311,6 +341,12 @@ class LoraPart(PartBase):
 
     def _apply_strength(self, value) -> None:
         self._attached().set_strength(self.name, value)
+
+    def set_block_weights(self, weights: torch.Tensor | None) -> None:
+        """A controller's weights `[B or 1, blocks]` on the LoRA's output for the forwards that follow (None: none;
+        nothing to undo once detached)."""
+        if self.adapters is not None:
+            self.adapters.set_block_weights(self.name, weights)
 
     def export(self) -> Exported:
         """ComfyUI's native LoRA keys, and the spec."""

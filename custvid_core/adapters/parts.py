@@ -56,6 +56,15 @@ class Part(Protocol):
         """The trained part in file form; None for a helper that is thrown away."""
 
 
+@runtime_checkable
+class BlockWeighted(Protocol):
+    """A part a controller weighs (DualReal's adapters, a LoRA): one weight per block and batch row, set before
+    each forward."""
+
+    def set_block_weights(self, weights: torch.Tensor | None) -> None:
+        """Weights `[B or 1, blocks]` on the part's output for the forwards that follow (None: its own default)."""
+
+
 class PartBase:
     """What most parts share: a name, and a strength held until the progress resolves it. Subclasses apply a
     resolved strength in `_apply_strength`."""

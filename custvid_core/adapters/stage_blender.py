@@ -6,10 +6,13 @@ Linear -> (shift, scale, gate); `f = LN(c) * (1 + scale) + shift`, `f = MLP(f) +
 `w = sigmoid(Linear(128 -> n)(relu(Linear(512 -> 128)(relu(f)))))`, the last layer zero-initialised. With the
 authors' code's weighting (`weighting="code"`, the default) the identity adapters of group g get `0.2 * w[g]` and
 the motion adapters `0.2 - 0.2 * w[g]` (both 0.1 at initialisation); with the paper's (`"paper"`), `w[g]` and
-`1 - w[g]` (0.5 each). Groups are `n` runs of consecutive blocks (block i is in group `i * n // blocks`).
+`1 - w[g]` (0.5 each). Over two LoRAs trained jointly (`"loras"`), `2 * w[g]` and `2 - 2 * w[g]`: both 1.0, the
+strength each LoRA is made for, at initialisation. Groups are `n` runs of consecutive blocks (block i is in group
+`i * n // blocks`).
 
-The weights are set on the dual adapter parts for that forward, one row per batch row (the prompt and the
-unconditional pass of guidance differ), and stay in the autograd graph, so the controller learns with every step.
+The weights are set on the weighed parts (the dual adapters, or two LoRAs) for that forward, one row per batch row
+(the prompt and the unconditional pass of guidance differ), and stay in the autograd graph, so the controller learns
+with every step.
 """
 
 from __future__ import annotations
@@ -24,13 +27,24 @@ from ..backbones.wan import EmbeddedInputs, WanBackbone
 from ..errors import InputError
 from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model
 from .lora import base_model_signature
-from .parts import Exported, ModulePart, PartBase, StrengthValue, attached, built_unseeded, seeded_linear_init
+from .parts import (
+    BlockWeighted,
+    Exported,
+    ModulePart,
+    PartBase,
+    StrengthValue,
+    attached,
+    built_unseeded,
+    seeded_linear_init,
+)
 
 KIND = "stage_blender"
-WEIGHTINGS = ("code", "paper")
+WEIGHTINGS = ("code", "paper")  # over DualReal's adapters
+LORA_WEIGHTING = "loras"  # over two jointly trained LoRAs
 DEFAULT_GROUPS = 7
 WIDTH, HIDDEN = 512, 128  # the authors' feature and fusion widths
 CODE_SCALE = 0.2  # the code's identity + motion weight
+TOTAL_WEIGHT = {"code": CODE_SCALE, "paper": 1.0, LORA_WEIGHTING: 2.0}  # identity + motion weight, by weighting
 
 
 def group_count(groups: int | None, blocks: int) -> int:
@@ -66,18 +80,18 @@ class StageBlender(nn.Module):
 
 
 class StageBlenderPart(ModulePart):
-    """The controller as a part: attached, it weighs `identity` and `motion` (attached dual adapter parts) in every
-    forward. It adds nothing to the model itself, so its strength is not used; `tensors` load instead of seeded
-    initial weights."""
+    """The controller as a part: attached, it weighs `identity` and `motion` (attached parts: dual adapters, or the
+    subject and motion LoRAs with `weighting="loras"`) in every forward. It adds nothing to the model itself, so its
+    strength is not used; `tensors` load instead of seeded initial weights."""
 
     kind = KIND
 
-    def __init__(self, name: str, identity: DualAdapterPart, motion: DualAdapterPart, groups: int | None = None,
+    def __init__(self, name: str, identity: BlockWeighted, motion: BlockWeighted, groups: int | None = None,
                  weighting: str = "code", seed: int = 0, tensors: dict[str, torch.Tensor] | None = None,
                  base_model: dict | None = None):
         super().__init__(name)
-        if weighting not in WEIGHTINGS:
-            raise InputError("weighting", f"'{weighting}'", f"one of {WEIGHTINGS}")
+        if weighting not in TOTAL_WEIGHT:
+            raise InputError("weighting", f"'{weighting}'", f"one of {tuple(TOTAL_WEIGHT)}")
         self.identity, self.motion, self.groups_wanted, self.weighting, self.seed = identity, motion, groups, weighting, seed
         self.tensors, self.base_model = tensors, base_model
         self.input_name = name  # what refusals of its loaded weights name (the file's input, where loaded from one)
@@ -115,18 +129,15 @@ class StageBlenderPart(ModulePart):
         w = self.module(tokens, inputs.time.to(param))
         self.last_weights = w.detach()
         identity = w[:, self._of_block.to(w.device)]  # [B, blocks]
-        if self.weighting == "code":
-            identity, motion = CODE_SCALE * identity, CODE_SCALE - CODE_SCALE * identity
-        else:
-            motion = 1 - identity
-        self.identity.set_block_weights(identity)
-        self.motion.set_block_weights(motion)
+        total = TOTAL_WEIGHT[self.weighting]
+        self.identity.set_block_weights(total * identity)
+        self.motion.set_block_weights(total - total * identity)
 
     def identity_weights(self) -> torch.Tensor | None:
         """The identity adapters' weight per group `[B, groups]` in the last forward (motion: the rest)."""
         if self.last_weights is None:
             return None
-        return CODE_SCALE * self.last_weights if self.weighting == "code" else self.last_weights
+        return TOTAL_WEIGHT[self.weighting] * self.last_weights
 
     def _apply_strength(self, value: StrengthValue) -> None:
         pass  # the controller weighs the adapters; it adds nothing itself
@@ -138,7 +149,7 @@ class StageBlenderPart(ModulePart):
                                              "base_model": base_model_signature(self.backbone)})
 
     @classmethod
-    def from_exported(cls, name: str, exported: Exported, identity: DualAdapterPart, motion: DualAdapterPart,
+    def from_exported(cls, name: str, exported: Exported, identity: BlockWeighted, motion: BlockWeighted,
                       input_name: str = "dualreal") -> "StageBlenderPart":
         if exported.kind != KIND:
             raise InputError(input_name, f"a '{exported.kind}' where a StageBlender controller belongs",

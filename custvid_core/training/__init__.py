@@ -2,6 +2,7 @@
 the data sets and their builders, the objectives, and the recipes."""
 
 from .customize import (
+    JointController,
     MotionSettings,
     SubjectSettings,
     train_joint,
@@ -15,7 +16,7 @@ from .loop import OptimSettings, StepResult, TrainingStopped, train
 from .objectives import SigmaSampler
 from .tasks import Cycle, Random, Recipe, Stages, Task
 
-__all__ = ["Cycle", "DualRealSettings", "ImageEmbeddings", "MotionSettings", "MovingClips", "OptimSettings",
+__all__ = ["Cycle", "DualRealSettings", "ImageEmbeddings", "JointController", "MotionSettings", "MovingClips", "OptimSettings",
            "Random", "Recipe", "SigmaSampler", "Stages", "StepResult", "SubjectSet", "SubjectSettings", "Task",
            "TrainedParts", "TrainingStopped", "VideoSet", "append_clips", "append_photos", "clip_set",
            "dualreal_weights", "subject_set", "train", "train_dualreal", "train_joint", "train_motion",

@@ -23,15 +23,19 @@ Motion (`train_motion`): MotionDirector's two phases in turn (Cycle(spatial, mot
   spatial LoRA active but frozen, with the appearance-debiased loss and MoRA (a projector reads
   the RAFT flow of each token's place off a block's hidden states; or, as the authors' code does, RAFT's
   flow of the decoded clean-latent prediction against the reference flow). The spatial LoRA is thrown away.
-Joint (`train_joint`): both recipes in one run, Random(motion, subject) each step, each recipe's schedule
-  following the run's step index; each LoRA learns with the other attached and frozen (DualReal's
-  dual-aware adaptation), each recipe's helpers and trigger embedding off during the other's steps.
+Joint (`joint_recipes`, `train_joint`): both recipes in one run, Random(motion, subject) each step, each recipe's
+  schedule following the run's step index; each LoRA learns with the other attached and frozen (DualReal's
+  dual-aware adaptation), each recipe's helpers and trigger embedding off during the other's steps. Optionally
+  (`JointController`) DualReal's StageBlender controller weighs the two LoRAs per denoising step and per group of
+  blocks, from each forward's tokens and timestep: the subject LoRA's output times 2w, the motion LoRA's times
+  2 - 2w (both 1.0 at initialisation), learning on every step; it is a recipe of its own in the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +44,7 @@ import torch
 from ..adapters.embedding import TriggerEmbeddingPart
 from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec
 from ..adapters.parts import ProjectorPart
+from ..adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, group_count
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import SubjectSet, VideoSet
@@ -59,7 +64,7 @@ from .objectives import (
     token_attention_loss,
     widened,
 )
-from .tasks import Cycle, Random, Recipe, Schedule, StepContext, Task
+from .tasks import Cycle, Random, Recipe, Schedule, StepContext, Task, each_task
 
 
 @dataclass
@@ -357,23 +362,67 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
                progress, log, device, dtype, base_model)[0]
 
 
+@dataclass
+class JointController:
+    """DualReal's StageBlender controller over a joint run's subject and motion LoRAs (see the module's docstring).
+    Without it each LoRA runs at 1.0 in every block and step, as a LoRA file loaded at strength 1.0 does; a LoRA
+    saved from a run with it acts, loaded alone, as at the controller's starting weights (1.0), not as the trained
+    controller weighs it."""
+
+    groups: int | None = None  # groups of consecutive blocks weighed apart; None: 7 (or every block)
+    name: str = "joint"
+
+
+def _weighed_by(controller: StageBlenderPart, task: Task) -> Task:
+    """`task`, also training the controller, its record holding the subject LoRA's weight per group of blocks
+    (`subject_weight_<g>`, the batch's mean; the motion LoRA's is 2 minus it)."""
+    def loss(g: torch.Generator, ctx: StepContext):
+        total, terms = task.loss(g, ctx)
+        weights = controller.identity_weights().mean(0)
+        return total, {**terms, **{f"subject_weight_{i}": float(w) for i, w in enumerate(weights)}}
+
+    return replace(task, loss=loss, trains=(*task.trains, controller.name))
+
+
+def joint_recipes(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet, subject: SubjectSettings,
+                  motion: MotionSettings, seed: int, motion_probability: float = 0.5,
+                  controller: JointController | None = None,
+                  decoded_flow: DecodedFlow | None = None) -> tuple[list[Recipe], Schedule]:
+    """The joint run's recipes and schedule: the subject recipe, the motion recipe and, with `controller`, the
+    controller's (its part `<name>_controller` learns on every step of the other two); each step is a motion step
+    with probability `motion_probability`, else a subject step."""
+    if not 0.0 < motion_probability < 1.0:
+        raise InputError("motion_probability", f"{motion_probability}", "a probability strictly between 0 and 1")
+    recipes = [subject_recipe(backbone, subject_data, subject, seed),
+               motion_recipe(backbone, motion_data, motion, seed, decoded_flow)]
+    weigher = None
+    if controller is not None:
+        group_count(controller.groups, backbone.num_blocks)  # refused here, before any data is moved
+        subject_lora, motion_lora = (r.parts[0] for r in recipes)  # each recipe's main LoRA comes first
+        weigher = StageBlenderPart(f"{controller.name}_controller", subject_lora, motion_lora, controller.groups,
+                                   LORA_WEIGHTING, seed)
+        recipes = [each_task(r, partial(_weighed_by, weigher)) for r in recipes]
+    schedule = Random([(motion_probability, recipes[1].schedule), (1 - motion_probability, recipes[0].schedule)])
+    if weigher is not None:
+        recipes.append(Recipe(controller.name, [weigher], schedule, returns=(weigher.name,), settings=controller))
+    return recipes, schedule
+
+
 def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet,
                 subject: SubjectSettings = SubjectSettings(), motion: MotionSettings = MotionSettings(),
                 optim: OptimSettings = OptimSettings(steps=600, lr=1e-4), motion_probability: float = 0.5,
                 workdir: str | Path | None = None, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None, device: torch.device | None = None,
                 decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
-                base_model: str | None = None) -> tuple[TrainedParts, TrainedParts]:
+                base_model: str | None = None, controller: JointController | None = None) -> tuple[TrainedParts, ...]:
     """Subject and motion LoRAs trained together (DualReal's dual-aware adaptation): each step is a motion
     step with probability `motion_probability`, else a subject step; both LoRAs run in every forward pass
     and only the stepping one learns, so each learns in the presence of the other it will be used with.
-    `optim` replaces the two settings' own (one optimiser, one schedule, one seed, one checkpoint)."""
-    if not 0.0 < motion_probability < 1.0:
-        raise InputError("motion_probability", f"{motion_probability}", "a probability strictly between 0 and 1")
-    recipes = [subject_recipe(backbone, subject_data, subject, optim.seed),
-               motion_recipe(backbone, motion_data, motion, optim.seed, decoded_flow)]
-    schedule = Random([(motion_probability, recipes[1].schedule), (1 - motion_probability, recipes[0].schedule)])
+    `optim` replaces the two settings' own (one optimiser, one schedule, one seed, one checkpoint). Returns the
+    subject's and the motion's `TrainedParts`, and with `controller` the controller's third (its one part,
+    `<name>_controller`, a StageBlender controller with `weighting="loras"`)."""
+    recipes, schedule = joint_recipes(backbone, subject_data, motion_data, subject, motion, optim.seed,
+                                      motion_probability, controller, decoded_flow)
     checkpointing = subject.gradient_checkpointing or motion.gradient_checkpointing
-    subject_parts, motion_parts = run(backbone, recipes, schedule, optim, checkpointing, workdir, progress, log,
-                                      device, dtype, base_model, {"motion_probability": repr(motion_probability)})
-    return subject_parts, motion_parts
+    return tuple(run(backbone, recipes, schedule, optim, checkpointing, workdir, progress, log, device, dtype,
+                     base_model, {"motion_probability": repr(motion_probability)}))

@@ -139,7 +139,10 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
     if len(parts) != sum(len(r.parts) for r in recipes):
         names = [p.name for r in recipes for p in r.parts]
         raise InputError("name", f"part names {names}", "different names for the recipes' adapters")
-    owner = {task: r for r in recipes for task in tasks_in(r.schedule)}
+    owner: dict = {}
+    for r in recipes:  # a recipe whose schedule runs earlier recipes' tasks (a joint run's controller) owns none
+        for task in tasks_in(r.schedule):
+            owner.setdefault(task, r)
     for task in tasks_in(schedule):
         unknown = [n for n in task.off if n not in parts]
         if task not in owner or unknown:

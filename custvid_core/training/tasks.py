@@ -10,7 +10,7 @@ own rhythm inside a joint run. A `Recipe` gathers a recipe's parts, its schedule
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
@@ -131,3 +131,19 @@ class Recipe:
 
     def __post_init__(self):
         self.main = self.main or self.returns[0]
+
+
+def each_task(recipe: Recipe, change: Callable[[Task], Task]) -> Recipe:
+    """`recipe` with every task of its schedule replaced by `change(task)` (e.g. also training a part of the run
+    that learns on every step, such as a joint run's controller)."""
+    return replace(recipe, schedule=_each_task(recipe.schedule, change))
+
+
+def _each_task(schedule: Schedule, change: Callable[[Task], Task]) -> Schedule:
+    if isinstance(schedule, Task):
+        return change(schedule)
+    if isinstance(schedule, Cycle):
+        return Cycle([_each_task(s, change) for s in schedule.order])
+    if isinstance(schedule, Random):
+        return Random([(p, _each_task(s, change)) for p, s in schedule.choices])
+    return Stages([(steps, _each_task(s, change)) for steps, s in schedule.stages])
