@@ -156,7 +156,9 @@ def test_the_wan_dualreal_workflow_trains_with_clip_vision_saves_applies_and_plo
     result = wan_server.run(prompt, timeout=900)
     assert result["ok"], result["error"]
     saved = load_dualreal(wan_server.base / "models" / "custvid" / "dualreal" / "custvid" / "my_dualreal.safetensors")
-    assert saved.parts["motion"].metadata["spec"]["condition_dim"] == 768  # trained on the CLIP vision embeddings
+    # Trained on the CLIP vision embeddings, so Apply DualReal and the plot ran with the photo's as the reference
+    # (without one they refuse).
+    assert saved.parts["motion"].metadata["spec"]["condition_dim"] == 768
     history = _checkpoint_history(wan_server, "my_dualreal")
     assert len(history) == 2
     assert wan_server.saved("custvid/wan_dualreal")
