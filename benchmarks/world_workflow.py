@@ -1,7 +1,7 @@
-"""The shipped shapes-world customization workflow run in a real ComfyUI and measured: does the generated
+"""A shipped shapes-world customization workflow run in a real ComfyUI and measured: does the generated
 `sks mtn` clip show the case's subject on the case's path?
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/world_workflow.py --out out/world_workflow
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/world_workflow.py --out out/world_workflow [--workflow 11]
 
 ComfyUI is started with --cpu on a fresh base directory inside --out; the workflow is queued once per
 sampling seed (training runs once, ComfyUI caches it) and each saved video is measured against the case
@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "host"))
 sys.path.insert(0, str(REPO))
 
-WORKFLOW = REPO / "workflows" / "01 Shapes world (no download), learn a subject and a motion and generate them together.json"
 COLUMNS = ("colour_match", "colour_distance", "shape_iou", "texture_correlation", "path_shape_error",
            "direction_cosine", "speed_ratio")
 
@@ -43,6 +42,8 @@ def _override(text: str) -> tuple[str, str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--workflow", default="01",
+                        help="the shipped workflow's number: 01 (subject and motion LoRAs, the default), 11 (DualReal)")
     parser.add_argument("--seeds", default="0,1,2,3", help="sampling seeds, comma-separated")
     parser.add_argument("--set", action="append", default=[], type=_override, dest="overrides",
                         metavar="NODE.INPUT=VALUE")
@@ -57,13 +58,14 @@ def main() -> int:
     from custvid_core.world.bench.customization import mean_over_rows, measure, subject_references
     from custvid_core.world.cases import load_cases
 
+    (workflow,) = (REPO / "workflows").glob(f"{args.workflow} *.json")
     out = Path(args.out)
     base = out / "comfy_base"
     shutil.rmtree(base, ignore_errors=True)  # no checkpoint of an earlier run to resume
     base.mkdir(parents=True)
     rows = []
     with running_server(base) as server:
-        prompt = to_api(json.loads(WORKFLOW.read_text()), server.object_info())
+        prompt = to_api(json.loads(workflow.read_text()), server.object_info())
         for node, name, value in args.overrides:
             if node not in prompt:
                 raise SystemExit(f"--set: the workflow has no node {node}")
@@ -86,7 +88,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     average = {k: mean_over_rows(rows, k) for k in COLUMNS}
-    result = {"workflow": WORKFLOW.name, "case": case_name, "overrides": [list(o) for o in args.overrides],
+    result = {"workflow": workflow.name, "case": case_name, "overrides": [list(o) for o in args.overrides],
               "seeds": [r["seed"] for r in rows], "rows": rows, "average": average}
     (out / "world_workflow.json").write_text(json.dumps(result, indent=2))
     (out / "world_workflow.md").write_text(

@@ -291,15 +291,11 @@ def test_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path):
 
 
 def test_the_world_dualreal_workflow_trains_saves_plots_and_generates(comfy_server):
-    """The world DualReal workflow, shortened (4 training steps, 2 sampling and 3 plot steps), end to end through a
-    real server: its links type-check, it trains on both kinds of step, saves, plots and saves a video."""
-    import json
-    from pathlib import Path
+    """The shipped world DualReal workflow, shortened (4 training steps, 2 sampling and 3 plot steps), end to end
+    through a real server: its links type-check, it trains on both kinds of step, saves, plots and saves a video."""
+    from workflow_api import check_links, shipped, to_api
 
-    from workflow_api import check_links, to_api
-
-    # Not shipped as a template yet: on the world its result at full strength is still poor (see README).
-    workflow = json.loads((Path(__file__).parent / "data" / "dualreal_world_workflow.json").read_text())
+    workflow = shipped("11")
     info = comfy_server.object_info()
     assert not check_links(workflow, info)
     prompt = to_api(workflow, info)

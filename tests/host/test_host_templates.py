@@ -18,6 +18,7 @@ from comfy_host import REPO
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 SHIPPED_WEIGHTS = REPO / "custvid_core" / "world" / "weights"
 LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae",
+                  "CLIPVisionLoader": "clip_vision",
                   "CustVid_LoadDINOv2": "custvid_dino", "CustVid_LoadRAFT": "custvid_raft",
                   "CustVid_LoadShapesWorld": "custvid_world_text", "CustVid_LoadShapesWorldClip": "custvid_world_text"}
 # What the frontend's missing-models dialog accepts (MissingModelsWarning).
@@ -56,15 +57,16 @@ def test_the_browser_lists_every_workflow_with_its_thumbnail(comfy_server):
         assert len(thumbnail.content) < 64_000, name
 
 
-def test_titles_read_as_titles_with_the_no_download_ones_first():
+def test_titles_read_as_titles_and_say_which_need_no_download():
     names = [p.stem for p in WORKFLOWS]  # "A-Z" in the browser; the numbers keep the order
     for name in names:
         number, title = name.split(" ", 1)
         assert number.isdigit() and len(number) == 2 and title[0].isupper(), name
         assert not set("-_") & set(title), name  # the card's description is the title, not a mangled copy
+    # A workflow keeps its number (users find it by it), so a new one takes the next number whatever it needs.
+    assert [int(name[:2]) for name in names] == list(range(1, len(names) + 1)), names
     downloads = [_needs_download(json.loads(p.read_text())) for p in WORKFLOWS]
     assert any(downloads) and not all(downloads)
-    assert downloads == sorted(downloads), list(zip(names, downloads))  # every no-download one comes first
     for name, download in zip(names, downloads):
         assert ("(no download)" in name) != download, name
 

@@ -1,5 +1,6 @@
-"""The Wan 2.1 workflows as shipped, run in ComfyUI on a tiny Wan 2.1 checkpoint and a tiny Wan 2.1 VAE
-(ComfyUI's own architectures, random weights) saved under the file names the workflows name.
+"""The Wan 2.1 workflows as shipped, run in ComfyUI on a tiny Wan 2.1 checkpoint, a tiny Wan 2.1 VAE and (for
+DualReal's) a CLIP vision model (ComfyUI's own architectures, random weights) saved under the file names the
+workflows name.
 
 One part is replaced: umt5-xxl has a fixed 5.7B-parameter configuration and its tokenizer ships inside its
 weights, so the shapes world's text encoder (conditioning of the same width, 4096) stands in for
@@ -8,10 +9,11 @@ and training steps are shortened; everything else runs as the user would queue i
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
-from comfy_host import MOTION_CLIP, SUBJECT_PHOTO, tiny_wan_vae_weights, tiny_world
+from comfy_host import MOTION_CLIP, SUBJECT_PHOTO, import_comfy, tiny_wan_vae_weights, tiny_world
 from workflow_api import shipped, to_api
 
 from custvid_core.world.text import VOCABULARY
@@ -76,7 +78,8 @@ def runnable(number: str, server) -> dict:
             inputs.update(width=64, height=64, length=5)
         elif kind in ("KSampler", "BasicScheduler"):
             inputs["steps"] = 2
-        elif kind in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):
+        elif kind in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA", "CustVid_TrainDualReal",
+                      "CustVid_StageBlenderPlot"):
             inputs["steps"] = 2
         elif kind == "LoadImage":
             inputs["image"] = SUBJECT_PHOTO
@@ -118,3 +121,46 @@ def test_the_wan_control_workflows_run(wan_server, number, prefix):
     result = wan_server.run(runnable(number, wan_server), timeout=600)
     assert result["ok"], result["error"]
     assert wan_server.saved(prefix)
+
+
+def clip_vision_weights() -> dict:
+    """The smallest CLIP vision model ComfyUI's CLIPVisionLoader accepts, with small random weights: ComfyUI picks
+    a model's configuration from its state dict's keys (24 layers: ViT-L/14, 768-wide image embeddings), builds
+    it from that configuration and skips weight initialisation, so every weight is written."""
+    import json
+
+    import comfy.clip_model
+    import comfy.clip_vision
+    import comfy.ops
+
+    config = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json").read_text())
+    shapes = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast).state_dict()
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.ones(v.shape, dtype=torch.float16) if "norm" in k and k.endswith(".weight")
+            else torch.randn(v.shape, generator=g).mul_(0.02 if v.ndim > 1 or "embedding" in k else 0.002).half()
+            for k, v in shapes.items()}
+
+
+def test_the_wan_dualreal_workflow_trains_with_clip_vision_saves_applies_and_plots(wan_server):
+    """Train DualReal with the clip's first frame and the subject's photo through CLIP Vision Encode, save it,
+    apply it with the photo's encoding as the reference, generate, and plot the controller's weights."""
+    from safetensors.torch import save_file
+
+    from custvid_core.adapters.dualreal import load_dualreal
+
+    import_comfy()
+    vision = _loader_value("12", "CLIPVisionLoader")
+    (wan_server.base / "models" / "clip_vision").mkdir(parents=True, exist_ok=True)
+    save_file(clip_vision_weights(), str(wan_server.base / "models" / "clip_vision" / vision))
+    prompt = runnable("12", wan_server)
+    result = wan_server.run(prompt, timeout=900)
+    assert result["ok"], result["error"]
+    saved = load_dualreal(wan_server.base / "models" / "custvid" / "dualreal" / "custvid" / "my_dualreal.safetensors")
+    # Trained on the CLIP vision embeddings, so Apply DualReal and the plot ran with the photo's as the reference
+    # (without one they refuse).
+    assert saved.parts["motion"].metadata["spec"]["condition_dim"] == 768
+    history = _checkpoint_history(wan_server, "my_dualreal")
+    assert len(history) == 2
+    assert wan_server.saved("custvid/wan_dualreal")
+    previews = [im for o in result["outputs"].values() for im in o.get("images", []) if im["type"] == "temp"]
+    assert len(previews) == 2  # the loss graph and the StageBlender plot
