@@ -130,6 +130,14 @@ class DualAdapterPart(ModulePart):
     def _built(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
         if self.base_model is not None:
             check_base_model(self.base_model, backbone, self.input_name)
+        self.module = self._module_for(backbone, device, lambda: self._build(backbone), self.tensors is not None)
+        self.backbone = backbone
+        try:
+            yield
+        finally:
+            self.module = self.backbone = self.block_weights = self.condition = None
+
+    def _build(self, backbone: WanBackbone) -> BlockAdapters:
         spec = self.spec
         module = built_unseeded(lambda: BlockAdapters(backbone.num_blocks, backbone.dim, spec.bottleneck,
                                                       spec.condition_dim, spec.residual))
@@ -143,11 +151,7 @@ class DualAdapterPart(ModulePart):
                         adapter.up.bias.zero_()
         else:
             _load(module, self.tensors, self.input_name)
-        self.module, self.backbone = module.to(device), backbone
-        try:
-            yield
-        finally:
-            self.module = self.backbone = self.block_weights = self.condition = None
+        return module
 
     # --- running ---------------------------------------------------------------------------
     def set_condition(self, c: torch.Tensor | None) -> None:

@@ -90,6 +90,18 @@ class StageBlenderPart(ModulePart):
         if self.base_model is not None:
             check_base_model(self.base_model, backbone, self.input_name)
         groups = group_count(self.groups_wanted, backbone.num_blocks)
+        self.module = self._module_for(backbone, device, lambda: self._build(backbone, groups), self.tensors is not None)
+        self.backbone = backbone
+        self._of_block = block_groups(groups, backbone.num_blocks).to(device)
+        try:
+            with backbone.before_blocks(self._weigh):
+                yield
+        finally:
+            for part in (self.identity, self.motion):
+                part.set_block_weights(None)
+            self.module = self.backbone = self.last_weights = None
+
+    def _build(self, backbone: WanBackbone, groups: int) -> StageBlender:
         module = built_unseeded(lambda: StageBlender(backbone.dim, backbone.dim, groups))  # Wan's time embedding: dim
         if self.tensors is None:
             seeded_linear_init(module, torch.Generator().manual_seed(self.seed))
@@ -99,15 +111,7 @@ class StageBlenderPart(ModulePart):
                 module.fuse[-1].bias.zero_()
         else:
             _load(module, self.tensors, self.input_name)
-        self.module, self.backbone = module.to(device), backbone
-        self._of_block = block_groups(groups, backbone.num_blocks).to(device)
-        try:
-            with backbone.before_blocks(self._weigh):
-                yield
-        finally:
-            for part in (self.identity, self.motion):
-                part.set_block_weights(None)
-            self.module = self.backbone = self.last_weights = None
+        return module
 
     def _weigh(self, inputs: EmbeddedInputs) -> None:
         param = self.module.tokens.weight

@@ -136,6 +136,27 @@ def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_mo
     assert torch.equal(_sample(patcher, world), base)
 
 
+def test_an_applied_dualreal_builds_its_modules_once_for_all_its_samplings(world, monkeypatch):
+    """Apply DualReal attaches the parts for every model call; their modules are built on the first call only."""
+    import importlib
+
+    built = []
+    for name in ("dualreal", "stage_blender"):
+        module = importlib.import_module(f"custvid_pack.custvid_core.adapters.{name}")
+
+        def counting(make, _original=module.built_unseeded):
+            built.append(make)
+            return _original(make)
+
+        monkeypatch.setattr(module, "built_unseeded", counting)
+    applied = world["nodes"].ApplyDualReal.execute(world["patcher"], world["dualreal"], 1.0,
+                                                   clip_vision_output=_vision(1, 2)).result[0]
+    first, second = _sample(applied, world, steps=3), _sample(applied, world, steps=3)
+    assert len(built) == 3  # identity adapters, motion adapters, controller: for 2 samplings of 3 steps
+    assert torch.equal(first, second)
+    assert torch.allclose(first, _sample(world["model"], world, steps=3), atol=1e-5)
+
+
 def _stock_lora(world):
     """A random LoRA on every block's ffn.0 in ComfyUI's native keys, loaded by the stock LoraLoaderModelOnly."""
     from safetensors.torch import save_file
