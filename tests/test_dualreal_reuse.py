@@ -82,3 +82,15 @@ def test_a_part_in_training_starts_from_its_seed_at_every_attach():
     with attached(backbone, [part]):
         again = part.module.state_dict()
         assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_training_computes_no_gradient_for_the_base_model_and_leaves_its_flags_as_they_were():
+    """The base weights are not trained: a gradient for them (the model's size again) would be computed at every
+    step and left on the user's model."""
+    model = tiny_diffusers_wan(BLOCKS)
+    model.blocks[0].ffn.net[2].weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert sum(flags.values()) > 1  # as a model fresh from its constructor (or ComfyUI's loader) comes
+    _trained(describe(model))
+    assert all(p.grad is None for p in model.parameters())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags

@@ -136,6 +136,10 @@ def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_mo
     assert torch.equal(_sample(patcher, world), base)
 
 
+def test_training_leaves_no_gradient_on_the_users_model(world):
+    assert all(p.grad is None for p in world["patcher"].model.diffusion_model.parameters())
+
+
 def test_an_applied_dualreal_builds_its_modules_once_for_all_its_samplings(world, monkeypatch):
     """Apply DualReal attaches the parts for every model call; their modules are built on the first call only."""
     import importlib
