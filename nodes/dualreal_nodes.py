@@ -267,7 +267,9 @@ class LoadDualReal(io.ComfyNode):
     @classmethod
     def execute(cls, dualreal_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, dualreal_name)
-        return io.NodeOutput(load_dualreal(path, "dualreal_name"))
+        weights = load_dualreal(path, "dualreal_name")
+        dualreal_parts(weights, input_name="dualreal_name")  # a damaged file is refused here, naming it
+        return io.NodeOutput(weights)
 
 
 class StageBlenderPlot(io.ComfyNode):

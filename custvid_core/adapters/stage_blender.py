@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backbones.wan import EmbeddedInputs, WanBackbone
 from ..errors import InputError
-from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model
+from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model, described
 from .lora import base_model_signature
 from .parts import Exported, ModulePart, PartBase, StrengthValue, attached, built_unseeded, seeded_linear_init
 
@@ -148,8 +148,9 @@ class StageBlenderPart(ModulePart):
             raise InputError(input_name, f"a '{exported.kind}' where a StageBlender controller belongs",
                              "a StageBlender controller")
         meta = exported.metadata
-        part = cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
-                   base_model=meta["base_model"])
+        with described(input_name):
+            part = cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
+                       base_model=meta["base_model"])
         part.input_name = input_name
         return part
 
