@@ -83,14 +83,17 @@ def dualreal_model(model, weights: DualRealWeights, reference: torch.Tensor | No
                    input_name: str = "dualreal"):
     """A clone of `model` on which every call of the diffusion model runs with the adapters and the controller
     attached (the controller weighs the adapters from that call's tokens and timestep); the input MODEL is not
-    changed. Attached per call, so nothing stays on the model the clone shares with other MODELs. `weights`: ones
-    that fit the model (`_fits`)."""
+    changed. Attached per call, so nothing stays on the model the clone shares with other MODELs; the parts are
+    built once, in the calls' device and dtype (as training's autocast computes them), and again only where
+    these change. `weights`: ones that fit the model (`_fits`)."""
     parts = dualreal_parts(weights, input_name=input_name)
     identity, motion = parts[:2]
     identity.set_strength(strength)
     motion.set_strength(strength)
 
     def around_call(executor, x, *args, **kwargs):
+        for part in parts:
+            part.dtype = x.dtype
         with attached(describe(executor.class_obj), parts, x.device):
             motion.set_condition(reference)
             return executor(x, *args, **kwargs)
@@ -269,7 +272,9 @@ class LoadDualReal(io.ComfyNode):
     @classmethod
     def execute(cls, dualreal_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, dualreal_name)
-        return io.NodeOutput(load_dualreal(path, "dualreal_name"))
+        weights = load_dualreal(path, "dualreal_name")
+        dualreal_parts(weights, input_name="dualreal_name")  # a damaged file is refused here, naming it
+        return io.NodeOutput(weights)
 
 
 class StageBlenderPlot(io.ComfyNode):

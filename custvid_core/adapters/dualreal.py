@@ -130,6 +130,14 @@ class DualAdapterPart(ModulePart):
     def _built(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
         if self.base_model is not None:
             check_base_model(self.base_model, backbone, self.input_name)
+        self.module = self._module_for(backbone, device, lambda: self._build(backbone), self.tensors is not None)
+        self.backbone = backbone
+        try:
+            yield
+        finally:
+            self.module = self.backbone = self.block_weights = self.condition = None
+
+    def _build(self, backbone: WanBackbone) -> BlockAdapters:
         spec = self.spec
         module = built_unseeded(lambda: BlockAdapters(backbone.num_blocks, backbone.dim, spec.bottleneck,
                                                       spec.condition_dim, spec.residual))
@@ -143,11 +151,7 @@ class DualAdapterPart(ModulePart):
                         adapter.up.bias.zero_()
         else:
             _load(module, self.tensors, self.input_name)
-        self.module, self.backbone = module.to(device), backbone
-        try:
-            yield
-        finally:
-            self.module = self.backbone = self.block_weights = self.condition = None
+        return module
 
     # --- running ---------------------------------------------------------------------------
     def set_condition(self, c: torch.Tensor | None) -> None:
@@ -211,10 +215,21 @@ class DualAdapterPart(ModulePart):
         if exported.kind != ADAPTER_KIND:
             raise InputError(input_name, f"a '{exported.kind}' where DualReal adapters belong", "DualReal adapters")
         meta = exported.metadata
-        part = cls(name, meta["role"], DualAdapterSpec(**meta["spec"]), tensors=exported.tensors,
-                   base_model=meta["base_model"])
+        with described(input_name):
+            part = cls(name, meta["role"], DualAdapterSpec(**meta["spec"]), tensors=exported.tensors,
+                       base_model=meta["base_model"])
         part.input_name = input_name
         return part
+
+
+@contextlib.contextmanager
+def described(input_name: str) -> Iterator[None]:
+    """Reading a file's description of its parts: a damaged one (edited, or cut short) is refused, naming the input."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(input_name, f"its description of the parts is damaged ({type(e).__name__}: {e})",
+                         "a file written by Save DualReal") from e
 
 
 def check_base_model(expected: dict, backbone: WanBackbone, input_name: str) -> None:
@@ -263,11 +278,12 @@ def load_dualreal(path: str | os.PathLike, input_name: str = "dualreal") -> Dual
     if meta.get("custvid.kind") != FILE_KIND or "custvid.dualreal" not in meta:
         raise InputError(input_name, f"'{Path(path).name}' is not a DualReal file", "a file written by Save DualReal")
     parts = {}
-    for role, info in json.loads(meta["custvid.dualreal"]).items():
-        info = dict(info)
-        kind = info.pop("kind")
-        parts[role] = Exported(kind, {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(role + ".")},
-                               info)
+    with described(input_name):
+        for role, info in json.loads(meta["custvid.dualreal"]).items():
+            info = dict(info)
+            kind = info.pop("kind")
+            parts[role] = Exported(kind, {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(role + ".")},
+                                   info)
     if any(r not in parts for r in ROLES):
         raise InputError(input_name, f"'{Path(path).name}' lacks adapters", "identity and motion adapters")
     return DualRealWeights(parts)

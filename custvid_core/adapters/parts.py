@@ -88,9 +88,23 @@ class PartBase:
 
 class ModulePart(PartBase):
     """A part whose trainable parameters are one module's, built on attach (`module`, None while detached), in
-    one group named after the part."""
+    one group named after the part. A part with fixed weights (loaded from a file) keeps the module it built for
+    the next attach to a model of the same size on the same device in the same `dtype`: a sampler attaches it
+    for every model call, and building copies every weight (to a GPU: a transfer per call)."""
 
     module: nn.Module | None = None
+    dtype: torch.dtype = torch.float32  # what the module is built in: fp32 to train, a model call's dtype to apply
+    _kept: tuple[tuple, nn.Module] | None = None
+
+    def _module_for(self, backbone: WanBackbone, device: torch.device | None, build: Callable[[], nn.Module],
+                    fixed: bool) -> nn.Module:
+        """`build()` (on the CPU, in fp32) on `device` in `self.dtype`; kept and given again if `fixed`."""
+        key = (backbone.num_blocks, backbone.dim, None if device is None else torch.device(device), self.dtype)
+        if fixed and self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+        module = build().to(device=device, dtype=self.dtype)
+        self._kept = (key, module) if fixed else None
+        return module
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
         if self.module is None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..backbones.wan import EmbeddedInputs, WanBackbone
 from ..errors import InputError
-from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model
+from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model, described
 from .lora import base_model_signature
 from .parts import (
     BlockWeighted,
@@ -104,6 +104,18 @@ class StageBlenderPart(ModulePart):
         if self.base_model is not None:
             check_base_model(self.base_model, backbone, self.input_name)
         groups = group_count(self.groups_wanted, backbone.num_blocks)
+        self.module = self._module_for(backbone, device, lambda: self._build(backbone, groups), self.tensors is not None)
+        self.backbone = backbone
+        self._of_block = block_groups(groups, backbone.num_blocks).to(device)
+        try:
+            with backbone.before_blocks(self._weigh):
+                yield
+        finally:
+            for part in (self.identity, self.motion):
+                part.set_block_weights(None)
+            self.module = self.backbone = self.last_weights = None
+
+    def _build(self, backbone: WanBackbone, groups: int) -> StageBlender:
         module = built_unseeded(lambda: StageBlender(backbone.dim, backbone.dim, groups))  # Wan's time embedding: dim
         if self.tensors is None:
             seeded_linear_init(module, torch.Generator().manual_seed(self.seed))
@@ -113,15 +125,7 @@ class StageBlenderPart(ModulePart):
                 module.fuse[-1].bias.zero_()
         else:
             _load(module, self.tensors, self.input_name)
-        self.module, self.backbone = module.to(device), backbone
-        self._of_block = block_groups(groups, backbone.num_blocks).to(device)
-        try:
-            with backbone.before_blocks(self._weigh):
-                yield
-        finally:
-            for part in (self.identity, self.motion):
-                part.set_block_weights(None)
-            self.module = self.backbone = self.last_weights = None
+        return module
 
     def _weigh(self, inputs: EmbeddedInputs) -> None:
         param = self.module.tokens.weight
@@ -155,8 +159,9 @@ class StageBlenderPart(ModulePart):
             raise InputError(input_name, f"a '{exported.kind}' where a StageBlender controller belongs",
                              "a StageBlender controller")
         meta = exported.metadata
-        part = cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
-                   base_model=meta["base_model"])
+        with described(input_name):
+            part = cls(name, identity, motion, meta["groups"], meta["weighting"], tensors=exported.tensors,
+                       base_model=meta["base_model"])
         part.input_name = input_name
         return part
 

@@ -111,6 +111,19 @@ def _loss_scaled(groups: dict[str, list[torch.nn.Parameter]], scale: float) -> I
             h.remove()
 
 
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model's own weights without gradients while inside (the parts attached after, LoRA layers included,
+    learn): otherwise every backward computes a gradient the model's size, left on the model; flags put back."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def _about(backbone: WanBackbone, recipes: list[Recipe], dtype: torch.dtype, base_model: str | None,
            run_settings: dict | None) -> dict:
     """What a checkpoint must match to be resumed: the data, the recipe settings that change what is learned
@@ -150,7 +163,7 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
                                                                   else "belongs to none of the recipes"),
                              "tasks of the run's recipes, switching off their parts")
     context = StepContext(backbone, device, dtype)
-    with attached(backbone, parts.values(), device), backbone.checkpointing(checkpointing), \
+    with _frozen(backbone.model), attached(backbone, parts.values(), device), backbone.checkpointing(checkpointing), \
             contextlib.ExitStack() as stack:
         groups = {name: ps for p in parts.values() for name, ps in p.groups().items()}
         scaled = stack.enter_context(_loss_scaled(groups, FP16_LOSS_SCALE)) if dtype == torch.float16 else None

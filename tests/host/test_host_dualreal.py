@@ -136,6 +136,31 @@ def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_mo
     assert torch.equal(_sample(patcher, world), base)
 
 
+def test_training_leaves_no_gradient_on_the_users_model(world):
+    assert all(p.grad is None for p in world["patcher"].model.diffusion_model.parameters())
+
+
+def test_an_applied_dualreal_builds_its_modules_once_for_all_its_samplings(world, monkeypatch):
+    """Apply DualReal attaches the parts for every model call; their modules are built on the first call only."""
+    import importlib
+
+    built = []
+    for name in ("dualreal", "stage_blender"):
+        module = importlib.import_module(f"custvid_pack.custvid_core.adapters.{name}")
+
+        def counting(make, _original=module.built_unseeded):
+            built.append(make)
+            return _original(make)
+
+        monkeypatch.setattr(module, "built_unseeded", counting)
+    applied = world["nodes"].ApplyDualReal.execute(world["patcher"], world["dualreal"], 1.0,
+                                                   clip_vision_output=_vision(1, 2)).result[0]
+    first, second = _sample(applied, world, steps=3), _sample(applied, world, steps=3)
+    assert len(built) == 3  # identity adapters, motion adapters, controller: for 2 samplings of 3 steps
+    assert torch.equal(first, second)
+    assert torch.allclose(first, _sample(world["model"], world, steps=3), atol=1e-5)
+
+
 def _stock_lora(world):
     """A random LoRA on every block's ffn.0 in ComfyUI's native keys, loaded by the stock LoraLoaderModelOnly."""
     from safetensors.torch import save_file
@@ -288,6 +313,50 @@ def test_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path):
               **TRAIN)
     assert not any((runs / name).exists() for name in ("too_many_groups", "one_image", "three_images",
                                                        "fast_controller"))
+
+
+def test_more_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path):
+    """The rest of the issue's list: another model width, image embeddings where none were trained (and none where
+    they were, at the plot), two widths in training, a damaged file."""
+    import json
+
+    import comfy.sd
+    from comfy_host import tiny_world
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from custvid_core.world.model import save_world
+
+    nodes, patcher = world["nodes"], world["patcher"]
+    save_world(tiny_world(6, num_attention_heads=2), tmp_path / "narrow.safetensors", tmp_path / "text.safetensors")
+    narrow = comfy.sd.load_diffusion_model(str(tmp_path / "narrow.safetensors"))  # 6 blocks, as the world
+    with pytest.raises(ValueError, match="dualreal: made for a model with dim 128, and this one has dim 256"):
+        nodes.ApplyDualReal.execute(narrow, world["dualreal"], 1.0, clip_vision_output=_vision(1, 2))
+
+    without_images = nodes.TrainDualReal.execute(patcher, world["subject"], world["clips"], run_name="no_images",
+                                                 **{**TRAIN, "steps": 1}).result[1]
+    with pytest.raises(ValueError, match="clip_vision_output: is connected, and this DualReal was trained without"):
+        nodes.ApplyDualReal.execute(patcher, without_images, 1.0, clip_vision_output=_vision(1, 2))
+    with pytest.raises(ValueError, match="clip_vision_output: is not connected, and this DualReal was trained with"):
+        nodes.StageBlenderPlot.execute(patcher, world["dualreal"], _encode(world["clip"], PROMPT), world["latent"], 3, 0)
+
+    wider = _vision(1, 2)
+    wider["image_embeds"] = torch.randn(1, WIDTH + 1)
+    with pytest.raises(ValueError, match=rf"image_embeddings: widths {WIDTH} \(clips\) and {WIDTH + 1} \(subject\)"):
+        nodes.TrainDualReal.execute(patcher, world["subject"], world["clips"], run_name="two_widths",
+                                    clips_image=_vision(2, 1), subject_image=wider, **TRAIN)
+    assert not (world["base"] / "output" / "custvid_training" / "two_widths").exists()
+
+    # A DualReal file whose description of its parts was cut short: refused where it is loaded.
+    saved = world["base"] / "dualreal" / "custvid" / "damaged.safetensors"
+    nodes.SaveDualReal.execute(world["dualreal"], "custvid/damaged", False)
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+    description = json.loads(meta["custvid.dualreal"])
+    del description["motion"]["spec"]
+    save_file(load_file(saved), str(saved), metadata={**meta, "custvid.dualreal": json.dumps(description)})
+    with pytest.raises(ValueError, match="dualreal_name: its description of the parts is damaged"):
+        nodes.LoadDualReal.execute("custvid/damaged.safetensors")
 
 
 def test_the_world_dualreal_workflow_trains_saves_plots_and_generates(comfy_server):
