@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import comfy.patcher_extension
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ..custvid_core.adapters.dualreal import RESIDUALS, DualRealWeights, check_base_model, load_dualreal, save_dualreal
-from ..custvid_core.adapters.parts import attached
 from ..custvid_core.adapters.stage_blender import WEIGHTINGS, block_groups, dualreal_parts, weights_over_steps
 from ..custvid_core.backbones import describe
 from ..custvid_core.errors import InputError
@@ -21,6 +19,7 @@ from ..custvid_core.training.dualreal import DualRealSettings, ImageEmbeddings, 
 from ..custvid_core.training.objectives import SigmaSampler
 from . import types
 from .host import (
+    attached_per_call,
     base_model_signature,
     model_files,
     plain,
@@ -83,25 +82,12 @@ def dualreal_model(model, weights: DualRealWeights, reference: torch.Tensor | No
                    input_name: str = "dualreal"):
     """A clone of `model` on which every call of the diffusion model runs with the adapters and the controller
     attached (the controller weighs the adapters from that call's tokens and timestep); the input MODEL is not
-    changed. Attached per call, so nothing stays on the model the clone shares with other MODELs; the parts are
-    built once, in the calls' device and dtype (as training's autocast computes them), and again only where
-    these change. `weights`: ones that fit the model (`_fits`)."""
+    changed. `weights`: ones that fit the model (`_fits`)."""
     parts = dualreal_parts(weights, input_name=input_name)
     identity, motion = parts[:2]
     identity.set_strength(strength)
     motion.set_strength(strength)
-
-    def around_call(executor, x, *args, **kwargs):
-        for part in parts:
-            part.dtype = x.dtype
-        with attached(describe(executor.class_obj), parts, x.device):
-            motion.set_condition(reference)
-            return executor(x, *args, **kwargs)
-
-    patched = model.clone()
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, f"custvid_dualreal_{id(parts)}",
-                                 around_call)
-    return patched
+    return attached_per_call(model, parts, "custvid_dualreal", lambda: motion.set_condition(reference))
 
 
 def _clip_vision_input(name: str, tooltip: str):

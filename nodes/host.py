@@ -341,13 +341,18 @@ def token_roles(prompt: str, subject_words: str, clip=None, background_words: st
 def attached_per_call(model, parts: list, key: str, on_enter: Callable[[], None] | None = None):
     """A clone of `model` on which every call of the diffusion model runs with `parts` (custvid_core parts)
     attached, and detached after it, so the diffusion model the clone shares with other MODELs never keeps them;
-    the input MODEL is not changed. `on_enter`: what to set on the parts after attaching (e.g. a condition)."""
+    the input MODEL is not changed. Parts that build a module build it in the call's dtype (as training's autocast
+    computes them; a loaded one keeps it for the next call). `on_enter`: what to set on the parts after attaching
+    (e.g. a condition)."""
     import comfy.patcher_extension
 
-    from ..custvid_core.adapters.parts import attached
+    from ..custvid_core.adapters.parts import ModulePart, attached
     from ..custvid_core.backbones import describe
 
     def around_call(executor, x, *args, **kwargs):
+        for part in parts:
+            if isinstance(part, ModulePart):
+                part.dtype = x.dtype
         with attached(describe(executor.class_obj), parts, x.device):
             if on_enter is not None:
                 on_enter()
