@@ -66,7 +66,7 @@ def test_the_motion_adapters_can_take_the_world_dino_feature(tmp_path):
 def test_the_methods_file_names_dualreal_and_its_ablations_on_the_isolated_pairs_data_and_budget():
     methods = dualreal_methods()
     assert list(methods) == ["dualreal", "dualreal_dino", "dualreal_no_mask", "dualreal_fixed", "dualreal_groups_1",
-                             "dualreal_groups_2", "dualreal_groups_3", "dualreal_pure_residual"]
+                             "dualreal_groups_2", "dualreal_groups_3", "dualreal_pure_residual", "dualreal_controller_lr"]
     assert set(methods) <= set(method_names()) and not set(methods) & set(lora_methods())
     isolated = lora_methods()["full_moving"]
     budget = isolated.subject.optim.steps + isolated.motion.optim.steps
@@ -76,12 +76,15 @@ def test_the_methods_file_names_dualreal_and_its_ablations_on_the_isolated_pairs
         assert (method.moving_clips, method.hue_copies) == (isolated.moving_clips, isolated.hue_copies), name
         assert s.sigmas == isolated.subject.sigmas == isolated.motion.sigmas, name
     changed = {n: (m.settings.gradient_mask, m.settings.controller, m.settings.groups, m.image_condition,
-                   m.settings.residual) for n, m in methods.items()}
-    assert changed == {"dualreal": (True, True, None, None, "code"), "dualreal_dino": (True, True, None, "dino", "code"),
-                       "dualreal_no_mask": (False, True, None, None, "code"),
-                       "dualreal_fixed": (True, False, None, None, "code"),
-                       "dualreal_groups_1": (True, True, 1, None, "code"), "dualreal_groups_2": (True, True, 2, None, "code"),
-                       "dualreal_groups_3": (True, True, 3, None, "code"),
-                       "dualreal_pure_residual": (True, True, None, None, "pure")}
+                   m.settings.residual, m.settings.controller_lr) for n, m in methods.items()}
+    assert changed == {"dualreal": (True, True, None, None, "code", None),
+                       "dualreal_dino": (True, True, None, "dino", "code", None),
+                       "dualreal_no_mask": (False, True, None, None, "code", None),
+                       "dualreal_fixed": (True, False, None, None, "code", None),
+                       "dualreal_groups_1": (True, True, 1, None, "code", None),
+                       "dualreal_groups_2": (True, True, 2, None, "code", None),
+                       "dualreal_groups_3": (True, True, 3, None, "code", None),
+                       "dualreal_pure_residual": (True, True, None, None, "pure", None),
+                       "dualreal_controller_lr": (True, True, None, None, "code", 1e-5)}
     with pytest.raises(InputError, match="image_condition"):
         replace(methods["dualreal"], image_condition="clip")
