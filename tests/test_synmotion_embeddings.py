@@ -66,8 +66,13 @@ def test_the_motion_code_starts_at_the_pooled_phrase_and_the_subject_code_at_its
         assert torch.allclose(first.module.motion.code, phrase.mean(0).expand(3, -1))
         assert torch.equal(first.module.motion.code, other.module.motion.code)
         assert not torch.equal(first.module.subject.code, other.module.subject.code)
-    with pytest.raises(InputError, match="motion_phrase"):
+    padded = torch.zeros(1, 12, TEXT_DIM)  # as an encoder pads it: the padding is not part of the phrase
+    padded[0, :3] = phrase
+    assert torch.allclose(_part(phrase=padded).phrase, phrase.mean(0))
+    with pytest.raises(InputError, match="motion_phrase: a tensor of shape \\(2, 65\\)"):
         _part(phrase=torch.randn(2, TEXT_DIM + 1))
+    with pytest.raises(InputError, match="motion_phrase: a tensor of shape \\(1, 12, 64\\) with only zero rows"):
+        _part(phrase=torch.zeros(1, 12, TEXT_DIM))
 
 
 def test_each_group_gets_only_its_own_gradient_and_the_refiner_learns_with_the_motion():
@@ -174,8 +179,10 @@ def test_umt5_shaped_padded_conditioning_keeps_its_padding_and_works_in_bf16():
     g = torch.Generator().manual_seed(0)
     ctx = torch.zeros(2, 512, 4096)
     ctx[:, :7] = torch.randn(2, 7, 4096, generator=g) * 0.2
-    phrase = ctx[0, 3:6]
+    phrase = torch.zeros(1, 512, 4096)  # the motion phrase encoded alone, padded as the prompt is
+    phrase[0, :3] = ctx[0, 3:6]
     part = SynMotionEmbeddingPart("syn", POSITIONS, 4096, phrase, "red circle", "moving left")
+    assert torch.allclose(part.phrase, ctx[0, 3:6].mean(0))
     backbone = describe(tiny_diffusers_wan())  # only its text hook is used here
     with attached(backbone, [part]):
         assert part.module.motion.project.weight.shape == (4096, 4096)
@@ -199,7 +206,7 @@ def test_the_shapes_worlds_conditioning_takes_the_words_positions_from_its_token
     positions = RolePositions(roles.subject, motion)
     assert positions == RolePositions((1, 2), (3, 4))
     ctx = text(prompt).detach()
-    part = SynMotionEmbeddingPart("syn", positions, ctx.shape[-1], text("moving left")[0, :2].detach())
+    part = SynMotionEmbeddingPart("syn", positions, ctx.shape[-1], text("moving left").detach())
     backbone = describe(tiny_diffusers_wan())
     with attached(backbone, [part]):
         _trained(part)

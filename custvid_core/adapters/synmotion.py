@@ -92,11 +92,15 @@ def new_refiner(text_dim: int, seed: int) -> Refiner:
 
 
 def pooled_phrase(motion_phrase: torch.Tensor, text_dim: int) -> torch.Tensor:
-    """`[text_dim]`: the mean of the motion phrase's rows (`[tokens, text_dim]`, no padding) or the row given."""
+    """`[text_dim]`: the mean of the motion phrase's conditioning rows (`[tokens, text_dim]`, or `[1, L, text_dim]`
+    as an encoder gives it), leaving out all-zero rows (umt5's padding, the shapes world's)."""
     rows = motion_phrase.reshape(-1, motion_phrase.shape[-1]) if motion_phrase.ndim else motion_phrase
+    if rows.ndim == 2:
+        rows = rows[rows.abs().sum(-1) > 0]
     if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[-1] != text_dim:
-        raise InputError("motion_phrase", f"a tensor of shape {tuple(motion_phrase.shape)}",
-                         f"the motion phrase's conditioning rows, [tokens, {text_dim}] without padding")
+        raise InputError("motion_phrase", f"a tensor of shape {tuple(motion_phrase.shape)}"
+                         + (" with only zero rows" if rows.ndim == 2 and rows.shape[-1] == text_dim else ""),
+                         f"the motion phrase's conditioning rows, [tokens, {text_dim}], not all padding")
     return rows.float().mean(0)
 
 
