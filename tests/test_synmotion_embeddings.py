@@ -161,6 +161,14 @@ def test_other_files_widths_and_prompts_are_refused_naming_the_input(tmp_path):
     save_synmotion(tmp_path / "wide.safetensors", _learned(width=128))
     with pytest.raises(InputError, match="synmotion_embeddings: embeddings of width 128 for a text encoder of width 64"):
         load_synmotion(tmp_path / "wide.safetensors", text_dim=TEXT_DIM)
+    from custvid_core.files import save_safetensors
+    tensors = _learned().exported().tensors
+    save_safetensors(tmp_path / "damaged.safetensors", tensors, {"custvid.kind": KIND, "custvid.text_dim": "{"})
+    with pytest.raises(InputError, match="synmotion_embeddings: 'damaged.safetensors' has damaged metadata"):
+        load_synmotion(tmp_path / "damaged.safetensors")
+    save_safetensors(tmp_path / "odd.safetensors", {**tensors, "refiner.extra": torch.zeros(2)}, {"custvid.kind": KIND})
+    with pytest.raises(InputError, match="synmotion_embeddings: refiner weights \\['extra'\\]"):
+        load_synmotion(tmp_path / "odd.safetensors")
     _, ctx = _inputs()
     with pytest.raises(InputError, match="synmotion_embeddings: width 128 on conditioning of width 64"):
         with_embeddings(ctx, POSITIONS, _learned(width=128))
@@ -217,3 +225,37 @@ def test_the_shapes_worlds_conditioning_takes_the_words_positions_from_its_token
                                                motion), learned)
     assert torch.equal(out[:, :3], other[:, :3]) and torch.equal(out[:, 5:], other[:, 5:])
     assert not torch.allclose(out[:, 3:5], other[:, 3:5])
+
+
+def test_in_a_training_run_prior_clip_steps_train_the_subject_alone_on_their_own_prompts():
+    """SynMotion's alternation through the engine: motion steps (the clips' prompt) train both groups, prior-clip
+    steps (another subject, no motion words) only the subject's; the run exports what `with_embeddings` applies."""
+    from custvid_core.training import engine
+    from custvid_core.training.tasks import Random, Recipe, Task
+
+    backbone = describe(tiny_diffusers_wan())
+    x, ctx = _inputs()
+    part = _part()
+    seen = []
+
+    def loss_at(positions):
+        def loss(g, step):
+            part.set_positions(positions)
+            seen.append(positions)
+            return backbone.forward(x, 0.5, ctx).pow(2).mean(), {}
+        return loss
+
+    motion = Task("motion", loss_at(POSITIONS), ("syn_subject", "syn_motion"))
+    prior = Task("prior", loss_at(RolePositions(subject=(6,))), ("syn_subject",))
+
+    def trained(schedule):
+        recipe = Recipe("synmotion", [part], schedule, ("syn",))
+        (result,) = engine.run(backbone, [recipe], schedule, OptimSettings(steps=4, lr=1e-2, warmup=0))
+        return LearnedSynMotion.from_exported(result.parts["syn"])
+
+    only_prior = trained(prior)
+    assert only_prior.motion_residual.abs().max() == 0 and only_prior.subject_residual.abs().max() > 0
+    assert only_prior.subject_tokens == 2  # the training prompt's, whatever the steps' prompts were
+    both = trained(Random([(0.75, motion), (0.25, prior)]))
+    assert both.motion_residual.abs().max() > 0 and {POSITIONS, RolePositions(subject=(6,))} <= set(seen)
+    assert not torch.equal(with_embeddings(ctx, POSITIONS, both), ctx)

@@ -36,6 +36,7 @@ Choices the paper leaves open, and what this module does:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from .parts import Exported, ModulePart, StrengthValue, built_unseeded, seeded_l
 KIND = "synmotion_embeddings"
 REFINER_HIDDEN = 256
 INPUT = "synmotion_embeddings"
+REFINER_KEYS = {f"{layer}.{p}" for layer in ("norm", "inp", "out") for p in ("weight", "bias")}
 
 
 @dataclass(frozen=True)
@@ -109,30 +111,32 @@ def edit_rows(context: torch.Tensor, positions: RolePositions, subject: torch.Te
     """`context` `[B, L, D]` with `subject` (`[1, D]`, every subject row) and `motion` (`[motion tokens, D]`) added
     at their positions (None or no positions: that role untouched), then the refiner on the edited rows; each
     addition times `scale`. A new tensor; the rows elsewhere are the input's."""
-    roles = [(p, r.expand(len(p), -1) if p and name == "subject" else r) for name, p, r in
-             (("subject", positions.subject, subject), ("motion", positions.motion, motion)) if p and r is not None]
-    if not roles:
-        return context
-    for p, r in roles:
-        if r.shape[-1] != context.shape[-1]:
-            raise InputError(INPUT, f"width {r.shape[-1]} on conditioning of width {context.shape[-1]}",
-                             "embeddings trained with this text encoder")
-        if any(not 0 <= i < context.shape[1] for i in p):
-            raise InputError(INPUT, f"positions {list(p)} in a conditioning of {context.shape[1]} rows",
-                             "the positions of the prompt's words in this conditioning")
     if motion is not None and positions.motion and motion.shape[0] != len(positions.motion):
         raise InputError("motion_words", f"{len(positions.motion)} motion tokens in the prompt, the embedding "
                          f"was learned on {motion.shape[0]}", "the motion words as they were written in training "
                          "(they tokenize to as many tokens)")
-    rows = sorted(i for p, _ in roles for i in p)
-    residual = torch.cat([r for _, r in roles]) * scale
-    edited = add_at(context, [i for p, _ in roles for i in p], residual)
+    rows: list[int] = []
+    residuals: list[torch.Tensor] = []
+    for role, residual in ((positions.subject, subject), (positions.motion, motion)):
+        if not role or residual is None:
+            continue
+        if residual.shape[-1] != context.shape[-1]:
+            raise InputError(INPUT, f"width {residual.shape[-1]} on conditioning of width {context.shape[-1]}",
+                             "embeddings trained with this text encoder")
+        if any(not 0 <= i < context.shape[1] for i in role):
+            raise InputError(INPUT, f"positions {list(role)} in a conditioning of {context.shape[1]} rows",
+                             "the positions of the prompt's words in this conditioning")
+        rows += role
+        residuals.append(residual.expand(len(role), -1))  # the subject's one row goes to each of its tokens
+    if not rows:
+        return context
+    edited = add_at(context, rows, torch.cat(residuals) * scale)
     if refiner is None:
         return edited
     at = edited[:, rows]
-    param = next(refiner.parameters())
+    dtype = next(refiner.parameters()).dtype
     change = torch.zeros_like(edited)  # per batch row, unlike the residuals
-    change[:, rows] = (refiner(at.to(param.dtype)).to(context.dtype) - at) * scale
+    change[:, rows] = (refiner(at.to(dtype)).to(context.dtype) - at) * scale
     return edited + change
 
 
@@ -236,6 +240,19 @@ class LearnedSynMotion:
                    **{f"refiner.{k}": v for k, v in (self.refiner or {}).items()}}
         return Exported(KIND, tensors, self.metadata())
 
+    @classmethod
+    def from_exported(cls, exported: Exported, input_name: str = INPUT) -> LearnedSynMotion:
+        """From the part's file form (what a training run returns, or a file's tensors and metadata)."""
+        tensors, meta = exported.tensors, exported.metadata
+        subject, motion = tensors.get("subject_residual"), tensors.get("motion_residual")
+        if exported.kind != KIND or subject is None or motion is None or subject.ndim != 2 or motion.ndim != 2:
+            raise InputError(input_name, "these are not SynMotion embeddings", "a file written by Save SynMotion Embeddings")
+        refiner = {k.removeprefix("refiner."): v.float() for k, v in tensors.items() if k.startswith("refiner.")}
+        if refiner and set(refiner) != REFINER_KEYS:
+            raise InputError(input_name, f"refiner weights {sorted(refiner)}", "a refiner as Train SynMotion writes it")
+        return cls(subject.float(), motion.float(), refiner or None, meta.get("subject_words", ""),
+                   meta.get("motion_words", ""), int(meta.get("subject_tokens", 0)))
+
     def refiner_module(self, device=None, dtype=torch.float32) -> Refiner | None:
         if self.refiner is None:
             return None
@@ -270,16 +287,19 @@ def save_synmotion(path: str | os.PathLike, learned: LearnedSynMotion) -> Path:
 def load_synmotion(path: str | os.PathLike, text_dim: int | None = None, input_name: str = INPUT) -> LearnedSynMotion:
     """The embeddings in `path`; refused (naming `input_name`) if it is not such a file, or, with `text_dim`, if
     they were trained on conditioning of another width."""
-    import json
-
     tensors, meta = load_safetensors(path, input_name)
-    subject, motion = tensors.get("subject_residual"), tensors.get("motion_residual")
-    if meta.get("custvid.kind") != KIND or subject is None or motion is None or subject.ndim != 2 or motion.ndim != 2:
+    if meta.get("custvid.kind") != KIND:
         raise InputError(input_name, f"'{Path(path).name}' is not a CustVid SynMotion embeddings file",
                          "a file written by Save SynMotion Embeddings")
-    if text_dim is not None and motion.shape[-1] != text_dim:
-        raise InputError(input_name, f"embeddings of width {motion.shape[-1]} for a text encoder of width {text_dim}",
+    words = {"custvid.subject_words", "custvid.motion_words"}  # saved as they are; the other values as JSON
+    try:
+        metadata = {k.removeprefix("custvid."): v if k in words else json.loads(v) for k, v in meta.items()
+                    if k.startswith("custvid.") and k != "custvid.kind"}
+    except json.JSONDecodeError:
+        raise InputError(input_name, f"'{Path(path).name}' has damaged metadata",
+                         "a file written by Save SynMotion Embeddings") from None
+    learned = LearnedSynMotion.from_exported(Exported(KIND, tensors, metadata), input_name)
+    if text_dim is not None and learned.text_dim != text_dim:
+        raise InputError(input_name, f"embeddings of width {learned.text_dim} for a text encoder of width {text_dim}",
                          "embeddings trained with this text encoder")
-    refiner = {k.removeprefix("refiner."): v.float() for k, v in tensors.items() if k.startswith("refiner.")}
-    return LearnedSynMotion(subject.float(), motion.float(), refiner or None, meta.get("custvid.subject_words", ""),
-                            meta.get("custvid.motion_words", ""), int(json.loads(meta.get("custvid.subject_tokens", "0"))))
+    return learned
