@@ -31,6 +31,10 @@ Choices the paper leaves open, and what this module does:
   subject LoRA and its trigger embedding from the subject recipe), the same: the subject rows take your trigger
   embedding, not this subject residual. `subject=True` adds it (to the prompt's subject words, whatever they
   are) to regenerate the training clips' own subject.
+- A prompt whose motion words tokenize to another number of tokens than in training is refused (naming
+  `motion_words`): the motion residual has one row per token, and spreading it over other tokens would be a
+  silently different embedding. The caller finds the positions with the tokenizer, so words that tokenize
+  differently inside the new prompt are not found there and are refused the same way.
 """
 
 from __future__ import annotations
