@@ -52,7 +52,7 @@ def _reference(weights: DualRealWeights, clip_vision_output, input_name: str = "
                ) -> torch.Tensor | None:
     """The motion adapters' condition at sampling time: the reference image's embedding `[1, D]` (the mean of
     several images), refused where the adapters were trained without one or with another width."""
-    width = weights.parts["motion"].metadata["spec"]["condition_dim"]
+    width = weights.condition_dim
     embeds = _image_embeddings(clip_vision_output, input_name)
     if embeds is None:
         if width:
@@ -80,14 +80,20 @@ def _fits(model, weights: DualRealWeights, input_name: str):
 
 def dualreal_model(model, weights: DualRealWeights, reference: torch.Tensor | None, strength: float,
                    input_name: str = "dualreal"):
-    """A clone of `model` on which every call of the diffusion model runs with the adapters and the controller
-    attached (the controller weighs the adapters from that call's tokens and timestep); the input MODEL is not
-    changed. `weights`: ones that fit the model (`_fits`)."""
+    """A clone of `model` on which every call of the diffusion model runs with the identity and motion parts (adapters,
+    or a joint run's two LoRAs) and the controller attached (the controller weighs them from that call's tokens and
+    timestep; without one, adapters run at their fixed weight and LoRAs at 1.0, each times `strength`); the input
+    MODEL is not changed. `weights`: ones that fit the model (`_fits`)."""
     parts = dualreal_parts(weights, input_name=input_name)
     identity, motion = parts[:2]
-    identity.set_strength(strength)
-    motion.set_strength(strength)
-    return attached_per_call(model, parts, "custvid_dualreal", lambda: motion.set_condition(reference))
+
+    def on_enter():  # a LoRA takes its strength once attached
+        identity.set_strength(strength)
+        motion.set_strength(strength)
+        if reference is not None:
+            motion.set_condition(reference)
+
+    return attached_per_call(model, parts, "custvid_dualreal", on_enter)
 
 
 def _clip_vision_input(name: str, tooltip: str):
