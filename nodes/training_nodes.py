@@ -450,7 +450,8 @@ class TrainJointLoRAs(io.ComfyNode):
                         "each step learns the subject's photos (Train Subject LoRA's recipe) or the clips (Train "
                         "Motion LoRA's) while the other LoRA runs, frozen, so each learns beside the other it will "
                         "be used with. Optionally DualReal's StageBlender controller weighs the two per denoising "
-                        "step and per group of blocks. The input MODEL is not changed.",
+                        "step and per group of blocks. The dualreal output keeps both LoRAs and the "
+                        "controller for Save DualReal and Apply DualReal. The input MODEL is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="A Wan model from Load Diffusion Model (LoRAs may be applied)."),
                 types.SubjectDataset.Input("subject", tooltip="From Subject Dataset: the subject steps learn it."),
@@ -465,8 +466,9 @@ class TrainJointLoRAs(io.ComfyNode):
                                  tooltip="Also learn DualReal's StageBlender controller: per denoising step and group "
                                          "of blocks it multiplies the subject LoRA by 2w and the motion LoRA by 2 - 2w "
                                          "(both 1.0 at first), learning on every step. It acts in this node's model "
-                                         "output only: the saved LoRAs, loaded alone at 1.0, act as at its start. "
-                                         "Off: both LoRAs at 1.0 throughout."),
+                                         "and dualreal outputs only (Save DualReal keeps it with the LoRAs): the "
+                                         "saved LoRAs, loaded alone at 1.0, act as at its start. Off: both LoRAs "
+                                         "at 1.0 throughout."),
                 io.Int.Input("groups", default=0, min=0, max=64,
                              tooltip="With controller: groups of consecutive blocks weighed apart. 0: 7 (one per block "
                                      "on a model with fewer blocks). At most the model's block count."),
