@@ -6,7 +6,7 @@ import pytest
 import torch
 from builders import tiny_diffusers_wan
 
-from custvid_core.adapters.dualreal import DualRealWeights, load_dualreal, save_dualreal
+from custvid_core.adapters.dualreal import DualAdapterPart, DualRealWeights, load_dualreal, save_dualreal
 from custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec, base_model_signature
 from custvid_core.adapters.parts import Exported, attached
 from custvid_core.adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, block_groups, dualreal_parts
@@ -210,6 +210,8 @@ def test_a_joint_run_saved_as_a_dualreal_loads_and_applies_as_the_run_does(tmp_p
 
 
 def test_a_saved_pair_with_a_damaged_part_is_refused_naming_the_input(tmp_path):
+    """A LoRA cut short or without its base model, a controller weighing LoRAs as adapters, and a LoRA pair's
+    controller over DualReal adapters."""
     backbone = describe(tiny_diffusers_wan(BLOCKS))
     trained = train_joint(backbone, *_data(), *_settings(), OptimSettings(steps=1), controller=JointController())
     pair = joint_dualreal(trained, backbone)
@@ -219,6 +221,9 @@ def test_a_saved_pair_with_a_damaged_part_is_refused_naming_the_input(tmp_path):
                {**pair.parts, "motion": Exported("lora", cut, {"base_model": {}})},
                {**pair.parts, "controller": Exported("stage_blender", pair.parts["controller"].tensors,
                                                      {**pair.parts["controller"].metadata, "weighting": "code"})}]
+    adapters = [DualAdapterPart("i", "identity"), DualAdapterPart("m", "motion")]
+    with torch.no_grad(), attached(backbone, adapters):
+        damaged.append({**{p.role: p.export() for p in adapters}, "controller": pair.parts["controller"]})
     for parts in damaged:
         with pytest.raises(InputError, match="^dualreal_name"):
             dualreal_parts(DualRealWeights(parts), input_name="dualreal_name")
