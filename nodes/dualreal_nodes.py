@@ -52,7 +52,7 @@ def _reference(weights: DualRealWeights, clip_vision_output, input_name: str = "
                ) -> torch.Tensor | None:
     """The motion adapters' condition at sampling time: the reference image's embedding `[1, D]` (the mean of
     several images), refused where the adapters were trained without one or with another width."""
-    width = weights.parts["motion"].metadata["spec"]["condition_dim"]
+    width = weights.condition_dim
     embeds = _image_embeddings(clip_vision_output, input_name)
     if embeds is None:
         if width:
@@ -80,14 +80,20 @@ def _fits(model, weights: DualRealWeights, input_name: str):
 
 def dualreal_model(model, weights: DualRealWeights, reference: torch.Tensor | None, strength: float,
                    input_name: str = "dualreal"):
-    """A clone of `model` on which every call of the diffusion model runs with the adapters and the controller
-    attached (the controller weighs the adapters from that call's tokens and timestep); the input MODEL is not
-    changed. `weights`: ones that fit the model (`_fits`)."""
+    """A clone of `model` on which every call of the diffusion model runs with the identity and motion parts (adapters,
+    or a joint run's two LoRAs) and the controller attached (the controller weighs them from that call's tokens and
+    timestep; without one, adapters run at their fixed weight and LoRAs at 1.0, each times `strength`); the input
+    MODEL is not changed. `weights`: ones that fit the model (`_fits`)."""
     parts = dualreal_parts(weights, input_name=input_name)
     identity, motion = parts[:2]
-    identity.set_strength(strength)
-    motion.set_strength(strength)
-    return attached_per_call(model, parts, "custvid_dualreal", lambda: motion.set_condition(reference))
+
+    def on_enter():  # a LoRA takes its strength once attached
+        identity.set_strength(strength)
+        motion.set_strength(strength)
+        if reference is not None:
+            motion.set_condition(reference)
+
+    return attached_per_call(model, parts, "custvid_dualreal", on_enter)
 
 
 def _clip_vision_input(name: str, tooltip: str):
@@ -196,10 +202,12 @@ class ApplyDualReal(io.ComfyNode):
             category=CATEGORY,
             description="Attaches a trained DualReal to a copy of the model: at every sampling step the controller "
                         "weighs the identity and motion adapters of each group of blocks from the step's noise level "
-                        "and content. The input MODEL is not changed.",
+                        "and content. A joint LoRA run's dualreal: its two LoRAs, weighed by its controller (without "
+                        "one: both at strength). The input MODEL is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="The model it was trained on (not changed; a copy is returned)."),
-                types.DualReal.Input("dualreal", tooltip="From Train DualReal or Load DualReal."),
+                types.DualReal.Input("dualreal", tooltip="From Train DualReal, Load DualReal or the dualreal output of "
+                                                            "Train Subject and Motion LoRAs Jointly."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.05,
                                tooltip="Multiplies both adapters' weights (1.0: as trained, 0.0: off)."),
                 _clip_vision_input("clip_vision_output", "CLIP Vision Encode of the subject's reference image "
@@ -222,10 +230,12 @@ class SaveDualReal(io.ComfyNode):
             node_id="CustVid_SaveDualReal",
             display_name="Save DualReal",
             category=CATEGORY,
-            description="Writes a trained DualReal (both adapters and the controller, with the model size, groups, "
-                        "bottleneck and conditioning it was trained with) to models/custvid/dualreal as one file.",
+            description="Writes a trained DualReal (both adapters, or a joint run's two LoRAs, and the controller, with "
+                        "the model size, groups, bottleneck and conditioning it was trained with) to "
+                        "models/custvid/dualreal as one file.",
             is_output_node=True,
-            inputs=[types.DualReal.Input("dualreal", tooltip="From Train DualReal."),
+            inputs=[types.DualReal.Input("dualreal", tooltip="From Train DualReal or Train Subject and Motion LoRAs "
+                                                               "Jointly."),
                     io.String.Input("filename", default="custvid/my_dualreal",
                                     tooltip="Name under models/custvid/dualreal (sub-folders allowed); .safetensors "
                                             "is added."),
@@ -275,7 +285,8 @@ class StageBlenderPlot(io.ComfyNode):
                         "without guidance along the model's simple schedule.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the DualReal was trained on (not changed)."),
-                types.DualReal.Input("dualreal", tooltip="From Train DualReal or Load DualReal (with a controller)."),
+                types.DualReal.Input("dualreal", tooltip="From Train DualReal, Load DualReal or Train Subject and "
+                                                            "Motion LoRAs Jointly (with a controller)."),
                 io.Conditioning.Input("conditioning", tooltip="The prompt, encoded by your text encoder."),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you sample (e.g. Empty Latent Video)."),
                 io.Int.Input("steps", default=20, min=2, max=200, tooltip="Denoising steps."),

@@ -10,17 +10,16 @@ from typing import Callable
 import torch
 from comfy_api.latest import io, ui
 
+from ..custvid_core.adapters.dualreal import DualRealWeights
 from ..custvid_core.adapters.lora import (
     MOTION_ROLES,
     SUBJECT_ROLES,
-    LoraPart,
     LoraWeights,
     native_lora_modules,
     save_lora,
 )
 from ..custvid_core.adapters.lora import base_model_signature as lora_base_model
-from ..custvid_core.adapters.parts import Exported
-from ..custvid_core.adapters.stage_blender import StageBlenderPart
+from ..custvid_core.adapters.stage_blender import dualreal_parts
 from ..custvid_core.backbones import describe
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import loss_plot
@@ -35,6 +34,7 @@ from ..custvid_core.training import (
     append_clips,
     append_photos,
     clip_set,
+    joint_dualreal,
     subject_set,
     train_joint,
     train_motion,
@@ -432,13 +432,11 @@ class TrainMotionLoRA(io.ComfyNode):
         return _finish(model, trained, notes)
 
 
-def _controlled_model(model, loras: list[LoraWeights], controller: Exported):
-    """A clone of `model` on which every model call runs the subject and motion LoRAs weighed by a trained
-    StageBlender controller (`controller`: its export), from that call's tokens and timestep, per batch row and
-    group of blocks."""
-    subject, motion = (LoraPart(lora.spec, tensors=lora) for lora in loras)
-    weigher = StageBlenderPart.from_exported("joint_controller", controller, subject, motion, "controller")
-    return attached_per_call(model, [subject, motion, weigher], "custvid_joint_controller")
+def _controlled_model(model, weights: DualRealWeights):
+    """A clone of `model` on which every model call runs a joint run's subject and motion LoRAs weighed by its
+    trained StageBlender controller (`weights`: `joint_dualreal`'s), from that call's tokens and timestep, per batch
+    row and group of blocks."""
+    return attached_per_call(model, dualreal_parts(weights, "joint"), "custvid_joint_controller")
 
 
 class TrainJointLoRAs(io.ComfyNode):
@@ -452,7 +450,8 @@ class TrainJointLoRAs(io.ComfyNode):
                         "each step learns the subject's photos (Train Subject LoRA's recipe) or the clips (Train "
                         "Motion LoRA's) while the other LoRA runs, frozen, so each learns beside the other it will "
                         "be used with. Optionally DualReal's StageBlender controller weighs the two per denoising "
-                        "step and per group of blocks. The input MODEL is not changed.",
+                        "step and per group of blocks. The dualreal output keeps both LoRAs and the "
+                        "controller for Save DualReal and Apply DualReal. The input MODEL is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="A Wan model from Load Diffusion Model (LoRAs may be applied)."),
                 types.SubjectDataset.Input("subject", tooltip="From Subject Dataset: the subject steps learn it."),
@@ -467,8 +466,9 @@ class TrainJointLoRAs(io.ComfyNode):
                                  tooltip="Also learn DualReal's StageBlender controller: per denoising step and group "
                                          "of blocks it multiplies the subject LoRA by 2w and the motion LoRA by 2 - 2w "
                                          "(both 1.0 at first), learning on every step. It acts in this node's model "
-                                         "output only: the saved LoRAs, loaded alone at 1.0, act as at its start. "
-                                         "Off: both LoRAs at 1.0 throughout."),
+                                         "and dualreal outputs only (Save DualReal keeps it with the LoRAs): the "
+                                         "saved LoRAs, loaded alone at 1.0, act as at its start. Off: both LoRAs "
+                                         "at 1.0 throughout."),
                 io.Int.Input("groups", default=0, min=0, max=64,
                              tooltip="With controller: groups of consecutive blocks weighed apart. 0: 7 (one per block "
                                      "on a model with fewer blocks). At most the model's block count."),
@@ -507,7 +507,8 @@ class TrainJointLoRAs(io.ComfyNode):
                 _training_dtype_input(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="subject_lora"),
-                     io.LoraModel.Output(display_name="motion_lora"), io.Image.Output(display_name="loss_graph")],
+                     io.LoraModel.Output(display_name="motion_lora"), io.Image.Output(display_name="loss_graph"),
+                     types.DualReal.Output(display_name="dualreal")],
         )
 
     @classmethod
@@ -538,8 +539,9 @@ class TrainJointLoRAs(io.ComfyNode):
                                   base_model=base_model_signature(model),
                                   controller=JointController(groups or None) if controller else None)
         loras = [_lora_weights(model, trained[0], subject.trigger_words), _lora_weights(model, trained[1])]
-        patched = _controlled_model(model, loras, trained[2].parts[trained[2].main]) if controller else None
-        return _finish(model, trained[0], notes, loras=loras, patched=patched)
+        pair = joint_dualreal(trained, describe(model.model.diffusion_model))
+        patched = _controlled_model(model, pair) if controller else None
+        return _finish(model, trained[0], notes, pair, loras=loras, patched=patched)
 
 
 class SaveLoRA(io.ComfyNode):

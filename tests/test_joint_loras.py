@@ -6,9 +6,10 @@ import pytest
 import torch
 from builders import tiny_diffusers_wan
 
-from custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec
-from custvid_core.adapters.parts import attached
-from custvid_core.adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, block_groups
+from custvid_core.adapters.dualreal import DualAdapterPart, DualRealWeights, load_dualreal, save_dualreal
+from custvid_core.adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec, base_model_signature
+from custvid_core.adapters.parts import Exported, attached
+from custvid_core.adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, block_groups, dualreal_parts
 from custvid_core.backbones import describe
 from custvid_core.errors import InputError
 from custvid_core.training import (
@@ -19,6 +20,7 @@ from custvid_core.training import (
     SubjectSettings,
     VideoSet,
     engine,
+    joint_dualreal,
     train_joint,
 )
 from custvid_core.training.customize import joint_recipes
@@ -172,6 +174,59 @@ def test_the_trained_loras_and_controller_apply_again_from_their_exports():
     assert all(torch.equal(tensors[k], v) for tensors, t in zip(again, trained) for k, v in t.tensors.items())
     assert (weights - 1.0).abs().max() > 1e-4  # the trained controller moved off its starting 1.0
     assert (applied - without_controller).abs().max() > 1e-5
+
+
+def _run_parts(trained):
+    """The run's own LoRAs and controller, as parts."""
+    subject, motion = (LoraPart(t.spec, tensors=t.tensors) for t in trained[:2])
+    if len(trained) == 2:
+        return [subject, motion]
+    return [subject, motion, StageBlenderPart.from_exported("c", trained[2].parts["joint_controller"], subject, motion)]
+
+
+def _forward(backbone, parts):
+    x, context = _inputs()
+    with torch.no_grad(), attached(backbone, parts):
+        return backbone.forward(x, torch.tensor([0.3, 0.8]), context)
+
+
+@pytest.mark.parametrize("controlled", [True, False])
+def test_a_joint_run_saved_as_a_dualreal_loads_and_applies_as_the_run_does(tmp_path, controlled):
+    backbone = describe(tiny_diffusers_wan(BLOCKS))
+    trained = train_joint(backbone, *_data(), *_settings(), OptimSettings(steps=6, lr=3e-2, warmup=1),
+                          controller=JointController(groups=3) if controlled else None)
+    loaded = load_dualreal(save_dualreal(tmp_path / "pair.safetensors", joint_dualreal(trained, backbone)))
+    assert sorted(loaded.parts) == sorted(["identity", "motion", *(["controller"] if controlled else [])])
+    assert loaded.condition_dim == 0
+    assert all(loaded.parts[role].metadata["base_model"] == base_model_signature(backbone)
+               for role in ("identity", "motion"))
+    parts = dualreal_parts(loaded)
+    assert len(parts) == (3 if controlled else 2)
+    from_file, by_run = _forward(backbone, parts), _forward(backbone, _run_parts(trained))
+    assert torch.allclose(from_file, by_run, atol=1e-6)
+    assert (from_file - _forward(backbone, [])).abs().max() > 1e-4  # the LoRAs act
+    if controlled:  # and the trained controller with them
+        assert (from_file - _forward(backbone, _run_parts(trained[:2]))).abs().max() > 1e-5
+
+
+def test_a_saved_pair_with_a_damaged_part_is_refused_naming_the_input(tmp_path):
+    """A LoRA cut short or without its base model, a controller weighing LoRAs as adapters, and a LoRA pair's
+    controller over DualReal adapters."""
+    backbone = describe(tiny_diffusers_wan(BLOCKS))
+    trained = train_joint(backbone, *_data(), *_settings(), OptimSettings(steps=1), controller=JointController())
+    pair = joint_dualreal(trained, backbone)
+    cut = dict(pair.parts["motion"].tensors)
+    cut.pop(next(k for k in cut if k.endswith(".lora_up.weight")))
+    damaged = [{**pair.parts, "motion": Exported("lora", cut, pair.parts["motion"].metadata)},
+               {**pair.parts, "motion": Exported("lora", cut, {"base_model": {}})},
+               {**pair.parts, "controller": Exported("stage_blender", pair.parts["controller"].tensors,
+                                                     {**pair.parts["controller"].metadata, "weighting": "code"})}]
+    adapters = [DualAdapterPart("i", "identity"), DualAdapterPart("m", "motion")]
+    with torch.no_grad(), attached(backbone, adapters):
+        damaged.append({**{p.role: p.export() for p in adapters}, "controller": pair.parts["controller"]})
+    for parts in damaged:
+        with pytest.raises(InputError, match="^dualreal_name"):
+            dualreal_parts(DualRealWeights(parts), input_name="dualreal_name")
 
 
 def test_bad_joint_settings_are_refused_with_the_input_named():

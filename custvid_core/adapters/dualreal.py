@@ -13,7 +13,8 @@ with gradients while training), or times `FIXED_WEIGHT` without a controller (th
 
 The identity and the motion adapters are two parts of one kind (`DualAdapterPart`, roles "identity" and
 "motion"), each its own trainable group and strength; attached together, they share one residual per sublayer.
-`save_dualreal` / `load_dualreal` keep both and the controller in one safetensors file.
+`save_dualreal` / `load_dualreal` keep both and the controller in one safetensors file; they keep a joint LoRA
+run's two LoRAs and controller the same way.
 """
 
 from __future__ import annotations
@@ -253,13 +254,21 @@ def _load(module: nn.Module, tensors: Mapping[str, torch.Tensor], input_name: st
 # --- files ---------------------------------------------------------------------------------
 @dataclass
 class DualRealWeights:
-    """A trained DualReal: its parts in file form by role ("identity", "motion", and "controller" if any)."""
+    """A trained DualReal: its parts in file form by role ("identity", "motion", and "controller" if any). The
+    identity and motion parts are DualReal adapters, or the subject and motion LoRAs of a joint LoRA run (each
+    with its spec and base model; see `joint_dualreal`)."""
 
     parts: dict[str, Exported]
 
     @property
     def metadata(self) -> dict:
         return {role: exported.metadata for role, exported in self.parts.items()}
+
+    @property
+    def condition_dim(self) -> int:
+        """The width of the image embedding the motion part takes: 0 for none (always so for a LoRA pair)."""
+        motion = self.parts["motion"]
+        return motion.metadata["spec"]["condition_dim"] if motion.kind == ADAPTER_KIND else 0
 
 
 def save_dualreal(path: str | os.PathLike, weights: DualRealWeights) -> Path:

@@ -18,15 +18,16 @@ with every step.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..backbones.wan import EmbeddedInputs, WanBackbone
+from ..backbones.wan import NATIVE_PREFIX, EmbeddedInputs, WanBackbone
 from ..errors import InputError
-from .dualreal import DualAdapterPart, DualRealWeights, _load, check_base_model, described
-from .lora import base_model_signature
+from .dualreal import ADAPTER_KIND, ROLES, DualAdapterPart, DualRealWeights, _load, check_base_model, described
+from .lora import LORA_SUFFIXES, LoraPart, LoraSpec, base_model_signature, native_lora_modules
 from .parts import (
     BlockWeighted,
     Exported,
@@ -167,17 +168,48 @@ class StageBlenderPart(ModulePart):
 
 
 
+def _lora_part(name: str, exported: Exported, input_name: str) -> LoraPart:
+    """A LoRA export (a joint run's subject or motion LoRA) as a part, its tensors checked against its spec here so
+    that a damaged file is refused where it is read, naming `input_name`."""
+    with described(input_name):
+        spec = replace(LoraSpec.from_dict(exported.metadata["spec"]), name=name)
+        if not isinstance(exported.metadata["base_model"], dict):  # what `_fits`-style checks read
+            raise TypeError("its base model is not described")
+    modules = native_lora_modules(exported.tensors)
+    missing = [key for module in sorted(modules) for key in (NATIVE_PREFIX + module + s for s in LORA_SUFFIXES)
+               if key not in exported.tensors]
+    if not modules or missing:
+        problem = f"'{missing[0]}' is missing" if missing else "it holds no LoRA weights"
+        raise InputError(input_name, f"its LoRA '{name}' is incomplete: {problem}", "a file written by Save DualReal")
+    return LoraPart(spec, tensors=exported.tensors)
+
+
 def dualreal_parts(weights: DualRealWeights, name: str = "dualreal", input_name: str = "dualreal") -> list[PartBase]:
-    """Parts that apply a trained DualReal (`load_dualreal`'s or a run's `dualreal_weights`): the identity and motion
-    adapters, and the controller that weighs them if it was trained with one."""
-    identity = DualAdapterPart.from_exported(f"{name}_identity", weights.parts["identity"], input_name)
-    motion = DualAdapterPart.from_exported(f"{name}_motion", weights.parts["motion"], input_name)
-    if identity.role != "identity" or motion.role != "motion":
-        raise InputError(input_name, "its identity and motion adapters are swapped", "a file written by Save DualReal")
+    """Parts that apply a trained DualReal (`load_dualreal`'s, a run's `dualreal_weights` or a joint LoRA run's
+    `joint_dualreal`): the identity and motion adapters, or the subject and motion LoRAs, and the controller that
+    weighs them if it was trained with one."""
+    kinds = {role: weights.parts[role].kind for role in ROLES}
+    if kinds["identity"] != kinds["motion"] or kinds["identity"] not in (ADAPTER_KIND, LoraPart.kind):
+        raise InputError(input_name, f"its identity and motion parts are of kinds {kinds['identity']!r} and "
+                         f"{kinds['motion']!r}", "two DualReal adapters or two LoRAs, as Save DualReal writes them")
+    loras = kinds["identity"] == LoraPart.kind
+    if loras:
+        identity, motion = (_lora_part(f"{name}_{role}", weights.parts[role], input_name) for role in ROLES)
+    else:
+        identity = DualAdapterPart.from_exported(f"{name}_identity", weights.parts["identity"], input_name)
+        motion = DualAdapterPart.from_exported(f"{name}_motion", weights.parts["motion"], input_name)
+        if identity.role != "identity" or motion.role != "motion":
+            raise InputError(input_name, "its identity and motion adapters are swapped",
+                             "a file written by Save DualReal")
     parts = [identity, motion]
     if "controller" in weights.parts:
-        parts.append(StageBlenderPart.from_exported(f"{name}_controller", weights.parts["controller"], identity, motion,
-                                                    input_name))
+        controller = StageBlenderPart.from_exported(f"{name}_controller", weights.parts["controller"], identity,
+                                                    motion, input_name)
+        if (controller.weighting == LORA_WEIGHTING) != loras:
+            raise InputError(input_name, f"its controller weighs with '{controller.weighting}' over "
+                             f"{'LoRAs' if loras else 'DualReal adapters'}",
+                             f"'{LORA_WEIGHTING}' over LoRAs, one of {WEIGHTINGS} over adapters")
+        parts.append(controller)
     return parts
 
 
@@ -196,7 +228,8 @@ def weights_over_steps(backbone: WanBackbone, parts: list[PartBase], noise: torc
     rows = []
     x = noise.to(device)
     with torch.no_grad(), attached(backbone, parts, device):
-        controller.motion.set_condition(condition)
+        if condition is not None:  # a LoRA pair takes none
+            controller.motion.set_condition(condition)
         for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
             v = backbone.forward(x, torch.tensor([sigma], device=device), context.to(device))
             rows.append(controller.identity_weights()[0].float().cpu())

@@ -5,6 +5,7 @@ from .customize import (
     JointController,
     MotionSettings,
     SubjectSettings,
+    joint_dualreal,
     train_joint,
     train_motion,
     train_subject,
@@ -19,5 +20,5 @@ from .tasks import Cycle, Random, Recipe, Stages, Task
 __all__ = ["Cycle", "DualRealSettings", "ImageEmbeddings", "JointController", "MotionSettings", "MovingClips", "OptimSettings",
            "Random", "Recipe", "SigmaSampler", "Stages", "StepResult", "SubjectSet", "SubjectSettings", "Task",
            "TrainedParts", "TrainingStopped", "VideoSet", "append_clips", "append_photos", "clip_set",
-           "dualreal_weights", "subject_set", "train", "train_dualreal", "train_joint", "train_motion",
+           "dualreal_weights", "joint_dualreal", "subject_set", "train", "train_dualreal", "train_joint", "train_motion",
            "train_subject"]

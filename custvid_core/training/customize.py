@@ -29,6 +29,7 @@ Joint (`joint_recipes`, `train_joint`): both recipes in one run, Random(motion, 
   (`JointController`) DualReal's StageBlender controller weighs the two LoRAs per denoising step and per group of
   blocks, from each forward's tokens and timestep: the subject LoRA's output times 2w, the motion LoRA's times
   2 - 2w (both 1.0 at initialisation), learning on every step; it is a recipe of its own in the run.
+  `joint_dualreal` keeps the pair and the controller as a DualReal (`save_dualreal`, `dualreal_parts`).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ from typing import Callable
 
 import torch
 
+from ..adapters.dualreal import ROLES as DUALREAL_ROLES
+from ..adapters.dualreal import DualRealWeights
 from ..adapters.embedding import TriggerEmbeddingPart
-from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec
-from ..adapters.parts import ProjectorPart
+from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec, base_model_signature
+from ..adapters.parts import Exported, ProjectorPart
 from ..adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, group_count
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
@@ -406,6 +409,18 @@ def joint_recipes(backbone: WanBackbone, subject_data: SubjectSet, motion_data: 
     if weigher is not None:
         recipes.append(Recipe(controller.name, [weigher], schedule, returns=(weigher.name,), settings=controller))
     return recipes, schedule
+
+
+def joint_dualreal(trained: tuple[TrainedParts, ...], backbone: WanBackbone) -> DualRealWeights:
+    """A joint run's (`train_joint`'s) LoRAs as a DualReal that Save DualReal writes and Apply DualReal applies: the
+    subject LoRA as its identity part, the motion LoRA as its motion part (each with the base model it fits) and,
+    where the run trained one, its controller."""
+    base_model = base_model_signature(backbone)
+    parts = {role: Exported(LoraPart.kind, run.tensors, {**run.parts[run.main].metadata, "base_model": base_model})
+             for role, run in zip(DUALREAL_ROLES, trained[:2])}
+    if len(trained) > 2:
+        parts["controller"] = trained[2].parts[trained[2].main]
+    return DualRealWeights(parts)
 
 
 def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet,

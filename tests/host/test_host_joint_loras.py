@@ -1,11 +1,12 @@
 """Train Subject and Motion LoRAs Jointly on the shapes world's model loaded by ComfyUI's own loader (in-process):
 the two LoRAs it outputs save through Save LoRA and load in the stock LoraLoaderModelOnly, each changing the output;
 without the controller its MODEL is the two LoRAs at 1.0; with it, every model call runs the LoRAs weighed by the
-trained controller, as the library's parts compute; the input MODEL is left as it was; bad input is refused."""
+trained controller, as the library's parts compute; its dualreal output saves through Save DualReal and, loaded by Load
+DualReal, Apply DualReal gives what its MODEL gives; the input MODEL is left as it was; bad input is refused."""
 
 import pytest
 import torch
-from comfy_host import import_comfy, import_pack
+from comfy_host import import_comfy, import_pack, tiny_world_wan
 
 from custvid_core.world.model import MODEL_FILE, load_world
 from custvid_core.world.scene import Scene, WorldSpec, render
@@ -29,11 +30,12 @@ def world(tmp_path_factory):
     import folder_paths
 
     pack = import_pack()
-    from custvid_pack.nodes import training_nodes, world_nodes
+    from custvid_pack.nodes import dualreal_nodes, training_nodes, world_nodes
 
     base = tmp_path_factory.mktemp("joint")
     folder_paths.set_output_directory(str(base / "output"))
     folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
+    folder_paths.add_model_folder_path("custvid_dualreal", str(base / "dualreal"), is_default=True)
     patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
     clip, vae = world_nodes.world_clip(load_world().text), world_nodes.WorldVAE()
     photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1))
@@ -46,8 +48,8 @@ def world(tmp_path_factory):
         clips = training_nodes.VideoDataset.execute(vae, clip_scene.frames, _encode(clip, clip_scene.prompt),
                                                     add_to=clips).result[0]
     latent = world_nodes.WorldEmptyLatent.execute(5, 32, 1).result[0]
-    world = dict(pack=pack, nodes=training_nodes, patcher=patcher, clip=clip, subject=subject, clips=clips,
-                 latent=latent, base=base)
+    world = dict(pack=pack, nodes=training_nodes, dualreal_nodes=dualreal_nodes, patcher=patcher, clip=clip,
+                 subject=subject, clips=clips, latent=latent, base=base)
     world["before"] = _state(patcher)
     world["plain"] = _train(world, "joint_plain", controller=False)
     world["controlled"] = _train(world, "joint_controlled", controller=True)
@@ -95,7 +97,7 @@ def _stock_loaded(world, model, names, strength=1.0):
 
 def test_the_saved_loras_load_in_the_stock_loader_and_each_changes_the_output(world):
     nodes, patcher = world["nodes"], world["patcher"]
-    model, subject_lora, motion_lora, graph = world["plain"]
+    model, subject_lora, motion_lora, graph, _ = world["plain"]
     assert graph.shape[0] == 1 and graph.shape[-1] == 3
     assert subject_lora.spec.name == "subject" and motion_lora.spec.name == "motion"
     assert subject_lora.trigger_words == world["subject"].trigger_words
@@ -115,7 +117,7 @@ def test_the_saved_loras_load_in_the_stock_loader_and_each_changes_the_output(wo
 
 def test_with_the_controller_its_model_runs_the_loras_weighed_and_leaves_the_model_alone(world):
     patcher = world["patcher"]
-    model, subject_lora, motion_lora, _ = world["controlled"]
+    model, subject_lora, motion_lora, _, _ = world["controlled"]
     names = [world["nodes"].SaveLoRA.execute(lora, f"custvid/controlled_{lora.spec.name}", "", False).result[0]
              for lora in (subject_lora, motion_lora)]
     base, stock = _sample(patcher, world), _sample(_stock_loaded(world, patcher, names), world)
@@ -133,19 +135,20 @@ def _controlled(world, model):
     """The node's controlled MODEL over `model`, with the joint run's LoRAs and a controller whose weights are known:
     it ignores the tokens (its last layer's weights are zero) and gives group g the subject weight
     2 * sigmoid(KNOWN_BIAS[g])."""
+    from custvid_core.adapters.dualreal import DualRealWeights
     from custvid_core.adapters.lora import LoraPart
     from custvid_core.adapters.parts import attached
     from custvid_core.adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart
     from custvid_core.backbones import describe
 
-    _, subject_lora, motion_lora, _ = world["plain"]
+    _, subject_lora, motion_lora, _, pair = world["plain"]
     with torch.no_grad():
         parts = [LoraPart(subject_lora.spec, tensors=subject_lora), LoraPart(motion_lora.spec, tensors=motion_lora)]
         weigher = StageBlenderPart("c", *parts, groups=3, weighting=LORA_WEIGHTING)
         with attached(describe(world["patcher"].model.diffusion_model), [*parts, weigher]):
             weigher.module.fuse[-1].bias.copy_(KNOWN_BIAS)
             controller = weigher.export()
-    return world["nodes"]._controlled_model(model, [subject_lora, motion_lora], controller)
+    return world["nodes"]._controlled_model(model, DualRealWeights({**pair.parts, "controller": controller}))
 
 
 def test_a_controlled_model_call_weighs_each_lora_per_group_of_blocks(world):
@@ -160,7 +163,7 @@ def test_a_controlled_model_call_weighs_each_lora_per_group_of_blocks(world):
     from custvid_core.backbones import describe
 
     patcher = world["patcher"]
-    _, subject_lora, motion_lora, _ = world["plain"]
+    _, subject_lora, motion_lora, _, pair = world["plain"]
     backbone = describe(patcher.model.diffusion_model)
     model = _controlled(world, patcher)
     parts = [LoraPart(subject_lora.spec, tensors=subject_lora), LoraPart(motion_lora.spec, tensors=motion_lora)]
@@ -240,4 +243,67 @@ def test_bad_joint_input_is_refused_with_the_input_named(world):
     with pytest.raises(ValueError, match="motion_probability"):
         _train(world, "joint_bad_probability", controller=False, motion_probability=1.0)
     assert not (world["base"] / "output" / "custvid_training" / "joint_bad_groups" / "checkpoint.pt").exists()
+    assert _untouched(world)
+
+
+def _saved_and_loaded(world, pair, name):
+    dualreal = world["dualreal_nodes"]
+    saved = dualreal.SaveDualReal.execute(pair, f"custvid/{name}", False).result[0]
+    return dualreal.LoadDualReal.execute(saved).result[0]
+
+
+def test_the_controlled_pair_saves_loads_and_applies_as_the_node_s_model(world):
+    """The dualreal output (the LoRAs and the trained controller) through Save DualReal and Load DualReal: Apply
+    DualReal on the input MODEL samples what the node's own MODEL samples; the plot draws its controller."""
+    dualreal, patcher = world["dualreal_nodes"], world["patcher"]
+    model, _, _, _, pair = world["controlled"]
+    loaded = _saved_and_loaded(world, pair, "joint_controlled")
+    assert sorted(loaded.parts) == ["controller", "identity", "motion"]
+    applied = dualreal.ApplyDualReal.execute(patcher, loaded, 1.0).result[0]
+    base, node_model = _sample(patcher, world), _sample(model, world)
+    assert torch.allclose(_sample(applied, world), node_model, atol=1e-6)
+    assert not torch.allclose(node_model, base, atol=1e-3)
+    halved = _sample(dualreal.ApplyDualReal.execute(patcher, loaded, 0.5).result[0], world)
+    assert not torch.allclose(halved, node_model, atol=1e-4) and not torch.allclose(halved, base, atol=1e-4)
+    plot = dualreal.StageBlenderPlot.execute(patcher, loaded, _encode(world["clip"], PROMPT), world["latent"], 3,
+                                             0).result[0]
+    assert plot.ndim == 4 and plot.shape[-1] == 3
+    assert _untouched(world) and torch.equal(_sample(patcher, world), base)
+
+
+def test_a_pair_without_controller_applies_both_loras_at_the_strength_given(world):
+    """Without the controller the dualreal output is the two LoRAs: Apply DualReal at 1.0 samples what the node's
+    MODEL (both LoRAs by ComfyUI's own loading) samples; the plot refuses it, having no controller to draw."""
+    dualreal, patcher = world["dualreal_nodes"], world["patcher"]
+    model, _, _, _, pair = world["plain"]
+    loaded = _saved_and_loaded(world, pair, "joint_plain")
+    assert sorted(loaded.parts) == ["identity", "motion"]
+    applied = _sample(dualreal.ApplyDualReal.execute(patcher, loaded, 1.0).result[0], world)
+    # LoRAs run beside the weights, against ComfyUI's merged into them: equal up to rounding (the LoRAs move it by ~6).
+    assert torch.allclose(applied, _sample(model, world), atol=1e-4)
+    off = _sample(dualreal.ApplyDualReal.execute(patcher, loaded, 0.0).result[0], world)
+    assert torch.allclose(off, _sample(patcher, world), atol=1e-5)
+    with pytest.raises(ValueError, match="dualreal: has no StageBlender controller"):
+        dualreal.StageBlenderPlot.execute(patcher, loaded, _encode(world["clip"], PROMPT), world["latent"], 3, 0)
+    assert _untouched(world)
+
+
+def test_a_bad_pair_file_or_model_is_refused_naming_the_input(world, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    dualreal = world["dualreal_nodes"]
+    pair = world["controlled"][4]
+    saved = world["base"] / "dualreal" / "custvid" / "cut_pair.safetensors"
+    dualreal.SaveDualReal.execute(pair, "custvid/cut_pair", False)
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(saved)
+    del tensors[next(k for k in tensors if k.startswith("motion.") and k.endswith(".lora_up.weight"))]
+    save_file(tensors, str(saved), metadata=meta)
+    with pytest.raises(ValueError, match="dualreal_name: its LoRA 'dualreal_motion' is incomplete"):
+        dualreal.LoadDualReal.execute("custvid/cut_pair.safetensors")
+    small, _, _ = tiny_world_wan(tmp_path)  # 2 blocks
+    with pytest.raises(ValueError, match="dualreal: made for a model with blocks 6"):
+        dualreal.ApplyDualReal.execute(small, pair, 1.0)
     assert _untouched(world)
