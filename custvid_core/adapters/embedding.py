@@ -62,21 +62,21 @@ def add_at(context: torch.Tensor, positions: Sequence[int], residual: torch.Tens
 KIND = "trigger_embedding"
 
 
-class TriggerEmbeddingPart(ModulePart):
-    """A trigger embedding as a part: while attached (and its strength is not 0), the rows `positions` of the
-    text context get the embedding's residual (times the strength) before the backbone's text embedding."""
+class TextEditPart(ModulePart):
+    """A part that edits the text context where it enters the model (`WanBackbone.edit_text_context`): `_build()`
+    makes its module on attach, `_edited(context, strength)` is the edit; at strength 0 the context is left as is."""
 
-    kind = KIND
+    _scale: StrengthValue = 1.0
 
-    def __init__(self, name: str, positions: Sequence[int], text_dim: int, trigger_words: str = "", seed: int = 0):
-        super().__init__(name)
-        self.positions, self.text_dim, self.trigger_words, self.seed = tuple(positions), text_dim, trigger_words, seed
-        self.module: TriggerEmbedding | None = None
-        self._scale: StrengthValue = 1.0
+    def _build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _edited(self, context: torch.Tensor, scale: StrengthValue) -> torch.Tensor:
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def attach(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
-        self.module = TriggerEmbedding(len(self.positions), self.text_dim, seed=self.seed).to(device)
+        self.module = self._build().to(device)
         handle = backbone.edit_text_context(self._edit)
         try:
             yield
@@ -87,12 +87,30 @@ class TriggerEmbeddingPart(ModulePart):
     def _edit(self, context: torch.Tensor) -> torch.Tensor:
         if isinstance(self._scale, float) and self._scale == 0.0:
             return context
-        if isinstance(self._scale, float) and self._scale == 1.0:
-            return self.module(context, self.positions)
-        return add_at(context, self.positions, self.module.residual() * self._scale)
+        return self._edited(context, self._scale)
 
     def _apply_strength(self, value: StrengthValue) -> None:
         self._scale = float(value) if not isinstance(value, torch.Tensor) else value
+
+
+class TriggerEmbeddingPart(TextEditPart):
+    """A trigger embedding as a part: while attached (and its strength is not 0), the rows `positions` of the
+    text context get the embedding's residual (times the strength) before the backbone's text embedding."""
+
+    kind = KIND
+
+    def __init__(self, name: str, positions: Sequence[int], text_dim: int, trigger_words: str = "", seed: int = 0):
+        super().__init__(name)
+        self.positions, self.text_dim, self.trigger_words, self.seed = tuple(positions), text_dim, trigger_words, seed
+        self.module: TriggerEmbedding | None = None
+
+    def _build(self) -> nn.Module:
+        return TriggerEmbedding(len(self.positions), self.text_dim, seed=self.seed)
+
+    def _edited(self, context: torch.Tensor, scale: StrengthValue) -> torch.Tensor:
+        if isinstance(scale, float) and scale == 1.0:
+            return self.module(context, self.positions)
+        return add_at(context, self.positions, self.module.residual() * scale)
 
     def export(self) -> Exported:
         residual = self.module.residual().detach().cpu()

@@ -39,21 +39,18 @@ Choices the paper leaves open, and what this module does:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from ..files import load_safetensors, save_safetensors
-from .embedding import CODE_DIM, TriggerEmbedding, add_at
-from .parts import Exported, ModulePart, StrengthValue, built_unseeded, seeded_linear_init
+from .embedding import CODE_DIM, TextEditPart, TriggerEmbedding, add_at
+from .parts import Exported, StrengthValue, built_unseeded, seeded_linear_init
 
 KIND = "synmotion_embeddings"
 REFINER_HIDDEN = 256
@@ -157,7 +154,7 @@ class SynMotionEmbeddings(nn.Module):
         self.refiner = new_refiner(text_dim, seed) if refiner else None
 
 
-class SynMotionEmbeddingPart(ModulePart):
+class SynMotionEmbeddingPart(TextEditPart):
     """The dual embeddings as a training part, in two groups: `<name>_subject` (the subject residual) and
     `<name>_motion` (the motion residual and the refiner), so a prior-clip step can update the subject alone.
     While attached, every forward's text context gets the residuals at `positions` (the training prompt's; a
@@ -175,31 +172,17 @@ class SynMotionEmbeddingPart(ModulePart):
         self.phrase = pooled_phrase(motion_phrase, text_dim)
         self.subject_words, self.motion_words = subject_words, motion_words
         self.module: SynMotionEmbeddings | None = None
-        self._scale: StrengthValue = 1.0
 
     def set_positions(self, positions: RolePositions) -> None:
         """The rows the next forwards edit (a step's own prompt)."""
         self.positions = positions
 
-    @contextlib.contextmanager
-    def attach(self, backbone: WanBackbone, device: torch.device | None) -> Iterator[None]:
-        self.module = SynMotionEmbeddings(self.motion_tokens, self.text_dim, self.phrase, self.refiner,
-                                          self.seed).to(device)
-        handle = backbone.edit_text_context(self._edit)
-        try:
-            yield
-        finally:
-            handle.remove()
-            self.module = None
+    def _build(self) -> nn.Module:
+        return SynMotionEmbeddings(self.motion_tokens, self.text_dim, self.phrase, self.refiner, self.seed)
 
-    def _edit(self, context: torch.Tensor) -> torch.Tensor:
-        if isinstance(self._scale, float) and self._scale == 0.0:
-            return context
+    def _edited(self, context: torch.Tensor, scale: StrengthValue) -> torch.Tensor:
         m = self.module
-        return edit_rows(context, self.positions, m.subject.residual(), m.motion.residual(), m.refiner, self._scale)
-
-    def _apply_strength(self, value: StrengthValue) -> None:
-        self._scale = float(value) if not isinstance(value, torch.Tensor) else value
+        return edit_rows(context, self.positions, m.subject.residual(), m.motion.residual(), m.refiner, scale)
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
         super().groups()  # refuses a detached part
