@@ -66,6 +66,11 @@ def prior_prompts(count: int, seed: int = 0) -> list[PriorPrompt]:
     return prompts
 
 
+def world_fingerprint(world: World) -> str:
+    """The world's model and text encoder, as the digest a cache of what they generated is kept by."""
+    return content_digest(model_signature(world.backbone.model), world.text.embedding.weight)
+
+
 def subject_prior_clips(world: World, cache_dir: str | Path, count: int = 16, seed: int = 0, steps: int = 30,
                         cfg: float = 4.0, progress=None) -> PriorClips:
     """`count` clips the world model itself generates (`sample.generate_latents`, the model frozen) for prompts of
@@ -76,7 +81,7 @@ def subject_prior_clips(world: World, cache_dir: str | Path, count: int = 16, se
     prompts = prior_prompts(count, seed)
     spec = world.spec
     settings = PriorSettings(count, seed, spec.size, spec.size, spec.frames, steps, cfg, (("shift", 3.0),))
-    base_model = content_digest(model_signature(world.backbone.model), world.text.embedding.weight)
+    base_model = world_fingerprint(world)
 
     def generate(index: int, clip_seed: int) -> torch.Tensor:
         return generate_latents(world, prompts[index].text, seed=clip_seed, steps=steps, cfg=cfg, progress=_quiet)
