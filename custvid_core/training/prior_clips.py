@@ -84,8 +84,9 @@ def prompts_text(prompts: Sequence[PriorPrompt]) -> str:
 
 @dataclass(frozen=True)
 class PriorSettings:
-    """What decides the generated clips besides the model and the prompts. `sampling`: the sampler's own settings
-    (name, scheduler, shift, ...) as (name, value) pairs, so a cache made with other ones is not reused."""
+    """What decides the generated clips besides the model and the prompts. `width`, `height`: in the caller's units
+    (pixels, or latent cells where the caller knows no VAE). `sampling`: whatever else decides them (the sampler's
+    name, scheduler, shift, the text encoder) as (name, value) pairs, so a cache made with other ones is not reused."""
 
     count: int = 20
     seed: int = 0
