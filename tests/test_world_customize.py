@@ -208,6 +208,7 @@ def test_the_stillness_and_joint_methods_keep_only_the_subject_and_motion_loras(
 
 
 def test_subject_prior_clips_are_the_frozen_worlds_own_samples_of_its_vocabulary_cached_per_model(tmp_path, monkeypatch):
+    from custvid_core.training.prior_clips import PriorPrompt
     from custvid_core.world import customize
     from custvid_core.world.sample import generate_latents
     from custvid_core.world.text import VOCABULARY
@@ -222,6 +223,8 @@ def test_subject_prior_clips_are_the_frozen_worlds_own_samples_of_its_vocabulary
         assert torch.equal(clips.context[k], world.text(prompt.text)[0])
         assert torch.allclose(clips.latents[k], generate_latents(world, prompt.text, seed=3 + k, steps=2,
                                                                  progress=lambda *_: None)[0])
+    own = customize.subject_prior_clips(world, tmp_path, count=1, steps=2, prompts=[PriorPrompt("green cross", "moving up")])
+    assert own.prompts[0].text == "green cross moving up" and torch.equal(own.context[0], world.text("green cross moving up")[0])
     monkeypatch.setattr(customize, "generate_latents", lambda *a, **k: pytest.fail("a cached clip was generated again"))
     assert torch.equal(customize.subject_prior_clips(world, tmp_path, count=2, seed=3, steps=2).latents, clips.latents)
     other = build_world(TINY, seed=1)  # another model: the first model's clips are refused for it

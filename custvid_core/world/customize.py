@@ -72,13 +72,14 @@ def world_fingerprint(world: World) -> str:
 
 
 def subject_prior_clips(world: World, cache_dir: str | Path, count: int = 16, seed: int = 0, steps: int = 30,
-                        cfg: float = 4.0, progress=None) -> PriorClips:
-    """`count` clips the world model itself generates (`sample.generate_latents`, the model frozen) for prompts of
-    its own vocabulary (`prior_prompts`), cached in `cache_dir` by the model, its text encoder, the prompts and the
-    settings; a rerun with the same ones reads the cache. (`vocabulary_clips` renders the ground truth instead.)"""
+                        cfg: float = 4.0, prompts: list[PriorPrompt] | None = None, progress=None) -> PriorClips:
+    """`count` clips the world model itself generates (`sample.generate_latents`, the model frozen) for `prompts`
+    (default: `count` prompts of its own vocabulary, `prior_prompts`), cached in `cache_dir` by the model, its text
+    encoder, the prompts and the settings; a rerun with the same ones reads the cache. (`vocabulary_clips` renders
+    the ground truth instead.)"""
     if count < 1:
         raise InputError("count", f"{count}", "at least 1 clip")
-    prompts = prior_prompts(count, seed)
+    prompts = prior_prompts(count, seed) if prompts is None else prompts
     spec = world.spec
     settings = PriorSettings(count, seed, spec.size, spec.size, spec.frames, steps, cfg, (("shift", 3.0),))
     base_model = world_fingerprint(world)
