@@ -9,6 +9,7 @@ from . import (
     embedding_nodes,
     representation_nodes,
     schedule_nodes,
+    synmotion_nodes,
     training_nodes,
     world_nodes,
 )
@@ -22,7 +23,8 @@ class CustVidExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*representation_nodes.NODES, *training_nodes.NODES, *embedding_nodes.NODES, *schedule_nodes.NODES,
-                *world_nodes.NODES, *control_nodes.NODES, *dualreal_nodes.NODES]
+                *world_nodes.NODES, *control_nodes.NODES, *dualreal_nodes.NODES,
+                *synmotion_nodes.NODES]
 
 
 async def comfy_entrypoint() -> CustVidExtension:

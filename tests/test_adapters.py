@@ -190,3 +190,18 @@ def test_a_trigger_embedding_part_edits_its_rows_by_its_strength_and_a_projector
         assert projector.export() is None and len(projector.groups()["projector"]) == 6
     assert torch.equal(backbone.forward(x, 0.5, ctx), before)
     assert not any(m._forward_pre_hooks for m in backbone.model.modules())
+
+
+def test_synmotion_motion_preset_puts_lora_on_q_k_v_of_every_attention_layer_and_nothing_else():
+    from custvid_core.adapters import synmotion_motion_lora
+
+    backbone = describe(tiny_diffusers_wan())
+    x, ctx = _inputs()
+    with LoraAdapters(backbone, [synmotion_motion_lora(4)]) as adapters:
+        on = {name.removeprefix("diffusion_model.").rsplit(".lora_down.weight", 1)[0]
+              for name in adapters.native_state_dict("motion") if name.endswith(".lora_down.weight")}
+        assert on == {f"blocks.{b}.{a}.{p}" for b in range(2) for a in ("self_attn", "cross_attn") for p in "qkv"}
+        before = backbone.forward(x, 0.5, ctx)
+        _randomise(adapters, "motion")
+        assert (backbone.forward(x, 0.5, ctx) - before).abs().max() > 1e-3
+    assert synmotion_motion_lora().rank == 64 and synmotion_motion_lora().name == "motion"

@@ -9,6 +9,7 @@ from custvid_core.adapters import read_lora
 from custvid_core.adapters.embedding import load_trigger_embedding
 from custvid_core.adapters.parts import Exported
 from custvid_core.control import SMRABOOTH_TIMING, StrengthSchedule
+from custvid_core.errors import InputError
 from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
 from custvid_core.training import TrainedParts
@@ -204,3 +205,30 @@ def test_the_stillness_and_joint_methods_keep_only_the_subject_and_motion_loras(
     else:  # one run: subject and motion steps drawn at random
         assert len(history) == 4
     assert run(["sks mtn"], 0).shape == (1, 5, 32, 32, 3)
+
+
+def test_subject_prior_clips_are_the_frozen_worlds_own_samples_of_its_vocabulary_cached_per_model(tmp_path, monkeypatch):
+    from custvid_core.training.prior_clips import PriorPrompt
+    from custvid_core.world import customize
+    from custvid_core.world.sample import generate_latents
+    from custvid_core.world.text import VOCABULARY
+
+    world = build_world(TINY)
+    weights = {k: v.clone() for k, v in world.backbone.model.state_dict().items()}
+    clips = customize.subject_prior_clips(world, tmp_path, count=2, seed=3, steps=2)
+    assert all(torch.equal(v, weights[k]) for k, v in world.backbone.model.state_dict().items())
+    assert clips.latents.shape == (2, 16, 1, 32, 32) and clips.context.shape == (2, 16, 4096)
+    for k, prompt in enumerate(clips.prompts):
+        assert prompt.action.startswith("moving ") and set(prompt.text.split()) <= set(VOCABULARY)
+        assert torch.equal(clips.context[k], world.text(prompt.text)[0])
+        assert torch.allclose(clips.latents[k], generate_latents(world, prompt.text, seed=3 + k, steps=2,
+                                                                 progress=lambda *_: None)[0])
+    own = customize.subject_prior_clips(world, tmp_path, count=1, steps=2, prompts=[PriorPrompt("green cross", "moving up")])
+    assert own.prompts[0].text == "green cross moving up" and torch.equal(own.context[0], world.text("green cross moving up")[0])
+    monkeypatch.setattr(customize, "generate_latents", lambda *a, **k: pytest.fail("a cached clip was generated again"))
+    assert torch.equal(customize.subject_prior_clips(world, tmp_path, count=2, seed=3, steps=2).latents, clips.latents)
+    other = build_world(TINY, seed=1)  # another model: the first model's clips are refused for it
+    assert clips.base_model == customize.world_fingerprint(world) != customize.world_fingerprint(other)
+    with pytest.raises(InputError) as refused:
+        clips.require_model(customize.world_fingerprint(other))
+    assert refused.value.input_name == "prior_clips"

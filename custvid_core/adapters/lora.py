@@ -65,6 +65,8 @@ class LoraSpec:
 # SMRABooth's split by location: appearance in q/k and the first FFN layer, motion in v/o and the FFN.
 SUBJECT_ROLES = ("self_attn.q", "self_attn.k", "cross_attn.q", "cross_attn.k", "ffn.0")
 MOTION_ROLES = ("self_attn.v", "self_attn.o", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+# SynMotion's motion adapters: the query, key and value of every attention layer, self and cross.
+SYNMOTION_MOTION_ROLES = ("self_attn.q", "self_attn.k", "self_attn.v", "cross_attn.q", "cross_attn.k", "cross_attn.v")
 
 
 def subject_lora(rank: int = 32, name: str = "subject") -> LoraSpec:
@@ -73,6 +75,12 @@ def subject_lora(rank: int = 32, name: str = "subject") -> LoraSpec:
 
 def motion_lora(rank: int = 64, name: str = "motion") -> LoraSpec:
     return LoraSpec(name, MOTION_ROLES, rank)
+
+
+def synmotion_motion_lora(rank: int = 64, name: str = "motion") -> LoraSpec:
+    """SynMotion's motion adapters. The paper gives no rank: 64, the pack's motion LoRA's, on as many roles
+    (six), so the two motion recipes compare at the same size."""
+    return LoraSpec(name, SYNMOTION_MOTION_ROLES, rank)
 
 
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

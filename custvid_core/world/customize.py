@@ -27,12 +27,14 @@ from ..training.customize import (
 )
 from ..training.datasets import SubjectSet, VideoSet
 from ..training.engine import TrainedParts
+from ..training.fingerprint import content_digest, model_signature
 from ..training.loop import OptimSettings
 from ..training.objectives import DecodedFlow
+from ..training.prior_clips import PriorClips, PriorPrompt, PriorSettings, prior_clips
 from .cases import Case
 from .latent import TEMPORAL_FACTOR, decode, encode, encode_stills
 from .model import World
-from .sample import generate
+from .sample import generate, generate_latents
 from .scene import WorldSpec, random_scene, render
 
 SUBJECT_WORD, MOTION_WORD = "sks", "mtn"
@@ -50,6 +52,42 @@ def vocabulary_clips(text, spec: WorldSpec, count: int, seed: int = 0) -> VideoS
         context = text([c.prompt for c in rendered])
     return datasets.clip_set(torch.stack([c.frames for c in rendered]), encode, context, stills=None,
                     encode_still=encode_stills, progress=_quiet)
+
+
+def prior_prompts(count: int, seed: int = 0) -> list[PriorPrompt]:
+    """`count` prompts of the world's own vocabulary as subject ("red striped circle") and action ("moving left"),
+    deterministic by seed: the world's "<subject class> <common action>" prompts for subject prior clips."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(count):
+        scene = random_scene(g)
+        subject, _, direction = scene.prompt().rpartition(" moving ")
+        prompts.append(PriorPrompt(subject, f"moving {direction}"))
+    return prompts
+
+
+def world_fingerprint(world: World) -> str:
+    """The world's model and text encoder, as the digest a cache of what they generated is kept by."""
+    return content_digest(model_signature(world.backbone.model), world.text.embedding.weight)
+
+
+def subject_prior_clips(world: World, cache_dir: str | Path, count: int = 16, seed: int = 0, steps: int = 30,
+                        cfg: float = 4.0, prompts: list[PriorPrompt] | None = None, progress=None) -> PriorClips:
+    """`count` clips the world model itself generates (`sample.generate_latents`, the model frozen) for `prompts`
+    (default: `count` prompts of its own vocabulary, `prior_prompts`), cached in `cache_dir` by the model, its text
+    encoder, the prompts and the settings; a rerun with the same ones reads the cache. (`vocabulary_clips` renders
+    the ground truth instead.)"""
+    if count < 1:
+        raise InputError("count", f"{count}", "at least 1 clip")
+    prompts = prior_prompts(count, seed) if prompts is None else prompts
+    spec = world.spec
+    settings = PriorSettings(count, seed, spec.size, spec.size, spec.frames, steps, cfg, (("shift", 3.0),))
+    base_model = world_fingerprint(world)
+
+    def generate(index: int, clip_seed: int) -> torch.Tensor:
+        return generate_latents(world, prompts[index].text, seed=clip_seed, steps=steps, cfg=cfg, progress=_quiet)
+
+    return prior_clips(generate, prompts, world.text, settings, base_model, cache_dir, progress or _quiet)
 
 
 def _quiet(done: int, total: int) -> None:

@@ -77,13 +77,26 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
              camera: CameraPath | None = None, camera_window: StepWindow = StepWindow(),
              camera_boxes: torch.Tensor | None = None, steering: list[BoxSteering] | None = None,
              frames: int | None = None) -> torch.Tensor:
-    """Prompts -> clips `[B, F, H, W, 3]` in [0, 1] from the world model; one noise seed per call.
+    """Prompts -> clips `[B, F, H, W, 3]` in [0, 1] from the world model (`generate_latents`, decoded)."""
+    from .latent import decode
+
+    return decode(generate_latents(world, prompts, seed, steps, cfg, shift, negative, controls, progress, camera,
+                                   camera_window, camera_boxes, steering, frames))
+
+
+def generate_latents(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cfg: float = 4.0,
+                     shift: float = 3.0, negative: str = "", controls: Sequence[SamplingControl] = (),
+                     progress: Callable[[int, int], None] | None = None,
+                     camera: CameraPath | None = None, camera_window: StepWindow = StepWindow(),
+                     camera_boxes: torch.Tensor | None = None, steering: list[BoxSteering] | None = None,
+                     frames: int | None = None) -> torch.Tensor:
+    """Prompts -> latents `[B, C, T, H, W]` from the world model; one noise seed per call.
 
     camera: a camera path realised by latent shift during `camera_window` (subject boxes
     `[frames, N, 4]` keep the fill off the subject); steering: box steering, one per prompt;
     controls: more sampling controls (e.g. per-step adapter strengths), run after the camera and the steering;
     frames: clip length (a multiple of 5; the model was trained on `world.spec.frames`)."""
-    from .latent import LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, as_frames, decode, from_frames
+    from .latent import LATENT_CHANNELS, SPATIAL_FACTOR, TEMPORAL_FACTOR, as_frames, from_frames
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     spec = world.spec
@@ -102,5 +115,4 @@ def generate(world, prompts: list[str] | str, seed: int = 0, steps: int = 30, cf
         if len(steering) != len(prompts):
             raise InputError("steering", f"{len(steering)} for {len(prompts)} prompts", "one per prompt")
         own.append(PromptSteering(steering))
-    latents = sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, [*own, *controls], progress)
-    return decode(latents)
+    return sample_flow(world.backbone, context, uncond, noise, steps, cfg, shift, [*own, *controls], progress)

@@ -168,3 +168,31 @@ def test_dualreal_adapters_and_controller_on_comfyuis_wan_act_as_on_diffusers_an
     assert torch.allclose(v_native.detach(), v_theirs, atol=1e-4)
     assert torch.equal(native.forward(x, 0.4, context), plain)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in native.model.modules())
+
+
+def test_synmotion_motion_preset_on_comfyuis_wan_covers_q_k_v_of_every_attention_and_acts_as_on_diffusers():
+    from custvid_core.adapters import LoraAdapters, synmotion_motion_lora
+
+    native, theirs = tiny_pair()
+    x, context = torch.randn(1, 16, 2, 6, 8), torch.randn(1, 5, TINY["text_dim"])
+    spec = synmotion_motion_lora(4)
+    with LoraAdapters(theirs, [spec]) as adapters:
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():  # trained-looking weights
+            for p in adapters.parameters("motion"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        lora = adapters.native_state_dict("motion")
+        with torch.no_grad():
+            v_theirs = theirs.forward(x, 0.4, context)
+    with torch.no_grad():
+        plain = native.forward(x, 0.4, context)
+    with LoraAdapters(native, [spec]) as adapters:
+        adapters.load_native_state_dict("motion", lora)
+        on = {n.removesuffix(".lora_down.weight") for n in adapters.native_state_dict("motion")
+              if n.endswith(".lora_down.weight")}
+        with torch.no_grad():
+            v_native = native.forward(x, 0.4, context)
+    assert on == {f"diffusion_model.blocks.{b}.{a}.{p}" for b in range(TINY["num_layers"])
+                  for a in ("self_attn", "cross_attn") for p in "qkv"}
+    assert (v_native - plain).abs().max() > 1e-3
+    assert torch.allclose(v_native, v_theirs, atol=1e-4)

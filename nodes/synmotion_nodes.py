@@ -1,0 +1,118 @@
+"""Nodes for SynMotion's motion customization: the subject prior clips the frozen model generates."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..custvid_core.errors import InputError
+from ..custvid_core.training.fingerprint import content_digest
+from ..custvid_core.training.prior_clips import (
+    PriorSettings,
+    parse_prior_prompts,
+    prior_clips,
+    prompts_text,
+    shipped_prior_prompts,
+)
+from . import types
+from .host import base_model_signature
+
+CATEGORY_TRAIN = "CustVid/training"
+# Under ComfyUI's output folder: generated clips are the user's output, and a rerun finds them there.
+CACHE_FOLDER = "custvid_cache"
+
+
+def _conditioning(clip, prompts: list[str]) -> list:
+    return [clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in prompts]
+
+
+def _stacked_context(conditionings: list) -> torch.Tensor:
+    """The prompts' conditioning rows `[P, L, D]`, the shorter padded with zero rows (as umt5 pads a prompt)."""
+    rows = [c[0][0][0].float().cpu() for c in conditionings]
+    length = max(r.shape[0] for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
+
+
+class SubjectPriorClips(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_SubjectPriorClips",
+            display_name="Subject Prior Clips",
+            category=CATEGORY_TRAIN,
+            description="Clips your model itself generates, before any training, for ordinary subjects doing "
+                        "ordinary things (SynMotion's subject prior videos): between motion steps the subject "
+                        "embedding learns from them, so it stays a general subject and the motion stays in the "
+                        "motion. Generated once and cached in output/custvid_cache; a rerun with the same model, "
+                        "prompts and settings reads the cache.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model you will train the motion on, without the motion's "
+                                                "LoRAs: the clips show what it makes on its own."),
+                io.Clip.Input("clip", tooltip="Its text encoder; the prompts' conditioning is kept with the clips."),
+                io.String.Input("prompts", multiline=True, default=prompts_text(shipped_prior_prompts()),
+                                tooltip="One prompt per line as '<subject class> | <common action>', e.g. "
+                                        "'a dog | walking' (the subject's words are where the subject embedding "
+                                        "learns). Clip k uses line k, round the list again when there are more "
+                                        "clips than lines."),
+                io.Latent.Input("latent", tooltip="An empty video latent of the clips' size and length (e.g. Empty "
+                                                  "Hunyuan Latent Video for Wan 2.1; its batch size is ignored)."),
+                io.Int.Input("count", default=20, min=1, max=1000, tooltip="How many clips to generate."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFF,
+                             tooltip="Noise seed of the first clip; clip k uses seed + k."),
+                io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps per clip."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                               tooltip="Sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple",
+                               tooltip="Noise schedule."),
+            ],
+            outputs=[types.VideoDataset.Output(display_name="prior_clips")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompts, latent, count, seed, steps, cfg, sampler_name, scheduler) -> io.NodeOutput:
+        subjects = parse_prior_prompts(prompts)
+        empty = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1])
+        if empty.ndim != 5:
+            raise InputError("latent", f"a latent of shape {tuple(latent['samples'].shape)}",
+                             "an empty video latent [batch, channels, frames, height, width]")
+        positive = _conditioning(clip, [p.text for p in subjects])
+        negative = _conditioning(clip, [""])[0]
+        context = _stacked_context(positive)
+        # The text encoder decides the conditioning kept with the clips: a cache made with another one is not reused.
+        settings = PriorSettings(count, seed, empty.shape[-1], empty.shape[-2], empty.shape[2], steps, cfg,
+                                 (("sampler", sampler_name), ("scheduler", scheduler), ("latent", tuple(empty.shape)),
+                                  ("text", content_digest(context))))
+        bar = comfy.utils.ProgressBar(count * steps)
+        done = {"clips": 0}
+
+        def generate(index: int, clip_seed: int) -> torch.Tensor:
+            noise = comfy.sample.prepare_noise(empty, clip_seed)
+            first = done["clips"] * steps
+
+            def step(i, *_):  # ComfyUI's interrupt is raised from here
+                bar.update_absolute(first + i + 1)
+
+            return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive[index], negative,
+                                       empty, callback=step, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                                       seed=clip_seed)
+
+        def progress(clips_done: int, total: int) -> None:
+            done["clips"] = clips_done
+            bar.update_absolute(clips_done * steps, total * steps)
+
+        cache = os.path.join(folder_paths.get_output_directory(), CACHE_FOLDER)
+        clips = prior_clips(generate, subjects, lambda _: context, settings, base_model_signature(model), cache,
+                            progress)
+        comfy.model_management.soft_empty_cache()
+        return io.NodeOutput(clips)
+
+
+NODES = [SubjectPriorClips]
