@@ -26,6 +26,7 @@ MODEL_FOLDERS = {
     "custvid_representations": os.path.join("custvid", "representations"),
     "custvid_trigger_embeddings": os.path.join("custvid", "trigger_embeddings"),
     "custvid_dualreal": os.path.join("custvid", "dualreal"),
+    "custvid_synmotion": os.path.join("custvid", "synmotion"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Nodes for SynMotion's motion customization: the subject prior clips the frozen model generates."""
+"""Nodes for SynMotion's motion customization: the subject prior clips the frozen model generates, and the learned
+subject and motion embeddings: applied to a prompt's conditioning, saved to and loaded from models/custvid/synmotion."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..custvid_core.adapters.synmotion import RolePositions, load_synmotion, save_synmotion, with_embeddings
 from ..custvid_core.errors import InputError
 from ..custvid_core.training.fingerprint import content_digest
 from ..custvid_core.training.prior_clips import (
@@ -21,12 +23,13 @@ from ..custvid_core.training.prior_clips import (
     prompts_text,
     shipped_prior_prompts,
 )
-from . import types
-from .host import base_model_signature
+from . import representation_nodes, schedule_nodes, types
+from .host import base_model_signature, model_files, safetensors_path, token_roles
 
 CATEGORY_TRAIN = "CustVid/training"
 # Under ComfyUI's output folder: generated clips are the user's output, and a rerun finds them there.
 CACHE_FOLDER = "custvid_cache"
+FOLDER = "custvid_synmotion"
 
 
 def _conditioning(clip, prompts: list[str]) -> list:
@@ -115,4 +118,113 @@ class SubjectPriorClips(io.ComfyNode):
         return io.NodeOutput(clips)
 
 
-NODES = [SubjectPriorClips]
+class ApplySynMotionEmbeddings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_ApplySynMotionEmbeddings",
+            display_name="Apply SynMotion Embeddings",
+            category=schedule_nodes.CATEGORY,
+            description="Edits a prompt's conditioning where its motion words sit with the learned motion embedding "
+                        "and its refiner (and, with `subject` on, where its subject words sit with the learned subject "
+                        "embedding), as in training. Give a prompt with a new subject doing the learned motion. The "
+                        "conditioning is edited once, before sampling: sampling costs the same as without. The input "
+                        "conditioning is not changed.",
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The positive prompt, encoded by your text encoder."),
+                types.SynMotionEmbeddings.Input("synmotion_embeddings", tooltip="From Load SynMotion Embeddings."),
+                io.Clip.Input("clip", tooltip="The text encoder that encoded the prompt; its tokenizer finds the "
+                                              "motion and subject words in it."),
+                io.String.Input("prompt", default="", multiline=True,
+                                tooltip="The prompt exactly as encoded into conditioning."),
+                io.String.Input("motion_words", default="",
+                                tooltip="The motion words as they appear in the prompt, written as in training (e.g. "
+                                        "'moving left'). Empty: the words it was trained at. The motion embedding "
+                                        "has one row per token, so words that tokenize to another count than in "
+                                        "training are refused rather than spread over other tokens."),
+                io.String.Input("subject_words", default="",
+                                tooltip="The subject words as they appear in the prompt (used with `subject` on). "
+                                        "Empty: the words it was trained at."),
+                io.Boolean.Input("subject", default=False,
+                                 tooltip="Also add the learned subject embedding at the subject words: only to "
+                                         "regenerate the training clips' own subject. Off for a new subject, which "
+                                         "must not take on what it learned of the clips' subject."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Multiplies the edit; 0 leaves the conditioning as it is."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, synmotion_embeddings, clip, prompt, motion_words="", subject_words="",
+                subject=False, strength=1.0) -> io.NodeOutput:
+        learned = synmotion_embeddings
+        if not prompt.strip():
+            raise InputError("prompt", "it is empty", "the prompt exactly as encoded into conditioning")
+        motion_words = " ".join(motion_words.split()) or learned.motion_words
+        motion = token_roles(prompt, motion_words, clip, words_input="motion_words").subject
+        rows = learned.motion_residual.shape[0]
+        if len(motion) != rows:
+            raise InputError("motion_words", f"'{motion_words}' is {len(motion)} tokens in this prompt",
+                             f"the words it was trained at ('{learned.motion_words}', {rows} tokens): the motion "
+                             "embedding has one row per token")
+        subject_rows = ()
+        if subject:
+            words = " ".join(subject_words.split()) or learned.subject_words
+            subject_rows = token_roles(prompt, words, clip, words_input="subject_words").subject
+        positions = RolePositions(subject_rows, motion)
+        out = []
+        for context, extras in conditioning:
+            if max(positions.motion + positions.subject) >= context.shape[1]:
+                raise InputError("prompt", f"its words sit past the conditioning's {context.shape[1]} rows",
+                                 "the prompt that was encoded into conditioning")
+            out.append([with_embeddings(context, positions, learned, subject, strength), dict(extras)])
+        return io.NodeOutput(out)
+
+
+class SaveSynMotionEmbeddings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_SaveSynMotionEmbeddings",
+            display_name="Save SynMotion Embeddings",
+            category=CATEGORY_TRAIN,
+            description="Writes learned SynMotion embeddings (the subject and motion embeddings, the refiner and the "
+                        "words they were learned at) to models/custvid/synmotion. Keep them with the motion LoRA "
+                        "they were trained with.",
+            is_output_node=True,
+            inputs=[types.SynMotionEmbeddings.Input("synmotion_embeddings", tooltip="The learned embeddings."),
+                    io.String.Input("filename", default="custvid/my_motion",
+                                    tooltip="Name under models/custvid/synmotion (sub-folders allowed); .safetensors "
+                                            "is added. Naming it as its LoRA keeps the pair together."),
+                    io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name.")],
+            outputs=[io.String.Output(display_name="synmotion_embeddings_name")],
+        )
+
+    @classmethod
+    def execute(cls, synmotion_embeddings, filename, overwrite) -> io.NodeOutput:
+        root, path = safetensors_path(FOLDER, filename, "filename", overwrite)
+        save_synmotion(path, synmotion_embeddings)
+        return io.NodeOutput(path.relative_to(root).as_posix())
+
+
+class LoadSynMotionEmbeddings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_LoadSynMotionEmbeddings",
+            display_name="Load SynMotion Embeddings",
+            category=representation_nodes.CATEGORY_LOADERS,
+            description="Loads SynMotion embeddings saved by Save SynMotion Embeddings.",
+            inputs=[io.Combo.Input("synmotion_embeddings_name", options=model_files(FOLDER),
+                                   tooltip="A file in models/custvid/synmotion.")],
+            outputs=[types.SynMotionEmbeddings.Output(display_name="synmotion_embeddings")],
+        )
+
+    @classmethod
+    def execute(cls, synmotion_embeddings_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, synmotion_embeddings_name)
+        return io.NodeOutput(load_synmotion(path, input_name="synmotion_embeddings_name"))
+
+
+NODES = [SubjectPriorClips, ApplySynMotionEmbeddings, SaveSynMotionEmbeddings, LoadSynMotionEmbeddings]

@@ -12,6 +12,7 @@ SubjectDataset = io.Custom("CUSTVID_SUBJECT_DATASET")
 Boxes = io.Custom("CUSTVID_BOXES")
 TriggerEmbedding = io.Custom("CUSTVID_TRIGGER_EMBEDDING")
 DualReal = io.Custom("CUSTVID_DUALREAL")
+SynMotionEmbeddings = io.Custom("CUSTVID_SYNMOTION_EMBEDDINGS")
 
 
 def tokenizer_inputs(words: str) -> list:

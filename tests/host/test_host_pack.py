@@ -13,7 +13,8 @@ NODE_IDS = {
     "CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA", "CustVid_SaveLoRA", "CustVid_ApplyLoRASchedule",
     "CustVid_ApplyTriggerEmbedding", "CustVid_SaveTriggerEmbedding", "CustVid_LoadTriggerEmbedding",
     "CustVid_LoadShapesWorldClip", "CustVid_WorldPreservationClipsV2", "CustVid_CameraShiftSamplerV2",
-    "CustVid_CameraSampleV2", "CustVid_TrainJointLoRAs", "CustVid_SubjectPriorClips",
+    "CustVid_CameraSampleV2", "CustVid_TrainJointLoRAs", "CustVid_SubjectPriorClips", "CustVid_ApplySynMotionEmbeddings",
+    "CustVid_SaveSynMotionEmbeddings", "CustVid_LoadSynMotionEmbeddings",
 }
 # Kept for saved workflows, hidden from the node search.
 DEPRECATED = {"CustVid_LoadShapesWorld", "CustVid_WorldTextEncode", "CustVid_WorldPreservationClips",
