@@ -12,6 +12,8 @@ import torch
 from comfy_host import MOTION_CLIP, SUBJECT_PHOTO, import_pack, tiny_world
 from safetensors.torch import save_file
 
+from custvid_core.adapters.embedding import LearnedTrigger, save_trigger_embedding
+from custvid_core.adapters.synmotion import LearnedSynMotion, save_synmotion
 from custvid_core.world.model import MODEL_FILE, TEXT_FILE, save_world
 
 
@@ -137,6 +139,22 @@ def save_embedding(name):
                                                                    "filename": name, "overwrite": False}))
 
 
+def synmotion(prompt="a blue square moving left", embeddings="syn_left.safetensors", **change):
+    """Apply SynMotion Embeddings on the world's CLIP, the embeddings loaded from a file."""
+    inputs = {"conditioning": ["cond", 0], "synmotion_embeddings": ["load", 0], "clip": ["clip", 0], "prompt": prompt,
+              "motion_words": "", "subject_words": "", "subject": False, "strength": 1.0, **change}
+    return graph(clip=("CustVid_LoadShapesWorldClip", {"text_encoder_name": TEXT_FILE.name}),
+                 cond=("CLIPTextEncode", {"clip": ["clip", 0], "text": prompt}),
+                 load=("CustVid_LoadSynMotionEmbeddings", {"synmotion_embeddings_name": embeddings}),
+                 apply=("CustVid_ApplySynMotionEmbeddings", inputs), out=show("apply"))
+
+
+def save_synmotion_embeddings(name):
+    return graph(load=("CustVid_LoadSynMotionEmbeddings", {"synmotion_embeddings_name": "syn_left.safetensors"}),
+                 save=("CustVid_SaveSynMotionEmbeddings", {"synmotion_embeddings": ["load", 0], "filename": name,
+                                                           "overwrite": False}))
+
+
 def apply_lora(schedule="1.0", lora_name="(use lora input)", model="unet", connected=True, preset="custom"):
     inputs = {"model": [model, 0], "lora_name": lora_name, "preset": preset, "schedule": schedule}
     if connected:
@@ -196,6 +214,7 @@ BAD_NAMES = {"empty": "", "blank": "   ", "suffix only": ".safetensors", "folder
              "parent": "../bad_escape", "absolute": "/tmp/bad_absolute", "dot": ".", "back out": "bad_sub/../../bad_out"}
 NAMING_NODES = {"SaveRepresentation": (save_representation, "file_name"), "SaveLoRA": (save_lora, "filename"),
                 "SaveTriggerEmbedding": (save_embedding, "filename"),
+                "SaveSynMotionEmbeddings": (save_synmotion_embeddings, "filename"),
                 "TrainSubjectLoRA": (lambda n: subject_training(run_name=n), "run_name"),
                 "TrainMotionLoRA": (lambda n: motion_training(run_name=n), "run_name")}
 CASES = {f"{node} {what}": (build(name), f"{input_name}:")
@@ -294,6 +313,18 @@ CASES["empty masks"] = (graph(**WORLD, none=("SolidMask", {"value": 0.0, "width"
 CASES["trigger words of another token count"] = (trigger(trigger_words="sks circle"), "trigger_words:")
 CASES["trigger words not in the prompt to apply"] = (trigger(prompt="a red circle"), "trigger_words:")
 
+# SynMotion embeddings.
+CASES["synmotion motion words not in the prompt"] = (synmotion(prompt="a blue square moving up"), "motion_words:")
+CASES["synmotion motion words of another token count"] = (synmotion(motion_words="moving"), "motion_words:")
+CASES["synmotion subject words not in the prompt"] = (synmotion(subject_words="green star", subject=True),
+                                                     "subject_words:")
+CASES["synmotion embeddings of another text width"] = (synmotion(embeddings="bad_syn_narrow.safetensors"),
+                                                      "synmotion_embeddings:")
+for name in ("bad_syn_corrupt.safetensors", "bad_syn_lora.safetensors", "bad_syn_trigger.safetensors"):
+    CASES[f"Load SynMotion Embeddings {name}"] = (loader("CustVid_LoadSynMotionEmbeddings",
+                                                         "synmotion_embeddings_name", name),
+                                                  "synmotion_embeddings_name:")
+
 # Loaders given files that are damaged, pickled with code, of another model, or of absurd sizes.
 for name in ("bad_dino_wide/model.safetensors", "bad_dino_heads/model.safetensors", "bad_dino_json/model.safetensors",
              "bad_dino_code.pth", "bad_dino_empty.safetensors", "bad_dino_layers/model.safetensors"):
@@ -376,6 +407,19 @@ def _write_bad_files(models):
     embeddings.mkdir(parents=True, exist_ok=True)
     (embeddings / "bad_emb_corrupt.safetensors").write_bytes(b"\x00" * 16)
     save_file(_lora(128), str(embeddings / "bad_emb_lora.safetensors"))
+    synmotion = models / "custvid" / "synmotion"
+    synmotion.mkdir(parents=True, exist_ok=True)
+    (synmotion / "bad_syn_corrupt.safetensors").write_bytes(b"\x00" * 16)
+    save_file(_lora(128), str(synmotion / "bad_syn_lora.safetensors"))
+    save_trigger_embedding(synmotion / "bad_syn_trigger.safetensors", LearnedTrigger(torch.ones(1, 4096), "sks"))
+    save_synmotion(synmotion / "syn_left.safetensors", _synmotion_embeddings(4096))
+    save_synmotion(synmotion / "bad_syn_narrow.safetensors", _synmotion_embeddings(8))
+
+
+def _synmotion_embeddings(text_dim):
+    g = torch.Generator().manual_seed(0)
+    return LearnedSynMotion(torch.randn(1, text_dim, generator=g), torch.randn(2, text_dim, generator=g), None,
+                            "red circle", "moving left", 2)
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +448,12 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(probe_server, case):
     written = _files(probe_server.base) - before - {probe_server.log}
     assert not written, written
     assert probe_server.alive()
+
+
+def test_the_synmotion_cases_run_when_nothing_is_wrong(probe_server):
+    """The graph the SynMotion cases change one input of runs through the server as it is."""
+    result = run(probe_server, synmotion(subject=True, subject_words="blue square"))
+    assert result["ok"], result["error"]
 
 
 def test_the_probe_covers_at_least_a_hundred_cases():
