@@ -5,8 +5,9 @@ Parts: the dual embeddings (`adapters.synmotion.SynMotionEmbeddingPart`, groups 
 named `<name>_lora`). Tasks: `motion` (one of the user's clips with its own prompt, which holds the subject's and
 the motion's words: both embeddings and the LoRA learn) with probability `motion_probability` (the paper's 0.75),
 else `prior` (one of the subject prior clips with its own prompt: the part's positions are set to that prompt's
-subject words, no motion rows, and only `<name>_subject` learns). Both regress Wan's velocity with plain MSE (the
-paper gives no other loss for either step). The LoRA runs in the prior steps too, frozen there: the subject
+subject words, no motion rows, and only `<name>_subject` learns). Both regress Wan's velocity with plain MSE, as the
+pack's motion recipes (what SynMotion's notes describe names no other loss; HunyuanVideo, its backbone, is trained
+by flow matching too). The LoRA runs in the prior steps too, frozen there: the subject
 embedding learns beside the motion adapters it will be used with, as DualReal's frozen adapter runs.
 
 The caller finds the words' positions with its text encoder's tokenizer (this module has none): `positions`, one
