@@ -8,7 +8,7 @@ import torch
 
 from custvid_core.errors import InputError
 from custvid_core.world.bench.customization import METHODS, measure, run_bench, subject_references
-from custvid_core.world.bench.methods import dualreal_methods, lora_methods
+from custvid_core.world.bench.methods import dualreal_methods, lora_methods, synmotion_methods
 from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
 from custvid_core.world.scene import Scene, render
@@ -152,5 +152,5 @@ def test_the_methods_file_gives_the_settings_the_ladder_had_in_code(ladder):
 
 
 def test_bench_offers_base_and_every_method_of_the_file():
-    assert list(METHODS) == ["base", *lora_methods(), *dualreal_methods()]
+    assert list(METHODS) == ["base", *lora_methods(), *dualreal_methods(), *synmotion_methods()]
     assert type(METHODS["dualreal"]()).__name__ == "DualRealMethod" and METHODS["full_moving"]().name == "full_moving"

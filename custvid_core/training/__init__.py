@@ -15,10 +15,11 @@ from .dualreal import DualRealSettings, ImageEmbeddings, dualreal_weights, train
 from .engine import TrainedParts
 from .loop import OptimSettings, StepResult, TrainingStopped, train
 from .objectives import SigmaSampler
+from .synmotion import SynMotionSettings, train_synmotion
 from .tasks import Cycle, Random, Recipe, Stages, Task
 
 __all__ = ["Cycle", "DualRealSettings", "ImageEmbeddings", "JointController", "MotionSettings", "MovingClips", "OptimSettings",
-           "Random", "Recipe", "SigmaSampler", "Stages", "StepResult", "SubjectSet", "SubjectSettings", "Task",
-           "TrainedParts", "TrainingStopped", "VideoSet", "append_clips", "append_photos", "clip_set",
+           "Random", "Recipe", "SigmaSampler", "Stages", "StepResult", "SubjectSet", "SubjectSettings", "SynMotionSettings",
+           "Task", "TrainedParts", "TrainingStopped", "VideoSet", "append_clips", "append_photos", "clip_set",
            "dualreal_weights", "joint_dualreal", "subject_set", "train", "train_dualreal", "train_joint", "train_motion",
-           "train_subject"]
+           "train_subject", "train_synmotion"]

@@ -17,6 +17,7 @@ from ...training.loop import OptimSettings, warmup_steps
 from ...training.objectives import SigmaSampler
 from ..customize import LoraMethod
 from ..dualreal import DualRealMethod
+from ..synmotion import SynMotionMethod
 
 METHODS_FILE = Path(__file__).with_name("methods.toml")
 # Names the file uses for values too long to write there.
@@ -39,34 +40,52 @@ def _scaled(steps: int, fraction: str) -> int:
 
 
 def bench_methods(steps: int = 300, lr: float = 1e-3, path: str | Path = METHODS_FILE) -> dict:
-    """Every method of `path` (LoRA and DualReal) for a ladder of `steps` steps at learning rate `lr`, in the file's
-    order."""
-    methods = {**lora_methods(steps, lr, path=path), **dualreal_methods(steps, lr, path)}
+    """Every method of `path` (LoRA, DualReal and SynMotion) for a ladder of `steps` steps at learning rate `lr`, in
+    the file's order."""
+    methods = {**lora_methods(steps, lr, path=path), **dualreal_methods(steps, lr, path), **synmotion_methods(steps, lr, path)}
     return {name: methods[name] for name in method_names(path)}
+
+
+def _methods_of_kind(kind: str, path: str | Path, start, optim) -> dict:
+    """The methods of `path` with `kind = <kind>`: each its `from` method (or `start(name)`) with the fields its
+    entry changes; the entry's `<kind>` table changes fields of the method's settings, `optim` (a fraction of the
+    ladder's steps) gives the settings `optim(parent settings, steps)`."""
+    table = tomllib.loads(Path(path).read_text())
+    methods: dict = {}
+
+    def build(name: str):
+        if name not in methods:
+            entry = dict(table[name])
+            entry.pop("kind")
+            parent = build(entry.pop("from")) if "from" in entry else start(name)
+            settings = dict(entry.pop(kind, {}))
+            if "sigmas" in settings:
+                settings["sigmas"] = SigmaSampler(**settings["sigmas"])
+            if "optim" in entry:
+                settings["optim"] = optim(parent.settings, entry.pop("optim"))
+            methods[name] = replace(parent, name=name, settings=replace(parent.settings, **settings), **entry)
+        return methods[name]
+
+    return {name: build(name) for name, entry in table.items() if entry.get("kind") == kind}
 
 
 def dualreal_methods(steps: int = 300, lr: float = 1e-3, path: str | Path = METHODS_FILE) -> dict[str, DualRealMethod]:
     """The DualReal methods of `path` (`kind = "dualreal"`; `dualreal` changes fields of DualRealSettings, `optim`
     is the authors' optimiser (DualRealSettings') for that fraction of `steps`, at `lr`, one checkpoint at the end)."""
-    table = tomllib.loads(Path(path).read_text())
-    methods: dict[str, DualRealMethod] = {}
 
-    def build(name: str) -> DualRealMethod:
-        if name not in methods:
-            entry = dict(table[name])
-            entry.pop("kind")
-            parent = build(entry.pop("from")) if "from" in entry else DualRealMethod(name)
-            settings = dict(entry.pop("dualreal", {}))
-            if "sigmas" in settings:
-                settings["sigmas"] = SigmaSampler(**settings["sigmas"])
-            if "optim" in entry:
-                n = _scaled(steps, entry.pop("optim"))
-                settings["optim"] = replace(DualRealSettings().optim, steps=n, lr=lr, checkpoint_every=n)
-            methods[name] = replace(parent, name=name, encoders={}, settings=replace(parent.settings, **settings),
-                                    **entry)
-        return methods[name]
+    def optim(settings: DualRealSettings, fraction: str) -> OptimSettings:
+        n = _scaled(steps, fraction)
+        return replace(DualRealSettings().optim, steps=n, lr=lr, checkpoint_every=n)
 
-    return {name: build(name) for name, entry in table.items() if entry.get("kind") == "dualreal"}
+    methods = _methods_of_kind("dualreal", path, DualRealMethod, optim)
+    return {name: replace(m, encoders={}) for name, m in methods.items()}
+
+
+def synmotion_methods(steps: int = 300, lr: float = 1e-3, path: str | Path = METHODS_FILE) -> dict[str, SynMotionMethod]:
+    """The SynMotion methods of `path` (`kind = "synmotion"`; `synmotion` changes fields of SynMotionSettings, `optim`
+    is the world's optimiser (`world_optim`) for that fraction of `steps`, at `lr`)."""
+    return _methods_of_kind("synmotion", path, SynMotionMethod,
+                            lambda settings, fraction: world_optim(_scaled(steps, fraction), lr))
 
 
 def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1,
