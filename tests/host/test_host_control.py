@@ -4,6 +4,7 @@ ComfyUI, in-process), checked against the library's world sampler on the same we
 import pytest
 import torch
 from comfy_host import import_pack, tiny_world, tiny_world_wan
+from world_data import encode
 
 from custvid_core.control.boxes import BoxSteering, BoxTrack, PromptSteering
 from custvid_core.control.camera import CameraPath, LatentShift, StepWindow
@@ -22,17 +23,12 @@ def tiny(tmp_path_factory):
     return patcher, world, import_pack().nodes.control_nodes
 
 
-def _encode(clip, text):
-    """What ComfyUI's CLIPTextEncode does."""
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
 def _comfy_sample(patcher, sampler, world, steps=6, cfg=3.0, seed=0, part=None, latent=None, add_noise=True):
     """ComfyUI's sampling on the world schedule; `part` (start, end) runs only those steps, as one of
     Wan 2.2's two experts does."""
     import comfy.sample
 
-    positive, negative = _encode(world.clip, PROMPT), _encode(world.clip, "")
+    positive, negative = encode(world.clip, PROMPT), encode(world.clip, "")
     latent = torch.zeros(1, 16, 1, 32, 32) if latent is None else latent
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     sigmas = flow_sigmas(steps, 3.0)
@@ -371,10 +367,10 @@ def test_the_worlds_clip_encodes_and_finds_words_as_its_text_encoder_does(tiny):
     from custvid_pack.nodes.host import token_roles
 
     _, world, _ = tiny
-    ((context, extras),) = _encode(world.clip, PROMPT)
+    ((context, extras),) = encode(world.clip, PROMPT)
     with torch.no_grad():
         assert torch.equal(context, world.text(PROMPT))
-        assert torch.equal(_encode(world.clip.clone(), "")[0][0], world.text(""))
+        assert torch.equal(encode(world.clip.clone(), "")[0][0], world.text(""))
     assert extras["pooled_output"] is None  # as umt5 gives Wan
     roles = token_roles(PROMPT, "striped circle", world.clip, background_words="red")
     expected = world.text.token_roles(PROMPT, "striped circle", "red")  # (another import of custvid_core's class)

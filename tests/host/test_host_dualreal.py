@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack, tiny_world_wan
+from world_data import encode, star_and_two_clips
 
 from custvid_core.control.boxes import BoxTrack
 from custvid_core.world.model import MODEL_FILE, load_world
-from custvid_core.world.scene import Scene, WorldSpec, render
 
 WIDTH = 12  # the image embeddings' width in these tests (a CLIP ViT-H gives 1024)
 PROMPT = "orange star moving right"
@@ -24,10 +24,6 @@ def _vision(rows, seed):
     out = comfy.clip_vision.Output()
     out["image_embeds"] = torch.randn(rows, WIDTH, generator=torch.Generator().manual_seed(seed))
     return out
-
-
-def _encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 TRAIN = dict(steps=4, learning_rate=1e-2, groups=3, bottleneck=8, motion_probability=0.5, residual="code",
@@ -50,15 +46,7 @@ def world(tmp_path_factory):
     folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
     patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
     clip, vae = world_nodes.world_clip(load_world().text), world_nodes.WorldVAE()
-    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1))
-              for i in range(2)]
-    subject = training_nodes.SubjectDataset.execute(vae, torch.cat([p.frames for p in photos]), _encode(clip, "sks"),
-                                                    masks=torch.cat([p.masks for p in photos])).result[0]
-    clips = None
-    for direction in ("right", "down"):
-        clip_scene = render(Scene(direction=direction), WorldSpec())
-        clips = training_nodes.VideoDataset.execute(vae, clip_scene.frames, _encode(clip, clip_scene.prompt),
-                                                    add_to=clips).result[0]
+    subject, clips = star_and_two_clips(training_nodes, clip, vae)
     model, dualreal, graph = dualreal_nodes.TrainDualReal.execute(
         patcher, subject, clips, run_name="dualreal_test", clips_image=_vision(2, 1), subject_image=_vision(1, 2),
         **TRAIN).result
@@ -70,7 +58,7 @@ def world(tmp_path_factory):
 def _sample(model, world, steps=3, seed=0):
     import nodes as comfy_nodes
 
-    positive, negative = _encode(world["clip"], PROMPT), _encode(world["clip"], "")
+    positive, negative = encode(world["clip"], PROMPT), encode(world["clip"], "")
     return comfy_nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "simple", positive, negative,
                                          world["latent"])[0]["samples"]
 
@@ -112,7 +100,7 @@ def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_mo
     comfy.model_management.load_models_gpu([applied])
     g = torch.Generator().manual_seed(3)
     x, sigma = torch.randn(2, 16, 1, 16, 16, generator=g), torch.tensor([0.7, 0.3])
-    context = _encode(world["clip"], PROMPT)[0][0].expand(2, -1, -1)
+    context = encode(world["clip"], PROMPT)[0][0].expand(2, -1, -1)
     with torch.no_grad():
         denoised = applied.model.apply_model(x, sigma, c_crossattn=context,
                                              transformer_options={"wrappers": applied.wrappers})
@@ -240,7 +228,7 @@ def test_with_a_lora_step_schedule_box_steering_and_the_camera_sampler_it_runs_a
                                                 clip_vision_output=_vision(1, 2)).result[0]
         model = control_nodes.BoxSteeringNode.execute(model, BoxTrack.parse("0: 0, 0, 0.5, 0.5"), PROMPT, "star", 10.0,
                                                       0.5, "all", "", clip=world["clip"]).result[0]
-        positive, negative = _encode(world["clip"], PROMPT), _encode(world["clip"], "")
+        positive, negative = encode(world["clip"], PROMPT), encode(world["clip"], "")
         return control_nodes.CameraSampleV2.execute(model, positive, negative, world["latent"], 0, 4, 3.0, "euler",
                                                     "simple", 0.25, 0.0, 1.0, "", 0.25, 0.75, 0).result[0]["samples"]
 
@@ -255,7 +243,7 @@ def test_the_stageblender_plot_draws_one_curve_per_group_over_the_steps(world):
     from custvid_core.backbones import describe
 
     nodes, patcher = world["nodes"], world["patcher"]
-    conditioning = _encode(world["clip"], PROMPT)
+    conditioning = encode(world["clip"], PROMPT)
     plot = nodes.StageBlenderPlot.execute(patcher, world["dualreal"], conditioning, world["latent"], 5, 0,
                                           clip_vision_output=_vision(1, 2)).result[0]
     assert plot.shape == (1, 256, 512, 3)
@@ -338,7 +326,7 @@ def test_more_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path
     with pytest.raises(ValueError, match="clip_vision_output: is connected, and this DualReal was trained without"):
         nodes.ApplyDualReal.execute(patcher, without_images, 1.0, clip_vision_output=_vision(1, 2))
     with pytest.raises(ValueError, match="clip_vision_output: is not connected, and this DualReal was trained with"):
-        nodes.StageBlenderPlot.execute(patcher, world["dualreal"], _encode(world["clip"], PROMPT), world["latent"], 3, 0)
+        nodes.StageBlenderPlot.execute(patcher, world["dualreal"], encode(world["clip"], PROMPT), world["latent"], 3, 0)
 
     wider = _vision(1, 2)
     wider["image_embeds"] = torch.randn(1, WIDTH + 1)

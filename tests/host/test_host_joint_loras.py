@@ -7,9 +7,9 @@ DualReal, Apply DualReal gives what its MODEL gives; the input MODEL is left as 
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack, tiny_world_wan
+from world_data import encode, star_and_two_clips
 
 from custvid_core.world.model import MODEL_FILE, load_world
-from custvid_core.world.scene import Scene, WorldSpec, render
 
 PROMPT = "sks moving right"
 TRAIN = dict(steps=6, learning_rate=1e-2, motion_probability=0.5, groups=3, subject_rank=4, motion_rank=4,
@@ -17,10 +17,6 @@ TRAIN = dict(steps=6, learning_rate=1e-2, motion_probability=0.5, groups=3, subj
              alignment_block=1, preservation_weight=1.0, region_loss=True, region_margin=0, moving_share=0.5,
              debiased_weight=1.0, timestep_sampling="uniform", shift=3.0, gradient_checkpointing=False,
              training_seed=0, checkpoint_every=100)
-
-
-def _encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +34,7 @@ def world(tmp_path_factory):
     folder_paths.add_model_folder_path("custvid_dualreal", str(base / "dualreal"), is_default=True)
     patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
     clip, vae = world_nodes.world_clip(load_world().text), world_nodes.WorldVAE()
-    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1))
-              for i in range(2)]
-    subject = training_nodes.SubjectDataset.execute(vae, torch.cat([p.frames for p in photos]), _encode(clip, "sks"),
-                                                    masks=torch.cat([p.masks for p in photos])).result[0]
-    clips = None
-    for direction in ("right", "down"):
-        clip_scene = render(Scene(direction=direction), WorldSpec())
-        clips = training_nodes.VideoDataset.execute(vae, clip_scene.frames, _encode(clip, clip_scene.prompt),
-                                                    add_to=clips).result[0]
+    subject, clips = star_and_two_clips(training_nodes, clip, vae)
     latent = world_nodes.WorldEmptyLatent.execute(5, 32, 1).result[0]
     world = dict(pack=pack, nodes=training_nodes, dualreal_nodes=dualreal_nodes, patcher=patcher, clip=clip,
                  subject=subject, clips=clips, latent=latent, base=base)
@@ -64,7 +52,7 @@ def _train(world, run_name, **kw):
 def _sample(model, world, steps=3, seed=0):
     import nodes as comfy_nodes
 
-    positive, negative = _encode(world["clip"], PROMPT), _encode(world["clip"], "")
+    positive, negative = encode(world["clip"], PROMPT), encode(world["clip"], "")
     return comfy_nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "simple", positive, negative,
                                          world["latent"])[0]["samples"]
 
@@ -170,7 +158,7 @@ def test_a_controlled_model_call_weighs_each_lora_per_group_of_blocks(world):
     comfy.model_management.load_models_gpu([model])
     g = torch.Generator().manual_seed(3)
     x, sigma = torch.randn(2, 16, 1, 16, 16, generator=g), torch.tensor([0.7, 0.3])
-    context = torch.cat([_encode(world["clip"], PROMPT)[0][0], _encode(world["clip"], "")[0][0]])
+    context = torch.cat([encode(world["clip"], PROMPT)[0][0], encode(world["clip"], "")[0][0]])
     w = 2 * torch.sigmoid(KNOWN_BIAS)[block_groups(3, backbone.num_blocks)]
     with torch.no_grad():
         denoised = model.model.apply_model(x, sigma, c_crossattn=context,
@@ -265,7 +253,7 @@ def test_the_controlled_pair_saves_loads_and_applies_as_the_node_s_model(world):
     assert not torch.allclose(node_model, base, atol=1e-3)
     halved = _sample(dualreal.ApplyDualReal.execute(patcher, loaded, 0.5).result[0], world)
     assert not torch.allclose(halved, node_model, atol=1e-4) and not torch.allclose(halved, base, atol=1e-4)
-    plot = dualreal.StageBlenderPlot.execute(patcher, loaded, _encode(world["clip"], PROMPT), world["latent"], 3,
+    plot = dualreal.StageBlenderPlot.execute(patcher, loaded, encode(world["clip"], PROMPT), world["latent"], 3,
                                              0).result[0]
     assert plot.ndim == 4 and plot.shape[-1] == 3
     assert _untouched(world) and torch.equal(_sample(patcher, world), base)
@@ -284,7 +272,7 @@ def test_a_pair_without_controller_applies_both_loras_at_the_strength_given(worl
     off = _sample(dualreal.ApplyDualReal.execute(patcher, loaded, 0.0).result[0], world)
     assert torch.allclose(off, _sample(patcher, world), atol=1e-5)
     with pytest.raises(ValueError, match="dualreal: has no StageBlender controller"):
-        dualreal.StageBlenderPlot.execute(patcher, loaded, _encode(world["clip"], PROMPT), world["latent"], 3, 0)
+        dualreal.StageBlenderPlot.execute(patcher, loaded, encode(world["clip"], PROMPT), world["latent"], 3, 0)
     assert _untouched(world)
 
 

@@ -5,15 +5,12 @@ in output/custvid_cache and read back on a rerun; another model does not reuse t
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack, tiny_world_wan
+from world_data import encode
 
 from custvid_core.world.model import MODEL_FILE, load_world
 
 PROMPTS = "red circle | moving left\nblue striped square | moving up"
 SETTINGS = dict(count=3, seed=5, steps=2, cfg=4.0, sampler_name="euler", scheduler="simple")
-
-
-def _encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +43,10 @@ def test_prior_clips_are_the_stock_ksamplers_clips_of_the_frozen_model_cached_an
     assert isinstance(clips, world["core"].training.datasets.VideoSet) and clips.latents.shape == (3, 16, 1, 32, 32)
     assert [p.text for p in clips.prompts] == ["red circle moving left", "blue striped square moving up",
                                                "red circle moving left"]
-    negative = _encode(world["clip"], "")
+    negative = encode(world["clip"], "")
     one = {"samples": world["latent"]["samples"][:1]}
     for k, prompt in enumerate(clips.prompts):
-        positive = _encode(world["clip"], prompt.text)
+        positive = encode(world["clip"], prompt.text)
         assert torch.equal(clips.context[k], positive[0][0][0].float())
         stock = comfy_nodes.KSampler().sample(world["patcher"], 5 + k, 2, 4.0, "euler", "simple", positive, negative,
                                               one)[0]["samples"]

@@ -5,6 +5,7 @@ bad input is refused with the input named."""
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack
+from world_data import encode
 
 from custvid_core.adapters.synmotion import LearnedSynMotion, RolePositions, new_refiner, with_embeddings
 from custvid_core.files import save_safetensors
@@ -36,14 +37,10 @@ def host(tmp_path_factory):
     return synmotion_nodes, world_nodes.world_clip(load_world().text), folder
 
 
-def _encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
 def test_applied_to_a_new_subject_it_edits_the_motion_rows_as_the_library_does(host):
     nodes, clip, _ = host
     learned = _learned()
-    conditioning = _encode(clip, PROMPT)
+    conditioning = encode(clip, PROMPT)
     before = conditioning[0][0].clone()
 
     applied = nodes.ApplySynMotionEmbeddings.execute(conditioning, learned, clip, PROMPT).result[0]
@@ -61,9 +58,9 @@ def test_applied_to_a_new_subject_it_edits_the_motion_rows_as_the_library_does(h
     assert changed.nonzero().flatten().tolist() == [1, 2, 3, 4]
     expected = with_embeddings(before, RolePositions((1, 2), (3, 4)), learned, subject=True)
     assert torch.allclose(both[0][0], expected, atol=1e-6)
-    trained_words = nodes.ApplySynMotionEmbeddings.execute(_encode(clip, "a red circle moving left"), learned, clip,
+    trained_words = nodes.ApplySynMotionEmbeddings.execute(encode(clip, "a red circle moving left"), learned, clip,
                                                            "a red circle moving left", subject=True).result[0]
-    assert ((trained_words[0][0] - _encode(clip, "a red circle moving left")[0][0]).abs().sum(-1)[0] > 0).sum() == 4
+    assert ((trained_words[0][0] - encode(clip, "a red circle moving left")[0][0]).abs().sum(-1)[0] > 0).sum() == 4
 
     # Strength 0 leaves the conditioning as the text encoder gave it.
     zero = nodes.ApplySynMotionEmbeddings.execute(conditioning, learned, clip, PROMPT, strength=0.0).result[0]
@@ -81,7 +78,7 @@ def test_saved_and_loaded_embeddings_apply_as_before(host):
     assert torch.equal(loaded.motion_residual, learned.motion_residual)
     assert loaded.refiner.keys() == learned.refiner.keys()
     assert all(torch.equal(loaded.refiner[k], learned.refiner[k]) for k in learned.refiner)
-    conditioning = _encode(clip, PROMPT)
+    conditioning = encode(clip, PROMPT)
     apply = nodes.ApplySynMotionEmbeddings.execute
     assert torch.equal(apply(conditioning, loaded, clip, PROMPT, subject=True, subject_words="blue square").result[0][0][0],
                        apply(conditioning, learned, clip, PROMPT, subject=True, subject_words="blue square").result[0][0][0])
@@ -98,12 +95,12 @@ def test_saved_and_loaded_embeddings_apply_as_before(host):
 def test_bad_input_is_refused_with_the_input_named(host):
     nodes, clip, folder = host
     learned = _learned()
-    conditioning = _encode(clip, PROMPT)
+    conditioning = encode(clip, PROMPT)
     apply = nodes.ApplySynMotionEmbeddings.execute
     with pytest.raises(ValueError, match="motion_words: 'right' is not in the prompt"):
         apply(conditioning, learned, clip, PROMPT, motion_words="moving right")
     with pytest.raises(ValueError, match="motion_words: 'left' is not in the prompt"):  # the trained words, by default
-        apply(_encode(clip, "a blue square moving up"), learned, clip, "a blue square moving up")
+        apply(encode(clip, "a blue square moving up"), learned, clip, "a blue square moving up")
     with pytest.raises(ValueError, match=r"motion_words: 'moving' is 1 tokens in this prompt.*2 tokens"):
         apply(conditioning, learned, clip, PROMPT, motion_words="moving")
     with pytest.raises(ValueError, match="synmotion_embeddings: width 8 on conditioning of width 4096"):

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 from comfy_host import import_pack, tiny_wan_vae_weights, tiny_world_wan
+from world_data import star_photos
 
 from custvid_core.world.model import save_world
 from custvid_core.world.scene import Scene, WorldSpec, render
@@ -30,16 +31,9 @@ def _conditioning(world, prompt):
         return [[world.text([prompt]), {}]]
 
 
-def _star_photos(count):
-    """`count` photos of an orange star a little further right each time, and their masks."""
-    photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1))
-              for i in range(count)]
-    return torch.cat([p.frames for p in photos]), torch.cat([p.masks for p in photos])
-
-
 def _subject_dataset(pack, world):
     training, world_nodes = _nodes(pack)
-    images, masks = _star_photos(3)
+    images, masks = star_photos(3)
     clip = render(Scene(), WorldSpec())
     vae = world_nodes.WorldVAE()
     clips = training.VideoDataset.execute(vae, clip.frames, _conditioning(world, clip.prompt)).result[0]
@@ -122,7 +116,7 @@ def test_trigger_words_turn_on_the_subject_token_attention_loss(wan, tmp_path):
     patcher, world, pack = wan
     folder_paths.set_output_directory(str(tmp_path))
     training, world_nodes = _nodes(pack)
-    images, masks = _star_photos(2)
+    images, masks = star_photos(2)
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
                                               prompt="a sks", trigger_words="sks", clip=_clip(world)).result[0]
     assert subject.subject_tokens == (1,)
@@ -143,7 +137,7 @@ def test_a_trigger_embedding_is_learned_added_at_the_trigger_words_saved_and_loa
     training, world_nodes = _nodes(pack)
     from custvid_pack.nodes.embedding_nodes import ApplyTriggerEmbedding, LoadTriggerEmbedding, SaveTriggerEmbedding
 
-    images, _ = _star_photos(2)
+    images, _ = star_photos(2)
     # Trigger words without masks: no attention loss, but an embedding can be learned at them.
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"),
                                               prompt="a sks", trigger_words=" sks ", clip=_clip(world)).result[0]
@@ -192,7 +186,7 @@ def test_moving_clips_of_the_photos_are_encoded_and_trained_on(wan, tmp_path):
     patcher, world, pack = wan
     folder_paths.set_output_directory(str(tmp_path))
     training, world_nodes = _nodes(pack)
-    images, masks = _star_photos(2)
+    images, masks = star_photos(2)
 
     def dataset(vae, **moving):
         return training.SubjectDataset.execute(vae, images, _conditioning(world, "sks"), masks=masks, **moving).result[0]
@@ -464,7 +458,7 @@ def test_the_lora_output_keeps_its_spec_through_save_lora_and_the_stock_lora_nod
     loras = tmp_path / "loras"
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     training, world_nodes = _nodes(pack)
-    images, masks = _star_photos(2)
+    images, masks = star_photos(2)
     subject = training.SubjectDataset.execute(world_nodes.WorldVAE(), images, _conditioning(world, "a sks"), masks=masks,
                                               prompt="a sks", trigger_words="sks", clip=_clip(world)).result[0]
     _, lora, _, _ = _train(pack, patcher, subject, run_name="spec_test", steps=2)
