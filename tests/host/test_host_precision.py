@@ -108,9 +108,9 @@ def _storage(model: torch.nn.Module) -> dict:
 
 def _subject(world, pack):
     from custvid_pack.nodes import training_nodes, world_nodes
-    from test_host_training import _star_photos
+    from world_data import star_photos
 
-    images, masks = _star_photos(3)
+    images, masks = star_photos(3)
     with torch.no_grad():
         conditioning = [[world.text(["sks star"]), {}]]
     return training_nodes.SubjectDataset.execute(world_nodes.WorldVAE(), images, conditioning, masks=masks).result[0]
