@@ -55,15 +55,18 @@ def _sample(model, world, prompt):
                                          world["latent"])[0]["samples"]
 
 
-def test_trained_lora_changes_the_output_and_the_embeddings_apply_to_a_new_subject(world):
+def test_trained_lora_changes_the_output_and_the_embeddings_apply_to_a_new_subject(world, monkeypatch):
     nodes, patcher, clip = world["nodes"], world["patcher"], world["clip"]
     before, base = _state(patcher), _sample(patcher, world, NEW_SUBJECT)
+    runs, train = [], nodes.train_synmotion
+    monkeypatch.setattr(nodes, "train_synmotion", lambda *a, **kw: runs.append(train(*a, **kw)) or runs[-1])
     model, lora, graph, learned = nodes.TrainSynMotion.execute(patcher, world["clips"], clip, CAPTION,
                                                                prior_clips=world["prior"], run_name="syn",
                                                                **TRAIN).result
     assert all(torch.equal(v, before[k]) for k, v in patcher.model.diffusion_model.state_dict().items())
     assert not patcher.patches  # the input MODEL has no LoRA; the output MODEL does
     assert graph.shape[0] == 1 and graph.shape[-1] == 3
+    assert {k for record in runs[0].history for k in record} >= {"motion", "prior"}  # the prior clips were learned
     assert (world["base"] / "output" / "custvid_training" / "syn" / "checkpoint.pt").exists()
 
     with_lora = _sample(model, world, NEW_SUBJECT)
