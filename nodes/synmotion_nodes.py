@@ -1,8 +1,10 @@
-"""Nodes for SynMotion's motion customization: the subject prior clips the frozen model generates, and the learned
-subject and motion embeddings: applied to a prompt's conditioning, saved to and loaded from models/custvid/synmotion."""
+"""Nodes for SynMotion's motion customization: the subject prior clips the frozen model generates, the training of the
+subject and motion embeddings with the motion LoRA, and the learned embeddings: applied to a prompt's conditioning,
+saved to and loaded from models/custvid/synmotion."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import comfy.model_management
@@ -13,18 +15,38 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..custvid_core.adapters.synmotion import RolePositions, load_synmotion, save_synmotion, with_embeddings
+from ..custvid_core.adapters.synmotion import (
+    LearnedSynMotion,
+    RolePositions,
+    load_synmotion,
+    save_synmotion,
+    with_embeddings,
+)
 from ..custvid_core.errors import InputError
 from ..custvid_core.training.fingerprint import content_digest
+from ..custvid_core.training.loop import warmup_steps
+from ..custvid_core.training.objectives import SigmaSampler
 from ..custvid_core.training.prior_clips import (
+    PriorClips,
     PriorSettings,
     parse_prior_prompts,
     prior_clips,
     prompts_text,
     shipped_prior_prompts,
 )
+from ..custvid_core.training.synmotion import SynMotionSettings, prior_subject_positions, train_synmotion
 from . import representation_nodes, schedule_nodes, types
-from .host import base_model_signature, model_files, safetensors_path, token_roles
+from .host import (
+    base_model_signature,
+    model_files,
+    resolve_training_dtype,
+    safetensors_path,
+    token_roles,
+    training_backbone,
+    training_folder,
+    training_progress,
+)
+from .training_nodes import _context, _data_in, _finish, _lora_weights, _run_log, _training_dtype_input, noise_and_memory_inputs
 
 CATEGORY_TRAIN = "CustVid/training"
 # Under ComfyUI's output folder: generated clips are the user's output, and a rerun finds them there.
@@ -116,6 +138,106 @@ class SubjectPriorClips(io.ComfyNode):
                             progress)
         comfy.model_management.soft_empty_cache()
         return io.NodeOutput(clips)
+
+
+def _word_positions(clip, prompt: str, subject_words: str, motion_words: str, clips) -> RolePositions:
+    """Where the subject and motion words sit in the clips' caption, refused where they sit past the clips' context."""
+    if not prompt.strip():
+        raise InputError("prompt", "it is empty", "the clips' caption, with the subject and motion words in it")
+    positions = RolePositions(token_roles(prompt, subject_words, clip).subject,
+                              token_roles(prompt, motion_words, clip, words_input="motion_words").subject)
+    rows = clips.context.shape[1]
+    if max(positions.subject + positions.motion) >= rows:
+        raise InputError("prompt", f"its words sit past the clips' {rows} conditioning rows",
+                         "the caption the clips were encoded with (Video Clips Dataset's conditioning)")
+    return positions
+
+
+class TrainSynMotion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CustVid_TrainSynMotion",
+            display_name="Train SynMotion",
+            category=CATEGORY_TRAIN,
+            description="Learns the motion of your clips as SynMotion does: a subject and a motion embedding added to "
+                        "the caption's subject and motion words (with a refiner), and a motion LoRA on q, k, v of every "
+                        "attention layer. With prior clips, a quarter of the steps teach the subject embedding on them "
+                        "alone, so the subject stays in it and the motion in the motion's parts. Use the motion LoRA "
+                        "and Apply SynMotion Embeddings to give the motion to a new subject. The input MODEL is not "
+                        "changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan model from Load Diffusion Model (LoRAs may be applied); the "
+                                                "same one Subject Prior Clips generated with."),
+                types.VideoDataset.Input("clips", tooltip="From Video Clips Dataset: clips of the motion, each "
+                                                          "encoded with the caption given in prompt."),
+                io.Clip.Input("clip", tooltip="The text encoder that encoded the clips' caption; its tokenizer finds "
+                                              "the subject and motion words in it."),
+                io.String.Input("prompt", default="", multiline=True,
+                                tooltip="The clips' caption exactly as encoded, holding the subject's and the "
+                                        "motion's words, e.g. 'a dog moving left'."),
+                io.String.Input("subject_words", default="",
+                                tooltip="The clips' subject words as they appear in the prompt, e.g. 'a dog'."),
+                io.String.Input("motion_words", default="",
+                                tooltip="The motion words as they appear in the prompt, e.g. 'moving left'. Apply "
+                                        "SynMotion Embeddings edits these words' rows: write them the same way there."),
+                types.VideoDataset.Input("prior_clips", optional=True,
+                                         tooltip="From Subject Prior Clips, generated by this MODEL. Not connected: "
+                                                 "every step learns the clips (no prior steps)."),
+                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-6,
+                               tooltip="AdamW learning rate of the embeddings and the LoRA after warm-up; cosine "
+                                       "decay to a tenth of it."),
+                io.Int.Input("rank", default=64, min=1, max=256, tooltip="The motion LoRA's rank."),
+                io.Boolean.Input("refiner", default=True,
+                                 tooltip="Learn the refiner that adapts the embeddings to each prompt's words. Off: "
+                                         "the embeddings are added as they are."),
+                *noise_and_memory_inputs(),
+                io.Int.Input("training_seed", default=0, min=0, max=2 ** 31 - 1,
+                             tooltip="Seed for noise, clips, step kinds and the initialisation (fixed, so a rerun "
+                                     "resumes)."),
+                io.Int.Input("checkpoint_every", default=100, min=1, max=100000,
+                             tooltip="Write a checkpoint every N steps; a rerun with the same run_name resumes."),
+                io.String.Input("run_name", default="custvid_synmotion",
+                                tooltip="Folder under output/custvid_training/ for this run's checkpoint. A rerun with "
+                                        "the same data, settings and model resumes it; another run trains afresh."),
+                _training_dtype_input(),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="lora"),
+                     io.Image.Output(display_name="loss_graph"),
+                     types.SynMotionEmbeddings.Output(display_name="synmotion_embeddings")],
+        )
+
+    @classmethod
+    def execute(cls, model, clips, clip, prompt, subject_words, motion_words, steps, learning_rate, rank, refiner,
+                timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
+                prior_clips=None, training_dtype="auto") -> io.NodeOutput:
+        subject_words, motion_words = " ".join(subject_words.split()), " ".join(motion_words.split())
+        positions = _word_positions(clip, prompt, subject_words, motion_words, clips)
+        motion_phrase = _context(_conditioning(clip, [motion_words])[0], "motion_words")
+        prior_subjects = None
+        if prior_clips is not None:
+            if not isinstance(prior_clips, PriorClips):
+                raise InputError("prior_clips", "are not subject prior clips", "the output of Subject Prior Clips")
+            prior_subjects = prior_subject_positions(
+                prior_clips, lambda p: token_roles(p.text, p.subject, clip, words_input="prior_clips").subject)
+        defaults = SynMotionSettings()
+        settings = dataclasses.replace(
+            defaults, rank=rank, prior=prior_clips is not None, refiner=refiner,
+            sigmas=SigmaSampler(timestep_sampling, shift), gradient_checkpointing=gradient_checkpointing,
+            optim=dataclasses.replace(defaults.optim, steps=steps, lr=learning_rate, seed=training_seed,
+                                      checkpoint_every=checkpoint_every, warmup=warmup_steps(steps)))
+        folder = training_folder(run_name)
+        notes, log = _run_log(run_name)
+        with training_backbone(model) as (backbone, device, to_model):
+            base_model = base_model_signature(model)
+            prior = None if prior_clips is None else _data_in(to_model, prior_clips)
+            trained = train_synmotion(backbone, _data_in(to_model, clips), positions, motion_phrase, prior, settings,
+                                      prior_subjects, base_model, subject_words, motion_words, folder,
+                                      training_progress(steps, "SynMotion"), log, device=device,
+                                      dtype=resolve_training_dtype(training_dtype, device), base_model=base_model)
+        learned = LearnedSynMotion.from_exported(trained.parts[settings.name])
+        return _finish(model, trained, notes, learned, loras=[_lora_weights(model, trained, motion_words)])
 
 
 class ApplySynMotionEmbeddings(io.ComfyNode):
@@ -227,4 +349,4 @@ class LoadSynMotionEmbeddings(io.ComfyNode):
         return io.NodeOutput(load_synmotion(path, input_name="synmotion_embeddings_name"))
 
 
-NODES = [SubjectPriorClips, ApplySynMotionEmbeddings, SaveSynMotionEmbeddings, LoadSynMotionEmbeddings]
+NODES = [SubjectPriorClips, TrainSynMotion, ApplySynMotionEmbeddings, SaveSynMotionEmbeddings, LoadSynMotionEmbeddings]

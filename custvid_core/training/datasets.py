@@ -326,11 +326,12 @@ def converted(data, latents: Callable[[torch.Tensor], torch.Tensor],
               tensors: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
     """`data` (a `VideoSet`, `MovingClips` or `SubjectSet`, with its moving and preservation clips) with every
     latent tensor (latents, stills) passed through `latents` (e.g. into a model's latent format) and every other
-    tensor through `tensors`."""
+    tensor through `tensors`. A `VideoSet` keeps its kind and other fields (prior clips their prompts)."""
     if isinstance(data, VideoSet):
         stills = data.stills
-        return VideoSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.flow),
-                        None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape))
+        return replace(data, latents=latents(data.latents), context=tensors(data.context),
+                       flow=_or_none(tensors, data.flow),
+                       stills=None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape))
     if isinstance(data, MovingClips):
         return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks), data.photo)
     return SubjectSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.masks),

@@ -14,7 +14,7 @@ NODE_IDS = {
     "CustVid_ApplyTriggerEmbedding", "CustVid_SaveTriggerEmbedding", "CustVid_LoadTriggerEmbedding",
     "CustVid_LoadShapesWorldClip", "CustVid_WorldPreservationClipsV2", "CustVid_CameraShiftSamplerV2",
     "CustVid_CameraSampleV2", "CustVid_TrainJointLoRAs", "CustVid_SubjectPriorClips", "CustVid_ApplySynMotionEmbeddings",
-    "CustVid_SaveSynMotionEmbeddings", "CustVid_LoadSynMotionEmbeddings",
+    "CustVid_SaveSynMotionEmbeddings", "CustVid_LoadSynMotionEmbeddings", "CustVid_TrainSynMotion",
 }
 # Kept for saved workflows, hidden from the node search.
 DEPRECATED = {"CustVid_LoadShapesWorld", "CustVid_WorldTextEncode", "CustVid_WorldPreservationClips",
