@@ -227,3 +227,27 @@ def tiny_wan_vae_weights() -> dict:
 
     return {k: torch.ones_like(v) if "gamma" in k else torch.randn_like(v) * (0.1 if v.ndim > 1 else 0.01)
             for k, v in WanVAE(dim=8, z_dim=16, temperal_downsample=[False, True, True]).state_dict().items()}
+
+
+@contextmanager
+def partially_loaded(patcher):
+    """While inside, ComfyUI loads models as a small GPU does: only part of the weights resident, the rest cast on
+    the fly (low-VRAM partial loading). Yields a list that receives, on leaving, `patcher`'s layers so cast."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    original = mm.load_models_gpu
+
+    def partial(models, *args, **kwargs):
+        for m in models:
+            m.model_patches_to(m.load_device)
+            m.load(m.load_device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
+
+    mm.load_models_gpu = partial
+    cast_layers = []
+    try:
+        yield cast_layers
+        cast_layers.extend(m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False))
+    finally:
+        mm.load_models_gpu = original
+        mm.unload_all_models()

@@ -6,11 +6,10 @@ import logging
 
 import pytest
 import torch
-from comfy_host import import_comfy, import_pack, tiny_world_wan
-from world_data import encode, star_and_two_clips
+from comfy_host import import_comfy, import_pack, partially_loaded, tiny_world_wan
+from world_data import encode, world_training_inputs
 
 from custvid_core.control.boxes import BoxTrack
-from custvid_core.world.model import MODEL_FILE, load_world
 
 WIDTH = 12  # the image embeddings' width in these tests (a CLIP ViT-H gives 1024)
 PROMPT = "orange star moving right"
@@ -34,19 +33,11 @@ TRAIN = dict(steps=4, learning_rate=1e-2, groups=3, bottleneck=8, motion_probabi
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import_comfy()
-    import comfy.sd
-    import folder_paths
-
     pack = import_pack()
     from custvid_pack.nodes import dualreal_nodes, training_nodes, world_nodes
 
     base = tmp_path_factory.mktemp("dualreal")
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.add_model_folder_path("custvid_dualreal", str(base / "dualreal"), is_default=True)
-    folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
-    patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
-    clip, vae = world_nodes.world_clip(load_world().text), world_nodes.WorldVAE()
-    subject, clips = star_and_two_clips(training_nodes, clip, vae)
+    patcher, clip, subject, clips = world_training_inputs(base, training_nodes, world_nodes)
     model, dualreal, graph = dualreal_nodes.TrainDualReal.execute(
         patcher, subject, clips, run_name="dualreal_test", clips_image=_vision(2, 1), subject_image=_vision(1, 2),
         **TRAIN).result
@@ -187,27 +178,13 @@ def test_stacked_with_a_stock_lora_both_act_in_either_order(world, caplog):
 
 def test_with_low_vram_partial_loading_it_samples_as_fully_loaded(world):
     """ComfyUI's partial loading (weights cast per layer with their LoRA patches) under the attached adapters."""
-    import comfy.model_management
 
     nodes, patcher = world["nodes"], world["patcher"]
     applied = nodes.ApplyDualReal.execute(_stock_lora(world)(patcher), world["dualreal"], 1.0,
                                           clip_vision_output=_vision(1, 2)).result[0]
     full = _sample(applied, world)
-    comfy.model_management.unload_all_models()
-    original = comfy.model_management.load_models_gpu
-
-    def partial(models, *args, **kwargs):  # what a small GPU does: only part of the weights resident
-        for m in models:
-            m.model_patches_to(m.load_device)
-            m.load(m.load_device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
-
-    comfy.model_management.load_models_gpu = partial
-    try:
+    with partially_loaded(patcher) as lowvram_layers:  # what a small GPU does
         low = _sample(applied, world)
-        lowvram_layers = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
-    finally:
-        comfy.model_management.load_models_gpu = original
-        comfy.model_management.unload_all_models()
     assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
     assert torch.allclose(low, full, atol=1e-4)
     assert not torch.allclose(full, _sample(patcher, world), atol=1e-3)

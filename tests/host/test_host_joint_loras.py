@@ -6,10 +6,8 @@ DualReal, Apply DualReal gives what its MODEL gives; the input MODEL is left as 
 
 import pytest
 import torch
-from comfy_host import import_comfy, import_pack, tiny_world_wan
-from world_data import encode, star_and_two_clips
-
-from custvid_core.world.model import MODEL_FILE, load_world
+from comfy_host import import_comfy, import_pack, partially_loaded, tiny_world_wan
+from world_data import encode, world_training_inputs
 
 PROMPT = "sks moving right"
 TRAIN = dict(steps=6, learning_rate=1e-2, motion_probability=0.5, groups=3, subject_rank=4, motion_rank=4,
@@ -22,19 +20,11 @@ TRAIN = dict(steps=6, learning_rate=1e-2, motion_probability=0.5, groups=3, subj
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import_comfy()
-    import comfy.sd
-    import folder_paths
-
     pack = import_pack()
     from custvid_pack.nodes import dualreal_nodes, training_nodes, world_nodes
 
     base = tmp_path_factory.mktemp("joint")
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
-    folder_paths.add_model_folder_path("custvid_dualreal", str(base / "dualreal"), is_default=True)
-    patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
-    clip, vae = world_nodes.world_clip(load_world().text), world_nodes.WorldVAE()
-    subject, clips = star_and_two_clips(training_nodes, clip, vae)
+    patcher, clip, subject, clips = world_training_inputs(base, training_nodes, world_nodes)
     latent = world_nodes.WorldEmptyLatent.execute(5, 32, 1).result[0]
     world = dict(pack=pack, nodes=training_nodes, dualreal_nodes=dualreal_nodes, patcher=patcher, clip=clip,
                  subject=subject, clips=clips, latent=latent, base=base)
@@ -194,7 +184,6 @@ def _stock_lora(world):
 def test_the_controlled_model_stacks_with_a_stock_lora_and_samples_the_same_partially_loaded(world):
     """The LoRAs attached per call sit on layers a stock LoRA patches too: both act, in either order, and ComfyUI's
     partial loading (weights cast per layer with their patches) gives what full loading gives."""
-    import comfy.model_management
 
     patcher = world["patcher"]
     stock = _stock_lora(world)
@@ -205,21 +194,8 @@ def test_the_controlled_model_stacks_with_a_stock_lora_and_samples_the_same_part
     for alone in (base, controlled, stock_only):
         assert not torch.allclose(both, alone, atol=1e-3)
 
-    comfy.model_management.unload_all_models()
-    original = comfy.model_management.load_models_gpu
-
-    def partial(models, *args, **kwargs):  # what a small GPU does: only part of the weights resident
-        for m in models:
-            m.model_patches_to(m.load_device)
-            m.load(m.load_device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
-
-    comfy.model_management.load_models_gpu = partial
-    try:
+    with partially_loaded(patcher) as lowvram_layers:  # what a small GPU does
         low = _sample(stock(_controlled(world, patcher)), world)
-        lowvram_layers = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
-    finally:
-        comfy.model_management.load_models_gpu = original
-        comfy.model_management.unload_all_models()
     assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
     assert torch.allclose(low, both, atol=1e-4)
     assert _untouched(world)

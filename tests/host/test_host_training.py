@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from comfy_host import import_pack, tiny_wan_vae_weights, tiny_world_wan
+from comfy_host import import_pack, partially_loaded, tiny_wan_vae_weights, tiny_world_wan
 from world_data import star_photos
 
 from custvid_core.world.model import save_world
@@ -258,28 +258,14 @@ def test_training_stacks_on_a_stock_lora(wan, tmp_path):
 
 def test_training_with_low_vram_partial_loading_matches_full_loading(wan, tmp_path):
     """ComfyUI's partial loading (weights cast per layer with their patches) trains the same LoRA."""
-    import comfy.model_management
     import folder_paths
 
     patcher, world, pack = wan
     folder_paths.set_output_directory(str(tmp_path))
     subject = _subject_dataset(pack, world)
     _, full, _, _ = _train(pack, patcher, subject, run_name="full", gradient_checkpointing=False)
-    comfy.model_management.unload_all_models()
-    original = comfy.model_management.load_models_gpu
-
-    def partial(models, *args, **kwargs):  # what a small GPU does: only part of the weights resident
-        for m in models:
-            m.model_patches_to(m.load_device)
-            m.load(m.load_device, lowvram_model_memory=1024, force_patch_weights=False, full_load=False)
-
-    comfy.model_management.load_models_gpu = partial
-    try:
+    with partially_loaded(patcher) as lowvram_layers:  # what a small GPU does
         _, low, _, _ = _train(pack, patcher, subject, run_name="low", gradient_checkpointing=False)
-        lowvram_layers = [m for m in patcher.model.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
-    finally:
-        comfy.model_management.load_models_gpu = original
-        comfy.model_management.unload_all_models()
     assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
     for k, v in full.items():
         assert torch.allclose(v, low[k], atol=1e-5), k

@@ -27,3 +27,19 @@ def star_and_two_clips(training_nodes, clip, vae):
         clips = training_nodes.VideoDataset.execute(vae, clip_scene.frames, encode(clip, clip_scene.prompt),
                                                     add_to=clips).result[0]
     return subject, clips
+
+
+def world_training_inputs(base, training_nodes, world_nodes):
+    """ComfyUI's output, LoRA and DualReal folders under `base`; the shipped world loaded by ComfyUI's own loader;
+    its CLIP and VAE; and `star_and_two_clips`: (patcher, clip, subject, clips)."""
+    import comfy.sd
+    import folder_paths
+
+    from custvid_core.world.model import MODEL_FILE, load_world
+
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.add_model_folder_path("custvid_dualreal", str(base / "dualreal"), is_default=True)
+    folder_paths.add_model_folder_path("loras", str(base / "loras"), is_default=True)
+    patcher = comfy.sd.load_diffusion_model(str(MODEL_FILE))
+    clip, vae = world_nodes.world_clip(load_world().text), world_nodes.WorldVAE()
+    return (patcher, clip, *star_and_two_clips(training_nodes, clip, vae))
