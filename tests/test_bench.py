@@ -8,10 +8,10 @@ import torch
 
 from custvid_core.errors import InputError
 from custvid_core.world.bench.customization import METHODS, measure, run_bench, subject_references
-from custvid_core.world.bench.methods import dualreal_methods, lora_methods, synmotion_methods
+from custvid_core.world.bench.methods import dualreal_methods, lora_methods, method_names, synmotion_methods
 from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
-from custvid_core.world.scene import Scene, render
+from custvid_core.world.scene import SEEN_COLOURS, SEEN_SHAPES, Scene, render
 
 
 def test_default_cases_load_and_render():
@@ -43,6 +43,18 @@ def test_measure_gives_full_marks_to_the_ground_truth():
     other = render(Scene(colour="green", shape="square", direction="left", start=(26, 10), speed=2.0), case.spec)
     worse = measure(case, other.frames, subject_references(case))
     assert worse["colour_match"] == 0 and worse["shape_match"] == 0 and worse["path_shape_error"] > 0.1
+    assert m["clip_colour_leak"] == 0 and worse["clip_colour_leak"] == 1  # green: the first motion clip's subject
+
+
+def test_transfer_cases_keep_the_default_motions_with_a_subject_no_clip_shows():
+    defaults, transfer = load_cases(DEFAULT_CASES), load_cases(DEFAULT_CASES.with_name("transfer.json"))
+    assert len(transfer) == len(defaults)
+    for case, default in zip(transfer, defaults):
+        assert case.motion == default.motion and case.seed == default.seed  # the same clips
+        clip_colours, clip_shapes = {c for c, _, _ in case.motion_subjects()}, {s for _, s, _ in case.motion_subjects()}
+        assert case.subject["colour"] in SEEN_COLOURS and case.subject["colour"] not in clip_colours
+        assert case.subject["shape"] in SEEN_SHAPES and case.subject["shape"] not in clip_shapes
+        assert case.subject["words"] == case.subject_scene().prompt().removesuffix(" moving right")  # as pretrained on
 
 
 def test_bench_writes_tables_for_any_case_file(tmp_path):
@@ -131,12 +143,13 @@ RECORDED_METHODS = json.loads((Path(__file__).parent / "data" / "lora_methods_be
 
 
 def _as_recorded(text: str) -> str:
-    """A repr without the optimiser fields added after the recording (`loop.LATER_SETTINGS`) at their defaults."""
+    """A repr without the fields added after the recording at their defaults: the optimiser's (`loop.LATER_SETTINGS`)
+    and the method's prompt subject (`subject_words`)."""
     from custvid_core.training.loop import LATER_SETTINGS, OptimSettings
 
     for name in LATER_SETTINGS:
         text = text.replace(f", {name}={getattr(OptimSettings(), name)!r}", "")
-    return text
+    return text.replace(", subject_words='clip'", "")
 
 
 @pytest.mark.parametrize("ladder", sorted(RECORDED_METHODS))
@@ -144,13 +157,17 @@ def test_the_methods_file_gives_the_settings_the_ladder_had_in_code(ladder):
     """`methods.toml` read for a ladder (steps, lr, alignment block) gives every method's settings exactly as the
     `replace()` chains they replaced did (their reprs recorded from that code, every field of every setting)."""
     methods = lora_methods(*json.loads(ladder))
-    assert list(methods) == list(RECORDED_METHODS[ladder])  # the same names, in the ladder's order
-    for name, method in methods.items():
-        assert _as_recorded(repr(method)) == RECORDED_METHODS[ladder][name], name
+    recorded = RECORDED_METHODS[ladder]
+    assert list(methods)[:len(recorded)] == list(recorded)  # the same names, in the ladder's order; new ones after
+    for name in recorded:
+        assert _as_recorded(repr(methods[name])) == recorded[name], name
     # Each method loads its own encoders (prepare fills them in): no dict shared with the method it starts from.
     assert len({id(m.encoders) for m in methods.values()}) == len(methods)
 
 
 def test_bench_offers_base_and_every_method_of_the_file():
-    assert list(METHODS) == ["base", *lora_methods(), *dualreal_methods(), *synmotion_methods()]
+    kinds = [lora_methods(), dualreal_methods(), synmotion_methods()]
+    assert list(METHODS) == ["base", *method_names()]  # in the file's order
+    assert sorted(METHODS) == sorted(["base", *(name for kind in kinds for name in kind)])
+    assert sum(map(len, kinds)) == len(method_names())  # each method of one kind
     assert type(METHODS["dualreal"]()).__name__ == "DualRealMethod" and METHODS["full_moving"]().name == "full_moving"

@@ -14,7 +14,7 @@ from custvid_core.representations.motion import build_raft
 from custvid_core.representations.subject import build_dinov2
 from custvid_core.training import TrainedParts
 from custvid_core.world.bench.methods import lora_methods
-from custvid_core.world.cases import load_cases
+from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.customize import generate_with_loras, motion_set, subject_set
 from custvid_core.world.encoders import DINO_CONFIG
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
@@ -183,6 +183,19 @@ def test_the_motion_lora_alone_is_prompted_with_a_motion_clip_subject(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"{case.name}_motion.safetensors"]
     prompt = case.prompt_texts(words["subject"], words["motion"])
     assert not torch.allclose(run(prompt, 0), generate(world, prompt, seed=0, steps=2, progress=lambda *_: None))
+
+
+def test_the_transfer_baselines_prompt_the_cases_subject_and_time_only_the_motion_lora(tmp_path):
+    world = build_world(TINY)
+    case = load_cases(DEFAULT_CASES.with_name("transfer.json"))[0]
+    method = replace(lora_methods(steps=2, lr=1e-2)["smrabooth_motion_transfer"], sampling_steps=2,
+                     encoders={"raft": build_raft()})
+    assert method.subject is None and set(method.schedules) == {"subject", "motion"}
+    run, words = method.prepare(world, case, tmp_path)
+    assert words == {"subject": "red striped circle", "motion": "mtn"}
+    assert run(case.prompt_texts(words["subject"], words["motion"]), 0).shape == (1, 5, 32, 32, 3)
+    with pytest.raises(InputError, match="subject_words"):
+        replace(method, subject_words="photo")
 
 
 @pytest.mark.parametrize("name", ["full_still", "joint"])

@@ -8,9 +8,12 @@ import torch
 from custvid_core.adapters.lora import read_lora
 from custvid_core.adapters.parts import Exported
 from custvid_core.adapters.synmotion import load_synmotion
+from custvid_core.control import SMRABOOTH_TIMING, ScheduledStrengths
+from custvid_core.representations.subject import build_dinov2
 from custvid_core.training.engine import TrainedParts
 from custvid_core.world.bench.methods import dualreal_methods, lora_methods, method_names, synmotion_methods
 from custvid_core.world.cases import load_cases
+from custvid_core.world.encoders import DINO_CONFIG
 from custvid_core.world.model import DEFAULT_CONFIG, build_world
 from custvid_core.world.sample import generate
 from custvid_core.world.synmotion import generate_with_synmotion
@@ -54,7 +57,10 @@ def test_without_prior_clips_none_are_generated(tmp_path):
 
 def test_the_methods_file_names_synmotion_and_its_ablations():
     methods = synmotion_methods()
-    assert list(methods) == ["synmotion", "synmotion_no_prior", "synmotion_no_refiner", "synmotion_no_alternation"]
+    assert list(methods) == ["synmotion", "synmotion_no_prior", "synmotion_no_refiner", "synmotion_no_alternation",
+                             "synmotion_subject"]
+    combined, full_moving = methods.pop("synmotion_subject"), lora_methods()["full_moving"]
+    assert combined.subject == full_moving and combined.settings == methods["synmotion"].settings
     assert set(methods) <= set(method_names()) and not set(methods) & (set(lora_methods()) | set(dualreal_methods()))
     motion_steps = lora_methods()["full"].motion.optim.steps
     changed = {n: (m.settings.prior, m.settings.refiner, m.settings.alternation) for n, m in methods.items()}
@@ -66,3 +72,22 @@ def test_the_methods_file_names_synmotion_and_its_ablations():
         assert s.optim.steps * motion_share == motion_steps, name  # the clips get the ladder's motion steps
         assert s.optim.lr == 1e-3 and s.sigmas == lora_methods()["full"].motion.sigmas, name
         assert s.rank == lora_methods()["full"].motion.rank, name
+
+
+def test_combined_use_trains_the_subject_recipe_too_and_generates_sks_mtn_with_both_loras_and_edits(tmp_path,
+                                                                                                      monkeypatch):
+    world = build_world(TINY)
+    case = load_cases()[0]
+    method = replace(synmotion_methods(steps=4)["synmotion_subject"], sampling_steps=2, prior_clips=2)
+    method = replace(method, subject=replace(method.subject, moving_clips=1, encoders={"dino": build_dinov2(DINO_CONFIG)}))
+    timed, before_step = [], ScheduledStrengths.before_step
+    monkeypatch.setattr(ScheduledStrengths, "before_step", lambda self, step: (timed.append(dict(self.schedules)),
+                                                                              before_step(self, step)))
+    run, words = method.prepare(world, case, tmp_path)
+    assert words == {"subject": "sks", "motion": "mtn"}
+    clips = run(["sks mtn"], 0)
+    assert (tmp_path / "subject" / "checkpoint.pt").exists() and (tmp_path / "synmotion" / "checkpoint.pt").exists()
+    assert timed and set(timed[0]) == {"subject", "synmotion_lora"}  # the subject's timing, SynMotion's LoRA as motion
+    assert timed[0]["subject"] == SMRABOOTH_TIMING["subject"]
+    motion_only, _ = replace(method, subject=None).prepare(world, case, tmp_path)
+    assert not torch.allclose(clips, motion_only(["sks mtn"], 0))  # the subject LoRA and its trigger embedding act

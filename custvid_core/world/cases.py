@@ -76,15 +76,18 @@ class Case:
                                     background_seed=int(torch.randint(2 ** 31 - 1, (1,), generator=g))), still))
         return out
 
+    def motion_subjects(self) -> list[tuple[str, str, str]]:
+        """(colour, shape, texture) of each motion clip's subject, in clip order."""
+        subjects = self.motion.get("subjects") or [["green", "square", "plain"]]
+        return [tuple(subjects[i % len(subjects)]) for i in range(int(self.motion.get("clips", 3)))]
+
     def motion_clips(self) -> list[Clip]:
         """Clips of other subjects following the motion's path, each shifted to a random place in frame."""
         g = torch.Generator().manual_seed(self.seed * 7919 + 2)
         template = self.motion_scene()
         centres = path_centres(template, self.spec.frames, self.spec.size)
-        subjects = self.motion.get("subjects") or [["green", "square", "plain"]]
         out = []
-        for i in range(int(self.motion.get("clips", 3))):
-            colour, shape, texture = subjects[i % len(subjects)]
+        for colour, shape, texture in self.motion_subjects():
             half = template.object_size / 2
             lo = (half - centres.min(0).values).clamp(max=0)
             hi = (self.spec.size - half - centres.max(0).values).clamp(min=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -159,8 +160,10 @@ class LoraMethod:
     """A benchmark method: a subject LoRA and a motion LoRA trained on a case, generated together."""
 
     name: str
-    subject: SubjectSettings | None  # None: the motion LoRA alone, prompted with a motion clip's own subject
+    subject: SubjectSettings | None  # None: the motion LoRA alone, prompted with `subject_words`
     motion: MotionSettings
+    subject_words: str = "clip"  # without a subject LoRA, the prompt's subject: "clip" (the first motion clip's) or
+    # "case" (the case's words: a subject the clips never showed, for motion transfer)
     schedules: dict[str, StrengthSchedule] | None = None  # None: both at 1.0 throughout
     joint: OptimSettings | None = None  # the two LoRAs trained together in alternating steps (DualReal)
     motion_probability: float = 0.5  # joint training: the chance that a step is a motion step
@@ -171,27 +174,33 @@ class LoraMethod:
     encoders: dict = field(default_factory=dict)  # "dino", "raft": loaded world encoders
     progress_bars: bool = False  # tqdm bars while training and sampling (the benchmark runs without)
 
+    def __post_init__(self):
+        if self.subject_words not in ("clip", "case"):
+            raise InputError("subject_words", f"'{self.subject_words}'", "'clip' or 'case'")
+
+    def subject_data(self, world: World, case: Case) -> SubjectSet:
+        """The case's subject set as this method learns it (with the world's DINOv2 features if it aligns)."""
+        from ..representations.subject import load_dinov2
+        from .encoders import DINO_FILE
+
+        dino = None
+        if self.subject.alignment_weight > 0:  # the world's encoders load once per method, only if used
+            dino = self.encoders.get("dino") or self.encoders.setdefault("dino", load_dinov2(DINO_FILE))
+        return subject_set(world, case, dino, 16 if self.subject.preservation_weight else 0,
+                           moving_clips=self.moving_clips)
+
     def prepare(self, world: World, case: Case, workdir: Path):
         from ..representations.motion import load_raft
-        from ..representations.subject import load_dinov2
-        from .encoders import DINO_FILE, RAFT_FILE
+        from .encoders import RAFT_FILE
 
         workdir = Path(workdir)
-        # The world's encoders load once per method, only for the rungs that align with them.
-        align_subject = self.subject is not None and self.subject.alignment_weight > 0
-        if align_subject and "dino" not in self.encoders:
-            self.encoders["dino"] = load_dinov2(DINO_FILE)
         if self.motion.alignment_weight > 0 and "raft" not in self.encoders:
             self.encoders["raft"] = load_raft(RAFT_FILE)
-        dino = self.encoders.get("dino") if align_subject else None
         raft = self.encoders.get("raft") if self.motion.alignment_weight > 0 else None
         decoded = None
         if self.motion.alignment == "decoded_flow" and raft is not None:
             decoded = DecodedFlow(decode, raft, DecodedFlow.grouped_frames(TEMPORAL_FACTOR))
-        subject_data = None
-        if self.subject is not None:
-            subject_data = subject_set(world, case, dino, 16 if self.subject.preservation_weight else 0,
-                                       moving_clips=self.moving_clips)
+        subject_data = None if self.subject is None else self.subject_data(world, case)
         motion_data = motion_set(world, case, raft, self.hue_copies)
 
         def bar(description: str):
@@ -215,32 +224,43 @@ class LoraMethod:
             if learned is not None:
                 save_trigger_embedding(workdir / f"{case.name}_{trained.spec.name}_trigger_embedding.safetensors",
                                        learned)
+        # The schedules of the LoRAs trained (the motion-only methods have no subject LoRA to time).
+        schedules = {t.spec.name: self.schedules[t.spec.name] for t in trained_loras
+                     if t.spec.name in (self.schedules or {})} or None
 
         def run(prompts, seed):
-            return generate_with_loras(world, trained_loras, prompts, seed, self.schedules,
+            return generate_with_loras(world, trained_loras, prompts, seed, schedules,
                                        progress_bar=self.progress_bars, steps=self.sampling_steps, cfg=self.cfg)
 
-        subject_words = SUBJECT_WORD if subject is not None else case.motion_clips()[0].prompt
+        if subject is not None:
+            subject_words = SUBJECT_WORD
+        else:
+            subject_words = case.subject.get("words", "") if self.subject_words == "case" else case.motion_clips()[0].prompt
         return run, {"subject": subject_words, "motion": MOTION_WORD}
 
 
 def generate_with_loras(world: World, loras: list[TrainedParts], prompts: list[str], seed: int,
                         schedules: dict[str, StrengthSchedule] | None = None, progress_bar: bool = False,
+                        text_edit: Callable[[torch.Tensor], torch.Tensor] | None = None, merge: bool = True,
                         **sampling) -> torch.Tensor:
     """Generate with trained LoRAs attached (and a subject LoRA's trigger embedding at "sks"); merged into the
-    weights when no strength changes, unmerged with per-step strengths otherwise. The world model is unchanged
-    afterwards. `progress_bar`: a tqdm bar over the sampling steps."""
+    weights when no strength changes and `merge` is on, unmerged otherwise (with per-step strengths if they change).
+    `text_edit`: a change to the text context where it enters the model (`WanBackbone.edit_text_context`). The world
+    model is unchanged afterwards (to the rounding of a merge and unmerge). `progress_bar`: a tqdm bar over the
+    sampling steps."""
     progress = None if progress_bar else lambda *_: None  # generate draws a bar when given no callback
-    with LoraAdapters(world.backbone, [t.spec for t in loras]) as adapters, contextlib.ExitStack() as embeddings:
+    with LoraAdapters(world.backbone, [t.spec for t in loras]) as adapters, contextlib.ExitStack() as edits:
         for t in loras:
             adapters.load_native_state_dict(t.spec.name, t.tensors)
             if t.trigger_embedding is not None:
-                embeddings.enter_context(world.text.word_residual(SUBJECT_WORD, t.trigger_embedding))
+                edits.enter_context(world.text.word_residual(SUBJECT_WORD, t.trigger_embedding))
+        if text_edit is not None:
+            edits.enter_context(world.backbone.edit_text_context(text_edit))
         if schedules and not all(s.is_constant for s in schedules.values()):
             return generate(world, prompts, seed=seed, progress=progress,
                             controls=[ScheduledStrengths(adapters, schedules), *sampling.pop("controls", ())],
                             **sampling)
         for name, schedule in (schedules or {}).items():
             adapters.set_strength(name, schedule.at(0.0))
-        with adapters.merged():
+        with adapters.merged() if merge else contextlib.nullcontext():
             return generate(world, prompts, seed=seed, progress=progress, **sampling)

@@ -15,14 +15,24 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.lora import LoraAdapters, save_lora
+from ..adapters.lora import save_lora
 from ..adapters.synmotion import LearnedSynMotion, RolePositions, save_synmotion, with_embeddings
+from ..control.strength import StrengthSchedule
+from ..training.customize import train_subject
 from ..training.engine import TrainedParts
 from ..training.synmotion import SynMotionSettings, prior_subject_positions, train_synmotion
 from .cases import Case
-from .customize import MOTION_WORD, _training_bar, motion_set, subject_prior_clips, world_fingerprint
+from .customize import (
+    MOTION_WORD,
+    SUBJECT_WORD,
+    LoraMethod,
+    _training_bar,
+    generate_with_loras,
+    motion_set,
+    subject_prior_clips,
+    world_fingerprint,
+)
 from .model import World
-from .sample import generate
 
 
 @dataclass
@@ -37,6 +47,9 @@ class SynMotionMethod:
     sampling_steps: int = 30
     cfg: float = 4.0
     progress_bars: bool = False  # a tqdm bar while training (the benchmark runs without)
+    # Combined use: the subject LoRA (and trigger embedding) as this LoRA method learns it from the case's photos,
+    # the LoRAs' strengths following its schedules ("motion": SynMotion's LoRA).
+    subject: LoraMethod | None = None
 
     def prepare(self, world: World, case: Case, workdir: Path):
         workdir = Path(workdir)
@@ -61,11 +74,19 @@ class SynMotionMethod:
                                    "trigger": MOTION_WORD})
         save_synmotion(workdir / f"{case.name}_synmotion_embeddings.safetensors", learned)
 
-        def run(prompts, seed):
-            return generate_with_synmotion(world, trained, learned, prompts, seed, steps=self.sampling_steps,
-                                           cfg=self.cfg)
+        subject, schedules = None, None
+        if self.subject is not None:
+            subject = train_subject(world.backbone, self.subject.subject_data(world, case), self.subject.subject,
+                                    workdir / "subject", _training_bar("subject LoRA") if self.progress_bars else None)
+            lora_names = {"subject": subject.spec.name, "motion": trained.spec.name}
+            schedules = {lora_names[key]: schedule for key, schedule in (self.subject.schedules or {}).items()}
 
-        return run, {"subject": case.subject.get("words", ""), "motion": MOTION_WORD}
+        def run(prompts, seed):
+            return generate_with_synmotion(world, trained, learned, prompts, seed, subject, schedules,
+                                           steps=self.sampling_steps, cfg=self.cfg)
+
+        subject_words = SUBJECT_WORD if subject is not None else case.subject.get("words", "")
+        return run, {"subject": subject_words, "motion": MOTION_WORD}
 
 
 def clip_positions(world: World, prompt: str, subject_words: str) -> RolePositions:
@@ -75,10 +96,12 @@ def clip_positions(world: World, prompt: str, subject_words: str) -> RolePositio
 
 
 def generate_with_synmotion(world: World, trained: TrainedParts, learned: LearnedSynMotion, prompts: list[str],
-                            seed: int, **sampling) -> torch.Tensor:
+                            seed: int, subject: TrainedParts | None = None,
+                            schedules: dict[str, StrengthSchedule] | None = None, **sampling) -> torch.Tensor:
     """Generate with the motion LoRA (`trained`'s main) attached and the learned motion residual and refiner on each
-    prompt's motion word (`with_embeddings`, the subject residual off); the world model and its text encoder are
-    unchanged afterwards (the LoRA is not merged: unmerging would leave rounding in the weights)."""
+    prompt's motion word (`with_embeddings`, the subject residual off); with `subject`, its LoRA and trigger embedding
+    too, the strengths following `schedules` (by LoRA name). The world model and its text encoder are unchanged
+    afterwards (the LoRAs are not merged: unmerging would leave rounding in the weights)."""
     motion = [RolePositions(motion=world.text.token_roles(p, MOTION_WORD).subject) for p in prompts]
 
     def edit(context: torch.Tensor) -> torch.Tensor:
@@ -86,6 +109,5 @@ def generate_with_synmotion(world: World, trained: TrainedParts, learned: Learne
         rows = [with_embeddings(context[i:i + 1], positions, learned) for i, positions in enumerate(motion)]
         return torch.cat([*rows, context[len(motion):]])
 
-    with LoraAdapters(world.backbone, [trained.spec]) as adapters, world.backbone.edit_text_context(edit):
-        adapters.load_native_state_dict(trained.spec.name, trained.tensors)
-        return generate(world, prompts, seed=seed, progress=lambda *_: None, **sampling)
+    loras = [t for t in (subject, trained) if t is not None]
+    return generate_with_loras(world, loras, prompts, seed, schedules, text_edit=edit, merge=False, **sampling)

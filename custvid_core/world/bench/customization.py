@@ -63,7 +63,7 @@ def _file_method(name: str) -> Callable[[], Method]:
 METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _file_method(n) for n in method_names()}}
 
 METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation",
-           "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker")
+           "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker", "clip_colour_leak")
 
 
 def subject_references(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,8 +81,10 @@ def measure(case: Case, frames: torch.Tensor, references: list[tuple[torch.Tenso
     target_hue = metrics.hue_of(torch.tensor(COLOURS[case.subject["colour"]]))
     shape = metrics.classify_shape(masks[middle], SHAPES)[0]
     path = metrics.path_error(metrics.centroids(masks), case.reference_path())
+    colour = metrics.nearest_colour(hue)
+    clip_colours = {c for c, _, _ in case.motion_subjects()} - {case.subject["colour"]}
     return {
-        "colour_match": float(metrics.nearest_colour(hue) == case.subject["colour"]),
+        "colour_match": float(colour == case.subject["colour"]),
         "colour_distance": float((hue - target_hue).norm()) if not torch.isnan(hue).any() else math.nan,
         "shape_match": float(shape == case.subject["shape"]),
         "shape_iou": max(metrics.shape_iou(masks[middle], mask) for _, mask in references),
@@ -93,6 +95,8 @@ def measure(case: Case, frames: torch.Tensor, references: list[tuple[torch.Tenso
         "speed_ratio": path.speed_ratio,
         "present": float((masks.sum((1, 2)) > 0).float().mean()),
         "flicker": metrics.flicker(frames, masks),
+        # the colour of one of the motion clips' subjects instead of the prompted one: the motion carried its subject
+        "clip_colour_leak": float(colour in clip_colours),
     }
 
 

@@ -83,9 +83,13 @@ def dualreal_methods(steps: int = 300, lr: float = 1e-3, path: str | Path = METH
 
 def synmotion_methods(steps: int = 300, lr: float = 1e-3, path: str | Path = METHODS_FILE) -> dict[str, SynMotionMethod]:
     """The SynMotion methods of `path` (`kind = "synmotion"`; `synmotion` changes fields of SynMotionSettings, `optim`
-    is the world's optimiser (`world_optim`) for that fraction of `steps`, at `lr`)."""
-    return _methods_of_kind("synmotion", path, SynMotionMethod,
-                            lambda settings, fraction: world_optim(_scaled(steps, fraction), lr))
+    is the world's optimiser (`world_optim`) for that fraction of `steps`, at `lr`; `subject` names the LoRA method
+    whose subject LoRA and schedules the combined use takes)."""
+    methods = _methods_of_kind("synmotion", path, SynMotionMethod,
+                               lambda settings, fraction: world_optim(_scaled(steps, fraction), lr))
+    loras = lora_methods(steps, lr, path=path)
+    return {name: replace(m, subject=loras[m.subject]) if isinstance(m.subject, str) else m
+            for name, m in methods.items()}
 
 
 def lora_methods(steps: int = 300, lr: float = 1e-3, alignment_block: int = 1,
