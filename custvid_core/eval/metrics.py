@@ -34,7 +34,6 @@ from ..representations.motion import moving_region
 STILL_PIXELS = 0.5  # a pixel moving less than this between two frames is static (flicker)
 VBENCH_SIDE = 256  # dynamic degree is in pixels of a frame whose shorter side is this (VBench's scale)
 TOP_SHARE = 0.05  # dynamic degree: the share of largest flow magnitudes averaged per pair
-MOVING_SPEED = 0.002  # motion fidelity: a track moves in a frame when it travels this fraction of the frame
 
 
 # --- appearance --------------------------------------------------------------------------------------
@@ -125,14 +124,14 @@ def point_tracks(flow: torch.Tensor, points_per_side: int = 16) -> torch.Tensor:
     return torch.stack(tracks, 1)
 
 
-def _velocities(tracks: torch.Tensor, size: tuple[int, int], frames: int) -> torch.Tensor:
-    """Per-frame velocities `[P, frames-1, 2]` of tracks in fractions of the frame, resampled to `frames`."""
+def _velocities(tracks: torch.Tensor, size: tuple[int, int], frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame velocities `[P, frames-1, 2]` of tracks in fractions of the frame, resampled to `frames`, and
+    where each moves (at least STILL_PIXELS of its own frame: RAFT's noise on still content stays below)."""
+    if tracks.shape[1] != frames:
+        tracks = F.interpolate(tracks.permute(0, 2, 1), size=frames, mode="linear", align_corners=True).permute(0, 2, 1)
+    steps = tracks[:, 1:] - tracks[:, :-1]
     h, w = size
-    positions = tracks / torch.tensor([w, h], dtype=tracks.dtype, device=tracks.device)
-    if positions.shape[1] != frames:
-        positions = F.interpolate(positions.permute(0, 2, 1), size=frames, mode="linear",
-                                  align_corners=True).permute(0, 2, 1)
-    return positions[:, 1:] - positions[:, :-1]
+    return steps / torch.tensor([w, h], dtype=steps.dtype, device=steps.device), steps.norm(dim=-1) >= STILL_PIXELS
 
 
 def motion_fidelity(tracks: torch.Tensor, size: tuple[int, int], reference: torch.Tensor,
@@ -145,8 +144,7 @@ def motion_fidelity(tracks: torch.Tensor, size: tuple[int, int], reference: torc
     lengths are compared on the shorter one's frames. 1 for identical motion; 1 when neither clip moves, 0 when
     only one does."""
     frames = min(tracks.shape[1], reference.shape[1])
-    a, b = _velocities(tracks, size, frames), _velocities(reference, reference_size, frames)
-    moving_a, moving_b = a.norm(dim=-1) > MOVING_SPEED, b.norm(dim=-1) > MOVING_SPEED
+    (a, moving_a), (b, moving_b) = _velocities(tracks, size, frames), _velocities(reference, reference_size, frames)
     if not bool(moving_a.any()) or not bool(moving_b.any()):
         return float(bool(moving_a.any()) == bool(moving_b.any()))
     a, b = a[moving_a.any(1)], b[moving_b.any(1)]  # tracks that never move (the still background) say nothing
