@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..custvid_core.control.camera import CameraPath
+from ..custvid_core.errors import InputError
 from ..custvid_core.eval import clip as clip_encoder
 from ..custvid_core.eval import measure, report
 from ..custvid_core.media import side_by_side
@@ -72,14 +73,20 @@ def _measure_inputs() -> list:
     ]
 
 
-def _measure(frames, clip=None, dino=None, raft=None, prompt="", reference_photos=None, reference_masks=None,
-             reference_clip=None, subject_masks=None, boxes=None, camera_path="", batch_size=8) -> dict[str, float]:
+def _measure(frames, frames_input: str, clip=None, dino=None, raft=None, prompt="", reference_photos=None,
+             reference_masks=None, reference_clip=None, subject_masks=None, boxes=None, camera_path="",
+             batch_size=8) -> dict[str, float]:
     encoders = measure.Encoders(clip=clip.load() if clip else None, dino=dino.load() if dino else None,
                                 raft=raft.load() if raft else None, batch_size=batch_size)
     targets = measure.Targets(prompt=prompt, photos=reference_photos, photo_masks=reference_masks,
                               clips=[] if reference_clip is None else [reference_clip], masks=subject_masks,
                               boxes=boxes, camera=CameraPath.parse(camera_path) if camera_path.strip() else None)
-    return measure.measure_video(frames, targets, encoders, progress=progress_callback(1))
+    try:
+        return measure.measure_video(frames, targets, encoders, progress=progress_callback(1))
+    except InputError as e:
+        if e.input_name != "frames":
+            raise
+        raise InputError(frames_input, e.problem, e.expected) from None
 
 
 class MeasureVideo(io.ComfyNode):
@@ -100,7 +107,7 @@ class MeasureVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames, **optional) -> io.NodeOutput:
-        scores = _measure(frames, **optional)
+        scores = _measure(frames, "frames", **optional)
         text = report.scores_text(scores)
         return io.NodeOutput(text, report.score_chart([scores], ["video"]), ui=ui.PreviewText(text))
 
@@ -127,7 +134,7 @@ class CompareRuns(io.ComfyNode):
 
     @classmethod
     def execute(cls, frames_a, frames_b, label_a, label_b, **optional) -> io.NodeOutput:
-        a, b = _measure(frames_a, **optional), _measure(frames_b, **optional)
+        a, b = _measure(frames_a, "frames_a", **optional), _measure(frames_b, "frames_b", **optional)
         labels = (label_a.strip() or "a", label_b.strip() or "b")
         text = report.comparison_text(a, b, labels)
         return io.NodeOutput(text, report.score_chart([a, b], list(labels)), side_by_side(frames_a, frames_b),

@@ -100,9 +100,9 @@ def test_bad_inputs_are_refused_with_the_input_named(clip):
     with pytest.raises(InputError, match="reference_masks: a mask is empty"):
         measure.measure_video(frames, measure.Targets(photos=frames[:1], photo_masks=masks[:1] * 0), encoders,
                               progress=_quiet)
-    with pytest.raises(InputError, match="masks: every mask is empty"):
+    with pytest.raises(InputError, match="subject_masks: every mask is empty"):
         measure.measure_video(frames, measure.Targets(masks=masks * 0), encoders, progress=_quiet)
-    with pytest.raises(InputError, match="reference_clips: frames have different sizes"):
+    with pytest.raises(InputError, match="reference_clip: frames have different sizes"):
         measure.measure_video(frames, measure.Targets(clips=[[frames[0], frames[1, :20]]]), encoders, progress=_quiet)
     with pytest.raises(InputError, match="clip_name: '.*' has no config.json"):
         load_clip(RAFT_FILE.parent)

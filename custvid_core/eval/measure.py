@@ -131,14 +131,16 @@ def _subject_boxes(targets: Targets, frames: int) -> torch.Tensor | None:
 def _check(frames, targets: Targets) -> tuple[torch.Tensor, list | None, list | None, list[torch.Tensor]]:
     clip = stack_same_size(as_image_list(frames, "frames", min_count=2), "frames")
     photos = as_image_list(targets.photos, "reference_photos") if targets.photos is not None else None
+    if photos is None and targets.photo_masks is not None:
+        raise InputError("reference_masks", "they were given without reference photos", "the photos they belong to")
     photo_masks = as_mask_list(targets.photo_masks, photos, "reference_masks") if photos is not None else None
     if photo_masks is not None and any(float(m.max()) <= 0.5 for m in photo_masks):
         raise InputError("reference_masks", "a mask is empty", "masks that mark the subject in every photo")
     if targets.masks is not None:
-        as_mask_list(targets.masks, list(clip), "masks")
+        as_mask_list(targets.masks, list(clip), "subject_masks")
         if bool((targets.masks.flatten(1).amax(1) <= 0.5).all()):
-            raise InputError("masks", "every mask is empty", "masks that mark the subject in the frames")
-    clips = [stack_same_size(as_image_list(c, "reference_clips", min_count=2), "reference_clips")
+            raise InputError("subject_masks", "every mask is empty", "masks that mark the subject in the frames")
+    clips = [stack_same_size(as_image_list(c, "reference_clip", min_count=2), "reference_clip")
              for c in targets.clips]
     return clip, photos, photo_masks, clips
 

@@ -88,6 +88,12 @@ def test_bad_input_is_refused_with_the_input_named(host):
             nodes.MeasureVideo.execute(right.frames, raft=encoders["raft"], camera_path="sideways")
         with pytest.raises(ValueError, match="frames: only 1 given"):
             nodes.MeasureVideo.execute(right.frames[:1], raft=encoders["raft"])
+        with pytest.raises(ValueError, match="frames_b: only 1 given"):
+            nodes.CompareRuns.execute(right.frames, right.frames[:1], "a", "b", raft=encoders["raft"])
+        with pytest.raises(ValueError, match="subject_masks: 3 masks were given for 5 images"):
+            nodes.MeasureVideo.execute(right.frames, raft=encoders["raft"], subject_masks=right.masks[:3])
+        with pytest.raises(ValueError, match="reference_masks: they were given without reference photos"):
+            nodes.MeasureVideo.execute(right.frames, dino=encoders["dino"], reference_masks=right.masks[:1])
         with pytest.raises(ValueError, match="reference_masks: 2 masks were given for 1 images"):
             nodes.MeasureVideo.execute(right.frames, dino=encoders["dino"], reference_photos=right.frames[:1],
                                        reference_masks=right.masks[:2])
