@@ -118,3 +118,13 @@ def test_reports_list_what_was_measured():
     assert "| clip_t | 0.2500 | 0.5000 | +0.2500 | higher |" in report.comparison_text(a, b, ("a", "b"))
     chart = report.score_chart([a, b], ["a", "b"])
     assert chart.shape[0] == 1 and chart.shape[-1] == 3 and float(chart.min()) < 0.5
+
+
+def test_side_by_side_matches_heights_and_frame_counts():
+    from custvid_core.media import side_by_side
+
+    left, right = torch.rand(3, 20, 30, 3), torch.full((4, 10, 12, 3), 0.25)
+    pair = side_by_side(left, right)
+    assert pair.shape == (3, 20, 30 + 2 + 24, 3)  # the right clip doubled to the left's height, cut to 3 frames
+    assert torch.equal(pair[:, :, :30], left) and float(pair[:, :, 30:32].min()) == 1.0
+    assert torch.allclose(pair[:, :, 32:], torch.full((3, 20, 24, 3), 0.25))
