@@ -1,7 +1,13 @@
 """The benchmark's columns from the product's metrics with the world's encoders: the case's ground truth scores better
 than another subject on another path."""
 
-from custvid_core.world.bench.customization import ENCODER_METRICS, METRICS, encoder_measures, subject_references
+from custvid_core.world.bench.customization import (
+    ENCODER_METRICS,
+    METRICS,
+    encoder_measures,
+    encoder_targets,
+    subject_references,
+)
 from custvid_core.world.cases import DEFAULT_CASES, load_cases
 from custvid_core.world.scene import Scene, render
 
@@ -13,8 +19,8 @@ def test_encoder_metrics_rank_the_ground_truth_above_another_clip():
                          object_size=subject.object_size, path=motion.path, path_params=motion.path_params,
                          start=motion.start), case.spec)
     other = render(Scene(colour="green", shape="square", direction="left", start=(26, 10), speed=2.0), case.spec)
-    references = subject_references(case)
-    good, bad = encoder_measures(case, truth.frames, references), encoder_measures(case, other.frames, references)
+    targets = encoder_targets(case, subject_references(case))
+    good, bad = encoder_measures(truth.frames, targets), encoder_measures(other.frames, targets)
     assert set(good) == set(ENCODER_METRICS) and set(ENCODER_METRICS) <= set(METRICS)
     assert good["dino_i"] > bad["dino_i"] + 0.1
     # The world's RAFT sees the circle's 10-pixel steps about a pixel short on each axis (2.3 pixels of error; 0 with

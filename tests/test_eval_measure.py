@@ -12,7 +12,7 @@ from custvid_core.control.camera import CameraPath
 from custvid_core.errors import InputError
 from custvid_core.eval import measure, report
 from custvid_core.eval.clip import load_clip
-from custvid_core.representations.motion import load_raft
+from custvid_core.representations.motion import compute_flow, load_raft
 from custvid_core.representations.subject import build_dinov2
 from custvid_core.world.encoders import RAFT_FILE
 from custvid_core.world.scene import Scene, WorldSpec, render
@@ -71,6 +71,11 @@ def test_a_moving_subject_under_a_still_camera_measured_with_the_world_raft(worl
     panning = measure.measure_video(moving.frames, measure.Targets(camera=camera_panning, masks=moving.masks),
                                     encoders, progress=_quiet)
     assert panning["camera_flow_error"] > 1.5
+    # The reference clips' flow, when already computed, stands for the clips.
+    flows = [compute_flow(world_raft, moving.frames, progress=_quiet)]
+    given = measure.measure_video(moving.frames, measure.Targets(clip_flows=flows), encoders, progress=_quiet)
+    assert given["motion_fidelity"] == own["motion_fidelity"]
+    assert given["dynamic_degree_deviation"] == own["dynamic_degree_deviation"]
 
     steady = measure.measure_video(still, measure.Targets(clips=[moving.frames]), encoders, progress=_quiet)
     assert steady["flicker"] < 0.01

@@ -58,13 +58,15 @@ class Encoders:
 @dataclass
 class Targets:
     """What a video is measured against. `photos` (+ `photo_masks`, white = subject) are the subject's reference
-    photos; `clips` the reference clips of the motion; `masks` the subject in the generated frames (or `boxes`,
-    its commanded path, which also gives the box flow error); `camera` the commanded camera path."""
+    photos; `clips` the reference clips of the motion (or `clip_flows`, their RAFT flow when already computed, e.g.
+    for many videos measured against the same clips); `masks` the subject in the generated frames (or `boxes`, its
+    commanded path, which also gives the box flow error); `camera` the commanded camera path."""
 
     prompt: str = ""
     photos: torch.Tensor | Sequence[torch.Tensor] | None = None
     photo_masks: torch.Tensor | Sequence[torch.Tensor] | None = None
     clips: Sequence[torch.Tensor] = field(default_factory=list)
+    clip_flows: Sequence[torch.Tensor] | None = None
     masks: torch.Tensor | None = None
     boxes: BoxTrack | None = None
     camera: CameraPath | None = None
@@ -164,7 +166,7 @@ def measure_video(frames: torch.Tensor, targets: Targets, encoders: Encoders,
     if dino is not None and photos is not None:
         work += n + len(photos) + (int(present.sum()) + len(photos) if regions else 0)
     if raft is not None:
-        work += n - 1 + sum(len(c) - 1 for c in reference_clips)
+        work += n - 1 + (0 if targets.clip_flows is not None else sum(len(c) - 1 for c in reference_clips))
     bar = _Progress(work, progress)
     try:
         if clip is not None:
@@ -196,7 +198,8 @@ def measure_video(frames: torch.Tensor, targets: Targets, encoders: Encoders,
                                     bar.part(len(c) - 1))
 
             flow = flow_of(clip_frames)
-            scores.update(_motion_scores(clip_frames, flow, [flow_of(c) for c in reference_clips], targets, boxes))
+            clip_flows = targets.clip_flows if targets.clip_flows is not None else [flow_of(c) for c in reference_clips]
+            scores.update(_motion_scores(clip_frames, flow, list(clip_flows), targets, boxes))
     finally:
         bar.close()
     return scores

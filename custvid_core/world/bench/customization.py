@@ -110,15 +110,23 @@ def world_encoders():
     return Encoders(dino=load_dinov2(DINO_FILE), raft=load_raft(RAFT_FILE))
 
 
-def encoder_measures(case: Case, frames: torch.Tensor, references: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """DINO-I against the case's photos, the dynamic degree's deviation from its motion clips' and the flow error
-    against its path (the boxes of its motion rendered), measured with the world's encoders."""
+def encoder_targets(case: Case, references: list[tuple[torch.Tensor, torch.Tensor]]):
+    """What `encoder_measures` compares a case's clips with: its photos, its motion clips' flow (computed once) and
+    its path (the boxes of its motion rendered)."""
     from ...control.boxes import BoxTrack
-    from ...eval.measure import Targets, measure_video
+    from ...eval.measure import Targets
+    from ...representations.motion import compute_flow
 
-    path = BoxTrack.from_masks(render(case.motion_scene(), case.spec).masks)
-    targets = Targets(photos=[photo for photo, _ in references], clips=[c.frames for c in case.motion_clips()],
-                      boxes=path)
+    flows = [compute_flow(world_encoders().raft, c.frames, progress=lambda *_: None) for c in case.motion_clips()]
+    return Targets(photos=[photo for photo, _ in references], clip_flows=flows,
+                   boxes=BoxTrack.from_masks(render(case.motion_scene(), case.spec).masks))
+
+
+def encoder_measures(frames: torch.Tensor, targets) -> dict:
+    """DINO-I against the case's photos, the dynamic degree's deviation from its motion clips' and the flow error
+    against its path, measured with the world's encoders (`targets` from `encoder_targets`)."""
+    from ...eval.measure import measure_video
+
     scores = measure_video(frames, targets, world_encoders(), progress=lambda *_: None)
     return {k: scores[k] for k in ENCODER_METRICS}
 
@@ -143,6 +151,7 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
     rows = []
     for case in cases:
         references = subject_references(case)
+        targets = encoder_targets(case, references)
         for method_name in methods:
             method = replace(METHODS[method_name](), sampling_steps=sampling_steps)
             t0 = time.perf_counter()
@@ -154,7 +163,7 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
                 for prompt, frames in zip(prompts, clips):
                     rows.append({"case": case.name, "method": method_name, "seed": seed, "prompt": prompt,
                                  "prepare_seconds": prepare_seconds, **measure(case, frames, references),
-                                 **encoder_measures(case, frames, references)})
+                                 **encoder_measures(frames, targets)})
             log(f"{case.name} / {method_name}: " + ", ".join(
                 f"{k} {mean_over_rows([r for r in rows if r['case'] == case.name and r['method'] == method_name], k):.3f}"
                 for k in ("colour_match", "shape_iou", "path_shape_error")))
