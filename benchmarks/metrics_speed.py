@@ -63,9 +63,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from builders import tiny_clip_folder
     from transformers import CLIPConfig, CLIPModel
 
-    from builders import tiny_clip_folder
     from custvid_core.eval.clip import ClipEncoder, image_features, load_clip
     from custvid_core.eval.measure import dino_resolution
     from custvid_core.representations.motion import build_raft, compute_flow

@@ -96,6 +96,7 @@ class _Progress:
 
 
 def dino_resolution(dino: DinoEncoder) -> int:
+    """The side DINO-I fits images to: DINO_SIDE, or the encoder's own image size when smaller, in whole patches."""
     side = min(DINO_SIDE, int(dino.model.config.image_size))
     return max(dino.patch_size, side // dino.patch_size * dino.patch_size)
 
