@@ -169,6 +169,32 @@ def bench_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def metrics(args: argparse.Namespace) -> int:
+    from .control.boxes import BoxTrack
+    from .control.camera import CameraPath
+    from .eval.clip import load_clip
+    from .eval.files import measure_files
+    from .eval.measure import Encoders, Targets
+    from .representations.motion import load_raft
+    from .representations.subject import load_dinov2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        raise InputError("batch-size", f"{args.batch_size}", "at least 1 image per encoder call")
+    encoders = Encoders(clip=load_clip(args.clip, "--clip") if args.clip else None,
+                        dino=load_dinov2(args.dino, "--dino") if args.dino else None,
+                        raft=load_raft(args.raft, "--raft") if args.raft else None, batch_size=args.batch_size)
+    if not (encoders.clip or encoders.dino or encoders.raft):
+        raise InputError("--clip/--dino/--raft", "no encoder given", "at least one of the three model paths")
+    targets = Targets(camera=CameraPath.parse(args.camera_path) if args.camera_path else None,
+                      boxes=BoxTrack.parse(args.boxes) if args.boxes else None)
+    measure_files(args.videos, args.out, encoders, targets, prompts=args.prompts, references=args.references,
+                  reference_masks=args.reference_masks, reference_clips=args.reference_clips, command=_command_line())
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved pairs of plain and other training runs per ratio, after one warm-up round")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=bench_training)
+
+    p = sub.add_parser("metrics", help="the papers' metrics of generated videos (CLIP-T/I, DINO-I, R-CLIP/R-DINO, "
+                                       "T.Cons, flicker, motion smoothness, dynamic degree, motion fidelity, flow errors)")
+    p.add_argument("--videos", nargs="+", required=True, help="video files or folders of frame images")
+    p.add_argument("--out", required=True, help="folder for results.json, results.csv and results.md")
+    p.add_argument("--prompts", nargs="*", default=[], help="one prompt for every video, or one per video (CLIP-T)")
+    p.add_argument("--references", nargs="*", default=[],
+                   help="the subject's reference photos (CLIP-I, DINO-I; with transparency, the opaque part is the "
+                        "subject for R-CLIP / R-DINO)")
+    p.add_argument("--reference-masks", nargs="*", default=[], help="a mask image per reference photo (white = subject)")
+    p.add_argument("--reference-clips", nargs="*", default=[], help="reference clips of the motion (motion fidelity, "
+                                                                     "dynamic degree's deviation)")
+    p.add_argument("--camera-path", default="", help="the commanded camera path, as the camera nodes take it "
+                                                      "('1: 0.25, 0' ...): camera flow error")
+    p.add_argument("--boxes", default="", help="the subject's commanded boxes, as Subject Boxes takes them "
+                                               "('0: x1, y1, x2, y2' ...): box flow error, and the region of R-CLIP / R-DINO")
+    p.add_argument("--clip", default="", help="a transformers CLIP folder (config.json, weights, tokenizer)")
+    p.add_argument("--dino", default="", help="DINOv2 weights (a folder or a file, as Load DINOv2 reads)")
+    p.add_argument("--raft", default="", help="torchvision RAFT weights (.pth or .safetensors, as Load RAFT reads)")
+    p.add_argument("--batch-size", type=int, default=8, help="images (or frame pairs) per encoder call")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(run=metrics)
     return parser
 
 

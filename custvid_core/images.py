@@ -186,3 +186,17 @@ def moving_photos(images: list[torch.Tensor], masks: list[torch.Tensor], clips_p
             clips.append(f)
             clip_masks.append(m)
     return torch.stack(clips), torch.stack(clip_masks)
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """[F, H, W] -> [F, 4] normalised xyxy of each mask (zeros where a mask is empty)."""
+    f, h, w = masks.shape
+    cols, rows = (masks > 0.5).any(1), (masks > 0.5).any(2)
+    ar_w, ar_h = torch.arange(w), torch.arange(h)
+    x1 = torch.where(cols, ar_w, w).amin(1)
+    x2 = torch.where(cols, ar_w + 1, 0).amax(1)
+    y1 = torch.where(rows, ar_h, h).amin(1)
+    y2 = torch.where(rows, ar_h + 1, 0).amax(1)
+    boxes = torch.stack([x1 / w, y1 / h, x2 / w, y2 / h], 1).float()
+    boxes[~cols.any(1)] = 0.0
+    return boxes

@@ -157,3 +157,18 @@ def draw_boxes(frames: torch.Tensor, boxes: torch.Tensor, colour=(1.0, 0.9, 0.1)
         out[i, y1:y2, x1:x1 + width] = paint
         out[i, y1:y2, max(x1, x2 - width):x2] = paint
     return out
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """Two clips `[F, H, W, 3]` as one, left and right with a white gap: the right one resized to the left's height
+    (keeping its proportions), both cut to the shorter clip's frames."""
+    import torch.nn.functional as F
+
+    frames, height = min(len(left), len(right)), left.shape[1]
+    left, right = left[:frames].float(), right[:frames].float()
+    if right.shape[1] != height:
+        width = max(1, round(right.shape[2] * height / right.shape[1]))
+        right = F.interpolate(right.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=False,
+                              antialias=True).permute(0, 2, 3, 1).clamp(0, 1)
+    white = torch.ones(frames, height, gap, left.shape[-1], device=left.device)
+    return torch.cat([left, white, right.to(left.device)], 2)

@@ -27,6 +27,7 @@ MODEL_FOLDERS = {
     "custvid_trigger_embeddings": os.path.join("custvid", "trigger_embeddings"),
     "custvid_dualreal": os.path.join("custvid", "dualreal"),
     "custvid_synmotion": os.path.join("custvid", "synmotion"),
+    "custvid_clip": os.path.join("custvid", "clip"),
 }
 
 

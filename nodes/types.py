@@ -13,6 +13,7 @@ Boxes = io.Custom("CUSTVID_BOXES")
 TriggerEmbedding = io.Custom("CUSTVID_TRIGGER_EMBEDDING")
 DualReal = io.Custom("CUSTVID_DUALREAL")
 SynMotionEmbeddings = io.Custom("CUSTVID_SYNMOTION_EMBEDDINGS")
+ClipModel = io.Custom("CUSTVID_CLIP")
 
 
 def tokenizer_inputs(words: str) -> list:

@@ -62,3 +62,26 @@ def residual_effect(backbone, block: int, site: str, x, sigma, context, stream_i
     handle.remove()
     gate = seen["chunks"][2 if site == "self_attn" else 5]
     return added - plain, gate * (seen["h"] @ weight)
+
+
+def tiny_clip_folder(folder, image_size=32):
+    """A tiny random transformers CLIP saved with a tokenizer of letters (what `load_clip` reads)."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    return folder

@@ -145,7 +145,7 @@ def compute_flow(raft: RaftEncoder, frames: torch.Tensor, iterations: int = 12, 
     return torch.cat(flows)
 
 
-def _moving_region(flow: torch.Tensor) -> torch.Tensor:
+def moving_region(flow: torch.Tensor) -> torch.Tensor:
     """Per pair, the pixels that move: above a quarter of the pair's peak motion and half a pixel."""
     mag = flow.norm(dim=1)
     peak = mag.flatten(1).amax(1).view(-1, 1, 1)
@@ -189,7 +189,7 @@ def extract_motion(raft: RaftEncoder, frames: torch.Tensor | Sequence[torch.Tens
             raise InputError("masks", f"mask {empty} is empty", "masks that mark the subject in every frame")
         pair_weights = weights[:-1]
     else:
-        pair_weights = _moving_region(flow)
+        pair_weights = moving_region(flow)
     object_flow = (flow * pair_weights[:, None]).sum((2, 3)) / pair_weights.sum((1, 2)).clamp_min(1e-6)[:, None]
     object_flow = object_flow / scale
     if mask_list is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..media import contact_sheet, save_gif, save_mp4, save_png
+from ..media import contact_sheet, save_gif, save_mp4, save_png, side_by_side
 from .bench.customization import BaseModel, measure, subject_references
 from .cases import Case
 from .customize import LoraMethod
@@ -28,12 +28,6 @@ MOTION_MATCH = ("path_shape_error", "direction_cosine", "speed_ratio")
 # Which way each measurement improves, for the printed comparison.
 LOWER_IS_BETTER = {"colour_distance", "path_shape_error"}
 SCALE = 8  # the world's 32-pixel frames, enlarged for viewing
-
-
-def _side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 2) -> torch.Tensor:
-    """Two clips `[F, H, W, 3]` as one, left and right with a white gap."""
-    white = torch.ones(left.shape[0], left.shape[1], gap, 3)
-    return torch.cat([left, white, right], 2)
 
 
 def _grouped(measured: dict) -> dict:
@@ -86,7 +80,7 @@ def run_demo(world: World, case: Case, method: LoraMethod, out: str | Path, seed
         clips[side] = run([prompts[side]], seed)[0]
         sampling_seconds[side] = time.perf_counter() - t0
 
-    for name, frames in (*clips.items(), ("side_by_side", _side_by_side(clips["base"], clips["customized"]))):
+    for name, frames in (*clips.items(), ("side_by_side", side_by_side(clips["base"], clips["customized"]))):
         save_mp4(frames, out / f"{name}.mp4", fps=4, scale=SCALE)
         save_gif(frames, out / f"{name}.gif", fps=4, scale=SCALE)
     frames = clips["customized"].shape[0]

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError
+from ..images import mask_boxes
 
 # name -> RGB. The first six are the pretraining vocabulary; the rest are held out for customization.
 COLOURS = {
@@ -225,20 +226,6 @@ def render(scene: Scene, spec: WorldSpec = WorldSpec(), supersample: int = 4) ->
                              scene.background_offset[1] + scene.camera[1] * f] for f in range(n)])
     return Clip(frames=frames, masks=masks, boxes=mask_boxes(masks), centroids=mask_centroids(masks),
                 centres=centres, background_offsets=offsets, scene=scene)
-
-
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """[F, H, W] -> [F, 4] normalised xyxy of each mask (zeros where a mask is empty)."""
-    f, h, w = masks.shape
-    cols, rows = (masks > 0.5).any(1), (masks > 0.5).any(2)
-    ar_w, ar_h = torch.arange(w), torch.arange(h)
-    x1 = torch.where(cols, ar_w, w).amin(1)
-    x2 = torch.where(cols, ar_w + 1, 0).amax(1)
-    y1 = torch.where(rows, ar_h, h).amin(1)
-    y2 = torch.where(rows, ar_h + 1, 0).amax(1)
-    boxes = torch.stack([x1 / w, y1 / h, x2 / w, y2 / h], 1).float()
-    boxes[~cols.any(1)] = 0.0
-    return boxes
 
 
 def mask_centroids(masks: torch.Tensor) -> torch.Tensor:

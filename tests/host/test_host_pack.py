@@ -15,6 +15,7 @@ NODE_IDS = {
     "CustVid_LoadShapesWorldClip", "CustVid_WorldPreservationClipsV2", "CustVid_CameraShiftSamplerV2",
     "CustVid_CameraSampleV2", "CustVid_TrainJointLoRAs", "CustVid_SubjectPriorClips", "CustVid_ApplySynMotionEmbeddings",
     "CustVid_SaveSynMotionEmbeddings", "CustVid_LoadSynMotionEmbeddings", "CustVid_TrainSynMotion",
+    "CustVid_LoadCLIPForMetrics", "CustVid_MeasureVideo", "CustVid_CompareRuns",
 }
 # Kept for saved workflows, hidden from the node search.
 DEPRECATED = {"CustVid_LoadShapesWorld", "CustVid_WorldTextEncode", "CustVid_WorldPreservationClips",

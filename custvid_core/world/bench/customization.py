@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -23,7 +24,7 @@ from .. import measures as metrics
 from ..cases import Case, load_cases
 from ..model import World, load_world
 from ..sample import generate
-from ..scene import COLOURS, SHAPES
+from ..scene import COLOURS, SHAPES, render
 from .methods import bench_methods, method_names
 
 # (prompts, seed) -> clips [B, F, H, W, 3]
@@ -64,6 +65,9 @@ METHODS: dict[str, Callable[[], Method]] = {"base": BaseModel, **{n: _file_metho
 
 METRICS = ("colour_match", "colour_distance", "shape_match", "shape_iou", "texture_correlation",
            "path_shape_error", "direction_cosine", "speed_ratio", "present", "flicker", "clip_colour_leak")
+# The product's metrics (custvid_core.eval) with the world's DINOv2 and RAFT, beside the analytic measures above.
+ENCODER_METRICS = ("dino_i", "dynamic_degree_deviation", "box_flow_error")
+METRICS += ENCODER_METRICS
 
 
 def subject_references(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,6 +104,37 @@ def measure(case: Case, frames: torch.Tensor, references: list[tuple[torch.Tenso
     }
 
 
+@cache
+def world_encoders():
+    from ...eval.measure import Encoders
+    from ...representations.motion import load_raft
+    from ...representations.subject import load_dinov2
+    from ..encoders import DINO_FILE, RAFT_FILE
+
+    return Encoders(dino=load_dinov2(DINO_FILE), raft=load_raft(RAFT_FILE))
+
+
+def encoder_targets(case: Case, references: list[tuple[torch.Tensor, torch.Tensor]]):
+    """What `encoder_measures` compares a case's clips with: its photos, its motion clips' flow (computed once) and
+    its path (the boxes of its motion rendered)."""
+    from ...control.boxes import BoxTrack
+    from ...eval.measure import Targets
+    from ...representations.motion import compute_flow
+
+    flows = [compute_flow(world_encoders().raft, c.frames, progress=lambda *_: None) for c in case.motion_clips()]
+    return Targets(photos=[photo for photo, _ in references], clip_flows=flows,
+                   boxes=BoxTrack.from_masks(render(case.motion_scene(), case.spec).masks))
+
+
+def encoder_measures(frames: torch.Tensor, targets) -> dict:
+    """DINO-I against the case's photos, the dynamic degree's deviation from its motion clips' and the flow error
+    against its path, measured with the world's encoders (`targets` from `encoder_targets`)."""
+    from ...eval.measure import measure_video
+
+    scores = measure_video(frames, targets, world_encoders(), progress=lambda *_: None)
+    return {k: scores[k] for k in ENCODER_METRICS}
+
+
 def mean_over_rows(rows: list[dict], key: str) -> float:
     """The mean of `key` over the rows that measured it (NaN where a clip had no object to measure)."""
     values = [r[key] for r in rows if not math.isnan(r[key])]
@@ -120,6 +155,7 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
     rows = []
     for case in cases:
         references = subject_references(case)
+        targets = encoder_targets(case, references)
         for method_name in methods:
             method = replace(METHODS[method_name](), sampling_steps=sampling_steps)
             t0 = time.perf_counter()
@@ -130,7 +166,8 @@ def run_bench(cases_path: str | Path, out: str | Path, methods: list[str], seeds
                 clips = run(prompts, seed)
                 for prompt, frames in zip(prompts, clips):
                     rows.append({"case": case.name, "method": method_name, "seed": seed, "prompt": prompt,
-                                 "prepare_seconds": prepare_seconds, **measure(case, frames, references)})
+                                 "prepare_seconds": prepare_seconds, **measure(case, frames, references),
+                                 **encoder_measures(frames, targets)})
             log(f"{case.name} / {method_name}: " + ", ".join(
                 f"{k} {mean_over_rows([r for r in rows if r['case'] == case.name and r['method'] == method_name], k):.3f}"
                 for k in ("colour_match", "shape_iou", "path_shape_error")))
@@ -157,8 +194,9 @@ def _summaries(rows, methods, case_names) -> dict:
 
 def _markdown(summary, cases_path, seeds) -> str:
     header = "| method | case | " + " | ".join(METRICS) + " |"
-    lines = [f"Cases: `{cases_path}`; seeds: {seeds}. Lower is better for colour_distance, path_shape_error "
-             "and flicker; speed_ratio is best at 1.", "", header, "|" + " --- |" * (len(METRICS) + 2)]
+    lines = [f"Cases: `{cases_path}`; seeds: {seeds}. Lower is better for colour_distance, path_shape_error, "
+             "flicker, dynamic_degree_deviation and box_flow_error; speed_ratio is best at 1.", "", header,
+             "|" + " --- |" * (len(METRICS) + 2)]
     for method, per_case in summary.items():
         for case, values in per_case.items():
             cells = " | ".join(f"{values[k]:.3f}" for k in METRICS)
