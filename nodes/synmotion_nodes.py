@@ -285,8 +285,9 @@ class ApplySynMotionEmbeddings(io.ComfyNode):
                 io.String.Input("motion_words", default="",
                                 tooltip="The motion words as they appear in the prompt, written as in training (e.g. "
                                         "'moving left'). Empty: the words it was trained at. The motion embedding "
-                                        "has one row per token, so words that tokenize to another count than in "
-                                        "training are refused rather than spread over other tokens."),
+                                        "has one row per token of those words, so words that tokenize otherwise "
+                                        "than in training (another count, other tokens, another order) are refused "
+                                        "rather than put on tokens the rows were not learned on."),
                 io.String.Input("subject_words", default="",
                                 tooltip="The subject words as they appear in the prompt (used with `subject` on). "
                                         "Empty: the words it was trained at."),
