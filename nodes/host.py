@@ -303,6 +303,37 @@ def training_progress(total: int, label: str) -> Callable[[int, int, dict], None
     return progress
 
 
+def prompt_tokens(clip, text: str) -> list:
+    """`text`'s tokens by the text encoder's own tokenizer (ComfyUI's CLIP object), one per conditioning row, the
+    start, end and padding tokens included."""
+    def key(token):
+        # A textual-inversion embedding (`embedding:name`, e.g. a learned placeholder) takes one context
+        # position per vector; its vectors are keyed by value so the same embedding is found again.
+        return ("embedding", token.float().numpy().tobytes()) if torch.is_tensor(token) else int(token)
+
+    tokenized = clip.tokenize(text)
+    name = next(iter(tokenized))
+    return [key(t[0]) for batch in tokenized[name] for t in batch]
+
+
+def _special_tokens(clip) -> set:
+    name = next(iter(clip.tokenize("")))
+    inner = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", name), None)
+    return {getattr(inner, a, None) for a in ("start_token", "end_token", "pad_token")} - {None}
+
+
+def word_tokens(clip, words: str, input_name: str) -> dict[str, list]:
+    """Each of `words`' tokens as the tokenizer gives the word alone, without start, end and padding tokens; a word
+    the tokenizer refuses (a closed vocabulary, the shapes world's) is refused naming `input_name`."""
+    special = _special_tokens(clip)
+    try:
+        return {w: [t for t in prompt_tokens(clip, w) if t not in special] for w in words.split()}
+    except ValueError as e:  # an InputError, possibly of another import of custvid_core
+        if not hasattr(e, "input_name"):
+            raise
+        raise InputError(input_name, e.problem, e.expected) from None
+
+
 def token_roles(prompt: str, subject_words: str, clip=None, background_words: str = "",
                 words_input: str = "subject_words"):
     """Context positions of the subject (and background) words of `prompt`, found with the text encoder's
@@ -311,30 +342,11 @@ def token_roles(prompt: str, subject_words: str, clip=None, background_words: st
         raise InputError(words_input, "it is empty", "the subject's words as they appear in the prompt")
     if clip is None:
         raise InputError("clip", "it is not connected", "the text encoder that encoded the prompt")
-
-    def key(token):
-        # A textual-inversion embedding (`embedding:name`, e.g. a learned placeholder) takes one context
-        # position per vector; its vectors are keyed by value so the same embedding is found again.
-        return ("embedding", token.float().numpy().tobytes()) if torch.is_tensor(token) else int(token)
-
-    def tokens(text: str) -> list:
-        tokenized = clip.tokenize(text)
-        name = next(iter(tokenized))
-        return [key(t[0]) for batch in tokenized[name] for t in batch]
-
-    name = next(iter(clip.tokenize("")))
-    inner = getattr(clip.tokenizer, getattr(clip.tokenizer, "clip", name), None)
-    special = {getattr(inner, a, None) for a in ("start_token", "end_token", "pad_token")} - {None}
-    ids = tokens(prompt)
+    ids = prompt_tokens(clip, prompt)
+    special = _special_tokens(clip)
 
     def find(words: str, input_name: str) -> tuple[int, ...]:
-        try:  # a tokenizer with a closed vocabulary (the shapes world's) refuses unknown words
-            word_ids = {w: [t for t in tokens(w) if t not in special] for w in words.split()}
-        except ValueError as e:  # an InputError, possibly of another import of custvid_core
-            if not hasattr(e, "input_name"):
-                raise
-            raise InputError(input_name, e.problem, e.expected) from None
-        return word_positions(ids, word_ids, input_name, prompt)
+        return word_positions(ids, word_tokens(clip, words, input_name), input_name, prompt)
 
     return TokenRoles(find(subject_words, words_input), tuple(i for i, t in enumerate(ids) if t not in special),
                       find(background_words, "background_words") if background_words.strip() else ())

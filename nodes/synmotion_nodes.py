@@ -39,12 +39,14 @@ from . import representation_nodes, schedule_nodes, types
 from .host import (
     base_model_signature,
     model_files,
+    prompt_tokens,
     resolve_training_dtype,
     safetensors_path,
     token_roles,
     training_backbone,
     training_folder,
     training_progress,
+    word_tokens,
 )
 from .training_nodes import _context, _data_in, _finish, _lora_weights, _run_log, _training_dtype_input, noise_and_memory_inputs
 
@@ -240,6 +242,21 @@ class TrainSynMotion(io.ComfyNode):
         return _finish(model, trained, notes, learned, loras=[_lora_weights(model, trained, motion_words)])
 
 
+def _require_trained_tokens(clip, prompt: str, motion_words: str, motion: tuple[int, ...],
+                            learned: LearnedSynMotion) -> None:
+    """Refuse motion rows whose tokens are not the trained words' tokens in their order: each learned row belongs to
+    one token of the words as training found them."""
+    if not learned.motion_words:  # embeddings saved without their words: nothing to compare with
+        return
+    trained = [t for tokens in word_tokens(clip, learned.motion_words, "motion_words").values() for t in tokens]
+    ids = prompt_tokens(clip, prompt)
+    if [ids[i] for i in motion] != trained:
+        raise InputError("motion_words", f"'{motion_words}' tokenizes in this prompt to other tokens than the words "
+                         f"it was trained at ('{learned.motion_words}'), or to the same in another order",
+                         "the motion words written as in training, in the same order: each learned row belongs to "
+                         "one of their tokens")
+
+
 class ApplySynMotionEmbeddings(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -251,7 +268,13 @@ class ApplySynMotionEmbeddings(io.ComfyNode):
                         "and its refiner (and, with `subject` on, where its subject words sit with the learned subject "
                         "embedding), as in training. Give a prompt with a new subject doing the learned motion. The "
                         "conditioning is edited once, before sampling: sampling costs the same as without. The input "
-                        "conditioning is not changed.",
+                        "conditioning is not changed. The motion embedding holds one learned row per token of the "
+                        "motion words as the text encoder's tokenizer split them in training, so the prompt must "
+                        "hold those words as written there. Where they tokenize otherwise (another count of tokens; "
+                        "other tokens: other words, another spelling or capitalisation, a word glued to punctuation "
+                        "that the tokenizer splits another way; or another order) the node refuses, naming "
+                        "motion_words, rather than add the rows to tokens they were not learned on. The subject "
+                        "words may be any: the subject embedding is one row, added to each of their tokens.",
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip="The positive prompt, encoded by your text encoder."),
                 types.SynMotionEmbeddings.Input("synmotion_embeddings", tooltip="From Load SynMotion Embeddings."),
@@ -262,8 +285,9 @@ class ApplySynMotionEmbeddings(io.ComfyNode):
                 io.String.Input("motion_words", default="",
                                 tooltip="The motion words as they appear in the prompt, written as in training (e.g. "
                                         "'moving left'). Empty: the words it was trained at. The motion embedding "
-                                        "has one row per token, so words that tokenize to another count than in "
-                                        "training are refused rather than spread over other tokens."),
+                                        "has one row per token of those words, so words that tokenize otherwise "
+                                        "than in training (another count, other tokens, another order) are refused "
+                                        "rather than put on tokens the rows were not learned on."),
                 io.String.Input("subject_words", default="",
                                 tooltip="The subject words as they appear in the prompt (used with `subject` on). "
                                         "Empty: the words it was trained at."),
@@ -290,6 +314,7 @@ class ApplySynMotionEmbeddings(io.ComfyNode):
             raise InputError("motion_words", f"'{motion_words}' is {len(motion)} tokens in this prompt",
                              f"the words it was trained at ('{learned.motion_words}', {rows} tokens): the motion "
                              "embedding has one row per token")
+        _require_trained_tokens(clip, prompt, motion_words, motion, learned)
         subject_rows = ()
         if subject:
             words = " ".join(subject_words.split()) or learned.subject_words

@@ -148,6 +148,20 @@ def test_trained_embeddings_apply_to_a_new_subject_prompt_as_in_training(tmp_pat
     assert meta["custvid.refiner"] == "true" and not list(tmp_path.glob(".*tmp"))
 
 
+def test_applied_embeddings_carry_no_autograd_graph():
+    """Conditioning for sampling: a sampler running without no_grad would otherwise chain each step's graph through
+    the refiner's weights (and keep them all)."""
+    backbone = describe(tiny_diffusers_wan())
+    _, ctx = _inputs()
+    part = _part()
+    with attached(backbone, [part]):
+        _trained(part)
+        learned = part.learned()
+    out = with_embeddings(ctx, POSITIONS, learned, subject=True)
+    assert not out.requires_grad and out.grad_fn is None
+    assert not torch.equal(out, ctx)
+
+
 def _learned(width=TEXT_DIM, motion_tokens=3):
     return LearnedSynMotion(torch.randn(1, width), torch.randn(motion_tokens, width), None, "red circle", "moving left", 2)
 

@@ -252,7 +252,8 @@ def with_embeddings(context: torch.Tensor, positions: RolePositions, learned: Le
                     strength: float = 1.0) -> torch.Tensor:
     """`context` (any prompt's conditioning, `[B, L, text_dim]`) with the learned motion residual at
     `positions.motion`, and the subject residual at `positions.subject` only if `subject` (see the module's
-    notes), then the refiner on those rows. A new tensor."""
+    notes), then the refiner on those rows. A new tensor, outside autograd: a sampler that runs without no_grad would
+    otherwise chain every step's graph through the refiner's weights."""
     if context.shape[-1] != learned.text_dim:
         raise InputError(INPUT, f"width {learned.text_dim} on conditioning of width {context.shape[-1]}",
                          "embeddings trained with this text encoder")
@@ -261,8 +262,9 @@ def with_embeddings(context: torch.Tensor, positions: RolePositions, learned: Le
     if subject and not positions.subject:
         raise InputError("subject_words", "no subject token found", "subject words that appear in the prompt")
     device, dtype = context.device, context.dtype
-    return edit_rows(context, positions, learned.subject_residual.to(device, dtype) if subject else None,
-                     learned.motion_residual.to(device, dtype), learned.refiner_module(device), strength)
+    with torch.no_grad():
+        return edit_rows(context, positions, learned.subject_residual.to(device, dtype) if subject else None,
+                         learned.motion_residual.to(device, dtype), learned.refiner_module(device), strength)
 
 
 def save_synmotion(path: str | os.PathLike, learned: LearnedSynMotion) -> Path:

@@ -148,7 +148,11 @@ def prior_clips(generate: Generate, prompts: Sequence[PriorPrompt], encode_text:
     key = cache_key(prompts, settings, base_model)
     path = cache_file(cache_dir, key)
     if path.exists():
-        return load_prior_clips(path, base_model, "cache")
+        try:
+            return load_prior_clips(path, base_model, "cache")
+        except InputError as e:  # only this function writes it: it was damaged or emptied since, or put there by hand
+            raise InputError("cache", f"the cached prior clips {path} cannot be used: {e.problem}",
+                             "a cache this function wrote: delete that file and the clips are generated again") from None
     with torch.no_grad():
         context = encode_text([p.text for p in prompts])
     if context.ndim != 3 or context.shape[0] != len(prompts):

@@ -80,3 +80,24 @@ def test_another_model_generates_its_own_clips_and_bad_prompts_are_refused(world
         with pytest.raises(world["core"].errors.InputError) as refused:
             _prior(world, prompts=prompts)
         assert refused.value.input_name == "prompts"
+
+
+def test_an_emptied_cache_is_refused_naming_the_file_to_delete_and_left_as_it_is(world):
+    from custvid_core.files import save_safetensors
+
+    settings = {**SETTINGS, "seed": 11, "count": 1}
+    cache = world["base"] / "output" / "custvid_cache"
+    before = set(cache.glob("*.safetensors"))
+    _prior(world, **settings)
+    (path,) = set(cache.glob("*.safetensors")) - before
+    tensors, meta = world["core"].files.load_safetensors(path)
+    save_safetensors(path, {k: v[:0] for k, v in tensors.items()}, meta)  # the same cache, holding no clips
+    emptied = path.read_bytes()
+    with pytest.raises(world["core"].errors.InputError) as refused:
+        _prior(world, **settings)
+    message = str(refused.value)
+    assert refused.value.input_name == "cache" and str(path) in message and "holds no clips" in message
+    assert "delete that file and the clips are generated again" in message
+    assert path.read_bytes() == emptied
+    path.unlink()
+    assert _prior(world, **settings).latents.shape[0] == 1

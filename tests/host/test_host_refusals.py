@@ -316,6 +316,11 @@ CASES["trigger words not in the prompt to apply"] = (trigger(prompt="a red circl
 # SynMotion embeddings.
 CASES["synmotion motion words not in the prompt"] = (synmotion(prompt="a blue square moving up"), "motion_words:")
 CASES["synmotion motion words of another token count"] = (synmotion(motion_words="moving"), "motion_words:")
+CASES["synmotion motion words of other tokens"] = (synmotion(prompt="a blue square moving right",
+                                                            motion_words="moving right"),
+                                                  "motion_words: 'moving right' tokenizes in this prompt to other tokens")
+CASES["synmotion motion words in another order"] = (synmotion(prompt="a blue square left moving"),
+                                                    "or to the same in another order")
 CASES["synmotion subject words not in the prompt"] = (synmotion(subject_words="green star", subject=True),
                                                      "subject_words:")
 CASES["synmotion embeddings of another text width"] = (synmotion(embeddings="bad_syn_narrow.safetensors"),

@@ -114,3 +114,23 @@ def test_bad_input_is_refused_with_the_input_named(host):
     save_safetensors(folder / "other" / "lora.safetensors", {"lora_A.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="synmotion_embeddings_name: 'lora.safetensors' is not a CustVid SynMotion"):
         nodes.LoadSynMotionEmbeddings.execute("other/lora.safetensors")
+
+
+def test_motion_words_that_tokenize_otherwise_than_in_training_are_refused(host):
+    """Each learned motion row belongs to one token of the trained words ('moving left'): other words of as many
+    tokens, or the trained words in another order, would put the rows on tokens they were not learned on."""
+    nodes, clip, _ = host
+    learned = _learned()
+    apply = nodes.ApplySynMotionEmbeddings.execute
+    other_words = "a blue square moving right"
+    with pytest.raises(ValueError, match="motion_words: 'moving right' tokenizes in this prompt to other tokens than "
+                                         "the words it was trained at \\('moving left'\\)"):
+        apply(encode(clip, other_words), learned, clip, other_words, motion_words="moving right")
+    reordered = "a blue square left moving"
+    with pytest.raises(ValueError, match="motion_words: 'moving left' tokenizes .* or to the same in another order"):
+        apply(encode(clip, reordered), learned, clip, reordered)
+    # Written as in training, the words may sit anywhere in a new prompt.
+    moved = "moving left a blue square"
+    applied = apply(encode(clip, moved), learned, clip, moved).result[0]
+    changed = (applied[0][0] - encode(clip, moved)[0][0]).abs().sum(-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [0, 1]
