@@ -129,3 +129,96 @@ def test_clips_captioned_differently_train_at_each_captions_own_rows(world, monk
         nodes.TrainSynMotion.execute(world["patcher"], clips, clip, "\n".join(captions), run_name="one_subject",
                                      **{**settings, "subject_words": "green square"})
     assert len(seen) == 1
+
+
+def test_a_subject_trigger_embedding_and_a_stock_lora_combine_with_synmotion(world, tmp_path):
+    """'My subject doing this motion': a subject's trigger embedding and SynMotion's embeddings edit one conditioning,
+    each only its own words' rows, in either order alike; a stock LoRA loaded on the SynMotion MODEL acts beside its
+    motion LoRA, as the two LoRA files loaded by the stock loader on the base model do."""
+    import folder_paths
+    from custvid_pack.nodes import embedding_nodes, training_nodes
+    from safetensors.torch import save_file
+
+    import nodes as comfy_nodes
+
+    nodes, patcher, clip = world["nodes"], world["patcher"], world["clip"]
+    model, lora, _, learned = nodes.TrainSynMotion.execute(patcher, world["clips"], clip, CAPTION, run_name="combined",
+                                                           **{**TRAIN, "steps": 2}).result
+    prompt = "sks moving right"  # the world's tokenizer: sks=0, moving=1, right=2
+    trigger = world["core"].adapters.embedding.LearnedTrigger(
+        torch.randn(1, 4096, generator=torch.Generator().manual_seed(5)), "sks")
+    conditioning = encode(clip, prompt)
+    before = conditioning[0][0].clone()
+
+    def with_trigger(c):
+        return embedding_nodes.ApplyTriggerEmbedding.execute(c, trigger, prompt, clip=clip).result[0]
+
+    def with_synmotion(c):
+        return nodes.ApplySynMotionEmbeddings.execute(c, learned, clip, prompt).result[0]
+
+    def changed_rows(c):
+        return ((c[0][0] - before).abs().sum(-1)[0] > 0).nonzero().flatten().tolist()
+
+    subject_only, motion_only = with_trigger(conditioning), with_synmotion(conditioning)
+    assert changed_rows(subject_only) == [0] and changed_rows(motion_only) == [1, 2]
+    one_order, other_order = with_synmotion(subject_only), with_trigger(motion_only)
+    assert changed_rows(one_order) == [0, 1, 2]
+    assert torch.allclose(one_order[0][0], other_order[0][0], atol=1e-6)
+    assert torch.equal(one_order[0][0][:, :1], subject_only[0][0][:, :1])
+    assert torch.allclose(one_order[0][0][:, 1:], motion_only[0][0][:, 1:], atol=1e-6)
+    assert torch.equal(conditioning[0][0], before)
+
+    # A subject LoRA (random, on every block's ffn.0, in ComfyUI's keys) loaded by the stock loader.
+    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
+    g = torch.Generator().manual_seed(4)
+    save_file({k: v for b in range(6) for k, v in (
+        (f"diffusion_model.blocks.{b}.ffn.0.lora_down.weight", torch.randn(4, 128, generator=g) * 0.2),
+        (f"diffusion_model.blocks.{b}.ffn.0.lora_up.weight", torch.randn(512, 4, generator=g) * 0.2))},
+              str(tmp_path / "subject.safetensors"))
+    training_nodes.SaveLoRA.execute(lora, "motion", "moving right", False)
+
+    def stock(m, name):
+        return comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(m, name, 1.0)[0]
+
+    def sample(m):
+        positive, negative = one_order, encode(clip, "")
+        return comfy_nodes.KSampler().sample(m, 0, 3, 3.0, "euler", "simple", positive, negative,
+                                             world["latent"])[0]["samples"]
+
+    both = sample(stock(model, "subject.safetensors"))
+    for alone in (sample(patcher), sample(model), sample(stock(patcher, "subject.safetensors"))):
+        assert not torch.allclose(both, alone, atol=1e-3)
+    stock_files = sample(stock(stock(patcher, "subject.safetensors"), "motion.safetensors"))
+    assert torch.allclose(both, stock_files, atol=1e-4)
+
+
+def test_the_world_synmotion_workflow_trains_saves_and_generates_a_new_subject(comfy_server):
+    """The shipped world SynMotion workflow, shortened (4 prior clips of 2 steps, 6 training steps, 2 sampling
+    steps), end to end through a real server: its links type-check, it trains on both kinds of step, saves the LoRA
+    and the embeddings, and saves a video of its new subject's prompt."""
+    from workflow_api import check_links, inputs_of, shipped, to_api
+
+    from custvid_core.adapters.synmotion import load_synmotion
+
+    workflow = shipped("13")
+    info = comfy_server.object_info()
+    assert not check_links(workflow, info)
+    prompt = to_api(workflow, info)
+    inputs_of(prompt, "CustVid_SubjectPriorClips").update(count=4, steps=2)
+    inputs_of(prompt, "CustVid_TrainSynMotion").update(steps=6, run_name="world_synmotion_host_test")
+    inputs_of(prompt, "KSampler")["steps"] = 2
+    new_subject = inputs_of(prompt, "PrimitiveString")["value"]
+    assert new_subject.endswith(" mtn") and not any(
+        new_subject.startswith(c) for c in ("green square", "blue striped triangle", "yellow cross"))
+    result = comfy_server.run(prompt, timeout=900)
+    assert result["ok"], result["error"]
+    models = comfy_server.base / "models"
+    assert (models / "loras" / "custvid" / "world_synmotion.safetensors").exists()
+    learned = load_synmotion(models / "custvid" / "synmotion" / "custvid" / "world_synmotion.safetensors")
+    assert (learned.motion_words, learned.subject_words) == ("mtn", "green square, blue striped triangle, yellow cross")
+    checkpoint = comfy_server.base / "output" / "custvid_training" / "world_synmotion_host_test" / "checkpoint.pt"
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    assert len(history) == 6 and {"motion", "prior"} <= {k for r in history for k in r}
+    assert comfy_server.saved("custvid/world_synmotion")
+    previews = [im for o in result["outputs"].values() for im in o.get("images", []) if im["type"] == "temp"]
+    assert len(previews) == 1  # the loss graph
