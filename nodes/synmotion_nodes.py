@@ -89,7 +89,8 @@ class SubjectPriorClips(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="An empty video latent of the clips' size and length (e.g. Empty "
                                                   "Hunyuan Latent Video for Wan 2.1; its batch size is ignored)."),
                 io.Int.Input("count", default=20, min=1, max=1000, tooltip="How many clips to generate."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFF,
+                # Picks the clips, generated once and cached: no control, or the frontend would add one set to randomize.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Noise seed of the first clip; clip k uses seed + k."),
                 io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps per clip."),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
