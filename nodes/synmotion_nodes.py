@@ -91,7 +91,8 @@ class SubjectPriorClips(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="An empty video latent of the clips' size and length (e.g. Empty "
                                                   "Hunyuan Latent Video for Wan 2.1; its batch size is ignored)."),
                 io.Int.Input("count", default=20, min=1, max=1000, tooltip="How many clips to generate."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFF,
+                # Picks the clips, generated once and cached: no control, or the frontend would add one set to randomize.
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Noise seed of the first clip; clip k uses seed + k."),
                 io.Int.Input("steps", default=30, min=1, max=1000, tooltip="Sampling steps per clip."),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance."),
@@ -142,17 +143,50 @@ class SubjectPriorClips(io.ComfyNode):
         return io.NodeOutput(clips)
 
 
-def _word_positions(clip, prompt: str, subject_words: str, motion_words: str, clips) -> RolePositions:
-    """Where the subject and motion words sit in the clips' caption, refused where they sit past the clips' context."""
-    if not prompt.strip():
+def _captions(prompt: str, subject_words: str) -> list[tuple[str, str]]:
+    """The clips' captions (one per line) with each one's subject words: the only ones given, or, for several
+    captions, the comma-separated entry found in that caption (the first there, where several are)."""
+    captions = [line.strip() for line in prompt.splitlines() if line.strip()]
+    if not captions:
         raise InputError("prompt", "it is empty", "the clips' caption, with the subject and motion words in it")
-    positions = RolePositions(token_roles(prompt, subject_words, clip).subject,
-                              token_roles(prompt, motion_words, clip, words_input="motion_words").subject)
-    rows = clips.context.shape[1]
-    if max(positions.subject + positions.motion) >= rows:
-        raise InputError("prompt", f"its words sit past the clips' {rows} conditioning rows",
-                         "the caption the clips were encoded with (Video Clips Dataset's conditioning)")
-    return positions
+    if len(captions) == 1:
+        return [(captions[0], " ".join(subject_words.split()))]
+    entries = [" ".join(e.split()) for e in subject_words.split(",") if e.strip()]
+    paired = []
+    for caption in captions:
+        words = f" {' '.join(caption.split())} "
+        found = sorted((e for e in entries if f" {e} " in words), key=words.index)
+        if not found:
+            raise InputError("subject_words", f"none of '{subject_words}' is in the caption '{caption}'",
+                             "each caption's subject words, separated by commas (e.g. 'a dog, a cat')")
+        paired.append((caption, found[0]))
+    return paired
+
+
+def _clip_positions(clip, captions: list[tuple[str, str]], motion_words: str, clips) -> list[RolePositions]:
+    """Where the subject and motion words sit in each clip's caption: each clip is matched to the caption that encodes
+    to its conditioning, so a caption that is not the clip's is refused rather than trained at wrong rows."""
+    encoded = torch.cat([_context(c, "prompt") for c in _conditioning(clip, [text for text, _ in captions])])
+    if encoded.shape[1:] != clips.context.shape[1:]:
+        raise InputError("prompt", f"it encodes to conditioning of shape {tuple(encoded.shape[1:])}",
+                         f"the caption the clips were encoded with ({tuple(clips.context.shape[1:])}), by this clip")
+    positions = {}
+    each = []
+    for k, context in enumerate(clips.context):
+        scale = float(context.abs().max().clamp_min(1e-6))
+        match = next((i for i, e in enumerate(encoded) if torch.allclose(e, context, rtol=1e-2, atol=1e-2 * scale)),
+                     None)
+        if match is None:
+            raise InputError("prompt", f"clip {k + 1}'s conditioning is not the encoding of "
+                             f"{'its caption' if len(captions) == 1 else 'any of its lines'}",
+                             "the clips' caption exactly as encoded (one line per caption where the clips' differ), "
+                             "encoded by the text encoder connected to clip")
+        if match not in positions:
+            caption, subject = captions[match]
+            positions[match] = RolePositions(token_roles(caption, subject, clip).subject,
+                                             token_roles(caption, motion_words, clip, words_input="motion_words").subject)
+        each.append(positions[match])
+    return each
 
 
 class TrainSynMotion(io.ComfyNode):
@@ -177,9 +211,12 @@ class TrainSynMotion(io.ComfyNode):
                                               "the subject and motion words in it."),
                 io.String.Input("prompt", default="", multiline=True,
                                 tooltip="The clips' caption exactly as encoded, holding the subject's and the "
-                                        "motion's words, e.g. 'a dog moving left'."),
+                                        "motion's words, e.g. 'a dog moving left'. Clips captioned differently: each "
+                                        "caption on a line of its own (in any order). A clip whose conditioning is not "
+                                        "one of these captions' encoding is refused."),
                 io.String.Input("subject_words", default="",
-                                tooltip="The clips' subject words as they appear in the prompt, e.g. 'a dog'."),
+                                tooltip="The clips' subject words as they appear in the prompt, e.g. 'a dog'. With "
+                                        "several captions, each one's, separated by commas, e.g. 'a dog, a cat'."),
                 io.String.Input("motion_words", default="",
                                 tooltip="The motion words as they appear in the prompt, e.g. 'moving left'. Apply "
                                         "SynMotion Embeddings edits these words' rows: write them the same way there."),
@@ -214,8 +251,10 @@ class TrainSynMotion(io.ComfyNode):
     def execute(cls, model, clips, clip, prompt, subject_words, motion_words, steps, learning_rate, rank, refiner,
                 timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
                 prior_clips=None, training_dtype="auto") -> io.NodeOutput:
-        subject_words, motion_words = " ".join(subject_words.split()), " ".join(motion_words.split())
-        positions = _word_positions(clip, prompt, subject_words, motion_words, clips)
+        motion_words = " ".join(motion_words.split())
+        captions = _captions(prompt, subject_words)
+        positions = _clip_positions(clip, captions, motion_words, clips)
+        subject_words = ", ".join(dict.fromkeys(subject for _, subject in captions))
         motion_phrase = _context(_conditioning(clip, [motion_words])[0], "motion_words")
         prior_subjects = None
         if prior_clips is not None:

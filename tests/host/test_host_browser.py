@@ -20,15 +20,18 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 # latent_layout: saved workflows of users, which must still load and run.
 OLD_COMMIT, OLD_WORLD_WORKFLOWS = "8dfa241", ["01", "02", "03", "04", "05"]
 # Runnable as shipped on the test server (the shapes world ships in the pack; the encoders are the test's tiny ones).
-# By their numbers: generate, camera, box steering, representations, customize, customize with DualReal.
-WORLD_WORKFLOWS = ["02", "04", "05", "03", "01", "11"]
+# By their numbers: generate, camera, box steering, representations, customize, customize with DualReal, a motion
+# with SynMotion.
+WORLD_WORKFLOWS = ["02", "04", "05", "03", "01", "11", "13"]
 RUN_TIMEOUT = 900  # a guard against hangs
 # Set in the page before Run, as a user would: the customize workflows' training shortened (their full runs are
 # benchmarks/world_workflow.py's), under a run name of their own so that no checkpoint of the shipped one is used.
 WIDGET_CHANGES = {"01": {
     "CustVid_TrainSubjectLoRA": {"steps": 3, "run_name": "world_subject_browser_test"},
     "CustVid_TrainMotionLoRA": {"steps": 2, "run_name": "world_motion_browser_test"}},
-    "11": {"CustVid_TrainDualReal": {"steps": 4, "run_name": "world_dualreal_browser_test"}}}
+    "11": {"CustVid_TrainDualReal": {"steps": 4, "run_name": "world_dualreal_browser_test"}},
+    "13": {"CustVid_SubjectPriorClips": {"count": 4, "steps": 2},
+           "CustVid_TrainSynMotion": {"steps": 4, "run_name": "world_synmotion_browser_test"}}}
 
 pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=f"browser test skipped: {browser.missing()}")
 

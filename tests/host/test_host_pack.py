@@ -67,3 +67,12 @@ def test_every_shipped_workflow_connects(comfy_server):
     for path in workflows:
         problems = check_links(json.loads(path.read_text()), info)
         assert not problems, f"{path.name}: {problems}"
+
+
+def test_every_seed_input_says_whether_the_frontend_adds_a_control(comfy_server):
+    """The frontend gives an INT input named seed or noise_seed a control set to 'randomize' unless its schema says
+    otherwise: a seed that picks data (clips to generate once and cache) must say False, or every run picks others."""
+    for node_id, node in custvid_nodes(comfy_server.object_info()).items():
+        for name, spec in ordered_inputs(node):
+            if name in ("seed", "noise_seed") and spec[0] == "INT":
+                assert "control_after_generate" in spec[1], f"{node_id}.{name}"
