@@ -126,8 +126,11 @@ class BlockSwap:
                              if t is not None and not t.requires_grad]
             for h in held:
                 offloaded = self._to(h.outside, self.offload_device)
-                if self.stream is not None and offloaded.device.type == "cpu":
-                    offloaded = offloaded.pin_memory()  # so the copies to the device can run on the side stream
+                # Pinned, so the copies to the device run on the side stream: only what this moved (what a host
+                # left on the CPU itself stays as it was) and plain tensors (not a host's quantized ones).
+                if self.stream is not None and h.home != self.offload_device and offloaded.device.type == "cpu" \
+                        and type(offloaded) is torch.Tensor:
+                    offloaded = offloaded.pin_memory()
                 self._hold(h, offloaded)
         return self
 
