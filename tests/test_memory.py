@@ -69,6 +69,28 @@ def test_a_training_run_learns_the_same_lora(checkpointing, memory):
         assert torch.allclose(v, saved.tensors[k], atol=1e-5, rtol=0), k
 
 
+def test_offloaded_activations_go_through_the_cpu_and_the_weights_do_not(monkeypatch):
+    packed = []
+
+    class Recorded(torch.autograd.graph.save_on_cpu):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: (packed.append(t), pack(t))[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recorded)
+    backbone = _backbone()
+    weights = {p.untyped_storage().data_ptr() for p in backbone.model.parameters()}
+    counts = {}
+    for checkpointing in (False, True):
+        packed.clear()
+        _forward_backward(backbone, checkpointing, MemorySettings(offload_activations=True))
+        assert not any(t.untyped_storage().data_ptr() in weights for t in packed)
+        counts[checkpointing] = len(packed)
+    # Under checkpointing only the blocks' inputs are kept for backward.
+    assert 0 < counts[True] < counts[False] / 4
+
+
 class _CountedMoves:
     """Every move of a swapped tensor, made a copy (as a move to another device is), recorded."""
 

@@ -24,9 +24,10 @@ class MemorySettings:
     """How a run saves device memory beyond gradient checkpointing's on/off (which the recipes' settings hold).
 
     `recompute_every`: with checkpointing, only every k-th block (0, k, 2k, ...) is recomputed in backward and the
-    others keep their activations: faster than every block, more memory. `offload_activations`: what the forward
-    keeps for backward goes to the CPU (`torch.autograd.graph.save_on_cpu`) and comes back when backward needs it:
-    under checkpointing, the checkpointed blocks' inputs; without it, every activation. `blocks_to_swap`: the last
+    others keep their activations: faster than every block, more memory. `offload_activations`: what the blocks'
+    forward keeps for backward goes to the CPU (as `torch.autograd.graph.save_on_cpu`, the weights left out) and
+    comes back when backward needs it: under checkpointing, the checkpointed blocks' inputs; without it, every
+    activation. `blocks_to_swap`: the last
     N blocks' weights live on `offload_device` and each comes to the compute device just before it runs (and before
     its recomputation in backward); a swapped block is always checkpointed, as otherwise backward would keep its
     weights on the device. Trainable parameters (adapters) never move."""
@@ -75,12 +76,25 @@ def _wrapped(run: Callable, recompute: bool, offload: bool, pin: bool) -> Callab
         if not torch.is_grad_enabled():
             return run(*args, **kwargs)
         # Around the checkpoint, so the checkpoint's saved inputs (the block's input) are what goes to the CPU.
-        with torch.autograd.graph.save_on_cpu(pin_memory=pin) if offload else contextlib.nullcontext():
+        with _ActivationsOnCpu(pin) if offload else contextlib.nullcontext():
             if recompute:
                 return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
             return run(*args, **kwargs)
 
     return forward
+
+
+class _ActivationsOnCpu(torch.autograd.graph.saved_tensors_hooks):
+    """torch's `save_on_cpu` for what the forward computes: a saved weight (a parameter, or a view of one, as a
+    linear layer saves it) stays where it is, as it stays alive there anyway and copying it would only cost time."""
+
+    def __init__(self, pin_memory: bool):
+        on_cpu = torch.autograd.graph.save_on_cpu(pin_memory=pin_memory)
+
+        def pack(t: torch.Tensor):
+            return t if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) else (on_cpu.pack_hook(t),)
+
+        super().__init__(pack, lambda packed: on_cpu.unpack_hook(packed[0]) if isinstance(packed, tuple) else packed)
 
 
 @dataclass
