@@ -172,3 +172,14 @@ def test_impossible_memory_settings_are_refused_with_the_input_named(memory, mat
         with backbone.training_memory(True, memory()):
             pass
     assert all("forward" not in b.__dict__ for b in backbone.blocks)
+
+
+def test_a_run_resumes_the_checkpoint_of_a_run_with_other_memory_savings(tmp_path):
+    backbone = describe(tiny_diffusers_wan(LAYERS))
+    settings = _quick(SubjectSettings(rank=4, alignment_block=1), 2)
+    train_subject(backbone, _subject_set(), settings, workdir=tmp_path)
+    said = []
+    more = replace(settings, optim=replace(settings.optim, steps=3), gradient_checkpointing=True,
+                   memory=MemorySettings(recompute_every=2, offload_activations=True, blocks_to_swap=1))
+    trained = train_subject(backbone, _subject_set(), more, workdir=tmp_path, log=said.append)
+    assert said == ["resumed from step 2 of 3"] and len(trained.history) == 3
