@@ -4,11 +4,13 @@
     .venv/bin/python benchmarks/memory_savings.py --out out/memory_savings
 
 - The model: diffusers' Wan with 2 heads of 128 and an FFN of 1024 in 4 blocks; a plain motion LoRA step (rank 64
-  on v, o, ffn.0, ffn.2; no spatial phase, no alignment) on clips of 3 latent frames of 16 x 16 (192 tokens).
+  on v, o, ffn.0, ffn.2; no spatial phase, no alignment) on clips of 3 latent frames of 16 x 16 (192 tokens), and for
+  the peak memory of 5 frames of 32 x 32 (1280 tokens).
 - The savings: no checkpointing, every 2nd block recomputed, the checkpointed activations offloaded to the CPU,
   2 of the 4 blocks swapped, every block swapped (`MemorySettings`).
 - Speed: seconds per step from short runs interleaved with the default's (A B A C ..., `interleaved_ratios`), the
-  first step of each run left out; the median over adjacent pairs with quartiles and range.
+  first step of each run left out; the median over adjacent pairs with quartiles and range. On a CPU the seconds
+  are the process's CPU time (all threads), as wall-clock time on a machine shared with other work varies many-fold.
 - Peak memory: each in a fresh process, the peak resident memory (Linux's VmHWM, reset just before) above the
   resident memory before training: CPU memory, the whole process's.
 - On a machine without a GPU the offload device is the compute device: a swap moves nothing, so its ratio is the
@@ -42,6 +44,7 @@ MODEL = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128
              text_dim=4096, freq_dim=256, ffn_dim=1024, num_layers=4, cross_attn_norm=True,
              qk_norm="rms_norm_across_heads", eps=1e-6)
 CLIP = (16, 3, 16, 16)
+PEAK_CLIP = (16, 5, 32, 32)  # longer: the activations, not the weights, set the peak
 # name -> (gradient checkpointing, memory settings); the first is the baseline.
 SIDES = {
     "checkpointing_every_block": (True, MemorySettings()),
@@ -53,28 +56,41 @@ SIDES = {
 }
 
 
-def _setup(device: str):
+def _setup(device: str, clip: tuple[int, ...] = CLIP):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
     backbone = describe(WanTransformer3DModel(**MODEL).to(device))
     g = torch.Generator().manual_seed(0)
-    clips = VideoSet(torch.randn(2, *CLIP, generator=g), torch.randn(2, 16, MODEL["text_dim"], generator=g))
+    clips = VideoSet(torch.randn(2, *clip, generator=g), torch.randn(2, 16, MODEL["text_dim"], generator=g))
     return backbone, clips
 
 
-def _train(backbone, clips, side: str, steps: int, device: str) -> list[dict]:
+def _train(backbone, clips, side: str, steps: int, device: str, progress=None) -> list[dict]:
     checkpointing, memory = SIDES[side]
     settings = MotionSettings(spatial_rank=0, alignment_weight=0.0, debiased_weight=0.0,
                               optim=OptimSettings(steps=steps, lr=1e-4, warmup=0),
                               gradient_checkpointing=checkpointing,
                               memory=replace(memory, offload_device="cpu"))
-    return train_motion(backbone, clips, settings, device=torch.device(device)).history
+    return train_motion(backbone, clips, settings, progress=progress, device=torch.device(device)).history
 
 
 def step_seconds(backbone, clips, side: str, steps: int, device: str):
+    """A run of `steps` + 1 steps giving its seconds per step after the first: on a GPU wall-clock seconds, on a CPU
+    the process's CPU seconds (every thread's), which a machine shared with other work disturbs far less."""
+    clock = time.perf_counter if device == "cuda" else time.process_time
+
     def run() -> float:
-        return statistics.fmean(r["seconds"] for r in _train(backbone, clips, side, steps + 1, device)[1:])
+        marks = []
+
+        def mark(step, total, record):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step in (1, total):
+                marks.append(clock())
+
+        _train(backbone, clips, side, steps + 1, device, mark)
+        return (marks[1] - marks[0]) / steps
     return run
 
 
@@ -85,7 +101,7 @@ def _kilobytes(field: str) -> int:
 
 def peak_memory_mb(side: str, device: str) -> float:
     """The peak memory 2 training steps add: the GPU's allocator peak with a GPU, else the process's resident peak."""
-    backbone, clips = _setup(device)
+    backbone, clips = _setup(device, PEAK_CLIP)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -128,13 +144,14 @@ def main() -> int:
     timed = interleaved_ratios(runs.pop(baseline), runs, args.pairs)
     peaks = {side: _fresh_peak(side, args.device) for side in SIDES}
     result = {"command": " ".join(sys.argv), "device": args.device, "threads": torch.get_num_threads(),
-              "model": MODEL, "clip_latent": CLIP, "baseline": baseline, "steps_per_run": args.steps,
+              "model": MODEL, "clip_latent": CLIP, "peak_clip_latent": PEAK_CLIP, "baseline": baseline,
+              "steps_per_run": args.steps,
               "pairs": args.pairs, "step_seconds_baseline": statistics.median(v["baseline_cost"] for v in timed.values()),
               "time_over_baseline": {k: v["median"] for k, v in timed.items()}, "spread": timed,
               "peak_memory_mb": peaks, "peak_memory_over_baseline": {k: v / peaks[baseline] for k, v in peaks.items()},
               "seconds": time.perf_counter() - t0}
     (out / "memory_savings.json").write_text(json.dumps(result, indent=2))
-    lines = [f"On {args.device} ({torch.get_num_threads()} threads), over {baseline}: median time ratio of "
+    lines = [f"On {args.device} ({torch.get_num_threads()} threads), over {baseline}: median step-time ratio of "
              f"{args.pairs} interleaved pairs [quartiles]; peak memory ratio.", "",
              "| saving | time per step | peak memory |", "| --- | --- | --- |"]
     for side in SIDES:
