@@ -215,7 +215,7 @@ def memory_inputs() -> list:
                              "model that does not fit only partly and streams the layers it left in CPU memory as "
                              "they run (its low-VRAM loading, whatever this says), but it leaves room for sampling, "
                              "not for training: N moves N more blocks off the GPU. 0: off, ComfyUI's loading only. "
-                             "Slower: each swapped block is copied to the GPU twice a step. The LoRA learned is the "
+                             "Slower: each swapped block is copied to the GPU at least twice a step. The LoRA learned is the "
                              "same."),
     ]
 
