@@ -183,3 +183,22 @@ def test_a_run_resumes_the_checkpoint_of_a_run_with_other_memory_savings(tmp_pat
                    memory=MemorySettings(recompute_every=2, offload_activations=True, blocks_to_swap=1))
     trained = train_subject(backbone, _subject_set(), more, workdir=tmp_path, log=said.append)
     assert said == ["resumed from step 2 of 3"] and len(trained.history) == 3
+
+
+def test_a_failure_while_offloading_puts_back_what_had_moved(monkeypatch):
+    block = tiny_diffusers_wan(2).blocks[1].requires_grad_(False)
+    moves, failed = [], []
+
+    def fake_to(self, t, device, non_blocking=False):  # the offload device is only a label: nothing goes there
+        if len(moves) == 5 and not failed:
+            failed.append(True)
+            raise RuntimeError("out of memory")
+        moves.append(device)
+        return t.detach().clone()
+
+    monkeypatch.setattr(BlockSwap, "_to", fake_to)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with BlockSwap([block], torch.device("cpu"), torch.device("meta")):
+            pass
+    held = len(list(block.parameters())) + len(list(block.buffers()))
+    assert moves[:5] == [torch.device("meta")] * 5 and moves[5:] == [torch.device("cpu")] * held

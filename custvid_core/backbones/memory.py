@@ -132,6 +132,14 @@ class BlockSwap:
         self.direction = 1
 
     def __enter__(self) -> "BlockSwap":
+        try:
+            self._offload()
+        except BaseException:  # e.g. out of memory while pinning: what moved goes back
+            self.__exit__()
+            raise
+        return self
+
+    def _offload(self) -> None:
         for block in self.blocks:
             held = self.held[block] = []
             for module in block.modules():
@@ -146,7 +154,6 @@ class BlockSwap:
                         and type(offloaded) is torch.Tensor:
                     offloaded = offloaded.pin_memory()
                 self._hold(h, offloaded)
-        return self
 
     def __exit__(self, *exc) -> None:
         self.prefetched = None
