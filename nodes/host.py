@@ -151,6 +151,11 @@ def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torc
         yield backbone, clone.load_device, clone.model.process_latent_in
 
 
+def offload_device() -> torch.device:
+    """Where ComfyUI keeps a model's weights off the GPU: CPU memory (the GPU itself with --gpu-only or --highvram)."""
+    return comfy.model_management.unet_offload_device()
+
+
 TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 

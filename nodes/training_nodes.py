@@ -25,6 +25,7 @@ from ..custvid_core.errors import InputError
 from ..custvid_core.media import loss_plot
 from ..custvid_core.training import (
     JointController,
+    MemorySettings,
     MotionSettings,
     OptimSettings,
     SigmaSampler,
@@ -50,6 +51,7 @@ from .host import (
     attached_per_call,
     base_model_signature,
     decoder_with_grad,
+    offload_device,
     plain,
     progress_callback,
     resolve_training_dtype,
@@ -191,6 +193,35 @@ def noise_and_memory_inputs() -> list:
         io.Boolean.Input("gradient_checkpointing", default=True,
                          tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
     ]
+
+
+def memory_inputs() -> list:
+    """A LoRA train node's further memory savings: optional and after all its other inputs."""
+    return [
+        io.Int.Input("recompute_every", default=1, min=1, max=8, optional=True,
+                     tooltip="With gradient_checkpointing: recompute only every k-th block in the backward pass, the "
+                             "others keeping their activations. 1: every block (least memory); 2 or 3: faster, more "
+                             "memory. The LoRA learned is the same."),
+        io.Boolean.Input("offload_activations", default=False, optional=True,
+                         tooltip="Keep what the backward pass needs in CPU memory instead of on the GPU, copied back "
+                                 "when needed (with gradient_checkpointing: only each block's input, small; without: "
+                                 "every activation). Less GPU memory for long clips, slower. The LoRA learned is the "
+                                 "same."),
+        io.Int.Input("blocks_to_swap", default=0, min=0, max=64, optional=True,
+                     tooltip="Keep the weights of the model's last N blocks in CPU memory and bring each to the GPU "
+                             "just before it runs (and before its recomputation in the backward pass; such blocks are "
+                             "always recomputed), the next block copied while one computes. For models whose weights "
+                             "leave too little GPU memory to train (e.g. Wan 14B on 24 GB). ComfyUI itself loads a "
+                             "model that does not fit only partly and streams the layers it left in CPU memory as "
+                             "they run (its low-VRAM loading, whatever this says), but it leaves room for sampling, "
+                             "not for training: N moves N more blocks off the GPU. 0: off, ComfyUI's loading only. "
+                             "Slower: each swapped block is copied to the GPU at least twice a step. The LoRA learned is the "
+                             "same."),
+    ]
+
+
+def _memory(recompute_every: int, offload_activations: bool, blocks_to_swap: int) -> MemorySettings:
+    return MemorySettings(recompute_every, offload_activations, blocks_to_swap, str(offload_device()))
 
 
 def _learning_rate_input():
@@ -338,7 +369,8 @@ class TrainSubjectLoRA(io.ComfyNode):
                     io.Float.Input("moving_share", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
                                    tooltip="If the dataset has moving clips (Subject Dataset's moving_clips): the "
                                            "share of the photo steps that learn from them instead of the photos."),
-                    _training_dtype_input()],
+                    _training_dtype_input(),
+                    *memory_inputs()],
             outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding")],
         )
 
@@ -346,7 +378,8 @@ class TrainSubjectLoRA(io.ComfyNode):
     def execute(cls, model, subject, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0,
-                trigger_embedding=False, moving_share=0.5, training_dtype="auto") -> io.NodeOutput:
+                trigger_embedding=False, moving_share=0.5, training_dtype="auto", recompute_every=1,
+                offload_activations=False, blocks_to_swap=0) -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
@@ -354,7 +387,7 @@ class TrainSubjectLoRA(io.ComfyNode):
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
             stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding,
-            moving_share=moving_share)
+            moving_share=moving_share, memory=_memory(recompute_every, offload_activations, blocks_to_swap))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
@@ -395,7 +428,8 @@ class TrainMotionLoRA(io.ComfyNode):
                                           tooltip="For decoded_flow: the flow network from Load RAFT."),
                     io.Int.Input("decode_window", default=6, min=1, max=64, optional=True,
                                  tooltip="For decoded_flow: latent frames decoded per step (the authors' 6)."),
-                    _training_dtype_input()],
+                    _training_dtype_input(),
+                    *memory_inputs()],
             outputs=_train_outputs(),
         )
 
@@ -403,7 +437,8 @@ class TrainMotionLoRA(io.ComfyNode):
     def execute(cls, model, clips, steps, learning_rate, rank, roles, batch_size, alignment_weight,
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, spatial_rank, debiased_weight, motion_alignment="features", vae=None, raft=None,
-                decode_window=6, training_dtype="auto") -> io.NodeOutput:
+                decode_window=6, training_dtype="auto", recompute_every=1, offload_activations=False,
+                blocks_to_swap=0) -> io.NodeOutput:
         decoded = motion_alignment == "decoded_flow" and alignment_weight > 0
         if decoded and clips.flow is None:
             raise InputError("clips", "have no motion representation",
@@ -418,7 +453,8 @@ class TrainMotionLoRA(io.ComfyNode):
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                                 warmup=warmup_steps(steps)),
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
-            alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing)
+            alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing,
+            memory=_memory(recompute_every, offload_activations, blocks_to_swap))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
         with training_backbone(model) as (backbone, device, to_model):
@@ -505,6 +541,7 @@ class TrainJointLoRAs(io.ComfyNode):
                 *noise_and_memory_inputs(),
                 *_run_inputs("custvid_joint"),
                 _training_dtype_input(),
+                *memory_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="subject_lora"),
                      io.LoraModel.Output(display_name="motion_lora"), io.Image.Output(display_name="loss_graph"),
@@ -516,17 +553,19 @@ class TrainJointLoRAs(io.ComfyNode):
                 subject_rank, motion_rank, spatial_rank, stillness_rank, batch_size, subject_alignment_weight,
                 motion_alignment_weight, alignment_block, preservation_weight, region_loss, region_margin,
                 moving_share, debiased_weight, timestep_sampling, shift, gradient_checkpointing, training_seed,
-                checkpoint_every, run_name, training_dtype="auto") -> io.NodeOutput:
+                checkpoint_every, run_name, training_dtype="auto", recompute_every=1, offload_activations=False,
+                blocks_to_swap=0) -> io.NodeOutput:
         sigmas = SigmaSampler(timestep_sampling, shift)
+        memory = _memory(recompute_every, offload_activations, blocks_to_swap)
         subject_settings = SubjectSettings(
             rank=subject_rank, batch=batch_size, sigmas=sigmas, region_loss=region_loss,
             preservation_weight=preservation_weight, alignment_weight=subject_alignment_weight,
             alignment_block=alignment_block, stillness_rank=stillness_rank, region_margin=region_margin,
-            moving_share=moving_share, gradient_checkpointing=gradient_checkpointing)
+            moving_share=moving_share, gradient_checkpointing=gradient_checkpointing, memory=memory)
         motion_settings = MotionSettings(
             rank=motion_rank, spatial_rank=spatial_rank, batch=batch_size, sigmas=sigmas,
             debiased_weight=debiased_weight, alignment_weight=motion_alignment_weight, alignment_block=alignment_block,
-            gradient_checkpointing=gradient_checkpointing)
+            gradient_checkpointing=gradient_checkpointing, memory=memory)
         optim = OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
                               warmup=warmup_steps(steps))
         folder = training_folder(run_name)

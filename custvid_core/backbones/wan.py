@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import InputError
+from .memory import MemorySettings, training_memory
 
 # Roles of the linear layers in a Wan block, named as in ComfyUI's native checkpoints.
 SELF_ATTENTION_ROLES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")
@@ -254,32 +254,15 @@ class WanBackbone:
             for h in handles:
                 h.remove()
 
-    @contextlib.contextmanager
-    def checkpointing(self, enabled: bool = True) -> Iterator[None]:
-        """Gradient checkpointing per block while inside: activations are recomputed in backward.
-
-        The blocks' forwards are wrapped on the instance and restored on exit, so the same code
-        serves ComfyUI's model (shared with the graph) and diffusers'. Capture hooks still fire once.
-        """
-        if not enabled:
-            yield
-            return
-        wrapped = []
-        try:
-            for block in self.blocks:
-                original = block.forward
-
-                def forward(*args, _original=original, **kwargs):
-                    if not torch.is_grad_enabled():
-                        return _original(*args, **kwargs)
-                    return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
-
-                block.forward = forward
-                wrapped.append(block)
-            yield
-        finally:
-            for block in wrapped:
-                del block.forward  # back to the class's forward
+    def training_memory(self, checkpointing: bool, memory: MemorySettings = MemorySettings(),
+                        device: torch.device | None = None) -> contextlib.AbstractContextManager:
+        """While inside, the blocks run with gradient checkpointing (`checkpointing`) and `memory`'s further savings
+        (`memory.MemorySettings`: every k-th block, activations offloaded, blocks swapped to and from `device`,
+        by default the first role layer's). The blocks' forwards are wrapped on the instance and restored on exit,
+        so the same code serves ComfyUI's model (shared with the graph) and diffusers'. Capture hooks still fire
+        once."""
+        device = device or self.role_module(0, "self_attn.q").weight.device
+        return training_memory(self.blocks, checkpointing, memory, torch.device(device))
 
 
 class ComfyWanBackbone(WanBackbone):

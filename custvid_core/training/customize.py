@@ -48,6 +48,7 @@ from ..adapters.embedding import TriggerEmbeddingPart
 from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec, base_model_signature
 from ..adapters.parts import Exported, ProjectorPart
 from ..adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, group_count
+from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import SubjectSet, VideoSet
@@ -98,6 +99,7 @@ class SubjectSettings:
     trigger_embedding: bool = False
     moving_share: float = 0.5  # of the photo steps, the share on the moving clips (if the data set has them)
     gradient_checkpointing: bool = False
+    memory: MemorySettings = MemorySettings()  # more memory savings: every k-th block, offloading, block swap
     name: str = "subject"
 
 
@@ -119,6 +121,7 @@ class MotionSettings:
     alignment_block: int = 3
     projector_hidden: int = 0  # 0: REPA's 2048 (4x the width on models under 512 wide)
     gradient_checkpointing: bool = False
+    memory: MemorySettings = MemorySettings()  # more memory savings: every k-th block, offloading, block swap
     name: str = "motion"
 
 
@@ -350,7 +353,7 @@ def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSett
     merged LoRAs into the weights gives its own); default: from its weights."""
     recipe = subject_recipe(backbone, data, settings, settings.optim.seed)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory)[0]
 
 
 def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
@@ -362,7 +365,7 @@ def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings
     `train_subject`."""
     recipe = motion_recipe(backbone, data, settings, settings.optim.seed, decoded_flow)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory)[0]
 
 
 @dataclass
@@ -439,5 +442,8 @@ def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: Vi
     recipes, schedule = joint_recipes(backbone, subject_data, motion_data, subject, motion, optim.seed,
                                       motion_probability, controller, decoded_flow)
     checkpointing = subject.gradient_checkpointing or motion.gradient_checkpointing
+    memory = MemorySettings(min(subject.memory.recompute_every, motion.memory.recompute_every),  # the more saving
+                            subject.memory.offload_activations or motion.memory.offload_activations,
+                            max(subject.memory.blocks_to_swap, motion.memory.blocks_to_swap), subject.memory.offload_device)
     return tuple(run(backbone, recipes, schedule, optim, checkpointing, workdir, progress, log, device, dtype,
-                     base_model, {"motion_probability": repr(motion_probability)}))
+                     base_model, {"motion_probability": repr(motion_probability)}, memory))

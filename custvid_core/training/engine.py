@@ -20,6 +20,7 @@ from ..adapters.embedding import KIND as TRIGGER_KIND
 from ..adapters.embedding import LearnedTrigger
 from ..adapters.lora import LoraSpec
 from ..adapters.parts import Exported, attached, strengths_set
+from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .fingerprint import content_digest, model_signature, settings_record
@@ -131,7 +132,8 @@ def _about(backbone: WanBackbone, recipes: list[Recipe], dtype: torch.dtype, bas
     settings = {**(run_settings or {}), "training_dtype": str(dtype)}
     for r in recipes:
         prefix = f"{r.name}." if len(recipes) > 1 else ""
-        settings.update({prefix + k: v for k, v in settings_record(r.settings, ("optim", "gradient_checkpointing")).items()})
+        kept = settings_record(r.settings, ("optim", "gradient_checkpointing", "memory"))  # not what is learned
+        settings.update({prefix + k: v for k, v in kept.items()})
     return {"data": content_digest(*[r.data for r in recipes]), "settings": settings,
             "model": base_model or model_signature(backbone.model)}
 
@@ -140,11 +142,13 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
         checkpointing: bool = False, workdir: str | Path | None = None, progress: Progress | None = None,
         log: Callable[[str], None] | None = None, device: torch.device | None = None,
         dtype: torch.dtype | None = None, base_model: str | None = None,
-        run_settings: dict | None = None) -> list[TrainedParts]:
+        run_settings: dict | None = None, memory: MemorySettings = MemorySettings()) -> list[TrainedParts]:
     """Train `recipes` together, step `i` running `task_at(schedule, i, g)`, and return each recipe's kept parts.
     `device`: where the forward runs (default: the model's first role layer's device); `dtype`: the compute
     dtype (`compute_dtype`); a checkpoint in `workdir` is resumed only for the same data, recipe settings
-    (+ `run_settings`, + the compute dtype) and base model (`base_model`, default: a signature of the weights)."""
+    (+ `run_settings`, + the compute dtype) and base model (`base_model`, default: a signature of the weights).
+    `checkpointing` and `memory` (`MemorySettings`: every k-th block, activations offloaded, blocks swapped) save
+    device memory without changing what is learned."""
     device = device or backbone.role_module(0, "self_attn.q").weight.device
     dtype = compute_dtype(device, dtype)
     about = _about(backbone, recipes, dtype, base_model, run_settings) if workdir is not None else None
@@ -163,8 +167,9 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
                                                                   else "belongs to none of the recipes"),
                              "tasks of the run's recipes, switching off their parts")
     context = StepContext(backbone, device, dtype)
-    with _frozen(backbone.model), attached(backbone, parts.values(), device), backbone.checkpointing(checkpointing), \
-            contextlib.ExitStack() as stack:
+    # The blocks' memory savings go on before the parts attach: a swapped block's weights are the frozen base's.
+    with _frozen(backbone.model), backbone.training_memory(checkpointing, memory, device), \
+            attached(backbone, parts.values(), device), contextlib.ExitStack() as stack:
         groups = {name: ps for p in parts.values() for name, ps in p.groups().items()}
         scaled = stack.enter_context(_loss_scaled(groups, FP16_LOSS_SCALE)) if dtype == torch.float16 else None
         forward_dtype = _forward_dtype(backbone, dtype)  # once: the weights' storage does not change in a run

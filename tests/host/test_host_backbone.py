@@ -196,3 +196,48 @@ def test_synmotion_motion_preset_on_comfyuis_wan_covers_q_k_v_of_every_attention
                   for a in ("self_attn", "cross_attn") for p in "qkv"}
     assert (v_native - plain).abs().max() > 1e-3
     assert torch.allclose(v_native, v_theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("cast", [False, True], ids=["own_weights", "cast_weights"])
+def test_block_swap_and_checkpoint_choices_on_comfyuis_wan_keep_the_forward_and_gradients(cast, monkeypatch):
+    """The same mechanism on ComfyUI's WanModel as on diffusers': swapped blocks compute with device copies brought in
+    for the forward and the recomputation; gradients as without, and as diffusers' under the same settings. `cast`:
+    ComfyUI's layers casting their weights as they run (as training sets them, and as low-VRAM loading does)."""
+    from custvid_core.backbones.memory import BlockSwap, MemorySettings
+
+    import_pack().nodes.host.enable_rope_backward()
+    native, theirs = tiny_pair()
+    for m in native.model.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            m.comfy_cast_weights = cast
+    for backbone in (native, theirs):
+        backbone.model.requires_grad_(False)
+    moved = []
+
+    def counted(self, t, device, non_blocking=False):  # a move to another device makes a copy
+        moved.append(t)
+        return t.detach().clone()
+
+    monkeypatch.setattr(BlockSwap, "_to", counted)
+
+    def forward_backward(backbone, checkpointing=False, memory=MemorySettings()):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 16, 2, 6, 8, generator=g).requires_grad_()
+        context = torch.randn(2, 5, TINY["text_dim"], generator=g).requires_grad_()
+        with backbone.training_memory(checkpointing, memory):
+            v = backbone.forward(x, torch.tensor([0.3, 0.8]), context)
+            v.square().mean().backward()
+        return v.detach(), x.grad, context.grad
+
+    plain = forward_backward(native)
+    for checkpointing, memory in ((False, MemorySettings(blocks_to_swap=1)), (True, MemorySettings(blocks_to_swap=2)),
+                                  (True, MemorySettings(recompute_every=2, offload_activations=True, blocks_to_swap=1))):
+        moved.clear()
+        saved = forward_backward(native, checkpointing, memory)
+        swapped = [t for b in native.blocks[TINY["num_layers"] - memory.blocks_to_swap:] for t in b.parameters()]
+        assert len(moved) == 4 * len(swapped) and {id(t) for t in moved} == {id(t) for t in swapped}
+        for a, b in zip(plain, saved):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        for a, b in zip(saved, forward_backward(theirs, checkpointing, memory)):
+            assert torch.allclose(a, b, atol=1e-4)
+    assert all("forward" not in b.__dict__ for b in native.blocks)

@@ -271,12 +271,34 @@ def test_training_with_low_vram_partial_loading_matches_full_loading(wan, tmp_pa
         assert torch.allclose(v, low[k], atol=1e-5), k
 
 
+def test_memory_savings_learn_the_same_lora_also_over_low_vram_partial_loading(wan, tmp_path):
+    """recompute_every, offload_activations and blocks_to_swap train the same LoRA as without them, and
+    blocks_to_swap on top of ComfyUI's own partial loading too; the MODEL's weights are left as they were."""
+    import folder_paths
+
+    patcher, world, pack = wan
+    folder_paths.set_output_directory(str(tmp_path))
+    subject = _subject_dataset(pack, world)
+    before = _state(patcher)
+    _, plain, _, _ = _train(pack, patcher, subject, run_name="plain")
+    _, saved, _, _ = _train(pack, patcher, subject, run_name="saved", recompute_every=2, offload_activations=True,
+                            blocks_to_swap=1)
+    with partially_loaded(patcher) as lowvram_layers:
+        _, low, _, _ = _train(pack, patcher, subject, run_name="low", blocks_to_swap=2)
+    assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
+    for k, v in plain.items():
+        assert torch.allclose(v, saved[k], atol=1e-5) and torch.allclose(v, low[k], atol=1e-5), k
+    after = _state(patcher)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 @pytest.mark.parametrize("case, match", [
     ("no_steps", "steps"),
     ("bad_role", "roles"),
     ("mask_count", "masks"),
     ("escape", "run_name"),
     ("short_clip", "frames"),
+    ("too_many_swapped", "blocks_to_swap"),
 ])
 def test_bad_training_input_names_the_input(wan, tmp_path, case, match):
     import folder_paths
@@ -298,7 +320,7 @@ def test_bad_training_input_names_the_input(wan, tmp_path, case, match):
         else:
             subject = _subject_dataset(pack, world)
             overrides = {"no_steps": dict(steps=0), "bad_role": dict(roles="self_attn.x"),
-                         "escape": dict(run_name="../../elsewhere")}[case]
+                         "escape": dict(run_name="../../elsewhere"), "too_many_swapped": dict(blocks_to_swap=3)}[case]
             _train(pack, patcher, subject, **overrides)
     after = _state(patcher)
     assert all(torch.equal(after[k], before[k]) for k in before)
