@@ -143,13 +143,14 @@ RECORDED_METHODS = json.loads((Path(__file__).parent / "data" / "lora_methods_be
 
 
 def _as_recorded(text: str) -> str:
-    """A repr without the fields added after the recording at their defaults: the optimiser's (`loop.LATER_SETTINGS`)
-    and the method's prompt subject (`subject_words`)."""
+    """A repr without the fields added after the recording at their defaults: the optimiser's (`loop.LATER_SETTINGS`),
+    the recipes' memory savings and the method's prompt subject (`subject_words`)."""
+    from custvid_core.backbones.memory import MemorySettings
     from custvid_core.training.loop import LATER_SETTINGS, OptimSettings
 
     for name in LATER_SETTINGS:
         text = text.replace(f", {name}={getattr(OptimSettings(), name)!r}", "")
-    return text.replace(", subject_words='clip'", "")
+    return text.replace(f", memory={MemorySettings()!r}", "").replace(", subject_words='clip'", "")
 
 
 @pytest.mark.parametrize("ladder", sorted(RECORDED_METHODS))
