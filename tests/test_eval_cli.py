@@ -54,7 +54,7 @@ def test_metrics_of_two_videos_against_a_photo_and_a_clip(files, tmp_path):
                  "--prompts", "a red circle moving right", "a blue square moving left",
                  "--references", str(files["photo"]), "--reference-clips", str(files["reference_clip"]),
                  "--boxes", files["boxes"],
-                 "--clip", str(files["clip"]), "--dino", str(DINO_FILE), "--raft", str(RAFT_FILE), "--threads", "1"])
+                 "--clip", str(files["clip"]), "--dino", str(DINO_FILE), "--raft", str(RAFT_FILE)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     right, left = results["rows"]
