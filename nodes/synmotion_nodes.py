@@ -137,6 +137,8 @@ class SubjectPriorClips(io.ComfyNode):
             bar.update_absolute(clips_done * steps, total * steps)
 
         cache = os.path.join(folder_paths.get_output_directory(), CACHE_FOLDER)
+        # Loaded first: ComfyUI unpatches a model lazily, so its weights may still hold the LoRAs of the last prompt.
+        comfy.model_management.load_models_gpu([model])
         clips = prior_clips(generate, subjects, lambda _: context, settings, base_model_signature(model), cache,
                             progress)
         comfy.model_management.soft_empty_cache()

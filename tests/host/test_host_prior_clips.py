@@ -101,3 +101,18 @@ def test_an_emptied_cache_is_refused_naming_the_file_to_delete_and_left_as_it_is
     assert path.read_bytes() == emptied
     path.unlink()
     assert _prior(world, **settings).latents.shape[0] == 1
+
+
+def test_the_clips_record_the_model_itself_after_a_lora_patched_clone_of_it_ran(world):
+    """ComfyUI unpatches a model lazily: after a prompt that sampled with a LoRA on a clone of the MODEL, its
+    weights hold the LoRA until the next load. The prior clips must record the MODEL as Train SynMotion sees it
+    (loaded), or training refuses them as another model's."""
+    import comfy.model_management
+
+    patched = world["patcher"].clone()
+    key = next(k for k in patched.model_state_dict() if k.endswith("blocks.0.self_attn.q.weight"))
+    patched.add_patches({key: (torch.ones_like(patched.model_state_dict()[key]),)}, 0.5)  # a diff patch, as a LoRA
+    comfy.model_management.load_models_gpu([patched])  # the clone's weights, patched in place
+    clips = _prior(world, count=1, seed=11)
+    comfy.model_management.load_models_gpu([world["patcher"]])
+    assert clips.base_model == world["nodes"].base_model_signature(world["patcher"])
