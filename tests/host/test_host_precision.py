@@ -315,8 +315,10 @@ def test_through_the_server_a_scaled_fp8_file_loaded_as_fp8_trains_and_saves_an_
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "tiny_wan_fp8_scaled.safetensors", target / "tiny_wan_fp8_scaled.safetensors")
     info = comfy_server.object_info()
-    for node in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):  # added last, optional, for saved graphs
-        assert list(info[node]["input"]["optional"])[-1] == "training_dtype"
+    for node in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):  # optional, for saved graphs: only later
+        optional = list(info[node]["input"]["optional"])  # additions come after it
+        assert optional[optional.index("training_dtype") + 1:] == ["recompute_every", "offload_activations",
+                                                                   "blocks_to_swap"]
         assert info[node]["input"]["optional"]["training_dtype"][1]["options"] == ["auto", "fp32", "bf16", "fp16"]
     case = info["CustVid_WorldCaseData"]["input"]["required"]["case"][1]["options"][0]
     train = dict(model=["unet", 0], subject=["subject", 0], steps=2, learning_rate=1e-3, rank=4,

@@ -129,8 +129,8 @@ def test_shipped_customization_workflow_trains_saves_and_generates(comfy_server)
     result = comfy_server.run(prompt, timeout=900)
     assert result["ok"], result["error"]
     loras = comfy_server.base / "models" / "loras" / "custvid"
-    assert sorted(p.name for p in loras.glob("world_*.safetensors")) == ["world_motion.safetensors",
-                                                                          "world_subject.safetensors"]
+    saved = {p.name for p in loras.glob("world_*.safetensors")}  # the server's other tests save theirs there too
+    assert {"world_motion.safetensors", "world_subject.safetensors"} <= saved
     assert list((comfy_server.base / "output" / "custvid").glob("world_customized*"))
     checkpoint = comfy_server.base / "output" / "custvid_training" / "world_subject_host_test" / "checkpoint.pt"
     # The subject's three kinds of step: the stillness LoRA's stills, the photos, the preservation clips.
