@@ -48,7 +48,17 @@ from .host import (
     training_progress,
     word_tokens,
 )
-from .training_nodes import _context, _data_in, _finish, _lora_weights, _run_log, _training_dtype_input, noise_and_memory_inputs
+from .training_nodes import (
+    _context,
+    _data_in,
+    _finish,
+    _lora_weights,
+    _memory,
+    _run_log,
+    _training_dtype_input,
+    memory_inputs,
+    noise_and_memory_inputs,
+)
 
 CATEGORY_TRAIN = "CustVid/training"
 # Under ComfyUI's output folder: generated clips are the user's output, and a rerun finds them there.
@@ -243,6 +253,7 @@ class TrainSynMotion(io.ComfyNode):
                                 tooltip="Folder under output/custvid_training/ for this run's checkpoint. A rerun with "
                                         "the same data, settings and model resumes it; another run trains afresh."),
                 _training_dtype_input(),
+                *memory_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_graph"),
@@ -252,7 +263,8 @@ class TrainSynMotion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clips, clip, prompt, subject_words, motion_words, steps, learning_rate, rank, refiner,
                 timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
-                prior_clips=None, training_dtype="auto") -> io.NodeOutput:
+                prior_clips=None, training_dtype="auto", recompute_every=1, offload_activations=False,
+                blocks_to_swap=0) -> io.NodeOutput:
         motion_words = " ".join(motion_words.split())
         captions = _captions(prompt, subject_words)
         positions = _clip_positions(clip, captions, motion_words, clips)
@@ -268,6 +280,7 @@ class TrainSynMotion(io.ComfyNode):
         settings = dataclasses.replace(
             defaults, rank=rank, prior=prior_clips is not None, refiner=refiner,
             sigmas=SigmaSampler(timestep_sampling, shift), gradient_checkpointing=gradient_checkpointing,
+            memory=_memory(recompute_every, offload_activations, blocks_to_swap),
             optim=dataclasses.replace(defaults.optim, steps=steps, lr=learning_rate, seed=training_seed,
                                       checkpoint_every=checkpoint_every, warmup=warmup_steps(steps)))
         folder = training_folder(run_name)

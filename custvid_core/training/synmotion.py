@@ -32,6 +32,7 @@ import torch
 
 from ..adapters.lora import LoraPart, synmotion_motion_lora
 from ..adapters.synmotion import RolePositions, SynMotionEmbeddingPart
+from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import VideoSet
@@ -56,6 +57,7 @@ class SynMotionSettings:
     sigmas: SigmaSampler = field(default_factory=SigmaSampler)
     optim: OptimSettings = field(default_factory=_wan_optim)
     gradient_checkpointing: bool = False
+    memory: MemorySettings = MemorySettings()  # more memory savings: every k-th block, offloading, block swap
     name: str = "synmotion"
 
 
@@ -164,4 +166,4 @@ def train_synmotion(backbone: WanBackbone, clips: VideoSet, positions: RolePosit
     recipe = synmotion_recipe(backbone, clips, positions, motion_phrase, prior, settings, prior_subjects, prior_model,
                               subject_words, motion_words)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory)[0]

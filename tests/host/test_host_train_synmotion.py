@@ -222,3 +222,26 @@ def test_the_world_synmotion_workflow_trains_saves_and_generates_a_new_subject(c
     assert comfy_server.saved("custvid/world_synmotion")
     previews = [im for o in result["outputs"].values() for im in o.get("images", []) if im["type"] == "temp"]
     assert len(previews) == 1  # the loss graph
+
+
+def test_the_memory_savings_learn_the_same_lora_and_embeddings(world, monkeypatch):
+    """Checkpointing every other block with its activations offloaded and the last block swapped learn what the
+    plain run learns (to float rounding): they move data, not what is computed."""
+    nodes, patcher, clip = world["nodes"], world["patcher"], world["clip"]
+    backbone_class, used = world["core"].backbones.wan.WanBackbone, []
+    training_memory = backbone_class.training_memory
+    monkeypatch.setattr(backbone_class, "training_memory",
+                        lambda self, checkpointing, memory, device: used.append(memory) or training_memory(
+                            self, checkpointing, memory, device))
+    settings = {**TRAIN, "steps": 3, "gradient_checkpointing": True}
+    _, plain, _, plain_learned = nodes.TrainSynMotion.execute(patcher, world["clips"], clip, CAPTION,
+                                                              prior_clips=world["prior"], run_name="mem_plain",
+                                                              **settings).result
+    _, saved, _, saved_learned = nodes.TrainSynMotion.execute(patcher, world["clips"], clip, CAPTION,
+                                                              prior_clips=world["prior"], run_name="mem_saving",
+                                                              recompute_every=2, offload_activations=True,
+                                                              blocks_to_swap=1, **settings).result
+    assert [(m.recompute_every, m.offload_activations, m.blocks_to_swap) for m in used] == [(1, False, 0), (2, True, 1)]
+    assert plain.keys() == saved.keys()
+    assert all(torch.allclose(plain[k], saved[k], atol=1e-5) for k in plain)
+    assert torch.allclose(plain_learned.motion_residual, saved_learned.motion_residual, atol=1e-5)
