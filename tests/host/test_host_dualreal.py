@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack, partially_loaded, tiny_world_wan
-from world_data import encode, world_training_inputs
+from world_data import encode, sample, weights, world_training_inputs
 
 from custvid_core.control.boxes import BoxTrack
 
@@ -47,15 +47,7 @@ def world(tmp_path_factory):
 
 
 def _sample(model, world, steps=3, seed=0):
-    import nodes as comfy_nodes
-
-    positive, negative = encode(world["clip"], PROMPT), encode(world["clip"], "")
-    return comfy_nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "simple", positive, negative,
-                                         world["latent"])[0]["samples"]
-
-
-def _state(patcher):
-    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    return sample(model, world["clip"], world["latent"], PROMPT, steps, seed)
 
 
 def _no_hooks(patcher):
@@ -64,7 +56,7 @@ def _no_hooks(patcher):
 
 def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_model(world):
     nodes, patcher = world["nodes"], world["patcher"]
-    before_state, base = _state(patcher), _sample(patcher, world)
+    before_state, base = weights(patcher), _sample(patcher, world)
     trained_out = _sample(world["model"], world)
     assert world["graph"].shape[0] == 1 and world["graph"].shape[-1] == 3
     assert (world["base"] / "output" / "custvid_training" / "dualreal_test" / "checkpoint.pt").exists()
@@ -108,7 +100,7 @@ def test_trained_saved_loaded_and_applied_dualreal_samples_as_the_train_nodes_mo
     assert not torch.allclose(_sample(other, world), trained_out, atol=1e-4)
 
     # The user's MODEL: same weights, no wrappers or hooks left, same output.
-    after = _state(patcher)
+    after = weights(patcher)
     assert all(torch.equal(after[k], before_state[k]) for k in before_state)
     assert not any("custvid_dualreal" in str(w) for w in patcher.wrappers.values())
     assert _no_hooks(patcher)

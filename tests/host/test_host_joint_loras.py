@@ -7,7 +7,7 @@ DualReal, Apply DualReal gives what its MODEL gives; the input MODEL is left as 
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack, partially_loaded, tiny_world_wan
-from world_data import encode, world_training_inputs
+from world_data import encode, sample, weights, world_training_inputs
 
 PROMPT = "sks moving right"
 TRAIN = dict(steps=6, learning_rate=1e-2, motion_probability=0.5, groups=3, subject_rank=4, motion_rank=4,
@@ -28,7 +28,7 @@ def world(tmp_path_factory):
     latent = world_nodes.WorldEmptyLatent.execute(5, 32, 1).result[0]
     world = dict(pack=pack, nodes=training_nodes, dualreal_nodes=dualreal_nodes, patcher=patcher, clip=clip,
                  subject=subject, clips=clips, latent=latent, base=base)
-    world["before"] = _state(patcher)
+    world["before"] = weights(patcher)
     world["plain"] = _train(world, "joint_plain", controller=False)
     world["controlled"] = _train(world, "joint_controlled", controller=True)
     return world
@@ -40,15 +40,7 @@ def _train(world, run_name, **kw):
 
 
 def _sample(model, world, steps=3, seed=0):
-    import nodes as comfy_nodes
-
-    positive, negative = encode(world["clip"], PROMPT), encode(world["clip"], "")
-    return comfy_nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "simple", positive, negative,
-                                         world["latent"])[0]["samples"]
-
-
-def _state(patcher):
-    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    return sample(model, world["clip"], world["latent"], PROMPT, steps, seed)
 
 
 def _untouched(world):
@@ -58,7 +50,7 @@ def _untouched(world):
 
     comfy.model_management.unload_all_models()  # a loaded clone's stock LoRAs sit in the shared weights
     patcher = world["patcher"]
-    after = _state(patcher)
+    after = weights(patcher)
     return (after.keys() == world["before"].keys() and all(torch.equal(after[k], world["before"][k]) for k in after)
             and not patcher.wrappers and not patcher.patches
             and not any(m._forward_hooks or m._forward_pre_hooks for m in patcher.model.diffusion_model.modules())

@@ -5,7 +5,7 @@ that Apply SynMotion Embeddings puts on a new subject's prompt; the input MODEL 
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack
-from world_data import encode
+from world_data import encode, sample, weights
 
 from custvid_core.world.model import MODEL_FILE, load_world
 from custvid_core.world.scene import Scene, WorldSpec, render
@@ -16,10 +16,6 @@ TRAIN = dict(subject_words="red circle", motion_words="moving right", steps=6, l
              refiner=True, timestep_sampling="uniform", shift=3.0, gradient_checkpointing=False, training_seed=0,
              checkpoint_every=100)
 PRIOR = dict(count=2, seed=0, steps=2, cfg=4.0, sampler_name="euler", scheduler="simple")
-
-
-def _state(patcher):
-    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +43,9 @@ def world(tmp_path_factory):
                 latent=latent, base=base)
 
 
-def _sample(model, world, prompt):
-    import nodes as comfy_nodes
-
-    positive, negative = encode(world["clip"], prompt), encode(world["clip"], "")
-    return comfy_nodes.KSampler().sample(model, 0, 3, 3.0, "euler", "simple", positive, negative,
-                                         world["latent"])[0]["samples"]
-
-
 def test_trained_lora_changes_the_output_and_the_embeddings_apply_to_a_new_subject(world, monkeypatch):
     nodes, patcher, clip = world["nodes"], world["patcher"], world["clip"]
-    before, base = _state(patcher), _sample(patcher, world, NEW_SUBJECT)
+    before, base = weights(patcher), sample(patcher, world["clip"], world["latent"], NEW_SUBJECT)
     runs, train = [], nodes.train_synmotion
     monkeypatch.setattr(nodes, "train_synmotion", lambda *a, **kw: runs.append(train(*a, **kw)) or runs[-1])
     model, lora, graph, learned = nodes.TrainSynMotion.execute(patcher, world["clips"], clip, CAPTION,
@@ -69,9 +57,9 @@ def test_trained_lora_changes_the_output_and_the_embeddings_apply_to_a_new_subje
     assert {k for record in runs[0].history for k in record} >= {"motion", "prior"}  # the prior clips were learned
     assert (world["base"] / "output" / "custvid_training" / "syn" / "checkpoint.pt").exists()
 
-    with_lora = _sample(model, world, NEW_SUBJECT)
+    with_lora = sample(model, world["clip"], world["latent"], NEW_SUBJECT)
     assert not torch.allclose(with_lora, base, atol=1e-3)
-    assert torch.allclose(_sample(patcher, world, NEW_SUBJECT), base)
+    assert torch.allclose(sample(patcher, world["clip"], world["latent"], NEW_SUBJECT), base)
     assert isinstance(lora, world["core"].adapters.lora.LoraWeights) and lora.trigger_words == "moving right"
     assert {k.split(".")[-2] for k in lora if k.endswith(".weight")} == {"lora_down", "lora_up"}  # native LoRA keys
 
@@ -180,15 +168,15 @@ def test_a_subject_trigger_embedding_and_a_stock_lora_combine_with_synmotion(wor
     def stock(m, name):
         return comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(m, name, 1.0)[0]
 
-    def sample(m):
+    def sample_edited(m):
         positive, negative = one_order, encode(clip, "")
         return comfy_nodes.KSampler().sample(m, 0, 3, 3.0, "euler", "simple", positive, negative,
                                              world["latent"])[0]["samples"]
 
-    both = sample(stock(model, "subject.safetensors"))
-    for alone in (sample(patcher), sample(model), sample(stock(patcher, "subject.safetensors"))):
+    both = sample_edited(stock(model, "subject.safetensors"))
+    for alone in (sample_edited(patcher), sample_edited(model), sample_edited(stock(patcher, "subject.safetensors"))):
         assert not torch.allclose(both, alone, atol=1e-3)
-    stock_files = sample(stock(stock(patcher, "subject.safetensors"), "motion.safetensors"))
+    stock_files = sample_edited(stock(stock(patcher, "subject.safetensors"), "motion.safetensors"))
     assert torch.allclose(both, stock_files, atol=1e-4)
 
 

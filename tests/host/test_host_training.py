@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from comfy_host import import_pack, partially_loaded, tiny_wan_vae_weights, tiny_world_wan
-from world_data import star_photos
+from world_data import star_photos, weights
 
 from custvid_core.world.model import save_world
 from custvid_core.world.scene import Scene, WorldSpec, render
@@ -39,10 +39,6 @@ def _subject_dataset(pack, world):
     clips = training.VideoDataset.execute(vae, clip.frames, _conditioning(world, clip.prompt)).result[0]
     return training.SubjectDataset.execute(vae, images, _conditioning(world, "sks"), masks=masks,
                                            preservation=clips).result[0]
-
-
-def _state(patcher):
-    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
 def _denoise(patcher, seed=0):
@@ -78,12 +74,12 @@ def test_training_leaves_the_model_alone_and_its_lora_loads_through_the_stock_lo
     import nodes as comfy_nodes
 
     patcher, world, pack = wan
-    before_state, before_out = _state(patcher), _denoise(patcher)
+    before_state, before_out = weights(patcher), _denoise(patcher)
     folder_paths.set_output_directory(str(tmp_path))
     subject = _subject_dataset(pack, world)
     model, lora, graph, _ = _train(pack, patcher, subject)
     # The user's MODEL: same weights, same patches, same output.
-    after = _state(patcher)
+    after = weights(patcher)
     assert all(torch.equal(after[k], before_state[k]) for k in before_state)
     assert not patcher.patches
     assert torch.allclose(_denoise(patcher), before_out)
@@ -279,7 +275,7 @@ def test_memory_savings_learn_the_same_lora_also_over_low_vram_partial_loading(w
     patcher, world, pack = wan
     folder_paths.set_output_directory(str(tmp_path))
     subject = _subject_dataset(pack, world)
-    before = _state(patcher)
+    before = weights(patcher)
     _, plain, _, _ = _train(pack, patcher, subject, run_name="plain")
     _, saved, _, _ = _train(pack, patcher, subject, run_name="saved", recompute_every=2, offload_activations=True,
                             blocks_to_swap=1)
@@ -288,7 +284,7 @@ def test_memory_savings_learn_the_same_lora_also_over_low_vram_partial_loading(w
     assert lowvram_layers, "the partial load did not leave any layer to be cast on the fly"
     for k, v in plain.items():
         assert torch.allclose(v, saved[k], atol=1e-5) and torch.allclose(v, low[k], atol=1e-5), k
-    after = _state(patcher)
+    after = weights(patcher)
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
@@ -307,7 +303,7 @@ def test_bad_training_input_names_the_input(wan, tmp_path, case, match):
     training, world_nodes = _nodes(pack)
     folder_paths.set_output_directory(str(tmp_path))
     vae = world_nodes.WorldVAE()
-    before = _state(patcher)
+    before = weights(patcher)
     # ValueError: the pack's InputError (imported as ComfyUI imports the pack, a different module object)
     with pytest.raises(ValueError, match=match):
         if case == "mask_count":
@@ -322,7 +318,7 @@ def test_bad_training_input_names_the_input(wan, tmp_path, case, match):
             overrides = {"no_steps": dict(steps=0), "bad_role": dict(roles="self_attn.x"),
                          "escape": dict(run_name="../../elsewhere"), "too_many_swapped": dict(blocks_to_swap=3)}[case]
             _train(pack, patcher, subject, **overrides)
-    after = _state(patcher)
+    after = weights(patcher)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not (tmp_path / "custvid_training").exists() or not any((tmp_path / "custvid_training").rglob("*.pt"))
 
@@ -434,14 +430,14 @@ def test_motion_lora_with_decoded_flow_alignment_on_the_world_vae(wan, tmp_path)
     flow = type("Rep", (), {"flow": torch.zeros(4, 2, 32, 32)})()
     clips = training.VideoDataset.execute(vae, clip.frames, _conditioning(world, "mtn"),
                                           motion_representation=flow).result[0]
-    before = _state(patcher)
+    before = weights(patcher)
     args = dict(steps=2, learning_rate=1e-3, rank=4, roles="self_attn.v, ffn.2", batch_size=1, alignment_weight=1.0,
                 alignment_block=1, timestep_sampling="uniform", shift=1.0, gradient_checkpointing=False,
                 training_seed=0, checkpoint_every=100, run_name="decoded_flow", spatial_rank=0, debiased_weight=1.0,
                 motion_alignment="decoded_flow")
     model, lora, _ = training.TrainMotionLoRA.execute(patcher, clips, vae=vae, raft=_raft(pack), **args).result
     assert any(k.endswith("self_attn.v.lora_up.weight") for k in lora)
-    assert all(torch.equal(v, before[k]) for k, v in _state(patcher).items())
+    assert all(torch.equal(v, before[k]) for k, v in weights(patcher).items())
     # ValueError: the pack's InputError (a different module object from the test's import)
     with pytest.raises(ValueError, match="raft: is not connected"):
         training.TrainMotionLoRA.execute(patcher, clips, vae=vae, **args)

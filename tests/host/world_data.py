@@ -10,6 +10,20 @@ def encode(clip, text):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+def weights(patcher):
+    """A copy of a MODEL's diffusion-model weights, to check later that nothing changed them."""
+    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def sample(model, clip, latent, prompt, steps=3, seed=0):
+    """What the stock KSampler makes of `prompt` (euler, simple, cfg 3) from `latent`."""
+    import nodes as comfy_nodes
+
+    positive, negative = encode(clip, prompt), encode(clip, "")
+    return comfy_nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "simple", positive, negative,
+                                         latent)[0]["samples"]
+
+
 def star_photos(count):
     """`count` photos of an orange star a little further right each time, and their masks."""
     photos = [render(Scene(colour="orange", shape="star", start=(10 + 4 * i, 16)), WorldSpec(frames=1))
