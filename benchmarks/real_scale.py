@@ -35,10 +35,11 @@ LoRAs is counted as 3 forwards (the backward computes the gradients of the activ
 attention's backward costs about twice its forward) plus one forward for the blocks recomputed under checkpointing,
 and swapped blocks add their weights' copy to the GPU twice a step (forward and recomputation) at 20 GB/s where
 compute does not hide it. At 400 TFLOP/s (40% of the H100's dense bf16 peak) `--plan` gives, for 6 steps per
-configuration (2 warm-up, 4 timed) and half the steps on clips: the 1.3B subject goal at 33 frames 0.8 s per clip
-step, the 14B fp8 motion goal at 81 frames 17 s per clip step (the biggest share, about 70 s), the whole default
-set about 4 minutes of steps, plus building each model (seconds; a 14B's random fill is about 1 s on the GPU, pinning
-its swapped blocks' host copies a few seconds) and ComfyUI's import. The budget's default, 450 s, stops it under 8
+configuration (2 warm-up, 4 timed) and half the steps on clips: the 1.3B subject goal at 33 frames 0.7 s per clip
+step (290 TFLOP), the 14B fp8 motion goal at 81 frames 17 s per clip step (6.7 PFLOP; about 55 s for each of the
+three 14B runs at 81 frames, the biggest share), the whole default set about 220 s of steps, plus building each model
+(seconds; a 14B's random fill is about 1 s on the GPU, pinning its swapped blocks' host copies a few seconds) and
+ComfyUI's import. The budget's default, 450 s, stops it under 8
 minutes whatever the GPU does.
 
 Writes real_scale.json in --out and prints it.
@@ -91,9 +92,12 @@ ITEMS = 2  # photos, clips
 ASSUMED_TFLOPS = 400.0  # for --plan's time estimate: 40% of an H100's dense bf16 peak
 SWAP_GB_PER_S = 20.0  # pinned host-to-GPU copies, for --plan
 
-# Tiny Wan shapes for --tiny: the second is the one a small --device-gib leaves out.
+# Tiny Wan shapes for --tiny: one with Wan 2.2 5B's latents (48 channels, 16x downsampling), and a wider one that a
+# small --device-gib leaves out.
 TINY_SIZES = {
     "tiny": WanSize("tiny", dim=64, ffn_dim=128, heads=2, layers=4, text_len=16, text_dim=64, freq_dim=32),
+    "tiny-5b-latents": WanSize("tiny-5b-latents", dim=64, ffn_dim=128, heads=2, layers=4, in_channels=48,
+                               out_channels=48, vae_stride=(4, 16, 16), text_len=16, text_dim=64, freq_dim=32),
     "tiny-wide": WanSize("tiny-wide", dim=256, ffn_dim=1024, heads=2, layers=4, text_len=16, text_dim=64, freq_dim=32),
 }
 
@@ -130,6 +134,7 @@ def tiny_set() -> list[TrainingSetup]:
     return [_setup("tiny", "bf16", "subject", 9, 64, 96),
             _setup("tiny", "fp8", "motion", 9, 64, 96, blocks_to_swap=2),
             _setup("tiny", "bf16", "motion", 9, 64, 96, recompute_every=2, offload_activations=True),
+            _setup("tiny-5b-latents", "bf16", "subject", 9, 64, 96),
             _setup("tiny-wide", "bf16", "subject", 17, 64, 96)]
 
 

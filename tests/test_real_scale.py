@@ -1,0 +1,65 @@
+"""benchmarks/real_scale.py's --tiny form: the code a GPU run uses, on tiny Wan models on the CPU. Its JSON holds
+each configuration's measures and the estimator's prediction, and a configuration the estimator says does not fit
+the device is skipped with the estimator's reason. It builds ComfyUI's WanModel, so it runs where ComfyUI is."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "real_scale.py"
+
+pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="needs a ComfyUI checkout (COMFYUI_PATH)")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", *args], capture_output=True, text=True, timeout=600,
+                          check=True)
+
+
+def test_tiny_run_measures_each_configuration_and_skips_what_would_not_fit(tmp_path):
+    planned = json.loads(_run("--plan").stdout)["configurations"]
+    peaks = {c["name"]: c["predicted_peak_gib"] for c in planned}
+    wide = next(name for name in peaks if name.startswith("tiny-wide"))
+    largest_other = max(p for name, p in peaks.items() if name != wide)
+    assert peaks[wide] > largest_other
+    device_gib = (peaks[wide] + largest_other) / 2  # between them: the wide model alone does not fit
+    _run("--out", str(tmp_path), "--steps", "2", "--warmup", "1", "--device-gib", repr(device_gib))
+
+    report = json.loads((tmp_path / "real_scale.json").read_text())
+    assert "--tiny" in report["command"] and report["device"] == "cpu" and report["gpu"] is None
+    assert report["torch"] == torch.__version__ and report["device_gib"] == pytest.approx(device_gib)
+    assert report["timed_steps"] == 2 and report["warmup_steps"] == 1
+    results = {r["name"]: r for r in report["configurations"]}
+    assert list(results) == [c["name"] for c in planned]
+    for name, r in results.items():
+        assert r["predicted_gib"]["peak"] == pytest.approx(peaks[name])
+        assert "error" not in r, r.get("error")
+        if name == wide:
+            continue
+        assert "skipped" not in r and r["steps_run"] == 3 and r["timed_steps"] == 2
+        # 9 frames of 64 x 96: 3 latent frames of 8 x 12 (4 x 6 with Wan 2.2 5B's VAE), 2 x 2 patches
+        clip = 3 * 2 * 3 if name.startswith("tiny-5b-latents") else 3 * 4 * 6
+        assert r["tokens_per_clip"] == clip and max(r["tokens_per_step_by_task"].values()) == clip
+        assert set(r["seconds_per_step_by_task"]) <= set(r["tokens_per_step_by_task"])
+        assert r["seconds_per_step"] > 0 and r["tokens_per_second"] > 0 and r["achieved_tflops"] > 0
+        assert min(r["seconds_per_step_by_task"].values()) <= r["seconds_per_step"] \
+            <= max(r["seconds_per_step_by_task"].values())
+        assert "peak_allocated_gib" not in r  # device memory is measured on a GPU only
+    assert results[wide]["skipped"].startswith("the estimator says it does not fit: needs ")
+    assert f"than {device_gib:g} GiB" in results[wide]["skipped"] and "steps_run" not in results[wide]
+    assert [g["met"] for g in report["goals"]] == [None, None]  # the goals' configurations are real sizes
+
+
+def test_a_spent_time_budget_skips_the_rest_and_still_writes_the_json(tmp_path):
+    _run("--out", str(tmp_path), "--budget-s", "0", "--only", "tiny_bf16_*")
+    report = json.loads((tmp_path / "real_scale.json").read_text())
+    assert [r["name"] for r in report["configurations"]] == ["tiny_bf16_subject_64x96x9_ckpt1",
+                                                             "tiny_bf16_motion_64x96x9_ckpt2_offload"]
+    assert all(r["skipped"] == "the time budget was spent" for r in report["configurations"])
+    assert report["budget_s"] == 0 and len(report["goals"]) == 2
