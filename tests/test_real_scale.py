@@ -2,6 +2,7 @@
 each configuration's measures and the estimator's prediction, and a configuration the estimator says does not fit
 the device is skipped with the estimator's reason. It builds ComfyUI's WanModel, so it runs where ComfyUI is."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "real_scale.py"
 
-pytestmark = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="needs a ComfyUI checkout (COMFYUI_PATH)")
+needs_comfyui = pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="needs a ComfyUI checkout (COMFYUI_PATH)")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -22,6 +23,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           check=True)
 
 
+@needs_comfyui
 def test_tiny_run_measures_each_configuration_and_skips_what_would_not_fit(tmp_path):
     planned = json.loads(_run("--plan").stdout)["configurations"]
     peaks = {c["name"]: c["predicted_peak_gib"] for c in planned}
@@ -48,6 +50,7 @@ def test_tiny_run_measures_each_configuration_and_skips_what_would_not_fit(tmp_p
         assert r["tokens_per_clip"] == clip and max(r["tokens_per_step_by_task"].values()) == clip
         assert set(r["seconds_per_step_by_task"]) <= set(r["tokens_per_step_by_task"])
         assert r["seconds_per_step"] > 0 and r["tokens_per_second"] > 0 and r["achieved_tflops"] > 0
+        assert r["seconds_per_clip_step"] > 0  # the recipes take a clip every second step
         assert min(r["seconds_per_step_by_task"].values()) <= r["seconds_per_step"] \
             <= max(r["seconds_per_step_by_task"].values())
         assert "peak_allocated_gib" not in r  # device memory is measured on a GPU only
@@ -56,6 +59,7 @@ def test_tiny_run_measures_each_configuration_and_skips_what_would_not_fit(tmp_p
     assert [g["met"] for g in report["goals"]] == [None, None]  # the goals' configurations are real sizes
 
 
+@needs_comfyui
 def test_a_spent_time_budget_skips_the_rest_and_still_writes_the_json(tmp_path):
     _run("--out", str(tmp_path), "--budget-s", "0", "--only", "tiny_bf16_*")
     report = json.loads((tmp_path / "real_scale.json").read_text())
@@ -63,3 +67,22 @@ def test_a_spent_time_budget_skips_the_rest_and_still_writes_the_json(tmp_path):
                                                              "tiny_bf16_motion_64x96x9_ckpt2_offload"]
     assert all(r["skipped"] == "the time budget was spent" for r in report["configurations"])
     assert report["budget_s"] == 0 and len(report["goals"]) == 2
+
+
+def test_a_goal_is_met_within_all_its_limits_and_undecided_until_measured():
+    spec = importlib.util.spec_from_file_location("real_scale", SCRIPT)
+    real_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_scale)
+    goals = [{"goal": "a goal", "config": "a", "at_most": {"seconds_per_clip_step": 1.5, "peak_reserved_gib": 16.0}}]
+
+    def check(**measured):
+        return real_scale.goal_checks([{"name": "a", **measured}, {"name": "b", "peak_reserved_gib": 1.0}], goals)[0]
+
+    assert check(seconds_per_clip_step=1.4, peak_reserved_gib=16.0)["met"] is True
+    assert check(seconds_per_clip_step=1.6, peak_reserved_gib=15.0)["met"] is False
+    assert check(seconds_per_clip_step=1.4, peak_reserved_gib=16.5)["met"] is False
+    unmeasured = check(seconds_per_clip_step=1.4)  # run on a CPU: no device peak
+    assert unmeasured["met"] is None and unmeasured["measured"] == {"seconds_per_clip_step": 1.4, "peak_reserved_gib": None}
+    assert real_scale.goal_checks([], goals)[0]["met"] is None  # skipped, or out of time
+    defaults = [real_scale.config_name(s) for s in real_scale.DEFAULT_SET]
+    assert [g["config"] for g in real_scale.GOALS] == defaults[:2]  # the goals run first
