@@ -152,6 +152,8 @@ def fit(results: list[dict]) -> dict:
     out = {}
     for recipe in RECIPES:
         rows = [r for r in results if r["run"]["recipe"] == recipe]
+        if not rows:
+            continue
         a = np.array([_features(r["run"]) for r in rows])
         b = np.array([r["measured_bytes"] - _fixed_parts(setup_of(r["run"])) for r in rows])
         scale = a.max(0)
@@ -168,10 +170,20 @@ def _fixed_parts(setup: TrainingSetup) -> int:
             + len(recomputed_blocks(setup)) * tokens * setup.wan.dim * INPUT_BYTES)
 
 
+def _compared(run: dict, measured_bytes: int) -> dict:
+    setup = setup_of(run)
+    e = estimate(setup)
+    estimated = e.adapters_and_optimizer + e.activations
+    return {"run": run, "tokens": setup.tokens() * setup.batch, "measured_bytes": measured_bytes,
+            "estimated_bytes": estimated, "error": estimated / measured_bytes - 1}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fit", action="store_true", help="measure the fitting runs and print the coefficients")
     parser.add_argument("--out", help="the validation's JSON")
+    parser.add_argument("--measured", help="a JSON of this script's (or the --fit runs' output lines): its measured "
+                                           "peaks, compared with the estimate as it is now, instead of measuring again")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # one run's bytes, in this process
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -179,17 +191,18 @@ def main() -> int:
         print(measure(json.loads(args.measure)))
         return 0
     t0 = time.perf_counter()
-    runs = FIT_RUNS if args.fit else VALIDATION_RUNS
-    results = []
-    for run in runs:
-        m = measured(run)
-        e = estimate(setup_of(run))
-        estimated = e.adapters_and_optimizer + e.activations
-        results.append({"run": run, "tokens": setup_of(run).tokens() * run.get("batch", 1), "measured_bytes": m,
-                        "estimated_bytes": estimated, "error": estimated / m - 1})
-        print(json.dumps(results[-1]), flush=True)
+    if args.measured:
+        text = Path(args.measured).read_text()
+        earlier = json.loads(text)["runs"] if text.startswith("{\n") else [json.loads(x) for x in text.splitlines()
+                                                                           if x.startswith('{"run"')]
+        results = [_compared(r["run"], r["measured_bytes"]) for r in earlier]
+    else:
+        results = []
+        for run in FIT_RUNS if args.fit else VALIDATION_RUNS:
+            results.append(_compared(run, measured(run)))
+            print(json.dumps(results[-1]), flush=True)
     if args.fit:
-        print(json.dumps({"ACTIVATION_BYTES_PER_TOKEN": fit(results), "runs": results}, indent=1))
+        print(json.dumps({"ACTIVATION_BYTES_PER_TOKEN": fit(results)}))
         return 0
     errors = [abs(r["error"]) for r in results]
     summary = {"command": "python " + " ".join(sys.argv), "threads": torch.get_num_threads(),

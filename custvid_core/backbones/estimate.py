@@ -2,8 +2,9 @@
 
 The public Wan sizes (`WAN_SIZES`, from the Wan team's configs) and a `TrainingSetup` (clip size, batch, recipe, rank,
 base precision, memory savings) give a `MemoryEstimate`:
-- weights: the base model's on the device (fp8: the blocks' linear weights in 1 byte, the rest in bf16), less the
-  swapped blocks, plus the swapped blocks' copies in flight (the running block's and the prefetched one's);
+- weights: the base model's on the device (the blocks' linear weights in the base's precision, the rest in bf16,
+  fp32 bases wholly in fp32), less the swapped blocks, plus the swapped blocks' copies in flight (the running
+  block's and the prefetched one's);
 - adapters_and_optimizer: the trained parts (LoRAs, the recipe's alignment projector) in fp32 with their gradients and
   AdamW's two moments: 16 bytes a parameter;
 - activations: what the forward keeps for the backward pass plus the backward's working set, from per-token
@@ -16,7 +17,7 @@ What the activations are made of, per block and per token of a clip (tokens = la
 width and the FFN width); a recomputed block keeps only its input (`input`); offloaded activations leave the device;
 the backward pass then holds one block's recomputed internals and its gradients (`working`). A swapped block is
 always recomputed. fp8 bases compute in bf16: each layer's weight is cast to bf16 as it runs, and autograd keeps the
-cast weights of every block that is not recomputed.
+cast weights of every block that is not recomputed (and so do fp32 bases, cast down under autocast).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from dataclasses import dataclass, field
 from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES
 from ..errors import InputError
 from .memory import MemorySettings
+from .wan import WanBackbone
 
 GIB = 2 ** 30
 RECIPES = ("subject", "motion")
-PRECISIONS = ("bf16", "fp8")
+PRECISIONS = ("bf16", "fp8", "fp32")
+WEIGHT_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}  # how the blocks' linear weights are stored
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,8 @@ INPUT_BYTES = 2
 PROJECTOR_HIDDEN = 2048
 PROJECTOR_OUT = {"subject": 1024, "motion": 2}
 SPATIAL_RANK = 32
-# umT5-XXL's encoder: 11.4 GB in bf16, 6.7 GB as fp8 (the files ComfyUI users load).
-TEXT_ENCODER_BYTES = {"bf16": 11_360_000_000, "fp8": 6_740_000_000}
+# umT5-XXL's encoder: 11.4 GB in bf16, 6.7 GB as fp8 (the files ComfyUI users load; beside an fp32 base, the bf16).
+TEXT_ENCODER_BYTES = {"bf16": 11_360_000_000, "fp8": 6_740_000_000, "fp32": 11_360_000_000}
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
 COMPUTE_BYTES = 2  # bf16
 
@@ -214,16 +217,18 @@ def recomputed_blocks(setup: TrainingSetup) -> set[int]:
 def estimate(setup: TrainingSetup) -> MemoryEstimate:
     """The peak device memory of one training step of `setup` and its parts."""
     wan, memory = setup.wan, setup.memory
-    fp8 = setup.precision == "fp8"
-    block_bytes = (wan.block_linear_params() * (1 if fp8 else 2)
-                   + (wan.block_params() - wan.block_linear_params()) * COMPUTE_BYTES)
+    linear_bytes = WEIGHT_BYTES[setup.precision]
+    other_bytes = max(linear_bytes, COMPUTE_BYTES)
+    block_bytes = (wan.block_linear_params() * linear_bytes
+                   + (wan.block_params() - wan.block_linear_params()) * other_bytes)
     swapped = memory.blocks_to_swap
     in_flight = min(swapped, 2)  # the running block's copy and the next one's, prefetched
-    weights = wan.other_params() * COMPUTE_BYTES + (wan.layers - swapped + in_flight) * block_bytes
+    weights = wan.other_params() * other_bytes + (wan.layers - swapped + in_flight) * block_bytes
 
     tokens = setup.tokens() * setup.batch
     recomputed = recomputed_blocks(setup)
-    cast_weights = wan.block_linear_params() * COMPUTE_BYTES if fp8 else 0  # one block's weights cast to bf16
+    # one block's linear weights cast to bf16 as they run, where they are stored otherwise
+    cast_weights = wan.block_linear_params() * COMPUTE_BYTES if linear_bytes != COMPUTE_BYTES else 0
     kept = 0.0
     if not memory.offload_activations:
         whole = wan.layers - len(recomputed)
@@ -241,7 +246,7 @@ def estimate(setup: TrainingSetup) -> MemoryEstimate:
 
 
 def table(e: MemoryEstimate) -> str:
-    """The estimate as a text table of its parts in GiB, headed by what it is for."""
+    """The estimate as a text table of its parts in GiB (MiB under 1 GiB), headed by what it is for."""
     s, m = e.setup, e.setup.memory
     checkpointing = f"every {m.recompute_every} block(s)" if s.checkpointing else "off"
     lines = [f"{s.wan.name}, {s.height}x{s.width} x {s.frames} frames ({s.tokens()} tokens) x batch {s.batch}, "
@@ -251,7 +256,8 @@ def table(e: MemoryEstimate) -> str:
              ""]
     names = {"weights": "weights", "adapters_and_optimizer": "adapters + optimizer", "activations": "activations",
              "encoders": "VAE + text encoder", "peak": "peak"}
-    lines += [f"{names[k]:<22}{v / GIB:>8.2f} GiB" for k, v in e.parts().items()]
+    unit, size = ("GiB", GIB) if e.peak >= GIB else ("MiB", 2 ** 20)  # small models (the shapes world) in MiB
+    lines += [f"{names[k]:<22}{v / size:>8.2f} {unit}" for k, v in e.parts().items()]
     return "\n".join(lines)
 
 
@@ -292,3 +298,27 @@ def fit_table(cards: tuple[float, ...] = (12, 16, 24, 48, 80), frames: tuple[int
         for f in frames:
             lines.append(f"| {size} | {f} | " + " | ".join(cheapest_fit(size, f, g, recipe, rank) for g in cards) + " |")
     return "\n".join(lines)
+
+
+def size_of(backbone: WanBackbone) -> WanSize:
+    """The shape of a loaded Wan (either implementation), with the latent grid as its clip size: a setup made with it
+    takes the latents' frames, height and width (`latent_setup`)."""
+    first_ffn = backbone.role_module(0, "ffn.0")
+    patch = backbone.model.get_submodule(backbone.patch_embedding_path)
+    return WanSize(f"the connected Wan ({backbone.num_blocks} blocks, {backbone.dim} wide; sizes in latent cells)",
+                   dim=backbone.dim, ffn_dim=first_ffn.out_features, heads=backbone.cross_attention(0)[2],
+                   layers=backbone.num_blocks, in_channels=patch.in_channels, out_channels=patch.in_channels,
+                   patch=tuple(backbone.patch_size), vae_stride=(1, 1, 1), text_dim=backbone.text_dim)
+
+
+def stored_precision(backbone: WanBackbone) -> str:
+    """How the blocks' linear weights are stored, as `WEIGHT_BYTES` names it by its size (fp16 counts as bf16)."""
+    size = backbone.role_module(0, "self_attn.q").weight.element_size()
+    return next(name for name, n in WEIGHT_BYTES.items() if n == size)
+
+
+def latent_setup(wan: WanSize, latent_shape: tuple[int, ...], **settings) -> TrainingSetup:
+    """A setup for items of latents `[..., T, h, w]` on a `size_of` model (its clip size in latent cells)."""
+    t, h, w = (int(x) for x in latent_shape[-3:])
+    grid = wan.patch[1]
+    return TrainingSetup(wan, height=-(-h // grid) * grid, width=-(-w // grid) * grid, frames=t, **settings)
