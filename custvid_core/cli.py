@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .backbones.estimate import PRECISIONS, RECIPES, WAN_SIZES
 from .errors import InputError
 from .world.cases import DEFAULT_CASES
 from .world.scene import WorldSpec
@@ -195,6 +196,41 @@ def metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+# TrainingSetup's and MemorySettings' names for what `estimate` reads from its arguments.
+_ESTIMATE_ARGUMENTS = {"model": "--model", "height": "--size", "width": "--size", "frames": "--frames",
+                       "batch": "--batch", "recipe": "--recipe", "rank": "--rank", "precision": "--precision",
+                       "recompute_every": "--recompute-every", "blocks_to_swap": "--blocks-to-swap"}
+
+
+def estimate_memory(args: argparse.Namespace) -> int:
+    """The peak device memory of a LoRA training run on a Wan model and its parts; or the README's table of what fits."""
+    from .backbones.estimate import TrainingSetup, estimate, fit_table, table
+    from .backbones.memory import MemorySettings
+
+    if args.fit_table:
+        print(fit_table())
+        return 0
+    try:
+        height, width = (int(x) for x in args.size.lower().split("x"))
+    except ValueError:
+        raise InputError("--size", f"'{args.size}'", "HEIGHTxWIDTH in pixels, e.g. 480x832") from None
+    try:
+        setup = TrainingSetup(args.model, height, width, args.frames, args.batch, args.recipe, args.rank,
+                              args.precision, MemorySettings(args.recompute_every, args.offload_activations,
+                                                             args.blocks_to_swap),
+                              args.encoders_loaded, not args.no_checkpointing)
+    except InputError as e:  # named as the command line names it
+        raise InputError(_ESTIMATE_ARGUMENTS.get(e.input_name, e.input_name), e.problem, e.expected) from None
+    e = estimate(setup)
+    if args.json:
+        print(json.dumps({"tokens": setup.tokens(), **{k: v for k, v in e.parts().items()}}))
+    else:
+        print(table(e))
+    if args.card:
+        print(e.fits(args.card)[1])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -313,6 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images (or frame pairs) per encoder call")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=metrics)
+
+    p = sub.add_parser("estimate", help="the peak GPU memory of a LoRA training run on a Wan model, and its parts "
+                                        "(the estimator's, validated on measured peaks: docs/results.md)")
+    p.add_argument("--model", default="wan2.1-1.3b", choices=list(WAN_SIZES), help="which Wan")
+    p.add_argument("--size", default="480x832", help="HEIGHTxWIDTH of the clips in pixels")
+    p.add_argument("--frames", type=int, default=33, help="frames per clip (1 + 4k; 1: photos)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--recipe", default="subject", choices=list(RECIPES))
+    p.add_argument("--rank", type=int, default=32, help="the LoRA's rank")
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS), help="the base model's weights")
+    p.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
+    p.add_argument("--recompute-every", type=int, default=1, help="with checkpointing, recompute every k-th block")
+    p.add_argument("--offload-activations", action="store_true", help="what the backward pass needs waits in CPU memory")
+    p.add_argument("--blocks-to-swap", type=int, default=0, help="blocks whose weights wait in CPU memory")
+    p.add_argument("--encoders-loaded", action="store_true", help="the VAE and text encoder stay on the GPU")
+    p.add_argument("--card", type=float, default=0, help="GiB of a card: also say whether the run fits it")
+    p.add_argument("--json", action="store_true", help="the parts in bytes as JSON")
+    p.add_argument("--fit-table", action="store_true",
+                   help="print the README's table of the settings that fit 12 to 80 GB for each Wan at 480x832")
+    p.set_defaults(run=estimate_memory)
     return parser
 
 

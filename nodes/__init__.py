@@ -7,6 +7,7 @@ from . import (
     control_nodes,
     dualreal_nodes,
     embedding_nodes,
+    memory_nodes,
     metric_nodes,
     representation_nodes,
     schedule_nodes,
@@ -25,7 +26,7 @@ class CustVidExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*representation_nodes.NODES, *training_nodes.NODES, *embedding_nodes.NODES, *schedule_nodes.NODES,
                 *world_nodes.NODES, *control_nodes.NODES, *dualreal_nodes.NODES,
-                *synmotion_nodes.NODES, *metric_nodes.NODES]
+                *synmotion_nodes.NODES, *metric_nodes.NODES, *memory_nodes.NODES]
 
 
 async def comfy_entrypoint() -> CustVidExtension:

@@ -2,8 +2,9 @@
 
 The public Wan sizes (`WAN_SIZES`, from the Wan team's configs) and a `TrainingSetup` (clip size, batch, recipe, rank,
 base precision, memory savings) give a `MemoryEstimate`:
-- weights: the base model's on the device (fp8: the blocks' linear weights in 1 byte, the rest in bf16), less the
-  swapped blocks, plus the swapped blocks' copies in flight (the running block's and the prefetched one's);
+- weights: the base model's on the device (the blocks' linear weights in the base's precision, the rest in bf16,
+  fp32 bases wholly in fp32), less the swapped blocks, plus the swapped blocks' copies in flight (the running
+  block's and the prefetched one's);
 - adapters_and_optimizer: the trained parts (LoRAs, the recipe's alignment projector) in fp32 with their gradients and
   AdamW's two moments: 16 bytes a parameter;
 - activations: what the forward keeps for the backward pass plus the backward's working set, from per-token
@@ -16,7 +17,7 @@ What the activations are made of, per block and per token of a clip (tokens = la
 width and the FFN width); a recomputed block keeps only its input (`input`); offloaded activations leave the device;
 the backward pass then holds one block's recomputed internals and its gradients (`working`). A swapped block is
 always recomputed. fp8 bases compute in bf16: each layer's weight is cast to bf16 as it runs, and autograd keeps the
-cast weights of every block that is not recomputed.
+cast weights of every block that is not recomputed (and so do fp32 bases, cast down under autocast).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from dataclasses import dataclass, field
 from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES
 from ..errors import InputError
 from .memory import MemorySettings
+from .wan import WanBackbone
 
 GIB = 2 ** 30
 RECIPES = ("subject", "motion")
-PRECISIONS = ("bf16", "fp8")
+PRECISIONS = ("bf16", "fp8", "fp32")
+WEIGHT_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}  # how the blocks' linear weights are stored
 
 
 @dataclass(frozen=True)
@@ -82,31 +85,34 @@ WAN_SIZES: dict[str, WanSize] = {
     "wan2.2-a14b": WanSize("wan2.2-a14b", dim=5120, ffn_dim=13824, heads=40, layers=40, experts=2),
 }
 
-# Bytes per token per block, at bf16 compute, as `a * dim + b * ffn_dim`, per recipe (LoRA roles differ in what they
-# keep): `kept` (a block not recomputed), `input` (a recomputed block's saved input), `working` (the backward pass's
-# working set: one block's recomputed internals, gradients, the loss). Measured on a CPU
-# (benchmarks/estimator_validation.py --fit).
+# Bytes per token, at bf16 compute, as `a * dim + b * ffn_dim`, per recipe (their LoRA roles keep different inputs):
+# `kept`, per block not recomputed; `working`, the backward pass's working set (one block's recomputed internals,
+# the gradients, the loss and the alignment projector's activations); and `fixed`, bytes a run needs whatever its
+# size. Fitted to measured peaks on a CPU (benchmarks/estimator_validation.py --fit, docs/results.md).
 ACTIVATION_BYTES_PER_TOKEN = {
-    "subject": {"kept": (48.0, 2.0), "input": (2.0, 0.0), "working": (64.0, 4.0)},
-    "motion": {"kept": (52.0, 4.0), "input": (2.0, 0.0), "working": (68.0, 6.0)},
+    "subject": {"kept": (48.0, 2.0), "working": (64.0, 4.0), "fixed": 0},
+    "motion": {"kept": (52.0, 4.0), "working": (68.0, 6.0), "fixed": 0},
 }
+# What a recomputed block keeps: its input, the hidden states (`dim` values a token, in bf16).
+INPUT_BYTES = 2
 # The recipes' trained parts: LoRA roles (`adapters.lora`), the alignment projector (REPA's 2048 wide) and its output
 # (DINOv2-L's 1024 features for SuRA; 2 flow components for MoRA), and the motion recipe's spatial LoRA (rank 32).
 PROJECTOR_HIDDEN = 2048
 PROJECTOR_OUT = {"subject": 1024, "motion": 2}
 SPATIAL_RANK = 32
-# umT5-XXL's encoder: 11.4 GB in bf16, 6.7 GB as fp8 (the files ComfyUI users load).
-TEXT_ENCODER_BYTES = {"bf16": 11_360_000_000, "fp8": 6_740_000_000}
+# umT5-XXL's encoder: 11.4 GB in bf16, 6.7 GB as fp8 (the files ComfyUI users load; beside an fp32 base, the bf16).
+TEXT_ENCODER_BYTES = {"bf16": 11_360_000_000, "fp8": 6_740_000_000, "fp32": 11_360_000_000}
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
 COMPUTE_BYTES = 2  # bf16
 
 
 @dataclass(frozen=True)
 class TrainingSetup:
-    """One LoRA training run: the model, the clips (pixels; frames as Wan counts them, 1 + 4k), the recipe and what
-    saves memory. `checkpointing`: gradient checkpointing (the train nodes' default), refined by `memory`."""
+    """One LoRA training run: the model (a name in `WAN_SIZES`, or a `WanSize`), the clips (pixels; frames as Wan
+    counts them, 1 + 4k), the recipe and what saves memory. `checkpointing`: gradient checkpointing (the train
+    nodes' default), refined by `memory`."""
 
-    size: str
+    size: str | WanSize
     height: int = 480
     width: int = 832
     frames: int = 33
@@ -119,13 +125,13 @@ class TrainingSetup:
     checkpointing: bool = True
 
     def __post_init__(self):
-        if self.size not in WAN_SIZES:
+        if isinstance(self.size, str) and self.size not in WAN_SIZES:
             raise InputError("model", f"'{self.size}'", f"one of {', '.join(WAN_SIZES)}")
-        wan = WAN_SIZES[self.size]
+        wan = self.wan
         grid = wan.vae_stride[1] * wan.patch[1]
         for name, value in (("height", self.height), ("width", self.width)):
             if value < grid or value % grid:
-                raise InputError(name, f"{value} pixels", f"a positive multiple of {grid} for {self.size}")
+                raise InputError(name, f"{value} pixels", f"a positive multiple of {grid} for {wan.name}")
         if self.frames < 1 or (self.frames - 1) % wan.vae_stride[0]:
             raise InputError("frames", f"{self.frames}", f"1 + {wan.vae_stride[0]}k frames (1, 5, ..., 33, ..., 81)")
         if self.batch < 1:
@@ -137,11 +143,11 @@ class TrainingSetup:
         if self.precision not in PRECISIONS:
             raise InputError("precision", f"'{self.precision}'", f"one of {', '.join(PRECISIONS)}")
         if self.memory.blocks_to_swap > wan.layers:
-            raise InputError("blocks_to_swap", f"{self.memory.blocks_to_swap}", f"0 to {wan.layers} for {self.size}")
+            raise InputError("blocks_to_swap", f"{self.memory.blocks_to_swap}", f"0 to {wan.layers} for {wan.name}")
 
     @property
     def wan(self) -> WanSize:
-        return WAN_SIZES[self.size]
+        return WAN_SIZES[self.size] if isinstance(self.size, str) else self.size
 
     def tokens(self) -> int:
         """Tokens of one item: latent frames x latent rows / patch x latent columns / patch."""
@@ -200,26 +206,36 @@ def _per_token(kind: str, recipe: str, wan: WanSize) -> float:
     return a * wan.dim + b * wan.ffn_dim
 
 
+def recomputed_blocks(setup: TrainingSetup) -> set[int]:
+    """The blocks whose forward runs again in the backward pass (keeping only their input): every k-th block under
+    checkpointing, and the swapped ones."""
+    layers, memory = setup.wan.layers, setup.memory
+    every = {i for i in range(layers) if setup.checkpointing and i % memory.recompute_every == 0}
+    return every | set(range(layers - memory.blocks_to_swap, layers))
+
+
 def estimate(setup: TrainingSetup) -> MemoryEstimate:
     """The peak device memory of one training step of `setup` and its parts."""
     wan, memory = setup.wan, setup.memory
-    fp8 = setup.precision == "fp8"
-    block_bytes = (wan.block_linear_params() * (1 if fp8 else 2)
-                   + (wan.block_params() - wan.block_linear_params()) * COMPUTE_BYTES)
+    linear_bytes = WEIGHT_BYTES[setup.precision]
+    other_bytes = max(linear_bytes, COMPUTE_BYTES)
+    block_bytes = (wan.block_linear_params() * linear_bytes
+                   + (wan.block_params() - wan.block_linear_params()) * other_bytes)
     swapped = memory.blocks_to_swap
     in_flight = min(swapped, 2)  # the running block's copy and the next one's, prefetched
-    weights = wan.other_params() * COMPUTE_BYTES + (wan.layers - swapped + in_flight) * block_bytes
+    weights = wan.other_params() * other_bytes + (wan.layers - swapped + in_flight) * block_bytes
 
     tokens = setup.tokens() * setup.batch
-    recomputed = {i for i in range(wan.layers) if setup.checkpointing and i % memory.recompute_every == 0}
-    recomputed |= set(range(wan.layers - swapped, wan.layers))
-    cast_weights = wan.block_linear_params() * COMPUTE_BYTES if fp8 else 0  # one block's weights cast to bf16
+    recomputed = recomputed_blocks(setup)
+    # one block's linear weights cast to bf16 as they run, where they are stored otherwise
+    cast_weights = wan.block_linear_params() * COMPUTE_BYTES if linear_bytes != COMPUTE_BYTES else 0
     kept = 0.0
     if not memory.offload_activations:
-        for i in range(wan.layers):
-            kept += (tokens * _per_token("input", setup.recipe, wan) if i in recomputed
-                     else tokens * _per_token("kept", setup.recipe, wan) + cast_weights)
-    activations = kept + tokens * _per_token("working", setup.recipe, wan) + cast_weights
+        whole = wan.layers - len(recomputed)
+        kept = (len(recomputed) * tokens * wan.dim * INPUT_BYTES
+                + whole * (tokens * _per_token("kept", setup.recipe, wan) + cast_weights))
+    activations = (kept + tokens * _per_token("working", setup.recipe, wan) + cast_weights
+                   + ACTIVATION_BYTES_PER_TOKEN[setup.recipe]["fixed"])
 
     encoders = 0
     if setup.vae_and_text_loaded:
@@ -227,3 +243,82 @@ def estimate(setup: TrainingSetup) -> MemoryEstimate:
     return MemoryEstimate(setup, int(weights), adapter_params(setup) * ADAPTER_BYTES_PER_PARAM, int(activations),
                           encoders)
 
+
+
+def table(e: MemoryEstimate) -> str:
+    """The estimate as a text table of its parts in GiB (MiB under 1 GiB), headed by what it is for."""
+    s, m = e.setup, e.setup.memory
+    checkpointing = f"every {m.recompute_every} block(s)" if s.checkpointing else "off"
+    lines = [f"{s.wan.name}, {s.height}x{s.width} x {s.frames} frames ({s.tokens()} tokens) x batch {s.batch}, "
+             f"{s.recipe} recipe, rank {s.rank}, {s.precision} weights",
+             f"checkpointing {checkpointing}, activations offloaded: {'yes' if m.offload_activations else 'no'}, "
+             f"blocks swapped: {m.blocks_to_swap}, VAE and text encoder loaded: {'yes' if s.vae_and_text_loaded else 'no'}",
+             ""]
+    names = {"weights": "weights", "adapters_and_optimizer": "adapters + optimizer", "activations": "activations",
+             "encoders": "VAE + text encoder", "peak": "peak"}
+    unit, size = ("GiB", GIB) if e.peak >= GIB else ("MiB", 2 ** 20)  # small models (the shapes world) in MiB
+    lines += [f"{names[k]:<22}{v / size:>8.2f} {unit}" for k, v in e.parts().items()]
+    return "\n".join(lines)
+
+
+# What the README's table tries, fastest first (checkpointing's and offloading's time ratios: docs/results.md); the
+# first that fits a card is shown, block swap with the fewest blocks that fit.
+LADDER = (
+    ("bf16, no checkpointing", "bf16", False, MemorySettings()),
+    ("bf16, every 2nd block recomputed", "bf16", True, MemorySettings(recompute_every=2)),
+    ("bf16, checkpointing", "bf16", True, MemorySettings()),
+    ("fp8, checkpointing", "fp8", True, MemorySettings()),
+    ("fp8, checkpointing, activations offloaded", "fp8", True, MemorySettings(offload_activations=True)),
+)
+
+
+def cheapest_fit(size: str, frames: int, gib: float, recipe: str = "subject", rank: int = 32,
+                 height: int = 480, width: int = 832) -> str:
+    """The fastest setting of `LADDER` (then with blocks swapped) whose estimate fits `gib` GiB, or "does not fit"."""
+    for name, precision, checkpointing, memory in LADDER:
+        setup = TrainingSetup(size, height, width, frames, recipe=recipe, rank=rank, precision=precision,
+                              memory=memory, checkpointing=checkpointing)
+        e = estimate(setup)
+        if e.fits(gib)[0]:
+            return f"{name} ({e.peak / GIB:.1f})"
+    for n in range(1, WAN_SIZES[size].layers + 1):
+        e = estimate(TrainingSetup(size, height, width, frames, recipe=recipe, rank=rank, precision="fp8",
+                                   memory=MemorySettings(offload_activations=True, blocks_to_swap=n)))
+        if e.fits(gib)[0]:
+            return f"fp8, offloaded, {n} blocks swapped ({e.peak / GIB:.1f})"
+    return "does not fit"
+
+
+def fit_table(cards: tuple[float, ...] = (12, 16, 24, 48, 80), frames: tuple[int, ...] = (33, 81),
+              recipe: str = "subject", rank: int = 32) -> str:
+    """A markdown table: for each Wan size and clip length at 480x832, the fastest setting that fits each card."""
+    lines = ["| model | frames | " + " | ".join(f"{g:g} GB" for g in cards) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in cards) + " |"]
+    for size in WAN_SIZES:
+        for f in frames:
+            lines.append(f"| {size} | {f} | " + " | ".join(cheapest_fit(size, f, g, recipe, rank) for g in cards) + " |")
+    return "\n".join(lines)
+
+
+def size_of(backbone: WanBackbone) -> WanSize:
+    """The shape of a loaded Wan (either implementation), with the latent grid as its clip size: a setup made with it
+    takes the latents' frames, height and width (`latent_setup`)."""
+    first_ffn = backbone.role_module(0, "ffn.0")
+    patch = backbone.model.get_submodule(backbone.patch_embedding_path)
+    return WanSize(f"the connected Wan ({backbone.num_blocks} blocks, {backbone.dim} wide; sizes in latent cells)",
+                   dim=backbone.dim, ffn_dim=first_ffn.out_features, heads=backbone.cross_attention(0)[2],
+                   layers=backbone.num_blocks, in_channels=patch.in_channels, out_channels=patch.in_channels,
+                   patch=tuple(backbone.patch_size), vae_stride=(1, 1, 1), text_dim=backbone.text_dim)
+
+
+def stored_precision(backbone: WanBackbone) -> str:
+    """How the blocks' linear weights are stored, as `WEIGHT_BYTES` names it by its size (fp16 counts as bf16)."""
+    size = backbone.role_module(0, "self_attn.q").weight.element_size()
+    return next(name for name, n in WEIGHT_BYTES.items() if n == size)
+
+
+def latent_setup(wan: WanSize, latent_shape: tuple[int, ...], **settings) -> TrainingSetup:
+    """A setup for items of latents `[..., T, h, w]` on a `size_of` model (its clip size in latent cells)."""
+    t, h, w = (int(x) for x in latent_shape[-3:])
+    grid = wan.patch[1]
+    return TrainingSetup(wan, height=-(-h // grid) * grid, width=-(-w // grid) * grid, frames=t, **settings)
