@@ -66,8 +66,7 @@ sys.path.insert(0, str(REPO / "tests" / "host"))
 sys.path.insert(0, str(REPO))
 
 from custvid_core.backbones import describe  # noqa: E402
-from custvid_core.backbones import estimate as estimator  # noqa: E402
-from custvid_core.backbones.estimate import GIB, TrainingSetup, WanSize, estimate  # noqa: E402
+from custvid_core.backbones.estimate import GIB, PROJECTOR_OUT, TrainingSetup, WanSize, estimate  # noqa: E402
 from custvid_core.backbones.memory import MemorySettings  # noqa: E402
 from custvid_core.backbones.wan import ROLES  # noqa: E402
 from custvid_core.files import atomic_path  # noqa: E402
@@ -102,10 +101,10 @@ TINY_SIZES = {
 }
 
 
-def _setup(size: str, precision: str, recipe: str, frames: int, height: int = 480, width: int = 832,
+def _setup(size: str | WanSize, precision: str, recipe: str, frames: int, height: int = 480, width: int = 832,
            checkpointing: bool = True, **memory) -> TrainingSetup:
-    return TrainingSetup(size, height, width, frames, 1, recipe, RANK, precision, MemorySettings(**memory),
-                         checkpointing=checkpointing)
+    return TrainingSetup(size, height=height, width=width, frames=frames, recipe=recipe, rank=RANK, precision=precision,
+                         memory=MemorySettings(**memory), checkpointing=checkpointing)
 
 
 # The default set, the goals first (issue's goals: 1.3B subject at 33 frames <= 1.5 s/step and 16 GiB; 14B fp8 at 81
@@ -126,16 +125,13 @@ DEFAULT_SET = [
     _setup("wan2.1-14b", "bf16", "subject", 33),
     _setup("wan2.1-14b", "fp8", "subject", 81, blocks_to_swap=32, offload_activations=True),
 ]
-
-
-def tiny_set() -> list[TrainingSetup]:
-    """--tiny's set. The estimator knows only the published sizes: the tiny ones join them in this process."""
-    estimator.WAN_SIZES.update(TINY_SIZES)
-    return [_setup("tiny", "bf16", "subject", 9, 64, 96),
-            _setup("tiny", "fp8", "motion", 9, 64, 96, blocks_to_swap=2),
-            _setup("tiny", "bf16", "motion", 9, 64, 96, recompute_every=2, offload_activations=True),
-            _setup("tiny-5b-latents", "bf16", "subject", 9, 64, 96),
-            _setup("tiny-wide", "bf16", "subject", 17, 64, 96)]
+TINY_SET = [
+    _setup(TINY_SIZES["tiny"], "bf16", "subject", 9, 64, 96),
+    _setup(TINY_SIZES["tiny"], "fp8", "motion", 9, 64, 96, blocks_to_swap=2),
+    _setup(TINY_SIZES["tiny"], "bf16", "motion", 9, 64, 96, recompute_every=2, offload_activations=True),
+    _setup(TINY_SIZES["tiny-5b-latents"], "bf16", "subject", 9, 64, 96),
+    _setup(TINY_SIZES["tiny-wide"], "bf16", "subject", 17, 64, 96),
+]
 
 
 def config_name(setup: TrainingSetup) -> str:
@@ -143,7 +139,7 @@ def config_name(setup: TrainingSetup) -> str:
     saving = f"ckpt{memory.recompute_every}" if setup.checkpointing else "nockpt"
     saving += f"_swap{memory.blocks_to_swap}" if memory.blocks_to_swap else ""
     saving += "_offload" if memory.offload_activations else ""
-    return f"{setup.size}_{setup.precision}_{setup.recipe}_{setup.height}x{setup.width}x{setup.frames}_{saving}"
+    return f"{setup.wan.name}_{setup.precision}_{setup.recipe}_{setup.height}x{setup.width}x{setup.frames}_{saving}"
 
 
 # Each goal's limits on its configuration's measures. A step on a photo is one latent frame: the goals' seconds are
@@ -206,7 +202,7 @@ def recipe_data(setup: TrainingSetup, seed: int = 0) -> SubjectSet | VideoSet:
         m[..., h // 4: h - h // 4, w // 4: w - w // 4] = 1.0
         return m
 
-    dino = torch.randn(ITEMS, estimator.PROJECTOR_OUT["subject"], DINO_GRID, DINO_GRID, generator=g)
+    dino = torch.randn(ITEMS, PROJECTOR_OUT["subject"], DINO_GRID, DINO_GRID, generator=g)
     return SubjectSet(latents(1), context, masks(1), dino, VideoSet(latents(t), context), SUBJECT_TOKENS, "sks dog",
                       MovingClips(latents(t), context, masks(t)))
 
@@ -321,7 +317,7 @@ def measure(setup: TrainingSetup, device: torch.device, steps: int, warmup: int,
 def configuration(setup: TrainingSetup) -> dict:
     """What a result says about its configuration, and the estimator's prediction."""
     predicted = estimate(setup)
-    return {"name": config_name(setup), "model": setup.size, "precision": setup.precision, "recipe": setup.recipe,
+    return {"name": config_name(setup), "model": setup.wan.name, "precision": setup.precision, "recipe": setup.recipe,
             "height": setup.height, "width": setup.width, "frames": setup.frames, "rank": setup.rank,
             "checkpointing": setup.checkpointing, "recompute_every": setup.memory.recompute_every,
             "blocks_to_swap": setup.memory.blocks_to_swap, "offload_activations": setup.memory.offload_activations,
@@ -400,7 +396,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup: 1 or more (the first timed step is measured from the warm-up's end)")
-    setups = _selected(tiny_set() if args.tiny else DEFAULT_SET, args.only)
+    setups = _selected(TINY_SET if args.tiny else DEFAULT_SET, args.only)
     if args.tiny:  # tiny tensors gain nothing from threads, and on a busy machine their waits cost seconds a step
         torch.set_num_threads(1)
     if args.plan:
