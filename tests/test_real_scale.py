@@ -60,14 +60,22 @@ def test_tiny_run_measures_each_configuration_and_skips_what_would_not_fit(tmp_p
 
 
 @needs_comfyui
-def test_a_spent_time_budget_skips_the_rest_and_still_writes_the_json(tmp_path):
-    _run("--out", str(tmp_path), "--budget-s", "0", "--only", "tiny_bf16_*")
+def test_a_spent_time_budget_skips_the_rest_stops_a_run_and_still_writes_the_json(tmp_path):
+    # One process (ComfyUI's import is the slow part): the command with no budget left, then a configuration whose
+    # deadline passes during its first step.
+    argv = [str(SCRIPT), "--tiny", "--out", str(tmp_path), "--budget-s", "0", "--only", "tiny_bf16_*"]
+    code = (f"import json, sys, torch; sys.argv = {argv!r}; sys.path.insert(0, {str(SCRIPT.parent)!r}); "
+            "import real_scale; real_scale.main(); "
+            "print(json.dumps(real_scale.measure(real_scale.TINY_SET[0], torch.device('cpu'), 2, 1, deadline=0.0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True).stdout
     report = json.loads((tmp_path / "real_scale.json").read_text())
     assert [r["name"] for r in report["configurations"]] == ["tiny_bf16_subject_64x96x9_ckpt1",
                                                              "tiny_bf16_motion_64x96x9_ckpt2_offload"]
     assert all(r["skipped"] == "the time budget was spent" for r in report["configurations"])
     assert report["budget_s"] == 0 and len(report["goals"]) == 2
-
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["stopped"] == "the time budget was spent" and stopped["steps_run"] == 1  # of 3
+    assert "seconds_per_step" not in stopped  # the one step run was a warm-up step
 
 def test_a_goal_is_met_within_all_its_limits_and_undecided_until_measured():
     spec = importlib.util.spec_from_file_location("real_scale", SCRIPT)
