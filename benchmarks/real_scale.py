@@ -18,8 +18,8 @@ library's recipe through `engine.run`, with the recipe's tasks and losses: subje
 subject-token attention loss, the photos as moving clips, preservation clips; `customize.subject_recipe`) or motion
 (spatial frames, then clips with MoRA and the appearance-debiased loss; `customize.motion_recipe`). Its data are random
 latents, text conditioning (umT5's 512 x 4096), masks, DINOv2-L tokens and RAFT flow of the right shapes. A photo or
-a spatial frame is one latent frame, so the recipes' steps differ in cost: the JSON gives each task's median beside
-the median of all timed steps (what a progress bar's s/it shows).
+a spatial frame is one latent frame, so the recipes' steps differ in cost: the JSON gives each task's median, the
+median of all timed steps (what a progress bar's s/it shows) and that of the steps on clips (what the goals judge).
 
 Measured per configuration: seconds per step (wall clock after `torch.cuda.synchronize`, the median of the timed steps
 that follow the warm-up steps), peak device memory over the timed steps (`torch.cuda.max_memory_allocated` and
@@ -35,9 +35,10 @@ LoRAs is counted as 3 forwards (the backward computes the gradients of the activ
 attention's backward costs about twice its forward) plus one forward for the blocks recomputed under checkpointing,
 and swapped blocks add their weights' copy to the GPU twice a step (forward and recomputation) at 20 GB/s where
 compute does not hide it. At 400 TFLOP/s (40% of the H100's dense bf16 peak) `--plan` gives, for 6 steps per
-configuration (2 warm-up, 4 timed) and half the steps on clips: the 1.3B subject goal at 33 frames 0.7 s per clip
-step (290 TFLOP), the 14B fp8 motion goal at 81 frames 17 s per clip step (6.7 PFLOP; about 55 s for each of the
-three 14B runs at 81 frames, the biggest share), the whole default set about 220 s of steps, plus building each model
+configuration (2 warm-up, 4 timed) shared among the tasks as the recipes' schedules share them (`task_shares`): the
+1.3B subject goal at 33 frames 0.7 s per clip step (290 TFLOP), the 14B fp8 motion goal at 81 frames 17 s per clip
+step (6.7 PFLOP; about 55 s for each 14B motion run at 81 frames and 77 s for the subject one, the biggest shares),
+the whole default set about 260 s of steps, plus building each model
 (seconds; a 14B's random fill is about 1 s on the GPU, pinning its swapped blocks' host copies a few seconds) and
 ComfyUI's import. The budget's default, 420 s from the start (ComfyUI's import included), stops it under 8 minutes
 whatever the GPU does: past the budget at most one configuration's model build, data and one step run on (about 30 s
@@ -108,8 +109,7 @@ def _setup(size: str | WanSize, precision: str, recipe: str, frames: int, height
                          memory=MemorySettings(**memory), checkpointing=checkpointing)
 
 
-# The default set, the goals first (issue's goals: 1.3B subject at 33 frames <= 1.5 s/step and 16 GiB; 14B fp8 at 81
-# frames with block swap <= 24 GiB).
+# The default set, the goals' configurations first (`GOALS`).
 DEFAULT_SET = [
     _setup("wan2.1-1.3b", "bf16", "subject", 33),
     _setup("wan2.1-14b", "fp8", "motion", 81, blocks_to_swap=32, offload_activations=True),
@@ -155,9 +155,9 @@ GOALS = [
 
 # --- the model ---------------------------------------------------------------------------------------------------
 def build_model(wan: WanSize, precision: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """ComfyUI's WanModel of `wan`'s shape with random weights on `device`: built on "meta", the blocks' linear
-    weights given the precision's storage dtype (the rest bf16, as the estimator counts them), then materialised
-    on the device and filled there."""
+    """ComfyUI's WanModel of `wan`'s shape with random weights on `device`: built on "meta" in bf16, the blocks'
+    linear weights given the precision's storage dtype (as the estimator counts them), then materialised on the
+    device and filled there."""
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
 
@@ -215,6 +215,15 @@ def task_tokens(setup: TrainingSetup) -> dict[str, int]:
     if setup.recipe == "subject":
         return {"photos": frame, "moving_clips": clip, "preservation": clip}
     return {"spatial": frame, "motion": clip}
+
+
+def task_shares(setup: TrainingSetup) -> dict[str, float]:
+    """The share of the steps each task takes in the recipe's schedule: the subject's photos or moving clips
+    (`moving_share` of them) in turn with preservation clips; the motion's spatial frames in turn with clips."""
+    if setup.recipe == "subject":
+        moving = SubjectSettings().moving_share
+        return {"photos": (1 - moving) / 2, "moving_clips": moving / 2, "preservation": 0.5}
+    return {"spatial": 0.5, "motion": 0.5}
 
 
 def step_flops(setup: TrainingSetup, tokens: int) -> float:
@@ -373,9 +382,8 @@ def plan(setups: list[TrainingSetup], steps: int, warmup: int) -> dict:
     for setup in setups:
         tokens = task_tokens(setup)
         clip_task = max(tokens, key=tokens.get)
-        # Half the steps on the clips, half on single frames (the subject's photos and moving clips share theirs).
-        seconds = (warmup + steps) / 2 * sum(planned_seconds(setup, tokens[n]) for n in
-                                             {clip_task, min(tokens, key=tokens.get)})
+        seconds = (warmup + steps) * sum(share * planned_seconds(setup, tokens[n])
+                                         for n, share in task_shares(setup).items())
         total += seconds
         rows.append({"name": config_name(setup), "clip_step_tflop": step_flops(setup, tokens[clip_task]) / 1e12,
                      "clip_step_seconds": planned_seconds(setup, tokens[clip_task]), "run_seconds": seconds,
@@ -416,7 +424,8 @@ def main() -> int:
     report = {"command": " ".join(sys.argv), "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "device_total_gib": total_gib, "device_gib": device_gib, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "compute_dtype": "bf16", "rank": RANK, "warmup_steps": args.warmup,
+              "cuda": torch.version.cuda,
+              "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "rank": RANK, "warmup_steps": args.warmup,
               "timed_steps": args.steps, "budget_s": args.budget_s, "configurations": []}
 
     def write() -> None:
