@@ -10,7 +10,8 @@ Needs ComfyUI (`COMFYUI_PATH`): the model is ComfyUI's own `WanModel` with its m
 nodes get from UNETLoader, so an fp8 base is handled as there: the blocks' linear weights are stored in fp8 and each
 layer casts its weight to bf16 as it runs (`WanBackbone.casts_weights`). The model is built on the "meta" device and
 materialised on the GPU in its storage dtypes, then filled with random values there (a 14B never passes through host
-memory). Every run computes in bf16.
+memory). Every run computes in bf16. ComfyUI's own memory management (its partial loading) takes no part: the model
+sits on the GPU whole, less the blocks the library's block swap keeps in host memory.
 
 Each configuration (a `TrainingSetup` of the memory estimator: model, precision, recipe, 480x832 x 33 or 81 frames,
 LoRA rank 32, gradient checkpointing of every or every 2nd block, blocks swapped, activations offloaded) trains the
@@ -331,7 +332,7 @@ def configuration(setup: TrainingSetup) -> dict:
             "height": setup.height, "width": setup.width, "frames": setup.frames, "rank": setup.rank,
             "checkpointing": setup.checkpointing, "recompute_every": setup.memory.recompute_every,
             "blocks_to_swap": setup.memory.blocks_to_swap, "offload_activations": setup.memory.offload_activations,
-            "tokens_per_clip": setup.tokens(),
+            "tokens_per_clip": setup.tokens(), "clip_step_tflop": step_flops(setup, setup.tokens()) / 1e12,
             "predicted_gib": {k: v / GIB for k, v in predicted.parts().items()}}
 
 
