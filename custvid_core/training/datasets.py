@@ -149,6 +149,19 @@ class Bucketed:
             raise InputError("buckets", "two buckets of the same size", "one bucket per size and length")
 
     @property
+    def preservation(self):
+        """A subject's preservation clips (its buckets share them)."""
+        return self.sets[0].preservation
+
+    @property
+    def subject_tokens(self) -> tuple[int, ...] | None:
+        return self.sets[0].subject_tokens
+
+    @property
+    def trigger_words(self) -> str:
+        return self.sets[0].trigger_words
+
+    @property
     def counts(self) -> list[int]:
         """Items per bucket."""
         return [s.latents.shape[0] for s in self.sets]
