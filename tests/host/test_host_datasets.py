@@ -69,7 +69,7 @@ def test_photos_and_clips_of_mixed_sizes_train_in_buckets_listed_under_the_node(
     assert result["ok"], result["error"]
     # The 32x32 photos take the budget's largest square; the 48x32 ones fit it exactly. The world's VAE encodes
     # 5-frame steps: the 8-frame clip is trimmed to 5, the 10-frame one kept whole.
-    assert _text(result, "subject") == "2 buckets:\n38x38: 2 photos\n48x32: 2 photos"
+    assert _text(result, "subject") == "2 buckets:\n38x38: 4 photos\n48x32: 4 photos"
     assert _text(result, "clips2") == "3 buckets:\n38x38x5: 1 clips\n38x38x10: 1 clips\n48x32x5: 1 clips"
 
 
@@ -89,7 +89,7 @@ def test_a_cached_dataset_trains_without_vae_or_text_encoder_and_another_vae_is_
     assert result["ok"], result["error"]
     path = comfy_server.base / "models" / "custvid" / "datasets" / "custvid" / "mixed.safetensors"
     assert path.is_file() and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
-    assert "38x38: 2 photos" in _text(result, "save")
+    assert "38x38: 4 photos" in _text(result, "save")
     # A new prompt: the cache alone (no VAE, no text encoder loaded) trains the subject.
     trained = run(comfy_server, graph(
         unet=WORLD["unet"],
