@@ -256,3 +256,14 @@ def test_a_bucketed_run_resumes_bit_identically(tmp_path):
     assert all(torch.equal(v, resumed.tensors[k]) for k, v in full.tensors.items())
     rerun = train_subject(describe(tiny_diffusers_wan()), _mixed_subject(), settings)
     assert [r["loss"] for r in rerun.history] == [r["loss"] for r in full.history]  # reruns are identical
+
+
+def test_recipes_that_learn_from_one_size_refuse_several_naming_the_buckets():
+    from custvid_core.training.dualreal import DualRealSettings, dualreal_recipe
+
+    backbone = describe(tiny_diffusers_wan())
+    clips = clip_set([_clip(9, 48, 64, 0), _clip(9, 40, 100, 1)], encode, torch.randn(1, 5, 64), progress=_quiet,
+                     buckets=RULE)
+    photos = subject_set(_clip(1, 48, 64, 0), encode, torch.randn(1, 5, 64), progress=_quiet)
+    with pytest.raises(InputError, match=r"clips: items of 2 sizes \(64x48x9: 1 items, 80x32x9: 1 items\)"):
+        dualreal_recipe(backbone, photos, clips, DualRealSettings())
