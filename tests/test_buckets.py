@@ -144,6 +144,10 @@ def test_photos_of_mixed_sizes_bring_their_masks_tokens_and_moving_clips_into_th
                                 "stretch", True)
     data = subject_set(photos, encode, torch.randn(1, 5, 64), masks, rep, moving_clips=1, moving_frames=5,
                        frame_step=4, progress=_quiet, buckets=RULE)
+    # Subject alignment reads each bucket's own token grid; the moving clips train beside the photos.
+    trained = train_subject(describe(tiny_diffusers_wan()), data,
+                            _quick(SubjectSettings(rank=4, alignment_weight=0.5, alignment_block=1), steps=4))
+    assert any("alignment" in r for r in trained.history)
     assert data.labels == (Bucket(64, 48), Bucket(48, 64)) and data.counts == [2, 1]
     landscape, portrait = data.sets
     assert landscape.latents.shape == (2, 16, 1, 6, 8) and portrait.latents.shape == (1, 16, 1, 8, 6)

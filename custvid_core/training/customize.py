@@ -174,7 +174,7 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
                                       settings.stillness_rank), seed)
         parts.append(stillness)
     if align:
-        projector = _projector(settings, backbone, data.dino_tokens.shape[1], seed)
+        projector = _projector(settings, backbone, first.dino_tokens.shape[1], seed)
         parts.append(projector)
     if settings.trigger_embedding:
         embedding = TriggerEmbeddingPart(f"{settings.name}_trigger_embedding", first.subject_tokens,
