@@ -127,7 +127,7 @@ def test_clips_of_mixed_sizes_and_lengths_make_one_set_per_bucket_with_their_flo
     assert wide.flow.shape == (2, 8, 2, 32, 80) and wide.stills.shape == (2, 2, 16, 1, 4, 10)
     assert torch.equal(wide.context, context[[0, 2]]) and torch.equal(square.context, context[[1]])
     assert torch.equal(wide.flow[1], fit_flow(flows[2], data.labels[0]))
-    assert data.describe("clips") == ["80x32x9: 2 clips", "64x48x9: 1 clips"]
+    assert data.describe("clips") == ["80x32x9: 2 clips", "64x48x9: 1 clip"]
     with pytest.raises(InputError, match="different lengths or sizes"):
         clip_set(clips, encode, context, progress=_quiet)  # without buckets: refused, as before
 
@@ -271,5 +271,5 @@ def test_recipes_that_learn_from_one_size_refuse_several_naming_the_buckets():
     clips = clip_set([_clip(9, 48, 64, 0), _clip(9, 40, 100, 1)], encode, torch.randn(1, 5, 64), progress=_quiet,
                      buckets=RULE)
     photos = subject_set(_clip(1, 48, 64, 0), encode, torch.randn(1, 5, 64), progress=_quiet)
-    with pytest.raises(InputError, match=r"clips: items of 2 sizes \(64x48x9: 1 items, 80x32x9: 1 items\)"):
+    with pytest.raises(InputError, match=r"clips: items of 2 sizes \(64x48x9: 1 item, 80x32x9: 1 item\)"):
         dualreal_recipe(backbone, photos, clips, DualRealSettings())

@@ -89,7 +89,7 @@ class SubjectSet:
     context: torch.Tensor
     masks: torch.Tensor | None = None
     dino_tokens: torch.Tensor | None = None
-    preservation: VideoSet | None = None
+    preservation: VideoSet | Bucketed | None = None
     subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
     trigger_words: str = ""  # the words at subject_tokens, kept with a trigger embedding learned there
     moving: MovingClips | None = None
@@ -166,10 +166,11 @@ class Bucketed:
         """Items per bucket."""
         return [s.latents.shape[0] for s in self.sets]
 
-    def describe(self, item: str = "items") -> list[str]:
-        """One line per bucket: its size and how many items it holds."""
+    def describe(self, items: str = "items") -> list[str]:
+        """One line per bucket: its size and how many items it holds (`items`: what they are, in the plural)."""
         return [f"{label if label is not None else 'latent ' + 'x'.join(map(str, _bucket_key(s)[:3]))}: "
-                f"{s.latents.shape[0]} {item}" for label, s in zip(self.labels, self.sets)]
+                f"{n} {items if n != 1 else items.removesuffix('s')}"
+                for label, s, n in zip(self.labels, self.sets, self.counts)]
 
 
 AnyClips = Union[VideoSet, Bucketed]

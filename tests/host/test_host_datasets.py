@@ -70,7 +70,7 @@ def test_photos_and_clips_of_mixed_sizes_train_in_buckets_listed_under_the_node(
     # The 32x32 photos take the budget's largest square; the 48x32 ones fit it exactly. The world's VAE encodes
     # 5-frame steps: the 8-frame clip is trimmed to 5, the 10-frame one kept whole.
     assert _text(result, "subject") == "2 buckets:\n38x38: 4 photos\n48x32: 4 photos"
-    assert _text(result, "clips2") == "3 buckets:\n38x38x5: 1 clips\n38x38x10: 1 clips\n48x32x5: 1 clips"
+    assert _text(result, "clips2") == "3 buckets:\n38x38x5: 1 clip\n38x38x10: 1 clip\n48x32x5: 1 clip"
 
 
 def test_without_buckets_photos_of_another_size_are_refused_as_before(comfy_server):
