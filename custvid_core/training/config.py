@@ -97,7 +97,8 @@ class DatasetConfig:
     mask_folder: str = "masks"  # masks in this sub-folder under the photo's name...
     mask_suffix: str = "_mask"  # ...or beside the photo as <stem><suffix>.<image suffix>
     frames: int | None = None  # clips: the first N frames of each (None: all; all clips the same length)
-    stills: int = 8  # clips: single frames of each encoded as images (the motion recipe's spatial phase)
+    stills: int | None = None  # clips: single frames of each also encoded as images; None: 8 where used (the
+    # motion recipe's spatial phase, a stillness LoRA's preservation clips), else none
     hue_copies: int = 0
     moving_clips: int = 0  # photos: per photo, clips of the subject sliding over its background (needs masks)
     moving_frames: int = 17
@@ -444,8 +445,9 @@ def comfy_wan_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] path") -> torch.nn.Module:
-    """diffusers' `WanTransformer3DModel` from a ComfyUI single file (converted by diffusers' own converter), a
-    diffusers transformer folder, or a diffusers pipeline folder (its transformer/)."""
+    """diffusers' `WanTransformer3DModel` from a ComfyUI single file (its native keys mapped by the pack's own key
+    conversion, `backbones.wan.diffusers_to_native_key`), a diffusers transformer folder, or a diffusers pipeline
+    folder (its transformer/)."""
     from diffusers import WanTransformer3DModel
 
     if path.is_dir():
@@ -458,9 +460,9 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] pat
         except (OSError, ValueError, TypeError) as e:
             raise InputError(key, f"'{folder}' could not be loaded as a WanTransformer3DModel ({e})",
                              "a diffusers Wan transformer folder") from None
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from diffusers.utils import is_accelerate_available
 
+    from ..backbones.wan import diffusers_to_native_key
     from ..files import load_state_dict
 
     state = load_state_dict(path, key)
@@ -469,11 +471,6 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] pat
     if "head.modulation" not in state or "patch_embedding.weight" not in state:
         raise InputError(key, f"'{path.name}' is not a Wan diffusion model (no head.modulation weight)",
                          "a ComfyUI Wan 2.x checkpoint from models/diffusion_models")
-    extra = sorted({k.split(".")[0] for k in state} - {"patch_embedding", "text_embedding", "time_embedding",
-                                                       "time_projection", "blocks", "head"})
-    if extra:
-        raise InputError(key, f"'{path.name}' holds parts of another Wan model type ({', '.join(extra)})",
-                         "a Wan text-to-video checkpoint (image-to-video, VACE and others are not trained from a config)")
     config = comfy_wan_config(state)
     if config["num_attention_heads"] * 128 != state["head.modulation"].shape[-1]:
         raise InputError(key, f"width {state['head.modulation'].shape[-1]}", "a Wan model with 128-wide attention heads")
@@ -482,11 +479,19 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] pat
         from accelerate import init_empty_weights
     with init_empty_weights() if is_accelerate_available() else contextlib.nullcontext():
         model = WanTransformer3DModel(**config)
-    converted = convert_wan_transformer_to_diffusers(state)
+    names = {diffusers_to_native_key(k): k for k in model.state_dict()}
+    unknown = sorted(set(state) - set(names))
+    missing = sorted(set(names) - set(state))
+    if unknown or missing:
+        raise InputError(key, f"'{path.name}' is not a Wan text-to-video model of the layout its weights suggest ("
+                         + (f"weights of another model type: {', '.join(unknown[:3])}" if unknown else
+                            f"missing {', '.join(missing[:3])}") + ")",
+                         "a Wan 2.x text-to-video checkpoint (image-to-video, VACE and others are not trained from a "
+                         "config)")
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
-    except RuntimeError as e:
-        raise InputError(key, f"'{path.name}' does not match a Wan text-to-video model ({str(e)[:300]})",
+        model.load_state_dict({names[k]: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:  # shapes that do not fit the layout, or a quantized file's scales
+        raise InputError(key, f"'{path.name}' does not load as a Wan text-to-video model ({str(e)[:300]})",
                          "an unquantized Wan 2.x checkpoint (fp32, bf16 or fp16)") from None
     return model.eval()
 
@@ -511,7 +516,7 @@ def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tupl
         latents = vae.encode(pixels.to(device, dtype)).latent_dist.mode()
         return (latents.float().cpu() - mean) / std
 
-    return encode, int(vae.config.scale_factor_temporal)
+    return encode, 2 ** sum(vae.config.temperal_downsample)
 
 
 @dataclass
@@ -622,12 +627,21 @@ def _photo_set(data: DatasetConfig, encode: Callable, text: TextEncoder, preserv
                        words, data.moving_clips, data.moving_frames, frame_step=frame_step)
 
 
-def _clip_set(data: DatasetConfig, encode: Callable, text: TextEncoder, frame_step: int):
+def _stills(config: TrainConfig, data: DatasetConfig) -> int:
+    """How many single frames of each clip are encoded: the dataset's `stills`, else 8 where the recipe learns
+    from them."""
+    if data.stills is not None:
+        return data.stills
+    subject = config.settings.subject if config.recipe == "joint" else config.settings
+    return 8 if data.use == "motion" or getattr(subject, "stillness_rank", 0) > 0 else 0
+
+
+def _clip_set(data: DatasetConfig, encode: Callable, text: TextEncoder, frame_step: int, stills: int):
     from .datasets import clip_set
 
     items = dataset_items(data)
-    return clip_set(_read_clips(data, items, frame_step), encode, _captions_context(items, text),
-                    stills=data.stills, hue_copies=data.hue_copies)
+    return clip_set(_read_clips(data, items, frame_step), encode, _captions_context(items, text), stills=stills,
+                    hue_copies=data.hue_copies)
 
 
 def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -639,7 +653,7 @@ def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype
     text = _text_encoder(config.model, device, dtype)
     clips: dict[str, Any] = {}
     for data in (d for d in config.datasets if d.kind == "clips"):
-        new = _clip_set(data, encode, text, frame_step)
+        new = _clip_set(data, encode, text, frame_step, _stills(config, data))
         clips[data.use] = append_clips(clips[data.use], new) if data.use in clips else new
     subject = None
     for data in (d for d in config.datasets if d.kind == "photos"):
