@@ -19,13 +19,17 @@ from custvid_core.training.config import load_config, load_wan_transformer, trai
 WORDS = ["<pad>", "</s>", "<unk>", "a", "sks", "dog", "cat", "runs", "on", "the", "grass", "mtn"]
 
 
-def tiny_pipeline(folder: Path) -> Path:
-    """A diffusers-layout Wan pipeline folder: transformer/, vae/, text_encoder/ (UMT5), tokenizer/ (word level)."""
-    from diffusers import AutoencoderKLWan
+def tiny_pipeline(folder: Path, text_dim: int = 64) -> Path:
+    """A diffusers-layout Wan pipeline folder: transformer/, vae/, text_encoder/ (UMT5 `text_dim` wide), tokenizer/
+    (word level)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
     model = tiny_diffusers_wan()
+    if text_dim != model.config.text_dim:
+        model = WanTransformer3DModel(**{**{k: v for k, v in model.config.items() if not k.startswith("_")},
+                                         "text_dim": text_dim})
     with torch.no_grad():  # diffusers starts the modulation tables at zero; make every block matter
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -37,21 +41,22 @@ def tiny_pipeline(folder: Path) -> Path:
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(folder / "tokenizer")
-    UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+    UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=text_dim, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
                                 relative_attention_num_buckets=8)).save_pretrained(folder / "text_encoder")
     return folder
 
 
-def comfy_single_file(path: Path) -> tuple[Path, torch.nn.Module]:
-    """A tiny Wan 2.1 in ComfyUI's native keys (128-wide heads, as ComfyUI's model detection assumes), saved as one
-    .safetensors file the way ComfyUI's models/diffusion_models holds them; and the model it was made from."""
+def comfy_single_file(path: Path, text_dim: int = 64) -> tuple[Path, torch.nn.Module]:
+    """A tiny Wan 2.1 in ComfyUI's native keys (128-wide heads, as ComfyUI's model detection assumes; ComfyUI
+    also assumes Wan's 4096-wide text), saved as one .safetensors file the way ComfyUI's models/diffusion_models holds
+    them; and the model it was made from."""
     from diffusers import WanTransformer3DModel
 
     from custvid_core.files import save_safetensors
 
     torch.manual_seed(1)
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=16,
-                                  out_channels=16, text_dim=64, freq_dim=256, ffn_dim=64, num_layers=2,
+                                  out_channels=16, text_dim=text_dim, freq_dim=256, ffn_dim=64, num_layers=2,
                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -279,6 +284,10 @@ def test_model_parts_that_cannot_load_host_free_are_refused_with_what_to_do(work
     text = MOTION.replace('vae = "wan/vae"', f'vae = "{tmp_path / "vae.safetensors"}"')
     with pytest.raises(ValueError, match=r"\[model\] vae: .* could not be loaded as a diffusers AutoencoderKLWan"):
         train_from_config(load_config(config_file(workspace, text, "filevae.toml")))
+    narrower, _ = comfy_single_file(tmp_path / "narrow_text.safetensors", text_dim=32)
+    text = MOTION.replace('path = "wan/transformer"', f'path = "{narrower}"')
+    with pytest.raises(ValueError, match=r"\[model\] text_encoder: it encodes 64-wide text and the model takes 32"):
+        train_from_config(load_config(config_file(workspace, text, "narrow.toml")))
     (tmp_path / "not_wan.safetensors").write_bytes((workspace / "wan" / "vae" / "diffusion_pytorch_model.safetensors")
                                                    .read_bytes())
     with pytest.raises(ValueError, match=r"\[model\] path: 'not_wan.safetensors' is not a Wan diffusion model"):

@@ -751,6 +751,10 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
     data = build_datasets(config, device, weights)
     model = load_wan_transformer(config.model.path, weights).to(device)
     backbone = describe(model)
+    width = next(iter(data.values())).context.shape[-1]
+    if width != backbone.text_dim:
+        raise InputError("[model] text_encoder", f"it encodes {width}-wide text and the model takes {backbone.text_dim}",
+                         "the text encoder the model was trained with (Wan: UMT5-XXL)")
     trained = _run_recipe(config, backbone, data, device, progress, log)
     return write_outputs(config, backbone, trained)
 
