@@ -351,3 +351,47 @@ def test_joint_and_dualreal_runs_write_the_files_their_save_nodes_write(workspac
     files = train_from_config(dualreal)
     assert files["dualreal"].name == "dualreal.safetensors"
     assert set(load_dualreal(files["dualreal"]).parts) == {"identity", "motion", "controller"}
+
+
+def test_photos_of_mixed_sizes_need_buckets_and_train_with_them(workspace, tmp_path):
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(workspace / "photos", photos)
+    clip, masks = moving_square_clip(frames=2, size=(48, 80), step=(3, 2))
+    save_png(clip[0], photos / "wide.png")
+    save_png(masks[0][..., None].expand(-1, -1, 3), photos / "masks" / "wide.png")
+    (photos / "wide.txt").write_text("a sks dog on the grass")
+    text = SUBJECT.replace('path = "wan"', f'path = "{workspace / "wan"}"').replace(
+        '[[datasets]]\npath = "clips"\nkind = "clips"\n', "").replace("steps = 4", "steps = 2")
+    with pytest.raises(ValueError, match=r"\[\[datasets\]\] photos: photos of different sizes .* or buckets = true"):
+        train_from_config(load_config(config_file(tmp_path, text)))
+    text = text.replace('trigger_words = "sks dog"', 'trigger_words = "sks dog"\nbuckets = true\n'
+                                                     'bucket_width = 64\nbucket_height = 64')
+    records = []
+    files = train_from_config(load_config(config_file(tmp_path, text)), progress=lambda s, t, r: records.append(r))
+    assert len(records) == 2 and read_lora(files["lora"])[1].rank == 4
+
+
+def test_a_dataset_cache_trains_as_the_folder_it_was_encoded_from(workspace, tmp_path):
+    """A cache holds the VAE's latents as ComfyUI's VAE Encode gives them (Save Dataset Cache's files): read back and
+    put in the model's latent format, it trains the LoRA the folder trains."""
+    from custvid_core.training import config as train_config
+    from custvid_core.training.dataset_cache import MadeBy, save_dataset
+
+    text = SUBJECT.replace('path = "wan"', f'path = "{workspace / "wan"}"').replace(
+        '[[datasets]]\npath = "clips"\nkind = "clips"\n', "").replace('path = "photos"', f'path = "{workspace / "photos"}"')
+    from_folder = load_config(config_file(tmp_path, text.replace("out_subject", "from_folder"), "folder.toml"))
+    encode, vae_config = train_config._vae_encoder(workspace / "wan" / "vae", torch.device("cpu"), torch.float32)
+    text_encoder = train_config._text_encoder(from_folder.model, torch.device("cpu"), torch.float32)
+    raw = train_config._photo_set(from_folder.datasets[0], encode, vae_config, text_encoder, None)
+    save_dataset(tmp_path / "dog.safetensors", raw, MadeBy("vae", "text encoder"))
+    cached = text.replace(f'path = "{workspace / "photos"}"\ntrigger_words = "sks dog"', 'cache = "dog.safetensors"')
+    from_cache = load_config(config_file(tmp_path, cached.replace("out_subject", "from_cache"), "cache.toml"))
+    assert from_cache.datasets[0].kind == "photos" and from_cache.datasets[0].use == "subject"
+    a = read_lora(train_from_config(from_folder)["lora"])[0]
+    b = read_lora(train_from_config(from_cache)["lora"])[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"cache: 'photos' is not a CustVid dataset cache|cache: '.*' does not exist"):
+        load_config(config_file(tmp_path, cached.replace('cache = "dog.safetensors"', 'cache = "none.safetensors"'),
+                                "nocache.toml"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import inspect
 import json
 import types
 import typing
@@ -89,9 +90,10 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    path: Path
+    path: Path | None  # a folder of photos or clips, or None for a dataset cache
     kind: str  # "photos": a folder of images; "clips": a folder of video files and folders of frames
     use: str  # what the recipe learns it as (default: photos -> subject; clips -> motion, preservation for subject)
+    cache: Path | None = None  # a dataset cache file (Save Dataset Cache's) in place of a folder
     caption: str = ""  # for items without a sidecar caption (same stem, .txt)
     trigger_words: str = ""  # the subject's words in the captions (token attention, trigger embedding)
     mask_folder: str = "masks"  # masks in this sub-folder under the photo's name...
@@ -102,6 +104,13 @@ class DatasetConfig:
     hue_copies: int = 0
     moving_clips: int = 0  # photos: per photo, clips of the subject sliding over its background (needs masks)
     moving_frames: int = 17
+    buckets: bool = False  # fit items of mixed sizes and lengths to size buckets (off: one size per dataset)
+    bucket_width: int = 832  # the buckets' pixel budget: at most bucket_width x bucket_height pixels
+    bucket_height: int = 480
+
+    @property
+    def name(self) -> str:
+        return (self.path or self.cache).name
 
 
 @dataclass
@@ -264,20 +273,28 @@ def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
         for key in table:
             if key not in valid:
                 raise InputError(where, f"unknown key '{key}'", "valid: " + ", ".join(valid))
-        if "path" not in table:
-            raise InputError(where, "key 'path' is missing", "path = \"a folder of photos or clips\"")
-        path = _path(base, table["path"], f"{where} path")
-        if not path.is_dir():
-            raise InputError(f"{where} path", f"'{path}' is not a folder", "a folder of photos or of clips")
-        kind = _one_of(table.get("kind", "photos"), DATASET_KINDS, f"{where} kind")
+        if ("path" in table) == ("cache" in table):
+            raise InputError(where, "both 'path' and 'cache'" if "path" in table else "key 'path' is missing",
+                             "path = \"a folder of photos or clips\", or cache = \"a dataset cache file\"")
+        path = cache = None
+        if "path" in table:
+            path = _path(base, table["path"], f"{where} path")
+            if not path.is_dir():
+                raise InputError(f"{where} path", f"'{path}' is not a folder", "a folder of photos or of clips")
+            kind = _one_of(table.get("kind", "photos"), DATASET_KINDS, f"{where} kind")
+        else:
+            cache = _path(base, table["cache"], f"{where} cache")
+            kind = _cache_kind(cache, f"{where} cache")
+            if "kind" in table and table["kind"] != kind:
+                raise InputError(f"{where} kind", f"'{table['kind']}' for a cache of {kind}", f"'{kind}', or no kind")
         default_use = "subject" if kind == "photos" else ("preservation" if recipe == "subject" else "motion")
         use = _one_of(table.get("use", default_use), DATASET_USES, f"{where} use")
         if kind == "photos" and use != "subject":
             raise InputError(f"{where} use", f"'{use}' for photos", "'subject' (photos are a subject's)")
         if kind == "clips" and use == "subject":
             raise InputError(f"{where} use", "'subject' for clips", "'motion' or 'preservation'")
-        rest = {k: v for k, v in table.items() if k not in ("path", "kind", "use")}
-        data = _filled(DatasetConfig(path, kind, use), rest, where)
+        rest = {k: v for k, v in table.items() if k not in ("path", "cache", "kind", "use")}
+        data = _filled(DatasetConfig(path, kind, use, cache), rest, where)
         for key, low in (("frames", 1), ("stills", 0), ("hue_copies", 0), ("moving_clips", 0), ("moving_frames", 2)):
             value = getattr(data, key)
             if value is not None and value < low:
@@ -293,6 +310,23 @@ def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
         raise InputError("[[datasets]]", f"datasets used as {', '.join(sorted(uses - needed - optional))}",
                          f"what the {recipe} recipe learns from: " + ", ".join(sorted(needed | optional)))
     return found
+
+
+def _cache_kind(path: Path, key: str) -> str:
+    """"photos" or "clips": what a dataset cache holds, read from its metadata alone."""
+    import json as json_
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            layout = json_.loads((f.metadata() or {}).get("layout", "null"))
+    except Exception:  # safetensors raises its own error types for files it cannot read
+        layout = None
+    if not isinstance(layout, dict):
+        raise InputError(key, f"'{path.name}' is not a CustVid dataset cache", "a file written by Save Dataset Cache")
+    first = layout["sets"][0] if layout.get("kind") == "buckets" else layout
+    return "clips" if first.get("kind") == "clips" else "photos"
 
 
 def _recipe(raw: dict, steps: int | None, checkpoint_every: int) -> tuple[str, Any]:
@@ -386,6 +420,8 @@ def dataset_items(data: DatasetConfig) -> list[Item]:
     the clips (video files, and sub-folders of frame images) of a dataset folder, in name order, with captions."""
     from ..eval.files import IMAGE_SUFFIXES
 
+    if data.path is None:
+        return []
     entries = sorted(data.path.iterdir())
     if data.kind == "photos":
         files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -496,10 +532,10 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] pat
     return model.eval()
 
 
-def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
+def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Callable, Any]:
     """diffusers' `AutoencoderKLWan`'s encode as the datasets' builders call it (pixels `[N, F, H, W, 3]` in [0, 1]
-    -> latents normalised by the VAE's latent mean and std, as Wan's pipelines and ComfyUI's latent format do),
-    and its frames per latent frame."""
+    -> the latents' means, as ComfyUI's VAE Encode gives them; `latent_stats` normalises them for the model), and
+    its config."""
     from diffusers import AutoencoderKLWan
 
     try:
@@ -507,16 +543,29 @@ def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tupl
     except (OSError, ValueError, TypeError) as e:
         raise InputError("[model] vae", f"'{folder}' could not be loaded as a diffusers AutoencoderKLWan ({e})",
                          "a diffusers-layout Wan VAE folder (config.json + weights); or " + NOT_HOST_FREE) from None
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
     def encode(clips: torch.Tensor) -> torch.Tensor:
         pixels = clips[..., :3].permute(0, 4, 1, 2, 3) * 2 - 1  # [N, 3, F, H, W] in [-1, 1]
-        latents = vae.encode(pixels.to(device, dtype)).latent_dist.mode()
-        return (latents.float().cpu() - mean) / std
+        return vae.encode(pixels.to(device, dtype)).latent_dist.mode().float().cpu()
 
-    return encode, 2 ** sum(vae.config.temperal_downsample)
+    return encode, vae.config
+
+
+def latent_stats(model: ModelConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent mean and std that put a Wan VAE's latents into the model's latent format (`(z - mean) / std`, as
+    Wan's pipelines and ComfyUI's Wan latent formats do): the VAE folder's, or Wan 2.1's for 16-channel latents."""
+    from diffusers import AutoencoderKLWan
+
+    folder = model.vae or _pipeline_part(model, "vae")
+    config = AutoencoderKLWan.load_config(folder) if folder is not None else {}
+    defaults = inspect.signature(AutoencoderKLWan.__init__).parameters  # Wan 2.1's VAE's
+    mean = config.get("latents_mean") or defaults["latents_mean"].default
+    std = config.get("latents_std") or defaults["latents_std"].default
+    if len(mean) != channels:
+        raise InputError("[model] vae", f"latents of {channels} channels and no VAE folder giving their mean and std",
+                         "the diffusers folder of the VAE that encoded them (its config.json is enough)")
+    return torch.tensor(mean).view(1, -1, 1, 1, 1), torch.tensor(std).view(1, -1, 1, 1, 1)
 
 
 @dataclass
@@ -578,23 +627,35 @@ def _vae_folder(model: ModelConfig) -> Path:
 # --- the datasets, encoded ----------------------------------------------------------------------------------------
 def _same_size(items: list[torch.Tensor], data: DatasetConfig, what: str) -> None:
     sizes = sorted({tuple(t.shape[:-1]) for t in items})
-    if len(sizes) > 1:
-        raise InputError(f"[[datasets]] {data.path.name}", f"{what} of different sizes {sizes}",
-                         f"{what} of one size (and, for clips, one frame count: set frames = N) in a dataset")
+    if len(sizes) > 1 and not data.buckets:
+        raise InputError(f"[[datasets]] {data.name}", f"{what} of different sizes {sizes}",
+                         f"{what} of one size (and, for clips, one frame count: set frames = N) in a dataset, or "
+                         "buckets = true")
+
+
+def _bucket_rule(data: DatasetConfig, vae_config) -> Any:
+    """The dataset's size buckets for this VAE: sides on its stride times Wan's 2x2 patch, whole latent frames."""
+    from .buckets import BucketRule
+
+    if not data.buckets:
+        return None
+    stride = 2 ** (len(vae_config.dim_mult) - 1) * (vae_config.get("patch_size") or 1)
+    return BucketRule(data.bucket_width, data.bucket_height, grid=stride * 2,
+                      frame_step=2 ** sum(vae_config.temperal_downsample))
 
 
 def _read_clips(data: DatasetConfig, items: list[Item], frame_step: int) -> list[torch.Tensor]:
     from ..eval.files import read_clip
 
-    clips = [read_clip(i.path, f"[[datasets]] {data.path.name}", data.frames) for i in items]
+    clips = [read_clip(i.path, f"[[datasets]] {data.name}", data.frames) for i in items]
     short = [i.path.name for i, c in zip(items, clips) if data.frames is not None and c.shape[0] < data.frames]
     if short:
-        raise InputError(f"[[datasets]] {data.path.name} frames", f"{short[0]} has fewer than {data.frames} frames",
+        raise InputError(f"[[datasets]] {data.name} frames", f"{short[0]} has fewer than {data.frames} frames",
                          "a frame count every clip has")
     _same_size(clips, data, "clips")
     count = clips[0].shape[0]
-    if count % frame_step != 1 % frame_step or count < 2:
-        raise InputError(f"[[datasets]] {data.path.name} frames", f"clips of {count} frames",
+    if not data.buckets and (count % frame_step != 1 % frame_step or count < 2):  # buckets trim clips themselves
+        raise InputError(f"[[datasets]] {data.name} frames", f"clips of {count} frames",
                          f"a count the VAE encodes whole: 1 + {frame_step}k frames (e.g. 17, 33, 81); set frames = N")
     return clips
 
@@ -605,26 +666,27 @@ def _captions_context(items: list[Item], text: TextEncoder) -> torch.Tensor:
     return text(captions[:1]) if len(set(captions)) == 1 else text(captions)
 
 
-def _photo_set(data: DatasetConfig, encode: Callable, text: TextEncoder, preservation, frame_step: int):
+def _photo_set(data: DatasetConfig, encode: Callable, vae_config, text: TextEncoder, preservation):
     from ..eval.files import read_image
     from .datasets import subject_set
 
     items = dataset_items(data)
-    photos = [read_image(i.path, f"[[datasets]] {data.path.name}")[0] for i in items]
+    photos = [read_image(i.path, f"[[datasets]] {data.name}")[0] for i in items]
     _same_size(photos, data, "photos")
-    masks = [read_image(i.mask, f"[[datasets]] {data.path.name} masks")[0].mean(-1) for i in items] \
+    masks = [read_image(i.mask, f"[[datasets]] {data.name} masks")[0].mean(-1) for i in items] \
         if items[0].mask is not None else None
     tokens = None
     words = " ".join(data.trigger_words.split())
     if words:
-        found = {text.positions(i.caption, words, f"[[datasets]] {data.path.name} trigger_words") for i in items}
+        found = {text.positions(i.caption, words, f"[[datasets]] {data.name} trigger_words") for i in items}
         if len(found) > 1:
-            raise InputError(f"[[datasets]] {data.path.name} trigger_words", "they sit at other places in different "
+            raise InputError(f"[[datasets]] {data.name} trigger_words", "they sit at other places in different "
                              "captions", "captions that put the trigger words at the same place (e.g. all 'a sks dog "
                              "...')")
         tokens = found.pop()
-    return subject_set(torch.stack(photos), encode, _captions_context(items, text), masks, None, preservation, tokens,
-                       words, data.moving_clips, data.moving_frames, frame_step=frame_step)
+    return subject_set(photos, encode, _captions_context(items, text), masks, None, preservation, tokens, words,
+                       data.moving_clips, data.moving_frames, frame_step=2 ** sum(vae_config.temperal_downsample),
+                       buckets=_bucket_rule(data, vae_config))
 
 
 def _stills(config: TrainConfig, data: DatasetConfig) -> int:
@@ -636,32 +698,56 @@ def _stills(config: TrainConfig, data: DatasetConfig) -> int:
     return 8 if data.use == "motion" or getattr(subject, "stillness_rank", 0) > 0 else 0
 
 
-def _clip_set(data: DatasetConfig, encode: Callable, text: TextEncoder, frame_step: int, stills: int):
+def _clip_set(data: DatasetConfig, encode: Callable, vae_config, text: TextEncoder, stills: int):
     from .datasets import clip_set
 
     items = dataset_items(data)
-    return clip_set(_read_clips(data, items, frame_step), encode, _captions_context(items, text), stills=stills,
-                    hue_copies=data.hue_copies)
+    clips = _read_clips(data, items, 2 ** sum(vae_config.temperal_downsample))
+    return clip_set(clips, encode, _captions_context(items, text), stills=stills, hue_copies=data.hue_copies,
+                    buckets=_bucket_rule(data, vae_config))
+
+
+def _cached(data: DatasetConfig, preservation=None):
+    """A dataset cache's set (a subject's with `preservation` clips where it has none of its own)."""
+    from dataclasses import replace
+
+    from .dataset_cache import load_dataset
+    from .datasets import Bucketed, buckets_of
+
+    loaded = load_dataset(data.cache, input_name=f"[[datasets]] {data.name}")
+    if data.kind == "clips" or preservation is None or buckets_of(loaded)[0].preservation is not None:
+        return loaded
+    if isinstance(loaded, Bucketed):
+        return Bucketed(tuple(replace(s, preservation=preservation) for s in loaded.sets), loaded.labels)
+    return replace(loaded, preservation=preservation)
 
 
 def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The config's datasets encoded by its VAE and text encoder, joined by use: {"subject": SubjectSet (with the
-    preservation clips), "motion": VideoSet}; the encoders are let go before training."""
-    from .datasets import append_clips, append_photos
+    """The config's datasets, encoded by its VAE and text encoder (folders) or read (caches), joined by use and put
+    in the model's latent format: {"subject": SubjectSet (with the preservation clips), "motion": VideoSet} (or
+    `Bucketed` sets of them); the encoders are let go before training."""
+    from .datasets import append_clips, append_photos, buckets_of, converted
 
-    encode, frame_step = _vae_encoder(_vae_folder(config.model), device, dtype)
-    text = _text_encoder(config.model, device, dtype)
+    folders = [d for d in config.datasets if d.path is not None]
+    encode = vae_config = text = None
+    if folders:
+        encode, vae_config = _vae_encoder(_vae_folder(config.model), device, dtype)
+        text = _text_encoder(config.model, device, dtype)
+    bucketed = {use: any(d.buckets or d.cache for d in config.datasets if d.use == use) for use in DATASET_USES}
     clips: dict[str, Any] = {}
     for data in (d for d in config.datasets if d.kind == "clips"):
-        new = _clip_set(data, encode, text, frame_step, _stills(config, data))
-        clips[data.use] = append_clips(clips[data.use], new) if data.use in clips else new
+        new = _cached(data) if data.cache else _clip_set(data, encode, vae_config, text, _stills(config, data))
+        clips[data.use] = append_clips(clips[data.use], new, bucketed[data.use]) if data.use in clips else new
     subject = None
     for data in (d for d in config.datasets if d.kind == "photos"):
-        new = _photo_set(data, encode, text, clips.get("preservation"), frame_step)
-        subject = new if subject is None else append_photos(subject, new)
+        preservation = clips.get("preservation")
+        new = _cached(data, preservation) if data.cache else _photo_set(data, encode, vae_config, text, preservation)
+        subject = new if subject is None else append_photos(subject, new, bucketed["subject"])
     del encode, text
     gc.collect()
-    return {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
+    sets = {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
+    mean, std = latent_stats(config.model, buckets_of(next(iter(sets.values())))[0].latents.shape[1])
+    return {k: converted(v, lambda z: (z - mean) / std) for k, v in sets.items()}
 
 
 # --- training and its files -------------------------------------------------------------------------------------
@@ -745,13 +831,14 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
     the checkpoint of the last `checkpoint_every` is kept); `log`: what became of the checkpoint. Returns the files
     written, by what they are (`output_files`)."""
     from ..backbones.wan import describe
+    from .datasets import buckets_of
 
     device = _device(config.model.device)
     weights = _torch_dtype(config.model.dtype, device)
     data = build_datasets(config, device, weights)
     model = load_wan_transformer(config.model.path, weights).to(device)
     backbone = describe(model)
-    width = next(iter(data.values())).context.shape[-1]
+    width = buckets_of(next(iter(data.values())))[0].context.shape[-1]
     if width != backbone.text_dim:
         raise InputError("[model] text_encoder", f"it encodes {width}-wide text and the model takes {backbone.text_dim}",
                          "the text encoder the model was trained with (Wan: UMT5-XXL)")
@@ -764,6 +851,9 @@ def dry_run(config: TrainConfig) -> dict:
     steps (and those a checkpoint already holds) and the files it would write."""
     datasets = []
     for data in config.datasets:
+        if data.cache is not None:
+            datasets.append({"cache": str(data.cache), "kind": data.kind, "use": data.use})
+            continue
         items = dataset_items(data)
         datasets.append({"path": str(data.path), "kind": data.kind, "use": data.use, "items": len(items),
                          "masks": sum(i.mask is not None for i in items),
