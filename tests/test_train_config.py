@@ -382,9 +382,8 @@ def test_a_dataset_cache_trains_as_the_folder_it_was_encoded_from(workspace, tmp
     text = SUBJECT.replace('path = "wan"', f'path = "{workspace / "wan"}"').replace(
         '[[datasets]]\npath = "clips"\nkind = "clips"\n', "").replace('path = "photos"', f'path = "{workspace / "photos"}"')
     from_folder = load_config(config_file(tmp_path, text.replace("out_subject", "from_folder"), "folder.toml"))
-    encode, vae_config = train_config._vae_encoder(workspace / "wan" / "vae", torch.device("cpu"), torch.float32)
-    text_encoder = train_config._text_encoder(from_folder.model, torch.device("cpu"), torch.float32)
-    raw = train_config._photo_set(from_folder.datasets[0], encode, vae_config, text_encoder, None)
+    encoders = train_config._encoders(from_folder.model, torch.device("cpu"), torch.float32)
+    raw = train_config._photo_set(from_folder.datasets[0], encoders, None)
     save_dataset(tmp_path / "dog.safetensors", raw, MadeBy("vae", "text encoder"))
     cached = text.replace(f'path = "{workspace / "photos"}"\ntrigger_words = "sks dog"', 'cache = "dog.safetensors"')
     from_cache = load_config(config_file(tmp_path, cached.replace("out_subject", "from_cache"), "cache.toml"))
@@ -395,3 +394,20 @@ def test_a_dataset_cache_trains_as_the_folder_it_was_encoded_from(workspace, tmp
     with pytest.raises(ValueError, match=r"cache: 'photos' is not a CustVid dataset cache|cache: '.*' does not exist"):
         load_config(config_file(tmp_path, cached.replace('cache = "dog.safetensors"', 'cache = "none.safetensors"'),
                                 "nocache.toml"))
+
+
+def test_raft_and_dinov2_give_the_recipes_their_alignment_losses(workspace, tmp_path, tiny_raft, tiny_dino):
+    torch.save(tiny_raft.model.state_dict(), tmp_path / "raft_small.pth")
+    tiny_dino.model.save_pretrained(tmp_path / "dinov2")
+    base = f'path = "{workspace / "wan"}"\nraft = "raft_small.pth"\ndino = "dinov2"\ndino_resolution = 56'
+    motion = MOTION.replace('path = "wan/transformer"\nvae = "wan/vae"\ntext_encoder = "wan/text_encoder"\n'
+                            'tokenizer = "wan/tokenizer"', base).replace("spatial_rank = 2", "spatial_rank = 0\nalignment_block = 1") \
+        .replace('path = "clips"', f'path = "{workspace / "clips"}"').replace("steps = 4", "steps = 1")
+    records = []
+    train_from_config(load_config(config_file(tmp_path, motion, "motion.toml")), progress=lambda s, t, r: records.append(r))
+    assert "alignment" in records[0]  # MoRA, on the clips' RAFT flow
+    subject = SUBJECT.replace('path = "wan"', base).replace('[[datasets]]\npath = "clips"\nkind = "clips"\n', "") \
+        .replace('path = "photos"', f'path = "{workspace / "photos"}"').replace("steps = 4", "steps = 1")
+    records.clear()
+    train_from_config(load_config(config_file(tmp_path, subject, "subject.toml")), progress=lambda s, t, r: records.append(r))
+    assert "alignment" in records[0]  # SuRA, on the photos' DINOv2 features

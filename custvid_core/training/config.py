@@ -86,6 +86,9 @@ class ModelConfig:
     training_dtype: str = "auto"  # engine.compute_dtype's: auto = bf16 on CUDA, fp32 on a CPU
     device: str = "auto"  # auto: the first CUDA device, else the CPU
     text_tokens: int = WAN_TEXT_TOKENS
+    raft: Path | None = None  # torchvision RAFT weights: the motion clips' flow, for MoRA (motion alignment)
+    dino: Path | None = None  # DINOv2 weights (a folder or a file): the photos' features, for SuRA (subject alignment)
+    dino_resolution: int = 448  # the square the photos are fitted to for DINOv2
 
 
 @dataclass
@@ -249,7 +252,8 @@ def _one_of(value: Any, options: tuple[str, ...], key: str) -> str:
 def _model(raw: dict, base: Path) -> ModelConfig:
     valid = [f.name for f in dataclasses.fields(ModelConfig)]
     table = _section(raw, "model", "[model]", ("path",), valid)
-    paths = {k: _path(base, table[k], f"[model] {k}") for k in ("path", "vae", "text_encoder", "tokenizer") if k in table}
+    paths = {k: _path(base, table[k], f"[model] {k}") for k in ("path", "vae", "text_encoder", "tokenizer", "raft", "dino")
+             if k in table}
     model = dataclasses.replace(ModelConfig(paths.pop("path")), **paths)
     model = _filled(model, {k: v for k, v in table.items() if k not in ("path", *paths)}, "[model]")
     _one_of(model.dtype, WEIGHT_DTYPES, "[model] dtype")
@@ -666,8 +670,39 @@ def _captions_context(items: list[Item], text: TextEncoder) -> torch.Tensor:
     return text(captions[:1]) if len(set(captions)) == 1 else text(captions)
 
 
-def _photo_set(data: DatasetConfig, encode: Callable, vae_config, text: TextEncoder, preservation):
+@dataclass
+class Encoders:
+    """What encodes a dataset folder: the VAE's encode and config, the text encoder, and optionally RAFT (the motion
+    clips' flow) and DINOv2 (the photos' features) with the resolution it sees."""
+
+    encode: Callable
+    vae_config: Any
+    text: TextEncoder
+    raft: Any = None
+    dino: Any = None
+    dino_resolution: int = 448
+
+    @property
+    def frame_step(self) -> int:
+        return 2 ** sum(self.vae_config.temperal_downsample)
+
+
+def _encoders(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> Encoders:
+    from ..representations.motion import load_raft
+    from ..representations.subject import load_dinov2
+
+    encode, vae_config = _vae_encoder(_vae_folder(model), device, dtype)
+    raft = load_raft(model.raft, "[model] raft") if model.raft else None
+    dino = load_dinov2(model.dino, "[model] dino") if model.dino else None
+    for encoder in (raft, dino):
+        if encoder is not None:
+            encoder.model.to(device)
+    return Encoders(encode, vae_config, _text_encoder(model, device, dtype), raft, dino, model.dino_resolution)
+
+
+def _photo_set(data: DatasetConfig, encoders: Encoders, preservation):
     from ..eval.files import read_image
+    from ..representations.subject import extract_subject
     from .datasets import subject_set
 
     items = dataset_items(data)
@@ -677,6 +712,7 @@ def _photo_set(data: DatasetConfig, encode: Callable, vae_config, text: TextEnco
         if items[0].mask is not None else None
     tokens = None
     words = " ".join(data.trigger_words.split())
+    text = encoders.text
     if words:
         found = {text.positions(i.caption, words, f"[[datasets]] {data.name} trigger_words") for i in items}
         if len(found) > 1:
@@ -684,9 +720,11 @@ def _photo_set(data: DatasetConfig, encode: Callable, vae_config, text: TextEnco
                              "captions", "captions that put the trigger words at the same place (e.g. all 'a sks dog "
                              "...')")
         tokens = found.pop()
-    return subject_set(photos, encode, _captions_context(items, text), masks, None, preservation, tokens, words,
-                       data.moving_clips, data.moving_frames, frame_step=2 ** sum(vae_config.temperal_downsample),
-                       buckets=_bucket_rule(data, vae_config))
+    features = None if encoders.dino is None else \
+        extract_subject(encoders.dino, photos, masks, resolution=encoders.dino_resolution)
+    return subject_set(photos, encoders.encode, _captions_context(items, text), masks, features, preservation, tokens,
+                       words, data.moving_clips, data.moving_frames, frame_step=encoders.frame_step,
+                       buckets=_bucket_rule(data, encoders.vae_config))
 
 
 def _stills(config: TrainConfig, data: DatasetConfig) -> int:
@@ -698,13 +736,16 @@ def _stills(config: TrainConfig, data: DatasetConfig) -> int:
     return 8 if data.use == "motion" or getattr(subject, "stillness_rank", 0) > 0 else 0
 
 
-def _clip_set(data: DatasetConfig, encode: Callable, vae_config, text: TextEncoder, stills: int):
+def _clip_set(data: DatasetConfig, encoders: Encoders, stills: int):
+    from ..representations.motion import extract_motion
     from .datasets import clip_set
 
     items = dataset_items(data)
-    clips = _read_clips(data, items, 2 ** sum(vae_config.temperal_downsample))
-    return clip_set(clips, encode, _captions_context(items, text), stills=stills, hue_copies=data.hue_copies,
-                    buckets=_bucket_rule(data, vae_config))
+    clips = _read_clips(data, items, encoders.frame_step)
+    flow = [extract_motion(encoders.raft, c).flow for c in clips] \
+        if encoders.raft is not None and data.use == "motion" else None
+    return clip_set(clips, encoders.encode, _captions_context(items, encoders.text), flow, stills=stills,
+                    hue_copies=data.hue_copies, buckets=_bucket_rule(data, encoders.vae_config))
 
 
 def _cached(data: DatasetConfig, preservation=None):
@@ -728,22 +769,18 @@ def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype
     `Bucketed` sets of them); the encoders are let go before training."""
     from .datasets import append_clips, append_photos, buckets_of, converted
 
-    folders = [d for d in config.datasets if d.path is not None]
-    encode = vae_config = text = None
-    if folders:
-        encode, vae_config = _vae_encoder(_vae_folder(config.model), device, dtype)
-        text = _text_encoder(config.model, device, dtype)
+    encoders = _encoders(config.model, device, dtype) if any(d.path is not None for d in config.datasets) else None
     bucketed = {use: any(d.buckets or d.cache for d in config.datasets if d.use == use) for use in DATASET_USES}
     clips: dict[str, Any] = {}
     for data in (d for d in config.datasets if d.kind == "clips"):
-        new = _cached(data) if data.cache else _clip_set(data, encode, vae_config, text, _stills(config, data))
+        new = _cached(data) if data.cache else _clip_set(data, encoders, _stills(config, data))
         clips[data.use] = append_clips(clips[data.use], new, bucketed[data.use]) if data.use in clips else new
     subject = None
     for data in (d for d in config.datasets if d.kind == "photos"):
         preservation = clips.get("preservation")
-        new = _cached(data, preservation) if data.cache else _photo_set(data, encode, vae_config, text, preservation)
+        new = _cached(data, preservation) if data.cache else _photo_set(data, encoders, preservation)
         subject = new if subject is None else append_photos(subject, new, bucketed["subject"])
-    del encode, text
+    del encoders
     gc.collect()
     sets = {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
     mean, std = latent_stats(config.model, buckets_of(next(iter(sets.values())))[0].latents.shape[1])
