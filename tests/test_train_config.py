@@ -401,7 +401,8 @@ def test_raft_and_dinov2_give_the_recipes_their_alignment_losses(workspace, tmp_
     tiny_dino.model.save_pretrained(tmp_path / "dinov2")
     base = f'path = "{workspace / "wan"}"\nraft = "raft_small.pth"\ndino = "dinov2"\ndino_resolution = 56'
     motion = MOTION.replace('path = "wan/transformer"\nvae = "wan/vae"\ntext_encoder = "wan/text_encoder"\n'
-                            'tokenizer = "wan/tokenizer"', base).replace("spatial_rank = 2", "spatial_rank = 0\nalignment_block = 1") \
+                            'tokenizer = "wan/tokenizer"', base) \
+        .replace("spatial_rank = 2", "spatial_rank = 0\nalignment_block = 1") \
         .replace('path = "clips"', f'path = "{workspace / "clips"}"').replace("steps = 4", "steps = 1")
     records = []
     train_from_config(load_config(config_file(tmp_path, motion, "motion.toml")), progress=lambda s, t, r: records.append(r))
@@ -411,3 +412,17 @@ def test_raft_and_dinov2_give_the_recipes_their_alignment_losses(workspace, tmp_
     records.clear()
     train_from_config(load_config(config_file(tmp_path, subject, "subject.toml")), progress=lambda s, t, r: records.append(r))
     assert "alignment" in records[0]  # SuRA, on the photos' DINOv2 features
+
+
+@pytest.mark.parametrize("example", ["train_subject.toml", "train_motion.toml"])
+def test_the_examples_are_valid_configs(workspace, tmp_path, example):
+    import re
+
+    text = (Path(__file__).parent.parent / "examples" / example).read_text()
+    where = {"path": workspace / "wan", "vae": workspace / "wan" / "vae", "text_encoder": workspace / "wan" / "text_encoder",
+             "tokenizer": workspace / "wan" / "tokenizer", "folder": tmp_path / "out"}
+    datasets = iter([workspace / "photos", workspace / "clips"] if "subject" in example else [workspace / "clips"])
+    text = re.sub(r'^path = "\.\./data/[^"]*"', lambda m: f'path = "{next(datasets)}"', text, flags=re.M)
+    text = re.sub(r'^(\w+) = "\.\./[^"]*"', lambda m: f'{m[1]} = "{where[m[1]]}"', text, flags=re.M)
+    config = load_config(config_file(tmp_path, text))
+    assert config.recipe == example.removeprefix("train_").removesuffix(".toml") and config.optim.steps == 300

@@ -9,9 +9,11 @@ diffusers' `WanTransformer3DModel` folder or pipeline folder), the datasets enco
 `AutoencoderKLWan` and a UMT5 text encoder, the recipe by the same functions the nodes call, checkpoints a rerun
 resumes, and the files the pack's save nodes write (LoRAs in ComfyUI's native keys, trigger embeddings, DualReal).
 
-    [model]      path, vae, text_encoder, tokenizer, dtype, training_dtype, device, text_tokens
-    [[datasets]] path, kind ("photos" | "clips"), use ("subject" | "motion" | "preservation"), caption,
-                 trigger_words, mask_folder, mask_suffix, frames, stills, hue_copies, moving_clips, moving_frames
+    [model]      path, vae, text_encoder, tokenizer, dtype, training_dtype, device, text_tokens, raft, dino,
+                 dino_resolution
+    [[datasets]] path (a folder) or cache (a dataset cache file), kind ("photos" | "clips"), use ("subject" |
+                 "motion" | "preservation"), caption, trigger_words, mask_folder, mask_suffix, frames, stills,
+                 hue_copies, moving_clips, moving_frames, buckets, bucket_width, bucket_height
     [recipe]     type ("subject" | "motion" | "joint" | "dualreal") and the recipe's settings; nested settings
                  as sub-tables ([recipe.optim], [recipe.sigmas], [recipe.memory]; a joint run's [recipe.subject],
                  [recipe.motion], [recipe.controller])
@@ -57,8 +59,9 @@ RECIPE_USES = {"subject": ({"subject"}, {"preservation"}), "motion": ({"motion"}
 WARMUP_SHARE = {"subject": 10, "motion": 10, "joint": 10, "dualreal": 5}
 # diffusers' Wan pipelines pad the prompt's embedding with zeros to 512 tokens, as ComfyUI's WanModel does.
 WAN_TEXT_TOKENS = 512
-NOT_HOST_FREE = ("encode the dataset in ComfyUI instead (Subject Dataset / Video Clips Dataset) and train there, or "
-                 "give the diffusers-layout folder of the model's VAE / text encoder")
+NOT_HOST_FREE = ("encode the dataset in ComfyUI instead (Subject Dataset / Video Clips Dataset), save it with Save "
+                 "Dataset Cache and give the file as cache = \"...\" in [[datasets]]; or give the diffusers-layout folder "
+                 "of the model's VAE / text encoder")
 
 
 @dataclass
@@ -810,9 +813,9 @@ def _trigger_words(config: TrainConfig) -> str:
                 "")
 
 
-def _run_recipe(config: TrainConfig, backbone, data: dict, device: torch.device, progress: Progress | None,
+def train_recipe(config: TrainConfig, backbone, data: dict, device: torch.device, progress: Progress | None,
                 log: Callable[[str], None] | None) -> list:
-    """The recipe's `TrainedParts` (one per recipe of the run)."""
+    """The recipe's `TrainedParts` (one per recipe of the run), trained on the encoded `data` (`build_datasets`)."""
     from .customize import train_joint, train_motion, train_subject
     from .dualreal import train_dualreal
     from .engine import TRAINING_DTYPES as DTYPES
@@ -879,7 +882,7 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
     if width != backbone.text_dim:
         raise InputError("[model] text_encoder", f"it encodes {width}-wide text and the model takes {backbone.text_dim}",
                          "the text encoder the model was trained with (Wan: UMT5-XXL)")
-    trained = _run_recipe(config, backbone, data, device, progress, log)
+    trained = train_recipe(config, backbone, data, device, progress, log)
     return write_outputs(config, backbone, trained)
 
 
