@@ -428,3 +428,20 @@ def test_the_examples_are_valid_configs(workspace, tmp_path, example):
     text = re.sub(r'^(\w+) = "\.\./[^"]*"', lambda m: f'{m[1]} = "{where[m[1]]}"', text, flags=re.M)
     config = load_config(config_file(tmp_path, text))
     assert config.recipe == example.removeprefix("train_").removesuffix(".toml") and config.optim.steps == 300
+
+
+def test_prompts_are_encoded_as_wans_pipelines_and_comfyui_do(workspace):
+    """The prompt's tokens' hidden states, then zeros to 512 rows; the trigger words found among the rows."""
+    from transformers import UMT5EncoderModel
+
+    from custvid_core.training.config import ModelConfig, _text_encoder
+
+    text = _text_encoder(ModelConfig(workspace / "wan"), torch.device("cpu"), torch.float32)
+    context = text(["a sks dog", "a dog mtn runs on the grass"])
+    assert context.shape == (2, 512, 64)
+    ids = torch.tensor([[WORDS.index(w) for w in ("a", "sks", "dog", "</s>")]])
+    with torch.no_grad():
+        alone = UMT5EncoderModel.from_pretrained(workspace / "wan" / "text_encoder")(ids).last_hidden_state
+    assert torch.allclose(context[0, :4], alone[0], atol=1e-5)  # the padding does not reach the prompt's rows
+    assert context[0, 4:].abs().max() == 0 and context[1, 7].abs().max() > 0 and context[1, 8:].abs().max() == 0
+    assert text.positions("a sks dog on the grass", "sks dog", "trigger_words") == (1, 2)
