@@ -1,6 +1,7 @@
 """`python -m custvid_core train` against the real host: ComfyUI's own loader reads the ComfyUI single file the config
 trained on as the same model the command loaded host-free, and its stock LoraLoaderModelOnly loads the LoRA the command
-wrote without a missing key, changing the model's output exactly as the LoRA did in training's model."""
+wrote without a missing key, changing the model's output exactly as the LoRA did in training's model; and the data the
+command encodes are the latents ComfyUI's VAE Encode gives, in the model's latent format."""
 
 import logging
 
