@@ -238,6 +238,12 @@ def noise_range_inputs() -> list:
     ]
 
 
+def noise_levels(timestep_sampling: str, shift: float, noise_range: str = "all",
+                 expert_boundary: float = EXPERT_BOUNDARY["t2v"]) -> SigmaSampler:
+    """The noise levels a train node's inputs ask for (`noise_and_memory_inputs`, `noise_range_inputs`)."""
+    return SigmaSampler(timestep_sampling, shift).within(*expert_range(noise_range, expert_boundary))
+
+
 def low_noise_model_input():
     return io.Model.Input("model_low_noise", optional=True,
                           tooltip="Wan 2.2 A14B's low-noise expert (its second Load Diffusion Model), to learn a LoRA "
@@ -641,7 +647,7 @@ class TrainJointLoRAs(io.ComfyNode):
                 moving_share, debiased_weight, timestep_sampling, shift, gradient_checkpointing, training_seed,
                 checkpoint_every, run_name, training_dtype="auto", recompute_every=1, offload_activations=False,
                 blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"]) -> io.NodeOutput:
-        sigmas = SigmaSampler(timestep_sampling, shift).within(*expert_range(noise_range, expert_boundary))
+        sigmas = noise_levels(timestep_sampling, shift, noise_range, expert_boundary)
         memory = _memory(recompute_every, offload_activations, blocks_to_swap)
         subject_settings = SubjectSettings(
             rank=subject_rank, batch=batch_size, sigmas=sigmas, region_loss=region_loss,
