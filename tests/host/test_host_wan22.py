@@ -228,3 +228,49 @@ def test_a_tiny_ti2v_5b_learns_a_lora_on_wan22_latents_and_samples_with_it_from_
     assert torch.allclose(trained[:, :, :1], latent["samples"][:, :, :1])
     frames = vae.decode(trained)
     assert frames.shape[-4:] == (5, 64, 64, 3) and torch.isfinite(frames).all()
+
+
+class _Stopped(Exception):
+    """Raised in place of a recipe's training, once its settings are seen."""
+
+
+def test_the_other_train_nodes_give_their_recipes_the_noise_range(tmp_path, monkeypatch):
+    """Train Subject and Motion LoRAs Jointly, Train DualReal and Train SynMotion draw within their noise_range."""
+    import_pack()
+    from custvid_pack.nodes import dualreal_nodes, synmotion_nodes, training_nodes, world_nodes
+    from world_data import encode, world_training_inputs
+
+    patcher, clip, subject, clips = world_training_inputs(tmp_path, training_nodes, world_nodes)
+    seen = {}
+
+    def stop(name, settings_at):
+        def train(*args, **kwargs):
+            seen[name] = [s.sigmas for s in settings_at(args)]
+            raise _Stopped
+        return train
+
+    monkeypatch.setattr(training_nodes, "train_joint", stop("joint", lambda a: a[3:5]))
+    monkeypatch.setattr(dualreal_nodes, "train_dualreal", stop("dualreal", lambda a: a[3:4]))
+    monkeypatch.setattr(synmotion_nodes, "train_synmotion", stop("synmotion", lambda a: a[5:6]))
+    ranges = dict(noise_range="high_noise", expert_boundary=EXPERT_BOUNDARY["i2v"])
+    common = dict(steps=1, learning_rate=1e-3, timestep_sampling="uniform", shift=3.0, gradient_checkpointing=False,
+                  training_seed=0, checkpoint_every=100, **ranges)
+    with pytest.raises(_Stopped):
+        training_nodes.TrainJointLoRAs.execute(
+            patcher, subject, clips, motion_probability=0.5, controller=False, groups=0, subject_rank=2, motion_rank=2,
+            spatial_rank=0, stillness_rank=0, batch_size=1, subject_alignment_weight=0.0, motion_alignment_weight=0.0,
+            alignment_block=1, preservation_weight=0.0, region_loss=False, region_margin=0, moving_share=0.0,
+            debiased_weight=1.0, run_name="joint", **common)
+    with pytest.raises(_Stopped):
+        dualreal_nodes.TrainDualReal.execute(patcher, subject, clips, groups=2, bottleneck=4, motion_probability=0.5,
+                                             residual="code", weighting="code", run_name="dualreal", **common)
+    caption = "red circle moving right"
+    scene = render(Scene(colour="red", shape="circle", direction="right"), WorldSpec())
+    captioned = training_nodes.VideoDataset.execute(world_nodes.WorldVAE(), scene.frames, encode(clip, caption)).result[0]
+    with pytest.raises(_Stopped):
+        synmotion_nodes.TrainSynMotion.execute(patcher, captioned, clip, caption, subject_words="red circle",
+                                               motion_words="moving right", rank=2, refiner=False, run_name="synmotion",
+                                               **common)
+    assert set(seen) == {"joint", "dualreal", "synmotion"}
+    for name, samplers in seen.items():
+        assert all((s.low, s.high) == (EXPERT_BOUNDARY["i2v"], 1.0) for s in samplers), (name, samplers)
