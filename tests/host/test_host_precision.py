@@ -317,8 +317,8 @@ def test_through_the_server_a_scaled_fp8_file_loaded_as_fp8_trains_and_saves_an_
     info = comfy_server.object_info()
     for node in ("CustVid_TrainSubjectLoRA", "CustVid_TrainMotionLoRA"):  # optional, for saved graphs: only later
         optional = list(info[node]["input"]["optional"])  # additions come after it
-        assert optional[optional.index("training_dtype") + 1:] == ["recompute_every", "offload_activations",
-                                                                   "blocks_to_swap"]
+        after = optional.index("training_dtype") + 1  # the memory inputs next; later additions after them
+        assert optional[after:after + 3] == ["recompute_every", "offload_activations", "blocks_to_swap"]
         assert info[node]["input"]["optional"]["training_dtype"][1]["options"] == ["auto", "fp32", "bf16", "fp16"]
     case = info["CustVid_WorldCaseData"]["input"]["required"]["case"][1]["options"][0]
     train = dict(model=["unet", 0], subject=["subject", 0], steps=2, learning_rate=1e-3, rank=4,
