@@ -52,6 +52,7 @@ from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import SubjectSet, VideoSet
+from .distributed import own_rows
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import (
@@ -196,6 +197,7 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
             x0 = items.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
+            idx, sigma, x, target = own_rows(idx, sigma, x, target)
             mask = region_masks[moving][idx].to(ctx.device) if moving in region_masks else None
             context = _rows(items.context, idx).to(ctx.device, ctx.dtype)
             grid = ctx.backbone.token_grid(x.shape)
@@ -234,6 +236,7 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
                 x0 = clips.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
+            idx, sigma, x, target = own_rows(idx, sigma, x, target)
             v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(clips.context, idx).to(ctx.device, ctx.dtype))
             if still:
                 loss = region_loss(v, target)
@@ -300,6 +303,7 @@ def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSetting
             f = int(torch.randint(frames, (1,), generator=g))
             x0 = data.latents[idx][:, :, f:f + 1].to(ctx.device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
+        sigma, x, target, context = own_rows(sigma, x, target, context)
         loss = region_loss(ctx.backbone.forward(x, sigma.to(ctx.device), context), target)
         return loss, {"spatial": float(loss.detach())}
 
@@ -310,6 +314,7 @@ def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSetting
         sigma = settings.sigmas(len(idx), g)
         x0 = data.latents[idx].to(device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
+        idx, sigma, x, target, context = own_rows(idx, sigma, x, target, context)
         if decode_align:
             v = backbone.forward(x, sigma.to(device), context)
             x0_pred = x - sigma.to(device, ctx.dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
