@@ -1,11 +1,11 @@
 """Training on several processes (accelerate, gloo on this machine's CPUs) learns what one process learns.
 
 A tiny Wan subject LoRA run (photos with masks and DINOv2 tokens, preservation clips in turn, batch 2) runs in
-this process and under `accelerate launch --num_processes 2 --cpu` (this file is the launched script). Every
+this process and under `accelerate launch --multi_gpu --num_processes 2` (this file is the launched script). Every
 process draws the whole batch from the shared seeded generator and computes its half, so the runs see the same
 global batch; they differ only in float summation order (a forward over 1 row instead of 2, the all-reduce's
 sums), hence a tolerance of 1e-5 (relative) on the losses and gradient norms where the recorded curves use 1e-6
-for identical arithmetic, and a thousandth of one step's size on the LoRA (`LORA_TOLERANCE`). Every mask has the
+for identical arithmetic, and 1e-4 of each LoRA tensor's norm on the LoRA (`LORA_TOLERANCE`). Every mask has the
 same area, so the masked region loss averaged over the halves is the whole batch's.
 """
 
@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from custvid_core.errors import InputError
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 TOLERANCE = 1e-5
 LR = 1e-3
-# AdamW divides each gradient by its running RMS, so the last bits of a near-zero gradient can move a weight by a
-# small fraction of a step: the LoRAs may differ by a thousandth of one learning-rate-sized step.
-LORA_TOLERANCE = 1e-3 * LR
+# AdamW divides each gradient element by its running RMS, so the last bits of a gradient element near zero can
+# move its weight by a visible share of a step: a LoRA tensor may differ by this share of its norm.
+LORA_TOLERANCE = 1e-4
 
 
 def _subject_set():
@@ -38,36 +40,35 @@ def _subject_set():
                       torch.randn(4, 24, 5, 5, generator=g), clips, subject_tokens=(1, 2), trigger_words="sks")
 
 
-def _train(steps: int, workdir: str | None = None, accumulation: int = 1) -> dict:
-    """The tiny run's loss history and LoRA (in this process: one, or one of the launched ones)."""
+def _train(steps: int, workdir: str | None = None) -> dict:
+    """The tiny run's loss history and LoRA, what it logged and how often it reported progress (in this process:
+    the only one, or one of the launched ones). The constant schedule makes a run stopped after k steps the first
+    k steps of a longer one, so a resumed run can be compared with an uninterrupted one."""
     from builders import tiny_diffusers_wan
 
     from custvid_core.backbones import describe
     from custvid_core.training import OptimSettings, SubjectSettings, train_subject
-    from custvid_core.training.distributed import Parallel
-    from custvid_core.training.loop import train
 
     settings = SubjectSettings(rank=4, alignment_block=1, projector_hidden=32, batch=2,
-                               optim=OptimSettings(steps=steps, lr=LR, warmup=2, checkpoint_every=2))
-    if accumulation > 1:  # the recipe calls the loop with the launcher's settings: give it these instead
-        import custvid_core.training.engine as engine
-
-        engine.train = lambda *a, **k: train(*a, **k, parallel=Parallel(accumulation))
-    trained = train_subject(describe(tiny_diffusers_wan()), _subject_set(), settings, workdir=workdir)
+                               optim=OptimSettings(steps=steps, lr=LR, warmup=2, schedule="constant", checkpoint_every=2))
+    logged, reports = [], []
+    trained = train_subject(describe(tiny_diffusers_wan()), _subject_set(), settings, workdir=workdir,
+                            progress=lambda *a: reports.append(a[0]), log=logged.append)
     return {"history": [{k: v for k, v in r.items() if k != "seconds"} for r in trained.history],
-            "lora": {k: v.tolist() for k, v in sorted(trained.tensors.items())}}
+            "lora": {k: v.tolist() for k, v in sorted(trained.tensors.items())}, "log": logged, "progress": reports}
 
 
-def _launched(tmp_path: Path, processes: int, steps: int, workdir: Path | None = None) -> dict:
-    """`_train` under `accelerate launch` with `processes` CPU processes; the main process's result."""
-    out = tmp_path / f"run{processes}_{steps}.json"
+def _launched(tmp_path: Path, processes: int, steps: int, workdir: Path | None = None) -> list[dict]:
+    """`_train` under `accelerate launch` with `processes` CPU processes; each process's result."""
+    out = tmp_path / f"run{processes}_{steps}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
+    # accelerate's --cpu launches through MPI; its torchrun launcher (--multi_gpu) starts CPU processes as well.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__,
                str(out), str(steps), str(workdir or "")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(processes)]
 
 
 def _assert_same(got: dict, expected: dict):
@@ -79,20 +80,51 @@ def _assert_same(got: dict, expected: dict):
     worst = 0.0
     for name in expected["lora"]:
         a, b = torch.tensor(got["lora"][name]), torch.tensor(expected["lora"][name])
-        worst = max(worst, float((a - b).abs().max()))
-    print(f"largest LoRA difference: {worst:.3g}")
-    assert worst <= LORA_TOLERANCE, f"the LoRAs differ by up to {worst}"
+        worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-12)))
+    print(f"largest relative LoRA difference: {worst:.3g}")
+    assert worst <= LORA_TOLERANCE, f"a LoRA tensor differs by {worst} of its norm"
 
 
-def test_two_processes_learn_the_one_process_curve(tmp_path):
-    alone = _train(STEPS)
-    two = _launched(tmp_path, 2, STEPS)
-    _assert_same(two, alone)
-    assert two["history"][0]["loss"] != two["history"][1]["loss"]  # the run learns: the comparison means something
+@pytest.fixture(scope="module")
+def alone() -> dict:
+    """The one-process run, uninterrupted."""
+    return _train(STEPS)
+
+
+def test_two_processes_learn_the_one_process_curve(tmp_path, alone):
+    main, other = _launched(tmp_path, 2, STEPS)
+    _assert_same(main, alone)
+    assert main["history"][0]["loss"] != main["history"][-1]["loss"]  # the run learns: the comparison means something
+    assert main["progress"] == list(range(1, STEPS + 1)) and other["progress"] == [] and other["log"] == []
+
+
+def test_gradient_accumulation_of_two_halves_learns_the_whole_batch(monkeypatch, alone):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")  # as `accelerate launch` sets it
+    _assert_same(_train(STEPS), alone)
+
+
+def test_a_batch_that_does_not_share_out_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(InputError, match="batch.*multiple of 4"):
+        _train(1)
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, alone):
+    _launched(tmp_path, 2, STEPS - 2, tmp_path)
+    resumed = _train(STEPS, str(tmp_path))
+    assert resumed["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"]
+    _assert_same(resumed, alone)
+
+
+def test_a_checkpoint_of_one_process_resumes_on_two(tmp_path, alone):
+    _train(STEPS - 2, str(tmp_path))
+    main, other = _launched(tmp_path, 2, STEPS, tmp_path)
+    assert main["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"]
+    _assert_same(main, alone)
+    _assert_same(other, alone)
 
 
 if __name__ == "__main__":
     out, steps, workdir = sys.argv[1:]
     result = _train(int(steps), workdir or None)
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(out).write_text(json.dumps(result))
+    Path(f"{out}.rank{os.environ['RANK']}.json").write_text(json.dumps(result))

@@ -91,8 +91,9 @@ class Session:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
-        # A step may leave parts out of its graph (a task trains some groups, switches parts off).
-        self.accelerator = Accelerator(gradient_accumulation_steps=parallel.accumulation,
+        # A step may leave parts out of its graph (a task trains some groups, switches parts off). Without a GPU,
+        # accelerate runs processes started by torchrun one by one unless told it is on CPUs.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=parallel.accumulation,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.module = self.accelerator.prepare_model(_Trainable(params, step_fn), device_placement=False)
         self.accumulation = parallel.accumulation
