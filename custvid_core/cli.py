@@ -195,6 +195,33 @@ def metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """Run a training config (custvid_core/training/config.py): tqdm progress with the loss and seconds per step;
+    a rerun resumes the run's checkpoint."""
+    from tqdm.auto import tqdm
+
+    from .training.config import dry_run, load_config, train_from_config
+
+    config = load_config(args.config, steps=args.steps)
+    if args.dry_run:
+        print(json.dumps(dry_run(config), indent=2))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bar = tqdm(total=config.optim.steps, desc=f"{config.recipe} ({config.output.name})", unit="step")
+
+    def progress(step: int, total: int, record: dict) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{record['seconds']:.2f}")
+
+    try:
+        files = train_from_config(config, progress=progress, log=lambda message: tqdm.write(message))
+    finally:
+        bar.close()
+    print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -313,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images (or frame pairs) per encoder call")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=metrics)
+
+    p = sub.add_parser("train", help="train a recipe (subject, motion, joint, dualreal) on a Wan model from a TOML config: "
+                                     "ComfyUI-loadable LoRAs, checkpoints a rerun resumes")
+    p.add_argument("config", help="the TOML config (see examples/train_subject.toml)")
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the config's")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and what would be trained")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(run=train)
     return parser
 
 

@@ -1,0 +1,756 @@
+"""Training from a config file: `python -m custvid_core train CONFIG.toml`.
+
+A TOML file names the base model, the datasets, the recipe and its settings, and where the results go
+(examples/train_subject.toml, examples/train_motion.toml). `load_config` reads and checks it into `TrainConfig`:
+every key is one of the fields of the settings it fills (`SubjectSettings`, `MotionSettings`, `OptimSettings`...),
+an unknown key, a value of the wrong type or a missing file is refused naming it, and relative paths resolve against
+the config file. `train_from_config` runs it host-free: the base model (a ComfyUI single-file Wan checkpoint, or
+diffusers' `WanTransformer3DModel` folder or pipeline folder), the datasets encoded with diffusers'
+`AutoencoderKLWan` and a UMT5 text encoder, the recipe by the same functions the nodes call, checkpoints a rerun
+resumes, and the files the pack's save nodes write (LoRAs in ComfyUI's native keys, trigger embeddings, DualReal).
+
+    [model]      path, vae, text_encoder, tokenizer, dtype, training_dtype, device, text_tokens
+    [[datasets]] path, kind ("photos" | "clips"), use ("subject" | "motion" | "preservation"), caption,
+                 trigger_words, mask_folder, mask_suffix, frames, stills, hue_copies, moving_clips, moving_frames
+    [recipe]     type ("subject" | "motion" | "joint" | "dualreal") and the recipe's settings; nested settings
+                 as sub-tables ([recipe.optim], [recipe.sigmas], [recipe.memory]; a joint run's [recipe.subject],
+                 [recipe.motion], [recipe.controller])
+    [output]     folder, name, checkpoint_every, checkpoints
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser, before it joined the standard library
+    import tomli as tomllib
+
+from ..errors import InputError
+from .customize import JointController, MotionSettings, SubjectSettings
+from .dualreal import DualRealSettings
+from .loop import CHECKPOINT_FILE, OptimSettings, Progress
+
+# The recipes a config can run -> their settings class. A joint run's settings are `JointSettings`.
+SECTIONS = ("model", "datasets", "recipe", "output")
+DATASET_KINDS = ("photos", "clips")
+DATASET_USES = ("subject", "motion", "preservation")
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
+TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+# What a recipe's data must hold: the uses it learns from and those it can do without.
+RECIPE_USES = {"subject": ({"subject"}, {"preservation"}), "motion": ({"motion"}, set()),
+               "joint": ({"subject", "motion"}, {"preservation"}), "dualreal": ({"subject", "motion"}, {"preservation"})}
+# Warm-up when a config sets none: 1/share of the steps, at most the recipe's default (the nodes' rule).
+WARMUP_SHARE = {"subject": 10, "motion": 10, "joint": 10, "dualreal": 5}
+# diffusers' Wan pipelines pad the prompt's embedding with zeros to 512 tokens, as ComfyUI's WanModel does.
+WAN_TEXT_TOKENS = 512
+NOT_HOST_FREE = ("encode the dataset in ComfyUI instead (Subject Dataset / Video Clips Dataset) and train there, or "
+                 "give the diffusers-layout folder of the model's VAE / text encoder")
+
+
+@dataclass
+class JointSettings:
+    """A joint run (`customize.train_joint`): the subject and motion settings, one optimiser for both, the share of
+    motion steps and, optionally, DualReal's StageBlender controller over the two LoRAs."""
+
+    subject: SubjectSettings = field(default_factory=SubjectSettings)
+    motion: MotionSettings = field(default_factory=MotionSettings)
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(steps=600, lr=1e-4))
+    motion_probability: float = 0.5
+    controller: JointController | None = None
+
+
+RECIPES = {"subject": SubjectSettings, "motion": MotionSettings, "joint": JointSettings, "dualreal": DualRealSettings}
+
+
+@dataclass
+class ModelConfig:
+    path: Path  # ComfyUI single file, diffusers transformer folder, or diffusers pipeline folder
+    vae: Path | None = None  # diffusers AutoencoderKLWan folder (default: the pipeline's vae/)
+    text_encoder: Path | None = None  # transformers UMT5 folder (default: the pipeline's text_encoder/)
+    tokenizer: Path | None = None  # default: the pipeline's tokenizer/, else the text encoder's folder
+    dtype: str = "auto"  # the weights' storage: auto = bf16 on CUDA, fp32 on a CPU
+    training_dtype: str = "auto"  # engine.compute_dtype's: auto = bf16 on CUDA, fp32 on a CPU
+    device: str = "auto"  # auto: the first CUDA device, else the CPU
+    text_tokens: int = WAN_TEXT_TOKENS
+
+
+@dataclass
+class DatasetConfig:
+    path: Path
+    kind: str  # "photos": a folder of images; "clips": a folder of video files and folders of frames
+    use: str  # what the recipe learns it as (default: photos -> subject; clips -> motion, preservation for subject)
+    caption: str = ""  # for items without a sidecar caption (same stem, .txt)
+    trigger_words: str = ""  # the subject's words in the captions (token attention, trigger embedding)
+    mask_folder: str = "masks"  # masks in this sub-folder under the photo's name...
+    mask_suffix: str = "_mask"  # ...or beside the photo as <stem><suffix>.<image suffix>
+    frames: int | None = None  # clips: the first N frames of each (None: all; all clips the same length)
+    stills: int = 8  # clips: single frames of each encoded as images (the motion recipe's spatial phase)
+    hue_copies: int = 0
+    moving_clips: int = 0  # photos: per photo, clips of the subject sliding over its background (needs masks)
+    moving_frames: int = 17
+
+
+@dataclass
+class OutputConfig:
+    folder: Path
+    name: str
+    checkpoint_every: int = 100
+    checkpoints: Path | None = None  # default: <folder>/checkpoints/<name>
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        return self.checkpoints or self.folder / "checkpoints" / self.name
+
+
+@dataclass
+class TrainConfig:
+    source: Path
+    model: ModelConfig
+    datasets: list[DatasetConfig]
+    recipe: str
+    settings: Any  # RECIPES[recipe]
+    output: OutputConfig
+
+    @property
+    def optim(self) -> OptimSettings:
+        return self.settings.optim
+
+    def as_dict(self) -> dict:
+        """The resolved config (paths absolute, every setting with its value), as `--dry-run` prints it."""
+        def plain(x):
+            if dataclasses.is_dataclass(x):
+                return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+            if isinstance(x, (list, tuple)):
+                return [plain(v) for v in x]
+            return str(x) if isinstance(x, Path) else x
+
+        return {"model": plain(self.model), "datasets": plain(self.datasets),
+                "recipe": {"type": self.recipe, **plain(self.settings)}, "output": plain(self.output)}
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])}" if args[-1] is Ellipsis else \
+            f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if dataclasses.is_dataclass(hint):
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(hint,
+                                                                                                           str(hint))
+
+
+_NOT_CONVERTED = object()
+
+
+def _converted(hint, value, key: str):
+    """A TOML value as the field's type (lists as tuples, integers as floats where a float is wanted), or refused
+    naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    ok = _NOT_CONVERTED
+    if origin in (typing.Union, types.UnionType):
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _converted(option, value, key)
+            except InputError:
+                continue
+    elif origin is tuple and isinstance(value, list):
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(items) == len(value):
+            return tuple(_converted(h, v, f"{key}[{i}]") for i, (h, v) in enumerate(zip(items, value)))
+    elif hint is bool:
+        ok = value if isinstance(value, bool) else _NOT_CONVERTED
+    elif hint is int:
+        ok = value if isinstance(value, int) and not isinstance(value, bool) else _NOT_CONVERTED
+    elif hint is float:
+        ok = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NOT_CONVERTED
+    elif hint in (str, Path):
+        ok = hint(value) if isinstance(value, str) else _NOT_CONVERTED
+    if ok is not _NOT_CONVERTED:
+        return ok
+    raise InputError(key, f"{value!r} is {type(value).__name__}", _type_name(hint))
+
+
+def _filled(default, table: Any, where: str):
+    """`default` (a settings dataclass) with the table's keys set; nested settings from sub-tables. `where`: the
+    table as the config names it (`[recipe]`), for messages."""
+    if not isinstance(table, dict):
+        raise InputError(where, f"{table!r} is not a table", "a table of settings")
+    hints = typing.get_type_hints(type(default))
+    valid = [f.name for f in dataclasses.fields(default)]
+    for key in table:
+        if key not in valid:
+            raise InputError(where, f"unknown key '{key}'", "valid: " + ", ".join(valid))
+    changes = {}
+    for key, value in table.items():
+        hint = hints[key]
+        nested = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        if nested is not None:
+            inner = getattr(default, key)
+            changes[key] = _filled(inner if inner is not None else nested(), value, f"{where[:-1]}.{key}]")
+        else:
+            changes[key] = _converted(hint, value, f"{where} {key}")
+    return dataclasses.replace(default, **changes)
+
+
+def _path(base: Path, value: Any, key: str, must_exist: bool = True) -> Path:
+    path = (base / _converted(Path, value, key)).resolve()
+    if must_exist and not path.exists():
+        raise InputError(key, f"'{path}' does not exist", "the path of an existing file or folder (relative paths "
+                                                          "start at the config file's folder)")
+    return path
+
+
+def _section(raw: dict, name: str, where: str, required: tuple[str, ...], valid: list[str]) -> dict:
+    table = raw.get(name)
+    if not isinstance(table, dict):
+        raise InputError(where, "is missing" if table is None else f"{table!r} is not a table", "a table of settings")
+    for key in table:
+        if key not in valid:
+            raise InputError(where, f"unknown key '{key}'", "valid: " + ", ".join(valid))
+    for key in required:
+        if key not in table:
+            raise InputError(where, f"key '{key}' is missing", f"{key} = ... in {where}")
+    return table
+
+
+def _one_of(value: Any, options: tuple[str, ...], key: str) -> str:
+    value = _converted(str, value, key)
+    if value not in options:
+        raise InputError(key, f"'{value}'", "one of " + ", ".join(options))
+    return value
+
+
+def _model(raw: dict, base: Path) -> ModelConfig:
+    valid = [f.name for f in dataclasses.fields(ModelConfig)]
+    table = _section(raw, "model", "[model]", ("path",), valid)
+    paths = {k: _path(base, table[k], f"[model] {k}") for k in ("path", "vae", "text_encoder", "tokenizer") if k in table}
+    model = dataclasses.replace(ModelConfig(paths.pop("path")), **paths)
+    model = _filled(model, {k: v for k, v in table.items() if k not in ("path", *paths)}, "[model]")
+    _one_of(model.dtype, WEIGHT_DTYPES, "[model] dtype")
+    _one_of(model.training_dtype, TRAINING_DTYPES, "[model] training_dtype")
+    if model.text_tokens < 1:
+        raise InputError("[model] text_tokens", f"{model.text_tokens}", "at least 1 (Wan: 512)")
+    return model
+
+
+def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
+    tables = raw.get("datasets")
+    if not isinstance(tables, list) or not tables:
+        raise InputError("[[datasets]]", "is missing" if tables is None else "is not a list of tables",
+                         "one or more [[datasets]] tables, each with a path")
+    valid = [f.name for f in dataclasses.fields(DatasetConfig)]
+    found = []
+    for i, table in enumerate(tables):
+        where = f"[[datasets]] #{i + 1}"
+        if not isinstance(table, dict):
+            raise InputError(where, f"{table!r} is not a table", "a table with a path")
+        for key in table:
+            if key not in valid:
+                raise InputError(where, f"unknown key '{key}'", "valid: " + ", ".join(valid))
+        if "path" not in table:
+            raise InputError(where, "key 'path' is missing", "path = \"a folder of photos or clips\"")
+        path = _path(base, table["path"], f"{where} path")
+        if not path.is_dir():
+            raise InputError(f"{where} path", f"'{path}' is not a folder", "a folder of photos or of clips")
+        kind = _one_of(table.get("kind", "photos"), DATASET_KINDS, f"{where} kind")
+        default_use = "subject" if kind == "photos" else ("preservation" if recipe == "subject" else "motion")
+        use = _one_of(table.get("use", default_use), DATASET_USES, f"{where} use")
+        if kind == "photos" and use != "subject":
+            raise InputError(f"{where} use", f"'{use}' for photos", "'subject' (photos are a subject's)")
+        if kind == "clips" and use == "subject":
+            raise InputError(f"{where} use", "'subject' for clips", "'motion' or 'preservation'")
+        rest = {k: v for k, v in table.items() if k not in ("path", "kind", "use")}
+        data = _filled(DatasetConfig(path, kind, use), rest, where)
+        for key, low in (("frames", 1), ("stills", 0), ("hue_copies", 0), ("moving_clips", 0), ("moving_frames", 2)):
+            value = getattr(data, key)
+            if value is not None and value < low:
+                raise InputError(f"{where} {key}", f"{value}", f"{low} or more")
+        found.append(data)
+    needed, optional = RECIPE_USES[recipe]
+    uses = {d.use for d in found}
+    if needed - uses:
+        raise InputError("[[datasets]]", f"no dataset to use as {' and '.join(sorted(needed - uses))}",
+                         f"the {recipe} recipe's data: " + ", ".join(sorted(needed)) + " (" + ", ".join(
+                             f"use = \"{u}\"" for u in sorted(needed)) + ")")
+    if uses - needed - optional:
+        raise InputError("[[datasets]]", f"datasets used as {', '.join(sorted(uses - needed - optional))}",
+                         f"what the {recipe} recipe learns from: " + ", ".join(sorted(needed | optional)))
+    return found
+
+
+def _recipe(raw: dict, steps: int | None, checkpoint_every: int) -> tuple[str, Any]:
+    table = raw.get("recipe")
+    if not isinstance(table, dict):
+        raise InputError("[recipe]", "is missing" if table is None else "is not a table",
+                         "a [recipe] table with type = " + " | ".join(f'"{r}"' for r in RECIPES))
+    if "type" not in table:
+        raise InputError("[recipe]", "key 'type' is missing", "type = " + " | ".join(f'"{r}"' for r in RECIPES))
+    recipe = _one_of(table["type"], tuple(RECIPES), "[recipe] type")
+    default = RECIPES[recipe]()
+    given = {k: v for k, v in table.items() if k != "type"}
+    optim_given = dict(given.get("optim", {})) if isinstance(given.get("optim"), dict) else given.get("optim", {})
+    if "checkpoint_every" in (optim_given or {}):
+        raise InputError("[recipe.optim]", "unknown key 'checkpoint_every'", "checkpoint_every in [output]")
+    settings = _filled(default, given, "[recipe]")
+    optim = settings.optim
+    if steps is not None:
+        optim = dataclasses.replace(optim, steps=steps)
+    if "warmup" not in (optim_given or {}):
+        optim = dataclasses.replace(optim, warmup=min(default.optim.warmup, optim.steps // WARMUP_SHARE[recipe]))
+    return recipe, dataclasses.replace(settings, optim=dataclasses.replace(optim, checkpoint_every=checkpoint_every))
+
+
+def _output(raw: dict, base: Path, recipe: str) -> OutputConfig:
+    valid = [f.name for f in dataclasses.fields(OutputConfig)]
+    table = _section(raw, "output", "[output]", ("folder",), valid)
+    name = _converted(str, table.get("name", recipe), "[output] name")
+    if not name or Path(name).name != name or name.startswith("."):
+        raise InputError("[output] name", f"'{name}'", "a file name without folders, e.g. \"my_dog\"")
+    every = _converted(int, table.get("checkpoint_every", 100), "[output] checkpoint_every")
+    if every < 1:
+        raise InputError("[output] checkpoint_every", f"{every}", "at least 1 step")
+    checkpoints = _path(base, table["checkpoints"], "[output] checkpoints", must_exist=False) \
+        if "checkpoints" in table else None
+    return OutputConfig(_path(base, table["folder"], "[output] folder", must_exist=False), name, every, checkpoints)
+
+
+def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
+    """Read and check a training config (see the module's docstring); `steps` replaces the recipe's step count."""
+    source = Path(path).resolve()
+    if not source.is_file():
+        raise InputError("CONFIG", f"'{source}' does not exist", "the path of a .toml training config")
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError("CONFIG", f"'{source.name}' is not valid TOML ({e})", "a TOML file") from None
+    for key in raw:
+        if key not in SECTIONS:
+            raise InputError("CONFIG", f"unknown section '{key}'", "sections: [model], [[datasets]], [recipe], [output]")
+    if steps is not None and steps < 1:
+        raise InputError("--steps", f"{steps}", "at least 1 step")
+    base = source.parent
+    model = _model(raw, base)
+    output_table = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    every = _converted(int, output_table.get("checkpoint_every", 100), "[output] checkpoint_every")
+    recipe, settings = _recipe(raw, steps, max(every, 1))
+    return TrainConfig(source, model, _datasets(raw, base, recipe), recipe, settings, _output(raw, base, recipe))
+
+
+# --- the items of a dataset folder ------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One photo or clip of a dataset folder, with its mask (photos) and caption."""
+
+    path: Path
+    caption: str
+    mask: Path | None = None
+
+
+def _caption(item: Path, data: DatasetConfig) -> str:
+    sidecar = item.with_suffix(".txt") if item.is_file() else item.with_name(item.name + ".txt")
+    text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else data.caption.strip()
+    if not text:
+        raise InputError("[[datasets]] caption", f"'{item.name}' has no caption ({sidecar.name} is missing and the "
+                         "dataset has no caption)", f"a sidecar {sidecar.name}, or caption = \"...\" in the dataset")
+    return " ".join(text.split())
+
+
+def _mask_for(photo: Path, data: DatasetConfig) -> Path | None:
+    from ..eval.files import IMAGE_SUFFIXES
+
+    folder = data.path / data.mask_folder
+    candidates = [folder / (photo.stem + s) for s in IMAGE_SUFFIXES] if data.mask_folder and folder.is_dir() else []
+    candidates += [photo.with_name(photo.stem + data.mask_suffix + s) for s in IMAGE_SUFFIXES] if data.mask_suffix else []
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def dataset_items(data: DatasetConfig) -> list[Item]:
+    """The photos (with their masks: in `mask_folder` under the photo's name, or beside it with `mask_suffix`) or
+    the clips (video files, and sub-folders of frame images) of a dataset folder, in name order, with captions."""
+    from ..eval.files import IMAGE_SUFFIXES
+
+    entries = sorted(data.path.iterdir())
+    if data.kind == "photos":
+        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                 and not (data.mask_suffix and p.stem.endswith(data.mask_suffix))]
+        items = [Item(p, _caption(p, data), _mask_for(p, data)) for p in files]
+        with_mask = [i for i in items if i.mask is not None]
+        if with_mask and len(with_mask) != len(items):
+            missing = next(i.path.name for i in items if i.mask is None)
+            raise InputError("[[datasets]] masks", f"'{missing}' in '{data.path}' has no mask and other photos have",
+                             f"a mask for every photo (in {data.mask_folder}/ under the photo's name, or "
+                             f"<name>{data.mask_suffix}.png beside it), or for none")
+    else:
+        items = [Item(p, _caption(p, data)) for p in entries
+                 if (p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES) or
+                 (p.is_dir() and p.name != data.mask_folder and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()))]
+    if not items:
+        what = "image files" if data.kind == "photos" else "video files or folders of frame images"
+        raise InputError("[[datasets]] path", f"'{data.path}' holds no {data.kind}", f"a folder of {what}")
+    return items
+
+
+# --- the base model, VAE and text encoder (host-free) -------------------------------------------------------------
+def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError("[model] device", f"'{name}'", "auto, cpu, cuda or cuda:N") from None
+
+
+def _pipeline_part(model: ModelConfig, part: str) -> Path | None:
+    """A diffusers pipeline folder's sub-folder (`vae`, `text_encoder`, `tokenizer`), if the model is one."""
+    folder = model.path / part
+    return folder if model.path.is_dir() and (model.path / "transformer").is_dir() and folder.is_dir() else None
+
+
+def comfy_wan_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """diffusers' `WanTransformer3DModel` arguments for a ComfyUI-layout Wan 2.x text-to-video state dict, read off
+    its weights' shapes as ComfyUI's model detection reads them (128-wide attention heads)."""
+    dim = state_dict["head.modulation"].shape[-1]
+    patch = tuple(state_dict["patch_embedding.weight"].shape[2:])
+    return dict(patch_size=patch, num_attention_heads=dim // 128, attention_head_dim=128,
+                in_channels=state_dict["patch_embedding.weight"].shape[1],
+                out_channels=state_dict["head.head.weight"].shape[0] // (patch[0] * patch[1] * patch[2]),
+                text_dim=state_dict["text_embedding.0.weight"].shape[1],
+                freq_dim=state_dict["time_embedding.0.weight"].shape[1],
+                ffn_dim=state_dict["blocks.0.ffn.0.weight"].shape[0],
+                num_layers=1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")),
+                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+
+
+def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] path") -> torch.nn.Module:
+    """diffusers' `WanTransformer3DModel` from a ComfyUI single file (converted by diffusers' own converter), a
+    diffusers transformer folder, or a diffusers pipeline folder (its transformer/)."""
+    from diffusers import WanTransformer3DModel
+
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        if not (folder / "config.json").is_file():
+            raise InputError(key, f"'{path}' is neither a diffusers Wan transformer folder nor a pipeline folder",
+                             "a ComfyUI Wan checkpoint (.safetensors), or a diffusers folder with config.json")
+        try:
+            return WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype).eval()
+        except (OSError, ValueError, TypeError) as e:
+            raise InputError(key, f"'{folder}' could not be loaded as a WanTransformer3DModel ({e})",
+                             "a diffusers Wan transformer folder") from None
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from diffusers.utils import is_accelerate_available
+
+    from ..files import load_state_dict
+
+    state = load_state_dict(path, key)
+    prefix = next((p for p in ("model.diffusion_model.", "diffusion_model.") if any(k.startswith(p) for k in state)), "")
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if "head.modulation" not in state or "patch_embedding.weight" not in state:
+        raise InputError(key, f"'{path.name}' is not a Wan diffusion model (no head.modulation weight)",
+                         "a ComfyUI Wan 2.x checkpoint from models/diffusion_models")
+    extra = sorted({k.split(".")[0] for k in state} - {"patch_embedding", "text_embedding", "time_embedding",
+                                                       "time_projection", "blocks", "head"})
+    if extra:
+        raise InputError(key, f"'{path.name}' holds parts of another Wan model type ({', '.join(extra)})",
+                         "a Wan text-to-video checkpoint (image-to-video, VACE and others are not trained from a config)")
+    config = comfy_wan_config(state)
+    if config["num_attention_heads"] * 128 != state["head.modulation"].shape[-1]:
+        raise InputError(key, f"width {state['head.modulation'].shape[-1]}", "a Wan model with 128-wide attention heads")
+    # Without accelerate the model is built with random weights first, which the file's then replace.
+    if is_accelerate_available():
+        from accelerate import init_empty_weights
+    with init_empty_weights() if is_accelerate_available() else contextlib.nullcontext():
+        model = WanTransformer3DModel(**config)
+    converted = convert_wan_transformer_to_diffusers(state)
+    try:
+        model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise InputError(key, f"'{path.name}' does not match a Wan text-to-video model ({str(e)[:300]})",
+                         "an unquantized Wan 2.x checkpoint (fp32, bf16 or fp16)") from None
+    return model.eval()
+
+
+def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
+    """diffusers' `AutoencoderKLWan`'s encode as the datasets' builders call it (pixels `[N, F, H, W, 3]` in [0, 1]
+    -> latents normalised by the VAE's latent mean and std, as Wan's pipelines and ComfyUI's latent format do),
+    and its frames per latent frame."""
+    from diffusers import AutoencoderKLWan
+
+    try:
+        vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError("[model] vae", f"'{folder}' could not be loaded as a diffusers AutoencoderKLWan ({e})",
+                         "a diffusers-layout Wan VAE folder (config.json + weights); or " + NOT_HOST_FREE) from None
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode(clips: torch.Tensor) -> torch.Tensor:
+        pixels = clips[..., :3].permute(0, 4, 1, 2, 3) * 2 - 1  # [N, 3, F, H, W] in [-1, 1]
+        latents = vae.encode(pixels.to(device, dtype)).latent_dist.mode()
+        return (latents.float().cpu() - mean) / std
+
+    return encode, int(vae.config.scale_factor_temporal)
+
+
+@dataclass
+class TextEncoder:
+    """A UMT5 text encoder and its tokenizer, encoding prompts as Wan's pipelines do: the prompt's tokens' last
+    hidden states, zeros after them up to `tokens`."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    tokens: int
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.tokens, truncation=True,
+                               add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = batch.attention_mask.to(self.device)
+        hidden = self.model(batch.input_ids.to(self.device), mask).last_hidden_state
+        return (hidden * mask[..., None]).float().cpu()
+
+    def positions(self, prompt: str, words: str, key: str) -> tuple[int, ...]:
+        """Where `words` sit among the prompt's context rows."""
+        from ..control.boxes import word_positions
+
+        ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        return word_positions(ids, {w: self.tokenizer(w, add_special_tokens=False).input_ids for w in words.split()},
+                              key, prompt)
+
+
+def _text_encoder(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    folder = model.text_encoder or _pipeline_part(model, "text_encoder")
+    tokenizer = model.tokenizer or _pipeline_part(model, "tokenizer") or folder
+    if folder is None:
+        raise InputError("[model] text_encoder", "not given, and the model is not a diffusers pipeline folder",
+                         "the folder of a transformers UMT5 encoder; or " + NOT_HOST_FREE)
+    try:
+        encoder = UMT5EncoderModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError("[model] text_encoder", f"'{folder}' could not be loaded as a transformers UMT5 encoder ({e})",
+                         "a transformers-layout UMT5 folder (config.json + weights); or " + NOT_HOST_FREE) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError("[model] tokenizer", f"'{tokenizer}' holds no tokenizer ({e})",
+                         "the text encoder's tokenizer folder (tokenizer.json or spiece.model)") from None
+    return TextEncoder(encoder, tok, device, model.text_tokens)
+
+
+def _vae_folder(model: ModelConfig) -> Path:
+    folder = model.vae or _pipeline_part(model, "vae")
+    if folder is None:
+        raise InputError("[model] vae", "not given, and the model is not a diffusers pipeline folder",
+                         "the folder of a diffusers AutoencoderKLWan; or " + NOT_HOST_FREE)
+    return folder
+
+
+# --- the datasets, encoded ----------------------------------------------------------------------------------------
+def _same_size(items: list[torch.Tensor], data: DatasetConfig, what: str) -> None:
+    sizes = sorted({tuple(t.shape[:-1]) for t in items})
+    if len(sizes) > 1:
+        raise InputError(f"[[datasets]] {data.path.name}", f"{what} of different sizes {sizes}",
+                         f"{what} of one size (and, for clips, one frame count: set frames = N) in a dataset")
+
+
+def _read_clips(data: DatasetConfig, items: list[Item], frame_step: int) -> list[torch.Tensor]:
+    from ..eval.files import read_clip
+
+    clips = [read_clip(i.path, f"[[datasets]] {data.path.name}", data.frames) for i in items]
+    short = [i.path.name for i, c in zip(items, clips) if data.frames is not None and c.shape[0] < data.frames]
+    if short:
+        raise InputError(f"[[datasets]] {data.path.name} frames", f"{short[0]} has fewer than {data.frames} frames",
+                         "a frame count every clip has")
+    _same_size(clips, data, "clips")
+    count = clips[0].shape[0]
+    if count % frame_step != 1 % frame_step or count < 2:
+        raise InputError(f"[[datasets]] {data.path.name} frames", f"clips of {count} frames",
+                         f"a count the VAE encodes whole: 1 + {frame_step}k frames (e.g. 17, 33, 81); set frames = N")
+    return clips
+
+
+def _captions_context(items: list[Item], text: TextEncoder) -> torch.Tensor:
+    """One conditioning row per item, or one for all where every caption is the same."""
+    captions = [i.caption for i in items]
+    return text(captions[:1]) if len(set(captions)) == 1 else text(captions)
+
+
+def _photo_set(data: DatasetConfig, encode: Callable, text: TextEncoder, preservation, frame_step: int):
+    from ..eval.files import read_image
+    from .datasets import subject_set
+
+    items = dataset_items(data)
+    photos = [read_image(i.path, f"[[datasets]] {data.path.name}")[0] for i in items]
+    _same_size(photos, data, "photos")
+    masks = [read_image(i.mask, f"[[datasets]] {data.path.name} masks")[0].mean(-1) for i in items] \
+        if items[0].mask is not None else None
+    tokens = None
+    words = " ".join(data.trigger_words.split())
+    if words:
+        found = {text.positions(i.caption, words, f"[[datasets]] {data.path.name} trigger_words") for i in items}
+        if len(found) > 1:
+            raise InputError(f"[[datasets]] {data.path.name} trigger_words", "they sit at other places in different "
+                             "captions", "captions that put the trigger words at the same place (e.g. all 'a sks dog "
+                             "...')")
+        tokens = found.pop()
+    return subject_set(torch.stack(photos), encode, _captions_context(items, text), masks, None, preservation, tokens,
+                       words, data.moving_clips, data.moving_frames, frame_step=frame_step)
+
+
+def _clip_set(data: DatasetConfig, encode: Callable, text: TextEncoder, frame_step: int):
+    from .datasets import clip_set
+
+    items = dataset_items(data)
+    return clip_set(_read_clips(data, items, frame_step), encode, _captions_context(items, text),
+                    stills=data.stills, hue_copies=data.hue_copies)
+
+
+def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The config's datasets encoded by its VAE and text encoder, joined by use: {"subject": SubjectSet (with the
+    preservation clips), "motion": VideoSet}; the encoders are let go before training."""
+    from .datasets import append_clips, append_photos
+
+    encode, frame_step = _vae_encoder(_vae_folder(config.model), device, dtype)
+    text = _text_encoder(config.model, device, dtype)
+    clips: dict[str, Any] = {}
+    for data in (d for d in config.datasets if d.kind == "clips"):
+        new = _clip_set(data, encode, text, frame_step)
+        clips[data.use] = append_clips(clips[data.use], new) if data.use in clips else new
+    subject = None
+    for data in (d for d in config.datasets if d.kind == "photos"):
+        new = _photo_set(data, encode, text, clips.get("preservation"), frame_step)
+        subject = new if subject is None else append_photos(subject, new)
+    del encode, text
+    gc.collect()
+    return {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
+
+
+# --- training and its files -------------------------------------------------------------------------------------
+def output_files(config: TrainConfig) -> dict[str, Path]:
+    """What a run writes, by what it is: the recipe's files (as the pack's save nodes write them), the loss history
+    and its plot."""
+    out, name, s = config.output.folder, config.output.name, config.settings
+    files = {"lora": out / f"{name}.safetensors"} if config.recipe in ("subject", "motion") else {}
+    if config.recipe == "subject" and s.trigger_embedding:
+        files["trigger_embedding"] = out / f"{name}_trigger_embedding.safetensors"
+    if config.recipe == "joint":
+        files |= {"subject_lora": out / f"{name}_subject.safetensors", "motion_lora": out / f"{name}_motion.safetensors",
+                  "dualreal": out / f"{name}_dualreal.safetensors"}
+        if s.subject.trigger_embedding:
+            files["trigger_embedding"] = out / f"{name}_trigger_embedding.safetensors"
+    if config.recipe == "dualreal":
+        files["dualreal"] = out / f"{name}.safetensors"
+    return files | {"history": out / f"{name}_history.json", "loss_plot": out / f"{name}_loss.png"}
+
+
+def _trigger_words(config: TrainConfig) -> str:
+    return next((" ".join(d.trigger_words.split()) for d in config.datasets if d.kind == "photos" and d.trigger_words),
+                "")
+
+
+def _run_recipe(config: TrainConfig, backbone, data: dict, device: torch.device, progress: Progress | None,
+                log: Callable[[str], None] | None) -> list:
+    """The recipe's `TrainedParts` (one per recipe of the run)."""
+    from .customize import train_joint, train_motion, train_subject
+    from .dualreal import train_dualreal
+    from .engine import TRAINING_DTYPES as DTYPES
+
+    s, workdir = config.settings, config.output.checkpoint_folder
+    common = dict(workdir=workdir, progress=progress, log=log, device=device,
+                  dtype=None if config.model.training_dtype == "auto" else DTYPES[config.model.training_dtype])
+    if config.recipe == "subject":
+        return [train_subject(backbone, data["subject"], s, **common)]
+    if config.recipe == "motion":
+        return [train_motion(backbone, data["motion"], s, **common)]
+    if config.recipe == "joint":
+        return list(train_joint(backbone, data["subject"], data["motion"], s.subject, s.motion, s.optim,
+                                s.motion_probability, controller=s.controller, **common))
+    return [train_dualreal(backbone, data["subject"], data["motion"], s, **common)]
+
+
+def write_outputs(config: TrainConfig, backbone, trained: list) -> dict[str, Path]:
+    """The run's files (`output_files`), each written atomically."""
+    from ..adapters.dualreal import save_dualreal
+    from ..adapters.embedding import save_trigger_embedding
+    from ..adapters.lora import save_lora
+    from ..files import atomic_path
+    from ..media import loss_plot, save_png
+    from .customize import joint_dualreal
+    from .dualreal import dualreal_weights
+
+    files = output_files(config)
+    words = _trigger_words(config)
+    info = {"config": str(config.source)}
+    if "lora" in files:
+        save_lora(files["lora"], trained[0].tensors, trained[0].spec, backbone, info,
+                  trigger_words=words if config.recipe == "subject" else "")
+    if "subject_lora" in files:
+        save_lora(files["subject_lora"], trained[0].tensors, trained[0].spec, backbone, info, trigger_words=words)
+        save_lora(files["motion_lora"], trained[1].tensors, trained[1].spec, backbone, info, trigger_words="")
+        save_dualreal(files["dualreal"], joint_dualreal(tuple(trained), backbone))
+    if config.recipe == "dualreal":
+        save_dualreal(files["dualreal"], dualreal_weights(trained[0], config.settings.name))
+    if "trigger_embedding" in files:
+        save_trigger_embedding(files["trigger_embedding"], trained[0].learned_trigger())
+    history = trained[0].history
+    with atomic_path(files["history"]) as tmp:
+        tmp.write_text(json.dumps(history, indent=1))
+    save_png(loss_plot(history)[0], files["loss_plot"])
+    return files
+
+
+def train_from_config(config: TrainConfig, progress: Progress | None = None,
+                      log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Run a config: load the base model, encode the datasets, train the recipe (resuming a matching checkpoint in
+    the checkpoint folder), write the files. `progress(step, total, record)` after each step (it may raise to stop;
+    the checkpoint of the last `checkpoint_every` is kept); `log`: what became of the checkpoint. Returns the files
+    written, by what they are (`output_files`)."""
+    from ..backbones.wan import describe
+
+    device = _device(config.model.device)
+    weights = _torch_dtype(config.model.dtype, device)
+    data = build_datasets(config, device, weights)
+    model = load_wan_transformer(config.model.path, weights).to(device)
+    backbone = describe(model)
+    trained = _run_recipe(config, backbone, data, device, progress, log)
+    return write_outputs(config, backbone, trained)
+
+
+def dry_run(config: TrainConfig) -> dict:
+    """What `train_from_config` would do, without loading a model: the resolved config, each dataset's items, the
+    steps (and those a checkpoint already holds) and the files it would write."""
+    datasets = []
+    for data in config.datasets:
+        items = dataset_items(data)
+        datasets.append({"path": str(data.path), "kind": data.kind, "use": data.use, "items": len(items),
+                         "masks": sum(i.mask is not None for i in items),
+                         "captions": sorted({i.caption for i in items})})
+    checkpoint = config.output.checkpoint_folder / CHECKPOINT_FILE
+    return {"config": config.as_dict(), "recipe": config.recipe, "steps": config.optim.steps, "datasets": datasets,
+            "checkpoint": str(checkpoint) + (" (exists: a matching one is resumed)" if checkpoint.exists() else ""),
+            "writes": {k: str(v) for k, v in output_files(config).items()}}
