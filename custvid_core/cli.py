@@ -201,6 +201,7 @@ def train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .training.config import dry_run, load_config, train_from_config
+    from .training.distributed import is_main_process
 
     config = load_config(args.config, steps=args.steps)
     if args.dry_run:
@@ -208,7 +209,8 @@ def train(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    bar = tqdm(total=config.optim.steps, desc=f"{config.recipe} ({config.output.name})", unit="step")
+    main = is_main_process()  # under a launcher, the main process shows the progress and says what it wrote
+    bar = tqdm(total=config.optim.steps, desc=f"{config.recipe} ({config.output.name})", unit="step", disable=not main)
 
     def progress(step: int, total: int, record: dict) -> None:
         bar.n = step
@@ -218,7 +220,8 @@ def train(args: argparse.Namespace) -> int:
         files = train_from_config(config, progress=progress, log=lambda message: tqdm.write(message))
     finally:
         bar.close()
-    print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+    if main:
+        print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
     return 0
 
 

@@ -5,8 +5,8 @@ this process and under `accelerate launch --multi_gpu --num_processes 2` (this f
 process draws the whole batch from the shared seeded generator and computes its half, so the runs see the same
 global batch; they differ only in float summation order (a forward over 1 row instead of 2, the all-reduce's
 sums), hence a tolerance of 1e-5 (relative) on the losses and gradient norms where the recorded curves use 1e-6
-for identical arithmetic, and 1e-4 of each LoRA tensor's norm on the LoRA (`LORA_TOLERANCE`). Every mask has the
-same area, so the masked region loss averaged over the halves is the whole batch's.
+for identical arithmetic, and 1e-4 of each LoRA tensor's norm on the LoRA (`LORA_TOLERANCE`). The masks differ in
+area, so the masked region loss of a half must be weighed by its part of the whole batch's mask.
 """
 
 import json
@@ -34,7 +34,8 @@ def _subject_set():
 
     g = torch.Generator().manual_seed(3)
     masks = torch.zeros(4, 1, 1, 8, 8)
-    masks[..., 2:6, 1:5] = 1
+    for i in range(4):  # of different areas: the region loss of a share is weighed by its part of the batch's mask
+        masks[i, ..., 2:4 + i, 1:5] = 1
     clips = VideoSet(torch.randn(3, 16, 2, 8, 8, generator=g), torch.randn(3, 5, 64, generator=g))
     return SubjectSet(torch.randn(4, 16, 1, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g), masks,
                       torch.randn(4, 24, 5, 5, generator=g), clips, subject_tokens=(1, 2), trigger_words="sks")
@@ -61,14 +62,19 @@ def _train(steps: int, workdir: str | None = None) -> dict:
 def _launched(tmp_path: Path, processes: int, steps: int, workdir: Path | None = None) -> list[dict]:
     """`_train` under `accelerate launch` with `processes` CPU processes; each process's result."""
     out = tmp_path / f"run{processes}_{steps}"
+    _launch(processes, [__file__, str(out), str(steps), str(workdir or "")])
+    return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+def _launch(processes: int, script: list[str]) -> str:
+    """Run `script` (a file or -m module, and its arguments) under `accelerate launch`; its standard output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # accelerate's --cpu launches through MPI; its torchrun launcher (--multi_gpu) starts CPU processes as well.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__,
-               str(out), str(steps), str(workdir or "")]
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(processes)]
+    return done.stdout
 
 
 def _assert_same(got: dict, expected: dict):
@@ -122,6 +128,27 @@ def test_a_checkpoint_of_one_process_resumes_on_two(tmp_path, alone):
     assert main["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"]
     _assert_same(main, alone)
     _assert_same(other, alone)
+
+
+def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path, capsys):
+    from test_train_config import SUBJECT, tiny_pipeline, write_data
+
+    from custvid_core.adapters.lora import read_lora
+    from custvid_core.cli import main
+
+    tiny_pipeline(tmp_path / "wan")
+    write_data(tmp_path)
+    text = SUBJECT.replace("rank = 4", "rank = 4\nbatch = 2")  # a batch the 2 processes share
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.toml").write_text(text.replace('folder = "out_subject"', f'folder = "{name}"'))
+    assert main(["train", str(tmp_path / "one.toml")]) == 0
+    printed = _launch(2, ["-m", "custvid_core", "train", str(tmp_path / "two.toml")])
+    assert printed.count('"lora":') == 1  # the main process says what it wrote; the other is silent
+    history = [json.loads((tmp_path / name / "my_dog_history.json").read_text()) for name in ("two", "one")]
+    loras = [{k: v.tolist() for k, v in read_lora(tmp_path / name / "my_dog.safetensors")[0].items()}
+             for name in ("two", "one")]
+    _assert_same(*({"history": [{k: v for k, v in r.items() if k != "seconds"} for r in h], "lora": lora}
+                   for h, lora in zip(history, loras)))
 
 
 if __name__ == "__main__":

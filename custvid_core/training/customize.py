@@ -197,6 +197,7 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
             x0 = items.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
+            batch_mask = region_masks[moving][idx].to(ctx.device) if moving in region_masks else None
             idx, sigma, x, target = own_rows(idx, sigma, x, target)
             mask = region_masks[moving][idx].to(ctx.device) if moving in region_masks else None
             context = _rows(items.context, idx).to(ctx.device, ctx.dtype)
@@ -206,7 +207,7 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
                 attention = stack.enter_context(ctx.backbone.capture_cross_attention(attention_blocks)) \
                     if clip_attend else None
                 v = ctx.backbone.forward(x, sigma.to(ctx.device), context)
-            l_region = region_loss(v, target, mask)
+            l_region = region_loss(v, target, mask, batch_mask)
             total = l_region
             terms = {"region" if mask is not None else "mse": float(l_region.detach())}
             if photo_align:

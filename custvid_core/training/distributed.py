@@ -2,17 +2,20 @@
 
 Launch any training under `accelerate launch` (or `torchrun`): the loop then runs data parallel (PyTorch's DDP,
 set up by accelerate's `Accelerator`), with accelerate's gradient accumulation steps (`accelerate launch
---gradient_accumulation_steps K`, or `Parallel(accumulation=K)`). Without a launcher and without accumulation the
-loop runs on its own, as it always has.
+--gradient_accumulation_steps K`). Without a launcher and without accumulation the loop runs on its own, as it
+always has.
 
 Every process draws the step's whole batch (the recipe's `batch`, the global batch) from the run's shared seeded
 generator and computes only its share of the rows (`own_rows`, called by the tasks after their draws), so the
 global batch is the one-process run's. With K accumulation steps the batch is split into processes x K shares; a
 process runs its K micro-batches one after another, the generator rewound to the step's start for each, so every
 draw is the same. Gradients are averaged over the shares (DDP's all-reduce, accelerate's loss / K), which for
-losses that are means over the batch rows gives the one-process gradient; the logged loss is the mean over the
-shares. The trainable parts are replicated, so a checkpoint holds the full adapters and optimizer state and resumes
-on any process count. Only the main process writes files, logs and shows progress; the others wait at a barrier.
+losses that are means over the batch rows gives the one-process gradient (the masked region loss weighs a share by
+its part of the batch's mask, `objectives.region_loss`); the logged loss is the mean over the shares. A task that
+draws a single row (SynMotion's) computes it on every process: correct, not faster. The model and the trainable
+parts are replicated on every process (no FSDP), so a checkpoint holds the full adapters and optimizer state and
+resumes on any process count. Only the main process writes files, logs and shows progress; the others wait at a
+barrier.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -32,26 +34,37 @@ from ..errors import InputError
 _SHARE = contextvars.ContextVar("batch_share", default=(0, 1))
 
 
-@dataclass(frozen=True)
-class Parallel:
-    """How a run spreads its steps: `accumulation` micro-batches per step on each process (the batch must divide
-    into processes x accumulation shares). The process count is the launcher's."""
+def accumulation_steps() -> int:
+    """The micro-batches per step `accelerate launch --gradient_accumulation_steps K` asked for (1 without it)."""
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    if not steps.isdigit() or int(steps) < 1:
+        raise InputError("gradient_accumulation_steps", f"'{steps}'", "1 (none) or more steps")
+    return int(steps)
 
-    accumulation: int = 1
 
-    def __post_init__(self):
-        if self.accumulation < 1:
-            raise InputError("gradient_accumulation_steps", f"{self.accumulation}", "1 (none) or more")
+# Where launchers put the process count and this process's rank (torchrun; MPI, as accelerate's --cpu launches).
+COUNT_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
-    @classmethod
-    def launched(cls) -> Parallel:
-        """What `accelerate launch` asked for (its --gradient_accumulation_steps; 1 without it)."""
-        return cls(int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")))
+
+def _launcher_value(names: tuple[str, ...], default: int) -> int:
+    return next((int(os.environ[n]) for n in names if n in os.environ), default)
 
 
 def process_count() -> int:
     """The number of processes `accelerate launch` / `torchrun` started (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _launcher_value(COUNT_VARIABLES, 1)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (rank 0; the only process without a launcher)."""
+    return _launcher_value(RANK_VARIABLES, 0) == 0
+
+
+def process_device() -> torch.device:
+    """The device this process trains on by default: its own GPU under a launcher (cuda:LOCAL_RANK), the first GPU
+    without one, the CPU on a machine without GPUs."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def own_rows(*batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -63,13 +76,6 @@ def own_rows(*batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
                          f"a batch that is a multiple of {count}, or fewer processes or accumulation steps")
     size = rows // count
     return tuple(t[index * size:(index + 1) * size] for t in batch)
-
-
-def device() -> torch.device:
-    """The device this process trains on: its own GPU under a launcher (cuda:LOCAL_RANK), else accelerate's default."""
-    from accelerate import PartialState
-
-    return PartialState().device
 
 
 class _Trainable(nn.Module):
@@ -87,16 +93,16 @@ class _Trainable(nn.Module):
 class Session:
     """One run's accelerate side: the prepared (DDP) trainable module, the barrier, the main process."""
 
-    def __init__(self, params: list[nn.Parameter], step_fn: Callable, parallel: Parallel):
+    def __init__(self, params: list[nn.Parameter], step_fn: Callable, accumulation: int):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
         # A step may leave parts out of its graph (a task trains some groups, switches parts off). Without a GPU,
         # accelerate runs processes started by torchrun one by one unless told it is on CPUs.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=parallel.accumulation,
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=accumulation,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.module = self.accelerator.prepare_model(_Trainable(params, step_fn), device_placement=False)
-        self.accumulation = parallel.accumulation
+        self.accumulation = accumulation
 
     @property
     def is_main(self) -> bool:

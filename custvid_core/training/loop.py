@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import SHOWN_MODULE, InputError
 from ..files import atomic_path
-from .distributed import Parallel, Session, process_count
+from .distributed import Session, accumulation_steps, process_count
 from .fingerprint import settings_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -129,8 +129,7 @@ def _differences(old: dict, new: dict) -> str:
 
 def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
           workdir: str | Path | None = None, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None, about: dict | None = None,
-          parallel: Parallel | None = None) -> list[dict]:
+          log: Callable[[str], None] | None = None, about: dict | None = None) -> list[dict]:
     """Run `settings.steps` steps and return the loss history (one record per step).
 
     With `workdir`, a checkpoint there is resumed if it matches these groups and settings and `about`
@@ -141,8 +140,8 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
     Every random draw of a step comes from the generator `step_fn` is given (seeded with `settings.seed` and
     checkpointed with the parameters), so a resumed run draws what the uninterrupted one would have.
 
-    Under `accelerate launch`, or with `parallel`'s gradient accumulation (default: the launcher's), each process
-    computes its share of every step's batch (`distributed`); only the main process writes, logs and reports progress.
+    Under `accelerate launch` (or torchrun), and with its gradient accumulation, each process computes its share of
+    every step's batch (`distributed`); only the main process writes, logs and reports progress.
     """
     if not groups or not any(groups.values()):
         raise InputError("adapters", "nothing to train", "at least one adapter or trainable module")
@@ -156,8 +155,8 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
                               "weight_decay": settings.weight_decay} for n, ps in groups.items() if ps],
                             lr=settings.lr, betas=tuple(settings.betas))
     g = torch.Generator().manual_seed(settings.seed)
-    parallel = parallel or Parallel.launched()
-    session = Session(params, step_fn, parallel) if process_count() > 1 or parallel.accumulation > 1 else None
+    accumulation = accumulation_steps()
+    session = Session(params, step_fn, accumulation) if process_count() > 1 or accumulation > 1 else None
     main = session is None or session.is_main
     log = log if main else None
     history: list[dict] = []
