@@ -83,6 +83,8 @@ def _assert_same(got: dict, expected: dict):
         assert set(a) == set(b)
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=TOLERANCE, abs=1e-7), f"step {a['step']}, {k}: {a[k]} != {b[k]}"
+    losses = [(a["loss"], b["loss"]) for a, b in zip(got["history"], expected["history"])]
+    print(f"largest relative loss difference: {max(abs(a / b - 1) for a, b in losses):.3g}")
     worst = 0.0
     for name in expected["lora"]:
         a, b = torch.tensor(got["lora"][name]), torch.tensor(expected["lora"][name])
