@@ -209,18 +209,20 @@ def train(args: argparse.Namespace) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    main = is_main_process()  # under a launcher, the main process shows the progress and says what it wrote
-    bar = tqdm(total=config.optim.steps, desc=f"{config.recipe} ({config.output.name})", unit="step", disable=not main)
+    bars = []  # made at the first step, after the model is loaded and the data encoded (and from a resumed step)
 
     def progress(step: int, total: int, record: dict) -> None:
-        bar.n = step
-        bar.set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{record['seconds']:.2f}")
+        if not bars:
+            bars.append(tqdm(total=total, initial=step - 1, desc=f"{config.recipe} ({config.output.name})", unit="step"))
+        bars[0].set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{record['seconds']:.2f}", refresh=False)
+        bars[0].update(1)
 
     try:
         files = train_from_config(config, progress=progress, log=lambda message: tqdm.write(message))
     finally:
-        bar.close()
-    if main:
+        for bar in bars:
+            bar.close()
+    if is_main_process():  # under a launcher the main process, which shows the progress, says what it wrote
         print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
     return 0
 

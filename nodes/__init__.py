@@ -5,6 +5,7 @@ from typing_extensions import override
 
 from . import (
     control_nodes,
+    dataset_nodes,
     dualreal_nodes,
     embedding_nodes,
     metric_nodes,
@@ -25,7 +26,7 @@ class CustVidExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*representation_nodes.NODES, *training_nodes.NODES, *embedding_nodes.NODES, *schedule_nodes.NODES,
                 *world_nodes.NODES, *control_nodes.NODES, *dualreal_nodes.NODES,
-                *synmotion_nodes.NODES, *metric_nodes.NODES]
+                *synmotion_nodes.NODES, *metric_nodes.NODES, *dataset_nodes.NODES]
 
 
 async def comfy_entrypoint() -> CustVidExtension:

@@ -28,6 +28,7 @@ MODEL_FOLDERS = {
     "custvid_dualreal": os.path.join("custvid", "dualreal"),
     "custvid_synmotion": os.path.join("custvid", "synmotion"),
     "custvid_clip": os.path.join("custvid", "clip"),
+    "custvid_datasets": os.path.join("custvid", "datasets"),
 }
 
 

@@ -23,6 +23,7 @@ from ..custvid_core.adapters.synmotion import (
     with_embeddings,
 )
 from ..custvid_core.errors import InputError
+from ..custvid_core.training.datasets import single_size
 from ..custvid_core.training.fingerprint import content_digest
 from ..custvid_core.training.loop import warmup_steps
 from ..custvid_core.training.objectives import SigmaSampler
@@ -267,6 +268,7 @@ class TrainSynMotion(io.ComfyNode):
                 blocks_to_swap=0) -> io.NodeOutput:
         motion_words = " ".join(motion_words.split())
         captions = _captions(prompt, subject_words)
+        clips = single_size(clips, "clips")  # SynMotion learns from clips of one size
         positions = _clip_positions(clip, captions, motion_words, clips)
         subject_words = ", ".join(dict.fromkeys(subject for _, subject in captions))
         motion_phrase = _context(_conditioning(clip, [motion_words])[0], "motion_words")

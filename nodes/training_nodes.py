@@ -41,8 +41,9 @@ from ..custvid_core.training import (
     train_motion,
     train_subject,
 )
+from ..custvid_core.training.buckets import BucketRule
 from ..custvid_core.training.customize import MOTION_ALIGNMENT
-from ..custvid_core.training.datasets import converted
+from ..custvid_core.training.datasets import Bucketed, buckets_of, converted
 from ..custvid_core.training.loop import warmup_steps
 from ..custvid_core.training.objectives import SIGMA_SAMPLING
 from . import types
@@ -78,6 +79,44 @@ def _encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda clips: torch.cat([vae.encode(c[..., :3]).float().cpu() for c in clips])
 
 
+def bucket_inputs(item: str) -> list:
+    """A dataset node's size buckets: optional and after all its other inputs."""
+    return [
+        io.Boolean.Input("buckets", default=False, optional=True,
+                         tooltip=f"On: {item} of other sizes, aspect ratios and lengths than the earlier ones (add_to) "
+                                 "are each scaled and centre-cropped to a size bucket (the aspect ratio nearest "
+                                 "theirs within bucket_width x bucket_height pixels, on the model's grid) and clips "
+                                 "trimmed to a length the VAE encodes whole (1 + 4k on Wan); each training batch "
+                                 "comes from one bucket. Off: every item must have the first one's size and length. "
+                                 "Use it on every dataset node of a chain."),
+        io.Int.Input("bucket_width", default=832, min=16, max=4096, step=16, optional=True,
+                     tooltip="With buckets: the pixel budget's width; every bucket holds at most bucket_width x "
+                             "bucket_height pixels (832 x 480 is Wan's 480p)."),
+        io.Int.Input("bucket_height", default=480, min=16, max=4096, step=16, optional=True,
+                     tooltip="With buckets: the pixel budget's height."),
+    ]
+
+
+def _bucket_rule(vae, buckets: bool, width: int, height: int) -> BucketRule | None:
+    """The buckets for this VAE: sides on its stride times Wan's 2x2 patch, frames it encodes whole (a VAE whose
+    latent frame count is a formula that gives one latent frame for one pixel frame encodes 1 + k steps)."""
+    if not buckets:
+        return None
+    formula = getattr(vae, "downscale_ratio", None)
+    first_alone = isinstance(formula, tuple) and callable(formula[0]) and formula[0](1) == 1
+    return BucketRule(width, height, grid=int(vae.spacial_compression_encode()) * 2,
+                      frame_step=vae.temporal_compression_decode() or 1, first_frame_alone=first_alone)
+
+
+def _dataset_output(data, item: str) -> io.NodeOutput:
+    """The dataset, with its buckets (if any) listed under the node."""
+    if not isinstance(data, Bucketed):
+        return io.NodeOutput(data)
+    text = f"{len(data.sets)} bucket{'s' if len(data.sets) > 1 else ''}:\n" + "\n".join(data.describe(item))
+    show_on_node(text)
+    return io.NodeOutput(data, ui=ui.PreviewText(text))
+
+
 class VideoDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -105,17 +144,19 @@ class VideoDataset(io.ComfyNode):
                                      "colours and pass them to your subject. Try 3 on motion clips if your subject "
                                      "takes on their colours; 0 (off) for preservation clips. Each copy is encoded "
                                      "once, here."),
+                *bucket_inputs("clips"),
             ],
             outputs=[types.VideoDataset.Output(display_name="clips")],
         )
 
     @classmethod
     def execute(cls, vae, frames, conditioning, motion_representation=None, add_to=None,
-                hue_copies=0) -> io.NodeOutput:
+                hue_copies=0, buckets=False, bucket_width=832, bucket_height=480) -> io.NodeOutput:
         flow = None if motion_representation is None else motion_representation.flow
+        rule = _bucket_rule(vae, buckets, bucket_width, bucket_height)
         clips = clip_set(frames, _encoder(vae), _context(conditioning, "conditioning"), flow, hue_copies=hue_copies,
-                         progress=progress_callback(1))
-        return io.NodeOutput(clips if add_to is None else append_clips(add_to, clips))
+                         progress=progress_callback(1), buckets=rule)
+        return _dataset_output(clips if add_to is None else append_clips(add_to, clips, bucketed=buckets), "clips")
 
 
 class SubjectDataset(io.ComfyNode):
@@ -165,6 +206,7 @@ class SubjectDataset(io.ComfyNode):
                                tooltip="How far the subject slides over a clip, as a share of the photo's width "
                                        "(each clip draws 75% to 100% of it; shortened where the photo has no "
                                        "room)."),
+                *bucket_inputs("photos"),
             ],
             outputs=[types.SubjectDataset.Output(display_name="subject")],
         )
@@ -172,15 +214,16 @@ class SubjectDataset(io.ComfyNode):
     @classmethod
     def execute(cls, vae, images, conditioning, masks=None, subject_representation=None,
                 preservation=None, add_to=None, prompt="", trigger_words="", clip=None,
-                world_text=None, moving_clips=0, moving_frames=17, moving_travel=0.3) -> io.NodeOutput:
+                world_text=None, moving_clips=0, moving_frames=17, moving_travel=0.3, buckets=False, bucket_width=832,
+                bucket_height=480) -> io.NodeOutput:
         words = " ".join(trigger_words.split())
         subject_tokens = token_roles(prompt, words, clip or world_text, words_input="trigger_words").subject \
             if words else None
         photos = subject_set(images, _encoder(vae), _context(conditioning, "conditioning"), masks,
                              subject_representation, preservation, subject_tokens, words, moving_clips, moving_frames,
                              (0.75 * moving_travel, moving_travel), frame_step=vae.temporal_compression_decode() or 1,
-                             progress=progress_callback(1))
-        return io.NodeOutput(photos if add_to is None else append_photos(add_to, photos))
+                             progress=progress_callback(1), buckets=_bucket_rule(vae, buckets, bucket_width, bucket_height))
+        return _dataset_output(photos if add_to is None else append_photos(add_to, photos, bucketed=buckets), "photos")
 
 
 def noise_and_memory_inputs() -> list:
@@ -440,7 +483,7 @@ class TrainMotionLoRA(io.ComfyNode):
                 decode_window=6, training_dtype="auto", recompute_every=1, offload_activations=False,
                 blocks_to_swap=0) -> io.NodeOutput:
         decoded = motion_alignment == "decoded_flow" and alignment_weight > 0
-        if decoded and clips.flow is None:
+        if decoded and buckets_of(clips)[0].flow is None:
             raise InputError("clips", "have no motion representation",
                              "clips encoded with a Motion Representation (RAFT flow), or motion_alignment 'features'")
         for name, value in (("vae", vae), ("raft", raft)) if decoded else ():

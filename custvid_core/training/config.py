@@ -9,9 +9,11 @@ diffusers' `WanTransformer3DModel` folder or pipeline folder), the datasets enco
 `AutoencoderKLWan` and a UMT5 text encoder, the recipe by the same functions the nodes call, checkpoints a rerun
 resumes, and the files the pack's save nodes write (LoRAs in ComfyUI's native keys, trigger embeddings, DualReal).
 
-    [model]      path, vae, text_encoder, tokenizer, dtype, training_dtype, device, text_tokens
-    [[datasets]] path, kind ("photos" | "clips"), use ("subject" | "motion" | "preservation"), caption,
-                 trigger_words, mask_folder, mask_suffix, frames, stills, hue_copies, moving_clips, moving_frames
+    [model]      path, vae, text_encoder, tokenizer, dtype, training_dtype, device, text_tokens, raft, dino,
+                 dino_resolution
+    [[datasets]] path (a folder) or cache (a dataset cache file), kind ("photos" | "clips"), use ("subject" |
+                 "motion" | "preservation"), caption, trigger_words, mask_folder, mask_suffix, frames, stills,
+                 hue_copies, moving_clips, moving_frames, buckets, bucket_width, bucket_height
     [recipe]     type ("subject" | "motion" | "joint" | "dualreal") and the recipe's settings; nested settings
                  as sub-tables ([recipe.optim], [recipe.sigmas], [recipe.memory]; a joint run's [recipe.subject],
                  [recipe.motion], [recipe.controller])
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import inspect
 import json
 import types
 import typing
@@ -57,8 +60,9 @@ RECIPE_USES = {"subject": ({"subject"}, {"preservation"}), "motion": ({"motion"}
 WARMUP_SHARE = {"subject": 10, "motion": 10, "joint": 10, "dualreal": 5}
 # diffusers' Wan pipelines pad the prompt's embedding with zeros to 512 tokens, as ComfyUI's WanModel does.
 WAN_TEXT_TOKENS = 512
-NOT_HOST_FREE = ("encode the dataset in ComfyUI instead (Subject Dataset / Video Clips Dataset) and train there, or "
-                 "give the diffusers-layout folder of the model's VAE / text encoder")
+NOT_HOST_FREE = ("encode the dataset in ComfyUI instead (Subject Dataset / Video Clips Dataset), save it with Save "
+                 "Dataset Cache and give the file as cache = \"...\" in [[datasets]]; or give the diffusers-layout folder "
+                 "of the model's VAE / text encoder")
 
 
 @dataclass
@@ -86,22 +90,34 @@ class ModelConfig:
     training_dtype: str = "auto"  # engine.compute_dtype's: auto = bf16 on CUDA, fp32 on a CPU
     device: str = "auto"  # auto: the process's own GPU under a launcher (else the first), or the CPU
     text_tokens: int = WAN_TEXT_TOKENS
+    raft: Path | None = None  # torchvision RAFT weights: the motion clips' flow, for MoRA (motion alignment)
+    dino: Path | None = None  # DINOv2 weights (a folder or a file): the photos' features, for SuRA (subject alignment)
+    dino_resolution: int = 448  # the square the photos are fitted to for DINOv2
 
 
 @dataclass
 class DatasetConfig:
-    path: Path
+    path: Path | None  # a folder of photos or clips, or None for a dataset cache
     kind: str  # "photos": a folder of images; "clips": a folder of video files and folders of frames
     use: str  # what the recipe learns it as (default: photos -> subject; clips -> motion, preservation for subject)
+    cache: Path | None = None  # a dataset cache file (Save Dataset Cache's) in place of a folder
     caption: str = ""  # for items without a sidecar caption (same stem, .txt)
     trigger_words: str = ""  # the subject's words in the captions (token attention, trigger embedding)
     mask_folder: str = "masks"  # masks in this sub-folder under the photo's name...
     mask_suffix: str = "_mask"  # ...or beside the photo as <stem><suffix>.<image suffix>
     frames: int | None = None  # clips: the first N frames of each (None: all; all clips the same length)
-    stills: int = 8  # clips: single frames of each encoded as images (the motion recipe's spatial phase)
+    stills: int | None = None  # clips: single frames of each also encoded as images; None: 8 where used (the
+    # motion recipe's spatial phase, a stillness LoRA's preservation clips), else none
     hue_copies: int = 0
     moving_clips: int = 0  # photos: per photo, clips of the subject sliding over its background (needs masks)
     moving_frames: int = 17
+    buckets: bool = False  # fit items of mixed sizes and lengths to size buckets (off: one size per dataset)
+    bucket_width: int = 832  # the buckets' pixel budget: at most bucket_width x bucket_height pixels
+    bucket_height: int = 480
+
+    @property
+    def name(self) -> str:
+        return (self.path or self.cache).name
 
 
 @dataclass
@@ -240,7 +256,8 @@ def _one_of(value: Any, options: tuple[str, ...], key: str) -> str:
 def _model(raw: dict, base: Path) -> ModelConfig:
     valid = [f.name for f in dataclasses.fields(ModelConfig)]
     table = _section(raw, "model", "[model]", ("path",), valid)
-    paths = {k: _path(base, table[k], f"[model] {k}") for k in ("path", "vae", "text_encoder", "tokenizer") if k in table}
+    paths = {k: _path(base, table[k], f"[model] {k}") for k in ("path", "vae", "text_encoder", "tokenizer", "raft", "dino")
+             if k in table}
     model = dataclasses.replace(ModelConfig(paths.pop("path")), **paths)
     model = _filled(model, {k: v for k, v in table.items() if k not in ("path", *paths)}, "[model]")
     _one_of(model.dtype, WEIGHT_DTYPES, "[model] dtype")
@@ -264,20 +281,28 @@ def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
         for key in table:
             if key not in valid:
                 raise InputError(where, f"unknown key '{key}'", "valid: " + ", ".join(valid))
-        if "path" not in table:
-            raise InputError(where, "key 'path' is missing", "path = \"a folder of photos or clips\"")
-        path = _path(base, table["path"], f"{where} path")
-        if not path.is_dir():
-            raise InputError(f"{where} path", f"'{path}' is not a folder", "a folder of photos or of clips")
-        kind = _one_of(table.get("kind", "photos"), DATASET_KINDS, f"{where} kind")
+        if ("path" in table) == ("cache" in table):
+            raise InputError(where, "both 'path' and 'cache'" if "path" in table else "key 'path' is missing",
+                             "path = \"a folder of photos or clips\", or cache = \"a dataset cache file\"")
+        path = cache = None
+        if "path" in table:
+            path = _path(base, table["path"], f"{where} path")
+            if not path.is_dir():
+                raise InputError(f"{where} path", f"'{path}' is not a folder", "a folder of photos or of clips")
+            kind = _one_of(table.get("kind", "photos"), DATASET_KINDS, f"{where} kind")
+        else:
+            cache = _path(base, table["cache"], f"{where} cache")
+            kind = _cache_kind(cache, f"{where} cache")
+            if "kind" in table and table["kind"] != kind:
+                raise InputError(f"{where} kind", f"'{table['kind']}' for a cache of {kind}", f"'{kind}', or no kind")
         default_use = "subject" if kind == "photos" else ("preservation" if recipe == "subject" else "motion")
         use = _one_of(table.get("use", default_use), DATASET_USES, f"{where} use")
         if kind == "photos" and use != "subject":
             raise InputError(f"{where} use", f"'{use}' for photos", "'subject' (photos are a subject's)")
         if kind == "clips" and use == "subject":
             raise InputError(f"{where} use", "'subject' for clips", "'motion' or 'preservation'")
-        rest = {k: v for k, v in table.items() if k not in ("path", "kind", "use")}
-        data = _filled(DatasetConfig(path, kind, use), rest, where)
+        rest = {k: v for k, v in table.items() if k not in ("path", "cache", "kind", "use")}
+        data = _filled(DatasetConfig(path, kind, use, cache), rest, where)
         for key, low in (("frames", 1), ("stills", 0), ("hue_copies", 0), ("moving_clips", 0), ("moving_frames", 2)):
             value = getattr(data, key)
             if value is not None and value < low:
@@ -293,6 +318,23 @@ def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
         raise InputError("[[datasets]]", f"datasets used as {', '.join(sorted(uses - needed - optional))}",
                          f"what the {recipe} recipe learns from: " + ", ".join(sorted(needed | optional)))
     return found
+
+
+def _cache_kind(path: Path, key: str) -> str:
+    """"photos" or "clips": what a dataset cache holds, read from its metadata alone."""
+    import json as json_
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            layout = json_.loads((f.metadata() or {}).get("layout", "null"))
+    except Exception:  # safetensors raises its own error types for files it cannot read
+        layout = None
+    if not isinstance(layout, dict):
+        raise InputError(key, f"'{path.name}' is not a CustVid dataset cache", "a file written by Save Dataset Cache")
+    first = layout["sets"][0] if layout.get("kind") == "buckets" else layout
+    return "clips" if first.get("kind") == "clips" else "photos"
 
 
 def _recipe(raw: dict, steps: int | None, checkpoint_every: int) -> tuple[str, Any]:
@@ -386,6 +428,8 @@ def dataset_items(data: DatasetConfig) -> list[Item]:
     the clips (video files, and sub-folders of frame images) of a dataset folder, in name order, with captions."""
     from ..eval.files import IMAGE_SUFFIXES
 
+    if data.path is None:
+        return []
     entries = sorted(data.path.iterdir())
     if data.kind == "photos":
         files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -445,8 +489,9 @@ def comfy_wan_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] path") -> torch.nn.Module:
-    """diffusers' `WanTransformer3DModel` from a ComfyUI single file (converted by diffusers' own converter), a
-    diffusers transformer folder, or a diffusers pipeline folder (its transformer/)."""
+    """diffusers' `WanTransformer3DModel` from a ComfyUI single file (its native keys mapped by the pack's own key
+    conversion, `backbones.wan.diffusers_to_native_key`), a diffusers transformer folder, or a diffusers pipeline
+    folder (its transformer/)."""
     from diffusers import WanTransformer3DModel
 
     if path.is_dir():
@@ -459,9 +504,9 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] pat
         except (OSError, ValueError, TypeError) as e:
             raise InputError(key, f"'{folder}' could not be loaded as a WanTransformer3DModel ({e})",
                              "a diffusers Wan transformer folder") from None
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from diffusers.utils import is_accelerate_available
 
+    from ..backbones.wan import diffusers_to_native_key
     from ..files import load_state_dict
 
     state = load_state_dict(path, key)
@@ -470,11 +515,6 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] pat
     if "head.modulation" not in state or "patch_embedding.weight" not in state:
         raise InputError(key, f"'{path.name}' is not a Wan diffusion model (no head.modulation weight)",
                          "a ComfyUI Wan 2.x checkpoint from models/diffusion_models")
-    extra = sorted({k.split(".")[0] for k in state} - {"patch_embedding", "text_embedding", "time_embedding",
-                                                       "time_projection", "blocks", "head"})
-    if extra:
-        raise InputError(key, f"'{path.name}' holds parts of another Wan model type ({', '.join(extra)})",
-                         "a Wan text-to-video checkpoint (image-to-video, VACE and others are not trained from a config)")
     config = comfy_wan_config(state)
     if config["num_attention_heads"] * 128 != state["head.modulation"].shape[-1]:
         raise InputError(key, f"width {state['head.modulation'].shape[-1]}", "a Wan model with 128-wide attention heads")
@@ -483,19 +523,27 @@ def load_wan_transformer(path: Path, dtype: torch.dtype, key: str = "[model] pat
         from accelerate import init_empty_weights
     with init_empty_weights() if is_accelerate_available() else contextlib.nullcontext():
         model = WanTransformer3DModel(**config)
-    converted = convert_wan_transformer_to_diffusers(state)
+    names = {diffusers_to_native_key(k): k for k in model.state_dict()}
+    unknown = sorted(set(state) - set(names))
+    missing = sorted(set(names) - set(state))
+    if unknown or missing:
+        raise InputError(key, f"'{path.name}' is not a Wan text-to-video model of the layout its weights suggest ("
+                         + (f"weights of another model type: {', '.join(unknown[:3])}" if unknown else
+                            f"missing {', '.join(missing[:3])}") + ")",
+                         "a Wan 2.x text-to-video checkpoint (image-to-video, VACE and others are not trained from a "
+                         "config)")
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
-    except RuntimeError as e:
-        raise InputError(key, f"'{path.name}' does not match a Wan text-to-video model ({str(e)[:300]})",
+        model.load_state_dict({names[k]: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:  # shapes that do not fit the layout, or a quantized file's scales
+        raise InputError(key, f"'{path.name}' does not load as a Wan text-to-video model ({str(e)[:300]})",
                          "an unquantized Wan 2.x checkpoint (fp32, bf16 or fp16)") from None
     return model.eval()
 
 
-def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
+def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Callable, Any]:
     """diffusers' `AutoencoderKLWan`'s encode as the datasets' builders call it (pixels `[N, F, H, W, 3]` in [0, 1]
-    -> latents normalised by the VAE's latent mean and std, as Wan's pipelines and ComfyUI's latent format do),
-    and its frames per latent frame."""
+    -> the latents' means, as ComfyUI's VAE Encode gives them; `latent_stats` normalises them for the model), and
+    its config."""
     from diffusers import AutoencoderKLWan
 
     try:
@@ -503,16 +551,29 @@ def _vae_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> tupl
     except (OSError, ValueError, TypeError) as e:
         raise InputError("[model] vae", f"'{folder}' could not be loaded as a diffusers AutoencoderKLWan ({e})",
                          "a diffusers-layout Wan VAE folder (config.json + weights); or " + NOT_HOST_FREE) from None
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
     def encode(clips: torch.Tensor) -> torch.Tensor:
         pixels = clips[..., :3].permute(0, 4, 1, 2, 3) * 2 - 1  # [N, 3, F, H, W] in [-1, 1]
-        latents = vae.encode(pixels.to(device, dtype)).latent_dist.mode()
-        return (latents.float().cpu() - mean) / std
+        return vae.encode(pixels.to(device, dtype)).latent_dist.mode().float().cpu()
 
-    return encode, int(vae.config.scale_factor_temporal)
+    return encode, vae.config
+
+
+def latent_stats(model: ModelConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent mean and std that put a Wan VAE's latents into the model's latent format (`(z - mean) / std`, as
+    Wan's pipelines and ComfyUI's Wan latent formats do): the VAE folder's, or Wan 2.1's for 16-channel latents."""
+    from diffusers import AutoencoderKLWan
+
+    folder = model.vae or _pipeline_part(model, "vae")
+    config = AutoencoderKLWan.load_config(folder) if folder is not None else {}
+    defaults = inspect.signature(AutoencoderKLWan.__init__).parameters  # Wan 2.1's VAE's
+    mean = config.get("latents_mean") or defaults["latents_mean"].default
+    std = config.get("latents_std") or defaults["latents_std"].default
+    if len(mean) != channels:
+        raise InputError("[model] vae", f"latents of {channels} channels and no VAE folder giving their mean and std",
+                         "the diffusers folder of the VAE that encoded them (its config.json is enough)")
+    return torch.tensor(mean).view(1, -1, 1, 1, 1), torch.tensor(std).view(1, -1, 1, 1, 1)
 
 
 @dataclass
@@ -574,23 +635,35 @@ def _vae_folder(model: ModelConfig) -> Path:
 # --- the datasets, encoded ----------------------------------------------------------------------------------------
 def _same_size(items: list[torch.Tensor], data: DatasetConfig, what: str) -> None:
     sizes = sorted({tuple(t.shape[:-1]) for t in items})
-    if len(sizes) > 1:
-        raise InputError(f"[[datasets]] {data.path.name}", f"{what} of different sizes {sizes}",
-                         f"{what} of one size (and, for clips, one frame count: set frames = N) in a dataset")
+    if len(sizes) > 1 and not data.buckets:
+        raise InputError(f"[[datasets]] {data.name}", f"{what} of different sizes {sizes}",
+                         f"{what} of one size (and, for clips, one frame count: set frames = N) in a dataset, or "
+                         "buckets = true")
+
+
+def _bucket_rule(data: DatasetConfig, vae_config) -> Any:
+    """The dataset's size buckets for this VAE: sides on its stride times Wan's 2x2 patch, whole latent frames."""
+    from .buckets import BucketRule
+
+    if not data.buckets:
+        return None
+    stride = 2 ** (len(vae_config.dim_mult) - 1) * (vae_config.get("patch_size") or 1)
+    return BucketRule(data.bucket_width, data.bucket_height, grid=stride * 2,
+                      frame_step=2 ** sum(vae_config.temperal_downsample))
 
 
 def _read_clips(data: DatasetConfig, items: list[Item], frame_step: int) -> list[torch.Tensor]:
     from ..eval.files import read_clip
 
-    clips = [read_clip(i.path, f"[[datasets]] {data.path.name}", data.frames) for i in items]
+    clips = [read_clip(i.path, f"[[datasets]] {data.name}", data.frames) for i in items]
     short = [i.path.name for i, c in zip(items, clips) if data.frames is not None and c.shape[0] < data.frames]
     if short:
-        raise InputError(f"[[datasets]] {data.path.name} frames", f"{short[0]} has fewer than {data.frames} frames",
+        raise InputError(f"[[datasets]] {data.name} frames", f"{short[0]} has fewer than {data.frames} frames",
                          "a frame count every clip has")
     _same_size(clips, data, "clips")
     count = clips[0].shape[0]
-    if count % frame_step != 1 % frame_step or count < 2:
-        raise InputError(f"[[datasets]] {data.path.name} frames", f"clips of {count} frames",
+    if not data.buckets and (count % frame_step != 1 % frame_step or count < 2):  # buckets trim clips themselves
+        raise InputError(f"[[datasets]] {data.name} frames", f"clips of {count} frames",
                          f"a count the VAE encodes whole: 1 + {frame_step}k frames (e.g. 17, 33, 81); set frames = N")
     return clips
 
@@ -601,54 +674,121 @@ def _captions_context(items: list[Item], text: TextEncoder) -> torch.Tensor:
     return text(captions[:1]) if len(set(captions)) == 1 else text(captions)
 
 
-def _photo_set(data: DatasetConfig, encode: Callable, text: TextEncoder, preservation, frame_step: int):
+@dataclass
+class Encoders:
+    """What encodes a dataset folder: the VAE's encode and config, the text encoder, and optionally RAFT (the motion
+    clips' flow) and DINOv2 (the photos' features) with the resolution it sees."""
+
+    encode: Callable
+    vae_config: Any
+    text: TextEncoder
+    raft: Any = None
+    dino: Any = None
+    dino_resolution: int = 448
+
+    @property
+    def frame_step(self) -> int:
+        return 2 ** sum(self.vae_config.temperal_downsample)
+
+
+def _encoders(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> Encoders:
+    from ..representations.motion import load_raft
+    from ..representations.subject import load_dinov2
+
+    encode, vae_config = _vae_encoder(_vae_folder(model), device, dtype)
+    raft = load_raft(model.raft, "[model] raft") if model.raft else None
+    dino = load_dinov2(model.dino, "[model] dino") if model.dino else None
+    for encoder in (raft, dino):
+        if encoder is not None:
+            encoder.model.to(device)
+    return Encoders(encode, vae_config, _text_encoder(model, device, dtype), raft, dino, model.dino_resolution)
+
+
+def _photo_set(data: DatasetConfig, encoders: Encoders, preservation):
     from ..eval.files import read_image
+    from ..representations.subject import extract_subject
     from .datasets import subject_set
 
     items = dataset_items(data)
-    photos = [read_image(i.path, f"[[datasets]] {data.path.name}")[0] for i in items]
+    photos = [read_image(i.path, f"[[datasets]] {data.name}")[0] for i in items]
     _same_size(photos, data, "photos")
-    masks = [read_image(i.mask, f"[[datasets]] {data.path.name} masks")[0].mean(-1) for i in items] \
+    masks = [read_image(i.mask, f"[[datasets]] {data.name} masks")[0].mean(-1) for i in items] \
         if items[0].mask is not None else None
     tokens = None
     words = " ".join(data.trigger_words.split())
+    text = encoders.text
     if words:
-        found = {text.positions(i.caption, words, f"[[datasets]] {data.path.name} trigger_words") for i in items}
+        found = {text.positions(i.caption, words, f"[[datasets]] {data.name} trigger_words") for i in items}
         if len(found) > 1:
-            raise InputError(f"[[datasets]] {data.path.name} trigger_words", "they sit at other places in different "
+            raise InputError(f"[[datasets]] {data.name} trigger_words", "they sit at other places in different "
                              "captions", "captions that put the trigger words at the same place (e.g. all 'a sks dog "
                              "...')")
         tokens = found.pop()
-    return subject_set(torch.stack(photos), encode, _captions_context(items, text), masks, None, preservation, tokens,
-                       words, data.moving_clips, data.moving_frames, frame_step=frame_step)
+    features = None if encoders.dino is None else \
+        extract_subject(encoders.dino, photos, masks, resolution=encoders.dino_resolution)
+    return subject_set(photos, encoders.encode, _captions_context(items, text), masks, features, preservation, tokens,
+                       words, data.moving_clips, data.moving_frames, frame_step=encoders.frame_step,
+                       buckets=_bucket_rule(data, encoders.vae_config))
 
 
-def _clip_set(data: DatasetConfig, encode: Callable, text: TextEncoder, frame_step: int):
+def _stills(config: TrainConfig, data: DatasetConfig) -> int:
+    """How many single frames of each clip are encoded: the dataset's `stills`, else 8 where the recipe learns
+    from them."""
+    if data.stills is not None:
+        return data.stills
+    subject = config.settings.subject if config.recipe == "joint" else config.settings
+    return 8 if data.use == "motion" or getattr(subject, "stillness_rank", 0) > 0 else 0
+
+
+def _clip_set(data: DatasetConfig, encoders: Encoders, stills: int):
+    from ..representations.motion import extract_motion
     from .datasets import clip_set
 
     items = dataset_items(data)
-    return clip_set(_read_clips(data, items, frame_step), encode, _captions_context(items, text),
-                    stills=data.stills, hue_copies=data.hue_copies)
+    clips = _read_clips(data, items, encoders.frame_step)
+    flow = [extract_motion(encoders.raft, c).flow for c in clips] \
+        if encoders.raft is not None and data.use == "motion" else None
+    return clip_set(clips, encoders.encode, _captions_context(items, encoders.text), flow, stills=stills,
+                    hue_copies=data.hue_copies, buckets=_bucket_rule(data, encoders.vae_config))
+
+
+def _cached(data: DatasetConfig, preservation=None):
+    """A dataset cache's set (a subject's with `preservation` clips where it has none of its own)."""
+    from dataclasses import replace
+
+    from .dataset_cache import load_dataset
+    from .datasets import Bucketed, buckets_of
+
+    loaded = load_dataset(data.cache, input_name=f"[[datasets]] {data.name}")
+    if data.kind == "clips" or preservation is None or buckets_of(loaded)[0].preservation is not None:
+        return loaded
+    if isinstance(loaded, Bucketed):
+        return Bucketed(tuple(replace(s, preservation=preservation) for s in loaded.sets), loaded.labels)
+    return replace(loaded, preservation=preservation)
 
 
 def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The config's datasets encoded by its VAE and text encoder, joined by use: {"subject": SubjectSet (with the
-    preservation clips), "motion": VideoSet}; the encoders are let go before training."""
-    from .datasets import append_clips, append_photos
+    """The config's datasets, encoded by its VAE and text encoder (folders) or read (caches), joined by use and put
+    in the model's latent format: {"subject": SubjectSet (with the preservation clips), "motion": VideoSet} (or
+    `Bucketed` sets of them); the encoders are let go before training."""
+    from .datasets import append_clips, append_photos, buckets_of, converted
 
-    encode, frame_step = _vae_encoder(_vae_folder(config.model), device, dtype)
-    text = _text_encoder(config.model, device, dtype)
+    encoders = _encoders(config.model, device, dtype) if any(d.path is not None for d in config.datasets) else None
+    bucketed = {use: any(d.buckets or d.cache for d in config.datasets if d.use == use) for use in DATASET_USES}
     clips: dict[str, Any] = {}
     for data in (d for d in config.datasets if d.kind == "clips"):
-        new = _clip_set(data, encode, text, frame_step)
-        clips[data.use] = append_clips(clips[data.use], new) if data.use in clips else new
+        new = _cached(data) if data.cache else _clip_set(data, encoders, _stills(config, data))
+        clips[data.use] = append_clips(clips[data.use], new, bucketed[data.use]) if data.use in clips else new
     subject = None
     for data in (d for d in config.datasets if d.kind == "photos"):
-        new = _photo_set(data, encode, text, clips.get("preservation"), frame_step)
-        subject = new if subject is None else append_photos(subject, new)
-    del encode, text
+        preservation = clips.get("preservation")
+        new = _cached(data, preservation) if data.cache else _photo_set(data, encoders, preservation)
+        subject = new if subject is None else append_photos(subject, new, bucketed["subject"])
+    del encoders
     gc.collect()
-    return {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
+    sets = {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
+    mean, std = latent_stats(config.model, buckets_of(next(iter(sets.values())))[0].latents.shape[1])
+    return {k: converted(v, lambda z: (z - mean) / std) for k, v in sets.items()}
 
 
 # --- training and its files -------------------------------------------------------------------------------------
@@ -674,9 +814,9 @@ def _trigger_words(config: TrainConfig) -> str:
                 "")
 
 
-def _run_recipe(config: TrainConfig, backbone, data: dict, device: torch.device, progress: Progress | None,
+def train_recipe(config: TrainConfig, backbone, data: dict, device: torch.device, progress: Progress | None,
                 log: Callable[[str], None] | None) -> list:
-    """The recipe's `TrainedParts` (one per recipe of the run)."""
+    """The recipe's `TrainedParts` (one per recipe of the run), trained on the encoded `data` (`build_datasets`)."""
     from .customize import train_joint, train_motion, train_subject
     from .dualreal import train_dualreal
     from .engine import TRAINING_DTYPES as DTYPES
@@ -732,13 +872,18 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
     the checkpoint of the last `checkpoint_every` is kept); `log`: what became of the checkpoint. Returns the files
     written, by what they are (`output_files`)."""
     from ..backbones.wan import describe
+    from .datasets import buckets_of
 
     device = _device(config.model.device)
     weights = _torch_dtype(config.model.dtype, device)
     data = build_datasets(config, device, weights)
     model = load_wan_transformer(config.model.path, weights).to(device)
     backbone = describe(model)
-    trained = _run_recipe(config, backbone, data, device, progress, log)
+    width = buckets_of(next(iter(data.values())))[0].context.shape[-1]
+    if width != backbone.text_dim:
+        raise InputError("[model] text_encoder", f"it encodes {width}-wide text and the model takes {backbone.text_dim}",
+                         "the text encoder the model was trained with (Wan: UMT5-XXL)")
+    trained = train_recipe(config, backbone, data, device, progress, log)
     return write_outputs(config, backbone, trained) if is_main_process() else output_files(config)
 
 
@@ -747,6 +892,9 @@ def dry_run(config: TrainConfig) -> dict:
     steps (and those a checkpoint already holds) and the files it would write."""
     datasets = []
     for data in config.datasets:
+        if data.cache is not None:
+            datasets.append({"cache": str(data.cache), "kind": data.kind, "use": data.use})
+            continue
         items = dataset_items(data)
         datasets.append({"path": str(data.path), "kind": data.kind, "use": data.use, "items": len(items),
                          "masks": sum(i.mask is not None for i in items),

@@ -51,7 +51,7 @@ from ..adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, group_cou
 from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
-from .datasets import SubjectSet, VideoSet
+from .datasets import AnyClips, AnyPhotos, buckets_of, draw_bucket
 from .distributed import own_rows
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
@@ -143,25 +143,28 @@ def _projector(settings, backbone: WanBackbone, width: int, seed: int) -> Projec
     return ProjectorPart(f"{settings.name}_alignment_projector", backbone.dim, width, settings.projector_hidden, seed)
 
 
-def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings, seed: int) -> Recipe:
-    """The subject recipe's parts, tasks and schedule; the parts' initial weights come from `seed`."""
-    align = settings.alignment_weight > 0 and data.dino_tokens is not None
-    preserve = settings.preservation_weight > 0 and data.preservation is not None
+def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSettings, seed: int) -> Recipe:
+    """The subject recipe's parts, tasks and schedule; the parts' initial weights come from `seed`. A bucketed
+    set's batches each come from one of its buckets (`datasets.draw_bucket`)."""
+    photo_sets = buckets_of(data)
+    first = photo_sets[0]  # what every bucket shares: which data it has, trigger words, preservation clips
+    align = settings.alignment_weight > 0 and first.dino_tokens is not None
+    preserve = settings.preservation_weight > 0 and first.preservation is not None
     if align:
         _check_block(settings.alignment_block, backbone, "alignment_block")
-    attend = settings.token_attention_weight > 0 and bool(data.subject_tokens) and data.masks is not None
+    attend = settings.token_attention_weight > 0 and bool(first.subject_tokens) and first.masks is not None
     attention_blocks = list(range(backbone.num_blocks) if settings.token_attention_blocks is None
                             else settings.token_attention_blocks)
     for b in attention_blocks if attend else ():
         _check_block(b, backbone, "token_attention_blocks")
-    if settings.stillness_rank > 0 and (not preserve or data.preservation.stills is None):
+    if settings.stillness_rank > 0 and (not preserve or buckets_of(first.preservation)[0].stills is None):
         raise InputError("stillness_rank", "a stillness LoRA learns from stills of the preservation clips, "
                          "and there are none", "preservation clips with their stills, or 0")
     if settings.region_margin < 0:
         raise InputError("region_margin", f"{settings.region_margin}", "0 or more latent cells")
     if not 0 <= settings.moving_share <= 1:
         raise InputError("moving_share", f"{settings.moving_share}", "a share from 0 to 1")
-    if settings.trigger_embedding and not data.subject_tokens:
+    if settings.trigger_embedding and not first.subject_tokens:
         raise InputError("trigger_embedding", "a trigger embedding is learned at the trigger word, and the "
                          "subject images have none", "trigger words in the subject's prompt, or off")
     main = LoraPart(LoraSpec(settings.name, tuple(settings.roles), settings.rank), seed)
@@ -175,31 +178,34 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
         projector = _projector(settings, backbone, data.dino_tokens.shape[1], seed)
         parts.append(projector)
     if settings.trigger_embedding:
-        embedding = TriggerEmbeddingPart(f"{settings.name}_trigger_embedding", data.subject_tokens,
-                                         data.context.shape[-1], data.trigger_words, seed)
+        embedding = TriggerEmbeddingPart(f"{settings.name}_trigger_embedding", first.subject_tokens,
+                                         first.context.shape[-1], first.trigger_words, seed)
         parts.append(embedding)
     learns_subject = tuple(p.name for p in (main, projector, embedding) if p is not None)
     # The trigger embedding edits the rows of the photos' prompt: off on clips with prompts of their own.
     photo_prompt_only = (embedding.name,) if embedding is not None else ()
-    # The region loss's masks, widened once here rather than on every step; keyed by whether a step takes the
-    # moving clips.
-    region_masks = {moving: widened(d.masks, settings.region_margin)
-                    for moving, d in ((False, data), (True, data.moving)) if d is not None and d.masks is not None} \
+    # The region loss's masks, widened once here rather than on every step; keyed by the bucket and whether a step
+    # takes the moving clips.
+    region_masks = {(k, moving): widened(d.masks, settings.region_margin) for k, photos in enumerate(photo_sets)
+                    for moving, d in ((False, photos), (True, photos.moving)) if d is not None and d.masks is not None} \
         if settings.region_loss else {}
 
     def subject_loss(moving: bool):
-        items = data.moving if moving else data
         photo_align = align and not moving  # the photos' DINOv2 features, on photo steps only
-        clip_attend = attend and items.masks is not None
+        clip_attend = attend and (first.moving if moving else first).masks is not None
 
         def loss(g: torch.Generator, ctx: StepContext):
+            bucket = draw_bucket(data, g)
+            photos = photo_sets[bucket]
+            items = photos.moving if moving else photos
             idx = _pick(items.latents.shape[0], settings.batch, g)
             x0 = items.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            batch_mask = region_masks[moving][idx].to(ctx.device) if moving in region_masks else None
+            masks = region_masks.get((bucket, moving))
+            batch_mask = masks[idx].to(ctx.device) if masks is not None else None
             idx, sigma, x, target = own_rows(idx, sigma, x, target)
-            mask = region_masks[moving][idx].to(ctx.device) if moving in region_masks else None
+            mask = masks[idx].to(ctx.device) if masks is not None else None
             context = _rows(items.context, idx).to(ctx.device, ctx.dtype)
             grid = ctx.backbone.token_grid(x.shape)
             with contextlib.ExitStack() as stack:
@@ -212,11 +218,11 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
             terms = {"region" if mask is not None else "mse": float(l_region.detach())}
             if photo_align:
                 l_align = subject_alignment_loss(projector.module, hidden[settings.alignment_block], grid,
-                                                 data.dino_tokens[idx].to(ctx.device))
+                                                 photos.dino_tokens[idx].to(ctx.device))
                 total = total + settings.alignment_weight * l_align
                 terms["alignment"] = float(l_align.detach())
             if clip_attend:
-                maps = [subject_token_attention(a["q"], a["k"], a["heads"], list(data.subject_tokens))
+                maps = [subject_token_attention(a["q"], a["k"], a["heads"], list(first.subject_tokens))
                         for a in attention.values()]
                 l_attend = token_attention_loss(maps, items.masks[idx].to(ctx.device), grid)
                 total = total + settings.token_attention_weight * l_attend
@@ -226,9 +232,10 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
         return loss
 
     def clips_loss(still: bool):
-        clips = data.preservation
+        preservation = first.preservation
 
         def loss(g: torch.Generator, ctx: StepContext):
+            clips = buckets_of(preservation)[draw_bucket(preservation, g)]
             idx = _pick(clips.latents.shape[0], settings.batch, g)
             if still:
                 k = int(torch.randint(clips.stills.shape[1], (1,), generator=g))
@@ -248,7 +255,7 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
         return loss
 
     photos: Schedule = Task("photos", subject_loss(False), learns_subject)
-    if data.moving is not None:
+    if first.moving is not None:
         moving = Task("moving_clips", subject_loss(True), learns_subject)
         photos = Random([(settings.moving_share, moving), (1 - settings.moving_share, photos)])
     schedule = photos
@@ -265,20 +272,22 @@ def subject_recipe(backbone: WanBackbone, data: SubjectSet, settings: SubjectSet
                   settings=settings, data=data)
 
 
-def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSettings, seed: int,
+def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSettings, seed: int,
                   decoded_flow: DecodedFlow | None = None) -> Recipe:
-    """The motion recipe's parts, tasks and schedule; the parts' initial weights come from `seed`."""
+    """The motion recipe's parts, tasks and schedule; the parts' initial weights come from `seed`. A bucketed
+    set's batches each come from one of its buckets (`datasets.draw_bucket`)."""
     if settings.alignment not in MOTION_ALIGNMENT:
         raise InputError("motion_alignment", f"'{settings.alignment}'", f"one of {', '.join(MOTION_ALIGNMENT)}")
-    align = settings.alignment_weight > 0 and data.flow is not None
+    clip_sets = buckets_of(data)
+    align = settings.alignment_weight > 0 and clip_sets[0].flow is not None
     decode_align = align and settings.alignment == "decoded_flow"
     if decode_align and decoded_flow is None:
         raise InputError("motion_alignment", "'decoded_flow' needs the VAE and a RAFT to decode and measure with",
                          "a VAE and a RAFT connected, or 'features'")
     if align and not decode_align:
         _check_block(settings.alignment_block, backbone, "alignment_block")
-    frames = data.latents.shape[2]
-    if settings.spatial_rank > 0 and data.stills is None and frames < 2:
+    frames = min(c.latents.shape[2] for c in clip_sets)
+    if settings.spatial_rank > 0 and clip_sets[0].stills is None and frames < 2:
         raise InputError("motion clips", f"{frames} latent frame and no single frames",
                          "clips of at least 2 latent frames (5+ frames on Wan), or stills of their frames")
     main = LoraPart(LoraSpec(settings.name, tuple(settings.roles), settings.rank), seed)
@@ -294,15 +303,16 @@ def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSetting
 
     def spatial_loss(g: torch.Generator, ctx: StepContext):
         """Single frames as images (MotionDirector's spatial phase)."""
-        idx = _pick(data.latents.shape[0], settings.batch, g)
-        context = _rows(data.context, idx).to(ctx.device, ctx.dtype)
+        clips = clip_sets[draw_bucket(data, g)]
+        idx = _pick(clips.latents.shape[0], settings.batch, g)
+        context = _rows(clips.context, idx).to(ctx.device, ctx.dtype)
         sigma = settings.sigmas(len(idx), g)
-        if data.stills is not None:
-            k = int(torch.randint(data.stills.shape[1], (1,), generator=g))
-            x0 = data.stills[idx, k].to(ctx.device, ctx.dtype)
+        if clips.stills is not None:
+            k = int(torch.randint(clips.stills.shape[1], (1,), generator=g))
+            x0 = clips.stills[idx, k].to(ctx.device, ctx.dtype)
         else:
-            f = int(torch.randint(frames, (1,), generator=g))
-            x0 = data.latents[idx][:, :, f:f + 1].to(ctx.device, ctx.dtype)
+            f = int(torch.randint(clips.latents.shape[2], (1,), generator=g))
+            x0 = clips.latents[idx][:, :, f:f + 1].to(ctx.device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
         sigma, x, target, context = own_rows(sigma, x, target, context)
         loss = region_loss(ctx.backbone.forward(x, sigma.to(ctx.device), context), target)
@@ -310,21 +320,23 @@ def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSetting
 
     def motion_loss(g: torch.Generator, ctx: StepContext):
         backbone, device = ctx.backbone, ctx.device
-        idx = _pick(data.latents.shape[0], settings.batch, g)
-        context = _rows(data.context, idx).to(device, ctx.dtype)
+        clips = clip_sets[draw_bucket(data, g)]
+        frames = clips.latents.shape[2]
+        idx = _pick(clips.latents.shape[0], settings.batch, g)
+        context = _rows(clips.context, idx).to(device, ctx.dtype)
         sigma = settings.sigmas(len(idx), g)
-        x0 = data.latents[idx].to(device, ctx.dtype)
+        x0 = clips.latents[idx].to(device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
         idx, sigma, x, target, context = own_rows(idx, sigma, x, target, context)
         if decode_align:
             v = backbone.forward(x, sigma.to(device), context)
             x0_pred = x - sigma.to(device, ctx.dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
-            l_align = decoded_flow_loss(decoded_flow, x0_pred, data.flow[idx].to(device), g)
+            l_align = decoded_flow_loss(decoded_flow, x0_pred, clips.flow[idx].to(device), g)
         elif align:
             with backbone.capture(settings.alignment_block) as hidden:
                 v = backbone.forward(x, sigma.to(device), context)
             grid = backbone.token_grid(x.shape)
-            flow_tokens = flow_on_token_grid(data.flow[idx].to(device), grid)
+            flow_tokens = flow_on_token_grid(clips.flow[idx].to(device), grid)
             l_align = motion_alignment_loss(projector.module, hidden[settings.alignment_block], grid, flow_tokens)
         else:
             v = backbone.forward(x, sigma.to(device), context)
@@ -349,7 +361,7 @@ def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSetting
                   own_only=(spatial.name,) if spatial is not None else (), settings=settings, data=data)
 
 
-def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),
+def train_subject(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSettings = SubjectSettings(),
                   workdir: str | Path | None = None, progress: Progress | None = None,
                   log: Callable[[str], None] | None = None, device: torch.device | None = None,
                   dtype: torch.dtype | None = None, base_model: str | None = None) -> TrainedParts:
@@ -362,7 +374,7 @@ def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSett
                progress, log, device, dtype, base_model, memory=settings.memory)[0]
 
 
-def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
+def train_motion(backbone: WanBackbone, data: AnyClips, settings: MotionSettings = MotionSettings(),
                  workdir: str | Path | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] | None = None, device: torch.device | None = None,
                  decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
@@ -396,7 +408,7 @@ def _weighed_by(controller: StageBlenderPart, task: Task) -> Task:
     return replace(task, loss=loss, trains=(*task.trains, controller.name))
 
 
-def joint_recipes(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet, subject: SubjectSettings,
+def joint_recipes(backbone: WanBackbone, subject_data: AnyPhotos, motion_data: AnyClips, subject: SubjectSettings,
                   motion: MotionSettings, seed: int, motion_probability: float = 0.5,
                   controller: JointController | None = None,
                   decoded_flow: DecodedFlow | None = None) -> tuple[list[Recipe], Schedule]:
@@ -432,7 +444,7 @@ def joint_dualreal(trained: tuple[TrainedParts, ...], backbone: WanBackbone) -> 
     return DualRealWeights(parts)
 
 
-def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: VideoSet,
+def train_joint(backbone: WanBackbone, subject_data: AnyPhotos, motion_data: AnyClips,
                 subject: SubjectSettings = SubjectSettings(), motion: MotionSettings = MotionSettings(),
                 optim: OptimSettings = OptimSettings(steps=600, lr=1e-4), motion_probability: float = 0.5,
                 workdir: str | Path | None = None, progress: Progress | None = None,

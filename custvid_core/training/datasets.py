@@ -8,19 +8,25 @@ colours (`images.hue_rotations`), a subject's photos as moving clips (`images.mo
 the latent grid (`objectives.latent_mask`). The ComfyUI nodes and the shapes world build their sets through
 them; sets built separately are joined with `append_clips` / `append_photos`.
 
+Items of mixed sizes and lengths are fitted to buckets (`buckets.BucketRule`, given as `buckets=`): the set is then
+a `Bucketed` one, a set of each kind per bucket, and every batch comes from one bucket (`draw_bucket`, by the
+run's generator, weighted by the buckets' item counts).
+
     clips = clip_set(frames, vae_encode, context, hue_copies=3)
     subject = subject_set(photos, vae_encode, context, masks=masks, preservation=clips, moving_clips=2)
+    mixed = clip_set([clip_a, clip_b], vae_encode, context, buckets=BucketRule(832, 480))
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import torch
 
 from ..errors import InputError
 from ..images import as_image_list, as_mask_list, hue_rotations, moving_photos
+from .buckets import Bucket, BucketRule, fit_clip, fit_flow, fit_image, fit_mask, fit_patch_tokens
 from .objectives import latent_mask
 
 if TYPE_CHECKING:
@@ -101,6 +107,97 @@ class SubjectSet:
                              "the photos' own prompt")
 
 
+def _bucket_key(data: VideoSet | SubjectSet | MovingClips) -> tuple[int, ...]:
+    """What items of one bucket share: their latents' frames, height and width (and a clip's count of stills)."""
+    stills = getattr(data, "stills", None)
+    return (*data.latents.shape[2:], 0 if stills is None else stills.shape[1])
+
+
+@dataclass
+class Bucketed:
+    """A data set of items of several sizes or lengths: `sets`, one `VideoSet`, `SubjectSet` or `MovingClips` per
+    bucket (all of one kind; a subject's buckets share their preservation clips and trigger words), and `labels`,
+    each bucket's size in pixels and frames (None where it is not known: a set made without buckets and joined to
+    bucketed ones). Every batch is drawn from one bucket (`draw_bucket`)."""
+
+    sets: tuple
+    labels: tuple[Bucket | None, ...]
+
+    def __post_init__(self):
+        self.sets, self.labels = tuple(self.sets), tuple(self.labels)
+        if not self.sets or len(self.labels) != len(self.sets):
+            raise InputError("buckets", f"{len(self.sets)} buckets with {len(self.labels)} labels",
+                             "at least one bucket, each with its label")
+        first = self.sets[0]
+        for s in self.sets[1:]:
+            if type(s) is not type(first):
+                raise InputError("buckets", f"a {type(s).__name__} among {type(first).__name__}s",
+                                 "buckets of one kind of data")
+            if s.context.shape[2:] != first.context.shape[2:]:
+                raise InputError("conditioning", "its width differs between buckets", "prompts from one text encoder")
+            optional = [n for n in ("flow", "masks", "dino_tokens", "moving", "stills")
+                        if (getattr(s, n, None) is None) != (getattr(first, n, None) is None)]
+            if optional:
+                raise InputError(optional[0], "given for the items of some sizes and not others",
+                                 "the same kinds of data for every item, or for none")
+            shared = [n for n in ("subject_tokens", "trigger_words") if getattr(s, n, None) != getattr(first, n, None)]
+            if shared or getattr(s, "preservation", None) is not getattr(first, "preservation", None):
+                raise InputError("add_to", "photos of other sizes with other trigger words or preservation clips",
+                                 "one subject's photos, with one prompt's trigger words and one set of preservation "
+                                 "clips")
+        if len({_bucket_key(s) for s in self.sets}) != len(self.sets):
+            raise InputError("buckets", "two buckets of the same size", "one bucket per size and length")
+
+    @property
+    def preservation(self):
+        """A subject's preservation clips (its buckets share them)."""
+        return self.sets[0].preservation
+
+    @property
+    def subject_tokens(self) -> tuple[int, ...] | None:
+        return self.sets[0].subject_tokens
+
+    @property
+    def trigger_words(self) -> str:
+        return self.sets[0].trigger_words
+
+    @property
+    def counts(self) -> list[int]:
+        """Items per bucket."""
+        return [s.latents.shape[0] for s in self.sets]
+
+    def describe(self, item: str = "items") -> list[str]:
+        """One line per bucket: its size and how many items it holds."""
+        return [f"{label if label is not None else 'latent ' + 'x'.join(map(str, _bucket_key(s)[:3]))}: "
+                f"{s.latents.shape[0]} {item}" for label, s in zip(self.labels, self.sets)]
+
+
+AnyClips = Union[VideoSet, Bucketed]
+AnyPhotos = Union[SubjectSet, Bucketed]
+
+
+def buckets_of(data) -> tuple:
+    """The sets a data set draws its batches from: a `Bucketed` set's buckets, or the set itself."""
+    return data.sets if isinstance(data, Bucketed) else (data,)
+
+
+def draw_bucket(data, g: torch.Generator) -> int:
+    """The bucket a batch comes from: drawn with the run's generator, each bucket as likely as its share of the
+    items. A set of one bucket draws nothing, so it trains exactly as the set itself."""
+    if not isinstance(data, Bucketed) or len(data.sets) == 1:
+        return 0
+    return int(torch.multinomial(torch.tensor(data.counts, dtype=torch.float), 1, generator=g))
+
+
+def single_size(data, input_name: str):
+    """`data` as one plain set, refusing a bucketed one of several sizes (for recipes that learn from one size)."""
+    sets = buckets_of(data)
+    if len(sets) > 1:
+        raise InputError(input_name, f"items of {len(sets)} sizes ({', '.join(data.describe())})",
+                         "items of one size and length for this recipe; off 'buckets' or one size of items")
+    return sets[0]
+
+
 def _check_set(what: str, latents: torch.Tensor, context: torch.Tensor, ndim: int) -> None:
     if latents.ndim != ndim or latents.shape[0] == 0:
         raise InputError(what, "the data set is empty" if latents.numel() == 0 else f"shape {tuple(latents.shape)}",
@@ -157,21 +254,52 @@ def _still_frames(frame_count: int, stills: int | None) -> list[int]:
     return torch.linspace(0, frame_count - 1, count).round().long().tolist()
 
 
+def _grouped(labels: Sequence[Bucket]) -> dict[Bucket, list[int]]:
+    """Item indices per bucket, buckets in order of their first item."""
+    groups: dict[Bucket, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    return groups
+
+
+def _context_rows(context: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """The conditioning of items `idx` (one row stands for all items)."""
+    return context if context.shape[0] == 1 else context[idx]
+
+
+def _flow_list(flow: torch.Tensor | Sequence[torch.Tensor] | None, clips: list[torch.Tensor]) -> list | None:
+    """The clips' RAFT flows, one `[F-1, 2, H, W]` per clip, checked against the clips."""
+    if flow is None:
+        return None
+    flows = [flow] if isinstance(flow, torch.Tensor) and flow.ndim == 4 else list(flow)
+    frames = [f.shape[0] + 1 for f in flows]
+    if len(flows) != len(clips) or any(n != c.shape[0] for n, c in zip(frames, clips)):
+        raise InputError("motion_representation", f"flow of {len(flows)} clips of {', '.join(map(str, frames))} frames",
+                         f"the representation of these {len(clips)} clips "
+                         f"({', '.join(str(c.shape[0]) for c in clips)} frames)")
+    return [f.float() for f in flows]
+
+
 def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
-             flow: torch.Tensor | None = None, stills: int | None = 8, hue_copies: int = 0,
-             encode_still: Encode | None = None, progress: Progress | None = None) -> VideoSet:
+             flow: torch.Tensor | Sequence[torch.Tensor] | None = None, stills: int | None = 8, hue_copies: int = 0,
+             encode_still: Encode | None = None, progress: Progress | None = None,
+             buckets: BucketRule | None = None) -> VideoSet | Bucketed:
     """Clips encoded for training (motion clips, or a subject's preservation clips).
 
-    frames: clips `[N, F, H, W, 3]` in [0, 1] (or one clip `[F, H, W, 3]`), all of one length and size.
+    frames: clips `[N, F, H, W, 3]` in [0, 1] (or one clip `[F, H, W, 3]`, or a list of clips), all of one length
+        and size unless `buckets` is given.
     context: their text conditioning, `[1, L, D]` for all or `[N, L, D]` one per clip.
-    flow: their RAFT flow (the motion representation) `[N, F-1, 2, H, W]` (or `[F-1, 2, H, W]` for one clip).
+    flow: their RAFT flow (the motion representation) `[N, F-1, 2, H, W]` (or `[F-1, 2, H, W]` for one clip, or a
+        list of one per clip).
     stills: how many single frames of each clip (evenly spaced) are also encoded as images, for the motion
         recipe's spatial phase and a stillness LoRA; None: every frame, 0: none.
     hue_copies: after each clip, this many copies with its colours turned round the colour circle (same
         conditioning, same flow), so a motion LoRA cannot learn the clips' colours.
     encode_still: images `[N, H, W, 3]` -> one-frame latents `[N, C, 1, h, w]`, where a photo is not a clip of one
         frame to `encode` (default: `encode` on one-frame clips).
-    progress: `progress(done, total)` after each encoded item (default: a tqdm bar)."""
+    progress: `progress(done, total)` after each encoded item (default: a tqdm bar).
+    buckets: fit every clip (and its flow) to its bucket (`buckets.BucketRule`) and return a `Bucketed` set, one
+        `VideoSet` per bucket; None: one `VideoSet` of clips that must share their length and size."""
     clips = [frames] if isinstance(frames, torch.Tensor) and frames.ndim == 4 else list(frames)
     if not clips:
         raise InputError("frames", "no clips were given", "at least one clip")
@@ -179,37 +307,50 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
         if c.ndim != 4 or c.shape[-1] not in (3, 4) or c.shape[0] < 2:
             raise InputError("frames", f"a clip of shape {tuple(c.shape)}",
                              "a clip of at least 2 frames (5 or more on Wan), [frames, height, width, 3]")
-    if len({tuple(c.shape[:3]) for c in clips}) != 1:
-        raise InputError("frames", "clips of different lengths or sizes", "clips of the same frame count and size")
-    versions = [v for c in clips for v in hue_rotations(c[..., :3], hue_copies)]
     if context.shape[0] not in (1, len(clips)):
         raise InputError("conditioning", f"{context.shape[0]} conditionings for {len(clips)} clips",
                          "one for all clips or one per clip")
-    context = context.repeat_interleave(hue_copies + 1, 0) if context.shape[0] > 1 else context
-    if flow is not None:
-        flow = flow[None] if flow.ndim == 4 else flow
-        if flow.shape[0] != len(clips) or flow.shape[1] != clips[0].shape[0] - 1:
-            raise InputError("motion_representation", f"flow of {flow.shape[0]} clips of {flow.shape[1] + 1} frames",
-                             f"the representation of these {len(clips)} clips ({clips[0].shape[0]} frames)")
-        flow = flow.float().repeat_interleave(hue_copies + 1, 0)
-    picks = _still_frames(clips[0].shape[0], stills) if stills != 0 else []
-    encoding = _Encoding(encode, encode_still, len(versions) * (1 + len(picks)), progress, "encoding clips")
-    latents = encoding.clips(versions)
-    still_latents = torch.stack([encoding.stills(v[picks]) for v in versions]) if picks else None
-    return VideoSet(latents, context, flow, still_latents)
+    flows = _flow_list(flow, clips)
+    if buckets is None:
+        if len({tuple(c.shape[:3]) for c in clips}) != 1:
+            raise InputError("frames", "clips of different lengths or sizes",
+                             "clips of the same frame count and size, or buckets on")
+        groups: dict = {None: list(range(len(clips)))}
+    else:
+        labels = [buckets.bucket_for(c.shape[2], c.shape[1], c.shape[0]) for c in clips]
+        clips = [fit_clip(c, b) for c, b in zip(clips, labels)]
+        flows = None if flows is None else [fit_flow(f, b) for f, b in zip(flows, labels)]
+        groups = _grouped(labels)
+    picks = {label: _still_frames(clips[idx[0]].shape[0], stills) if stills != 0 else []
+             for label, idx in groups.items()}
+    total = sum(len(idx) * (hue_copies + 1) * (1 + len(picks[label])) for label, idx in groups.items())
+    encoding = _Encoding(encode, encode_still, total, progress, "encoding clips")
+    sets = []
+    for label, idx in groups.items():
+        versions = [v for i in idx for v in hue_rotations(clips[i][..., :3], hue_copies)]
+        rows = _context_rows(context, idx)
+        rows = rows.repeat_interleave(hue_copies + 1, 0) if rows.shape[0] > 1 else rows
+        group_flow = None if flows is None else \
+            torch.stack([flows[i] for i in idx]).repeat_interleave(hue_copies + 1, 0)
+        latents = encoding.clips(versions)
+        still_latents = torch.stack([encoding.stills(v[picks[label]]) for v in versions]) if picks[label] else None
+        sets.append(VideoSet(latents, rows, group_flow, still_latents))
+    return sets[0] if buckets is None else Bucketed(tuple(sets), tuple(groups))
 
 
 def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
                 masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 subject_representation: SubjectRepresentation | None = None,
-                preservation: VideoSet | None = None, subject_tokens: tuple[int, ...] | None = None,
+                preservation: AnyClips | None = None, subject_tokens: tuple[int, ...] | None = None,
                 trigger_words: str = "", moving_clips: int = 0, moving_frames: int = 17,
                 travel: tuple[float, float] = (0.225, 0.3), seed: int = 0, frame_step: int = 1,
-                encode_still: Encode | None = None, progress: Progress | None = None) -> SubjectSet:
+                encode_still: Encode | None = None, progress: Progress | None = None,
+                buckets: BucketRule | None = None) -> SubjectSet | Bucketed:
     """A subject's photos encoded for training.
 
-    photos: `[N, H, W, 3]` in [0, 1] (or a list of `[H, W, 3]`), all of one size; masks: the subject in each,
-        `[N, H, W]` in [0, 1] (for the region and token attention losses, and moving clips).
+    photos: `[N, H, W, 3]` in [0, 1] (or a list of `[H, W, 3]`), all of one size unless `buckets` is given; masks:
+        the subject in each, `[N, H, W]` in [0, 1] (or a list), for the region and token attention losses, and
+        moving clips.
     context: the training prompt's conditioning, `[1, L, D]` or one per photo.
     subject_representation: the photos' DINOv2 features (`representations.subject.SubjectRepresentation`),
         for subject alignment.
@@ -219,15 +360,19 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
         sliding along a random straight path over the photo's background; each path is `travel` (a range) of
         the photo's width long; deterministic by `seed`. `frame_step`: the encoder's frames per latent frame
         (Wan: 4), which `moving_frames` must fit (1 + k steps or k steps).
-    encode_still, progress: as for `clip_set`."""
+    encode_still, progress: as for `clip_set`.
+    buckets: fit every photo (its mask and DINOv2 features with it) to its size bucket (`buckets.BucketRule`; the
+        moving clips are made from the fitted photos) and return a `Bucketed` set, one `SubjectSet` per bucket."""
     images = as_image_list(photos, "images")
-    if len({tuple(i.shape) for i in images}) != 1:
-        raise InputError("images", "photos of different sizes", "photos of one size in one dataset")
+    if buckets is None and len({tuple(i.shape) for i in images}) != 1:
+        raise InputError("images", "photos of different sizes", "photos of one size in one dataset, or buckets on")
     mask_list = as_mask_list(masks, images, "masks")
     if subject_representation is not None and subject_representation.patch_tokens.shape[0] != len(images):
         raise InputError("subject_representation", f"features of {subject_representation.patch_tokens.shape[0]} "
                          "images", f"the representation of these {len(images)} photos")
-    clips = clip_masks = None
+    if context.shape[0] not in (1, len(images)):
+        raise InputError("prompt", f"{context.shape[0]} conditionings for {len(images)} photos",
+                         "one prompt for all photos or one per photo")
     if moving_clips:
         if mask_list is None:
             raise InputError("moving_clips", "the subject is cut out by its mask, and no masks were given",
@@ -235,21 +380,40 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
         if moving_frames % frame_step not in (0, 1 % frame_step):
             raise InputError("moving_frames", f"{moving_frames} frames",
                              f"a count this VAE encodes whole: 1 + {frame_step}k or {frame_step}k (Wan: 17, 33, ...)")
-        clips, clip_masks = moving_photos(images, mask_list, moving_clips, moving_frames, travel, seed)
-    encoding = _Encoding(encode, encode_still, len(images) + (0 if clips is None else len(clips)), progress,
-                         "encoding photos")
-    latents = encoding.stills(images)
-    grid_masks = None if mask_list is None else latent_mask(torch.stack(mask_list)[:, None], latents.shape)
-    moving = None
-    if clips is not None:
-        clip_latents = encoding.clips(clips)
-        # `moving_photos` gives each photo's clips in turn: a prompt per photo becomes one per clip.
-        moving = MovingClips(clip_latents, context.repeat_interleave(moving_clips, 0) if context.shape[0] > 1 else context,
-                             latent_mask(clip_masks, clip_latents.shape),
-                             torch.arange(len(images)).repeat_interleave(moving_clips))
     tokens = None if subject_representation is None else \
         subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
-    return SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, trigger_words, moving)
+    if buckets is None:
+        groups: dict = {None: list(range(len(images)))}
+    else:
+        labels = [buckets.bucket_for(i.shape[1], i.shape[0]) for i in images]
+        if tokens is not None:
+            tokens = [fit_patch_tokens(t, tuple(i.shape[:2]), subject_representation.fit, b).permute(2, 0, 1)
+                      for t, i, b in zip(subject_representation.patch_tokens, images, labels)]
+        images = [fit_image(i, b) for i, b in zip(images, labels)]
+        mask_list = None if mask_list is None else [fit_mask(m, b) for m, b in zip(mask_list, labels)]
+        groups = _grouped(labels)
+    encoding = _Encoding(encode, encode_still, len(images) * (1 + moving_clips), progress, "encoding photos")
+    sets = []
+    for k, idx in enumerate(groups.values()):
+        group_images = [images[i] for i in idx]
+        group_masks = None if mask_list is None else [mask_list[i] for i in idx]
+        clips = clip_masks = None
+        if moving_clips:  # each bucket's clips draw from their own seed, the first bucket's from `seed`
+            clips, clip_masks = moving_photos(group_images, group_masks, moving_clips, moving_frames, travel, seed + k)
+        rows = _context_rows(context, idx)
+        latents = encoding.stills(group_images)
+        grid_masks = None if group_masks is None else latent_mask(torch.stack(group_masks)[:, None], latents.shape)
+        moving = None
+        if clips is not None:
+            clip_latents = encoding.clips(clips)
+            # `moving_photos` gives each photo's clips in turn: a prompt per photo becomes one per clip.
+            moving = MovingClips(clip_latents, rows.repeat_interleave(moving_clips, 0) if rows.shape[0] > 1 else rows,
+                                 latent_mask(clip_masks, clip_latents.shape),
+                                 torch.arange(len(idx)).repeat_interleave(moving_clips))
+        group_tokens = None if tokens is None else torch.stack([tokens[i] for i in idx])
+        sets.append(SubjectSet(latents, rows, grid_masks, group_tokens, preservation, subject_tokens, trigger_words,
+                               moving))
+    return sets[0] if buckets is None else Bucketed(tuple(sets), tuple(groups))
 
 
 def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
@@ -260,8 +424,30 @@ def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_
     return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
 
 
-def append_clips(earlier: VideoSet, new: VideoSet) -> VideoSet:
-    """`earlier`'s clips followed by `new`'s (of the same frame count and size)."""
+def _append_bucketed(earlier, new, join: Callable) -> Bucketed:
+    """`new`'s buckets joined to `earlier`'s: each bucket's items to those of the same size (by `join`), new sizes
+    as new buckets after them."""
+    sets, labels = list(buckets_of(earlier)), list(getattr(earlier, "labels", (None,)))
+    keys = [_bucket_key(s) for s in sets]
+    for item_set, label in zip(buckets_of(new), getattr(new, "labels", (None,))):
+        key = _bucket_key(item_set)
+        if key in keys:
+            k = keys.index(key)
+            sets[k], labels[k] = join(sets[k], item_set), labels[k] or label
+        else:
+            sets.append(item_set)
+            labels.append(label)
+            keys.append(key)
+    return Bucketed(tuple(sets), tuple(labels))
+
+
+def append_clips(earlier: AnyClips, new: AnyClips, bucketed: bool = False) -> AnyClips:
+    """`earlier`'s clips followed by `new`'s (of the same frame count and size). `bucketed`: clips of other sizes or
+    lengths join as buckets of their own, and the result is a `Bucketed` set."""
+    if bucketed or isinstance(earlier, Bucketed) or isinstance(new, Bucketed):
+        if not bucketed:
+            raise InputError("add_to", "clips in size buckets joined without buckets", "buckets on for every clip")
+        return _append_bucketed(earlier, new, append_clips)
     if earlier.latents.shape[1:] != new.latents.shape[1:]:
         raise InputError("frames", f"latents {tuple(new.latents.shape[1:])} differ from the earlier clips' "
                          f"{tuple(earlier.latents.shape[1:])}", "clips of the same frame count and size")
@@ -296,9 +482,25 @@ def _append_moving(earlier: MovingClips, new: MovingClips) -> MovingClips:
                        torch.cat([earlier.masks, new.masks]), torch.cat([earlier.photo, new.photo]) if known else None)
 
 
-def append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
+def _sharing(photos: AnyPhotos, shared: dict) -> AnyPhotos:
+    """`photos` (every bucket) with `shared`'s preservation clips and trigger words."""
+    if isinstance(photos, Bucketed):
+        return Bucketed(tuple(replace(s, **shared) for s in photos.sets), photos.labels)
+    return replace(photos, **shared)
+
+
+def append_photos(earlier: AnyPhotos, new: AnyPhotos, bucketed: bool = False) -> AnyPhotos:
     """`earlier`'s photos (and moving clips) followed by `new`'s; `new`'s preservation clips and trigger words
-    where it has them, else `earlier`'s."""
+    where it has them, else `earlier`'s. `bucketed`: photos of other sizes join as buckets of their own, and the
+    result is a `Bucketed` set."""
+    if bucketed or isinstance(earlier, Bucketed) or isinstance(new, Bucketed):
+        if not bucketed:
+            raise InputError("add_to", "photos in size buckets joined without buckets", "buckets on for every photo")
+        last, first = buckets_of(new)[0], buckets_of(earlier)[0]
+        shared = dict(preservation=last.preservation or first.preservation,
+                      subject_tokens=last.subject_tokens or first.subject_tokens,
+                      trigger_words=last.trigger_words if last.subject_tokens else first.trigger_words)
+        return _append_bucketed(_sharing(earlier, shared), _sharing(new, shared), append_photos)
     n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
     if earlier.latents.shape[1:] != new.latents.shape[1:]:
         raise InputError("images", f"photos of latent size {tuple(new.latents.shape[-2:])} after photos of "
@@ -326,7 +528,13 @@ def converted(data, latents: Callable[[torch.Tensor], torch.Tensor],
               tensors: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
     """`data` (a `VideoSet`, `MovingClips` or `SubjectSet`, with its moving and preservation clips) with every
     latent tensor (latents, stills) passed through `latents` (e.g. into a model's latent format) and every other
-    tensor through `tensors`. A `VideoSet` keeps its kind and other fields (prior clips their prompts)."""
+    tensor through `tensors`. A `VideoSet` keeps its kind and other fields (prior clips their prompts). A `Bucketed`
+    set is converted bucket by bucket (its subject buckets keep sharing one set of preservation clips)."""
+    if isinstance(data, Bucketed):
+        sets = [converted(s, latents, tensors) for s in data.sets]
+        if isinstance(data.sets[0], SubjectSet) and data.sets[0].preservation is not None:
+            sets = [replace(s, preservation=sets[0].preservation) for s in sets]
+        return Bucketed(tuple(sets), data.labels)
     if isinstance(data, VideoSet):
         stills = data.stills
         return replace(data, latents=latents(data.latents), context=tensors(data.context),

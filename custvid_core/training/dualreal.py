@@ -26,7 +26,7 @@ from ..adapters.dualreal import DualAdapterPart, DualAdapterSpec, DualRealWeight
 from ..adapters.stage_blender import CODE_SCALE, WEIGHTINGS, StageBlenderPart, group_count
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
-from .datasets import SubjectSet, VideoSet
+from .datasets import SubjectSet, VideoSet, single_size
 from .distributed import own_rows
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
@@ -104,6 +104,7 @@ def _check(settings: DualRealSettings, subject: SubjectSet, clips: VideoSet, emb
 def dualreal_recipe(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet, settings: DualRealSettings,
                     image_embeddings: ImageEmbeddings | None = None) -> Recipe:
     """DualReal's parts, tasks and schedule; the parts' initial weights come from the run's seed."""
+    subject, clips = single_size(subject, "subject"), single_size(clips, "clips")
     _check(settings, subject, clips, image_embeddings, backbone)
     seed, name = settings.optim.seed, settings.name
     width = image_embeddings.clips.shape[1] if image_embeddings is not None else 0

@@ -35,7 +35,7 @@ from ..adapters.synmotion import RolePositions, SynMotionEmbeddingPart
 from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
-from .datasets import VideoSet
+from .datasets import VideoSet, single_size
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import SigmaSampler, add_noise, region_loss
@@ -119,6 +119,7 @@ def synmotion_recipe(backbone: WanBackbone, clips: VideoSet, positions: RolePosi
     another). `motion_phrase`: the motion words' conditioning alone (the motion residual starts from its mean)."""
     if not 0.0 < settings.motion_probability < 1.0:
         raise InputError("motion_probability", f"{settings.motion_probability}", "a probability strictly between 0 and 1")
+    clips = single_size(clips, "clips")
     each = _clip_positions(positions, clips)
     if settings.prior and prior is None:
         raise InputError("prior_clips", "none were given", "subject prior clips of this model (or the prior turned off)")

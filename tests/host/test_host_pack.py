@@ -16,6 +16,7 @@ NODE_IDS = {
     "CustVid_CameraSampleV2", "CustVid_TrainJointLoRAs", "CustVid_SubjectPriorClips", "CustVid_ApplySynMotionEmbeddings",
     "CustVid_SaveSynMotionEmbeddings", "CustVid_LoadSynMotionEmbeddings", "CustVid_TrainSynMotion",
     "CustVid_LoadCLIPForMetrics", "CustVid_MeasureVideo", "CustVid_CompareRuns",
+    "CustVid_SaveDatasetCache", "CustVid_LoadVideoDatasetCache", "CustVid_LoadSubjectDatasetCache",
 }
 # Kept for saved workflows, hidden from the node search.
 DEPRECATED = {"CustVid_LoadShapesWorld", "CustVid_WorldTextEncode", "CustVid_WorldPreservationClips",
