@@ -5,8 +5,8 @@ this process and under `accelerate launch --multi_gpu --num_processes 2` (this f
 process draws the whole batch from the shared seeded generator and computes its half, so the runs see the same
 global batch; they differ only in float summation order (a forward over 1 row instead of 2, the all-reduce's
 sums), hence a tolerance of 1e-5 (relative) on the losses and gradient norms where the recorded curves use 1e-6
-for identical arithmetic, and 1e-4 of each LoRA tensor's norm on the LoRA (`LORA_TOLERANCE`). The masks differ in
-area, so the masked region loss of a half must be weighed by its part of the whole batch's mask.
+for identical arithmetic, and a hundredth of a learning-rate step on each LoRA weight (`LORA_TOLERANCE`). The masks
+differ in area, so the masked region loss of a half must be weighed by its part of the whole batch's mask.
 """
 
 import json
@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 TOLERANCE = 1e-5
 LR = 1e-3
-# AdamW divides each gradient element by its running RMS, so the last bits of a gradient element near zero can
-# move its weight by a visible share of a step: a LoRA tensor may differ by this share of its norm.
-LORA_TOLERANCE = 1e-4
+# AdamW divides each gradient element by its running RMS, so the last bits of a small gradient element (the
+# cross-attention's q early on) can move its weight by a visible share of a step, at most `LR`: each LoRA weight
+# may differ by a hundredth of a step.
+LORA_TOLERANCE = 0.01 * LR
 
 
 def _subject_set():
@@ -85,12 +86,10 @@ def _assert_same(got: dict, expected: dict):
             assert a[k] == pytest.approx(b[k], rel=TOLERANCE, abs=1e-7), f"step {a['step']}, {k}: {a[k]} != {b[k]}"
     losses = [(a["loss"], b["loss"]) for a, b in zip(got["history"], expected["history"])]
     print(f"largest relative loss difference: {max(abs(a / b - 1) for a, b in losses):.3g}")
-    worst = 0.0
-    for name in expected["lora"]:
-        a, b = torch.tensor(got["lora"][name]), torch.tensor(expected["lora"][name])
-        worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-12)))
-    print(f"largest relative LoRA difference: {worst:.3g}")
-    assert worst <= LORA_TOLERANCE, f"a LoRA tensor differs by {worst} of its norm"
+    worst = max(float((torch.tensor(got["lora"][name]) - torch.tensor(expected["lora"][name])).abs().max())
+                for name in expected["lora"])
+    print(f"largest LoRA weight difference: {worst:.3g}")
+    assert worst <= LORA_TOLERANCE, f"a LoRA weight differs by {worst}, {worst / LR:.3g} of a step"
 
 
 @pytest.fixture(scope="module")
