@@ -202,6 +202,7 @@ def train(args: argparse.Namespace) -> int:
 
     from .training.config import dry_run, load_config, train_from_config
     from .training.distributed import is_main_process
+    from .training.loop import TrainingStopped
 
     config = load_config(args.config, steps=args.steps)
     if args.dry_run:
@@ -219,6 +220,8 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         files = train_from_config(config, progress=progress, log=lambda message: tqdm.write(message))
+    except TrainingStopped as e:  # a diverged loss: the message says what to do, and the last checkpoint is kept
+        raise SystemExit(f"error: {e}") from None
     finally:
         for bar in bars:
             bar.close()

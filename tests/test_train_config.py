@@ -235,9 +235,9 @@ def test_a_rerun_resumes_and_ends_with_the_lora_of_one_uninterrupted_run(workspa
     (("lr = 1e-3", "learning_rate = 1e-3"), r"\[recipe.optim\]: unknown key 'learning_rate'. Expected valid: steps, lr,"),
     (("[recipe.optim]", "[recipe.optim]\ncheckpoint_every = 3"), r"\[recipe.optim\]: unknown key 'checkpoint_every'. "
                                                                  r"Expected checkpoint_every in \[output\]"),
-    (("rank = 4", 'rank = "4"'), r"\[recipe\] rank: '4' is str. Expected an integer"),
-    (("rank = 4", "roles = 'ffn.0'"), r"\[recipe\] roles: 'ffn.0' is str. Expected a list of a string"),
-    (("rank = 4", "region_loss = 1"), r"\[recipe\] region_loss: 1 is int. Expected true or false"),
+    (("rank = 4", 'rank = "4"'), r"\[recipe\] rank: '4' is a string. Expected an integer"),
+    (("rank = 4", "roles = 'ffn.0'"), r"\[recipe\] roles: 'ffn.0' is a string. Expected a list of a string each"),
+    (("rank = 4", "region_loss = 1"), r"\[recipe\] region_loss: 1 is an integer. Expected true or false"),
     (("lr = 1e-3", "lr = 2.0"), r"learning_rate: 2.0. Expected a learning rate between 0 and 1"),
     (('path = "wan"', 'path = "no_such_model"'), r"\[model\] path: '.*no_such_model' does not exist"),
     (('path = "photos"', 'path = "no_photos"'), r"\[\[datasets\]\] #1 path: '.*no_photos' does not exist"),
@@ -246,6 +246,8 @@ def test_a_rerun_resumes_and_ends_with_the_lora_of_one_uninterrupted_run(workspa
     (('type = "subject"', 'type = "motion"'), r"\[\[datasets\]\]: datasets used as subject. Expected what the motion "),
     (('kind = "clips"', 'kind = "clips"\nuse = "subject"'), r"use: 'subject' for clips"),
     (("[output]", "[outputs]"), r"CONFIG: unknown section 'outputs'"),
+    (('type = "subject"', 'type = "joint"\n[recipe.subject]\noptim = {steps = 3}'),
+     r"\[recipe.subject\]: unknown key 'optim'. Expected the joint run's one optimiser in \[recipe.optim\]"),
     (('name = "my_dog"', 'name = "../my_dog"'), r"\[output\] name: '../my_dog'. Expected a file name without folders"),
     (("checkpoint_every = 2", "checkpoint_every = 0"), r"\[output\] checkpoint_every: 0. Expected at least 1 step"),
 ])
@@ -426,3 +428,20 @@ def test_the_examples_are_valid_configs(workspace, tmp_path, example):
     text = re.sub(r'^(\w+) = "\.\./[^"]*"', lambda m: f'{m[1]} = "{where[m[1]]}"', text, flags=re.M)
     config = load_config(config_file(tmp_path, text))
     assert config.recipe == example.removeprefix("train_").removesuffix(".toml") and config.optim.steps == 300
+
+
+def test_prompts_are_encoded_as_wans_pipelines_and_comfyui_do(workspace):
+    """The prompt's tokens' hidden states, then zeros to 512 rows; the trigger words found among the rows."""
+    from transformers import UMT5EncoderModel
+
+    from custvid_core.training.config import ModelConfig, _text_encoder
+
+    text = _text_encoder(ModelConfig(workspace / "wan"), torch.device("cpu"), torch.float32)
+    context = text(["a sks dog", "a dog mtn runs on the grass"])
+    assert context.shape == (2, 512, 64)
+    ids = torch.tensor([[WORDS.index(w) for w in ("a", "sks", "dog", "</s>")]])
+    with torch.no_grad():
+        alone = UMT5EncoderModel.from_pretrained(workspace / "wan" / "text_encoder")(ids).last_hidden_state
+    assert torch.allclose(context[0, :4], alone[0], atol=1e-5)  # the padding does not reach the prompt's rows
+    assert context[0, 4:].abs().max() == 0 and context[1, 7].abs().max() > 0 and context[1, 8:].abs().max() == 0
+    assert text.positions("a sks dog on the grass", "sks dog", "trigger_words") == (1, 2)

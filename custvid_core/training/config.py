@@ -44,21 +44,20 @@ from ..errors import InputError
 from .customize import JointController, MotionSettings, SubjectSettings
 from .distributed import is_main_process, process_device
 from .dualreal import DualRealSettings
+from .engine import TRAINING_DTYPES, compute_dtype
 from .loop import CHECKPOINT_FILE, OptimSettings, Progress
 
-# The recipes a config can run -> their settings class. A joint run's settings are `JointSettings`.
 SECTIONS = ("model", "datasets", "recipe", "output")
 DATASET_KINDS = ("photos", "clips")
 DATASET_USES = ("subject", "motion", "preservation")
-WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
-TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", *TRAINING_DTYPES)  # auto: bf16 on a CUDA device that has it, else fp32
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 # What a recipe's data must hold: the uses it learns from and those it can do without.
 RECIPE_USES = {"subject": ({"subject"}, {"preservation"}), "motion": ({"motion"}, set()),
                "joint": ({"subject", "motion"}, {"preservation"}), "dualreal": ({"subject", "motion"}, {"preservation"})}
 # Warm-up when a config sets none: 1/share of the steps, at most the recipe's default (the nodes' rule).
 WARMUP_SHARE = {"subject": 10, "motion": 10, "joint": 10, "dualreal": 5}
-# diffusers' Wan pipelines pad the prompt's embedding with zeros to 512 tokens, as ComfyUI's WanModel does.
+# diffusers' Wan pipelines pad the prompt's embedding with zeros to 512 tokens, as ComfyUI's UMT5 encoding does.
 WAN_TEXT_TOKENS = 512
 NOT_HOST_FREE = ("encode the dataset in ComfyUI instead (Subject Dataset / Video Clips Dataset), save it with Save "
                  "Dataset Cache and give the file as cache = \"...\" in [[datasets]]; or give the diffusers-layout folder "
@@ -77,6 +76,7 @@ class JointSettings:
     controller: JointController | None = None
 
 
+# The recipes a config can run -> their settings.
 RECIPES = {"subject": SubjectSettings, "motion": MotionSettings, "joint": JointSettings, "dualreal": DualRealSettings}
 
 
@@ -159,17 +159,19 @@ class TrainConfig:
 
 
 # --- reading --------------------------------------------------------------------------------------------------
+TOML_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)",
+              list: "a list", dict: "a table"}
+
+
 def _type_name(hint) -> str:
+    """What a settings field takes, as a TOML value."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args if a is not type(None))
     if origin is tuple:
-        return f"a list of {_type_name(args[0])}" if args[-1] is Ellipsis else \
-            f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-    if dataclasses.is_dataclass(hint):
-        return "a table"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(hint,
-                                                                                                           str(hint))
+        return f"a list of {_type_name(args[0])} each" if args[-1] is Ellipsis else \
+            f"a list of {len(args)}: {', '.join(_type_name(a) for a in args)}"
+    return "a table" if dataclasses.is_dataclass(hint) else TOML_TYPES.get(hint, str(hint))
 
 
 _NOT_CONVERTED = object()
@@ -200,7 +202,7 @@ def _converted(hint, value, key: str):
         ok = hint(value) if isinstance(value, str) else _NOT_CONVERTED
     if ok is not _NOT_CONVERTED:
         return ok
-    raise InputError(key, f"{value!r} is {type(value).__name__}", _type_name(hint))
+    raise InputError(key, f"{value!r} is {TOML_TYPES.get(type(value), type(value).__name__)}", _type_name(hint))
 
 
 def _filled(default, table: Any, where: str):
@@ -260,8 +262,8 @@ def _model(raw: dict, base: Path) -> ModelConfig:
              if k in table}
     model = dataclasses.replace(ModelConfig(paths.pop("path")), **paths)
     model = _filled(model, {k: v for k, v in table.items() if k not in ("path", *paths)}, "[model]")
-    _one_of(model.dtype, WEIGHT_DTYPES, "[model] dtype")
-    _one_of(model.training_dtype, TRAINING_DTYPES, "[model] training_dtype")
+    _one_of(model.dtype, DTYPES, "[model] dtype")
+    _one_of(model.training_dtype, DTYPES, "[model] training_dtype")
     if model.text_tokens < 1:
         raise InputError("[model] text_tokens", f"{model.text_tokens}", "at least 1 (Wan: 512)")
     return model
@@ -322,13 +324,11 @@ def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
 
 def _cache_kind(path: Path, key: str) -> str:
     """"photos" or "clips": what a dataset cache holds, read from its metadata alone."""
-    import json as json_
-
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            layout = json_.loads((f.metadata() or {}).get("layout", "null"))
+            layout = json.loads((f.metadata() or {}).get("layout", "null"))
     except Exception:  # safetensors raises its own error types for files it cannot read
         layout = None
     if not isinstance(layout, dict):
@@ -337,7 +337,7 @@ def _cache_kind(path: Path, key: str) -> str:
     return "clips" if first.get("kind") == "clips" else "photos"
 
 
-def _recipe(raw: dict, steps: int | None, checkpoint_every: int) -> tuple[str, Any]:
+def _recipe(raw: dict, steps: int | None) -> tuple[str, Any]:
     table = raw.get("recipe")
     if not isinstance(table, dict):
         raise InputError("[recipe]", "is missing" if table is None else "is not a table",
@@ -347,19 +347,21 @@ def _recipe(raw: dict, steps: int | None, checkpoint_every: int) -> tuple[str, A
     recipe = _one_of(table["type"], tuple(RECIPES), "[recipe] type")
     default = RECIPES[recipe]()
     given = {k: v for k, v in table.items() if k != "type"}
-    optim_given = dict(given.get("optim", {})) if isinstance(given.get("optim"), dict) else given.get("optim", {})
-    if "checkpoint_every" in (optim_given or {}):
+    optim_given = given.get("optim") if isinstance(given.get("optim"), dict) else {}
+    if "checkpoint_every" in optim_given:
         raise InputError("[recipe.optim]", "unknown key 'checkpoint_every'", "checkpoint_every in [output]")
+    for part in ("subject", "motion") if recipe == "joint" else ():
+        if isinstance(given.get(part), dict) and "optim" in given[part]:
+            raise InputError(f"[recipe.{part}]", "unknown key 'optim'", "the joint run's one optimiser in [recipe.optim]")
     settings = _filled(default, given, "[recipe]")
-    optim = settings.optim
-    if steps is not None:
-        optim = dataclasses.replace(optim, steps=steps)
-    if "warmup" not in (optim_given or {}):
+    optim = settings.optim if steps is None else dataclasses.replace(settings.optim, steps=steps)
+    if "warmup" not in optim_given:
         optim = dataclasses.replace(optim, warmup=min(default.optim.warmup, optim.steps // WARMUP_SHARE[recipe]))
-    return recipe, dataclasses.replace(settings, optim=dataclasses.replace(optim, checkpoint_every=checkpoint_every))
+    return recipe, dataclasses.replace(settings, optim=optim)
 
 
 def _output(raw: dict, base: Path, recipe: str) -> OutputConfig:
+    """[output]; its name defaults to the recipe's."""
     valid = [f.name for f in dataclasses.fields(OutputConfig)]
     table = _section(raw, "output", "[output]", ("folder",), valid)
     name = _converted(str, table.get("name", recipe), "[output] name")
@@ -389,10 +391,11 @@ def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
         raise InputError("--steps", f"{steps}", "at least 1 step")
     base = source.parent
     model = _model(raw, base)
-    output_table = raw.get("output") if isinstance(raw.get("output"), dict) else {}
-    every = _converted(int, output_table.get("checkpoint_every", 100), "[output] checkpoint_every")
-    recipe, settings = _recipe(raw, steps, max(every, 1))
-    return TrainConfig(source, model, _datasets(raw, base, recipe), recipe, settings, _output(raw, base, recipe))
+    recipe, settings = _recipe(raw, steps)
+    datasets, output = _datasets(raw, base, recipe), _output(raw, base, recipe)
+    settings = dataclasses.replace(settings, optim=dataclasses.replace(settings.optim,
+                                                                       checkpoint_every=output.checkpoint_every))
+    return TrainConfig(source, model, datasets, recipe, settings, output)
 
 
 # --- the items of a dataset folder ------------------------------------------------------------------------------
@@ -453,9 +456,8 @@ def dataset_items(data: DatasetConfig) -> list[Item]:
 
 # --- the base model, VAE and text encoder (host-free) -------------------------------------------------------------
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    """A config's dtype name as a torch dtype; "auto": the compute dtype this device trains in by default."""
+    return compute_dtype(device) if name == "auto" else TRAINING_DTYPES[name]
 
 
 def _device(name: str) -> torch.device:
@@ -819,11 +821,10 @@ def train_recipe(config: TrainConfig, backbone, data: dict, device: torch.device
     """The recipe's `TrainedParts` (one per recipe of the run), trained on the encoded `data` (`build_datasets`)."""
     from .customize import train_joint, train_motion, train_subject
     from .dualreal import train_dualreal
-    from .engine import TRAINING_DTYPES as DTYPES
 
     s, workdir = config.settings, config.output.checkpoint_folder
     common = dict(workdir=workdir, progress=progress, log=log, device=device,
-                  dtype=None if config.model.training_dtype == "auto" else DTYPES[config.model.training_dtype])
+                  dtype=_torch_dtype(config.model.training_dtype, device))
     if config.recipe == "subject":
         return [train_subject(backbone, data["subject"], s, **common)]
     if config.recipe == "motion":

@@ -1,6 +1,7 @@
 """`python -m custvid_core train` against the real host: ComfyUI's own loader reads the ComfyUI single file the config
 trained on as the same model the command loaded host-free, and its stock LoraLoaderModelOnly loads the LoRA the command
-wrote without a missing key, changing the model's output exactly as the LoRA did in training's model."""
+wrote without a missing key, changing the model's output exactly as the LoRA did in training's model; and the data the
+command encodes are the latents ComfyUI's VAE Encode gives, in the model's latent format."""
 
 import logging
 
@@ -56,3 +57,30 @@ def test_the_commands_lora_loads_with_stock_comfyui_and_changes_the_model_as_in_
         patched = describe(stock.model.diffusion_model).forward(x, sigma, context)
     assert not torch.allclose(patched, base, atol=1e-3)
     assert torch.allclose(patched, expected, atol=1e-4)
+
+
+def test_the_commands_latents_are_comfyuis_vae_encode_in_the_models_latent_format(tmp_path):
+    """The same Wan VAE weights in ComfyUI's layout (VAE Encode, then the Wan 2.1 latent format a model applies) and in
+    diffusers' layout (converted by diffusers' own converter): the config's encoding gives the same latents."""
+    from comfy_host import tiny_wan_vae_weights
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from custvid_core.training.config import ModelConfig, _vae_encoder, latent_stats
+
+    import_comfy()
+    import comfy.latent_formats
+    import comfy.sd
+
+    weights = tiny_wan_vae_weights()
+    theirs = AutoencoderKLWan(base_dim=8, z_dim=16)
+    theirs.load_state_dict(convert_wan_vae_to_diffusers(dict(weights)), strict=True)
+    theirs.save_pretrained(tmp_path / "vae")
+    frames = torch.rand(5, 32, 48, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        comfy_latents = comfy.latent_formats.Wan21().process_in(comfy.sd.VAE(sd=weights).encode(frames).float())
+    encode, _ = _vae_encoder(tmp_path / "vae", torch.device("cpu"), torch.float32)
+    mean, std = latent_stats(ModelConfig(tmp_path / "model.safetensors", vae=tmp_path / "vae"), 16)
+    ours = (encode(frames[None]) - mean) / std
+    assert ours.shape == comfy_latents.shape == (1, 16, 2, 4, 6)
+    assert torch.allclose(ours, comfy_latents, atol=1e-3 * float(comfy_latents.abs().max()))
