@@ -52,6 +52,7 @@ from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import AnyClips, AnyPhotos, buckets_of, draw_bucket
+from .distributed import own_rows
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import (
@@ -201,7 +202,10 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
             x0 = items.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            mask = region_masks[bucket, moving][idx].to(ctx.device) if (bucket, moving) in region_masks else None
+            masks = region_masks.get((bucket, moving))
+            batch_mask = masks[idx].to(ctx.device) if masks is not None else None
+            idx, sigma, x, target = own_rows(idx, sigma, x, target)
+            mask = masks[idx].to(ctx.device) if masks is not None else None
             context = _rows(items.context, idx).to(ctx.device, ctx.dtype)
             grid = ctx.backbone.token_grid(x.shape)
             with contextlib.ExitStack() as stack:
@@ -209,7 +213,7 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
                 attention = stack.enter_context(ctx.backbone.capture_cross_attention(attention_blocks)) \
                     if clip_attend else None
                 v = ctx.backbone.forward(x, sigma.to(ctx.device), context)
-            l_region = region_loss(v, target, mask)
+            l_region = region_loss(v, target, mask, batch_mask)
             total = l_region
             terms = {"region" if mask is not None else "mse": float(l_region.detach())}
             if photo_align:
@@ -240,6 +244,7 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
                 x0 = clips.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
+            idx, sigma, x, target = own_rows(idx, sigma, x, target)
             v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(clips.context, idx).to(ctx.device, ctx.dtype))
             if still:
                 loss = region_loss(v, target)
@@ -309,6 +314,7 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
             f = int(torch.randint(clips.latents.shape[2], (1,), generator=g))
             x0 = clips.latents[idx][:, :, f:f + 1].to(ctx.device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
+        sigma, x, target, context = own_rows(sigma, x, target, context)
         loss = region_loss(ctx.backbone.forward(x, sigma.to(ctx.device), context), target)
         return loss, {"spatial": float(loss.detach())}
 
@@ -321,6 +327,7 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
         sigma = settings.sigmas(len(idx), g)
         x0 = clips.latents[idx].to(device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
+        idx, sigma, x, target, context = own_rows(idx, sigma, x, target, context)
         if decode_align:
             v = backbone.forward(x, sigma.to(device), context)
             x0_pred = x - sigma.to(device, ctx.dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
