@@ -90,7 +90,7 @@ WAN_SIZES: dict[str, WanSize] = {
 # the gradients, the loss and the alignment projector's activations); and `fixed`, bytes a run needs whatever its
 # size. Fitted to measured peaks on a CPU (benchmarks/estimator_validation.py --fit, docs/results.md).
 ACTIVATION_BYTES_PER_TOKEN = {
-    "subject": {"kept": (48.0, 2.0), "working": (64.0, 4.0), "fixed": 0},
+    "subject": {"kept": (49.33, 2.56), "working": (120.36, 7.05), "fixed": 124874459},
     "motion": {"kept": (52.0, 4.0), "working": (68.0, 6.0), "fixed": 0},
 }
 # What a recomputed block keeps: its input, the hidden states (`dim` values a token, in bf16).
