@@ -91,7 +91,7 @@ WAN_SIZES: dict[str, WanSize] = {
 # size. Fitted to measured peaks on a CPU (benchmarks/estimator_validation.py --fit, docs/results.md).
 ACTIVATION_BYTES_PER_TOKEN = {
     "subject": {"kept": (49.33, 2.56), "working": (120.36, 7.05), "fixed": 124874459},
-    "motion": {"kept": (52.0, 4.0), "working": (68.0, 6.0), "fixed": 0},
+    "motion": {"kept": (60.82, 2.61), "working": (201.1, 15.94), "fixed": 102487154},
 }
 # What a recomputed block keeps: its input, the hidden states (`dim` values a token, in bf16).
 INPUT_BYTES = 2
