@@ -52,7 +52,7 @@ from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import SubjectSet, VideoSet
-from .engine import TrainedParts, run
+from .engine import PreviewParts, TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import (
     DecodedFlow,
@@ -346,26 +346,28 @@ def motion_recipe(backbone: WanBackbone, data: VideoSet, settings: MotionSetting
 def train_subject(backbone: WanBackbone, data: SubjectSet, settings: SubjectSettings = SubjectSettings(),
                   workdir: str | Path | None = None, progress: Progress | None = None,
                   log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None, base_model: str | None = None) -> TrainedParts:
+                  dtype: torch.dtype | None = None, base_model: str | None = None,
+                  preview: PreviewParts | None = None) -> TrainedParts:
     """`device`: where the forward runs (a partially loaded model's weights may sit elsewhere);
     default: the model's first parameter's device. `dtype`: the compute dtype (`engine.compute_dtype`), whatever
     the weights are stored in. `base_model`: the base model's signature for the checkpoint (a host that
-    merged LoRAs into the weights gives its own); default: from its weights."""
+    merged LoRAs into the weights gives its own); default: from its weights. `preview`: a clip sampled every
+    `settings.optim.preview_every` steps (`engine.run`)."""
     recipe = subject_recipe(backbone, data, settings, settings.optim.seed)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model, memory=settings.memory)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory, preview=preview)[0]
 
 
 def train_motion(backbone: WanBackbone, data: VideoSet, settings: MotionSettings = MotionSettings(),
                  workdir: str | Path | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] | None = None, device: torch.device | None = None,
                  decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
-                 base_model: str | None = None) -> TrainedParts:
-    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`; `device`, `dtype`, `base_model`: as
-    `train_subject`."""
+                 base_model: str | None = None, preview: PreviewParts | None = None) -> TrainedParts:
+    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`; `device`, `dtype`, `base_model`,
+    `preview`: as `train_subject`."""
     recipe = motion_recipe(backbone, data, settings, settings.optim.seed, decoded_flow)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model, memory=settings.memory)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory, preview=preview)[0]
 
 
 @dataclass
@@ -432,7 +434,8 @@ def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: Vi
                 workdir: str | Path | None = None, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None, device: torch.device | None = None,
                 decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
-                base_model: str | None = None, controller: JointController | None = None) -> tuple[TrainedParts, ...]:
+                base_model: str | None = None, controller: JointController | None = None,
+                preview: PreviewParts | None = None) -> tuple[TrainedParts, ...]:
     """Subject and motion LoRAs trained together (DualReal's dual-aware adaptation): each step is a motion
     step with probability `motion_probability`, else a subject step; both LoRAs run in every forward pass
     and only the stepping one learns, so each learns in the presence of the other it will be used with.
@@ -446,4 +449,4 @@ def train_joint(backbone: WanBackbone, subject_data: SubjectSet, motion_data: Vi
                             subject.memory.offload_activations or motion.memory.offload_activations,
                             max(subject.memory.blocks_to_swap, motion.memory.blocks_to_swap), subject.memory.offload_device)
     return tuple(run(backbone, recipes, schedule, optim, checkpointing, workdir, progress, log, device, dtype,
-                     base_model, {"motion_probability": repr(motion_probability)}, memory))
+                     base_model, {"motion_probability": repr(motion_probability)}, memory, preview))
