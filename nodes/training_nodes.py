@@ -58,10 +58,11 @@ from .host import (
     safetensors_path,
     show_on_node,
     token_roles,
-    training_backbone,
+    training_clone,
     training_folder,
     training_progress,
 )
+from .preview import preview_inputs, preview_ui, previewer
 
 CATEGORY_DATA = "CustVid/training data"
 CATEGORY_TRAIN = "CustVid/training"
@@ -316,14 +317,16 @@ def _with_loras(model, loras: list[LoraWeights]):
 
 
 def _finish(model, trained, notes: list[str], *more, trigger_words: str = "", loras: list | None = None,
-            patched=None) -> io.NodeOutput:
+            patched=None, folder: str | None = None) -> io.NodeOutput:
     """The train node's outputs: the MODEL with the LoRAs (by default the run's main LoRA; `patched`: the MODEL
-    made otherwise), the LoRAs, the loss graph and `more`; the run's notes shown on the node."""
+    made otherwise), the LoRAs, the loss graph (previews marked) and `more`; the run's notes shown on the node, with
+    its latest preview (the run's `folder`)."""
     loras = loras or [_lora_weights(model, trained, trigger_words)]
     patched = _with_loras(model, loras) if patched is None else patched
     text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
     show_on_node(text)
-    return io.NodeOutput(patched, *loras, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
+    shown = preview_ui(folder, text) if folder is not None else ui.PreviewText(text)
+    return io.NodeOutput(patched, *loras, loss_plot(trained.history), *more, ui=shown)
 
 
 def _data_in(to_model, data: SubjectSet | VideoSet) -> SubjectSet | VideoSet:
@@ -370,7 +373,8 @@ class TrainSubjectLoRA(io.ComfyNode):
                                    tooltip="If the dataset has moving clips (Subject Dataset's moving_clips): the "
                                            "share of the photo steps that learn from them instead of the photos."),
                     _training_dtype_input(),
-                    *memory_inputs()],
+                    *memory_inputs(),
+                    *preview_inputs()],
             outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding")],
         )
 
@@ -379,23 +383,26 @@ class TrainSubjectLoRA(io.ComfyNode):
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0,
                 trigger_embedding=False, moving_share=0.5, training_dtype="auto", recompute_every=1,
-                offload_activations=False, blocks_to_swap=0) -> io.NodeOutput:
+                offload_activations=False, blocks_to_swap=0, preview_every=0, preview_prompt="", clip=None,
+                vae=None) -> io.NodeOutput:
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                                warmup=warmup_steps(steps)),
+                                warmup=warmup_steps(steps), preview_every=preview_every),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
             stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding,
             moving_share=moving_share, memory=_memory(recompute_every, offload_activations, blocks_to_swap))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
+        with training_clone(model) as (clone, backbone, device, to_model):
             data = _data_in(to_model, subject)
             trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
                                     log, device=device, dtype=resolve_training_dtype(training_dtype, device),
-                                    base_model=base_model_signature(model))
-        return _finish(model, trained, notes, trained.learned_trigger(), trigger_words=subject.trigger_words)
+                                    base_model=base_model_signature(model),
+                                    preview=previewer(clone, subject, preview_every, preview_prompt, clip, vae, steps))
+        return _finish(model, trained, notes, trained.learned_trigger(), trigger_words=subject.trigger_words,
+                       folder=folder)
 
 
 class TrainMotionLoRA(io.ComfyNode):
@@ -423,13 +430,14 @@ class TrainMotionLoRA(io.ComfyNode):
                                            "gradients and its RAFT flow compared (SMRABooth's code; needs vae and "
                                            "raft, and much more memory)."),
                     io.Vae.Input("vae", optional=True,
-                                 tooltip="For decoded_flow: the VAE of the model you train."),
+                                 tooltip="For decoded_flow, and to decode previews: the VAE of the model you train."),
                     types.RaftModel.Input("raft", optional=True,
                                           tooltip="For decoded_flow: the flow network from Load RAFT."),
                     io.Int.Input("decode_window", default=6, min=1, max=64, optional=True,
                                  tooltip="For decoded_flow: latent frames decoded per step (the authors' 6)."),
                     _training_dtype_input(),
-                    *memory_inputs()],
+                    *memory_inputs(),
+                    *preview_inputs(vae=False)],
             outputs=_train_outputs(),
         )
 
@@ -438,7 +446,7 @@ class TrainMotionLoRA(io.ComfyNode):
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, spatial_rank, debiased_weight, motion_alignment="features", vae=None, raft=None,
                 decode_window=6, training_dtype="auto", recompute_every=1, offload_activations=False,
-                blocks_to_swap=0) -> io.NodeOutput:
+                blocks_to_swap=0, preview_every=0, preview_prompt="", clip=None) -> io.NodeOutput:
         decoded = motion_alignment == "decoded_flow" and alignment_weight > 0
         if decoded and clips.flow is None:
             raise InputError("clips", "have no motion representation",
@@ -451,21 +459,22 @@ class TrainMotionLoRA(io.ComfyNode):
             rank=rank, roles=_roles(roles), spatial_rank=spatial_rank, batch=batch_size,
             sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                                warmup=warmup_steps(steps)),
+                                warmup=warmup_steps(steps), preview_every=preview_every),
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
             alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing,
             memory=_memory(recompute_every, offload_activations, blocks_to_swap))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
+        with training_clone(model) as (clone, backbone, device, to_model):
             data = _data_in(to_model, clips)
             flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
                 if decoded else None
             trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
                                    log, device=device, decoded_flow=flow_through,
                                    dtype=resolve_training_dtype(training_dtype, device),
-                                   base_model=base_model_signature(model))
-        return _finish(model, trained, notes)
+                                   base_model=base_model_signature(model),
+                                   preview=previewer(clone, clips, preview_every, preview_prompt, clip, vae, steps))
+        return _finish(model, trained, notes, folder=folder)
 
 
 def _controlled_model(model, weights: DualRealWeights):
@@ -542,6 +551,7 @@ class TrainJointLoRAs(io.ComfyNode):
                 *_run_inputs("custvid_joint"),
                 _training_dtype_input(),
                 *memory_inputs(),
+                *preview_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="subject_lora"),
                      io.LoraModel.Output(display_name="motion_lora"), io.Image.Output(display_name="loss_graph"),
@@ -554,7 +564,7 @@ class TrainJointLoRAs(io.ComfyNode):
                 motion_alignment_weight, alignment_block, preservation_weight, region_loss, region_margin,
                 moving_share, debiased_weight, timestep_sampling, shift, gradient_checkpointing, training_seed,
                 checkpoint_every, run_name, training_dtype="auto", recompute_every=1, offload_activations=False,
-                blocks_to_swap=0) -> io.NodeOutput:
+                blocks_to_swap=0, preview_every=0, preview_prompt="", clip=None, vae=None) -> io.NodeOutput:
         sigmas = SigmaSampler(timestep_sampling, shift)
         memory = _memory(recompute_every, offload_activations, blocks_to_swap)
         subject_settings = SubjectSettings(
@@ -567,20 +577,21 @@ class TrainJointLoRAs(io.ComfyNode):
             debiased_weight=debiased_weight, alignment_weight=motion_alignment_weight, alignment_block=alignment_block,
             gradient_checkpointing=gradient_checkpointing, memory=memory)
         optim = OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                              warmup=warmup_steps(steps))
+                              warmup=warmup_steps(steps), preview_every=preview_every)
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
+        with training_clone(model) as (clone, backbone, device, to_model):
             trained = train_joint(backbone, _data_in(to_model, subject), _data_in(to_model, clips), subject_settings,
                                   motion_settings, optim, motion_probability, folder,
                                   training_progress(steps, "subject and motion LoRAs"), log, device=device,
                                   dtype=resolve_training_dtype(training_dtype, device),
                                   base_model=base_model_signature(model),
-                                  controller=JointController(groups or None) if controller else None)
+                                  controller=JointController(groups or None) if controller else None,
+                                  preview=previewer(clone, clips, preview_every, preview_prompt, clip, vae, steps))
         loras = [_lora_weights(model, trained[0], subject.trigger_words), _lora_weights(model, trained[1])]
         pair = joint_dualreal(trained, describe(model.model.diffusion_model))
         patched = _controlled_model(model, pair) if controller else None
-        return _finish(model, trained[0], notes, pair, loras=loras, patched=patched)
+        return _finish(model, trained[0], notes, pair, loras=loras, patched=patched, folder=folder)
 
 
 class SaveLoRA(io.ComfyNode):
