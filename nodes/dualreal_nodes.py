@@ -8,7 +8,7 @@ import dataclasses
 
 import folder_paths
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..custvid_core.adapters.dualreal import RESIDUALS, DualRealWeights, check_base_model, load_dualreal, save_dualreal
 from ..custvid_core.adapters.stage_blender import WEIGHTINGS, block_groups, dualreal_parts, weights_over_steps
@@ -28,10 +28,20 @@ from .host import (
     safetensors_path,
     show_on_node,
     training_backbone,
+    training_clone,
     training_folder,
     training_progress,
 )
-from .training_nodes import _context, _data_in, _run_log, _training_dtype_input, noise_and_memory_inputs
+from .preview import preview_inputs, preview_ui, previewer
+from .training_nodes import (
+    _context,
+    _data_in,
+    _memory,
+    _run_log,
+    _training_dtype_input,
+    memory_inputs,
+    noise_and_memory_inputs,
+)
 
 CATEGORY = "CustVid/DualReal"
 FOLDER = "custvid_dualreal"
@@ -154,6 +164,8 @@ class TrainDualReal(io.ComfyNode):
                                tooltip="The StageBlender controller's own learning rate. 0: the adapters' "
                                        "learning_rate (the authors'). If the run says its controller saturated "
                                        "(one adapter off in some blocks), try 1e-5."),
+                *memory_inputs(),
+                *preview_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), types.DualReal.Output(display_name="dualreal"),
                      io.Image.Output(display_name="loss_graph")],
@@ -163,7 +175,8 @@ class TrainDualReal(io.ComfyNode):
     def execute(cls, model, subject, clips, steps, learning_rate, groups, bottleneck, motion_probability, residual,
                 weighting, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
                 clips_image=None, subject_image=None, training_dtype="auto",
-                controller_learning_rate=0.0) -> io.NodeOutput:
+                controller_learning_rate=0.0, recompute_every=1, offload_activations=False, blocks_to_swap=0,
+                preview_every=0, preview_prompt="", clip=None, vae=None) -> io.NodeOutput:
         given = {"clips_image": clips_image, "subject_image": subject_image}
         missing = [name for name, v in given.items() if v is None]
         if len(missing) == 1:
@@ -175,22 +188,24 @@ class TrainDualReal(io.ComfyNode):
             authors, bottleneck=bottleneck, groups=groups or None, residual=residual, weighting=weighting,
             motion_probability=motion_probability, sigmas=SigmaSampler(timestep_sampling, shift),
             gradient_checkpointing=gradient_checkpointing, controller_lr=controller_learning_rate or None,
+            memory=_memory(recompute_every, offload_activations, blocks_to_swap),
             optim=dataclasses.replace(authors.optim, steps=steps, lr=learning_rate, seed=training_seed,
-                                      checkpoint_every=checkpoint_every,
+                                      checkpoint_every=checkpoint_every, preview_every=preview_every,
                                       warmup=min(authors.optim.warmup, steps // AUTHORS_WARMUP_SHARE)))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
+        with training_clone(model) as (patcher, backbone, device, to_model):
             trained = train_dualreal(backbone, _data_in(to_model, subject), _data_in(to_model, clips), settings,
                                      embeddings, folder, training_progress(steps, "DualReal"), log, device=device,
                                      dtype=resolve_training_dtype(training_dtype, device),
-                                     base_model=base_model_signature(model))
+                                     base_model=base_model_signature(model),
+                                     preview=previewer(patcher, clips, preview_every, preview_prompt, clip, vae, steps))
         weights = dualreal_weights(trained, settings.name)
         reference = None if embeddings is None else embeddings.subject.mean(dim=0, keepdim=True)
         text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
         show_on_node(text)
         return io.NodeOutput(dualreal_model(model, weights, reference, 1.0), weights, loss_plot(trained.history),
-                             ui=ui.PreviewText(text))
+                             ui=preview_ui(folder, text))
 
 
 class ApplyDualReal(io.ComfyNode):

@@ -6,6 +6,7 @@ kept."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from comfy_host import import_comfy, import_pack
@@ -76,7 +77,8 @@ def test_train_subject_lora_previews_show_on_the_node_and_are_kept_and_marked(wo
 def test_a_preview_samples_with_the_adapters_as_they_are(world):
     """The two previews of a run differ (the LoRA learned in between); the saved frames are the VAE's decoding."""
     nodes = world["nodes"]
-    nodes.TrainMotionLoRA.execute(world["patcher"], world["clips"], **{**TRAIN, "steps": 2, "checkpoint_every": 1},
+    motion = {k: v for k, v in TRAIN.items() if k not in ("preservation_weight", "region_loss")}
+    nodes.TrainMotionLoRA.execute(world["patcher"], world["clips"], **{**motion, "steps": 2, "checkpoint_every": 1},
                                   run_name="motion_previews", spatial_rank=4, debiased_weight=1.0,
                                   preview_every=1, vae=world["vae"], preview_prompt="red circle moving right",
                                   clip=world["clip"])
@@ -87,7 +89,7 @@ def test_a_preview_samples_with_the_adapters_as_they_are(world):
     for entry in index:
         with Image.open(folder / entry["file"].split("/")[-1]) as clip:
             assert clip.n_frames == 5  # the clips' length, the world's 5 frames
-            frames.append(torch.tensor(list(clip.convert("RGB").getdata()), dtype=torch.float32))
+            frames.append(torch.from_numpy(np.asarray(clip.convert("RGB"))).float())
     assert (frames[0] - frames[1]).abs().mean() > 0.5
 
 
@@ -111,7 +113,6 @@ def test_train_dualreal_joint_and_synmotion_take_previews(world):
 
 def test_an_interrupt_during_a_preview_stops_the_run_and_keeps_its_checkpoint(world, monkeypatch):
     import comfy.model_management
-
     from custvid_pack.nodes import preview
 
     sample = preview.comfy.sample.sample
@@ -137,3 +138,114 @@ def test_a_preview_prompt_needs_a_text_encoder(world):
         world["nodes"].TrainSubjectLoRA.execute(world["patcher"], world["subject"], run_name="no_clip",
                                                 preview_every=2, preview_prompt="orange star", vae=world["vae"],
                                                 **TRAIN)
+
+
+def test_train_synmotion_previews_a_new_subject_doing_the_motion(world):
+    from world_data import encode
+
+    from custvid_core.world.scene import Scene, WorldSpec, render
+
+    clips = None
+    for start in ((8, 12), (8, 20)):
+        scene = render(Scene(colour="red", shape="circle", direction="right", start=start), WorldSpec())
+        clips = world["nodes"].VideoDataset.execute(world["vae"], scene.frames, encode(world["clip"], scene.prompt),
+                                                    add_to=clips).result[0]
+    args = dict(steps=2, learning_rate=1e-2, rank=4, refiner=True, timestep_sampling="uniform", shift=3.0,
+                gradient_checkpointing=False, training_seed=0, checkpoint_every=100, preview_every=1, vae=world["vae"])
+    world["synmotion"].TrainSynMotion.execute(world["patcher"], clips, world["clip"], "red circle moving right",
+                                              "red circle", "moving right", run_name="synmotion_previews",
+                                              preview_prompt="blue square moving right", **args)
+    index = json.loads((_run_folder(world, "synmotion_previews") / "previews" / "index.json").read_text())
+    assert [(e["step"], e["prompt"]) for e in index] == [(1, "blue square moving right"),
+                                                         (2, "blue square moving right")]
+    with pytest.raises(ValueError, match="preview_prompt: 'right' is not in the prompt 'blue square moving left'"):
+        world["synmotion"].TrainSynMotion.execute(world["patcher"], clips, world["clip"], "red circle moving right",
+                                                  "red circle", "moving right", run_name="synmotion_no_words",
+                                                  preview_prompt="blue square moving left", **args)
+
+
+def _listening(url: str, client_id: str, messages: list, stop):
+    """A thread that keeps what ComfyUI's websocket sends this client (JSON messages as dicts, binary as bytes), as
+    the frontend receives them."""
+    import asyncio
+    import threading
+
+    import aiohttp
+
+    async def listen():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{url.replace('http', 'ws', 1)}/ws?clientId={client_id}") as ws:
+                while not stop.is_set():
+                    try:
+                        message = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        messages.append(bytes(message.data))
+                    elif message.type == aiohttp.WSMsgType.TEXT:
+                        messages.append(json.loads(message.data))
+                    else:
+                        return
+
+    thread = threading.Thread(target=lambda: asyncio.run(listen()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_train_node_with_previews_in_the_real_server(comfy_server):
+    """The shipped world workflow's Train Subject LoRA (and what feeds it), 4 steps with preview_every 2 and the VAE
+    connected, queued on a real server: the frontend's websocket gets each preview as the node's progress preview
+    image, the node's UI output lists the latest preview, which the server serves, and the run's folder keeps both."""
+    import struct
+    import threading
+    import time
+    import uuid
+
+    import requests
+    from workflow_api import shipped, to_api
+
+    prompt = to_api(shipped("01"), comfy_server.object_info())
+    train_id = next(k for k, v in prompt.items() if v["class_type"] == "CustVid_TrainSubjectLoRA")
+    needed, todo = set(), [train_id]
+    while todo:  # the train node and what it takes
+        node = todo.pop()
+        needed.add(node)
+        todo += [v[0] for v in prompt[node]["inputs"].values() if isinstance(v, list) and v[0] not in needed]
+    prompt = {k: v for k, v in prompt.items() if k in needed}
+    dataset = next(v for v in prompt.values() if v["class_type"] == "CustVid_SubjectDataset")
+    prompt[train_id]["inputs"].update(steps=4, run_name="previews_host_test", preview_every=2,
+                                      vae=dataset["inputs"]["vae"])
+    client_id, messages, stop = uuid.uuid4().hex, [], threading.Event()
+    listener = _listening(comfy_server.url, client_id, messages, stop)
+    time.sleep(1)
+    r = requests.post(comfy_server.url + "/prompt", json={"prompt": prompt, "client_id": client_id}, timeout=30)
+    assert r.status_code == 200, r.text
+    prompt_id = r.json()["prompt_id"]
+    deadline = time.time() + 900
+    while prompt_id not in (history := comfy_server.get(f"/history/{prompt_id}")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    listener.join(5)
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+    # Each preview arrives as a JPEG preview image right after the train node's progress at its step.
+    images = [i for i, m in enumerate(messages) if isinstance(m, bytes) and struct.unpack(">I", m[:4])[0] == 1]
+    progress = [m["data"] for m in messages if isinstance(m, dict) and m.get("type") == "progress"
+                and m["data"]["node"] == train_id]
+    assert [(p["value"], p["max"]) for p in progress] == [(1, 4), (2, 4), (2, 4), (3, 4), (4, 4), (4, 4)]
+    assert len(images) == 2
+    for i in images:
+        assert struct.unpack(">I", messages[i][4:8])[0] == 1  # JPEG
+        assert messages[i][8:10] == b"\xff\xd8"
+        assert messages[i - 1]["type"] == "progress" and messages[i - 1]["data"]["node"] == train_id
+
+    shown = entry["outputs"][train_id]
+    assert shown["images"] == [{"filename": "step_000004.webp", "subfolder": "custvid_training/previews_host_test/"
+                                "previews", "type": "output"}] and shown["animated"] == [True]
+    served = requests.get(comfy_server.url + "/view", params=shown["images"][0], timeout=30)
+    assert served.status_code == 200 and served.content[8:12] == b"WEBP"
+    folder = comfy_server.base / "output" / "custvid_training" / "previews_host_test" / "previews"
+    assert [e["step"] for e in json.loads((folder / "index.json").read_text())] == [2, 4]
+    assert (folder / "step_000004.webp").read_bytes() == served.content
