@@ -11,6 +11,7 @@ from builders import tiny_diffusers_wan
 from PIL import Image
 
 from custvid_core.backbones import describe
+from custvid_core.backbones.memory import MemorySettings
 from custvid_core.errors import InputError
 from custvid_core.media import loss_plot
 from custvid_core.training import MotionSettings, OptimSettings, SubjectSet, SubjectSettings, VideoSet, train_motion
@@ -72,6 +73,19 @@ def test_the_curve_with_previews_equals_the_curve_without_and_previews_see_the_a
     # The LoRA learns between the two previews: the second sample differs from the first (same seed).
     assert not torch.allclose(previewer.latents[0], previewer.latents[1])
     assert [r.get("preview") for r in previewed.history] == [None, "", None, ""]  # taken; no run folder to keep them
+
+
+def test_previews_under_the_memory_savings_leave_the_curve_alone():
+    """Checkpointing every other block, activations offloaded and a block swapped: a preview's forward (no gradient)
+    goes through the same hooks and training goes on as without previews."""
+    data = _subject_set()
+    memory = MemorySettings(recompute_every=2, offload_activations=True, blocks_to_swap=1)
+    settings = replace(_settings(), gradient_checkpointing=True, memory=memory)
+    plain, _ = train_subject(data, settings)
+    previewed, previewer = train_subject(data, settings, preview=True)
+    assert [s[0] for s in previewer.seen] == [2, 4]
+    assert [r["loss"] for r in previewed.history] == [r["loss"] for r in plain.history]
+    assert all(torch.equal(previewed.tensors[k], v) for k, v in plain.tensors.items())
 
 
 def test_previews_sample_without_the_throw_away_parts():
