@@ -75,10 +75,12 @@ def test_train_subject_lora_previews_show_on_the_node_and_are_kept_and_marked(wo
 
 
 def test_a_preview_samples_with_the_adapters_as_they_are(world):
-    """The two previews of a run differ (the LoRA learned in between); the saved frames are the VAE's decoding."""
+    """The two previews of a run differ (the LoRA learned in between); the saved frames are the VAE's decoding. The
+    previews sample through the memory savings' hooks (checkpointing every other block, a block swapped)."""
     nodes = world["nodes"]
     motion = {k: v for k, v in TRAIN.items() if k not in ("preservation_weight", "region_loss")}
-    nodes.TrainMotionLoRA.execute(world["patcher"], world["clips"], **{**motion, "steps": 2, "checkpoint_every": 1},
+    motion.update(steps=2, checkpoint_every=1, gradient_checkpointing=True)
+    nodes.TrainMotionLoRA.execute(world["patcher"], world["clips"], **motion, recompute_every=2, blocks_to_swap=1,
                                   run_name="motion_previews", spatial_rank=4, debiased_weight=1.0,
                                   preview_every=1, vae=world["vae"], preview_prompt="red circle moving right",
                                   clip=world["clip"])
@@ -89,7 +91,7 @@ def test_a_preview_samples_with_the_adapters_as_they_are(world):
     for entry in index:
         with Image.open(folder / entry["file"].split("/")[-1]) as clip:
             assert clip.n_frames == 5  # the clips' length, the world's 5 frames
-            frames.append(torch.from_numpy(np.asarray(clip.convert("RGB"))).float())
+            frames.append(torch.tensor(np.array(clip.convert("RGB")), dtype=torch.float32))
     assert (frames[0] - frames[1]).abs().mean() > 0.5
 
 
