@@ -4,8 +4,9 @@ preview, kept in the run's folder (previews/, indexed) and listed in the node's 
 
 A preview is kept cheap so it can run often: 10 Euler steps at cfg 1 (one model call a step, no negative prompt),
 at most 5 latent frames (17 frames on Wan, about a second: enough to see a motion start) of the training data's size
-with its longer side at most 52 latent cells (416 pixels on Wan). On Wan a preview then costs about as much as three
-or four training steps. It is a look at how training goes, not the quality a full sampling gives.
+with its longer side at most 52 latent cells (416 pixels on Wan). A preview then takes the time of three or four
+training steps (measured on the shapes world). It is a look at how training goes, not the quality a full sampling
+gives.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def preview_inputs(text_encoder: bool = True, vae: bool = True) -> list:
                      tooltip="Every N steps, sample a short preview clip with the adapters as they are: shown on this "
                              "node while it trains, kept in the run's folder (output/custvid_training/<run_name>/"
                              "previews/) and marked on the loss graph. 10 steps at cfg 1, at most 17 frames, at most "
-                             "416 pixels on the longer side: about as long as 3 or 4 training steps on Wan. 0: off."),
+                             "416 pixels on the longer side: about the time of 3 or 4 training steps. 0: off."),
         io.String.Input("preview_prompt", default="", optional=True,
                         tooltip="The previews' prompt (needs clip). Empty: the dataset's own caption (a clips "
                                 "dataset's first clip's)."),
