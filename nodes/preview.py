@@ -19,12 +19,14 @@ from typing import Callable
 import comfy.model_management
 import comfy.sample
 import comfy.utils
+import numpy as np
 import torch
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
+from PIL import Image
 
 from ..custvid_core.errors import InputError
-from ..custvid_core.media import contact_sheet
+from ..custvid_core.media import contact_sheet, to_uint8
 from ..custvid_core.training.loop import PREVIEW_INDEX, PREVIEWS_FOLDER, PreviewClip
 
 PREVIEW_STEPS = 10
@@ -53,28 +55,32 @@ def preview_inputs(text_encoder: bool = True, vae: bool = True) -> list:
     ]
 
 
-def sampled_preview(patcher, latent: torch.Tensor, context: torch.Tensor, prompt: str, clip, vae,
-                    steps: int) -> Callable[[int, dict], PreviewClip]:
-    """The engine's `preview(step, parts)` for a train node: samples `patcher` (the loaded training clone, its
-    diffusion model carrying the run's adapters) for the prompt, on an empty latent like `latent` (the dataset's
-    VAE latents), decodes it with `vae` (or ComfyUI's latent-to-RGB factors), shows it as the node's progress
-    preview at the step and returns it for the run's folder."""
+def previewer(patcher, data, preview_every: int, prompt: str, clip, vae, steps: int
+              ) -> Callable[[int, dict], PreviewClip] | None:
+    """The engine's `preview(step, parts)` for a train node, or None with preview_every 0: samples `patcher` (the
+    loaded training clone, its diffusion model carrying the run's adapters) for the prompt (empty: the caption of
+    `data`, the dataset as its node made it) on an empty latent like the dataset's, decodes it with `vae` (or
+    ComfyUI's latent-to-RGB preview), shows it as the node's progress preview at the step and returns it for the run's
+    folder."""
+    if not preview_every:
+        return None
     if prompt.strip() and clip is None:
         raise InputError("clip", "is not connected while preview_prompt is set",
                          "the text encoder connected, or preview_prompt empty (the dataset's caption)")
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt)) if prompt.strip() else [[context[:1], {}]]
-    empty = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(_preview_shape(latent)))
-    rgb = None if vae is not None else _latent_rgb(patcher)
-    if vae is None and rgb is None:
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt)) if prompt.strip() else [[data.context[:1], {}]]
+    empty = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(_preview_shape(data.latents)))
+    latent_format = patcher.model.latent_format
+    if vae is None and latent_format.latent_rgb_factors is None:
         raise InputError("vae", "is not connected and this model's latents have no preview colours",
                          "the VAE of the model you train connected, or preview_every 0")
+    decode = (lambda latents: _decoded(vae, latents)) if vae is not None else _latent_colours(patcher.model)
     bar = comfy.utils.ProgressBar(steps)
 
     def preview(step: int, parts: dict) -> PreviewClip:
         noise = comfy.sample.prepare_noise(empty, PREVIEW_SEED)
         latents = comfy.sample.sample(patcher, noise, PREVIEW_STEPS, 1.0, "euler", "simple", positive, [], empty,
                                       callback=_interrupt_point, disable_pbar=True, seed=PREVIEW_SEED)
-        frames = _decoded(vae, latents) if vae is not None else rgb(latents)
+        frames = decode(latents)
         bar.update_absolute(step, steps, ("JPEG", _still(frames), args.preview_size))
         return PreviewClip(frames, prompt.strip() or "(the dataset's caption)", PREVIEW_SEED)
 
@@ -118,35 +124,25 @@ def _decoded(vae, latents: torch.Tensor) -> torch.Tensor:
     return images.reshape(-1, *images.shape[-3:]).float().cpu().clamp(0, 1)
 
 
-def _latent_rgb(patcher) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """ComfyUI's latent-to-RGB preview (its Latent2RGB factors) of every latent frame, or None for a model without."""
-    latent_format = patcher.model.latent_format
-    if latent_format.latent_rgb_factors is None:
-        return None
-    factors = torch.tensor(latent_format.latent_rgb_factors)
-    bias = torch.tensor(latent_format.latent_rgb_factors_bias or [0.0, 0.0, 0.0])
+def _latent_colours(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Every latent frame in ComfyUI's latent-to-RGB preview colours (its Latent2RGB previewer, which shows one frame
+    of the model's own latents, as the sampler's previews do)."""
+    from latent_preview import Latent2RGBPreviewer
 
-    def rgb(latents: torch.Tensor) -> torch.Tensor:
-        frames = latents[0].float().cpu().movedim(0, -1) @ factors + bias  # [T, H, W, 3] in about [-1, 1]
-        return ((frames + 1) / 2).clamp(0, 1)
+    latent_format = model.latent_format
+    colours = Latent2RGBPreviewer(latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias,
+                                  latent_format.latent_rgb_factors_reshape)
 
-    return rgb
+    def frames(latents: torch.Tensor) -> torch.Tensor:
+        latents = model.process_latent_in(latents)  # the sampler returns the VAE's latents
+        images = [colours.decode_latent_to_preview(latents[:1, :, t:t + 1]) for t in range(latents.shape[2])]
+        return torch.stack([torch.from_numpy(np.array(image)) for image in images]).float() / 255
+
+    return frames
 
 
-def _still(frames: torch.Tensor):
+def _still(frames: torch.Tensor) -> Image.Image:
     """Up to four of the clip's frames side by side: the progress preview is one image."""
-    from PIL import Image
-
-    from ..custvid_core.media import to_uint8
-
     picked = frames[::max(1, math.ceil(frames.shape[0] / 4))][:4]
     return Image.fromarray(to_uint8(contact_sheet(picked, columns=4)[None])[0])
 
-
-def previewer(patcher, data, preview_every: int, prompt: str, clip, vae, steps: int
-              ) -> Callable[[int, dict], PreviewClip] | None:
-    """`sampled_preview` for a train node's dataset (`SubjectSet` or `VideoSet`, as the dataset node made it), or None
-    with preview_every 0."""
-    if not preview_every:
-        return None
-    return sampled_preview(patcher, data.latents, data.context, prompt, clip, vae, steps)

@@ -135,6 +135,13 @@ def test_an_interrupt_during_a_preview_stops_the_run_and_keeps_its_checkpoint(wo
     assert not (_run_folder(world, "interrupted") / "previews" / "step_000002.webp").exists()
 
 
+def test_without_a_vae_previews_show_comfyuis_latent_preview_colours(world):
+    world["nodes"].TrainSubjectLoRA.execute(world["patcher"], world["subject"], run_name="no_vae", preview_every=2,
+                                            **{**TRAIN, "steps": 2})
+    with Image.open(_run_folder(world, "no_vae") / "previews" / "step_000002.webp") as clip:
+        assert clip.size == tuple(world["subject"].latents.shape[-2:])[::-1] and clip.n_frames == 1
+
+
 def test_a_preview_prompt_needs_a_text_encoder(world):
     with pytest.raises(ValueError, match="clip: is not connected while preview_prompt is set"):
         world["nodes"].TrainSubjectLoRA.execute(world["patcher"], world["subject"], run_name="no_clip",
