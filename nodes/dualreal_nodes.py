@@ -194,18 +194,32 @@ class TrainDualReal(io.ComfyNode):
                                       warmup=min(authors.optim.warmup, steps // AUTHORS_WARMUP_SHARE)))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
+        reference = None if embeddings is None else embeddings.subject.mean(dim=0, keepdim=True)
         with training_clone(model) as (patcher, backbone, device, to_model):
+            preview = _seeing_the_reference(previewer(patcher, clips, preview_every, preview_prompt, clip, vae, steps),
+                                            reference, f"{settings.name}_motion", device)
             trained = train_dualreal(backbone, _data_in(to_model, subject), _data_in(to_model, clips), settings,
                                      embeddings, folder, training_progress(steps, "DualReal"), log, device=device,
                                      dtype=resolve_training_dtype(training_dtype, device),
-                                     base_model=base_model_signature(model),
-                                     preview=previewer(patcher, clips, preview_every, preview_prompt, clip, vae, steps))
+                                     base_model=base_model_signature(model), preview=preview)
         weights = dualreal_weights(trained, settings.name)
-        reference = None if embeddings is None else embeddings.subject.mean(dim=0, keepdim=True)
         text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
         show_on_node(text)
         return io.NodeOutput(dualreal_model(model, weights, reference, 1.0), weights, loss_plot(trained.history),
                              ui=preview_ui(folder, text))
+
+
+def _seeing_the_reference(preview, reference: torch.Tensor | None, motion: str, device: torch.device):
+    """Train DualReal's previews: with CLIP vision inputs the motion adapters take the subject's reference image, as in
+    the MODEL the node returns (each training step sets its own again)."""
+    if preview is None or reference is None:
+        return preview
+
+    def seeing(step: int, parts: dict):
+        parts[motion].set_condition(reference.to(device))
+        return preview(step, parts)
+
+    return seeing
 
 
 class ApplyDualReal(io.ComfyNode):

@@ -95,7 +95,9 @@ def test_a_preview_samples_with_the_adapters_as_they_are(world):
     assert (frames[0] - frames[1]).abs().mean() > 0.5
 
 
-def test_train_dualreal_joint_and_synmotion_take_previews(world):
+def test_train_dualreal_and_joint_loras_take_previews(world, monkeypatch):
+    import comfy.clip_vision
+
     nodes, dualreal = world["nodes"], world["dualreal"]
     joint = dict(steps=2, learning_rate=1e-2, motion_probability=0.5, controller=True, groups=2, subject_rank=4,
                  motion_rank=4, spatial_rank=4, stillness_rank=0, batch_size=1, subject_alignment_weight=0.0,
@@ -109,7 +111,22 @@ def test_train_dualreal_joint_and_synmotion_take_previews(world):
                                    timestep_sampling="uniform", shift=3.0, gradient_checkpointing=False,
                                    training_seed=0, checkpoint_every=100, run_name="dualreal_previews",
                                    preview_every=2, vae=world["vae"])
-    for run in ("joint_previews", "dualreal_previews"):
+    # With CLIP vision inputs the motion adapters see the subject's reference image, as in the node's MODEL.
+    vision = []
+    for rows, seed in ((2, 1), (2, 2)):  # one image per clip, one per photo: the reference is their mean
+        vision.append(comfy.clip_vision.Output())
+        vision[-1]["image_embeds"] = torch.randn(rows, 12, generator=torch.Generator().manual_seed(seed))
+    seen, make = [], dualreal.previewer
+    monkeypatch.setattr(dualreal, "previewer", lambda *a: (lambda step, parts: seen.append(
+        parts["dualreal_motion"].condition.cpu()) or make(*a)(step, parts)))
+    dualreal.TrainDualReal.execute(world["patcher"], world["subject"], world["clips"], steps=2, learning_rate=1e-2,
+                                   groups=2, bottleneck=8, motion_probability=0.5, residual="code", weighting="code",
+                                   timestep_sampling="uniform", shift=3.0, gradient_checkpointing=False,
+                                   training_seed=0, checkpoint_every=100, run_name="dualreal_vision_previews",
+                                   clips_image=vision[0], subject_image=vision[1], preview_every=1, vae=world["vae"])
+    reference = vision[1]["image_embeds"].mean(dim=0, keepdim=True)
+    assert len(seen) == 2 and all(torch.allclose(c, reference) for c in seen)
+    for run in ("joint_previews", "dualreal_previews", "dualreal_vision_previews"):
         assert (_run_folder(world, run) / "previews" / "step_000002.webp").exists(), run
 
 
