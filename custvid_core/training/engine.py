@@ -138,8 +138,8 @@ def _about(backbone: WanBackbone, recipes: list[Recipe], dtype: torch.dtype, bas
             "model": base_model or model_signature(backbone.model)}
 
 
-# preview(step, parts) -> a clip sampled with the backbone as it is (the run's kept parts attached, at full strength);
-# the run's parts by name.
+# preview(step, parts) -> the clip the caller samples with the backbone as it is after `step` steps; `parts`: the run's
+# parts by name (the kept ones on, the throw-away ones off).
 PreviewParts = Callable[[int, dict], PreviewClip]
 
 
