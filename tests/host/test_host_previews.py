@@ -219,7 +219,7 @@ def _listening(url: str, client_id: str, messages: list, stop):
 
 
 def test_a_train_node_with_previews_in_the_real_server(comfy_server):
-    """The shipped world workflow's Train Subject LoRA (and what feeds it), 4 steps with preview_every 2 and the VAE
+    """The shipped world workflow's Train Subject LoRA (what feeds it and its Save LoRA), 4 steps with preview_every 2 and the VAE
     connected, queued on a real server: the frontend's websocket gets each preview as the node's progress preview
     image, the node's UI output lists the latest preview, which the server serves, and the run's folder keeps both."""
     import struct
@@ -232,8 +232,10 @@ def test_a_train_node_with_previews_in_the_real_server(comfy_server):
 
     prompt = to_api(shipped("01"), comfy_server.object_info())
     train_id = next(k for k, v in prompt.items() if v["class_type"] == "CustVid_TrainSubjectLoRA")
-    needed, todo = set(), [train_id]
-    while todo:  # the train node and what it takes
+    save_id = next(k for k, v in prompt.items() if v["class_type"] == "CustVid_SaveLoRA"
+                   and v["inputs"]["lora"][0] == train_id)
+    needed, todo = set(), [save_id]
+    while todo:  # Save LoRA (an output node) and what it takes
         node = todo.pop()
         needed.add(node)
         todo += [v[0] for v in prompt[node]["inputs"].values() if isinstance(v, list) and v[0] not in needed]
