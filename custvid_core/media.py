@@ -50,6 +50,17 @@ def save_gif(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8, scale:
     return Path(path)
 
 
+def save_webp(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8) -> Path:
+    """An animated WebP (what ComfyUI's frontend and browsers play inline)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in to_uint8(frames)]
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="WEBP", save_all=True, append_images=images[1:], duration=int(1000 / fps),
+                       loop=0, quality=90)
+    return Path(path)
+
+
 def save_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8, scale: int = 1) -> Path:
     """H.264 through PyAV; sizes are padded to even numbers as the codec needs."""
     import av
@@ -84,7 +95,8 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> torch.
 
 
 def loss_plot(history: list[dict], width: int = 512, height: int = 256) -> torch.Tensor:
-    """A training run's loss per step (light) and its running mean (dark) as an IMAGE `[1, H, W, 3]`."""
+    """A training run's loss per step (light) and its running mean (dark) as an IMAGE `[1, H, W, 3]`; the steps where a
+    preview was taken (records with "preview") are marked by orange lines."""
     from PIL import Image, ImageDraw
 
     losses = [r["loss"] for r in history]
@@ -102,6 +114,10 @@ def loss_plot(history: list[dict], width: int = 512, height: int = 256) -> torch
             x = margin + (width - 2 * margin) * (i / max(1, len(losses) - 1))
             return x, height - margin - (height - 2 * margin) * (v - lo) / span
 
+        for i, record in enumerate(history):
+            if "preview" in record:
+                x = round(point(i, lo)[0])
+                draw.line([(x, margin), (x, height - margin)], fill=(255, 170, 60), width=1)
         for values, colour in ((losses, (170, 190, 230)), (smooth, (20, 60, 160))):
             draw.line([point(i, v) for i, v in enumerate(values)] if len(values) > 1 else [point(0, values[0])] * 2,
                       fill=colour, width=2)

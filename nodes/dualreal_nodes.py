@@ -8,7 +8,7 @@ import dataclasses
 
 import folder_paths
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..custvid_core.adapters.dualreal import RESIDUALS, DualRealWeights, check_base_model, load_dualreal, save_dualreal
 from ..custvid_core.adapters.stage_blender import WEIGHTINGS, block_groups, dualreal_parts, weights_over_steps
@@ -28,14 +28,18 @@ from .host import (
     safetensors_path,
     show_on_node,
     training_backbone,
+    training_clone,
     training_folder,
     training_progress,
 )
+from .preview import preview_inputs, preview_ui, previewer
 from .training_nodes import (
     _context,
     _data_in,
+    _memory,
     _run_log,
     _training_dtype_input,
+    memory_inputs,
     noise_and_memory_inputs,
     noise_levels,
     noise_range_inputs,
@@ -163,6 +167,8 @@ class TrainDualReal(io.ComfyNode):
                                        "learning_rate (the authors'). If the run says its controller saturated "
                                        "(one adapter off in some blocks), try 1e-5."),
                 *noise_range_inputs(),
+                *memory_inputs(),
+                *preview_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), types.DualReal.Output(display_name="dualreal"),
                      io.Image.Output(display_name="loss_graph")],
@@ -172,7 +178,9 @@ class TrainDualReal(io.ComfyNode):
     def execute(cls, model, subject, clips, steps, learning_rate, groups, bottleneck, motion_probability, residual,
                 weighting, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
                 clips_image=None, subject_image=None, training_dtype="auto",
-                controller_learning_rate=0.0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"]) -> io.NodeOutput:
+                controller_learning_rate=0.0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"],
+                recompute_every=1, offload_activations=False, blocks_to_swap=0, preview_every=0, preview_prompt="",
+                clip=None, vae=None) -> io.NodeOutput:
         given = {"clips_image": clips_image, "subject_image": subject_image}
         missing = [name for name, v in given.items() if v is None]
         if len(missing) == 1:
@@ -185,22 +193,38 @@ class TrainDualReal(io.ComfyNode):
             motion_probability=motion_probability,
             sigmas=noise_levels(timestep_sampling, shift, noise_range, expert_boundary),
             gradient_checkpointing=gradient_checkpointing, controller_lr=controller_learning_rate or None,
+            memory=_memory(recompute_every, offload_activations, blocks_to_swap),
             optim=dataclasses.replace(authors.optim, steps=steps, lr=learning_rate, seed=training_seed,
-                                      checkpoint_every=checkpoint_every,
+                                      checkpoint_every=checkpoint_every, preview_every=preview_every,
                                       warmup=min(authors.optim.warmup, steps // AUTHORS_WARMUP_SHARE)))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
+        reference = None if embeddings is None else embeddings.subject.mean(dim=0, keepdim=True)
+        with training_clone(model) as (patcher, backbone, device, to_model):
+            preview = _seeing_the_reference(previewer(patcher, clips, preview_every, preview_prompt, clip, vae, steps),
+                                            reference, f"{settings.name}_motion", device)
             trained = train_dualreal(backbone, _data_in(to_model, subject), _data_in(to_model, clips), settings,
                                      embeddings, folder, training_progress(steps, "DualReal"), log, device=device,
                                      dtype=resolve_training_dtype(training_dtype, device),
-                                     base_model=base_model_signature(model))
+                                     base_model=base_model_signature(model), preview=preview)
         weights = dualreal_weights(trained, settings.name)
-        reference = None if embeddings is None else embeddings.subject.mean(dim=0, keepdim=True)
         text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
         show_on_node(text)
         return io.NodeOutput(dualreal_model(model, weights, reference, 1.0), weights, loss_plot(trained.history),
-                             ui=ui.PreviewText(text))
+                             ui=preview_ui((folder,), text))
+
+
+def _seeing_the_reference(preview, reference: torch.Tensor | None, motion: str, device: torch.device):
+    """Train DualReal's previews: with CLIP vision inputs the motion adapters take the subject's reference image, as in
+    the MODEL the node returns (each training step sets its own again)."""
+    if preview is None or reference is None:
+        return preview
+
+    def seeing(step: int, parts: dict):
+        parts[motion].set_condition(reference.to(device))
+        return preview(step, parts)
+
+    return seeing
 
 
 class ApplyDualReal(io.ComfyNode):

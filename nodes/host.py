@@ -141,6 +141,14 @@ def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torc
     nodes under inference mode; training needs it off. Stock LoRAs already on the MODEL are part
     of the weights being adapted. The weights stay in the precision they were loaded in; inside, every
     layer casts them to the training dtype as it runs."""
+    with training_clone(model) as (_, backbone, device, to_model):
+        yield backbone, device, to_model
+
+
+@contextmanager
+def training_clone(model) -> Iterator[tuple[Any, Any, torch.device, Callable[[torch.Tensor], torch.Tensor]]]:
+    """`training_backbone`, also yielding first the loaded clone itself: ComfyUI's sampler samples it with the
+    run's adapters (previews) without loading the model again."""
     from ..custvid_core.backbones import describe
 
     enable_rope_backward()
@@ -149,7 +157,7 @@ def training_backbone(model) -> Iterator[tuple[Any, torch.device, Callable[[torc
     comfy.model_management.load_models_gpu([clone])
     with torch.inference_mode(False), torch.enable_grad(), _casting_weights(clone.model.diffusion_model):
         _usable_by_autograd(clone.model.diffusion_model)
-        yield backbone, clone.load_device, clone.model.process_latent_in
+        yield clone, backbone, clone.load_device, clone.model.process_latent_in
 
 
 def offload_device() -> torch.device:

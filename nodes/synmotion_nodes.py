@@ -44,11 +44,12 @@ from .host import (
     resolve_training_dtype,
     safetensors_path,
     token_roles,
-    training_backbone,
+    training_clone,
     training_folder,
     training_progress,
     word_tokens,
 )
+from .preview import preview_inputs, previewer
 from .training_nodes import (
     _context,
     _data_in,
@@ -258,6 +259,7 @@ class TrainSynMotion(io.ComfyNode):
                 _training_dtype_input(),
                 *memory_inputs(),
                 *noise_range_inputs(),
+                *preview_inputs(text_encoder=False),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_graph"),
@@ -268,7 +270,8 @@ class TrainSynMotion(io.ComfyNode):
     def execute(cls, model, clips, clip, prompt, subject_words, motion_words, steps, learning_rate, rank, refiner,
                 timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
                 prior_clips=None, training_dtype="auto", recompute_every=1, offload_activations=False,
-                blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"]) -> io.NodeOutput:
+                blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"], preview_every=0,
+                preview_prompt="", vae=None) -> io.NodeOutput:
         motion_words = " ".join(motion_words.split())
         captions = _captions(prompt, subject_words)
         clips = single_size(clips, "clips")  # SynMotion learns from clips of one size
@@ -288,18 +291,41 @@ class TrainSynMotion(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing,
             memory=_memory(recompute_every, offload_activations, blocks_to_swap),
             optim=dataclasses.replace(defaults.optim, steps=steps, lr=learning_rate, seed=training_seed,
-                                      checkpoint_every=checkpoint_every, warmup=warmup_steps(steps)))
+                                      checkpoint_every=checkpoint_every, warmup=warmup_steps(steps),
+                                      preview_every=preview_every))
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
+        with training_clone(model) as (patcher, backbone, device, to_model):
             base_model = base_model_signature(model)
             prior = None if prior_clips is None else _data_in(to_model, prior_clips)
+            preview = _preview(patcher, clips, clip, preview_every, preview_prompt, vae, steps, motion_words,
+                               positions[0], settings.name)
             trained = train_synmotion(backbone, _data_in(to_model, clips), positions, motion_phrase, prior, settings,
                                       prior_subjects, base_model, subject_words, motion_words, folder,
                                       training_progress(steps, "SynMotion"), log, device=device,
-                                      dtype=resolve_training_dtype(training_dtype, device), base_model=base_model)
+                                      dtype=resolve_training_dtype(training_dtype, device), base_model=base_model,
+                                      preview=preview)
         learned = LearnedSynMotion.from_exported(trained.parts[settings.name])
-        return _finish(model, trained, notes, learned, loras=[_lora_weights(model, trained, motion_words)])
+        return _finish(model, trained, notes, learned, loras=[_lora_weights(model, trained, motion_words)],
+                       folders=(folder,))
+
+
+def _preview(patcher, clips, clip, preview_every: int, preview_prompt: str, vae, steps: int, motion_words: str,
+             caption_positions: RolePositions, name: str):
+    """Train SynMotion's previews: the embeddings edit the preview's prompt where its words sit, as Apply SynMotion
+    Embeddings does: the first clip's caption at its subject and motion words, or `preview_prompt` (a new subject
+    doing the motion) at its motion words only."""
+    sample = previewer(patcher, clips, preview_every, preview_prompt, clip, vae, steps)
+    if sample is None:
+        return None
+    positions = caption_positions if not preview_prompt.strip() else RolePositions(
+        (), token_roles(preview_prompt, motion_words, clip, words_input="preview_prompt").subject)
+
+    def preview(step: int, parts: dict):
+        parts[name].set_positions(positions)  # each training step sets its own again
+        return sample(step, parts)
+
+    return preview
 
 
 def _require_trained_tokens(clip, prompt: str, motion_words: str, motion: tuple[int, ...],

@@ -60,10 +60,11 @@ from .host import (
     safetensors_path,
     show_on_node,
     token_roles,
-    training_backbone,
+    training_clone,
     training_folder,
     training_progress,
 )
+from .preview import preview_inputs, preview_ui, previewer
 
 CATEGORY_DATA = "CustVid/training data"
 CATEGORY_TRAIN = "CustVid/training"
@@ -301,6 +302,7 @@ class _ExpertRun:
     model: Any
     trained: Any
     notes: list[str]
+    folder: str  # the run's folder (its checkpoint, its previews)
 
 
 def _train_experts(model, model_low_noise, noise_range: str, boundary: float, run_name: str, sigmas: SigmaSampler,
@@ -318,7 +320,8 @@ def _train_experts(model, model_low_noise, noise_range: str, boundary: float, ru
     done = []
     for expert, (low, high), name in runs:
         notes, log = _run_log(name)
-        done.append(_ExpertRun(expert, train_one(expert, sigmas.within(low, high), training_folder(name), log), notes))
+        folder = training_folder(name)
+        done.append(_ExpertRun(expert, train_one(expert, sigmas.within(low, high), folder, log), notes, folder))
     return done
 
 
@@ -418,21 +421,24 @@ def _with_loras(model, loras: list[LoraWeights]):
 
 
 def _finish(model, trained, notes: list[str], *more, trigger_words: str = "", loras: list | None = None,
-            patched=None) -> io.NodeOutput:
+            patched=None, folders: tuple[str, ...] = ()) -> io.NodeOutput:
     """The train node's outputs: the MODEL with the LoRAs (by default the run's main LoRA; `patched`: the MODEL
-    made otherwise), the LoRAs, the loss graph and `more`; the run's notes shown on the node."""
+    made otherwise), the LoRAs, the loss graph (previews marked) and `more`; the run's notes shown on the node, with
+    the latest preview of each of its runs' `folders`."""
     loras = loras or [_lora_weights(model, trained, trigger_words)]
     patched = _with_loras(model, loras) if patched is None else patched
     text = "\n".join(notes or [f"trained {len(trained.history)} steps"])
     show_on_node(text)
-    return io.NodeOutput(patched, *loras, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
+    shown = preview_ui(folders, text) if folders else ui.PreviewText(text)
+    return io.NodeOutput(patched, *loras, loss_plot(trained.history), *more, ui=shown)
 
 
 def _finish_experts(runs: list[_ExpertRun], *more, trigger_words: str = "") -> io.NodeOutput:
     """`_finish` for a LoRA train node's runs (one model's, or the high- and low-noise experts'), with the low-noise
     expert's MODEL and LoRA as the last two outputs (None without one) and a loss graph per run."""
     first, *rest = runs
-    out = _finish(first.model, first.trained, [n for run in runs for n in run.notes], *more, trigger_words=trigger_words)
+    out = _finish(first.model, first.trained, [n for run in runs for n in run.notes], *more, trigger_words=trigger_words,
+                  folders=tuple(run.folder for run in runs))
     if not rest:
         return io.NodeOutput(*out.args, None, None, ui=out.ui)
     low = rest[0]
@@ -492,7 +498,8 @@ class TrainSubjectLoRA(io.ComfyNode):
                     _training_dtype_input(),
                     *memory_inputs(),
                     *noise_range_inputs(),
-                    low_noise_model_input()],
+                    low_noise_model_input(),
+                    *preview_inputs()],
             outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding"),
                      *_low_noise_outputs()],
         )
@@ -503,7 +510,7 @@ class TrainSubjectLoRA(io.ComfyNode):
                 run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0,
                 trigger_embedding=False, moving_share=0.5, training_dtype="auto", recompute_every=1,
                 offload_activations=False, blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"],
-                model_low_noise=None) -> io.NodeOutput:
+                model_low_noise=None, preview_every=0, preview_prompt="", clip=None, vae=None) -> io.NodeOutput:
         if trigger_embedding and model_low_noise is not None:
             raise InputError("trigger_embedding", "on with model_low_noise connected: both experts read one prompt, "
                              "and each expert's run would learn a trigger embedding of its own",
@@ -511,18 +518,19 @@ class TrainSubjectLoRA(io.ComfyNode):
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                                warmup=warmup_steps(steps)),
+                                warmup=warmup_steps(steps), preview_every=preview_every),
             region_loss=region_loss, preservation_weight=preservation_weight, alignment_weight=alignment_weight,
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
             stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding,
             moving_share=moving_share, memory=_memory(recompute_every, offload_activations, blocks_to_swap))
 
         def train_one(expert, sigmas, folder, log):
-            with training_backbone(expert) as (backbone, device, to_model):
+            with training_clone(expert) as (clone, backbone, device, to_model):
                 return train_subject(backbone, _data_in(to_model, subject), replace(settings, sigmas=sigmas), folder,
                                      training_progress(steps, "subject LoRA"), log, device=device,
                                      dtype=resolve_training_dtype(training_dtype, device),
-                                     base_model=base_model_signature(expert))
+                                     base_model=base_model_signature(expert),
+                                     preview=previewer(clone, subject, preview_every, preview_prompt, clip, vae, steps))
 
         runs = _train_experts(model, model_low_noise, noise_range, expert_boundary, run_name, settings.sigmas, train_one)
         return _finish_experts(runs, runs[0].trained.learned_trigger(), trigger_words=subject.trigger_words)
@@ -553,7 +561,7 @@ class TrainMotionLoRA(io.ComfyNode):
                                            "gradients and its RAFT flow compared (SMRABooth's code; needs vae and "
                                            "raft, and much more memory)."),
                     io.Vae.Input("vae", optional=True,
-                                 tooltip="For decoded_flow: the VAE of the model you train."),
+                                 tooltip="For decoded_flow, and to decode previews: the VAE of the model you train."),
                     types.RaftModel.Input("raft", optional=True,
                                           tooltip="For decoded_flow: the flow network from Load RAFT."),
                     io.Int.Input("decode_window", default=6, min=1, max=64, optional=True,
@@ -561,7 +569,8 @@ class TrainMotionLoRA(io.ComfyNode):
                     _training_dtype_input(),
                     *memory_inputs(),
                     *noise_range_inputs(),
-                    low_noise_model_input()],
+                    low_noise_model_input(),
+                    *preview_inputs(vae=False)],
             outputs=[*_train_outputs(), *_low_noise_outputs()],
         )
 
@@ -571,7 +580,7 @@ class TrainMotionLoRA(io.ComfyNode):
                 run_name, spatial_rank, debiased_weight, motion_alignment="features", vae=None, raft=None,
                 decode_window=6, training_dtype="auto", recompute_every=1, offload_activations=False,
                 blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"],
-                model_low_noise=None) -> io.NodeOutput:
+                model_low_noise=None, preview_every=0, preview_prompt="", clip=None) -> io.NodeOutput:
         decoded = motion_alignment == "decoded_flow" and alignment_weight > 0
         if decoded and buckets_of(clips)[0].flow is None:
             raise InputError("clips", "have no motion representation",
@@ -584,19 +593,20 @@ class TrainMotionLoRA(io.ComfyNode):
             rank=rank, roles=_roles(roles), spatial_rank=spatial_rank, batch=batch_size,
             sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                                warmup=warmup_steps(steps)),
+                                warmup=warmup_steps(steps), preview_every=preview_every),
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
             alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing,
             memory=_memory(recompute_every, offload_activations, blocks_to_swap))
 
         def train_one(expert, sigmas, folder, log):
-            with training_backbone(expert) as (backbone, device, to_model):
+            with training_clone(expert) as (clone, backbone, device, to_model):
                 flow_through = decoder_with_grad(vae, expert.model.process_latent_out, raft, decode_window) \
                     if decoded else None
                 return train_motion(backbone, _data_in(to_model, clips), replace(settings, sigmas=sigmas), folder,
                                     training_progress(steps, "motion LoRA"), log, device=device,
                                     decoded_flow=flow_through, dtype=resolve_training_dtype(training_dtype, device),
-                                    base_model=base_model_signature(expert))
+                                    base_model=base_model_signature(expert),
+                                    preview=previewer(clone, clips, preview_every, preview_prompt, clip, vae, steps))
 
         return _finish_experts(_train_experts(model, model_low_noise, noise_range, expert_boundary, run_name,
                                               settings.sigmas, train_one))
@@ -677,6 +687,7 @@ class TrainJointLoRAs(io.ComfyNode):
                 _training_dtype_input(),
                 *memory_inputs(),
                 *noise_range_inputs(),
+                *preview_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="subject_lora"),
                      io.LoraModel.Output(display_name="motion_lora"), io.Image.Output(display_name="loss_graph"),
@@ -689,7 +700,8 @@ class TrainJointLoRAs(io.ComfyNode):
                 motion_alignment_weight, alignment_block, preservation_weight, region_loss, region_margin,
                 moving_share, debiased_weight, timestep_sampling, shift, gradient_checkpointing, training_seed,
                 checkpoint_every, run_name, training_dtype="auto", recompute_every=1, offload_activations=False,
-                blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"]) -> io.NodeOutput:
+                blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"], preview_every=0,
+                preview_prompt="", clip=None, vae=None) -> io.NodeOutput:
         sigmas = noise_levels(timestep_sampling, shift, noise_range, expert_boundary)
         memory = _memory(recompute_every, offload_activations, blocks_to_swap)
         subject_settings = SubjectSettings(
@@ -702,20 +714,21 @@ class TrainJointLoRAs(io.ComfyNode):
             debiased_weight=debiased_weight, alignment_weight=motion_alignment_weight, alignment_block=alignment_block,
             gradient_checkpointing=gradient_checkpointing, memory=memory)
         optim = OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
-                              warmup=warmup_steps(steps))
+                              warmup=warmup_steps(steps), preview_every=preview_every)
         folder = training_folder(run_name)
         notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
+        with training_clone(model) as (clone, backbone, device, to_model):
             trained = train_joint(backbone, _data_in(to_model, subject), _data_in(to_model, clips), subject_settings,
                                   motion_settings, optim, motion_probability, folder,
                                   training_progress(steps, "subject and motion LoRAs"), log, device=device,
                                   dtype=resolve_training_dtype(training_dtype, device),
                                   base_model=base_model_signature(model),
-                                  controller=JointController(groups or None) if controller else None)
+                                  controller=JointController(groups or None) if controller else None,
+                                  preview=previewer(clone, clips, preview_every, preview_prompt, clip, vae, steps))
         loras = [_lora_weights(model, trained[0], subject.trigger_words), _lora_weights(model, trained[1])]
         pair = joint_dualreal(trained, describe(model.model.diffusion_model))
         patched = _controlled_model(model, pair) if controller else None
-        return _finish(model, trained[0], notes, pair, loras=loras, patched=patched)
+        return _finish(model, trained[0], notes, pair, loras=loras, patched=patched, folders=(folder,))
 
 
 class SaveLoRA(io.ComfyNode):

@@ -42,28 +42,40 @@ def _subject_set():
                       torch.randn(4, 24, 5, 5, generator=g), clips, subject_tokens=(1, 2), trigger_words="sks")
 
 
-def _train(steps: int, workdir: str | None = None) -> dict:
+def _train(steps: int, workdir: str | None = None, preview_every: int = 0) -> dict:
     """The tiny run's loss history and LoRA, what it logged and how often it reported progress (in this process:
     the only one, or one of the launched ones). The constant schedule makes a run stopped after k steps the first
-    k steps of a longer one, so a resumed run can be compared with an uninterrupted one."""
+    k steps of a longer one, so a resumed run can be compared with an uninterrupted one. `preview_every`: previews
+    sampled as a host does (torch's own generator seeded for the noise, the model's forward)."""
     from builders import tiny_diffusers_wan
 
     from custvid_core.backbones import describe
     from custvid_core.training import OptimSettings, SubjectSettings, train_subject
+    from custvid_core.training.loop import PreviewClip
+    from custvid_core.world.sample import sample_flow
 
     settings = SubjectSettings(rank=4, alignment_block=1, projector_hidden=32, batch=2,
-                               optim=OptimSettings(steps=steps, lr=LR, warmup=2, schedule="constant", checkpoint_every=2))
+                               optim=OptimSettings(steps=steps, lr=LR, warmup=2, schedule="constant", checkpoint_every=2,
+                                                   preview_every=preview_every))
     logged, reports = [], []
-    trained = train_subject(describe(tiny_diffusers_wan()), _subject_set(), settings, workdir=workdir,
-                            progress=lambda *a: reports.append(a[0]), log=logged.append)
+    backbone, data = describe(tiny_diffusers_wan()), _subject_set()
+
+    def preview(step, parts):
+        torch.manual_seed(step)
+        latents = sample_flow(backbone, data.context, None, torch.randn(1, 16, 1, 8, 8), steps=2, progress=lambda *_: None)
+        return PreviewClip(torch.sigmoid(latents[0, :3]).permute(1, 2, 3, 0), "a sks thing", step)
+
+    trained = train_subject(backbone, data, settings, workdir=workdir, progress=lambda *a: reports.append(a[0]),
+                            log=logged.append, preview=preview if preview_every else None)
     return {"history": [{k: v for k, v in r.items() if k != "seconds"} for r in trained.history],
             "lora": {k: v.tolist() for k, v in sorted(trained.tensors.items())}, "log": logged, "progress": reports}
 
 
-def _launched(tmp_path: Path, processes: int, steps: int, workdir: Path | None = None) -> list[dict]:
+def _launched(tmp_path: Path, processes: int, steps: int, workdir: Path | None = None, preview_every: int = 0
+              ) -> list[dict]:
     """`_train` under `accelerate launch` with `processes` CPU processes; each process's result."""
     out = tmp_path / f"run{processes}_{steps}"
-    _launch(processes, [__file__, str(out), str(steps), str(workdir or "")])
+    _launch(processes, [__file__, str(out), str(steps), str(workdir or ""), str(preview_every)])
     return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(processes)]
 
 
@@ -131,6 +143,21 @@ def test_a_checkpoint_of_one_process_resumes_on_two(tmp_path, alone):
     _assert_same(other, alone)
 
 
+def test_previews_on_two_processes_are_the_main_processes_alone_and_change_no_process_curve(tmp_path, alone):
+    from custvid_core.training.loop import PREVIEW_INDEX, PREVIEWS_FOLDER
+
+    main, other = _launched(tmp_path, 2, STEPS, tmp_path, preview_every=3)
+    assert [r.get("preview") for r in main["history"]] == [None, None, "previews/step_000003.webp", None, None,
+                                                           "previews/step_000006.webp"]
+    assert all("preview" not in r for r in other["history"])
+    index = json.loads((tmp_path / PREVIEWS_FOLDER / PREVIEW_INDEX).read_text())
+    assert [(e["step"], e["file"]) for e in index] == [(3, "previews/step_000003.webp"), (6, "previews/step_000006.webp")]
+    assert all((tmp_path / e["file"]).is_file() for e in index)
+    for result in (main, other):  # neither process's draws nor gradients moved
+        _assert_same({**result, "history": [{k: v for k, v in r.items() if k != "preview"} for r in result["history"]]},
+                     alone)
+
+
 def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path, capsys):
     from test_train_config import SUBJECT, tiny_pipeline, write_data
 
@@ -153,6 +180,6 @@ def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path
 
 
 if __name__ == "__main__":
-    out, steps, workdir = sys.argv[1:]
-    result = _train(int(steps), workdir or None)
+    out, steps, workdir, preview_every = sys.argv[1:]
+    result = _train(int(steps), workdir or None, int(preview_every))
     Path(f"{out}.rank{os.environ['RANK']}.json").write_text(json.dumps(result))

@@ -235,6 +235,8 @@ def test_a_rerun_resumes_and_ends_with_the_lora_of_one_uninterrupted_run(workspa
     (("lr = 1e-3", "learning_rate = 1e-3"), r"\[recipe.optim\]: unknown key 'learning_rate'. Expected valid: steps, lr,"),
     (("[recipe.optim]", "[recipe.optim]\ncheckpoint_every = 3"), r"\[recipe.optim\]: unknown key 'checkpoint_every'. "
                                                                  r"Expected checkpoint_every in \[output\]"),
+    (("[recipe.optim]", "[recipe.optim]\npreview_every = 3"), r"\[recipe.optim\]: unknown key 'preview_every'. "
+                                                              r"Expected no previews in the train command"),
     (("rank = 4", 'rank = "4"'), r"\[recipe\] rank: '4' is a string. Expected an integer"),
     (("rank = 4", "roles = 'ffn.0'"), r"\[recipe\] roles: 'ffn.0' is a string. Expected a list of a string each"),
     (("rank = 4", "region_loss = 1"), r"\[recipe\] region_loss: 1 is an integer. Expected true or false"),

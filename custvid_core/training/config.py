@@ -350,6 +350,9 @@ def _recipe(raw: dict, steps: int | None) -> tuple[str, Any]:
     optim_given = given.get("optim") if isinstance(given.get("optim"), dict) else {}
     if "checkpoint_every" in optim_given:
         raise InputError("[recipe.optim]", "unknown key 'checkpoint_every'", "checkpoint_every in [output]")
+    if "preview_every" in optim_given:  # previews sample through ComfyUI's sampler: the train nodes take them
+        raise InputError("[recipe.optim]", "unknown key 'preview_every'",
+                         "no previews in the train command (the train nodes' preview_every takes them)")
     for part in ("subject", "motion") if recipe == "joint" else ():
         if isinstance(given.get(part), dict) and "optim" in given[part]:
             raise InputError(f"[recipe.{part}]", "unknown key 'optim'", "the joint run's one optimiser in [recipe.optim]")

@@ -53,7 +53,7 @@ from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import AnyClips, AnyPhotos, buckets_of, draw_bucket
 from .distributed import own_rows
-from .engine import TrainedParts, run
+from .engine import PreviewParts, TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import (
     DecodedFlow,
@@ -364,26 +364,28 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
 def train_subject(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSettings = SubjectSettings(),
                   workdir: str | Path | None = None, progress: Progress | None = None,
                   log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None, base_model: str | None = None) -> TrainedParts:
+                  dtype: torch.dtype | None = None, base_model: str | None = None,
+                  preview: PreviewParts | None = None) -> TrainedParts:
     """`device`: where the forward runs (a partially loaded model's weights may sit elsewhere);
     default: the model's first parameter's device. `dtype`: the compute dtype (`engine.compute_dtype`), whatever
     the weights are stored in. `base_model`: the base model's signature for the checkpoint (a host that
-    merged LoRAs into the weights gives its own); default: from its weights."""
+    merged LoRAs into the weights gives its own); default: from its weights. `preview`: a clip sampled every
+    `settings.optim.preview_every` steps (`engine.run`)."""
     recipe = subject_recipe(backbone, data, settings, settings.optim.seed)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model, memory=settings.memory)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory, preview=preview)[0]
 
 
 def train_motion(backbone: WanBackbone, data: AnyClips, settings: MotionSettings = MotionSettings(),
                  workdir: str | Path | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] | None = None, device: torch.device | None = None,
                  decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
-                 base_model: str | None = None) -> TrainedParts:
-    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`; `device`, `dtype`, `base_model`: as
-    `train_subject`."""
+                 base_model: str | None = None, preview: PreviewParts | None = None) -> TrainedParts:
+    """`decoded_flow`: the decoder and RAFT for `alignment="decoded_flow"`; `device`, `dtype`, `base_model`,
+    `preview`: as `train_subject`."""
     recipe = motion_recipe(backbone, data, settings, settings.optim.seed, decoded_flow)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model, memory=settings.memory)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory, preview=preview)[0]
 
 
 @dataclass
@@ -450,7 +452,8 @@ def train_joint(backbone: WanBackbone, subject_data: AnyPhotos, motion_data: Any
                 workdir: str | Path | None = None, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None, device: torch.device | None = None,
                 decoded_flow: DecodedFlow | None = None, dtype: torch.dtype | None = None,
-                base_model: str | None = None, controller: JointController | None = None) -> tuple[TrainedParts, ...]:
+                base_model: str | None = None, controller: JointController | None = None,
+                preview: PreviewParts | None = None) -> tuple[TrainedParts, ...]:
     """Subject and motion LoRAs trained together (DualReal's dual-aware adaptation): each step is a motion
     step with probability `motion_probability`, else a subject step; both LoRAs run in every forward pass
     and only the stepping one learns, so each learns in the presence of the other it will be used with.
@@ -464,4 +467,4 @@ def train_joint(backbone: WanBackbone, subject_data: AnyPhotos, motion_data: Any
                             subject.memory.offload_activations or motion.memory.offload_activations,
                             max(subject.memory.blocks_to_swap, motion.memory.blocks_to_swap), subject.memory.offload_device)
     return tuple(run(backbone, recipes, schedule, optim, checkpointing, workdir, progress, log, device, dtype,
-                     base_model, {"motion_probability": repr(motion_probability)}, memory))
+                     base_model, {"motion_probability": repr(motion_probability)}, memory, preview))

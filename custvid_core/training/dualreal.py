@@ -24,11 +24,12 @@ import torch
 
 from ..adapters.dualreal import DualAdapterPart, DualAdapterSpec, DualRealWeights
 from ..adapters.stage_blender import CODE_SCALE, WEIGHTINGS, StageBlenderPart, group_count
+from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import SubjectSet, VideoSet, single_size
 from .distributed import own_rows
-from .engine import TrainedParts, run
+from .engine import PreviewParts, TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import SigmaSampler, add_noise, region_loss
 from .tasks import Random, Recipe, Schedule, StepContext, Task
@@ -55,6 +56,7 @@ class DualRealSettings:
     sigmas: SigmaSampler = field(default_factory=SigmaSampler)
     optim: OptimSettings = field(default_factory=_authors_optim)
     gradient_checkpointing: bool = False
+    memory: MemorySettings = MemorySettings()  # more memory savings: every k-th block, offloading, block swap
     name: str = "dualreal"
 
 
@@ -187,16 +189,18 @@ def train_dualreal(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
                    settings: DualRealSettings = DualRealSettings(), image_embeddings: ImageEmbeddings | None = None,
                    workdir: str | Path | None = None, progress: Progress | None = None,
                    log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None, base_model: str | None = None) -> TrainedParts:
+                   dtype: torch.dtype | None = None, base_model: str | None = None,
+                   preview: PreviewParts | None = None) -> TrainedParts:
     """Train DualReal's adapters and controller on `subject` and `clips`; the parts are `<name>_identity`,
     `<name>_motion` and `<name>_controller` (`dualreal_weights` gives them by role). `image_embeddings`: condition
-    the motion adapters (then always needed with them); `device`, `dtype`, `base_model`: as `train_subject`."""
+    the motion adapters (then always needed with them); `device`, `dtype`, `base_model`, `preview`: as
+    `train_subject`."""
     recipe = dualreal_recipe(backbone, subject, clips, settings, image_embeddings)
     optim = settings.optim
     if settings.controller and settings.controller_lr is not None:
         optim = replace(optim, lr_factors=((f"{settings.name}_controller", settings.controller_lr / optim.lr),))
     trained = run(backbone, [recipe], recipe.schedule, optim, settings.gradient_checkpointing, workdir,
-                  progress, log, device, dtype, base_model)[0]
+                  progress, log, device, dtype, base_model, memory=settings.memory, preview=preview)[0]
     stuck = saturated_groups(trained.history, settings.weighting) if settings.controller else []
     if stuck and log is not None:
         log(f"the StageBlender controller is saturated in {len(stuck)} of its groups of blocks ({stuck}): there it "

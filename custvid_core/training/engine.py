@@ -24,7 +24,7 @@ from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .fingerprint import content_digest, model_signature, settings_record
-from .loop import OptimSettings, Progress, StepResult, train
+from .loop import OptimSettings, PreviewClip, Progress, StepResult, train
 from .tasks import Recipe, Schedule, StepContext, task_at, tasks_in
 
 # The dtypes a run can compute in (`train_*(dtype=...)`); the trainable parameters and optimiser state stay fp32.
@@ -138,17 +138,37 @@ def _about(backbone: WanBackbone, recipes: list[Recipe], dtype: torch.dtype, bas
             "model": base_model or model_signature(backbone.model)}
 
 
+# preview(step, parts) -> the clip the caller samples with the backbone as it is after `step` steps; `parts`: the run's
+# parts by name (the kept ones on, the throw-away ones off).
+PreviewParts = Callable[[int, dict], PreviewClip]
+
+
+@contextlib.contextmanager
+def _sampling(model: torch.nn.Module) -> Iterator[None]:
+    """No gradients and every module in eval mode while inside; each module's mode put back after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
 def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim: OptimSettings,
         checkpointing: bool = False, workdir: str | Path | None = None, progress: Progress | None = None,
         log: Callable[[str], None] | None = None, device: torch.device | None = None,
         dtype: torch.dtype | None = None, base_model: str | None = None,
-        run_settings: dict | None = None, memory: MemorySettings = MemorySettings()) -> list[TrainedParts]:
+        run_settings: dict | None = None, memory: MemorySettings = MemorySettings(),
+        preview: PreviewParts | None = None) -> list[TrainedParts]:
     """Train `recipes` together, step `i` running `task_at(schedule, i, g)`, and return each recipe's kept parts.
     `device`: where the forward runs (default: the model's first role layer's device); `dtype`: the compute
     dtype (`compute_dtype`); a checkpoint in `workdir` is resumed only for the same data, recipe settings
     (+ `run_settings`, + the compute dtype) and base model (`base_model`, default: a signature of the weights).
     `checkpointing` and `memory` (`MemorySettings`: every k-th block, activations offloaded, blocks swapped) save
-    device memory without changing what is learned."""
+    device memory without changing what is learned. `preview` (every `optim.preview_every` steps, see `loop.train`)
+    samples with the parts the recipes keep on and the throw-away ones (a spatial or stillness LoRA) off."""
     device = device or backbone.role_module(0, "self_attn.q").weight.device
     dtype = compute_dtype(device, dtype)
     about = _about(backbone, recipes, dtype, base_model, run_settings) if workdir is not None else None
@@ -183,5 +203,12 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
             result = StepResult(loss, terms, update=task.trains)
             return result if scaled is None else replace(result, loss=scaled(result.loss))
 
-        history = train(step, groups, optim, workdir, progress, log, about=about)
+        kept = {n for r in recipes for n in r.returns}
+
+        def sampled(i: int, _groups) -> PreviewClip:
+            with _sampling(backbone.model), strengths_set(parts, dict.fromkeys(set(parts) - kept, 0.0)):
+                return preview(i, parts)
+
+        history = train(step, groups, optim, workdir, progress, log, about=about,
+                        preview=sampled if preview is not None else None)
         return [TrainedParts({n: parts[n].export() for n in r.returns}, history, r.main) for r in recipes]

@@ -4,14 +4,16 @@ A method supplies a step function (one batch -> loss) and named groups of traina
 (an adapter, a projector, a controller, an embedding). The loop owns what users count on:
 AdamW with warm-up and a cosine schedule, gradient clipping, a seed, loss and seconds per step,
 atomic checkpoints every N steps that a rerun resumes on the same loss curve, a stop with a
-clear message on NaN or divergence (the last good checkpoint is kept), and interruption through
-the progress callback. A step may name the groups it updates: the others get no gradient and no
-optimizer update that step (DualReal's gradient masks, MotionDirector's frozen spatial LoRA).
+clear message on NaN or divergence (the last good checkpoint is kept), interruption through
+the progress callback, and sample previews every N steps kept in the run's folder. A step may name
+the groups it updates: the others get no gradient and no optimizer update that step (DualReal's
+gradient masks, MotionDirector's frozen spatial LoRA).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -35,6 +37,9 @@ PREVIOUS_CHECKPOINT_FILE = "checkpoint.previous.pt"
 SCHEDULES = ("cosine", "constant")
 # OptimSettings fields added since the first checkpoints (see `_fingerprint`).
 LATER_SETTINGS = ("betas", "lr_factors")
+# A run's previews, in its folder: one clip per preview step and an index of them (step, file, prompt, seed).
+PREVIEWS_FOLDER = "previews"
+PREVIEW_INDEX = "index.json"
 
 
 @dataclass
@@ -50,6 +55,7 @@ class OptimSettings:
     lr_factors: tuple[tuple[str, float], ...] = ()  # (group, factor): a group's learning rate is `factor * lr`
     seed: int = 0
     checkpoint_every: int = 100
+    preview_every: int = 0  # a preview (the `preview` callback of `train`) every N steps; 0: none
     # A loss this many times the median of the last 50 steps counts as divergence.
     divergence_factor: float = 50.0
 
@@ -61,6 +67,7 @@ class OptimSettings:
                   ("grad_clip", self.grad_clip > 0, "a positive gradient norm, e.g. 1.0"),
                   ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
                   ("checkpoint_every", self.checkpoint_every >= 1, "at least 1 step"),
+                  ("preview_every", self.preview_every >= 0, "0 (no previews) or a number of steps"),
                   ("lr_factors", all(f > 0 for _, f in self.lr_factors), "positive learning-rate factors"))
         for name, ok, expected in checks:
             if not ok:
@@ -97,6 +104,21 @@ StepFn = Callable[[int, torch.Generator], StepResult]
 Progress = Callable[[int, int, dict], None]
 
 
+@dataclass
+class PreviewClip:
+    """A clip sampled while training with the adapters as they are: frames `[F, H, W, 3]` in [0, 1], and the prompt
+    and noise seed it was sampled with."""
+
+    frames: torch.Tensor
+    prompt: str
+    seed: int
+
+
+# preview(step, groups) -> the clip sampled after `step` steps with the trained groups as they are; may raise to
+# interrupt (ComfyUI's sampling does).
+Preview = Callable[[int, dict[str, list[nn.Parameter]]], PreviewClip]
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped on a non-finite or diverging loss; the last good checkpoint is kept."""
 
@@ -111,7 +133,8 @@ def _fingerprint(groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
     # Settings added after checkpoints were first written count only when changed, so those checkpoints resume.
     defaults = OptimSettings()
     later = tuple(name for name in LATER_SETTINGS if getattr(settings, name) == getattr(defaults, name))
-    record = {**settings_record(settings, leave_out=("steps", "checkpoint_every", *later)), **about.pop("settings", {})}
+    record = {**settings_record(settings, leave_out=("steps", "checkpoint_every", "preview_every", *later)),
+              **about.pop("settings", {})}
     return {"groups": {n: [list(p.shape) for p in ps] for n, ps in groups.items()}, "settings": record, **about}
 
 
@@ -129,7 +152,8 @@ def _differences(old: dict, new: dict) -> str:
 
 def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
           workdir: str | Path | None = None, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None, about: dict | None = None) -> list[dict]:
+          log: Callable[[str], None] | None = None, about: dict | None = None,
+          preview: Preview | None = None) -> list[dict]:
     """Run `settings.steps` steps and return the loss history (one record per step).
 
     With `workdir`, a checkpoint there is resumed if it matches these groups and settings and `about`
@@ -142,6 +166,13 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
 
     Under `accelerate launch` (or torchrun), and with its gradient accumulation, each process computes its share of
     every step's batch (`distributed`); only the main process writes, logs and reports progress.
+
+    With `preview` and `settings.preview_every`, every that many steps (after the step's checkpoint)
+    `preview(step, groups)` samples a clip; it is written to `workdir`'s previews folder and indexed there,
+    and the step's record gets `"preview"` (the file, relative to `workdir`; "" without one). Previews do not change
+    training: the random generators' states are put back after each. A resumed run keeps its earlier previews.
+    On several processes only the main one samples them, with its replica of the trained parts and no collective
+    operation; the others go on to the next step and wait for it there, at the gradients' all-reduce.
     """
     if not groups or not any(groups.values()):
         raise InputError("adapters", "nothing to train", "at least one adapter or trainable module")
@@ -170,6 +201,7 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
         if log:
             log(f"already trained ({start} steps)" if start >= settings.steps
                 else f"resumed from step {start} of {settings.steps}")
+    previews = _kept_previews(Path(workdir), history, start) if workdir is not None and main else []
 
     def save(step: int):
         if ckpt_path is not None and main:
@@ -214,6 +246,11 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
         history.append(record)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             save(step + 1)
+        if preview is not None and main and settings.preview_every and (step + 1) % settings.preview_every == 0:
+            # ComfyUI's noise seeds torch's own generator: the draws of the steps after must not change.
+            with torch.random.fork_rng(devices=_rng_devices()):
+                clip = preview(step + 1, groups)
+            record["preview"] = _save_preview(workdir, previews, step + 1, clip) if workdir is not None else ""
         if progress is not None and main:  # after the checkpoint: an interrupt here loses no finished step
             progress(step + 1, settings.steps, record)
     return history
@@ -223,6 +260,50 @@ def _forward_backward(step_fn: StepFn, step: int, g: torch.Generator) -> tuple[S
     result = step_fn(step, g)
     result.loss.backward()
     return result, float(result.loss.detach()), result.parts
+
+
+def _rng_devices() -> list[int]:
+    """The GPUs whose generators a preview's state is put back on: this process's own (forking every GPU's would
+    open a context on each, the other processes' GPUs included)."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+
+def _kept_previews(workdir: Path, history: list[dict], start: int) -> list[dict]:
+    """The index of the previews of the run's first `start` steps (marked again in `history`, which a checkpoint
+    written before its preview lacks); later ones (a run trained afresh: all) are removed with their files."""
+    try:
+        entries = json.loads((workdir / PREVIEWS_FOLDER / PREVIEW_INDEX).read_text())
+    except (OSError, ValueError):
+        return []
+    kept = [e for e in entries if e["step"] <= start]
+    for entry in entries:
+        if entry["step"] > start:
+            (workdir / _preview_file(entry["step"])).unlink(missing_ok=True)
+        else:
+            history[entry["step"] - 1]["preview"] = _preview_file(entry["step"])
+    if len(kept) < len(entries):
+        _write_index(workdir, kept)
+    return kept
+
+
+def _save_preview(workdir: str | Path, entries: list[dict], step: int, clip: PreviewClip) -> str:
+    """Write `clip` as previews/step_NNNNNN.webp in `workdir`, index it, and return its path relative to `workdir`."""
+    from ..media import save_webp
+
+    name = _preview_file(step)
+    save_webp(clip.frames, Path(workdir) / name)
+    entries.append({"step": step, "file": name, "prompt": clip.prompt, "seed": clip.seed})
+    _write_index(Path(workdir), entries)
+    return name
+
+
+def _preview_file(step: int) -> str:
+    return f"{PREVIEWS_FOLDER}/step_{step:06d}.webp"
+
+
+def _write_index(workdir: Path, entries: list[dict]) -> None:
+    with atomic_path(workdir / PREVIEWS_FOLDER / PREVIEW_INDEX) as tmp:
+        tmp.write_text(json.dumps(entries, indent=1))
 
 
 def _read_checkpoint(path: Path) -> dict | None:

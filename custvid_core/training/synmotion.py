@@ -36,7 +36,7 @@ from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import VideoSet, single_size
-from .engine import TrainedParts, run
+from .engine import PreviewParts, TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import SigmaSampler, add_noise, region_loss
 from .prior_clips import PriorClips, PriorPrompt
@@ -160,11 +160,12 @@ def train_synmotion(backbone: WanBackbone, clips: VideoSet, positions: RolePosit
                     prior_model: str | None = None, subject_words: str = "", motion_words: str = "",
                     workdir: str | Path | None = None, progress: Progress | None = None,
                     log: Callable[[str], None] | None = None, device: torch.device | None = None,
-                    dtype: torch.dtype | None = None, base_model: str | None = None) -> TrainedParts:
+                    dtype: torch.dtype | None = None, base_model: str | None = None,
+                    preview: PreviewParts | None = None) -> TrainedParts:
     """Train SynMotion's embeddings and motion LoRA (`synmotion_recipe`); the parts are `<name>` (the embeddings:
     `LearnedSynMotion.from_exported`) and `<name>_lora` (the main LoRA: `spec`, `tensors`). `device`, `dtype`,
-    `base_model`: as `train_subject`."""
+    `base_model`, `preview`: as `train_subject`."""
     recipe = synmotion_recipe(backbone, clips, positions, motion_phrase, prior, settings, prior_subjects, prior_model,
                               subject_words, motion_words)
     return run(backbone, [recipe], recipe.schedule, settings.optim, settings.gradient_checkpointing, workdir,
-               progress, log, device, dtype, base_model, memory=settings.memory)[0]
+               progress, log, device, dtype, base_model, memory=settings.memory, preview=preview)[0]

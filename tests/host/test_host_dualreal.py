@@ -316,6 +316,29 @@ def test_more_bad_dualreal_input_is_refused_with_the_input_named(world, tmp_path
         nodes.LoadDualReal.execute("custvid/damaged.safetensors")
 
 
+def test_the_memory_savings_learn_the_same_dualreal(world, monkeypatch):
+    """Checkpointing every other block with its activations offloaded and the last block swapped learn the adapters
+    and controller the plain run learns (to float rounding): they move data, not what is computed."""
+    nodes = world["nodes"]
+    backbone_class, used = world["pack"].custvid_core.backbones.wan.WanBackbone, []
+    training_memory = backbone_class.training_memory
+    monkeypatch.setattr(backbone_class, "training_memory",
+                        lambda self, checkpointing, memory, device: used.append(memory) or training_memory(
+                            self, checkpointing, memory, device))
+    settings = {**TRAIN, "steps": 3, "gradient_checkpointing": True}
+    _, plain, _ = nodes.TrainDualReal.execute(world["patcher"], world["subject"], world["clips"],
+                                              run_name="mem_plain", **settings).result
+    _, saved, _ = nodes.TrainDualReal.execute(world["patcher"], world["subject"], world["clips"],
+                                              run_name="mem_saving", recompute_every=2, offload_activations=True,
+                                              blocks_to_swap=1, **settings).result
+    assert [(m.recompute_every, m.offload_activations, m.blocks_to_swap) for m in used] == [(1, False, 0), (2, True, 1)]
+    tensors = {role: part.tensors for role, part in plain.parts.items()}
+    assert tensors.keys() == saved.parts.keys() and len(tensors) == 3
+    for role, part in saved.parts.items():
+        assert part.tensors.keys() == tensors[role].keys()
+        assert all(torch.allclose(tensors[role][k], v, atol=1e-5) for k, v in part.tensors.items()), role
+
+
 def test_the_world_dualreal_workflow_trains_saves_plots_and_generates(comfy_server):
     """The shipped world DualReal workflow, shortened (4 training steps, 2 sampling and 3 plot steps), end to end
     through a real server: its links type-check, it trains on both kinds of step, saves, plots and saves a video."""
