@@ -8,6 +8,7 @@ ComfyUI builds the Wan 2.2 VAE at its full width whatever the file holds (a 700M
 ComfyUI's own architecture and loader with the width of its layers lowered (`tiny_wan22_vae`)."""
 
 import functools
+import json
 
 import pytest
 import torch
@@ -108,6 +109,30 @@ def test_one_node_trains_a_lora_per_expert_each_only_on_its_side_of_the_boundary
     assert not torch.allclose(_denoise(model), before["high"]) and not torch.allclose(_denoise(model_low), before["low"])
     assert lora.keys() == lora_low.keys() and any(not torch.equal(lora[k], lora_low[k]) for k in lora)
     assert graph.shape[0] == 2  # a loss graph per expert
+
+
+def test_each_expert_previews_with_itself_into_its_own_run_folder(experts, monkeypatch, output_folder):
+    from custvid_pack.nodes import training_nodes, world_nodes
+
+    high, low, pack = experts
+    sampled = []
+    previewer = training_nodes.previewer
+
+    def recording(patcher, *args):
+        sampled.append(patcher)
+        return previewer(patcher, *args)
+
+    monkeypatch.setattr(training_nodes, "previewer", recording)
+    clips, _ = _clips(pack, world_nodes.WorldVAE())
+    out = training_nodes.TrainMotionLoRA.execute(high, clips, run_name="experts_previews", model_low_noise=low,
+                                                 preview_every=2, vae=world_nodes.WorldVAE(), **MOTION_ARGS)
+    # Each run's previews sample its own expert's training clone (carrying that run's LoRA), not the MODEL given.
+    assert [p.model for p in sampled] == [high.model, low.model] and all(p not in (high, low) for p in sampled)
+    for expert in ("high_noise", "low_noise"):
+        index = output_folder / "custvid_training" / "experts_previews" / expert / "previews" / "index.json"
+        assert [e["file"] for e in json.loads(index.read_text())] == ["previews/step_000002.webp"]
+    assert out.ui["images"] == [{"filename": "step_000002.webp", "subfolder": f"custvid_training/experts_previews/"
+                                 f"{expert}/previews", "type": "output"} for expert in ("high_noise", "low_noise")]
 
 
 def test_one_expert_alone_draws_only_its_noise_levels_and_the_low_outputs_are_empty(experts, monkeypatch):
