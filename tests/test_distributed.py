@@ -147,7 +147,8 @@ def test_a_checkpoint_of_one_process_resumes_on_two(tmp_path, alone):
     _assert_same(other, alone)
 
 
-def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path, capsys):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path, strategy):
     from test_train_config import SUBJECT, tiny_pipeline, write_data
 
     from custvid_core.adapters.lora import read_lora
@@ -157,7 +158,8 @@ def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path
     write_data(tmp_path)
     text = SUBJECT.replace("rank = 4", "rank = 4\nbatch = 2")  # a batch the 2 processes share
     for name in ("one", "two"):
-        (tmp_path / f"{name}.toml").write_text(text.replace('folder = "out_subject"', f'folder = "{name}"'))
+        (tmp_path / f"{name}.toml").write_text(text.replace('folder = "out_subject"', f'folder = "{name}"')
+                                               + (f'\n[distributed]\nstrategy = "{strategy}"\n' if name == "two" else ""))
     assert main(["train", str(tmp_path / "one.toml")]) == 0
     printed = _launch(2, ["-m", "custvid_core", "train", str(tmp_path / "two.toml")])
     assert printed.count('"lora":') == 1  # the main process says what it wrote; the other is silent
@@ -166,6 +168,18 @@ def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path
              for name in ("two", "one")]
     _assert_same(*({"history": [{k: v for k, v in r.items() if k != "seconds"} for r in h], "lora": lora}
                    for h, lora in zip(history, loras)))
+
+
+def test_an_unknown_strategy_is_refused(tmp_path):
+    from test_train_config import SUBJECT, write_data
+
+    from custvid_core.training.config import load_config
+
+    write_data(tmp_path)
+    (tmp_path / "wan").mkdir()  # checked to exist, not read
+    (tmp_path / "run.toml").write_text(SUBJECT + '\n[distributed]\nstrategy = "zero3"\n')
+    with pytest.raises(InputError, match=r"\[distributed\] strategy.*'zero3'.*ddp, fsdp"):
+        load_config(tmp_path / "run.toml")
 
 
 def test_fsdp_learns_the_ddp_lora_and_gives_the_model_back(tmp_path):
@@ -186,6 +200,14 @@ def test_a_checkpoint_of_fsdp_resumes_on_one_process(tmp_path, alone):
     resumed = _train(STEPS, str(tmp_path))
     assert resumed["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"]
     _assert_same(resumed, alone)
+
+
+def test_a_checkpoint_of_one_process_resumes_on_fsdp(tmp_path, alone):
+    _train(STEPS - 2, str(tmp_path))
+    main, other = _launched(tmp_path, 2, STEPS, tmp_path, strategy="fsdp")
+    assert main["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"] and main["sharded"] == [True] * 2
+    _assert_same(main, alone)
+    _assert_same(other, alone)
 
 
 @pytest.mark.parametrize("setting, value, named", [("memory", {"blocks_to_swap": 1}, "blocks_to_swap"),
