@@ -43,7 +43,7 @@ except ImportError:  # Python 3.10: the same parser, before it joined the standa
 
 from ..errors import InputError
 from .customize import JointController, MotionSettings, SubjectSettings
-from .distributed import STRATEGIES, is_main_process, process_device, strategy_used
+from .distributed import STRATEGIES, is_main_process, process_count, process_device, strategy_used
 from .dualreal import DualRealSettings
 from .engine import TRAINING_DTYPES, compute_dtype
 from .loop import CHECKPOINT_FILE, OptimSettings, Progress
@@ -886,7 +886,11 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
     device = _device(config.model.device)
     weights = _torch_dtype(config.model.dtype, device)
     data = build_datasets(config, device, weights)
-    model = load_wan_transformer(config.model.path, weights).to(device)
+    model = load_wan_transformer(config.model.path, weights)
+    if config.strategy == "fsdp" and process_count() > 1:  # the blocks reach the GPU one by one, as they are sharded
+        _to_device_but_blocks(model, device)
+    else:
+        model = model.to(device)
     backbone = describe(model)
     width = buckets_of(next(iter(data.values())))[0].context.shape[-1]
     if width != backbone.text_dim:
@@ -894,6 +898,13 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
                          "the text encoder the model was trained with (Wan: UMT5-XXL)")
     trained = train_recipe(config, backbone, data, device, progress, log)
     return write_outputs(config, backbone, trained) if is_main_process() else output_files(config)
+
+
+def _to_device_but_blocks(model: torch.nn.Module, device: torch.device) -> None:
+    inside = {id(t) for t in (*model.blocks.parameters(), *model.blocks.buffers())}
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in inside:
+            t.data = t.data.to(device)
 
 
 def dry_run(config: TrainConfig) -> dict:

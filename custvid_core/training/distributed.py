@@ -127,21 +127,21 @@ class _ShardedBlocks:
         from torch.distributed.fsdp import fully_shard
 
         self.blocks = [(b, type(b), {t: set(getattr(b, t)) for t in _HOOK_TABLES}, set(b.__dict__)) for b in blocks]
-        self.places = [(m, name, p, p.device) for b in blocks for m in b.modules()
-                       for name, p in m._parameters.items() if p is not None]
+        self.places, self.shards = [], {}
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (process_count(),))
-        for block in blocks:
+        for block in blocks:  # one by one: a block on the CPU comes to the GPU whole only while it is sharded
+            places = [(m, name, p, p.device) for m in block.modules() for name, p in m._parameters.items() if p is not None]
             fully_shard(block, mesh=mesh)
-        self.shards = {id(p): getattr(m, name) for m, name, p, _ in self.places}
-        for _, _, p, _ in self.places:
-            p.data = p.data.new_empty(0)  # the shards hold the values now
+            for m, name, p, _ in places:
+                self.shards[id(p)] = getattr(m, name)
+                p.data = p.data.new_empty(0)  # the shard holds the values now
+            self.places += places
 
     def restore(self) -> None:
         with torch.no_grad():
-            full = [full_value(self.shards[id(p)]) for _, _, p, _ in self.places]  # every process gathers
-        for (m, name, p, device), value in zip(self.places, full):
-            p.data = value.to(device)
-            m._parameters[name] = p
+            for m, name, p, device in self.places:  # gathered by every process, one at a time
+                p.data = full_value(self.shards[id(p)]).to(device)
+                m._parameters[name] = p
         for block, cls, hooks, attributes in self.blocks:
             block.__class__ = cls
             for table in _HOOK_TABLES:
