@@ -58,10 +58,11 @@ def _train(steps: int, workdir: str | None = None, strategy: str = "ddp") -> dic
     logged, reports, sharded = [], [], []
     model = tiny_diffusers_wan()
     before = [(type(m), [(n, p, p.detach().clone()) for n, p in m.named_parameters()]) for m in model.blocks]
+    # After each forward of the model, before its backward: whether its blocks are held as shards.
+    model.register_forward_hook(lambda *_: sharded.append(_is_sharded(model)))
     with strategy_used(strategy):
         trained = train_subject(describe(model), _subject_set(), settings, workdir=workdir,
-                                progress=lambda *a: (reports.append(a[0]), sharded.append(_is_sharded(model))),
-                                log=logged.append)
+                                progress=lambda *a: reports.append(a[0]), log=logged.append)
     restored = all(type(m) is cls and [(n, p) for n, p, _ in params] == list(m.named_parameters())
                    and all(type(p) is torch.nn.Parameter and torch.equal(p, value) for _, p, value in params)
                    for m, (cls, params) in zip(model.blocks, before))
@@ -188,7 +189,7 @@ def test_fsdp_learns_the_ddp_lora_and_gives_the_model_back(tmp_path):
     shard), so the same tolerances as 1 against 2 processes."""
     ddp = _launched(tmp_path, 2, STEPS)
     fsdp = _launched(tmp_path, 2, STEPS, strategy="fsdp")
-    assert fsdp[0]["sharded"] == [True] * STEPS and ddp[0]["sharded"] == [False] * STEPS
+    assert len(fsdp[0]["sharded"]) >= STEPS and all(fsdp[0]["sharded"]) and not any(ddp[0]["sharded"])
     for result in fsdp:
         _assert_same(result, ddp[0])
         assert result["restored"]
@@ -205,7 +206,7 @@ def test_a_checkpoint_of_fsdp_resumes_on_one_process(tmp_path, alone):
 def test_a_checkpoint_of_one_process_resumes_on_fsdp(tmp_path, alone):
     _train(STEPS - 2, str(tmp_path))
     main, other = _launched(tmp_path, 2, STEPS, tmp_path, strategy="fsdp")
-    assert main["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"] and main["sharded"] == [True] * 2
+    assert main["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"] and main["sharded"] and all(main["sharded"])
     _assert_same(main, alone)
     _assert_same(other, alone)
 

@@ -131,7 +131,7 @@ class _ShardedBlocks:
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (process_count(),))
         for block in blocks:  # one by one: a block on the CPU comes to the GPU whole only while it is sharded
             places = [(m, name, p, p.device) for m in block.modules() for name, p in m._parameters.items() if p is not None]
-            fully_shard(block, mesh=mesh)
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)  # each block is a root, kept whole otherwise
             for m, name, p, _ in places:
                 self.shards[id(p)] = getattr(m, name)
                 p.data = p.data.new_empty(0)  # the shard holds the values now
