@@ -183,6 +183,13 @@ def test_an_unknown_strategy_is_refused(tmp_path):
         load_config(tmp_path / "run.toml")
 
 
+def test_accelerates_own_fsdp_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --use_fsdp` sets it
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")  # a session on this one process
+    with pytest.raises(InputError, match="--use_fsdp.*strategy = \"fsdp\""):
+        _train(1)
+
+
 def test_fsdp_learns_the_ddp_lora_and_gives_the_model_back(tmp_path):
     """FSDP shards every block (base weights and LoRA) over the 2 processes; the projector stays replicated. The
     same arithmetic as DDP up to summation order (the shards' reduce-scatter, the norm of the gradients summed per

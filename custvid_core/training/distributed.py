@@ -158,9 +158,10 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
-def full_state(state):
-    """`state` (an optimizer's state dict, nested) with every shard gathered whole; called by every process."""
-    return torch.utils._pytree.tree_map(lambda t: full_value(t) if isinstance(t, torch.Tensor) else t, state)
+def full_state(state: dict) -> dict:
+    """An optimizer's `state_dict()` with every shard of its moments gathered whole; called by every process."""
+    return {**state, "state": {i: {k: full_value(v) if isinstance(v, torch.Tensor) else v for k, v in moments.items()}
+                               for i, moments in state["state"].items()}}
 
 
 def load_value(p: torch.Tensor, saved: torch.Tensor) -> None:
