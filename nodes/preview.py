@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import contact_sheet, to_uint8
+from ..custvid_core.training.datasets import buckets_of
 from ..custvid_core.training.loop import PREVIEW_INDEX, PREVIEWS_FOLDER, PreviewClip
 
 PREVIEW_STEPS = 10
@@ -59,7 +60,8 @@ def previewer(patcher, data, preview_every: int, prompt: str, clip, vae, steps: 
               ) -> Callable[[int, dict], PreviewClip] | None:
     """The engine's `preview(step, parts)` for a train node, or None with preview_every 0: samples `patcher` (the
     loaded training clone, its diffusion model carrying the run's adapters) for the prompt (empty: the caption of
-    `data`, the dataset as its node made it) on an empty latent like the dataset's, decodes it with `vae` (or
+    `data`, the dataset as its node made it; its first bucket's, in size buckets) on an empty latent like that
+    set's, decodes it with `vae` (or
     ComfyUI's latent-to-RGB preview), shows it as the node's progress preview at the step and returns it for the run's
     folder."""
     if not preview_every:
@@ -67,6 +69,7 @@ def previewer(patcher, data, preview_every: int, prompt: str, clip, vae, steps: 
     if prompt.strip() and clip is None:
         raise InputError("clip", "is not connected while preview_prompt is set",
                          "the text encoder connected, or preview_prompt empty (the dataset's caption)")
+    data = buckets_of(data)[0]
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt)) if prompt.strip() else [[data.context[:1], {}]]
     empty = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(_preview_shape(data.latents)))
     latent_format = patcher.model.latent_format

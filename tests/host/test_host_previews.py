@@ -95,6 +95,18 @@ def test_a_preview_samples_with_the_adapters_as_they_are(world):
     assert (frames[0] - frames[1]).abs().mean() > 0.5
 
 
+def test_a_dataset_in_size_buckets_previews_at_its_first_buckets_size(world):
+    from custvid_pack.custvid_core.training.datasets import Bucketed  # the pack's own classes, as its nodes see them
+
+    nodes = world["nodes"]
+    clips = Bucketed((world["clips"],), (None,))  # as the dataset nodes' buckets input makes one
+    motion = {k: v for k, v in TRAIN.items() if k not in ("preservation_weight", "region_loss")}
+    nodes.TrainMotionLoRA.execute(world["patcher"], clips, **{**motion, "steps": 2}, run_name="bucket_previews",
+                                  spatial_rank=4, debiased_weight=1.0, preview_every=2, vae=world["vae"])
+    with Image.open(_run_folder(world, "bucket_previews") / "previews" / "step_000002.webp") as clip:
+        assert clip.size == (32, 32) and clip.n_frames == 5  # the bucket's: the world's clips' size and length
+
+
 def test_train_dualreal_and_joint_loras_take_previews(world, monkeypatch):
     import comfy.clip_vision
 
