@@ -5,11 +5,13 @@ grid, DINOv2 tokens, RAFT flow, single frames as stills). The builders take pixe
 callable (a VAE's encode: pixels `[N, F, H, W, 3]` in [0, 1] -> latents `[N, C, T, h, w]`; a photo is a clip
 of one frame) and make everything derived from the pixels here: stills of clips, copies of clips in other
 colours (`images.hue_rotations`), a subject's photos as moving clips (`images.moving_photos`) and masks on
-the latent grid (`objectives.latent_mask`). The ComfyUI nodes and the shapes world build their sets through
+the latent grid (`objectives.latent_mask`) and, for an image-to-video model, each item's start image encoded as
+ComfyUI's WanImageToVideo encodes it (`start_image_video`). The ComfyUI nodes and the shapes world build their sets through
 them; sets built separately are joined with `append_clips` / `append_photos`.
 
     clips = clip_set(frames, vae_encode, context, hue_copies=3)
     subject = subject_set(photos, vae_encode, context, masks=masks, preservation=clips, moving_clips=2)
+    i2v_clips = clip_set(frames, vae_encode, context, start_images=True, clip_features=clip_vision_features)
 """
 
 from __future__ import annotations
@@ -34,15 +36,21 @@ Progress = Callable[[int, int], None]
 class VideoSet:
     """Cached clips: latents `[N, C, T, h, w]`, context `[N, L, D]`, optional RAFT flow `[N, F-1, 2, H, W]`,
     and optional stills `[N, K, C, 1, h, w]`: K single frames of each clip encoded as images, which the
-    motion recipe's spatial phase learns from (MotionDirector trains it on single frames)."""
+    motion recipe's spatial phase learns from (MotionDirector trains it on single frames). For an image-to-video
+    model: `start` `[N, C, T, h, w]`, each clip's first frame as its start image (`start_image_video`, encoded;
+    a still is its own start image), and optionally `clip_features` `[1 or N, 257, D]`, CLIP vision's features of
+    the start images (Wan 2.1 I2V)."""
 
     latents: torch.Tensor
     context: torch.Tensor
     flow: torch.Tensor | None = None
     stills: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("clips", self.latents, self.context, 5)
+        _check_start("clips", self.start, self.clip_features, self.latents)
         if self.flow is not None and self.flow.shape[0] != self.latents.shape[0]:
             raise InputError("motion representation", f"{self.flow.shape[0]} flows for {self.latents.shape[0]} clips",
                              "one motion representation per clip")
@@ -57,15 +65,18 @@ class MovingClips:
     latents `[N, C, T, h, w]`, the photos' context `[1 or N, L, D]`, and the subject's masks on the latent
     grid `[N, 1, T, h, w]`; `photo`: which of the subject set's photos each clip shows `[N]` (where known: what
     ties a clip to its photo's own image embedding). Learned in turn with the photos, so the subject is not learned
-    as something that stands still."""
+    as something that stands still. `start`, `clip_features`: as `VideoSet`'s (a clip's features are its photo's)."""
 
     latents: torch.Tensor
     context: torch.Tensor
     masks: torch.Tensor
     photo: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("moving_clips", self.latents, self.context, 5)
+        _check_start("moving_clips", self.start, self.clip_features, self.latents)
         _check_masks(self.masks, self.latents, "clip")
         if self.photo is not None and self.photo.shape != self.latents.shape[:1]:
             raise InputError("moving_clips", f"photo indices of shape {tuple(self.photo.shape)}",
@@ -77,7 +88,8 @@ class SubjectSet:
     """Cached subject images as one-frame latents `[N, C, 1, h, w]`, latent-grid masks `[N, 1, 1, h, w]`,
     context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, preservation clips, where the subject's
     trigger word sits in the context (for the token attention loss and a trigger embedding), and optionally
-    the photos as moving clips (same prompt, same trigger words)."""
+    the photos as moving clips (same prompt, same trigger words). For an image-to-video model, `start` and
+    `clip_features` as `VideoSet`'s: each photo is its own start image (`start` is its latents)."""
 
     latents: torch.Tensor
     context: torch.Tensor
@@ -87,9 +99,12 @@ class SubjectSet:
     subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
     trigger_words: str = ""  # the words at subject_tokens, kept with a trigger embedding learned there
     moving: MovingClips | None = None
+    start: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("subject images", self.latents, self.context, 5)
+        _check_start("images", self.start, self.clip_features, self.latents)
         n = self.latents.shape[0]
         if self.masks is not None:
             _check_masks(self.masks, self.latents, "photo")
@@ -108,6 +123,20 @@ def _check_set(what: str, latents: torch.Tensor, context: torch.Tensor, ndim: in
     if context.shape[0] not in (1, latents.shape[0]):
         raise InputError("prompt", f"{context.shape[0]} conditionings for {latents.shape[0]} items",
                          "one prompt for all items or one per item")
+
+
+def _check_start(what: str, start: torch.Tensor | None, clip_features: torch.Tensor | None,
+                 latents: torch.Tensor) -> None:
+    if start is not None and start.shape != latents.shape:
+        raise InputError(what, f"start images of latent shape {tuple(start.shape)} for items of {tuple(latents.shape)}",
+                         "one start image per item, encoded as long and as large as the item")
+    if clip_features is not None:
+        if start is None:
+            raise InputError("clip_vision_output", "CLIP features without start images",
+                             "start images encoded with the items (image_to_video on)")
+        if clip_features.ndim != 3 or clip_features.shape[0] not in (1, latents.shape[0]):
+            raise InputError("clip_vision_output", f"features of shape {tuple(clip_features.shape)} for "
+                             f"{latents.shape[0]} items", "CLIP Vision Encode of one image for all items or one per item")
 
 
 def _check_masks(masks: torch.Tensor, latents: torch.Tensor, item: str) -> None:
@@ -151,6 +180,21 @@ class _Encoding:
         return torch.cat([self._count(self.encode_still(i[None])) for i in images])
 
 
+def start_image_video(image: torch.Tensor, frames: int) -> torch.Tensor:
+    """What an image-to-video Wan sees of a start image `[H, W, 3]`: a clip `[frames, H, W, 3]` of the image followed by
+    grey (0.5) frames, to be encoded as one clip (ComfyUI's WanImageToVideo, diffusers' Wan I2V pipeline)."""
+    clip = torch.full((frames, *image.shape), 0.5, dtype=image.dtype)
+    clip[0] = image
+    return clip
+
+
+def _clip_features(features: torch.Tensor | None, items: int) -> torch.Tensor | None:
+    if features is not None and (features.ndim != 3 or features.shape[0] not in (1, items)):
+        raise InputError("clip_vision_output", f"features of shape {tuple(features.shape)} for {items} items",
+                         "CLIP Vision Encode of one image for all items or one per item")
+    return None if features is None else features.float().cpu()
+
+
 def _still_frames(frame_count: int, stills: int | None) -> list[int]:
     """`stills` evenly spaced frames of a clip (all of them for None)."""
     count = frame_count if stills is None else min(stills, frame_count)
@@ -159,7 +203,8 @@ def _still_frames(frame_count: int, stills: int | None) -> list[int]:
 
 def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
              flow: torch.Tensor | None = None, stills: int | None = 8, hue_copies: int = 0,
-             encode_still: Encode | None = None, progress: Progress | None = None) -> VideoSet:
+             encode_still: Encode | None = None, progress: Progress | None = None, start_images: bool = False,
+             clip_features: torch.Tensor | None = None) -> VideoSet:
     """Clips encoded for training (motion clips, or a subject's preservation clips).
 
     frames: clips `[N, F, H, W, 3]` in [0, 1] (or one clip `[F, H, W, 3]`), all of one length and size.
@@ -171,7 +216,10 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
         conditioning, same flow), so a motion LoRA cannot learn the clips' colours.
     encode_still: images `[N, H, W, 3]` -> one-frame latents `[N, C, 1, h, w]`, where a photo is not a clip of one
         frame to `encode` (default: `encode` on one-frame clips).
-    progress: `progress(done, total)` after each encoded item (default: a tqdm bar)."""
+    progress: `progress(done, total)` after each encoded item (default: a tqdm bar).
+    start_images: for an image-to-video model, also encode each clip's (and hue copy's) first frame as its start
+        image (`start_image_video`); clip_features: CLIP vision's features of the first frames `[1 or N, 257, D]`
+        (Wan 2.1 I2V), not with hue copies (they would show the original colours)."""
     clips = [frames] if isinstance(frames, torch.Tensor) and frames.ndim == 4 else list(frames)
     if not clips:
         raise InputError("frames", "no clips were given", "at least one clip")
@@ -192,11 +240,19 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
             raise InputError("motion_representation", f"flow of {flow.shape[0]} clips of {flow.shape[1] + 1} frames",
                              f"the representation of these {len(clips)} clips ({clips[0].shape[0]} frames)")
         flow = flow.float().repeat_interleave(hue_copies + 1, 0)
+    if clip_features is not None and hue_copies:
+        raise InputError("hue_copies", "the CLIP features show the clips' own colours, not their copies'",
+                         "0 with clip_vision_output connected")
+    if clip_features is not None and not start_images:
+        raise InputError("image_to_video", "off with CLIP features given", "on, for an image-to-video model's clips")
+    features = _clip_features(clip_features, len(clips))
     picks = _still_frames(clips[0].shape[0], stills) if stills != 0 else []
-    encoding = _Encoding(encode, encode_still, len(versions) * (1 + len(picks)), progress, "encoding clips")
+    per_clip = 1 + len(picks) + int(start_images)
+    encoding = _Encoding(encode, encode_still, len(versions) * per_clip, progress, "encoding clips")
     latents = encoding.clips(versions)
     still_latents = torch.stack([encoding.stills(v[picks]) for v in versions]) if picks else None
-    return VideoSet(latents, context, flow, still_latents)
+    start = encoding.clips([start_image_video(v[0], v.shape[0]) for v in versions]) if start_images else None
+    return VideoSet(latents, context, flow, still_latents, start, features)
 
 
 def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
@@ -205,7 +261,8 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
                 preservation: VideoSet | None = None, subject_tokens: tuple[int, ...] | None = None,
                 trigger_words: str = "", moving_clips: int = 0, moving_frames: int = 17,
                 travel: tuple[float, float] = (0.225, 0.3), seed: int = 0, frame_step: int = 1,
-                encode_still: Encode | None = None, progress: Progress | None = None) -> SubjectSet:
+                encode_still: Encode | None = None, progress: Progress | None = None, start_images: bool = False,
+                clip_features: torch.Tensor | None = None) -> SubjectSet:
     """A subject's photos encoded for training.
 
     photos: `[N, H, W, 3]` in [0, 1] (or a list of `[H, W, 3]`), all of one size; masks: the subject in each,
@@ -219,7 +276,9 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
         sliding along a random straight path over the photo's background; each path is `travel` (a range) of
         the photo's width long; deterministic by `seed`. `frame_step`: the encoder's frames per latent frame
         (Wan: 4), which `moving_frames` must fit (1 + k steps or k steps).
-    encode_still, progress: as for `clip_set`."""
+    encode_still, progress: as for `clip_set`.
+    start_images: for an image-to-video model, each photo is its own start image and each moving clip's first frame
+        is encoded as its start image; clip_features: CLIP vision's features of the photos `[1 or N, 257, D]`."""
     images = as_image_list(photos, "images")
     if len({tuple(i.shape) for i in images}) != 1:
         raise InputError("images", "photos of different sizes", "photos of one size in one dataset")
@@ -236,20 +295,26 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
             raise InputError("moving_frames", f"{moving_frames} frames",
                              f"a count this VAE encodes whole: 1 + {frame_step}k or {frame_step}k (Wan: 17, 33, ...)")
         clips, clip_masks = moving_photos(images, mask_list, moving_clips, moving_frames, travel, seed)
-    encoding = _Encoding(encode, encode_still, len(images) + (0 if clips is None else len(clips)), progress,
-                         "encoding photos")
+    if clip_features is not None and not start_images:
+        raise InputError("image_to_video", "off with CLIP features given", "on, for an image-to-video model's photos")
+    features = _clip_features(clip_features, len(images))
+    encoding = _Encoding(encode, encode_still, len(images) + (0 if clips is None else len(clips)) * (1 + start_images),
+                         progress, "encoding photos")
     latents = encoding.stills(images)
     grid_masks = None if mask_list is None else latent_mask(torch.stack(mask_list)[:, None], latents.shape)
     moving = None
     if clips is not None:
         clip_latents = encoding.clips(clips)
-        # `moving_photos` gives each photo's clips in turn: a prompt per photo becomes one per clip.
-        moving = MovingClips(clip_latents, context.repeat_interleave(moving_clips, 0) if context.shape[0] > 1 else context,
-                             latent_mask(clip_masks, clip_latents.shape),
-                             torch.arange(len(images)).repeat_interleave(moving_clips))
+        clip_start = encoding.clips([start_image_video(c[0], c.shape[0]) for c in clips]) if start_images else None
+        # `moving_photos` gives each photo's clips in turn: a prompt (and CLIP features) per photo becomes one per clip.
+        per_clip = [None if t is None else t.repeat_interleave(moving_clips, 0) if t.shape[0] > 1 else t
+                    for t in (context, features)]
+        moving = MovingClips(clip_latents, per_clip[0], latent_mask(clip_masks, clip_latents.shape),
+                             torch.arange(len(images)).repeat_interleave(moving_clips), clip_start, per_clip[1])
     tokens = None if subject_representation is None else \
         subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
-    return SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, trigger_words, moving)
+    return SubjectSet(latents, context, grid_masks, tokens, preservation, subject_tokens, trigger_words, moving,
+                      latents if start_images else None, features)
 
 
 def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_new: int, what: str) -> torch.Tensor:
@@ -258,6 +323,25 @@ def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_
         raise InputError("conditioning", f"its shape differs from the earlier {what}'",
                          "prompts from the same text encoder")
     return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
+
+
+def _append_start(earlier, new, what: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The joined set's start images and CLIP features (`VideoSet`s, `MovingClips` or `SubjectSet`s)."""
+    if (earlier.start is None) != (new.start is None):
+        raise InputError("image_to_video", f"on for some {what} and off for others", f"the same for all {what}")
+    if (earlier.clip_features is None) != (new.clip_features is None):
+        raise InputError("clip_vision_output", f"connected for some {what} and not others",
+                         f"connected for all {what} or for none")
+    if earlier.start is None:
+        return None, None
+    features = None
+    if new.clip_features is not None:
+        if earlier.clip_features.shape[1:] != new.clip_features.shape[1:]:
+            raise InputError("clip_vision_output", f"features of another shape than the earlier {what}'",
+                             "the same CLIP vision model for all")
+        n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
+        features = torch.cat([earlier.clip_features.expand(n_old, -1, -1), new.clip_features.expand(n_new, -1, -1)])
+    return torch.cat([earlier.start, new.start]), features
 
 
 def append_clips(earlier: VideoSet, new: VideoSet) -> VideoSet:
@@ -276,7 +360,8 @@ def append_clips(earlier: VideoSet, new: VideoSet) -> VideoSet:
     return VideoSet(torch.cat([earlier.latents, new.latents]),
                     _append_context(earlier.context, n_old, new.context, n_new, "clips"),
                     torch.cat([earlier.flow, new.flow]) if new.flow is not None else None,
-                    torch.cat([earlier.stills, new.stills]) if new.stills is not None else None)
+                    torch.cat([earlier.stills, new.stills]) if new.stills is not None else None,
+                    *_append_start(earlier, new, "clips"))
 
 
 def _photos_after(moving: MovingClips, earlier_photos: int) -> MovingClips:
@@ -293,7 +378,8 @@ def _append_moving(earlier: MovingClips, new: MovingClips) -> MovingClips:
     known = earlier.photo is not None and new.photo is not None
     return MovingClips(torch.cat([earlier.latents, new.latents]),
                        _append_context(earlier.context, n_old, new.context, n_new, "photos"),
-                       torch.cat([earlier.masks, new.masks]), torch.cat([earlier.photo, new.photo]) if known else None)
+                       torch.cat([earlier.masks, new.masks]), torch.cat([earlier.photo, new.photo]) if known else None,
+                       *_append_start(earlier, new, "photos"))
 
 
 def append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
@@ -315,7 +401,8 @@ def append_photos(earlier: SubjectSet, new: SubjectSet) -> SubjectSet:
                       torch.cat([earlier.masks, new.masks]) if new.masks is not None else None,
                       torch.cat([earlier.dino_tokens, new.dino_tokens]) if new.dino_tokens is not None else None,
                       new.preservation or earlier.preservation, new.subject_tokens or earlier.subject_tokens,
-                      new.trigger_words if new.subject_tokens else earlier.trigger_words, moving)
+                      new.trigger_words if new.subject_tokens else earlier.trigger_words, moving,
+                      *_append_start(earlier, new, "photos"))
 
 
 def _or_none(convert: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor | None) -> torch.Tensor | None:
@@ -325,17 +412,20 @@ def _or_none(convert: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor | 
 def converted(data, latents: Callable[[torch.Tensor], torch.Tensor],
               tensors: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
     """`data` (a `VideoSet`, `MovingClips` or `SubjectSet`, with its moving and preservation clips) with every
-    latent tensor (latents, stills) passed through `latents` (e.g. into a model's latent format) and every other
+    latent tensor (latents, stills, start images) passed through `latents` (e.g. into a model's latent format) and every other
     tensor through `tensors`. A `VideoSet` keeps its kind and other fields (prior clips their prompts)."""
     if isinstance(data, VideoSet):
         stills = data.stills
         return replace(data, latents=latents(data.latents), context=tensors(data.context),
                        flow=_or_none(tensors, data.flow),
-                       stills=None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape))
+                       stills=None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape),
+                       start=_or_none(latents, data.start), clip_features=_or_none(tensors, data.clip_features))
     if isinstance(data, MovingClips):
-        return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks), data.photo)
+        return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks), data.photo,
+                           _or_none(latents, data.start), _or_none(tensors, data.clip_features))
     return SubjectSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.masks),
                       _or_none(tensors, data.dino_tokens),
                       None if data.preservation is None else converted(data.preservation, latents, tensors),
                       data.subject_tokens, data.trigger_words,
-                      None if data.moving is None else converted(data.moving, latents, tensors))
+                      None if data.moving is None else converted(data.moving, latents, tensors),
+                      _or_none(latents, data.start), _or_none(tensors, data.clip_features))
