@@ -164,3 +164,15 @@ def test_joined_and_converted_sets_keep_their_start_images_and_features():
     assert torch.equal(joined.clip_features, torch.cat([a.clip_features, b.clip_features]))
     doubled = converted(joined, lambda t: t * 2)
     assert torch.equal(doubled.start, joined.start * 2) and torch.equal(doubled.clip_features, joined.clip_features)
+
+
+def test_dualreal_and_synmotion_refuse_an_image_to_video_model_naming_it():
+    from custvid_core.training import DualRealSettings, SubjectSet, SynMotionSettings, train_dualreal, train_synmotion
+
+    backbone = tiny_i2v_wan(clip_features=False)
+    clips = clip_set(frames(1), encode, context(), stills=0, start_images=True)
+    photos = SubjectSet(clips.latents[:, :, :1], context(), start=clips.latents[:, :, :1])
+    with pytest.raises(InputError, match="model: an image-to-video Wan .*DualReal trains text-to-video models only"):
+        train_dualreal(backbone, photos, clips, DualRealSettings())
+    with pytest.raises(InputError, match="model: an image-to-video Wan .*SynMotion trains text-to-video models only"):
+        train_synmotion(backbone, clips, [], context()[0, :2], None, SynMotionSettings(prior=False))

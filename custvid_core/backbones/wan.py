@@ -199,6 +199,12 @@ class WanBackbone:
         image-to-video model's start-image condition (required by such a model, refused by others)."""
         raise NotImplementedError
 
+    def require_text_to_video(self, what: str) -> None:
+        """Refuses an image-to-video model for `what`, which trains text-to-video models only."""
+        if self.condition_channels:
+            raise InputError("model", f"an image-to-video Wan ({self.condition_channels} condition channels)",
+                             f"a text-to-video Wan: {what} trains text-to-video models only")
+
     def _image_inputs(self, latents: torch.Tensor, image: ImageCondition | None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's input latents (the noisy latents, then the condition's channels) and its CLIP features
