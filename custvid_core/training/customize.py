@@ -30,6 +30,9 @@ Joint (`joint_recipes`, `train_joint`): both recipes in one run, Random(motion, 
   blocks, from each forward's tokens and timestep: the subject LoRA's output times 2w, the motion LoRA's times
   2 - 2w (both 1.0 at initialisation), learning on every step; it is a recipe of its own in the run.
   `joint_dualreal` keeps the pair and the controller as a DualReal (`save_dualreal`, `dualreal_parts`).
+Image-to-video (Wan 2.1 / 2.2 I2V): every forward of the three also takes its items' start images (a clip's first
+  frame, a single frame or photo itself) and CLIP features as the model generates with them (`ImageCondition`);
+  data encoded without them is refused. A text-to-video model ignores them.
 """
 
 from __future__ import annotations
