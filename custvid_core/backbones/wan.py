@@ -103,13 +103,6 @@ class ImageCondition:
         mask[:, :, 0] = 1.0
         return cls(torch.cat([mask, start], 1), clip_features)
 
-    def rows(self, idx: torch.Tensor, device: torch.device, dtype: torch.dtype) -> "ImageCondition":
-        """Rows `idx` of a condition with one row per item (or one row for all), on `device` in `dtype`."""
-        def pick(t):
-            return None if t is None else (t[idx] if t.shape[0] > 1 else t.expand(len(idx), *t.shape[1:])
-                                           ).to(device, dtype)
-        return ImageCondition(pick(self.latents), pick(self.clip_features))
-
 
 class WanBackbone:
     """A Wan transformer seen through roles. Subclasses say where each role's module lives."""
