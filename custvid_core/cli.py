@@ -231,6 +231,39 @@ def estimate_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """Run a training config (custvid_core/training/config.py): tqdm progress with the loss and seconds per step;
+    a rerun resumes the run's checkpoint."""
+    from tqdm.auto import tqdm
+
+    from .training.config import dry_run, load_config, train_from_config
+    from .training.loop import TrainingStopped
+
+    config = load_config(args.config, steps=args.steps)
+    if args.dry_run:
+        print(json.dumps(dry_run(config), indent=2))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bars = []  # made at the first step, after the model is loaded and the data encoded (and from a resumed step)
+
+    def progress(step: int, total: int, record: dict) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, initial=step - 1, desc=f"{config.recipe} ({config.output.name})", unit="step"))
+        bars[0].set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{record['seconds']:.2f}", refresh=False)
+        bars[0].update(1)
+
+    try:
+        files = train_from_config(config, progress=progress, log=lambda message: tqdm.write(message))
+    except TrainingStopped as e:  # a diverged loss: the message says what to do, and the last checkpoint is kept
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        for bar in bars:
+            bar.close()
+    print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m custvid_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-table", action="store_true",
                    help="print the README's table of the settings that fit 12 to 80 GB for each Wan at 480x832")
     p.set_defaults(run=estimate_memory)
+
+    p = sub.add_parser("train", help="train a recipe (subject, motion, joint, dualreal) on a Wan model from a TOML config: "
+                                     "ComfyUI-loadable LoRAs, checkpoints a rerun resumes")
+    p.add_argument("config", help="the TOML config (see examples/train_subject.toml)")
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the config's")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and what would be trained")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(run=train)
     return parser
 
 

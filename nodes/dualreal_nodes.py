@@ -16,7 +16,7 @@ from ..custvid_core.backbones import describe
 from ..custvid_core.errors import InputError
 from ..custvid_core.media import loss_plot, series_plot
 from ..custvid_core.training.dualreal import DualRealSettings, ImageEmbeddings, dualreal_weights, train_dualreal
-from ..custvid_core.training.objectives import SigmaSampler
+from ..custvid_core.training.objectives import EXPERT_BOUNDARY
 from . import types
 from .host import (
     attached_per_call,
@@ -31,7 +31,15 @@ from .host import (
     training_folder,
     training_progress,
 )
-from .training_nodes import _context, _data_in, _run_log, _training_dtype_input, noise_and_memory_inputs
+from .training_nodes import (
+    _context,
+    _data_in,
+    _run_log,
+    _training_dtype_input,
+    noise_and_memory_inputs,
+    noise_levels,
+    noise_range_inputs,
+)
 
 CATEGORY = "CustVid/DualReal"
 FOLDER = "custvid_dualreal"
@@ -154,6 +162,7 @@ class TrainDualReal(io.ComfyNode):
                                tooltip="The StageBlender controller's own learning rate. 0: the adapters' "
                                        "learning_rate (the authors'). If the run says its controller saturated "
                                        "(one adapter off in some blocks), try 1e-5."),
+                *noise_range_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), types.DualReal.Output(display_name="dualreal"),
                      io.Image.Output(display_name="loss_graph")],
@@ -163,7 +172,7 @@ class TrainDualReal(io.ComfyNode):
     def execute(cls, model, subject, clips, steps, learning_rate, groups, bottleneck, motion_probability, residual,
                 weighting, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
                 clips_image=None, subject_image=None, training_dtype="auto",
-                controller_learning_rate=0.0) -> io.NodeOutput:
+                controller_learning_rate=0.0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"]) -> io.NodeOutput:
         given = {"clips_image": clips_image, "subject_image": subject_image}
         missing = [name for name, v in given.items() if v is None]
         if len(missing) == 1:
@@ -173,7 +182,8 @@ class TrainDualReal(io.ComfyNode):
         authors = DualRealSettings()
         settings = dataclasses.replace(
             authors, bottleneck=bottleneck, groups=groups or None, residual=residual, weighting=weighting,
-            motion_probability=motion_probability, sigmas=SigmaSampler(timestep_sampling, shift),
+            motion_probability=motion_probability,
+            sigmas=noise_levels(timestep_sampling, shift, noise_range, expert_boundary),
             gradient_checkpointing=gradient_checkpointing, controller_lr=controller_learning_rate or None,
             optim=dataclasses.replace(authors.optim, steps=steps, lr=learning_rate, seed=training_seed,
                                       checkpoint_every=checkpoint_every,

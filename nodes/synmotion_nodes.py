@@ -26,7 +26,7 @@ from ..custvid_core.errors import InputError
 from ..custvid_core.training.datasets import single_size
 from ..custvid_core.training.fingerprint import content_digest
 from ..custvid_core.training.loop import warmup_steps
-from ..custvid_core.training.objectives import SigmaSampler
+from ..custvid_core.training.objectives import EXPERT_BOUNDARY
 from ..custvid_core.training.prior_clips import (
     PriorClips,
     PriorSettings,
@@ -59,6 +59,8 @@ from .training_nodes import (
     _training_dtype_input,
     memory_inputs,
     noise_and_memory_inputs,
+    noise_levels,
+    noise_range_inputs,
 )
 
 CATEGORY_TRAIN = "CustVid/training"
@@ -255,6 +257,7 @@ class TrainSynMotion(io.ComfyNode):
                                         "the same data, settings and model resumes it; another run trains afresh."),
                 _training_dtype_input(),
                 *memory_inputs(),
+                *noise_range_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_graph"),
@@ -265,7 +268,7 @@ class TrainSynMotion(io.ComfyNode):
     def execute(cls, model, clips, clip, prompt, subject_words, motion_words, steps, learning_rate, rank, refiner,
                 timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every, run_name,
                 prior_clips=None, training_dtype="auto", recompute_every=1, offload_activations=False,
-                blocks_to_swap=0) -> io.NodeOutput:
+                blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"]) -> io.NodeOutput:
         motion_words = " ".join(motion_words.split())
         captions = _captions(prompt, subject_words)
         clips = single_size(clips, "clips")  # SynMotion learns from clips of one size
@@ -281,7 +284,8 @@ class TrainSynMotion(io.ComfyNode):
         defaults = SynMotionSettings()
         settings = dataclasses.replace(
             defaults, rank=rank, prior=prior_clips is not None, refiner=refiner,
-            sigmas=SigmaSampler(timestep_sampling, shift), gradient_checkpointing=gradient_checkpointing,
+            sigmas=noise_levels(timestep_sampling, shift, noise_range, expert_boundary),
+            gradient_checkpointing=gradient_checkpointing,
             memory=_memory(recompute_every, offload_activations, blocks_to_swap),
             optim=dataclasses.replace(defaults.optim, steps=steps, lr=learning_rate, seed=training_seed,
                                       checkpoint_every=checkpoint_every, warmup=warmup_steps(steps)))

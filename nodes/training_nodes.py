@@ -5,7 +5,8 @@ StageBlender controller weighing the two), and save them where ComfyUI's LoRA lo
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from comfy_api.latest import io, ui
@@ -45,7 +46,7 @@ from ..custvid_core.training.buckets import BucketRule
 from ..custvid_core.training.customize import MOTION_ALIGNMENT
 from ..custvid_core.training.datasets import Bucketed, buckets_of, converted
 from ..custvid_core.training.loop import warmup_steps
-from ..custvid_core.training.objectives import SIGMA_SAMPLING
+from ..custvid_core.training.objectives import EXPERT_BOUNDARY, NOISE_RANGES, SIGMA_SAMPLING, expert_range
 from . import types
 from .host import (
     TRAINING_DTYPES,
@@ -294,6 +295,64 @@ def memory_inputs() -> list:
     ]
 
 
+def noise_range_inputs() -> list:
+    """A train node's range of noise levels, for one expert of a two-expert model (Wan 2.2 A14B): optional, last."""
+    return [
+        io.Combo.Input("noise_range", options=list(NOISE_RANGES), default="all", optional=True,
+                       tooltip="Which noise levels the run learns. all: every level (one model; or, with "
+                               "model_low_noise connected, each expert its own side of expert_boundary). high_noise: "
+                               "only those above expert_boundary, for Wan 2.2 A14B's high-noise expert; low_noise: "
+                               "only those below, for its low-noise expert. The drawn levels keep their distribution "
+                               "(timestep_sampling, shift) inside the range."),
+        io.Float.Input("expert_boundary", default=EXPERT_BOUNDARY["t2v"], min=0.01, max=0.99, step=0.005,
+                       optional=True,
+                       tooltip="The noise level (timestep / 1000) where Wan 2.2 A14B's sampling passes from the "
+                               "high-noise to the low-noise expert: 0.875 for text-to-video, 0.9 for image-to-video. "
+                               "Split your sampling steps at the same level."),
+    ]
+
+
+def noise_levels(timestep_sampling: str, shift: float, noise_range: str = "all",
+                 expert_boundary: float = EXPERT_BOUNDARY["t2v"]) -> SigmaSampler:
+    """The noise levels a train node's inputs ask for (`noise_and_memory_inputs`, `noise_range_inputs`)."""
+    return SigmaSampler(timestep_sampling, shift).within(*expert_range(noise_range, expert_boundary))
+
+
+def low_noise_model_input():
+    return io.Model.Input("model_low_noise", optional=True,
+                          tooltip="Wan 2.2 A14B's low-noise expert (its second Load Diffusion Model), to learn a LoRA "
+                                  "for each expert in one node: model (the high-noise expert) learns the noise levels "
+                                  "above expert_boundary, this one those below, each in its own run of steps steps "
+                                  "(checkpoints under run_name/high_noise and run_name/low_noise). Its MODEL and "
+                                  "LoRA are the last two outputs. Leave noise_range at all.")
+
+
+@dataclass
+class _ExpertRun:
+    model: Any
+    trained: Any
+    notes: list[str]
+
+
+def _train_experts(model, model_low_noise, noise_range: str, boundary: float, run_name: str, sigmas: SigmaSampler,
+                   train_one: Callable[[Any, SigmaSampler, str, Callable[[str], None]], Any]) -> list[_ExpertRun]:
+    """`train_one(model, sigmas, folder, log)` on `model` within `noise_range`, or, with `model_low_noise`, on each
+    expert within its side of `boundary` (the high-noise run first)."""
+    if model_low_noise is None:
+        runs = [(model, expert_range(noise_range, boundary), run_name)]
+    elif noise_range != "all":
+        raise InputError("noise_range", f"'{noise_range}' with model_low_noise connected",
+                         "'all' (each expert learns its side of expert_boundary), or model_low_noise disconnected")
+    else:
+        runs = [(model, expert_range("high_noise", boundary), f"{run_name}/high_noise"),
+                (model_low_noise, expert_range("low_noise", boundary), f"{run_name}/low_noise")]
+    done = []
+    for expert, (low, high), name in runs:
+        notes, log = _run_log(name)
+        done.append(_ExpertRun(expert, train_one(expert, sigmas.within(low, high), training_folder(name), log), notes))
+    return done
+
+
 def _memory(recompute_every: int, offload_activations: bool, blocks_to_swap: int) -> MemorySettings:
     return MemorySettings(recompute_every, offload_activations, blocks_to_swap, str(offload_device()))
 
@@ -400,6 +459,24 @@ def _finish(model, trained, notes: list[str], *more, trigger_words: str = "", lo
     return io.NodeOutput(patched, *loras, loss_plot(trained.history), *more, ui=ui.PreviewText(text))
 
 
+def _finish_experts(runs: list[_ExpertRun], *more, trigger_words: str = "") -> io.NodeOutput:
+    """`_finish` for a LoRA train node's runs (one model's, or the high- and low-noise experts'), with the low-noise
+    expert's MODEL and LoRA as the last two outputs (None without one) and a loss graph per run."""
+    first, *rest = runs
+    out = _finish(first.model, first.trained, [n for run in runs for n in run.notes], *more, trigger_words=trigger_words)
+    if not rest:
+        return io.NodeOutput(*out.args, None, None, ui=out.ui)
+    low = rest[0]
+    lora = _lora_weights(low.model, low.trained, trigger_words)
+    model, first_lora, graph, *others = out.args
+    return io.NodeOutput(model, first_lora, torch.cat([graph, loss_plot(low.trained.history)]), *others,
+                         _with_loras(low.model, [lora]), lora, ui=out.ui)
+
+
+def _low_noise_outputs() -> list:
+    return [io.Model.Output(display_name="model_low_noise"), io.LoraModel.Output(display_name="lora_low_noise")]
+
+
 def _data_in(to_model, data: SubjectSet | VideoSet) -> SubjectSet | VideoSet:
     """A dataset as the model takes it: its latents (and stills, moving and preservation clips') in the model's
     own latent format, every tensor usable by autograd."""
@@ -444,8 +521,11 @@ class TrainSubjectLoRA(io.ComfyNode):
                                    tooltip="If the dataset has moving clips (Subject Dataset's moving_clips): the "
                                            "share of the photo steps that learn from them instead of the photos."),
                     _training_dtype_input(),
-                    *memory_inputs()],
-            outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding")],
+                    *memory_inputs(),
+                    *noise_range_inputs(),
+                    low_noise_model_input()],
+            outputs=[*_train_outputs(), types.TriggerEmbedding.Output(display_name="trigger_embedding"),
+                     *_low_noise_outputs()],
         )
 
     @classmethod
@@ -453,7 +533,12 @@ class TrainSubjectLoRA(io.ComfyNode):
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, preservation_weight, region_loss, stillness_rank=0, region_margin=0,
                 trigger_embedding=False, moving_share=0.5, training_dtype="auto", recompute_every=1,
-                offload_activations=False, blocks_to_swap=0) -> io.NodeOutput:
+                offload_activations=False, blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"],
+                model_low_noise=None) -> io.NodeOutput:
+        if trigger_embedding and model_low_noise is not None:
+            raise InputError("trigger_embedding", "on with model_low_noise connected: both experts read one prompt, "
+                             "and each expert's run would learn a trigger embedding of its own",
+                             "off, or one expert per node")
         settings = SubjectSettings(
             rank=rank, roles=_roles(roles), batch=batch_size, sigmas=SigmaSampler(timestep_sampling, shift),
             optim=OptimSettings(steps=steps, lr=learning_rate, seed=training_seed, checkpoint_every=checkpoint_every,
@@ -462,14 +547,16 @@ class TrainSubjectLoRA(io.ComfyNode):
             alignment_block=alignment_block, gradient_checkpointing=gradient_checkpointing,
             stillness_rank=stillness_rank, region_margin=region_margin, trigger_embedding=trigger_embedding,
             moving_share=moving_share, memory=_memory(recompute_every, offload_activations, blocks_to_swap))
-        folder = training_folder(run_name)
-        notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
-            data = _data_in(to_model, subject)
-            trained = train_subject(backbone, data, settings, folder, training_progress(steps, "subject LoRA"),
-                                    log, device=device, dtype=resolve_training_dtype(training_dtype, device),
-                                    base_model=base_model_signature(model))
-        return _finish(model, trained, notes, trained.learned_trigger(), trigger_words=subject.trigger_words)
+
+        def train_one(expert, sigmas, folder, log):
+            with training_backbone(expert) as (backbone, device, to_model):
+                return train_subject(backbone, _data_in(to_model, subject), replace(settings, sigmas=sigmas), folder,
+                                     training_progress(steps, "subject LoRA"), log, device=device,
+                                     dtype=resolve_training_dtype(training_dtype, device),
+                                     base_model=base_model_signature(expert))
+
+        runs = _train_experts(model, model_low_noise, noise_range, expert_boundary, run_name, settings.sigmas, train_one)
+        return _finish_experts(runs, runs[0].trained.learned_trigger(), trigger_words=subject.trigger_words)
 
 
 class TrainMotionLoRA(io.ComfyNode):
@@ -503,8 +590,10 @@ class TrainMotionLoRA(io.ComfyNode):
                     io.Int.Input("decode_window", default=6, min=1, max=64, optional=True,
                                  tooltip="For decoded_flow: latent frames decoded per step (the authors' 6)."),
                     _training_dtype_input(),
-                    *memory_inputs()],
-            outputs=_train_outputs(),
+                    *memory_inputs(),
+                    *noise_range_inputs(),
+                    low_noise_model_input()],
+            outputs=[*_train_outputs(), *_low_noise_outputs()],
         )
 
     @classmethod
@@ -512,7 +601,8 @@ class TrainMotionLoRA(io.ComfyNode):
                 alignment_block, timestep_sampling, shift, gradient_checkpointing, training_seed, checkpoint_every,
                 run_name, spatial_rank, debiased_weight, motion_alignment="features", vae=None, raft=None,
                 decode_window=6, training_dtype="auto", recompute_every=1, offload_activations=False,
-                blocks_to_swap=0) -> io.NodeOutput:
+                blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"],
+                model_low_noise=None) -> io.NodeOutput:
         decoded = motion_alignment == "decoded_flow" and alignment_weight > 0
         if decoded and buckets_of(clips)[0].flow is None:
             raise InputError("clips", "have no motion representation",
@@ -529,17 +619,18 @@ class TrainMotionLoRA(io.ComfyNode):
             debiased_weight=debiased_weight, alignment_weight=alignment_weight, alignment_block=alignment_block,
             alignment=motion_alignment, gradient_checkpointing=gradient_checkpointing,
             memory=_memory(recompute_every, offload_activations, blocks_to_swap))
-        folder = training_folder(run_name)
-        notes, log = _run_log(run_name)
-        with training_backbone(model) as (backbone, device, to_model):
-            data = _data_in(to_model, clips)
-            flow_through = decoder_with_grad(vae, model.model.process_latent_out, raft, decode_window) \
-                if decoded else None
-            trained = train_motion(backbone, data, settings, folder, training_progress(steps, "motion LoRA"),
-                                   log, device=device, decoded_flow=flow_through,
-                                   dtype=resolve_training_dtype(training_dtype, device),
-                                   base_model=base_model_signature(model))
-        return _finish(model, trained, notes)
+
+        def train_one(expert, sigmas, folder, log):
+            with training_backbone(expert) as (backbone, device, to_model):
+                flow_through = decoder_with_grad(vae, expert.model.process_latent_out, raft, decode_window) \
+                    if decoded else None
+                return train_motion(backbone, _data_in(to_model, clips), replace(settings, sigmas=sigmas), folder,
+                                    training_progress(steps, "motion LoRA"), log, device=device,
+                                    decoded_flow=flow_through, dtype=resolve_training_dtype(training_dtype, device),
+                                    base_model=base_model_signature(expert))
+
+        return _finish_experts(_train_experts(model, model_low_noise, noise_range, expert_boundary, run_name,
+                                              settings.sigmas, train_one))
 
 
 def _controlled_model(model, weights: DualRealWeights):
@@ -616,6 +707,7 @@ class TrainJointLoRAs(io.ComfyNode):
                 *_run_inputs("custvid_joint"),
                 _training_dtype_input(),
                 *memory_inputs(),
+                *noise_range_inputs(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.LoraModel.Output(display_name="subject_lora"),
                      io.LoraModel.Output(display_name="motion_lora"), io.Image.Output(display_name="loss_graph"),
@@ -628,8 +720,8 @@ class TrainJointLoRAs(io.ComfyNode):
                 motion_alignment_weight, alignment_block, preservation_weight, region_loss, region_margin,
                 moving_share, debiased_weight, timestep_sampling, shift, gradient_checkpointing, training_seed,
                 checkpoint_every, run_name, training_dtype="auto", recompute_every=1, offload_activations=False,
-                blocks_to_swap=0) -> io.NodeOutput:
-        sigmas = SigmaSampler(timestep_sampling, shift)
+                blocks_to_swap=0, noise_range="all", expert_boundary=EXPERT_BOUNDARY["t2v"]) -> io.NodeOutput:
+        sigmas = noise_levels(timestep_sampling, shift, noise_range, expert_boundary)
         memory = _memory(recompute_every, offload_activations, blocks_to_swap)
         subject_settings = SubjectSettings(
             rank=subject_rank, batch=batch_size, sigmas=sigmas, region_loss=region_loss,

@@ -70,9 +70,10 @@ def settings_record(settings: Any, leave_out: tuple[str, ...] = ()) -> dict[str,
     can say which setting differs."""
     record: dict[str, str] = {}
     for f in dataclasses.fields(settings):
-        if f.name in leave_out:
-            continue
         value = getattr(settings, f.name)
+        # A setting added after checkpoints were written counts only when changed, so those checkpoints resume.
+        if f.name in leave_out or (f.metadata.get("recorded") == "if changed" and value == f.default):
+            continue
         if dataclasses.is_dataclass(value):
             record.update({f"{f.name}.{k}": v for k, v in settings_record(value).items()})
         else:

@@ -8,7 +8,7 @@ Masks live on the latent grid `[B, 1, T, H, W]`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -19,30 +19,79 @@ from ..errors import InputError
 from ..representations.motion import RaftEncoder, raft_flow, resize_flow
 
 SIGMA_SAMPLING = ("logit_normal", "uniform")
+# Wan 2.2 A14B's switch from the high-noise to the low-noise expert, as a noise level (its published
+# `boundary`, timestep / 1000): text-to-video 0.875, image-to-video 0.9.
+EXPERT_BOUNDARY = {"t2v": 0.875, "i2v": 0.9}
 
 
 @dataclass(frozen=True)
 class SigmaSampler:
     """Noise levels for training: uniform or logit-normal in t, then the model's shift
-    (`sigma = shift * t / (1 + (shift - 1) * t)`, as Wan's sampler schedules them)."""
+    (`sigma = shift * t / (1 + (shift - 1) * t)`, as Wan's sampler schedules them).
+
+    `low`, `high`: the range of noise levels drawn (Wan 2.2's experts each learn one side of a boundary). The
+    distribution keeps its shape inside the range (musubi-tuner's `preserve_distribution_shape`): it is the
+    full draw's, restricted to `[low, high]`, sampled by its inverse CDF so that every draw lands in range."""
 
     mode: str = "logit_normal"
     shift: float = 1.0
     mean: float = 0.0
     std: float = 1.0
+    low: float = field(default=0.0, metadata={"recorded": "if changed"})
+    high: float = field(default=1.0, metadata={"recorded": "if changed"})
 
     def __post_init__(self):
         if self.mode not in SIGMA_SAMPLING:
             raise InputError("timestep_sampling", f"'{self.mode}'", f"one of {SIGMA_SAMPLING}")
         if self.shift <= 0:
             raise InputError("shift", f"{self.shift}", "a positive shift (Wan uses 3 to 8; 1 = none)")
+        if not 0.0 <= self.low < self.high <= 1.0:
+            raise InputError("noise_range", f"noise levels from {self.low} to {self.high}",
+                             "a range inside 0 to 1 with low < high (e.g. 0.875 to 1 for Wan 2.2's high-noise expert)")
+
+    def within(self, low: float, high: float) -> SigmaSampler:
+        """The same draw restricted to noise levels in `[low, high]`."""
+        return replace(self, low=low, high=high)
 
     def __call__(self, batch: int, g: torch.Generator) -> torch.Tensor:
+        if (self.low, self.high) != (0.0, 1.0):
+            return self._in_range(batch, g)
         if self.mode == "uniform":
             t = torch.rand(batch, generator=g)
         else:
             t = torch.sigmoid(self.mean + self.std * torch.randn(batch, generator=g))
+        return self._shifted(t)
+
+    def _shifted(self, t: torch.Tensor) -> torch.Tensor:
         return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def _in_range(self, batch: int, g: torch.Generator) -> torch.Tensor:
+        # The shift is monotone, so sigma in [low, high] is t in [unshifted(low), unshifted(high)]; the draw's
+        # quantiles there bound a uniform draw that the inverse CDF maps back.
+        bounds = torch.tensor([self.low, self.high], dtype=torch.float64)
+        t_bounds = bounds / (self.shift - (self.shift - 1) * bounds)
+        u = torch.rand(batch, generator=g, dtype=torch.float64)
+        if self.mode == "uniform":
+            t = t_bounds[0] + (t_bounds[1] - t_bounds[0]) * u
+        else:
+            normal = torch.distributions.Normal(0.0, 1.0)
+            q = normal.cdf((torch.logit(t_bounds) - self.mean) / self.std)
+            t = torch.sigmoid(self.mean + self.std * torch.special.ndtri(q[0] + (q[1] - q[0]) * u))
+        return self._shifted(t).clamp(self.low, self.high).float()
+
+
+# Which noise levels a run learns: all of them, or one side of a two-expert model's boundary.
+NOISE_RANGES = ("all", "high_noise", "low_noise")
+
+
+def expert_range(which: str, boundary: float) -> tuple[float, float]:
+    """The noise levels `[low, high]` of `which` of NOISE_RANGES, the experts meeting at `boundary`."""
+    if which not in NOISE_RANGES:
+        raise InputError("noise_range", f"'{which}'", f"one of {NOISE_RANGES}")
+    if not 0.0 < boundary < 1.0:
+        raise InputError("expert_boundary", f"{boundary}", "a noise level between 0 and 1 (Wan 2.2: 0.875 text-to-video, "
+                         "0.9 image-to-video)")
+    return {"all": (0.0, 1.0), "high_noise": (boundary, 1.0), "low_noise": (0.0, boundary)}[which]
 
 
 def add_noise(x0: torch.Tensor, sigma: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

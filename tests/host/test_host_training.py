@@ -60,7 +60,7 @@ def _train(pack, patcher, subject, **overrides):
                 gradient_checkpointing=True, training_seed=0, checkpoint_every=100, run_name="subject_test",
                 preservation_weight=1.0, region_loss=True)
     args.update(overrides)
-    return training.TrainSubjectLoRA.execute(patcher, subject, **args).result
+    return training.TrainSubjectLoRA.execute(patcher, subject, **args).result[:4]  # without the low-noise expert's
 
 
 def _clip(world):
@@ -360,7 +360,7 @@ def test_a_model_loaded_under_inference_mode_trains_and_keeps_its_output(wan, tm
     model, lora, _ = training.TrainMotionLoRA.execute(
         patcher, clips, steps=2, learning_rate=1e-3, rank=4, roles="self_attn.v, ffn.2", batch_size=1,
         alignment_weight=0.0, alignment_block=1, timestep_sampling="uniform", shift=1.0, gradient_checkpointing=True,
-        training_seed=0, checkpoint_every=100, run_name="inference_mode", spatial_rank=2, debiased_weight=1.0).result
+        training_seed=0, checkpoint_every=100, run_name="inference_mode", spatial_rank=2, debiased_weight=1.0).result[:3]
     assert torch.allclose(_denoise(patcher), before, atol=1e-6)
     assert any(k.endswith("self_attn.v.lora_up.weight") for k in lora)
 
@@ -435,7 +435,7 @@ def test_motion_lora_with_decoded_flow_alignment_on_the_world_vae(wan, tmp_path)
                 alignment_block=1, timestep_sampling="uniform", shift=1.0, gradient_checkpointing=False,
                 training_seed=0, checkpoint_every=100, run_name="decoded_flow", spatial_rank=0, debiased_weight=1.0,
                 motion_alignment="decoded_flow")
-    model, lora, _ = training.TrainMotionLoRA.execute(patcher, clips, vae=vae, raft=_raft(pack), **args).result
+    model, lora, _ = training.TrainMotionLoRA.execute(patcher, clips, vae=vae, raft=_raft(pack), **args).result[:3]
     assert any(k.endswith("self_attn.v.lora_up.weight") for k in lora)
     assert all(torch.equal(v, before[k]) for k, v in weights(patcher).items())
     # ValueError: the pack's InputError (a different module object from the test's import)
