@@ -173,6 +173,64 @@ def test_the_i2v_workflow_trains_on_wan22_i2v_without_clip_vision(i2v_server):
     assert i2v_server.saved("custvid/my_i2v_motion_22")
 
 
+def test_workflow_15s_dataset_widgets_keep_their_inputs(i2v_server):
+    """The saved widget values land on the inputs they were saved for (buckets' inputs come before image_to_video)."""
+    prompt = runnable("15", i2v_server)
+    (inputs,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "CustVid_VideoDataset"]
+    assert inputs["hue_copies"] == 0 and inputs["buckets"] is False and inputs["image_to_video"] is True
+
+
+def test_the_i2v_workflow_trains_on_clips_of_two_sizes_in_buckets(i2v_server):
+    """Workflow 15 with a second clip of another size chained by add_to, buckets on in both: two buckets, each with its
+    clips' start images and CLIP features, trained on Wan 2.1 I2V."""
+    prompt = runnable_15(i2v_server, run_name="my_i2v_buckets")
+    (dataset_id,) = [k for k, n in prompt.items() if n["class_type"] == "CustVid_VideoDataset"]
+    dataset = prompt[dataset_id]["inputs"]
+    dataset.update(buckets=True, bucket_width=64, bucket_height=48)
+    prompt["wide_frames"] = {"class_type": "ImageScale", "inputs": {"image": dataset["frames"], "upscale_method": "area",
+                                                                     "width": 96, "height": 32, "crop": "disabled"}}
+    prompt["wide_clip"] = {"class_type": "CustVid_VideoDataset",
+                           "inputs": {**dataset, "frames": ["wide_frames", 0], "add_to": [dataset_id, 0]}}
+    for node in prompt.values():
+        if node["class_type"] == "CustVid_TrainMotionLoRA":
+            node["inputs"]["clips"] = ["wide_clip", 0]
+    result = i2v_server.run(prompt, timeout=900)
+    assert result["ok"], result["error"]
+    assert "\n".join(result["outputs"]["wide_clip"]["text"]).startswith("2 buckets:")
+    assert len(_checkpoint_history(i2v_server, "my_i2v_buckets")) == 2
+
+
+def test_bucketed_clips_start_from_their_fitted_first_frame_as_wan_image_to_video_encodes_it():
+    """Video Clips Dataset with buckets and image_to_video on, over ComfyUI's Wan VAE: a clip's start image is
+    WanImageToVideo's of its first frame fitted to the bucket, and its CLIP features stay with it."""
+    training_nodes = import_pack().nodes.training_nodes
+    import comfy.sd
+    from comfy_extras.nodes_wan import WanImageToVideo
+
+    from custvid_core.training.buckets import fit_clip
+
+    vae = comfy.sd.VAE(sd=tiny_wan_vae_weights())
+    frames = example_clip()[0][:5]  # 64 x 96
+    conditioning = [[torch.randn(1, 7, 4096), {}]]
+    budget = dict(buckets=True, bucket_width=64, bucket_height=48, image_to_video=True)
+
+    class Vision:  # CLIP Vision Encode's output, as the node reads it
+        def __init__(self, seed):
+            self.penultimate_hidden_states = torch.randn(1, 257, CLIP_WIDTH, generator=torch.Generator().manual_seed(seed))
+
+    first = training_nodes.VideoDataset.execute(vae, frames, conditioning, clip_vision_output=Vision(0), **budget)
+    other = frames[:, 8:56]  # 48 x 96: another aspect ratio
+    clips = training_nodes.VideoDataset.execute(vae, other, conditioning, add_to=first.result[0],
+                                                clip_vision_output=Vision(1), **budget).result[0]
+    assert len(clips.sets) == 2
+    for s, label, source, seed in zip(clips.sets, clips.labels, (frames, other), (0, 1)):
+        fitted = fit_clip(source, label)
+        positive, _, _ = WanImageToVideo.execute(conditioning, conditioning, vae, label.width, label.height,
+                                                 label.frames, 1, start_image=fitted[:1]).result
+        assert torch.allclose(s.start, positive[0][1]["concat_latent_image"].float(), atol=1e-5)
+        assert torch.equal(s.clip_features, Vision(seed).penultimate_hidden_states)
+
+
 @pytest.mark.parametrize("clip_vision, image_to_video, message", [
     (False, True, "clips: encoded without CLIP vision features"),
     (False, False, "clips: encoded without start images, and this is an image-to-video Wan"),
