@@ -13,7 +13,7 @@ from test_i2v import context, features, spy, tiny_i2v_wan
 
 from custvid_core.errors import InputError
 from custvid_core.files import load_safetensors, save_safetensors
-from custvid_core.training import MotionSettings, OptimSettings, SubjectSettings, train_motion, train_subject
+from custvid_core.training import MotionSettings, OptimSettings, SubjectSettings, distributed, train_motion, train_subject
 from custvid_core.training.buckets import Bucket, fit_clip
 from custvid_core.training.dataset_cache import load_dataset, save_dataset
 from custvid_core.training.datasets import (
@@ -62,7 +62,15 @@ def test_each_bucket_carries_its_fitted_items_start_images_and_features():
         assert torch.allclose(s.start[:, :, 0], s.latents[:, :, 0])  # the same first frame as its clip
 
 
-def test_motion_training_on_buckets_passes_each_batch_its_buckets_start_images_and_features():
+@pytest.fixture(params=[(0, 1), (1, 2)], ids=["alone", "second_of_two_processes"])
+def share(request):
+    """This process's share of each batch (`distributed.own_rows`): all of it, or the second half of two."""
+    token = distributed._SHARE.set(request.param)
+    yield request.param
+    distributed._SHARE.reset(token)
+
+
+def test_motion_training_on_buckets_passes_each_batch_its_buckets_start_images_and_features(share):
     _, data = _mixed_clips(features(4))
     backbone = tiny_i2v_wan()
     seen = spy(backbone)
@@ -70,7 +78,7 @@ def test_motion_training_on_buckets_passes_each_batch_its_buckets_start_images_a
     motion_shapes = set()
     for x, image in seen:
         start, feats = image.latents[:, 4:], image.clip_features
-        assert start.shape == x.shape
+        assert start.shape == x.shape and x.shape[0] == 2 // share[1] and feats.shape[0] == x.shape[0]
         if x.shape[2] == 1:  # a still of the spatial phase is its own start image, with its clip's features
             (s,) = [s for s in data.sets if any(_same(start[0], t) for t in s.stills.flatten(0, 1))]
             for r in range(x.shape[0]):
@@ -103,7 +111,7 @@ def _mixed_photos(with_features: bool, seed=0):
                        clip_features=features(3) if with_features else None)
 
 
-def test_subject_training_on_buckets_passes_photos_moving_and_preservation_clips_their_own_start_images():
+def test_subject_training_on_buckets_passes_photos_moving_and_preservation_clips_their_own_start_images(share):
     data = _mixed_photos(with_features=True)
     assert data.labels == (Bucket(64, 48), Bucket(48, 64)) and data.counts == [2, 1]
     feats = features(3)
@@ -114,22 +122,24 @@ def test_subject_training_on_buckets_passes_photos_moving_and_preservation_clips
     backbone = tiny_i2v_wan()
     seen = spy(backbone)
     train_subject(backbone, data, _quick(SubjectSettings(rank=2, batch=2, alignment_weight=0.0, token_attention_weight=0.0,
-                                                         moving_share=0.5, preservation_weight=1.0), 16))
-    kinds = set()
+                                                         moving_share=0.5, preservation_weight=1.0, stillness_rank=2), 24))
+    # Every start image the model may be given, with its CLIP features: the photos', the moving clips', the
+    # preservation clips' and (a still is its own start image) their stills', each with its own item's features.
+    known = [(s.start[j], s.clip_features[j]) for s in data.sets for j in range(len(s.start))]
+    known += [(s.moving.start[j], s.moving.clip_features[j]) for s in data.sets for j in range(len(s.moving.start))]
+    still_starts = [(c.stills[j, k], c.clip_features[j]) for c in data.preservation.sets for j in range(len(c.start))
+                    for k in range(c.stills.shape[1])]
+    known += [(c.start[j], c.clip_features[j]) for c in data.preservation.sets for j in range(len(c.start))] + still_starts
+    lengths, stills_seen = set(), 0
     for x, image in seen:
         start, feats = image.latents[:, 4:], image.clip_features
-        if x.shape[2] == 1:
-            kind, candidates = "photos", data.sets
-        elif x.shape[2] == 2:
-            kind, candidates = "moving", [s.moving for s in data.sets]
-        else:
-            kind, candidates = "preservation", data.preservation.sets
-        (s,) = [s for s in candidates if s.latents.shape[2:] == x.shape[2:]]  # the batch's bucket
-        kinds.add((kind, tuple(x.shape[2:])))
+        assert start.shape == x.shape and x.shape[0] == 2 // share[1] and feats.shape[0] == x.shape[0]
+        lengths.add(x.shape[2])  # 1: photos and stills, 2: moving clips, 3: preservation clips
         for r in range(x.shape[0]):
-            j = _row(start[r], s.start)
-            assert torch.equal(feats[r], s.clip_features[j])
-    assert {k for k, _ in kinds} == {"photos", "moving", "preservation"} and len(kinds) >= 4
+            matches = [f for t, f in known if _same(start[r], t)]
+            assert matches and all(torch.equal(feats[r], f) for f in matches)
+            stills_seen += any(_same(start[r], t) for t, _ in still_starts)
+    assert lengths == {1, 2, 3} and stills_seen > 0
 
 
 def test_an_i2v_model_refuses_a_bucketed_set_without_start_images_or_features():

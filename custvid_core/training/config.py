@@ -42,6 +42,7 @@ except ImportError:  # Python 3.10: the same parser, before it joined the standa
 
 from ..errors import InputError
 from .customize import JointController, MotionSettings, SubjectSettings
+from .distributed import is_main_process, process_device
 from .dualreal import DualRealSettings
 from .engine import TRAINING_DTYPES, compute_dtype
 from .loop import CHECKPOINT_FILE, OptimSettings, Progress
@@ -87,7 +88,7 @@ class ModelConfig:
     tokenizer: Path | None = None  # default: the pipeline's tokenizer/, else the text encoder's folder
     dtype: str = "auto"  # the weights' storage: auto = bf16 on CUDA, fp32 on a CPU
     training_dtype: str = "auto"  # engine.compute_dtype's: auto = bf16 on CUDA, fp32 on a CPU
-    device: str = "auto"  # auto: the first CUDA device, else the CPU
+    device: str = "auto"  # auto: the process's own GPU under a launcher (else the first), or the CPU
     text_tokens: int = WAN_TEXT_TOKENS
     raft: Path | None = None  # torchvision RAFT weights: the motion clips' flow, for MoRA (motion alignment)
     dino: Path | None = None  # DINOv2 weights (a folder or a file): the photos' features, for SuRA (subject alignment)
@@ -461,7 +462,7 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return process_device()
     try:
         return torch.device(name)
     except RuntimeError:
@@ -884,7 +885,7 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
         raise InputError("[model] text_encoder", f"it encodes {width}-wide text and the model takes {backbone.text_dim}",
                          "the text encoder the model was trained with (Wan: UMT5-XXL)")
     trained = train_recipe(config, backbone, data, device, progress, log)
-    return write_outputs(config, backbone, trained)
+    return write_outputs(config, backbone, trained) if is_main_process() else output_files(config)
 
 
 def dry_run(config: TrainConfig) -> dict:

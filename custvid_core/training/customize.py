@@ -55,6 +55,7 @@ from ..backbones.memory import MemorySettings
 from ..backbones.wan import ImageCondition, WanBackbone
 from ..errors import InputError
 from .datasets import AnyClips, AnyPhotos, buckets_of, draw_bucket
+from .distributed import own_rows
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import (
@@ -234,7 +235,10 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
             x0 = items.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            mask = region_masks[bucket, moving][idx].to(ctx.device) if (bucket, moving) in region_masks else None
+            masks = region_masks.get((bucket, moving))
+            batch_mask = masks[idx].to(ctx.device) if masks is not None else None
+            idx, sigma, x, target = own_rows(idx, sigma, x, target)
+            mask = masks[idx].to(ctx.device) if masks is not None else None
             context = _rows(items.context, idx).to(ctx.device, ctx.dtype)
             grid = ctx.backbone.token_grid(x.shape)
             with contextlib.ExitStack() as stack:
@@ -243,7 +247,7 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
                     if clip_attend else None
                 v = ctx.backbone.forward(x, sigma.to(ctx.device), context,
                                          _start_images(items, idx, ctx) if image_to_video else None)
-            l_region = region_loss(v, target, mask)
+            l_region = region_loss(v, target, mask, batch_mask)
             total = l_region
             terms = {"region" if mask is not None else "mse": float(l_region.detach())}
             if photo_align:
@@ -274,6 +278,7 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
                 x0 = clips.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
+            idx, sigma, x0, x, target = own_rows(idx, sigma, x0, x, target)
             image = _start_images(clips, idx, ctx, x0 if still else None) if image_to_video else None
             v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(clips.context, idx).to(ctx.device, ctx.dtype), image)
             if still:
@@ -345,6 +350,7 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
             f = int(torch.randint(clips.latents.shape[2], (1,), generator=g))
             x0 = clips.latents[idx][:, :, f:f + 1].to(ctx.device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
+        idx, x0, sigma, x, target, context = own_rows(idx, x0, sigma, x, target, context)
         image = _start_images(clips, idx, ctx, x0) if image_to_video else None  # a single frame is its own start image
         loss = region_loss(ctx.backbone.forward(x, sigma.to(ctx.device), context, image), target)
         return loss, {"spatial": float(loss.detach())}
@@ -358,6 +364,7 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
         sigma = settings.sigmas(len(idx), g)
         x0 = clips.latents[idx].to(device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
+        idx, sigma, x, target, context = own_rows(idx, sigma, x, target, context)
         image = _start_images(clips, idx, ctx) if image_to_video else None
         if decode_align:
             v = backbone.forward(x, sigma.to(device), context, image)

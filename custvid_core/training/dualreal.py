@@ -27,6 +27,7 @@ from ..adapters.stage_blender import CODE_SCALE, WEIGHTINGS, StageBlenderPart, g
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
 from .datasets import SubjectSet, VideoSet, single_size
+from .distributed import own_rows
 from .engine import TrainedParts, run
 from .loop import OptimSettings, Progress
 from .objectives import SigmaSampler, add_noise, region_loss
@@ -127,6 +128,7 @@ def dualreal_recipe(backbone: WanBackbone, subject: SubjectSet, clips: VideoSet,
             x0 = latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
+            idx, sigma, x, target = own_rows(idx, sigma, x, target)
             motion.set_condition(None if condition is None else _rows(condition, idx).to(ctx.device))
             v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(context, idx).to(ctx.device, ctx.dtype))
             l_mse = region_loss(v, target)

@@ -11,6 +11,7 @@ optimizer update that step (DualReal's gradient masks, MotionDirector's frozen s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..errors import SHOWN_MODULE, InputError
 from ..files import atomic_path
+from .distributed import Session, accumulation_steps, process_count
 from .fingerprint import settings_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -137,6 +139,9 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
 
     Every random draw of a step comes from the generator `step_fn` is given (seeded with `settings.seed` and
     checkpointed with the parameters), so a resumed run draws what the uninterrupted one would have.
+
+    Under `accelerate launch` (or torchrun), and with its gradient accumulation, each process computes its share of
+    every step's batch (`distributed`); only the main process writes, logs and reports progress.
     """
     if not groups or not any(groups.values()):
         raise InputError("adapters", "nothing to train", "at least one adapter or trainable module")
@@ -150,11 +155,16 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
                               "weight_decay": settings.weight_decay} for n, ps in groups.items() if ps],
                             lr=settings.lr, betas=tuple(settings.betas))
     g = torch.Generator().manual_seed(settings.seed)
+    accumulation = accumulation_steps()
+    session = Session(params, step_fn, accumulation) if process_count() > 1 or accumulation > 1 else None
+    main = session is None or session.is_main
+    log = log if main else None
     history: list[dict] = []
     start = 0
     fingerprint = _fingerprint(groups, settings, about)
     ckpt_path = Path(workdir) / CHECKPOINT_FILE if workdir is not None else None
-    state = _matching_checkpoint(Path(workdir), fingerprint, log or (lambda m: None)) if ckpt_path else None
+    with session.main_first() if session else contextlib.nullcontext():  # the main process sets a stale one aside
+        state = _matching_checkpoint(Path(workdir), fingerprint, log or (lambda m: None)) if ckpt_path else None
     if state is not None:
         start, history = _resume(state, groups, opt, g)
         if log:
@@ -162,22 +172,22 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
                 else f"resumed from step {start} of {settings.steps}")
 
     def save(step: int):
-        if ckpt_path is None:
-            return
-        state = {"fingerprint": fingerprint, "step": step, "history": history,
-                 "params": {n: [p.detach().cpu() for p in ps] for n, ps in groups.items()},
-                 "optimizer": opt.state_dict(), "generator": g.get_state()}
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
+        if ckpt_path is not None and main:
+            state = {"fingerprint": fingerprint, "step": step, "history": history,
+                     "params": {n: [p.detach().cpu() for p in ps] for n, ps in groups.items()},
+                     "optimizer": opt.state_dict(), "generator": g.get_state()}
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(state, tmp)
+        if session is not None:  # the others wait for the file
+            session.wait()
 
     for step in range(start, settings.steps):
         t0 = time.perf_counter()
         lr = settings.lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr * factors.get(group["name"], 1.0)
-        result = step_fn(step, g)
-        loss = result.loss
-        value = float(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        result, value, parts = session.forward_backward(step, g) if session else _forward_backward(step_fn, step, g)
         recent = [r["loss"] for r in history[-50:]]
         diverged = len(recent) >= 10 and value > settings.divergence_factor * max(statistics.median(recent), 1e-8)
         if not math.isfinite(value) or diverged:
@@ -185,8 +195,6 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
             what = "became " + str(value) if not math.isfinite(value) else f"jumped to {value:.4g}"
             raise TrainingStopped(f"the loss {what} at step {step + 1}; stopped. Try a lower learning rate"
                                   + (f"; the checkpoint of step {last} is kept" if ckpt_path and last else ""))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         if result.update is not None:
             keep = set(result.update)
             unknown = keep - set(groups)
@@ -202,13 +210,19 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
             raise TrainingStopped(f"the gradient became {norm} at step {step + 1}; stopped. Try a lower learning rate")
         opt.step()
         record = {"step": step + 1, "loss": value, "lr": lr, "grad_norm": norm,
-                  "seconds": time.perf_counter() - t0, **result.parts}
+                  "seconds": time.perf_counter() - t0, **parts}
         history.append(record)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             save(step + 1)
-        if progress is not None:  # after the checkpoint: an interrupt here loses no finished step
+        if progress is not None and main:  # after the checkpoint: an interrupt here loses no finished step
             progress(step + 1, settings.steps, record)
     return history
+
+
+def _forward_backward(step_fn: StepFn, step: int, g: torch.Generator) -> tuple[StepResult, float, dict]:
+    result = step_fn(step, g)
+    result.loss.backward()
+    return result, float(result.loss.detach()), result.parts
 
 
 def _read_checkpoint(path: Path) -> dict | None:

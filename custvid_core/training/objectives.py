@@ -101,13 +101,20 @@ def add_noise(x0: torch.Tensor, sigma: torch.Tensor, g: torch.Generator) -> tupl
     return s * noise + (1 - s) * x0, noise - x0
 
 
-def region_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE, or MotionBooth's subject region loss `sum((pred - target)^2 * M) / sum(M)` with M on the latent grid."""
+def region_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                batch_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE, or MotionBooth's subject region loss `sum((pred - target)^2 * M) / sum(M)` with M on the latent grid.
+    `batch_mask`: the step's whole batch's M where `pred` holds this process's share of its rows
+    (`distributed.own_rows`): the share's sum is divided by its part of the whole batch's sum(M), so the mean over the
+    shares is the whole batch's loss however the mask's area is spread over the rows."""
     err = (pred.float() - target.float()) ** 2
     if mask is None:
         return err.mean()
     m = mask.to(err).expand_as(err)
-    return (err * m).sum() / m.sum().clamp_min(1.0)
+    if batch_mask is None:
+        return (err * m).sum() / m.sum().clamp_min(1.0)
+    whole = batch_mask.to(err).expand(len(batch_mask), *err.shape[1:]).sum().clamp_min(1.0)
+    return (err * m).sum() / (whole * len(mask) / len(batch_mask))
 
 
 def appearance_debiased(x: torch.Tensor, frame: int) -> torch.Tensor:
