@@ -8,6 +8,7 @@ from ..custvid_core.backbones import describe
 from ..custvid_core.backbones.estimate import RECIPES, estimate, latent_setup, size_of, stored_precision, table
 from ..custvid_core.backbones.memory import MemorySettings
 from ..custvid_core.errors import InputError
+from ..custvid_core.training.datasets import buckets_of
 from . import types
 from .training_nodes import CATEGORY_TRAIN, memory_inputs
 
@@ -52,8 +53,13 @@ class EstimateTrainingMemory(io.ComfyNode):
         if recipe == "motion" and clips is None:
             raise InputError("clips", "is not connected", "a Video Dataset for the motion recipe")
         backbone = describe(model.model.diffusion_model)
-        latents = [clips.latents] if recipe == "motion" else [subject.latents] + (
-            [subject.preservation.latents] if subject.preservation is not None else [])
+        # A dataset in size buckets: the largest bucket's items set the peak.
+        if recipe == "motion":
+            latents = [s.latents for s in buckets_of(clips)]
+        else:
+            latents = [s.latents for s in buckets_of(subject)]
+            if subject.preservation is not None:
+                latents += [s.latents for s in buckets_of(subject.preservation)]
         largest = max((x.shape for x in latents), key=lambda s: s[-3] * s[-2] * s[-1])
         setup = latent_setup(size_of(backbone), largest, batch=batch_size, recipe=recipe, rank=rank,
                              precision=stored_precision(backbone),

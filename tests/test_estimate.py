@@ -69,7 +69,8 @@ def test_each_saving_lowers_what_it_acts_on():
 def test_fits_says_why_not():
     e = estimate(TrainingSetup("wan2.1-14b", frames=81))
     ok, why = e.fits(16)
-    assert not ok and "16 GiB" in why and "weights" in why
+    parts = {k: v for k, v in e.parts().items() if k != "peak"}
+    assert not ok and "16 GiB" in why and max(parts, key=parts.get).replace("_", " ") in why
     assert e.fits(80)[0]
 
 
@@ -91,7 +92,7 @@ def _measured(run: dict) -> int:
 def test_estimated_activations_grow_with_tokens_as_measured():
     """What training a small Wan adds to the peak memory, measured in fresh processes at two clip lengths: the
     estimate's growth between them within 35% of the measured growth (a model wrong by 2x is well outside)."""
-    wan = WanSize("small", dim=256, ffn_dim=1024, heads=2, layers=4)
+    wan = WanSize("small", dim=512, ffn_dim=2048, heads=4, layers=4)
     runs = [dict(recipe="subject", dim=wan.dim, ffn=wan.ffn_dim, layers=wan.layers, latent=latent,
                  checkpointing=False) for latent in ((3, 16, 32), (5, 32, 32))]
     grown = _measured(runs[1]) - _measured(runs[0])

@@ -90,8 +90,8 @@ WAN_SIZES: dict[str, WanSize] = {
 # the gradients, the loss and the alignment projector's activations); and `fixed`, bytes a run needs whatever its
 # size. Fitted to measured peaks on a CPU (benchmarks/estimator_validation.py --fit, docs/results.md).
 ACTIVATION_BYTES_PER_TOKEN = {
-    "subject": {"kept": (48.0, 2.0), "working": (64.0, 4.0), "fixed": 0},
-    "motion": {"kept": (52.0, 4.0), "working": (68.0, 6.0), "fixed": 0},
+    "subject": {"kept": (49.33, 2.56), "working": (120.36, 7.05), "fixed": 124874459},
+    "motion": {"kept": (60.82, 2.61), "working": (201.1, 15.94), "fixed": 102487154},
 }
 # What a recomputed block keeps: its input, the hidden states (`dim` values a token, in bf16).
 INPUT_BYTES = 2
@@ -104,6 +104,9 @@ SPATIAL_RANK = 32
 TEXT_ENCODER_BYTES = {"bf16": 11_360_000_000, "fp8": 6_740_000_000, "fp32": 11_360_000_000}
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
 COMPUTE_BYTES = 2  # bf16
+# What a card keeps beyond the parts: the CUDA context, cuBLAS's workspace and the allocator's slack. A round
+# allowance, not measured here (no GPU).
+RESERVE = GIB
 
 
 @dataclass(frozen=True)
@@ -176,13 +179,16 @@ class MemoryEstimate:
                 "activations": self.activations, "encoders": self.encoders, "peak": self.peak}
 
     def fits(self, gib: float) -> tuple[bool, str]:
-        """Whether the peak fits a card of `gib` GiB, and if not why: how much is missing and the largest part."""
-        if self.peak <= gib * GIB:
-            return True, f"needs {self.peak / GIB:.1f} of {gib:g} GiB"
+        """Whether the peak fits a card of `gib` GiB with `RESERVE` left, and if not why: how much is missing and the
+        largest part."""
+        usable = gib * GIB - RESERVE
+        if self.peak <= usable:
+            return True, f"needs {self.peak / GIB:.1f} of {gib:g} GiB ({RESERVE / GIB:g} GiB kept for CUDA)"
         parts = {k: v for k, v in self.parts().items() if k != "peak"}
         largest = max(parts, key=parts.get)
-        return False, (f"needs {self.peak / GIB:.1f} GiB, {(self.peak - gib * GIB) / GIB:.1f} more than {gib:g} GiB; "
-                       f"the largest part is {largest.replace('_', ' ')} ({parts[largest] / GIB:.1f} GiB)")
+        return False, (f"needs {self.peak / GIB:.1f} GiB, {(self.peak - usable) / GIB:.1f} more than {gib:g} GiB "
+                       f"leaves after {RESERVE / GIB:g} GiB for CUDA; the largest part is "
+                       f"{largest.replace('_', ' ')} ({parts[largest] / GIB:.1f} GiB)")
 
 
 def _lora_params(wan: WanSize, roles: tuple[str, ...], rank: int) -> int:
