@@ -53,3 +53,13 @@ def test_a_recipe_without_its_dataset_is_refused_by_name(comfy_server):
     result = comfy_server.run(_graph(recipe="subject"))
     assert not result["ok"] and "subject: is not connected" in result["error"]
     assert comfy_server.alive()
+
+
+def test_a_dataset_in_size_buckets_is_estimated_from_its_largest_bucket(comfy_server):
+    graph = _graph()
+    plain = comfy_server.run(graph)
+    graph["clips"]["inputs"].update(buckets=True, bucket_width=32, bucket_height=32)  # the clips' own size
+    bucketed = comfy_server.run(graph)
+    assert plain["ok"] and bucketed["ok"], (plain["error"], bucketed["error"])
+    # One size of clips makes one bucket of the same latents: the same estimate as without buckets.
+    assert bucketed["outputs"]["est"]["text"][0] == plain["outputs"]["est"]["text"][0]

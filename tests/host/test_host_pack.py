@@ -17,6 +17,7 @@ NODE_IDS = {
     "CustVid_SaveSynMotionEmbeddings", "CustVid_LoadSynMotionEmbeddings", "CustVid_TrainSynMotion",
     "CustVid_LoadCLIPForMetrics", "CustVid_MeasureVideo", "CustVid_CompareRuns",
     "CustVid_SaveDatasetCache", "CustVid_LoadVideoDatasetCache", "CustVid_LoadSubjectDatasetCache",
+    "CustVid_EstimateTrainingMemory",
 }
 # Kept for saved workflows, hidden from the node search.
 DEPRECATED = {"CustVid_LoadShapesWorld", "CustVid_WorldTextEncode", "CustVid_WorldPreservationClips",
