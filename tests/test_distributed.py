@@ -42,28 +42,45 @@ def _subject_set():
                       torch.randn(4, 24, 5, 5, generator=g), clips, subject_tokens=(1, 2), trigger_words="sks")
 
 
-def _train(steps: int, workdir: str | None = None) -> dict:
+def _train(steps: int, workdir: str | None = None, strategy: str = "ddp") -> dict:
     """The tiny run's loss history and LoRA, what it logged and how often it reported progress (in this process:
-    the only one, or one of the launched ones). The constant schedule makes a run stopped after k steps the first
+    the only one, or one of the launched ones), and whether the model came back as it was handed over (its blocks'
+    classes, parameter objects and values). The constant schedule makes a run stopped after k steps the first
     k steps of a longer one, so a resumed run can be compared with an uninterrupted one."""
     from builders import tiny_diffusers_wan
 
     from custvid_core.backbones import describe
     from custvid_core.training import OptimSettings, SubjectSettings, train_subject
+    from custvid_core.training.distributed import strategy_used
 
     settings = SubjectSettings(rank=4, alignment_block=1, projector_hidden=32, batch=2,
                                optim=OptimSettings(steps=steps, lr=LR, warmup=2, schedule="constant", checkpoint_every=2))
-    logged, reports = [], []
-    trained = train_subject(describe(tiny_diffusers_wan()), _subject_set(), settings, workdir=workdir,
-                            progress=lambda *a: reports.append(a[0]), log=logged.append)
+    logged, reports, sharded = [], [], []
+    model = tiny_diffusers_wan()
+    before = [(type(m), [(n, p, p.detach().clone()) for n, p in m.named_parameters()]) for m in model.blocks]
+    # After each forward of the model, before its backward: whether its blocks are held as shards.
+    model.register_forward_hook(lambda *_: sharded.append(_is_sharded(model)))
+    with strategy_used(strategy):
+        trained = train_subject(describe(model), _subject_set(), settings, workdir=workdir,
+                                progress=lambda *a: reports.append(a[0]), log=logged.append)
+    restored = all(type(m) is cls and [(n, p) for n, p, _ in params] == list(m.named_parameters())
+                   and all(type(p) is torch.nn.Parameter and torch.equal(p, value) for _, p, value in params)
+                   for m, (cls, params) in zip(model.blocks, before))
     return {"history": [{k: v for k, v in r.items() if k != "seconds"} for r in trained.history],
-            "lora": {k: v.tolist() for k, v in sorted(trained.tensors.items())}, "log": logged, "progress": reports}
+            "lora": {k: v.tolist() for k, v in sorted(trained.tensors.items())}, "log": logged, "progress": reports,
+            "restored": restored, "sharded": sharded}
 
 
-def _launched(tmp_path: Path, processes: int, steps: int, workdir: Path | None = None) -> list[dict]:
+def _is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return all(isinstance(p, DTensor) for m in model.blocks for p in m.parameters())
+
+
+def _launched(tmp_path: Path, processes: int, steps: int, workdir: Path | None = None, strategy: str = "ddp") -> list[dict]:
     """`_train` under `accelerate launch` with `processes` CPU processes; each process's result."""
-    out = tmp_path / f"run{processes}_{steps}"
-    _launch(processes, [__file__, str(out), str(steps), str(workdir or "")])
+    out = tmp_path / f"run{processes}_{steps}_{strategy}"
+    _launch(processes, [__file__, str(out), str(steps), str(workdir or ""), strategy])
     return [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in range(processes)]
 
 
@@ -131,7 +148,8 @@ def test_a_checkpoint_of_one_process_resumes_on_two(tmp_path, alone):
     _assert_same(other, alone)
 
 
-def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path, capsys):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path, strategy):
     from test_train_config import SUBJECT, tiny_pipeline, write_data
 
     from custvid_core.adapters.lora import read_lora
@@ -141,7 +159,8 @@ def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path
     write_data(tmp_path)
     text = SUBJECT.replace("rank = 4", "rank = 4\nbatch = 2")  # a batch the 2 processes share
     for name in ("one", "two"):
-        (tmp_path / f"{name}.toml").write_text(text.replace('folder = "out_subject"', f'folder = "{name}"'))
+        (tmp_path / f"{name}.toml").write_text(text.replace('folder = "out_subject"', f'folder = "{name}"')
+                                               + (f'\n[distributed]\nstrategy = "{strategy}"\n' if name == "two" else ""))
     assert main(["train", str(tmp_path / "one.toml")]) == 0
     printed = _launch(2, ["-m", "custvid_core", "train", str(tmp_path / "two.toml")])
     assert printed.count('"lora":') == 1  # the main process says what it wrote; the other is silent
@@ -152,7 +171,72 @@ def test_the_train_command_on_two_processes_learns_the_one_process_lora(tmp_path
                    for h, lora in zip(history, loras)))
 
 
+def test_an_unknown_strategy_is_refused(tmp_path):
+    from test_train_config import SUBJECT, write_data
+
+    from custvid_core.training.config import load_config
+
+    write_data(tmp_path)
+    (tmp_path / "wan").mkdir()  # checked to exist, not read
+    (tmp_path / "run.toml").write_text(SUBJECT + '\n[distributed]\nstrategy = "zero3"\n')
+    with pytest.raises(InputError, match=r"\[distributed\] strategy.*'zero3'.*ddp, fsdp"):
+        load_config(tmp_path / "run.toml")
+
+
+def test_accelerates_own_fsdp_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --use_fsdp` sets it
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")  # a session on this one process
+    with pytest.raises(InputError, match="--use_fsdp.*strategy = \"fsdp\""):
+        _train(1)
+
+
+def test_fsdp_learns_the_ddp_lora_and_gives_the_model_back(tmp_path):
+    """FSDP shards every block (base weights and LoRA) over the 2 processes; the projector stays replicated. The
+    same arithmetic as DDP up to summation order (the shards' reduce-scatter, the norm of the gradients summed per
+    shard), so the same tolerances as 1 against 2 processes."""
+    ddp = _launched(tmp_path, 2, STEPS)
+    fsdp = _launched(tmp_path, 2, STEPS, strategy="fsdp")
+    assert len(fsdp[0]["sharded"]) >= STEPS and all(fsdp[0]["sharded"]) and not any(ddp[0]["sharded"])
+    for result in fsdp:
+        _assert_same(result, ddp[0])
+        assert result["restored"]
+    assert fsdp[1]["log"] == [] and fsdp[1]["progress"] == []
+
+
+def test_a_checkpoint_of_fsdp_resumes_on_one_process(tmp_path, alone):
+    _launched(tmp_path, 2, STEPS - 2, tmp_path, strategy="fsdp")
+    resumed = _train(STEPS, str(tmp_path))
+    assert resumed["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"]
+    _assert_same(resumed, alone)
+
+
+def test_a_checkpoint_of_one_process_resumes_on_fsdp(tmp_path, alone):
+    _train(STEPS - 2, str(tmp_path))
+    main, other = _launched(tmp_path, 2, STEPS, tmp_path, strategy="fsdp")
+    assert main["log"] == [f"resumed from step {STEPS - 2} of {STEPS}"] and main["sharded"] and all(main["sharded"])
+    _assert_same(main, alone)
+    _assert_same(other, alone)
+
+
+@pytest.mark.parametrize("setting, value, named", [("memory", {"blocks_to_swap": 1}, "blocks_to_swap"),
+                                                   ("dtype", torch.float16, "training_dtype")])
+def test_what_fsdp_cannot_run_is_refused(monkeypatch, setting, value, named):
+    from builders import tiny_diffusers_wan
+
+    from custvid_core.backbones import describe
+    from custvid_core.backbones.memory import MemorySettings
+    from custvid_core.training import SubjectSettings, train_subject
+    from custvid_core.training.distributed import strategy_used
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it; the refusal comes before any process group
+    memory = MemorySettings(**value) if setting == "memory" else MemorySettings()
+    settings = SubjectSettings(rank=4, alignment_block=1, projector_hidden=32, batch=2, memory=memory)
+    with strategy_used("fsdp"), pytest.raises(InputError, match=f"{named}.*fsdp"):
+        train_subject(describe(tiny_diffusers_wan()), _subject_set(), settings,
+                      **({"dtype": value} if setting == "dtype" else {}))
+
+
 if __name__ == "__main__":
-    out, steps, workdir = sys.argv[1:]
-    result = _train(int(steps), workdir or None)
+    out, steps, workdir, strategy = sys.argv[1:]
+    result = _train(int(steps), workdir or None, strategy)
     Path(f"{out}.rank{os.environ['RANK']}.json").write_text(json.dumps(result))

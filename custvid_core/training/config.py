@@ -18,6 +18,7 @@ resumes, and the files the pack's save nodes write (LoRAs in ComfyUI's native ke
                  as sub-tables ([recipe.optim], [recipe.sigmas], [recipe.memory]; a joint run's [recipe.subject],
                  [recipe.motion], [recipe.controller])
     [output]     folder, name, checkpoint_every, checkpoints
+    [distributed] strategy ("ddp" | "fsdp": how a launch on several processes shares the model; default "ddp")
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ except ImportError:  # Python 3.10: the same parser, before it joined the standa
 
 from ..errors import InputError
 from .customize import JointController, MotionSettings, SubjectSettings
-from .distributed import is_main_process, process_device
+from .distributed import STRATEGIES, is_main_process, process_count, process_device, strategy_used
 from .dualreal import DualRealSettings
 from .engine import TRAINING_DTYPES, compute_dtype
 from .loop import CHECKPOINT_FILE, OptimSettings, Progress
 
-SECTIONS = ("model", "datasets", "recipe", "output")
+SECTIONS = ("model", "datasets", "recipe", "output", "distributed")
 DATASET_KINDS = ("photos", "clips")
 DATASET_USES = ("subject", "motion", "preservation")
 DTYPES = ("auto", *TRAINING_DTYPES)  # auto: bf16 on a CUDA device that has it, else fp32
@@ -140,6 +141,7 @@ class TrainConfig:
     recipe: str
     settings: Any  # RECIPES[recipe]
     output: OutputConfig
+    strategy: str = "ddp"  # [distributed] strategy
 
     @property
     def optim(self) -> OptimSettings:
@@ -155,7 +157,8 @@ class TrainConfig:
             return str(x) if isinstance(x, Path) else x
 
         return {"model": plain(self.model), "datasets": plain(self.datasets),
-                "recipe": {"type": self.recipe, **plain(self.settings)}, "output": plain(self.output)}
+                "recipe": {"type": self.recipe, **plain(self.settings)}, "output": plain(self.output),
+                "distributed": {"strategy": self.strategy}}
 
 
 # --- reading --------------------------------------------------------------------------------------------------
@@ -386,7 +389,8 @@ def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
         raise InputError("CONFIG", f"'{source.name}' is not valid TOML ({e})", "a TOML file") from None
     for key in raw:
         if key not in SECTIONS:
-            raise InputError("CONFIG", f"unknown section '{key}'", "sections: [model], [[datasets]], [recipe], [output]")
+            raise InputError("CONFIG", f"unknown section '{key}'",
+                             "sections: [model], [[datasets]], [recipe], [output], [distributed]")
     if steps is not None and steps < 1:
         raise InputError("--steps", f"{steps}", "at least 1 step")
     base = source.parent
@@ -395,7 +399,9 @@ def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
     datasets, output = _datasets(raw, base, recipe), _output(raw, base, recipe)
     settings = dataclasses.replace(settings, optim=dataclasses.replace(settings.optim,
                                                                        checkpoint_every=output.checkpoint_every))
-    return TrainConfig(source, model, datasets, recipe, settings, output)
+    strategy = _one_of(_section(raw, "distributed", "[distributed]", (), ["strategy"]).get("strategy", "ddp"),
+                       STRATEGIES, "[distributed] strategy") if "distributed" in raw else "ddp"
+    return TrainConfig(source, model, datasets, recipe, settings, output, strategy)
 
 
 # --- the items of a dataset folder ------------------------------------------------------------------------------
@@ -817,22 +823,24 @@ def _trigger_words(config: TrainConfig) -> str:
 
 
 def train_recipe(config: TrainConfig, backbone, data: dict, device: torch.device, progress: Progress | None,
-                log: Callable[[str], None] | None) -> list:
-    """The recipe's `TrainedParts` (one per recipe of the run), trained on the encoded `data` (`build_datasets`)."""
+                 log: Callable[[str], None] | None) -> list:
+    """The recipe's `TrainedParts` (one per recipe of the run), trained on the encoded `data` (`build_datasets`) with
+    the config's distributed strategy."""
     from .customize import train_joint, train_motion, train_subject
     from .dualreal import train_dualreal
 
     s, workdir = config.settings, config.output.checkpoint_folder
     common = dict(workdir=workdir, progress=progress, log=log, device=device,
                   dtype=_torch_dtype(config.model.training_dtype, device))
-    if config.recipe == "subject":
-        return [train_subject(backbone, data["subject"], s, **common)]
-    if config.recipe == "motion":
-        return [train_motion(backbone, data["motion"], s, **common)]
-    if config.recipe == "joint":
-        return list(train_joint(backbone, data["subject"], data["motion"], s.subject, s.motion, s.optim,
-                                s.motion_probability, controller=s.controller, **common))
-    return [train_dualreal(backbone, data["subject"], data["motion"], s, **common)]
+    with strategy_used(config.strategy):
+        if config.recipe == "subject":
+            return [train_subject(backbone, data["subject"], s, **common)]
+        if config.recipe == "motion":
+            return [train_motion(backbone, data["motion"], s, **common)]
+        if config.recipe == "joint":
+            return list(train_joint(backbone, data["subject"], data["motion"], s.subject, s.motion, s.optim,
+                                    s.motion_probability, controller=s.controller, **common))
+        return [train_dualreal(backbone, data["subject"], data["motion"], s, **common)]
 
 
 def write_outputs(config: TrainConfig, backbone, trained: list) -> dict[str, Path]:
@@ -878,7 +886,11 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
     device = _device(config.model.device)
     weights = _torch_dtype(config.model.dtype, device)
     data = build_datasets(config, device, weights)
-    model = load_wan_transformer(config.model.path, weights).to(device)
+    model = load_wan_transformer(config.model.path, weights)
+    if config.strategy == "fsdp" and process_count() > 1:  # the blocks reach the GPU one by one, as they are sharded
+        _to_device_but_blocks(model, device)
+    else:
+        model = model.to(device)
     backbone = describe(model)
     width = buckets_of(next(iter(data.values())))[0].context.shape[-1]
     if width != backbone.text_dim:
@@ -886,6 +898,13 @@ def train_from_config(config: TrainConfig, progress: Progress | None = None,
                          "the text encoder the model was trained with (Wan: UMT5-XXL)")
     trained = train_recipe(config, backbone, data, device, progress, log)
     return write_outputs(config, backbone, trained) if is_main_process() else output_files(config)
+
+
+def _to_device_but_blocks(model: torch.nn.Module, device: torch.device) -> None:
+    inside = {id(t) for t in (*model.blocks.parameters(), *model.blocks.buffers())}
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in inside:
+            t.data = t.data.to(device)
 
 
 def dry_run(config: TrainConfig) -> dict:

@@ -12,10 +12,13 @@ process runs its K micro-batches one after another, the generator rewound to the
 draw is the same. Gradients are averaged over the shares (DDP's all-reduce, accelerate's loss / K), which for
 losses that are means over the batch rows gives the one-process gradient (the masked region loss weighs a share by
 its part of the batch's mask, `objectives.region_loss`); the logged loss is the mean over the shares. A task that
-draws a single row (SynMotion's) computes it on every process: correct, not faster. The model and the trainable
-parts are replicated on every process (no FSDP), so a checkpoint holds the full adapters and optimizer state and
-resumes on any process count. Only the main process writes files, logs and shows progress; the others wait at a
-barrier.
+draws a single row (SynMotion's) computes it on every process: correct, not faster. The trainable parts are
+replicated on every process (DDP). With the "fsdp" strategy (`strategy_used`, the config's `[distributed]`), torch's
+FSDP2 (`fully_shard`) shards each transformer block, its frozen weights and the LoRA layers inside it, across the
+processes; the trainable parts outside the blocks (projector, trigger embedding) stay replicated under DDP. Either
+way a checkpoint holds the full (gathered) adapters and optimizer state and resumes on any process count and
+strategy, and the blocks are put back as they were (unsharded, the trained LoRA values in place) when the run ends.
+Only the main process writes files, logs and shows progress; the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from torch import nn
 
 from ..errors import InputError
 
+STRATEGIES = ("ddp", "fsdp")
+_STRATEGY = contextvars.ContextVar("strategy", default="ddp")
 # (this process's share of the step's batch, the number of shares); (0, 1): the whole batch.
 _SHARE = contextvars.ContextVar("batch_share", default=(0, 1))
 
@@ -67,6 +72,24 @@ def process_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def strategy_used(strategy: str) -> Iterator[None]:
+    """Runs started while inside share the work across processes by `strategy`: "ddp" (the default: every process
+    holds the whole model) or "fsdp" (each transformer block sharded across the processes)."""
+    if strategy not in STRATEGIES:
+        raise InputError("strategy", f"'{strategy}'", f"one of {', '.join(STRATEGIES)}")
+    token = _STRATEGY.set(strategy)
+    try:
+        yield
+    finally:
+        _STRATEGY.reset(token)
+
+
+def sharding() -> bool:
+    """Whether a run started now shards its blocks (the "fsdp" strategy on several processes)."""
+    return _STRATEGY.get() == "fsdp" and process_count() > 1
+
+
 def own_rows(*batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """This process's rows (at this micro-batch) of each of a step's batch tensors, drawn whole; all rows when alone."""
     index, count = _SHARE.get()
@@ -90,19 +113,126 @@ class _Trainable(nn.Module):
         return self.step_fn(step, g)
 
 
-class Session:
-    """One run's accelerate side: the prepared (DDP) trainable module, the barrier, the main process."""
+# The hooks fully_shard registers on a block, removed when the block is put back.
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called")
 
-    def __init__(self, params: list[nn.Parameter], step_fn: Callable, accumulation: int):
+
+class _ShardedBlocks:
+    """fully_shard on each block, undone by `restore`: each block's own class, hooks and parameter objects back,
+    holding the full (trained) values. While sharded, the blocks' original parameters hold no memory."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.blocks = [(b, type(b), {t: set(getattr(b, t)) for t in _HOOK_TABLES}, set(b.__dict__)) for b in blocks]
+        self.places, self.shards = [], {}
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (process_count(),))
+        for block in blocks:  # one by one: a block on the CPU comes to the GPU whole only while it is sharded
+            places = [(m, name, p, p.device) for m in block.modules() for name, p in m._parameters.items() if p is not None]
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)  # each block is a root, kept whole otherwise
+            for m, name, p, _ in places:
+                self.shards[id(p)] = getattr(m, name)
+                p.data = p.data.new_empty(0)  # the shard holds the values now
+            self.places += places
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for m, name, p, device in self.places:  # gathered by every process, one at a time
+                p.data = full_value(self.shards[id(p)]).to(device)
+                m._parameters[name] = p
+        for block, cls, hooks, attributes in self.blocks:
+            block.__class__ = cls
+            for table in _HOOK_TABLES:
+                for key in set(getattr(block, table)) - hooks[table]:
+                    del getattr(block, table)[key]
+            for key in set(block.__dict__) - attributes:
+                del block.__dict__[key]
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole of `t`: gathered from every process when it is a shard (a collective call), else `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+
+
+def full_state(state: dict) -> dict:
+    """An optimizer's `state_dict()` with every shard of its moments gathered whole; called by every process."""
+    return {**state, "state": {i: {k: full_value(v) if isinstance(v, torch.Tensor) else v for k, v in moments.items()}
+                               for i, moments in state["state"].items()}}
+
+
+def load_value(p: torch.Tensor, saved: torch.Tensor) -> None:
+    """Copy a whole saved value into `p`, or into this process's shard of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        p.copy_(distribute_tensor(saved.to(p.device, p.dtype), p.device_mesh, p.placements)
+                if isinstance(p, DTensor) else saved)
+
+
+def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After loading a checkpoint's whole optimizer state: each sharded parameter's moments cut to its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for p, state in opt.state.items():
+        if isinstance(p, DTensor):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:
+                    state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch's `clip_grad_norm_` over `params`, some of them shards: the norm is over the whole gradients."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    whole = [p for p in params if not isinstance(p.grad, DTensor)]  # the same on every process (all-reduced)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()]
+    norms += [torch.nn.utils.get_total_norm([p.grad for p in whole]).to(norms[0].device)] if whole else []
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in (sharded, whole):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+class Session:
+    """One run's accelerate side: the prepared (DDP) trainable module, the sharded blocks (FSDP), the barrier, the
+    main process."""
+
+    def __init__(self, params: list[nn.Parameter], step_fn: Callable, accumulation: int, blocks: list[nn.Module] = ()):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
+
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            raise InputError("--use_fsdp", "accelerate's own FSDP (it would wrap the trainable parts, not the model)",
+                             "a launch without --use_fsdp, and strategy = \"fsdp\" in the config's [distributed]")
 
         # A step may leave parts out of its graph (a task trains some groups, switches parts off). Without a GPU,
         # accelerate runs processes started by torchrun one by one unless told it is on CPUs.
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=accumulation,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-        self.module = self.accelerator.prepare_model(_Trainable(params, step_fn), device_placement=False)
+        self.sharded = _ShardedBlocks(list(blocks)) if sharding() and blocks else None
+        # DDP averages the gradients of the replicated parameters; FSDP those of the shards.
+        replicated = [p for p in params if self.sharded is None or id(p) not in self.sharded.shards]
+        self.module = _Trainable(replicated, step_fn)
+        if replicated:
+            self.module = self.accelerator.prepare_model(self.module, device_placement=False)
         self.accumulation = accumulation
+
+    def trained(self, p: nn.Parameter) -> nn.Parameter:
+        """The parameter training updates for `p`: its shard (a DTensor) where its block is sharded, else `p`."""
+        return p if self.sharded is None else self.sharded.shards.get(id(p), p)
+
+    def close(self) -> None:
+        """Put the sharded blocks back as they were, with the trained values."""
+        if self.sharded is not None:
+            self.sharded.restore()
 
     @property
     def is_main(self) -> bool:

@@ -23,6 +23,7 @@ from ..adapters.parts import Exported, attached, strengths_set
 from ..backbones.memory import MemorySettings
 from ..backbones.wan import WanBackbone
 from ..errors import InputError
+from .distributed import sharding
 from .fingerprint import content_digest, model_signature, settings_record
 from .loop import OptimSettings, Progress, StepResult, train
 from .tasks import Recipe, Schedule, StepContext, task_at, tasks_in
@@ -125,6 +126,18 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _check_sharding(dtype: torch.dtype, memory: MemorySettings) -> None:
+    """What the "fsdp" strategy cannot run: fp16's loss scale (its hooks sit on the unsharded parameters) and block
+    swapping (which moves the blocks' weights that FSDP shards)."""
+    if not sharding():
+        return
+    if dtype == torch.float16:
+        raise InputError("training_dtype", "fp16 with strategy \"fsdp\"", "bf16 or fp32 (or strategy \"ddp\")")
+    if memory.blocks_to_swap:
+        raise InputError("blocks_to_swap", f"{memory.blocks_to_swap} with strategy \"fsdp\"",
+                         "0: FSDP already spreads the blocks' weights over the GPUs (or strategy \"ddp\")")
+
+
 def _about(backbone: WanBackbone, recipes: list[Recipe], dtype: torch.dtype, base_model: str | None,
            run_settings: dict | None) -> dict:
     """What a checkpoint must match to be resumed: the data, the recipe settings that change what is learned
@@ -166,6 +179,7 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
             raise InputError("schedule", f"task '{task.name}' " + (f"switches off unknown parts {unknown}" if unknown
                                                                   else "belongs to none of the recipes"),
                              "tasks of the run's recipes, switching off their parts")
+    _check_sharding(dtype, memory)
     context = StepContext(backbone, device, dtype)
     # The blocks' memory savings go on before the parts attach: a swapped block's weights are the frozen base's.
     with _frozen(backbone.model), backbone.training_memory(checkpointing, memory, device), \
@@ -183,5 +197,5 @@ def run(backbone: WanBackbone, recipes: list[Recipe], schedule: Schedule, optim:
             result = StepResult(loss, terms, update=task.trains)
             return result if scaled is None else replace(result, loss=scaled(result.loss))
 
-        history = train(step, groups, optim, workdir, progress, log, about=about)
+        history = train(step, groups, optim, workdir, progress, log, about=about, blocks=backbone.blocks)
         return [TrainedParts({n: parts[n].export() for n in r.returns}, history, r.main) for r in recipes]

@@ -25,7 +25,16 @@ from torch import nn
 
 from ..errors import SHOWN_MODULE, InputError
 from ..files import atomic_path
-from .distributed import Session, accumulation_steps, process_count
+from .distributed import (
+    Session,
+    accumulation_steps,
+    clip_gradients,
+    full_state,
+    full_value,
+    load_value,
+    process_count,
+    shard_optimizer_state,
+)
 from .fingerprint import settings_record
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -129,7 +138,8 @@ def _differences(old: dict, new: dict) -> str:
 
 def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: OptimSettings,
           workdir: str | Path | None = None, progress: Progress | None = None,
-          log: Callable[[str], None] | None = None, about: dict | None = None) -> list[dict]:
+          log: Callable[[str], None] | None = None, about: dict | None = None,
+          blocks: Iterable[nn.Module] = ()) -> list[dict]:
     """Run `settings.steps` steps and return the loss history (one record per step).
 
     With `workdir`, a checkpoint there is resumed if it matches these groups and settings and `about`
@@ -141,7 +151,8 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
     checkpointed with the parameters), so a resumed run draws what the uninterrupted one would have.
 
     Under `accelerate launch` (or torchrun), and with its gradient accumulation, each process computes its share of
-    every step's batch (`distributed`); only the main process writes, logs and reports progress.
+    every step's batch (`distributed`); only the main process writes, logs and reports progress. `blocks`: the
+    model's transformer blocks, which the "fsdp" strategy shards (and puts back when the run ends).
     """
     if not groups or not any(groups.values()):
         raise InputError("adapters", "nothing to train", "at least one adapter or trainable module")
@@ -151,17 +162,30 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
     factors = dict(settings.lr_factors)
     if set(factors) - set(groups):
         raise InputError("lr_factors", f"unknown groups {sorted(set(factors) - set(groups))}", f"some of {list(groups)}")
+    fingerprint = _fingerprint(groups, settings, about)
+    accumulation = accumulation_steps()
+    session = Session(params, step_fn, accumulation, list(blocks)) if process_count() > 1 or accumulation > 1 else None
+    try:
+        return _train(step_fn, groups, settings, workdir, progress, log, fingerprint, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: OptimSettings, workdir, progress, log,
+           fingerprint: dict, session: Session | None) -> list[dict]:
+    if session is not None:  # under FSDP, the parameters inside the blocks are trained as their shards
+        groups = {n: [session.trained(p) for p in ps] for n, ps in groups.items()}
+    params = [p for ps in groups.values() for p in ps]
+    factors = dict(settings.lr_factors)
     opt = torch.optim.AdamW([{"params": ps, "name": n,
                               "weight_decay": settings.weight_decay} for n, ps in groups.items() if ps],
                             lr=settings.lr, betas=tuple(settings.betas))
     g = torch.Generator().manual_seed(settings.seed)
-    accumulation = accumulation_steps()
-    session = Session(params, step_fn, accumulation) if process_count() > 1 or accumulation > 1 else None
     main = session is None or session.is_main
     log = log if main else None
     history: list[dict] = []
     start = 0
-    fingerprint = _fingerprint(groups, settings, about)
     ckpt_path = Path(workdir) / CHECKPOINT_FILE if workdir is not None else None
     with session.main_first() if session else contextlib.nullcontext():  # the main process sets a stale one aside
         state = _matching_checkpoint(Path(workdir), fingerprint, log or (lambda m: None)) if ckpt_path else None
@@ -172,10 +196,13 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
                 else f"resumed from step {start} of {settings.steps}")
 
     def save(step: int):
-        if ckpt_path is not None and main:
-            state = {"fingerprint": fingerprint, "step": step, "history": history,
-                     "params": {n: [p.detach().cpu() for p in ps] for n, ps in groups.items()},
-                     "optimizer": opt.state_dict(), "generator": g.get_state()}
+        if ckpt_path is None:
+            return
+        # Whole values, gathered from the shards by every process under FSDP, so any process count resumes it.
+        params, optimizer = {n: [full_value(p).cpu() for p in ps] for n, ps in groups.items()}, full_state(opt.state_dict())
+        if main:
+            state = {"fingerprint": fingerprint, "step": step, "history": history, "params": params,
+                     "optimizer": optimizer, "generator": g.get_state()}
             with atomic_path(ckpt_path) as tmp:
                 torch.save(state, tmp)
         if session is not None:  # the others wait for the file
@@ -205,7 +232,7 @@ def train(step_fn: StepFn, groups: dict[str, list[nn.Parameter]], settings: Opti
                     for p in ps:
                         p.grad = None  # AdamW skips parameters without a gradient
         with_grad = [p for p in params if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(with_grad, settings.grad_clip)) if with_grad else 0.0
+        norm = float(clip_gradients(with_grad, settings.grad_clip)) if with_grad else 0.0
         if not math.isfinite(norm):
             raise TrainingStopped(f"the gradient became {norm} at step {step + 1}; stopped. Try a lower learning rate")
         opt.step()
@@ -257,7 +284,8 @@ def _resume(state: dict, groups, opt, g) -> tuple[int, list[dict]]:
     with torch.no_grad():
         for name, ps in groups.items():
             for p, saved in zip(ps, state["params"][name]):
-                p.copy_(saved)
+                load_value(p, saved)
     opt.load_state_dict(state["optimizer"])
+    shard_optimizer_state(opt)
     g.set_state(state["generator"])
     return int(state["step"]), list(state["history"])
