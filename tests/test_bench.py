@@ -144,12 +144,15 @@ RECORDED_METHODS = json.loads((Path(__file__).parent / "data" / "lora_methods_be
 
 def _as_recorded(text: str) -> str:
     """A repr without the fields added after the recording at their defaults: the optimiser's (`loop.LATER_SETTINGS`),
-    the recipes' memory savings and the method's prompt subject (`subject_words`)."""
+    the recipes' memory savings, the noise levels' range and the method's prompt subject (`subject_words`)."""
     from custvid_core.backbones.memory import MemorySettings
     from custvid_core.training.loop import LATER_SETTINGS, OptimSettings
+    from custvid_core.training.objectives import SigmaSampler
 
     for name in LATER_SETTINGS:
         text = text.replace(f", {name}={getattr(OptimSettings(), name)!r}", "")
+    sigmas = SigmaSampler()
+    text = text.replace(f", low={sigmas.low!r}, high={sigmas.high!r})", ")")
     return text.replace(f", memory={MemorySettings()!r}", "").replace(", subject_words='clip'", "")
 
 
