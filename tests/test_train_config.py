@@ -542,11 +542,14 @@ def test_the_examples_are_valid_configs(workspace, tmp_path, example):
     text = (Path(__file__).parent.parent / "examples" / example).read_text()
     where = {"path": workspace / "wan", "vae": workspace / "wan" / "vae", "text_encoder": workspace / "wan" / "text_encoder",
              "tokenizer": workspace / "wan" / "tokenizer", "folder": tmp_path / "out"}
-    datasets = iter([workspace / "photos", workspace / "clips"] if "subject" in example else [workspace / "clips"])
+    datasets = iter({"train_subject.toml": [workspace / "photos", workspace / "clips"],
+                     "train_motion.toml": [workspace / "clips"],
+                     "train_synmotion.toml": [workspace / "clips", workspace / "prior"]}[example])
     text = re.sub(r'^path = "\.\./data/[^"]*"', lambda m: f'path = "{next(datasets)}"', text, flags=re.M)
     text = re.sub(r'^(\w+) = "\.\./[^"]*"', lambda m: f'{m[1]} = "{where[m[1]]}"', text, flags=re.M)
     config = load_config(config_file(tmp_path, text))
-    assert config.recipe == example.removeprefix("train_").removesuffix(".toml") and config.optim.steps == 300
+    assert config.recipe == example.removeprefix("train_").removesuffix(".toml")
+    assert config.optim.steps == (1000 if config.recipe == "synmotion" else 300)
 
 
 def test_prompts_are_encoded_as_wans_pipelines_and_comfyui_do(workspace):
