@@ -162,6 +162,7 @@ path = "clips"
 kind = "clips"
 trigger_words = "a dog, a cat"
 motion_words = "mtn runs"
+hue_copies = 1
 
 [[datasets]]
 path = "prior"
@@ -512,7 +513,12 @@ def test_a_synmotion_rerun_resumes_and_ends_with_the_files_of_one_uninterrupted_
     (SYNMOTION, ("rank = 4", "rnak = 4"), r"\[recipe\]: unknown key 'rnak'. Expected valid: rank, motion_probability,"),
     (SYNMOTION, ("rank = 4", "rank = 4\nprior = false"), r"\[recipe\] prior: false with prior clips. Expected prior = "),
     (SYNMOTION_ALONE, ("rank = 4", "rank = 4\nprior = true"), r"\[recipe\] prior: true with none"),
-    (SYNMOTION, ('type = "synmotion"\nrank = 4\nmotion_probability = 0.5', 'type = "motion"'), r"\[\[datasets\]\]: datasets used as prior"),
+    (SYNMOTION, ('type = "synmotion"\nrank = 4\nmotion_probability = 0.5', 'type = "motion"'),
+     r"\[\[datasets\]\]: datasets used as prior"),
+    (SYNMOTION_ALONE, ('type = "synmotion"\nrank = 4\nmotion_probability = 0.5', 'type = "motion"'),
+     r"\[\[datasets\]\] motion_words: given for the motion recipe. Expected motion_words only with type = \"synmotion\""),
+    (SYNMOTION, ('use = "prior"', 'use = "prior"\nmotion_words = "runs"'),
+     r"\[\[datasets\]\] prior motion_words: given for prior"),
 ])
 def test_a_bad_synmotion_config_is_refused_naming_the_key(workspace, text, edit, match):
     old, new = edit

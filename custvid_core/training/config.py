@@ -331,6 +331,9 @@ def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
                          f"what the {recipe} recipe learns from: " + ", ".join(sorted(needed | optional)))
     if recipe == "synmotion":
         _check_synmotion_data(found)
+    elif any(d.motion_words for d in found):
+        raise InputError("[[datasets]] motion_words", f"given for the {recipe} recipe",
+                         "motion_words only with type = \"synmotion\" (SynMotion's motion embedding)")
     return found
 
 
@@ -339,6 +342,10 @@ def _check_synmotion_data(found: list[DatasetConfig]) -> None:
     datasets are folders of captioned clips, the motion clips' naming both kinds of words."""
     for data in found:
         where = f"[[datasets]] {data.name}"
+        if data.motion_words and data.use != "motion":
+            raise InputError(f"{where} motion_words", f"given for {data.use} clips",
+                             "motion_words in the motion clips' dataset only (prior clips' captions name their subject as "
+                             "\"<subject> | <action>\")")
         if data.cache is not None:
             raise InputError(f"{where} cache", "a dataset cache for SynMotion (it keeps no captions)",
                              "path = \"a folder of clips with captions\"")
@@ -871,6 +878,8 @@ def _synmotion_sets(config: TrainConfig, encoders: Encoders) -> tuple[dict[str, 
                                             text.positions(item.caption, motion_words, f"{where} motion_words"))
                               ] * (1 + data.hue_copies)
         new = _clip_set(data, encoders, 0, items, each_caption=True)
+        if new.context.shape[0] == 1:  # one clip and its hue copies: SynMotion takes each clip's own row
+            new = dataclasses.replace(new, context=new.context.repeat(new.latents.shape[0], 1, 1))
         sets[data.use] = append_clips(sets[data.use], new) if data.use in sets else new
     prior_subjects = [text.positions(p.text, p.subject, "[[datasets]] prior caption") for p in prompts] if prompts \
         else None
