@@ -506,6 +506,22 @@ def test_a_synmotion_rerun_resumes_and_ends_with_the_files_of_one_uninterrupted_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_synmotion_gives_one_clip_and_its_hue_copy_a_conditioning_row_each(workspace):
+    import shutil
+
+    folder = workspace / "one_clip"
+    folder.mkdir(exist_ok=True)
+    for name in ("run0.mp4", "run0.txt"):
+        shutil.copy(workspace / "clips" / name, folder / name)
+    from custvid_core.training.config import build_datasets
+
+    text = SYNMOTION_ALONE.replace('path = "clips"', 'path = "one_clip"')
+    data = build_datasets(load_config(config_file(workspace, text, "one_clip.toml")), torch.device("cpu"), torch.float32)
+    clips = data["motion"]  # SynMotion's step conditions a clip on its own row: the copy needs one too
+    assert clips.latents.shape[0] == 2 and clips.context.shape[0] == 2 and torch.equal(clips.context[0], clips.context[1])
+    assert len(data["synmotion"].positions) == 2 and data["synmotion"].positions[0] == data["synmotion"].positions[1]
+
+
 @pytest.mark.parametrize("text, edit, match", [
     (SYNMOTION, ('motion_words = "mtn runs"\n', ""),
      r"\[\[datasets\]\] clips motion_words: is missing. Expected the motion's words in every caption"),
