@@ -51,7 +51,8 @@ class SaveDatasetCache(io.ComfyNode):
             node_id="CustVid_SaveDatasetCache",
             display_name="Save Dataset Cache",
             category=CATEGORY,
-            description="Writes an encoded dataset (latents, prompts, masks, representations, buckets) to "
+            description="Writes an encoded dataset (latents, prompts, masks, representations, buckets, start images "
+                        "and CLIP features for image-to-video) to "
                         "models/custvid/datasets, with what encoded it, so later runs train from it (Load Dataset "
                         "Cache) without the VAE or the text encoder.",
             is_output_node=True,

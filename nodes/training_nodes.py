@@ -76,6 +76,31 @@ def _context(conditioning, input_name: str) -> torch.Tensor:
     return conditioning[0][0].float().cpu()
 
 
+def _clip_features(clip_vision_output) -> torch.Tensor | None:
+    """CLIP Vision Encode's penultimate hidden states `[N, 257, D]`: what Wan 2.1 I2V's image embedding reads
+    (WanImageToVideo passes the same)."""
+    if clip_vision_output is None:
+        return None
+    features = getattr(clip_vision_output, "penultimate_hidden_states", None)
+    if not torch.is_tensor(features) or features.ndim != 3:
+        raise InputError("clip_vision_output", "holds no penultimate hidden states", "the output of CLIP Vision Encode")
+    return features.float().cpu()
+
+
+def image_to_video_inputs(items: str, start: str) -> list:
+    """A dataset node's image-to-video inputs (optional, after all its other inputs)."""
+    return [
+        io.Boolean.Input("image_to_video", default=False, optional=True,
+                         tooltip=f"For training an image-to-video Wan (Wan 2.1 or 2.2 I2V): {start} is also encoded as "
+                                 f"the start image the model continues from, as WanImageToVideo encodes it. Off for "
+                                 f"text-to-video models (they ignore start images)."),
+        io.ClipVisionOutput.Input("clip_vision_output", optional=True,
+                                  tooltip=f"For Wan 2.1 I2V (its model reads CLIP image features): CLIP Vision Encode "
+                                          f"(clip_vision_h, crop none) of {items}' start images: one image for all "
+                                          f"or one per item. Needs image_to_video on. Wan 2.2 I2V takes none."),
+    ]
+
+
 def _encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
     """The core's `encode` over a ComfyUI VAE: clips `[N, F, H, W, 3]` -> latents, one clip at a time."""
     return lambda clips: torch.cat([vae.encode(c[..., :3]).float().cpu() for c in clips])
@@ -147,17 +172,20 @@ class VideoDataset(io.ComfyNode):
                                      "takes on their colours; 0 (off) for preservation clips. Each copy is encoded "
                                      "once, here."),
                 *bucket_inputs("clips"),
+                *image_to_video_inputs("the clip", "the clip's first frame (and each hue copy's)"),
             ],
             outputs=[types.VideoDataset.Output(display_name="clips")],
         )
 
     @classmethod
     def execute(cls, vae, frames, conditioning, motion_representation=None, add_to=None,
-                hue_copies=0, buckets=False, bucket_width=832, bucket_height=480) -> io.NodeOutput:
+                hue_copies=0, buckets=False, bucket_width=832, bucket_height=480, image_to_video=False,
+                clip_vision_output=None) -> io.NodeOutput:
         flow = None if motion_representation is None else motion_representation.flow
         rule = _bucket_rule(vae, buckets, bucket_width, bucket_height)
         clips = clip_set(frames, _encoder(vae), _context(conditioning, "conditioning"), flow, hue_copies=hue_copies,
-                         progress=progress_callback(1), buckets=rule)
+                         progress=progress_callback(1), buckets=rule, start_images=image_to_video,
+                         clip_features=_clip_features(clip_vision_output))
         return _dataset_output(clips if add_to is None else append_clips(add_to, clips, bucketed=buckets), "clips")
 
 
@@ -209,6 +237,8 @@ class SubjectDataset(io.ComfyNode):
                                        "(each clip draws 75% to 100% of it; shortened where the photo has no "
                                        "room)."),
                 *bucket_inputs("photos"),
+                *image_to_video_inputs("the photos", "each photo is its own start image and each moving clip's first "
+                                       "frame"),
             ],
             outputs=[types.SubjectDataset.Output(display_name="subject")],
         )
@@ -217,14 +247,15 @@ class SubjectDataset(io.ComfyNode):
     def execute(cls, vae, images, conditioning, masks=None, subject_representation=None,
                 preservation=None, add_to=None, prompt="", trigger_words="", clip=None,
                 world_text=None, moving_clips=0, moving_frames=17, moving_travel=0.3, buckets=False, bucket_width=832,
-                bucket_height=480) -> io.NodeOutput:
+                bucket_height=480, image_to_video=False, clip_vision_output=None) -> io.NodeOutput:
         words = " ".join(trigger_words.split())
         subject_tokens = token_roles(prompt, words, clip or world_text, words_input="trigger_words").subject \
             if words else None
         photos = subject_set(images, _encoder(vae), _context(conditioning, "conditioning"), masks,
                              subject_representation, preservation, subject_tokens, words, moving_clips, moving_frames,
                              (0.75 * moving_travel, moving_travel), frame_step=vae.temporal_compression_decode() or 1,
-                             progress=progress_callback(1), buckets=_bucket_rule(vae, buckets, bucket_width, bucket_height))
+                             progress=progress_callback(1), buckets=_bucket_rule(vae, buckets, bucket_width, bucket_height),
+                             start_images=image_to_video, clip_features=_clip_features(clip_vision_output))
         return _dataset_output(photos if add_to is None else append_photos(add_to, photos, bucketed=buckets), "photos")
 
 

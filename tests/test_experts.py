@@ -81,9 +81,9 @@ def _recording(backbone):
     seen = []
     forward = backbone.forward
 
-    def recorded(latents, sigma, context):
+    def recorded(latents, sigma, context, image=None):
         seen.extend(torch.as_tensor(sigma).flatten().tolist())
-        return forward(latents, sigma, context)
+        return forward(latents, sigma, context, image)
 
     backbone.forward = recorded
     return seen

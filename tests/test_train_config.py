@@ -67,7 +67,8 @@ def comfy_single_file(path: Path, text_dim: int = 64) -> tuple[Path, torch.nn.Mo
 
 
 def write_data(root: Path) -> None:
-    """photos/ (3 photos with masks in masks/ and sidecar captions), clips/ (2 mp4 files and a folder of frames)."""
+    """photos/ (3 photos with masks in masks/ and sidecar captions), clips/ (2 mp4 files and a folder of frames),
+    prior/ (2 mp4 files captioned "<subject> | <action>", as SynMotion's subject prior clips)."""
     (root / "photos" / "masks").mkdir(parents=True)
     for i in range(3):
         clip, masks = moving_square_clip(frames=5, size=(64, 64), step=(3 + i, 2))
@@ -83,6 +84,11 @@ def write_data(root: Path) -> None:
     for f in range(5):
         save_png(clip[f], root / "clips" / "run2" / f"{f:03d}.png")
     (root / "clips" / "run2.txt").write_text("a cat mtn runs")
+    (root / "prior").mkdir()
+    for i, caption in enumerate(["a cat | runs on the grass", "a dog | runs"]):
+        clip, _ = moving_square_clip(frames=5, size=(64, 64), step=(1, 2 + i))
+        save_mp4(clip, root / "prior" / f"walk{i}.mp4")
+        (root / "prior" / f"walk{i}.txt").write_text(caption)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +151,39 @@ lr = 1e-3
 [output]
 folder = "out_motion"
 """
+
+
+SYNMOTION = """
+[model]
+path = "wan"
+
+[[datasets]]
+path = "clips"
+kind = "clips"
+trigger_words = "a dog, a cat"
+motion_words = "mtn runs"
+hue_copies = 1
+
+[[datasets]]
+path = "prior"
+kind = "clips"
+use = "prior"
+
+[recipe]
+type = "synmotion"
+rank = 4
+motion_probability = 0.5
+
+[recipe.optim]
+steps = 4
+lr = 1e-3
+
+[output]
+folder = "out_synmotion"
+name = "mtn"
+checkpoint_every = 2
+"""
+SYNMOTION_ALONE = SYNMOTION.replace('[[datasets]]\npath = "prior"\nkind = "clips"\nuse = "prior"\n', "")
 
 
 def config_file(root: Path, text: str, name: str = "config.toml") -> Path:
@@ -418,18 +457,123 @@ def test_raft_and_dinov2_give_the_recipes_their_alignment_losses(workspace, tmp_
     assert "alignment" in records[0]  # SuRA, on the photos' DINOv2 features
 
 
-@pytest.mark.parametrize("example", ["train_subject.toml", "train_motion.toml"])
+def synmotion_files(files: dict) -> dict[str, torch.Tensor]:
+    from custvid_core.adapters.synmotion import load_synmotion
+
+    lora = read_lora(files["lora"])[0]
+    embeddings = load_synmotion(files["synmotion"]).exported().tensors
+    return {**{f"lora.{k}": v for k, v in lora.items()}, **{f"embeddings.{k}": v for k, v in embeddings.items()}}
+
+
+def test_a_synmotion_run_from_folders_of_clips_writes_the_files_its_save_nodes_write(workspace):
+    from custvid_core.adapters.lora import SYNMOTION_MOTION_ROLES
+    from custvid_core.adapters.synmotion import load_synmotion
+
+    config = load_config(config_file(workspace, SYNMOTION, "synmotion.toml"))
+    assert config.settings.rank == 4 and config.settings.motion_probability == 0.5 and config.settings.prior
+    assert config.settings.refiner and [d.use for d in config.datasets] == ["motion", "prior"]
+    files = train_from_config(config)
+    assert sorted(files) == ["history", "lora", "loss_plot", "synmotion"]
+    tensors, spec, meta = read_lora(files["lora"])
+    assert spec.rank == 4 and spec.roles == SYNMOTION_MOTION_ROLES and meta["custvid.lora.info"]["trigger_words"] == "mtn runs"
+    learned = load_synmotion(files["synmotion"])
+    assert (learned.subject_words, learned.motion_words) == ("a dog, a cat", "mtn runs")
+    history = json.loads(files["history"].read_text())
+    assert len(history) == 4 and {t for r in history for t in r} >= {"motion", "prior"}  # both kinds of steps ran
+    # Without prior clips, every step is a motion step (as Train SynMotion without prior_clips).
+    alone = load_config(config_file(workspace, SYNMOTION_ALONE, "synmotion_alone.toml"))
+    assert not alone.settings.prior and [d.use for d in alone.datasets] == ["motion"]
+
+
+def test_a_synmotion_rerun_resumes_and_ends_with_the_files_of_one_uninterrupted_run(workspace):
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(step, total, record):
+        if step == 3:
+            raise Stop
+
+    text = SYNMOTION.replace('folder = "out_synmotion"', 'folder = "out_synmotion_resumed"')
+    interrupted = load_config(config_file(workspace, text, "synmotion_resumed.toml"))
+    with pytest.raises(Stop):
+        train_from_config(interrupted, progress=stop_after_3)
+    assert not (workspace / "out_synmotion_resumed" / "mtn_embeddings.safetensors").exists()
+    notes = []
+    resumed = train_from_config(interrupted, log=notes.append)
+    assert notes == ["resumed from step 2 of 4"]
+    whole = train_from_config(load_config(config_file(
+        workspace, text.replace("out_synmotion_resumed", "out_synmotion_whole"), "synmotion_whole.toml")))
+    a, b = synmotion_files(resumed), synmotion_files(whole)
+    assert a.keys() == b.keys() and any(k.startswith("embeddings.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_synmotion_gives_one_clip_and_its_hue_copy_a_conditioning_row_each(workspace):
+    import shutil
+
+    folder = workspace / "one_clip"
+    folder.mkdir(exist_ok=True)
+    for name in ("run0.mp4", "run0.txt"):
+        shutil.copy(workspace / "clips" / name, folder / name)
+    from custvid_core.training.config import build_datasets
+
+    text = SYNMOTION_ALONE.replace('path = "clips"', 'path = "one_clip"')
+    data = build_datasets(load_config(config_file(workspace, text, "one_clip.toml")), torch.device("cpu"), torch.float32)
+    clips = data["motion"]  # SynMotion's step conditions a clip on its own row: the copy needs one too
+    assert clips.latents.shape[0] == 2 and clips.context.shape[0] == 2 and torch.equal(clips.context[0], clips.context[1])
+    assert len(data["synmotion"].positions) == 2 and data["synmotion"].positions[0] == data["synmotion"].positions[1]
+
+
+@pytest.mark.parametrize("text, edit, match", [
+    (SYNMOTION, ('motion_words = "mtn runs"\n', ""),
+     r"\[\[datasets\]\] clips motion_words: is missing. Expected the motion's words in every caption"),
+    (SYNMOTION, ('trigger_words = "a dog, a cat"\n', ""), r"\[\[datasets\]\] clips trigger_words: is missing"),
+    (SYNMOTION, ("rank = 4", "rnak = 4"), r"\[recipe\]: unknown key 'rnak'. Expected valid: rank, motion_probability,"),
+    (SYNMOTION, ("rank = 4", "rank = 4\nprior = false"), r"\[recipe\] prior: false with prior clips. Expected prior = "),
+    (SYNMOTION_ALONE, ("rank = 4", "rank = 4\nprior = true"), r"\[recipe\] prior: true with none"),
+    (SYNMOTION, ('type = "synmotion"\nrank = 4\nmotion_probability = 0.5', 'type = "motion"'),
+     r"\[\[datasets\]\]: datasets used as prior"),
+    (SYNMOTION_ALONE, ('type = "synmotion"\nrank = 4\nmotion_probability = 0.5', 'type = "motion"'),
+     r"\[\[datasets\]\] motion_words: given for the motion recipe. Expected motion_words only with type = \"synmotion\""),
+    (SYNMOTION, ('use = "prior"', 'use = "prior"\nmotion_words = "runs"'),
+     r"\[\[datasets\]\] prior motion_words: given for prior"),
+])
+def test_a_bad_synmotion_config_is_refused_naming_the_key(workspace, text, edit, match):
+    old, new = edit
+    assert old in text
+    with pytest.raises(ValueError, match=match):
+        load_config(config_file(workspace, text.replace(old, new, 1), "bad_synmotion.toml"))
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ('motion_words = "mtn runs"', 'motion_words = "mtn grass"',
+     r"\[\[datasets\]\] clips motion_words: 'grass' is not in the prompt 'a dog mtn runs'"),
+    ('trigger_words = "a dog, a cat"', 'trigger_words = "a dog"',
+     r"\[\[datasets\]\] clips trigger_words: none of 'a dog' is in the caption 'a cat mtn runs'"),
+])
+def test_synmotion_words_not_in_a_caption_are_refused_naming_the_key(workspace, old, new, match):
+    text = SYNMOTION.replace(old, new).replace('folder = "out_synmotion"', 'folder = "out_bad_words"')
+    config = load_config(config_file(workspace, text, "bad_words.toml"))
+    with pytest.raises(ValueError, match=match):
+        train_from_config(config)
+    assert not (workspace / "out_bad_words").exists()
+
+
+@pytest.mark.parametrize("example", ["train_subject.toml", "train_motion.toml", "train_synmotion.toml"])
 def test_the_examples_are_valid_configs(workspace, tmp_path, example):
     import re
 
     text = (Path(__file__).parent.parent / "examples" / example).read_text()
     where = {"path": workspace / "wan", "vae": workspace / "wan" / "vae", "text_encoder": workspace / "wan" / "text_encoder",
              "tokenizer": workspace / "wan" / "tokenizer", "folder": tmp_path / "out"}
-    datasets = iter([workspace / "photos", workspace / "clips"] if "subject" in example else [workspace / "clips"])
+    datasets = iter({"train_subject.toml": [workspace / "photos", workspace / "clips"],
+                     "train_motion.toml": [workspace / "clips"],
+                     "train_synmotion.toml": [workspace / "clips", workspace / "prior"]}[example])
     text = re.sub(r'^path = "\.\./data/[^"]*"', lambda m: f'path = "{next(datasets)}"', text, flags=re.M)
     text = re.sub(r'^(\w+) = "\.\./[^"]*"', lambda m: f'{m[1]} = "{where[m[1]]}"', text, flags=re.M)
     config = load_config(config_file(tmp_path, text))
-    assert config.recipe == example.removeprefix("train_").removesuffix(".toml") and config.optim.steps == 300
+    assert config.recipe == example.removeprefix("train_").removesuffix(".toml")
+    assert config.optim.steps == (1000 if config.recipe == "synmotion" else 300)
 
 
 def test_prompts_are_encoded_as_wans_pipelines_and_comfyui_do(workspace):

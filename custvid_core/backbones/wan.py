@@ -32,6 +32,7 @@ ROLES = SELF_ATTENTION_ROLES + CROSS_ATTENTION_ROLES + FFN_ROLES
 # The sublayers of a block that a residual can sit beside (`WanBackbone.add_residual`).
 RESIDUAL_SITES = ("self_attn", "ffn")
 NATIVE_PREFIX = "diffusion_model."
+DIFFUSERS_TEXT_TOKENS = 512
 
 # diffusers module path -> native module path, for everything a Wan 2.1 T2V checkpoint holds.
 _DIFFUSERS_TO_NATIVE = (
@@ -52,6 +53,14 @@ _DIFFUSERS_TO_NATIVE = (
     (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
     (r"^scale_shift_table$", "head.modulation"),
     (r"^proj_out\.", "head.head."),
+    # Image-to-video (Wan 2.1 I2V): the CLIP image embedding and each block's image keys and values.
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
+    (r"^blocks\.(\d+)\.attn2\.add_([kv])_proj\.", r"blocks.\1.cross_attn.\2_img."),
+    (r"^blocks\.(\d+)\.attn2\.norm_added_k\.", r"blocks.\1.cross_attn.norm_k_img."),
 )
 
 
@@ -73,6 +82,26 @@ class EmbeddedInputs:
     video: torch.Tensor
     text: torch.Tensor
     time: torch.Tensor
+
+
+@dataclass
+class ImageCondition:
+    """What an image-to-video Wan takes beside the noisy latents: `latents` `[B, 4 + C, T, h, w]`, the start-frame
+    mask (4 channels, 1 on the latent frames the start image fixes) followed by the VAE latents of the start image
+    followed by grey frames (in the model's latent format), concatenated to the noisy latents' channels; and, for
+    models with a CLIP image embedding (Wan 2.1 I2V), `clip_features` `[B, 257, 1280]`, CLIP vision's
+    penultimate hidden states of the start image. ComfyUI's WanImageToVideo builds the same."""
+
+    latents: torch.Tensor
+    clip_features: torch.Tensor | None = None
+
+    @classmethod
+    def start_frame(cls, start: torch.Tensor, clip_features: torch.Tensor | None = None) -> "ImageCondition":
+        """The condition of one start image: `start` `[B, C, T, h, w]`, the latents of the start image followed by
+        grey frames, encoded as one clip (WanImageToVideo's encoding); the image fixes the first latent frame."""
+        mask = torch.zeros(start.shape[0], 4, *start.shape[2:], dtype=start.dtype, device=start.device)
+        mask[:, :, 0] = 1.0
+        return cls(torch.cat([mask, start], 1), clip_features)
 
 
 class WanBackbone:
@@ -112,6 +141,21 @@ class WanBackbone:
     def text_dim(self) -> int:
         raise NotImplementedError
 
+    @property
+    def condition_channels(self) -> int:
+        """Channels an image-to-video model takes beside the noisy latents (Wan 2.1 and 2.2 I2V: 20, the start-frame
+        mask and the start image's latents); 0 for text-to-video."""
+        return self.model.get_submodule(self.patch_embedding_path).weight.shape[1] - self.latent_channels
+
+    @property
+    def latent_channels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def takes_clip_features(self) -> bool:
+        """Whether the model has a CLIP image embedding (Wan 2.1 I2V; Wan 2.2's I2V has none)."""
+        raise NotImplementedError
+
     def module_path(self, block: int, role: str) -> str:
         """The role's module path inside this implementation (for `get_submodule`, peft targets)."""
         if role not in self.role_paths:
@@ -142,9 +186,43 @@ class WanBackbone:
         return (math.ceil(t / pt), math.ceil(h / ph), math.ceil(w / pw))
 
     # --- running ---------------------------------------------------------------------------
-    def forward(self, latents: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """Velocity prediction `v = eps - x0` for latents `[B, C, T, H, W]` at flow-matching time sigma."""
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor,
+                image: ImageCondition | None = None) -> torch.Tensor:
+        """Velocity prediction `v = eps - x0` for latents `[B, C, T, H, W]` at flow-matching time sigma; `image`: an
+        image-to-video model's start-image condition (required by such a model, refused by others)."""
         raise NotImplementedError
+
+    def require_text_to_video(self, what: str) -> None:
+        """Refuses an image-to-video model for `what`, which trains text-to-video models only."""
+        if self.condition_channels:
+            raise InputError("model", f"an image-to-video Wan ({self.condition_channels} condition channels)",
+                             f"a text-to-video Wan: {what} trains text-to-video models only")
+
+    def _image_inputs(self, latents: torch.Tensor, image: ImageCondition | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's input latents (the noisy latents, then the condition's channels) and its CLIP features
+        (None where the model takes none), the condition checked against what the model takes."""
+        extra = self.condition_channels
+        if image is None:
+            if extra:
+                raise InputError("start_image", f"this is an image-to-video Wan ({extra} condition channels) and no "
+                                 "start image was given", "training data encoded with start images (the clips' first "
+                                 "frames, the subject's photos), or a text-to-video model")
+            return latents, None
+        if not extra:
+            raise InputError("start_image", "a start image was given to a text-to-video Wan",
+                             "an image-to-video Wan model (Wan 2.1 or 2.2 I2V), or no start image")
+        cond = image.latents
+        if cond.shape[1] != extra or cond.shape[0] != latents.shape[0] or cond.shape[2:] != latents.shape[2:]:
+            raise InputError("start_image", f"a condition of shape {tuple(cond.shape)} for latents of shape "
+                             f"{tuple(latents.shape)}", f"{extra} channels on the latents' frames and size")
+        features = None
+        if self.takes_clip_features:
+            if image.clip_features is None:
+                raise InputError("clip_vision_output", "this Wan 2.1 image-to-video model takes the start image's CLIP "
+                                 "vision features and none were given", "CLIP Vision Encode of the start image")
+            features = image.clip_features.to(latents.dtype)
+        return torch.cat([latents, cond.to(latents.dtype)], 1), features
 
     def _timestep(self, sigma: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
@@ -283,14 +361,23 @@ class ComfyWanBackbone(WanBackbone):
     def text_dim(self):
         return self.model.text_embedding[0].in_features
 
+    @property
+    def latent_channels(self):
+        return self.model.out_dim
+
+    @property
+    def takes_clip_features(self):
+        return getattr(self.model, "img_emb", None) is not None
+
     def cross_attention(self, block):
         attn = self.blocks[block].cross_attn
         return attn.norm_q, attn.norm_k, attn.num_heads
 
-    def forward(self, latents, sigma, context):
+    def forward(self, latents, sigma, context, image=None):
         t = self._timestep(sigma, latents.shape[0], latents)
+        x, features = self._image_inputs(latents, image)
         # A fresh transformer_options: ComfyUI's forward writes into it.
-        return self.model(latents, t, context, transformer_options={})
+        return self.model(x, t, context, clip_fea=features, transformer_options={})
 
 
 class DiffusersWanBackbone(WanBackbone):
@@ -316,13 +403,27 @@ class DiffusersWanBackbone(WanBackbone):
     def text_dim(self):
         return self.model.config.text_dim
 
+    @property
+    def latent_channels(self):
+        return self.model.config.out_channels
+
+    @property
+    def takes_clip_features(self):
+        return self.model.condition_embedder.image_embedder is not None
+
     def cross_attention(self, block):
         attn = self.blocks[block].attn2
         return attn.norm_q, attn.norm_k, attn.heads
 
-    def forward(self, latents, sigma, context):
+    def forward(self, latents, sigma, context, image=None):
         t = self._timestep(sigma, latents.shape[0], latents)
-        return self.model(hidden_states=latents, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+        x, features = self._image_inputs(latents, image)
+        if features is not None and context.shape[1] != DIFFUSERS_TEXT_TOKENS:
+            # diffusers' attention finds the image tokens as those before the last 512 (umt5's padded length).
+            raise InputError("conditioning", f"{context.shape[1]} text tokens", f"{DIFFUSERS_TEXT_TOKENS} (umt5's "
+                             "padded length), which diffusers' image-to-video Wan needs beside CLIP features")
+        return self.model(hidden_states=x, timestep=t, encoder_hidden_states=context,
+                          encoder_hidden_states_image=features, return_dict=False)[0]
 
     @contextlib.contextmanager
     def text_cross_attention(self, hook: Callable[[int, Callable, torch.Tensor, torch.Tensor], torch.Tensor | None]

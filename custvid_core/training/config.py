@@ -1,20 +1,22 @@
 """Training from a config file: `python -m custvid_core train CONFIG.toml`.
 
 A TOML file names the base model, the datasets, the recipe and its settings, and where the results go
-(examples/train_subject.toml, examples/train_motion.toml). `load_config` reads and checks it into `TrainConfig`:
-every key is one of the fields of the settings it fills (`SubjectSettings`, `MotionSettings`, `OptimSettings`...),
+(examples/train_subject.toml, examples/train_motion.toml, examples/train_synmotion.toml). `load_config` reads and
+checks it into `TrainConfig`: every key is one of the fields of the settings it fills (`SubjectSettings`,
+`MotionSettings`, `SynMotionSettings`, `OptimSettings`...),
 an unknown key, a value of the wrong type or a missing file is refused naming it, and relative paths resolve against
 the config file. `train_from_config` runs it host-free: the base model (a ComfyUI single-file Wan checkpoint, or
 diffusers' `WanTransformer3DModel` folder or pipeline folder), the datasets encoded with diffusers'
 `AutoencoderKLWan` and a UMT5 text encoder, the recipe by the same functions the nodes call, checkpoints a rerun
-resumes, and the files the pack's save nodes write (LoRAs in ComfyUI's native keys, trigger embeddings, DualReal).
+resumes, and the files the pack's save nodes write (LoRAs in ComfyUI's native keys, trigger embeddings, DualReal,
+SynMotion embeddings).
 
     [model]      path, vae, text_encoder, tokenizer, dtype, training_dtype, device, text_tokens, raft, dino,
                  dino_resolution
     [[datasets]] path (a folder) or cache (a dataset cache file), kind ("photos" | "clips"), use ("subject" |
-                 "motion" | "preservation"), caption, trigger_words, mask_folder, mask_suffix, frames, stills,
-                 hue_copies, moving_clips, moving_frames, buckets, bucket_width, bucket_height
-    [recipe]     type ("subject" | "motion" | "joint" | "dualreal") and the recipe's settings; nested settings
+                 "motion" | "preservation" | "prior"), caption, trigger_words, motion_words, mask_folder, mask_suffix,
+                 frames, stills, hue_copies, moving_clips, moving_frames, buckets, bucket_width, bucket_height
+    [recipe]     type ("subject" | "motion" | "joint" | "dualreal" | "synmotion") and the recipe's settings; nested settings
                  as sub-tables ([recipe.optim], [recipe.sigmas], [recipe.memory]; a joint run's [recipe.subject],
                  [recipe.motion], [recipe.controller])
     [output]     folder, name, checkpoint_every, checkpoints
@@ -47,17 +49,19 @@ from .distributed import STRATEGIES, is_main_process, process_count, process_dev
 from .dualreal import DualRealSettings
 from .engine import TRAINING_DTYPES, compute_dtype
 from .loop import CHECKPOINT_FILE, OptimSettings, Progress
+from .synmotion import SynMotionSettings
 
 SECTIONS = ("model", "datasets", "recipe", "output", "distributed")
 DATASET_KINDS = ("photos", "clips")
-DATASET_USES = ("subject", "motion", "preservation")
+DATASET_USES = ("subject", "motion", "preservation", "prior")
 DTYPES = ("auto", *TRAINING_DTYPES)  # auto: bf16 on a CUDA device that has it, else fp32
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 # What a recipe's data must hold: the uses it learns from and those it can do without.
 RECIPE_USES = {"subject": ({"subject"}, {"preservation"}), "motion": ({"motion"}, set()),
-               "joint": ({"subject", "motion"}, {"preservation"}), "dualreal": ({"subject", "motion"}, {"preservation"})}
+               "joint": ({"subject", "motion"}, {"preservation"}), "dualreal": ({"subject", "motion"}, {"preservation"}),
+               "synmotion": ({"motion"}, {"prior"})}
 # Warm-up when a config sets none: 1/share of the steps, at most the recipe's default (the nodes' rule).
-WARMUP_SHARE = {"subject": 10, "motion": 10, "joint": 10, "dualreal": 5}
+WARMUP_SHARE = {"subject": 10, "motion": 10, "joint": 10, "dualreal": 5, "synmotion": 10}
 # diffusers' Wan pipelines pad the prompt's embedding with zeros to 512 tokens, as ComfyUI's UMT5 encoding does.
 WAN_TEXT_TOKENS = 512
 NOT_HOST_FREE = ("encode the dataset in ComfyUI instead (Subject Dataset / Video Clips Dataset), save it with Save "
@@ -78,7 +82,8 @@ class JointSettings:
 
 
 # The recipes a config can run -> their settings.
-RECIPES = {"subject": SubjectSettings, "motion": MotionSettings, "joint": JointSettings, "dualreal": DualRealSettings}
+RECIPES = {"subject": SubjectSettings, "motion": MotionSettings, "joint": JointSettings, "dualreal": DualRealSettings,
+           "synmotion": SynMotionSettings}
 
 
 @dataclass
@@ -103,7 +108,9 @@ class DatasetConfig:
     use: str  # what the recipe learns it as (default: photos -> subject; clips -> motion, preservation for subject)
     cache: Path | None = None  # a dataset cache file (Save Dataset Cache's) in place of a folder
     caption: str = ""  # for items without a sidecar caption (same stem, .txt)
-    trigger_words: str = ""  # the subject's words in the captions (token attention, trigger embedding)
+    trigger_words: str = ""  # the subject's words in the captions (token attention, trigger embedding; SynMotion's
+    # subject embedding, where captions name different subjects each one's, comma-separated: "a dog, a cat")
+    motion_words: str = ""  # SynMotion's motion clips: the motion's words in every caption (its motion embedding)
     mask_folder: str = "masks"  # masks in this sub-folder under the photo's name...
     mask_suffix: str = "_mask"  # ...or beside the photo as <stem><suffix>.<image suffix>
     frames: int | None = None  # clips: the first N frames of each (None: all; all clips the same length)
@@ -322,7 +329,32 @@ def _datasets(raw: dict, base: Path, recipe: str) -> list[DatasetConfig]:
     if uses - needed - optional:
         raise InputError("[[datasets]]", f"datasets used as {', '.join(sorted(uses - needed - optional))}",
                          f"what the {recipe} recipe learns from: " + ", ".join(sorted(needed | optional)))
+    if recipe == "synmotion":
+        _check_synmotion_data(found)
+    elif any(d.motion_words for d in found):
+        raise InputError("[[datasets]] motion_words", f"given for the {recipe} recipe",
+                         "motion_words only with type = \"synmotion\" (SynMotion's motion embedding)")
     return found
+
+
+def _check_synmotion_data(found: list[DatasetConfig]) -> None:
+    """SynMotion finds each clip's subject and motion words (the prior clips': their subject's) in its caption: its
+    datasets are folders of captioned clips, the motion clips' naming both kinds of words."""
+    for data in found:
+        where = f"[[datasets]] {data.name}"
+        if data.motion_words and data.use != "motion":
+            raise InputError(f"{where} motion_words", f"given for {data.use} clips",
+                             "motion_words in the motion clips' dataset only (prior clips' captions name their subject as "
+                             "\"<subject> | <action>\")")
+        if data.cache is not None:
+            raise InputError(f"{where} cache", "a dataset cache for SynMotion (it keeps no captions)",
+                             "path = \"a folder of clips with captions\"")
+        for key in ("trigger_words", "motion_words") if data.use == "motion" else ():
+            if not getattr(data, key).strip():
+                raise InputError(f"{where} {key}", "is missing", (
+                    "the subject's words in the captions, e.g. trigger_words = \"a dog\" (several, comma-separated: "
+                    "\"a dog, a cat\")" if key == "trigger_words" else
+                    "the motion's words in every caption, e.g. motion_words = \"moving left\""))
 
 
 def _cache_kind(path: Path, key: str) -> str:
@@ -366,6 +398,16 @@ def _recipe(raw: dict, steps: int | None) -> tuple[str, Any]:
     return recipe, dataclasses.replace(settings, optim=optim)
 
 
+def _synmotion_prior(settings: SynMotionSettings, table: dict, datasets: list[DatasetConfig]) -> SynMotionSettings:
+    """SynMotion's prior steps: on with prior clips, off without them (as Train SynMotion's prior_clips input); a
+    `prior` setting that contradicts the datasets is refused."""
+    given = any(d.use == "prior" for d in datasets)
+    if "prior" in table and settings.prior != given:
+        raise InputError("[recipe] prior", f"{str(settings.prior).lower()} with " + ("prior clips" if given else "none"),
+                         "prior = true with a [[datasets]] table of use = \"prior\" clips, or false without one")
+    return dataclasses.replace(settings, prior=given)
+
+
 def _output(raw: dict, base: Path, recipe: str) -> OutputConfig:
     """[output]; its name defaults to the recipe's."""
     valid = [f.name for f in dataclasses.fields(OutputConfig)]
@@ -402,6 +444,8 @@ def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
     datasets, output = _datasets(raw, base, recipe), _output(raw, base, recipe)
     settings = dataclasses.replace(settings, optim=dataclasses.replace(settings.optim,
                                                                        checkpoint_every=output.checkpoint_every))
+    if recipe == "synmotion":
+        settings = _synmotion_prior(settings, raw["recipe"], datasets)
     strategy = _one_of(_section(raw, "distributed", "[distributed]", (), ["strategy"]).get("strategy", "ddp"),
                        STRATEGIES, "[distributed] strategy") if "distributed" in raw else "ddp"
     return TrainConfig(source, model, datasets, recipe, settings, output, strategy)
@@ -679,10 +723,10 @@ def _read_clips(data: DatasetConfig, items: list[Item], frame_step: int) -> list
     return clips
 
 
-def _captions_context(items: list[Item], text: TextEncoder) -> torch.Tensor:
-    """One conditioning row per item, or one for all where every caption is the same."""
+def _captions_context(items: list[Item], text: TextEncoder, each: bool = False) -> torch.Tensor:
+    """One conditioning row per item, or (unless `each`) one for all where every caption is the same."""
     captions = [i.caption for i in items]
-    return text(captions[:1]) if len(set(captions)) == 1 else text(captions)
+    return text(captions[:1]) if len(set(captions)) == 1 and not each else text(captions)
 
 
 @dataclass
@@ -751,15 +795,18 @@ def _stills(config: TrainConfig, data: DatasetConfig) -> int:
     return 8 if data.use == "motion" or getattr(subject, "stillness_rank", 0) > 0 else 0
 
 
-def _clip_set(data: DatasetConfig, encoders: Encoders, stills: int):
+def _clip_set(data: DatasetConfig, encoders: Encoders, stills: int, items: list[Item] | None = None,
+              each_caption: bool = False):
+    """The dataset's clips encoded (`items`: its items with the captions to encode, default the folder's);
+    `each_caption`: one conditioning row per clip even where the captions are the same."""
     from ..representations.motion import extract_motion
     from .datasets import clip_set
 
-    items = dataset_items(data)
+    items = items or dataset_items(data)
     clips = _read_clips(data, items, encoders.frame_step)
     flow = [extract_motion(encoders.raft, c).flow for c in clips] \
         if encoders.raft is not None and data.use == "motion" else None
-    return clip_set(clips, encoders.encode, _captions_context(items, encoders.text), flow, stills=stills,
+    return clip_set(clips, encoders.encode, _captions_context(items, encoders.text, each_caption), flow, stills=stills,
                     hue_copies=data.hue_copies, buckets=_bucket_rule(data, encoders.vae_config))
 
 
@@ -778,13 +825,105 @@ def _cached(data: DatasetConfig, preservation=None):
     return replace(loaded, preservation=preservation)
 
 
+@dataclass
+class SynMotionWords:
+    """What SynMotion finds in the captions: each motion clip's subject and motion word positions (a clip's hue copies
+    included), the motion words' own conditioning, the words, and the prior clips' prompts with their subject words'
+    positions."""
+
+    positions: list  # adapters.synmotion.RolePositions, one per motion clip
+    motion_phrase: torch.Tensor
+    subject_words: str
+    motion_words: str
+    prior_prompts: list  # prior_clips.PriorPrompt, one per prior clip
+    prior_subjects: list | None  # their subject words' positions; None without prior clips
+
+
+def _subject_in(caption: str, words: str, key: str) -> str:
+    """The caption's subject words: of the comma-separated entries of `words`, the first in the caption."""
+    padded = f" {caption} "
+    found = sorted((e for e in (" ".join(w.split()) for w in words.split(",")) if e and f" {e} " in padded),
+                   key=padded.index)
+    if not found:
+        raise InputError(key, f"none of '{words}' is in the caption '{caption}'",
+                         "the subject's words of every caption, several separated by commas (e.g. \"a dog, a cat\")")
+    return found[0]
+
+
+def _synmotion_sets(config: TrainConfig, encoders: Encoders) -> tuple[dict[str, Any], SynMotionWords]:
+    """SynMotion's motion clips and prior clips, each clip with its own caption's conditioning, and the words found in
+    the captions by the text encoder's tokenizer (as Train SynMotion finds them). A prior clip's caption is
+    "<subject> | <action>", as Subject Prior Clips' prompts."""
+    from ..adapters.synmotion import RolePositions
+    from .datasets import append_clips
+    from .prior_clips import parse_prior_prompts
+
+    text = encoders.text
+    motion = {" ".join(d.motion_words.split()) for d in config.datasets if d.use == "motion"}
+    if len(motion) > 1:
+        raise InputError("[[datasets]] motion_words", f"different motion words {sorted(motion)} in the motion datasets",
+                         "the same motion words for every motion clip (SynMotion learns one motion)")
+    motion_words = motion.pop()
+    sets: dict[str, Any] = {}
+    positions, subjects, prompts = [], [], []
+    for data in config.datasets:
+        where = f"[[datasets]] {data.name}"
+        items = dataset_items(data)
+        if data.use == "prior":
+            found = [parse_prior_prompts(i.caption, f"{where} caption of {i.path.name}")[0] for i in items]
+            prompts += [p for p in found for _ in range(1 + data.hue_copies)]
+            items = [dataclasses.replace(i, caption=p.text) for i, p in zip(items, found)]
+        else:
+            for item in items:
+                subject = _subject_in(item.caption, data.trigger_words, f"{where} trigger_words")
+                subjects.append(subject)
+                positions += [RolePositions(text.positions(item.caption, subject, f"{where} trigger_words"),
+                                            text.positions(item.caption, motion_words, f"{where} motion_words"))
+                              ] * (1 + data.hue_copies)
+        new = _clip_set(data, encoders, 0, items, each_caption=True)
+        if new.context.shape[0] == 1:  # one clip and its hue copies: SynMotion takes each clip's own row
+            new = dataclasses.replace(new, context=new.context.repeat(new.latents.shape[0], 1, 1))
+        sets[data.use] = append_clips(sets[data.use], new) if data.use in sets else new
+    prior_subjects = [text.positions(p.text, p.subject, "[[datasets]] prior caption") for p in prompts] if prompts \
+        else None
+    words = SynMotionWords(positions, text([motion_words]), ", ".join(dict.fromkeys(subjects)), motion_words, prompts,
+                           prior_subjects)
+    return {"motion": sets["motion"], **({"prior": sets["prior"]} if "prior" in sets else {})}, words
+
+
 def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The config's datasets, encoded by its VAE and text encoder (folders) or read (caches), joined by use and put
     in the model's latent format: {"subject": SubjectSet (with the preservation clips), "motion": VideoSet} (or
-    `Bucketed` sets of them); the encoders are let go before training."""
-    from .datasets import append_clips, append_photos, buckets_of, converted
+    `Bucketed` sets of them); SynMotion's: {"motion": VideoSet, "prior": PriorClips, "synmotion": SynMotionWords}.
+    The encoders are let go before training."""
+    from .datasets import buckets_of, converted
 
     encoders = _encoders(config.model, device, dtype) if any(d.path is not None for d in config.datasets) else None
+    sets, words = _synmotion_sets(config, encoders) if config.recipe == "synmotion" else (_recipe_sets(config, encoders),
+                                                                                          None)
+    del encoders
+    gc.collect()
+    mean, std = latent_stats(config.model, buckets_of(next(iter(sets.values())))[0].latents.shape[1])
+    data = {k: converted(v, lambda z: (z - mean) / std) for k, v in sets.items()}
+    if words is not None:
+        from .prior_clips import PriorClips
+
+        if "prior" in data:  # clips from a folder are taken as this model's own (Subject Prior Clips made with it)
+            prior = data["prior"]
+            data["prior"] = PriorClips(prior.latents, prior.context, prior.flow, prior.stills,
+                                       tuple(words.prior_prompts), _prior_fingerprint(config))
+        data["synmotion"] = words
+    return data
+
+
+def _prior_fingerprint(config: TrainConfig) -> str:
+    return f"config model {config.model.path}"
+
+
+def _recipe_sets(config: TrainConfig, encoders: Encoders | None) -> dict[str, Any]:
+    """The other recipes' datasets, joined by use."""
+    from .datasets import append_clips, append_photos
+
     bucketed = {use: any(d.buckets or d.cache for d in config.datasets if d.use == use) for use in DATASET_USES}
     clips: dict[str, Any] = {}
     for data in (d for d in config.datasets if d.kind == "clips"):
@@ -795,11 +934,7 @@ def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype
         preservation = clips.get("preservation")
         new = _cached(data, preservation) if data.cache else _photo_set(data, encoders, preservation)
         subject = new if subject is None else append_photos(subject, new, bucketed["subject"])
-    del encoders
-    gc.collect()
-    sets = {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
-    mean, std = latent_stats(config.model, buckets_of(next(iter(sets.values())))[0].latents.shape[1])
-    return {k: converted(v, lambda z: (z - mean) / std) for k, v in sets.items()}
+    return {k: v for k, v in (("subject", subject), ("motion", clips.get("motion"))) if v is not None}
 
 
 # --- training and its files -------------------------------------------------------------------------------------
@@ -817,6 +952,8 @@ def output_files(config: TrainConfig) -> dict[str, Path]:
             files["trigger_embedding"] = out / f"{name}_trigger_embedding.safetensors"
     if config.recipe == "dualreal":
         files["dualreal"] = out / f"{name}.safetensors"
+    if config.recipe == "synmotion":
+        files |= {"lora": out / f"{name}.safetensors", "synmotion": out / f"{name}_embeddings.safetensors"}
     return files | {"history": out / f"{name}_history.json", "loss_plot": out / f"{name}_loss.png"}
 
 
@@ -843,7 +980,19 @@ def train_recipe(config: TrainConfig, backbone, data: dict, device: torch.device
         if config.recipe == "joint":
             return list(train_joint(backbone, data["subject"], data["motion"], s.subject, s.motion, s.optim,
                                     s.motion_probability, controller=s.controller, **common))
+        if config.recipe == "synmotion":
+            return [_train_synmotion(config, backbone, data, common)]
         return [train_dualreal(backbone, data["subject"], data["motion"], s, **common)]
+
+
+def _train_synmotion(config: TrainConfig, backbone, data: dict, common: dict):
+    """SynMotion on the motion clips and, where given, the prior clips."""
+    from .synmotion import train_synmotion
+
+    words = data["synmotion"]
+    return train_synmotion(backbone, data["motion"], words.positions, words.motion_phrase, data.get("prior"),
+                           config.settings, words.prior_subjects, _prior_fingerprint(config), words.subject_words,
+                           words.motion_words, **common)
 
 
 def write_outputs(config: TrainConfig, backbone, trained: list) -> dict[str, Path]:
@@ -851,6 +1000,7 @@ def write_outputs(config: TrainConfig, backbone, trained: list) -> dict[str, Pat
     from ..adapters.dualreal import save_dualreal
     from ..adapters.embedding import save_trigger_embedding
     from ..adapters.lora import save_lora
+    from ..adapters.synmotion import LearnedSynMotion, save_synmotion
     from ..files import atomic_path
     from ..media import loss_plot, save_png
     from .customize import joint_dualreal
@@ -859,9 +1009,12 @@ def write_outputs(config: TrainConfig, backbone, trained: list) -> dict[str, Pat
     files = output_files(config)
     words = _trigger_words(config)
     info = {"config": str(config.source)}
+    if config.recipe == "synmotion":  # as Train SynMotion's LORA output and Save SynMotion Embeddings
+        save_synmotion(files["synmotion"], LearnedSynMotion.from_exported(trained[0].parts[config.settings.name]))
+        words = next(" ".join(d.motion_words.split()) for d in config.datasets if d.use == "motion")
     if "lora" in files:
         save_lora(files["lora"], trained[0].tensors, trained[0].spec, backbone, info,
-                  trigger_words=words if config.recipe == "subject" else "")
+                  trigger_words=words if config.recipe in ("subject", "synmotion") else "")
     if "subject_lora" in files:
         save_lora(files["subject_lora"], trained[0].tensors, trained[0].spec, backbone, info, trigger_words=words)
         save_lora(files["motion_lora"], trained[1].tensors, trained[1].spec, backbone, info, trigger_words="")

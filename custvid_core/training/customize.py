@@ -30,6 +30,9 @@ Joint (`joint_recipes`, `train_joint`): both recipes in one run, Random(motion, 
   blocks, from each forward's tokens and timestep: the subject LoRA's output times 2w, the motion LoRA's times
   2 - 2w (both 1.0 at initialisation), learning on every step; it is a recipe of its own in the run.
   `joint_dualreal` keeps the pair and the controller as a DualReal (`save_dualreal`, `dualreal_parts`).
+Image-to-video (Wan 2.1 / 2.2 I2V): every forward of the three also takes its items' start images (a clip's first
+  frame, a single frame or photo itself) and CLIP features as the model generates with them (`ImageCondition`);
+  data encoded without them is refused. A text-to-video model ignores them.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from ..adapters.lora import MOTION_ROLES, SUBJECT_ROLES, LoraPart, LoraSpec, bas
 from ..adapters.parts import Exported, ProjectorPart
 from ..adapters.stage_blender import LORA_WEIGHTING, StageBlenderPart, group_count
 from ..backbones.memory import MemorySettings
-from ..backbones.wan import WanBackbone
+from ..backbones.wan import ImageCondition, WanBackbone
 from ..errors import InputError
 from .datasets import AnyClips, AnyPhotos, buckets_of, draw_bucket
 from .distributed import own_rows
@@ -134,6 +137,30 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx] if x.shape[0] > 1 else x.expand(len(idx), *x.shape[1:])
 
 
+def _with_start_images(backbone: WanBackbone, items, input_name: str) -> bool:
+    """Whether a recipe passes `items`' start images to the model (it is image-to-video); items (a set or a
+    `Bucketed` one, every bucket) encoded without them (or without the CLIP features the model takes) are refused
+    naming `input_name`. A text-to-video model ignores start images."""
+    if not backbone.condition_channels:
+        return False
+    if any(s.start is None for s in buckets_of(items)):
+        raise InputError(input_name, "encoded without start images, and this is an image-to-video Wan",
+                         "data encoded with image_to_video on (each item's first frame as its start image), or a "
+                         "text-to-video model")
+    if backbone.takes_clip_features and any(s.clip_features is None for s in buckets_of(items)):
+        raise InputError(input_name, "encoded without CLIP vision features, which this Wan 2.1 image-to-video model "
+                         "takes", "data encoded with clip_vision_output connected (CLIP Vision Encode of the start "
+                         "images)")
+    return True
+
+
+def _start_images(items, idx: torch.Tensor, ctx: StepContext, start: torch.Tensor | None = None) -> ImageCondition:
+    """Rows `idx` of `items`' image-to-video condition; `start`: the rows' start latents where not the items' own
+    (a still's, which is its own start image)."""
+    features = None if items.clip_features is None else _rows(items.clip_features, idx).to(ctx.device, ctx.dtype)
+    return ImageCondition.start_frame(items.start[idx].to(ctx.device, ctx.dtype) if start is None else start, features)
+
+
 def _check_block(block: int, backbone: WanBackbone, name: str) -> None:
     if not 0 <= block < backbone.num_blocks:
         raise InputError(name, f"block {block}", f"a block from 0 to {backbone.num_blocks - 1}")
@@ -167,6 +194,12 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
     if settings.trigger_embedding and not first.subject_tokens:
         raise InputError("trigger_embedding", "a trigger embedding is learned at the trigger word, and the "
                          "subject images have none", "trigger words in the subject's prompt, or off")
+    image_to_video = _with_start_images(backbone, data, "subject")
+    if image_to_video and first.moving is not None:
+        for photos in photo_sets:
+            _with_start_images(backbone, photos.moving, "subject")
+    if image_to_video and preserve:
+        _with_start_images(backbone, first.preservation, "preservation")
     main = LoraPart(LoraSpec(settings.name, tuple(settings.roles), settings.rank), seed)
     parts = [main]
     stillness = projector = embedding = None
@@ -212,7 +245,8 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
                 hidden = stack.enter_context(ctx.backbone.capture(settings.alignment_block)) if photo_align else None
                 attention = stack.enter_context(ctx.backbone.capture_cross_attention(attention_blocks)) \
                     if clip_attend else None
-                v = ctx.backbone.forward(x, sigma.to(ctx.device), context)
+                v = ctx.backbone.forward(x, sigma.to(ctx.device), context,
+                                         _start_images(items, idx, ctx) if image_to_video else None)
             l_region = region_loss(v, target, mask, batch_mask)
             total = l_region
             terms = {"region" if mask is not None else "mse": float(l_region.detach())}
@@ -244,8 +278,9 @@ def subject_recipe(backbone: WanBackbone, data: AnyPhotos, settings: SubjectSett
                 x0 = clips.latents[idx].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(len(idx), g)
             x, target = add_noise(x0, sigma, g)
-            idx, sigma, x, target = own_rows(idx, sigma, x, target)
-            v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(clips.context, idx).to(ctx.device, ctx.dtype))
+            idx, sigma, x0, x, target = own_rows(idx, sigma, x0, x, target)
+            image = _start_images(clips, idx, ctx, x0 if still else None) if image_to_video else None
+            v = ctx.backbone.forward(x, sigma.to(ctx.device), _rows(clips.context, idx).to(ctx.device, ctx.dtype), image)
             if still:
                 loss = region_loss(v, target)
                 return loss, {"stillness": float(loss.detach())}
@@ -290,6 +325,7 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
     if settings.spatial_rank > 0 and clip_sets[0].stills is None and frames < 2:
         raise InputError("motion clips", f"{frames} latent frame and no single frames",
                          "clips of at least 2 latent frames (5+ frames on Wan), or stills of their frames")
+    image_to_video = _with_start_images(backbone, data, "clips")
     main = LoraPart(LoraSpec(settings.name, tuple(settings.roles), settings.rank), seed)
     parts = [main]
     spatial = projector = None
@@ -314,8 +350,9 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
             f = int(torch.randint(clips.latents.shape[2], (1,), generator=g))
             x0 = clips.latents[idx][:, :, f:f + 1].to(ctx.device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
-        sigma, x, target, context = own_rows(sigma, x, target, context)
-        loss = region_loss(ctx.backbone.forward(x, sigma.to(ctx.device), context), target)
+        idx, x0, sigma, x, target, context = own_rows(idx, x0, sigma, x, target, context)
+        image = _start_images(clips, idx, ctx, x0) if image_to_video else None  # a single frame is its own start image
+        loss = region_loss(ctx.backbone.forward(x, sigma.to(ctx.device), context, image), target)
         return loss, {"spatial": float(loss.detach())}
 
     def motion_loss(g: torch.Generator, ctx: StepContext):
@@ -328,18 +365,19 @@ def motion_recipe(backbone: WanBackbone, data: AnyClips, settings: MotionSetting
         x0 = clips.latents[idx].to(device, ctx.dtype)
         x, target = add_noise(x0, sigma, g)
         idx, sigma, x, target, context = own_rows(idx, sigma, x, target, context)
+        image = _start_images(clips, idx, ctx) if image_to_video else None
         if decode_align:
-            v = backbone.forward(x, sigma.to(device), context)
+            v = backbone.forward(x, sigma.to(device), context, image)
             x0_pred = x - sigma.to(device, ctx.dtype).view(-1, 1, 1, 1, 1) * v  # x = s*noise + (1-s)*x0, v = noise-x0
             l_align = decoded_flow_loss(decoded_flow, x0_pred, clips.flow[idx].to(device), g)
         elif align:
             with backbone.capture(settings.alignment_block) as hidden:
-                v = backbone.forward(x, sigma.to(device), context)
+                v = backbone.forward(x, sigma.to(device), context, image)
             grid = backbone.token_grid(x.shape)
             flow_tokens = flow_on_token_grid(clips.flow[idx].to(device), grid)
             l_align = motion_alignment_loss(projector.module, hidden[settings.alignment_block], grid, flow_tokens)
         else:
-            v = backbone.forward(x, sigma.to(device), context)
+            v = backbone.forward(x, sigma.to(device), context, image)
             l_align = torch.zeros((), device=device)
         l_mse = region_loss(v, target)
         loss = l_mse + settings.alignment_weight * l_align

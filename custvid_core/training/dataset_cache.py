@@ -1,10 +1,11 @@
 """Training sets cached on disk: encoded once, trained from many times without the VAE or the text encoder.
 
 A cache is one safetensors file: every tensor of the set (latents, conditioning, masks, DINOv2 tokens, RAFT flow,
-stills, moving and preservation clips, per bucket) and, in its metadata, the set's layout (kinds, buckets, trigger
-words), the format version, and what made it (`MadeBy`: the VAE's and the text encoder's fingerprints and names).
-Loading checks the file against the VAE and text encoder the run will use, where given: latents of another VAE,
-or conditioning of another text encoder, would train a LoRA on numbers the model never sees.
+stills, moving and preservation clips, an image-to-video model's start images and CLIP features, per bucket) and,
+in its metadata, the set's layout (kinds, buckets, trigger words), the format version, and what made it (`MadeBy`:
+the VAE's and the text encoder's fingerprints and names). Loading checks the file against the VAE and text encoder
+the run will use, where given: latents of another VAE, or conditioning of another text encoder, would train a LoRA
+on numbers the model never sees.
 
     save_dataset("subject.safetensors", subject, MadeBy(vae=vae_print, text_encoder=text_print, vae_name="Wan 2.1"))
     subject = load_dataset("subject.safetensors", expect=MadeBy(vae=vae_print))
@@ -25,7 +26,7 @@ from .buckets import Bucket
 from .datasets import Bucketed, MovingClips, SubjectSet, VideoSet
 
 FORMAT = "custvid.dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: start images and CLIP features (image-to-video); version 1 caches, without them, still load
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,18 @@ def _layout(data, prefix: str, tensors: dict[str, torch.Tensor], skip_preservati
         return {"kind": "buckets", "labels": [None if b is None else [b.width, b.height, b.frames] for b in data.labels],
                 "sets": [_layout(s, f"{prefix}{k}.", tensors, shared) for k, s in enumerate(data.sets)],
                 "preservation": _layout(first.preservation, f"{prefix}preservation.", tensors) if shared else None}
+    image_to_video = {"start": put("start", getattr(data, "start", None)),
+                      "clip_features": put("clip_features", getattr(data, "clip_features", None))}
     if type(data) is VideoSet:
         return {"kind": "clips", "latents": put("latents", data.latents), "context": put("context", data.context),
-                "flow": put("flow", data.flow), "stills": put("stills", data.stills)}
+                "flow": put("flow", data.flow), "stills": put("stills", data.stills), **image_to_video}
     if type(data) is MovingClips:
         return {"kind": "moving", "latents": put("latents", data.latents), "context": put("context", data.context),
-                "masks": put("masks", data.masks), "photo": put("photo", data.photo)}
+                "masks": put("masks", data.masks), "photo": put("photo", data.photo), **image_to_video}
     if type(data) is SubjectSet:
         keep = data.preservation is not None and not skip_preservation
         return {"kind": "photos", "latents": put("latents", data.latents), "context": put("context", data.context),
+                **image_to_video,
                 "masks": put("masks", data.masks), "dino_tokens": put("dino_tokens", data.dino_tokens),
                 "subject_tokens": None if data.subject_tokens is None else list(data.subject_tokens),
                 "trigger_words": data.trigger_words,
@@ -76,7 +80,7 @@ def _layout(data, prefix: str, tensors: dict[str, torch.Tensor], skip_preservati
 def _rebuilt(layout: dict, tensors: dict[str, torch.Tensor], preservation=None):
     """The set `layout` describes, from `tensors`."""
     def get(key: str) -> torch.Tensor | None:
-        return None if layout[key] is None else tensors[layout[key]]
+        return None if layout.get(key) is None else tensors[layout[key]]  # a version 1 cache has no start images
 
     kind = layout["kind"]
     if kind == "buckets":
@@ -84,16 +88,18 @@ def _rebuilt(layout: dict, tensors: dict[str, torch.Tensor], preservation=None):
         return Bucketed(tuple(_rebuilt(s, tensors, shared) for s in layout["sets"]),
                         tuple(None if b is None else Bucket(*b) for b in layout["labels"]))
     if kind == "clips":
-        return VideoSet(get("latents"), get("context"), get("flow"), get("stills"))
+        return VideoSet(get("latents"), get("context"), get("flow"), get("stills"), get("start"), get("clip_features"))
     if kind == "moving":
-        return MovingClips(get("latents"), get("context"), get("masks"), get("photo"))
+        return MovingClips(get("latents"), get("context"), get("masks"), get("photo"), get("start"),
+                           get("clip_features"))
     if kind == "photos":
         if layout["preservation"] is not None:
             preservation = _rebuilt(layout["preservation"], tensors)
         tokens = layout["subject_tokens"]
         return SubjectSet(get("latents"), get("context"), get("masks"), get("dino_tokens"), preservation,
                           None if tokens is None else tuple(tokens), layout["trigger_words"],
-                          None if layout["moving"] is None else _rebuilt(layout["moving"], tensors))
+                          None if layout["moving"] is None else _rebuilt(layout["moving"], tensors), get("start"),
+                          get("clip_features"))
     raise KeyError(kind)
 
 
@@ -142,9 +148,10 @@ def load_dataset(path: str | os.PathLike, expect: MadeBy | None = None, input_na
     expected = "a dataset cache written by Save Dataset Cache (save_dataset)"
     if meta.get("format") != FORMAT:
         raise InputError(input_name, f"'{path.name}' is not a CustVid dataset cache", expected)
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise InputError(input_name, f"'{path.name}' is a dataset cache of format {meta.get('format_version')}",
-                         f"format {FORMAT_VERSION}: encode the dataset again and save it with this version")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
+        raise InputError(input_name, f"'{path.name}' is a dataset cache of format {version or 'unknown'}",
+                         f"format {FORMAT_VERSION} or older: update CustVid to read it, or encode the dataset again")
     made_by = _made_by(meta)
     for what, given, saved, name in (("vae", expect and expect.vae, made_by.vae, made_by.vae_name),
                                      ("clip", expect and expect.text_encoder, made_by.text_encoder,

@@ -5,7 +5,8 @@ grid, DINOv2 tokens, RAFT flow, single frames as stills). The builders take pixe
 callable (a VAE's encode: pixels `[N, F, H, W, 3]` in [0, 1] -> latents `[N, C, T, h, w]`; a photo is a clip
 of one frame) and make everything derived from the pixels here: stills of clips, copies of clips in other
 colours (`images.hue_rotations`), a subject's photos as moving clips (`images.moving_photos`) and masks on
-the latent grid (`objectives.latent_mask`). The ComfyUI nodes and the shapes world build their sets through
+the latent grid (`objectives.latent_mask`) and, for an image-to-video model, each item's start image encoded as
+ComfyUI's WanImageToVideo encodes it (`start_image_video`). The ComfyUI nodes and the shapes world build their sets through
 them; sets built separately are joined with `append_clips` / `append_photos`.
 
 Items of mixed sizes and lengths are fitted to buckets (`buckets.BucketRule`, given as `buckets=`): the set is then
@@ -15,6 +16,7 @@ run's generator, weighted by the buckets' item counts).
     clips = clip_set(frames, vae_encode, context, hue_copies=3)
     subject = subject_set(photos, vae_encode, context, masks=masks, preservation=clips, moving_clips=2)
     mixed = clip_set([clip_a, clip_b], vae_encode, context, buckets=BucketRule(832, 480))
+    i2v_clips = clip_set(frames, vae_encode, context, start_images=True, clip_features=clip_vision_features)
 """
 
 from __future__ import annotations
@@ -40,15 +42,21 @@ Progress = Callable[[int, int], None]
 class VideoSet:
     """Cached clips: latents `[N, C, T, h, w]`, context `[N, L, D]`, optional RAFT flow `[N, F-1, 2, H, W]`,
     and optional stills `[N, K, C, 1, h, w]`: K single frames of each clip encoded as images, which the
-    motion recipe's spatial phase learns from (MotionDirector trains it on single frames)."""
+    motion recipe's spatial phase learns from (MotionDirector trains it on single frames). For an image-to-video
+    model: `start` `[N, C, T, h, w]`, each clip's first frame as its start image (`start_image_video`, encoded;
+    a still is its own start image), and optionally `clip_features` `[1 or N, 257, D]`, CLIP vision's features of
+    the start images (Wan 2.1 I2V)."""
 
     latents: torch.Tensor
     context: torch.Tensor
     flow: torch.Tensor | None = None
     stills: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("clips", self.latents, self.context, 5)
+        _check_start("clips", self.start, self.clip_features, self.latents)
         if self.flow is not None and self.flow.shape[0] != self.latents.shape[0]:
             raise InputError("motion representation", f"{self.flow.shape[0]} flows for {self.latents.shape[0]} clips",
                              "one motion representation per clip")
@@ -63,15 +71,18 @@ class MovingClips:
     latents `[N, C, T, h, w]`, the photos' context `[1 or N, L, D]`, and the subject's masks on the latent
     grid `[N, 1, T, h, w]`; `photo`: which of the subject set's photos each clip shows `[N]` (where known: what
     ties a clip to its photo's own image embedding). Learned in turn with the photos, so the subject is not learned
-    as something that stands still."""
+    as something that stands still. `start`, `clip_features`: as `VideoSet`'s (a clip's features are its photo's)."""
 
     latents: torch.Tensor
     context: torch.Tensor
     masks: torch.Tensor
     photo: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("moving_clips", self.latents, self.context, 5)
+        _check_start("moving_clips", self.start, self.clip_features, self.latents)
         _check_masks(self.masks, self.latents, "clip")
         if self.photo is not None and self.photo.shape != self.latents.shape[:1]:
             raise InputError("moving_clips", f"photo indices of shape {tuple(self.photo.shape)}",
@@ -83,7 +94,8 @@ class SubjectSet:
     """Cached subject images as one-frame latents `[N, C, 1, h, w]`, latent-grid masks `[N, 1, 1, h, w]`,
     context `[N, L, D]`, DINOv2 patch tokens `[N, D_dino, Gh, Gw]`, preservation clips, where the subject's
     trigger word sits in the context (for the token attention loss and a trigger embedding), and optionally
-    the photos as moving clips (same prompt, same trigger words)."""
+    the photos as moving clips (same prompt, same trigger words). For an image-to-video model, `start` and
+    `clip_features` as `VideoSet`'s: each photo is its own start image (`start` is its latents)."""
 
     latents: torch.Tensor
     context: torch.Tensor
@@ -93,9 +105,12 @@ class SubjectSet:
     subject_tokens: tuple[int, ...] | None = None  # positions of the trigger word's tokens in the context
     trigger_words: str = ""  # the words at subject_tokens, kept with a trigger embedding learned there
     moving: MovingClips | None = None
+    start: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None
 
     def __post_init__(self):
         _check_set("subject images", self.latents, self.context, 5)
+        _check_start("images", self.start, self.clip_features, self.latents)
         n = self.latents.shape[0]
         if self.masks is not None:
             _check_masks(self.masks, self.latents, "photo")
@@ -111,6 +126,10 @@ def _bucket_key(data: VideoSet | SubjectSet | MovingClips) -> tuple[int, ...]:
     """What items of one bucket share: their latents' frames, height and width (and a clip's count of stills)."""
     stills = getattr(data, "stills", None)
     return (*data.latents.shape[2:], 0 if stills is None else stills.shape[1])
+
+
+# The input that gives a set's field, where it is named otherwise.
+_INPUT_OF = {"start": "image_to_video", "clip_features": "clip_vision_output"}
 
 
 @dataclass
@@ -135,11 +154,14 @@ class Bucketed:
                                  "buckets of one kind of data")
             if s.context.shape[2:] != first.context.shape[2:]:
                 raise InputError("conditioning", "its width differs between buckets", "prompts from one text encoder")
-            optional = [n for n in ("flow", "masks", "dino_tokens", "moving", "stills")
+            optional = [n for n in ("flow", "masks", "dino_tokens", "moving", "stills", "start", "clip_features")
                         if (getattr(s, n, None) is None) != (getattr(first, n, None) is None)]
             if optional:
-                raise InputError(optional[0], "given for the items of some sizes and not others",
-                                 "the same kinds of data for every item, or for none")
+                raise InputError(_INPUT_OF.get(optional[0], optional[0]), "given for the items of some sizes and not "
+                                 "others", "the same kinds of data for every item, or for none")
+            if s.clip_features is not None and s.clip_features.shape[1:] != first.clip_features.shape[1:]:
+                raise InputError("clip_vision_output", "features of another shape in one bucket than another's",
+                                 "the same CLIP vision model for all items")
             shared = [n for n in ("subject_tokens", "trigger_words") if getattr(s, n, None) != getattr(first, n, None)]
             if shared or getattr(s, "preservation", None) is not getattr(first, "preservation", None):
                 raise InputError("add_to", "photos of other sizes with other trigger words or preservation clips",
@@ -208,6 +230,20 @@ def _check_set(what: str, latents: torch.Tensor, context: torch.Tensor, ndim: in
                          "one prompt for all items or one per item")
 
 
+def _check_start(what: str, start: torch.Tensor | None, clip_features: torch.Tensor | None,
+                 latents: torch.Tensor) -> None:
+    if start is not None and start.shape != latents.shape:
+        raise InputError(what, f"start images of latent shape {tuple(start.shape)} for items of {tuple(latents.shape)}",
+                         "one start image per item, encoded as long and as large as the item")
+    if clip_features is not None:
+        if start is None:
+            raise InputError("clip_vision_output", "CLIP features without start images",
+                             "start images encoded with the items (image_to_video on)")
+        if clip_features.ndim != 3 or clip_features.shape[0] not in (1, latents.shape[0]):
+            raise InputError("clip_vision_output", f"features of shape {tuple(clip_features.shape)} for "
+                             f"{latents.shape[0]} items", "CLIP Vision Encode of one image for all items or one per item")
+
+
 def _check_masks(masks: torch.Tensor, latents: torch.Tensor, item: str) -> None:
     n = latents.shape[0]
     if masks.shape[0] != n or masks.shape[-2:] != latents.shape[-2:]:
@@ -249,6 +285,21 @@ class _Encoding:
         return torch.cat([self._count(self.encode_still(i[None])) for i in images])
 
 
+def start_image_video(image: torch.Tensor, frames: int) -> torch.Tensor:
+    """What an image-to-video Wan sees of a start image `[H, W, 3]`: a clip `[frames, H, W, 3]` of the image followed by
+    grey (0.5) frames, to be encoded as one clip (ComfyUI's WanImageToVideo, diffusers' Wan I2V pipeline)."""
+    clip = torch.full((frames, *image.shape), 0.5, dtype=image.dtype)
+    clip[0] = image
+    return clip
+
+
+def _clip_features(features: torch.Tensor | None, items: int) -> torch.Tensor | None:
+    if features is not None and (features.ndim != 3 or features.shape[0] not in (1, items)):
+        raise InputError("clip_vision_output", f"features of shape {tuple(features.shape)} for {items} items",
+                         "CLIP Vision Encode of one image for all items or one per item")
+    return None if features is None else features.float().cpu()
+
+
 def _still_frames(frame_count: int, stills: int | None) -> list[int]:
     """`stills` evenly spaced frames of a clip (all of them for None)."""
     count = frame_count if stills is None else min(stills, frame_count)
@@ -264,7 +315,7 @@ def _grouped(labels: Sequence[Bucket]) -> dict[Bucket, list[int]]:
 
 
 def _context_rows(context: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    """The conditioning of items `idx` (one row stands for all items)."""
+    """The conditioning (or CLIP features) of items `idx` (one row stands for all items)."""
     return context if context.shape[0] == 1 else context[idx]
 
 
@@ -284,7 +335,8 @@ def _flow_list(flow: torch.Tensor | Sequence[torch.Tensor] | None, clips: list[t
 def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, context: torch.Tensor,
              flow: torch.Tensor | Sequence[torch.Tensor] | None = None, stills: int | None = 8, hue_copies: int = 0,
              encode_still: Encode | None = None, progress: Progress | None = None,
-             buckets: BucketRule | None = None) -> VideoSet | Bucketed:
+             buckets: BucketRule | None = None, start_images: bool = False,
+             clip_features: torch.Tensor | None = None) -> VideoSet | Bucketed:
     """Clips encoded for training (motion clips, or a subject's preservation clips).
 
     frames: clips `[N, F, H, W, 3]` in [0, 1] (or one clip `[F, H, W, 3]`, or a list of clips), all of one length
@@ -300,7 +352,11 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
         frame to `encode` (default: `encode` on one-frame clips).
     progress: `progress(done, total)` after each encoded item (default: a tqdm bar).
     buckets: fit every clip (and its flow) to its bucket (`buckets.BucketRule`) and return a `Bucketed` set, one
-        `VideoSet` per bucket; None: one `VideoSet` of clips that must share their length and size."""
+        `VideoSet` per bucket; None: one `VideoSet` of clips that must share their length and size.
+    start_images: for an image-to-video model, also encode each clip's (and hue copy's) first frame as its start
+        image (`start_image_video`; in buckets, the fitted clip's first frame); clip_features: CLIP vision's features
+        of the first frames `[1 or N, 257, D]` (Wan 2.1 I2V), not with hue copies (they would show the original
+        colours)."""
     clips = [frames] if isinstance(frames, torch.Tensor) and frames.ndim == 4 else list(frames)
     if not clips:
         raise InputError("frames", "no clips were given", "at least one clip")
@@ -311,6 +367,12 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
     if context.shape[0] not in (1, len(clips)):
         raise InputError("conditioning", f"{context.shape[0]} conditionings for {len(clips)} clips",
                          "one for all clips or one per clip")
+    if clip_features is not None and hue_copies:
+        raise InputError("hue_copies", "the CLIP features show the clips' own colours, not their copies'",
+                         "0 with clip_vision_output connected")
+    if clip_features is not None and not start_images:
+        raise InputError("image_to_video", "off with CLIP features given", "on, for an image-to-video model's clips")
+    features = _clip_features(clip_features, len(clips))
     flows = _flow_list(flow, clips)
     if buckets is None:
         if len({tuple(c.shape[:3]) for c in clips}) != 1:
@@ -324,7 +386,8 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
         groups = _grouped(labels)
     picks = {label: _still_frames(clips[idx[0]].shape[0], stills) if stills != 0 else []
              for label, idx in groups.items()}
-    total = sum(len(idx) * (hue_copies + 1) * (1 + len(picks[label])) for label, idx in groups.items())
+    total = sum(len(idx) * (hue_copies + 1) * (1 + len(picks[label]) + int(start_images))
+                for label, idx in groups.items())
     encoding = _Encoding(encode, encode_still, total, progress, "encoding clips")
     sets = []
     for label, idx in groups.items():
@@ -335,7 +398,9 @@ def clip_set(frames: torch.Tensor | Sequence[torch.Tensor], encode: Encode, cont
             torch.stack([flows[i] for i in idx]).repeat_interleave(hue_copies + 1, 0)
         latents = encoding.clips(versions)
         still_latents = torch.stack([encoding.stills(v[picks[label]]) for v in versions]) if picks[label] else None
-        sets.append(VideoSet(latents, rows, group_flow, still_latents))
+        start = encoding.clips([start_image_video(v[0], v.shape[0]) for v in versions]) if start_images else None
+        group_features = None if features is None else _context_rows(features, idx)
+        sets.append(VideoSet(latents, rows, group_flow, still_latents, start, group_features))
     return sets[0] if buckets is None else Bucketed(tuple(sets), tuple(groups))
 
 
@@ -346,7 +411,8 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
                 trigger_words: str = "", moving_clips: int = 0, moving_frames: int = 17,
                 travel: tuple[float, float] = (0.225, 0.3), seed: int = 0, frame_step: int = 1,
                 encode_still: Encode | None = None, progress: Progress | None = None,
-                buckets: BucketRule | None = None) -> SubjectSet | Bucketed:
+                buckets: BucketRule | None = None, start_images: bool = False,
+                clip_features: torch.Tensor | None = None) -> SubjectSet | Bucketed:
     """A subject's photos encoded for training.
 
     photos: `[N, H, W, 3]` in [0, 1] (or a list of `[H, W, 3]`), all of one size unless `buckets` is given; masks:
@@ -363,7 +429,9 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
         (Wan: 4), which `moving_frames` must fit (1 + k steps or k steps).
     encode_still, progress: as for `clip_set`.
     buckets: fit every photo (its mask and DINOv2 features with it) to its size bucket (`buckets.BucketRule`; the
-        moving clips are made from the fitted photos) and return a `Bucketed` set, one `SubjectSet` per bucket."""
+        moving clips are made from the fitted photos) and return a `Bucketed` set, one `SubjectSet` per bucket.
+    start_images: for an image-to-video model, each photo is its own start image and each moving clip's first frame
+        is encoded as its start image; clip_features: CLIP vision's features of the photos `[1 or N, 257, D]`."""
     images = as_image_list(photos, "images")
     if buckets is None and len({tuple(i.shape) for i in images}) != 1:
         raise InputError("images", "photos of different sizes", "photos of one size in one dataset, or buckets on")
@@ -381,6 +449,9 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
         if moving_frames % frame_step not in (0, 1 % frame_step):
             raise InputError("moving_frames", f"{moving_frames} frames",
                              f"a count this VAE encodes whole: 1 + {frame_step}k or {frame_step}k (Wan: 17, 33, ...)")
+    if clip_features is not None and not start_images:
+        raise InputError("image_to_video", "off with CLIP features given", "on, for an image-to-video model's photos")
+    features = _clip_features(clip_features, len(images))
     tokens = None if subject_representation is None else \
         subject_representation.patch_tokens.permute(0, 3, 1, 2).float().contiguous()
     if buckets is None:
@@ -393,7 +464,8 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
         images = [fit_image(i, b) for i, b in zip(images, labels)]
         mask_list = None if mask_list is None else [fit_mask(m, b) for m, b in zip(mask_list, labels)]
         groups = _grouped(labels)
-    encoding = _Encoding(encode, encode_still, len(images) * (1 + moving_clips), progress, "encoding photos")
+    encoding = _Encoding(encode, encode_still, len(images) * (1 + moving_clips * (1 + int(start_images))), progress,
+                         "encoding photos")
     sets = []
     for k, idx in enumerate(groups.values()):
         group_images = [images[i] for i in idx]
@@ -402,18 +474,22 @@ def subject_set(photos: torch.Tensor | Sequence[torch.Tensor], encode: Encode, c
         if moving_clips:  # each bucket's clips draw from their own seed, the first bucket's from `seed`
             clips, clip_masks = moving_photos(group_images, group_masks, moving_clips, moving_frames, travel, seed + k)
         rows = _context_rows(context, idx)
+        group_features = None if features is None else _context_rows(features, idx)
         latents = encoding.stills(group_images)
         grid_masks = None if group_masks is None else latent_mask(torch.stack(group_masks)[:, None], latents.shape)
         moving = None
         if clips is not None:
             clip_latents = encoding.clips(clips)
-            # `moving_photos` gives each photo's clips in turn: a prompt per photo becomes one per clip.
-            moving = MovingClips(clip_latents, rows.repeat_interleave(moving_clips, 0) if rows.shape[0] > 1 else rows,
-                                 latent_mask(clip_masks, clip_latents.shape),
-                                 torch.arange(len(idx)).repeat_interleave(moving_clips))
+            clip_start = encoding.clips([start_image_video(c[0], c.shape[0]) for c in clips]) if start_images else None
+            # `moving_photos` gives each photo's clips in turn: a prompt (and CLIP features) per photo becomes one per
+            # clip.
+            per_clip = [None if t is None else t.repeat_interleave(moving_clips, 0) if t.shape[0] > 1 else t
+                        for t in (rows, group_features)]
+            moving = MovingClips(clip_latents, per_clip[0], latent_mask(clip_masks, clip_latents.shape),
+                                 torch.arange(len(idx)).repeat_interleave(moving_clips), clip_start, per_clip[1])
         group_tokens = None if tokens is None else torch.stack([tokens[i] for i in idx])
         sets.append(SubjectSet(latents, rows, grid_masks, group_tokens, preservation, subject_tokens, trigger_words,
-                               moving))
+                               moving, latents if start_images else None, group_features))
     return sets[0] if buckets is None else Bucketed(tuple(sets), tuple(groups))
 
 
@@ -423,6 +499,25 @@ def _append_context(earlier: torch.Tensor, n_old: int, context: torch.Tensor, n_
         raise InputError("conditioning", f"its shape differs from the earlier {what}'",
                          "prompts from the same text encoder")
     return torch.cat([earlier.expand(n_old, -1, -1), context.expand(n_new, -1, -1)])
+
+
+def _append_start(earlier, new, what: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The joined set's start images and CLIP features (`VideoSet`s, `MovingClips` or `SubjectSet`s)."""
+    if (earlier.start is None) != (new.start is None):
+        raise InputError("image_to_video", f"on for some {what} and off for others", f"the same for all {what}")
+    if (earlier.clip_features is None) != (new.clip_features is None):
+        raise InputError("clip_vision_output", f"connected for some {what} and not others",
+                         f"connected for all {what} or for none")
+    if earlier.start is None:
+        return None, None
+    features = None
+    if new.clip_features is not None:
+        if earlier.clip_features.shape[1:] != new.clip_features.shape[1:]:
+            raise InputError("clip_vision_output", f"features of another shape than the earlier {what}'",
+                             "the same CLIP vision model for all")
+        n_old, n_new = earlier.latents.shape[0], new.latents.shape[0]
+        features = torch.cat([earlier.clip_features.expand(n_old, -1, -1), new.clip_features.expand(n_new, -1, -1)])
+    return torch.cat([earlier.start, new.start]), features
 
 
 def _append_bucketed(earlier, new, join: Callable) -> Bucketed:
@@ -463,7 +558,8 @@ def append_clips(earlier: AnyClips, new: AnyClips, bucketed: bool = False) -> An
     return VideoSet(torch.cat([earlier.latents, new.latents]),
                     _append_context(earlier.context, n_old, new.context, n_new, "clips"),
                     torch.cat([earlier.flow, new.flow]) if new.flow is not None else None,
-                    torch.cat([earlier.stills, new.stills]) if new.stills is not None else None)
+                    torch.cat([earlier.stills, new.stills]) if new.stills is not None else None,
+                    *_append_start(earlier, new, "clips"))
 
 
 def _photos_after(moving: MovingClips, earlier_photos: int) -> MovingClips:
@@ -480,7 +576,8 @@ def _append_moving(earlier: MovingClips, new: MovingClips) -> MovingClips:
     known = earlier.photo is not None and new.photo is not None
     return MovingClips(torch.cat([earlier.latents, new.latents]),
                        _append_context(earlier.context, n_old, new.context, n_new, "photos"),
-                       torch.cat([earlier.masks, new.masks]), torch.cat([earlier.photo, new.photo]) if known else None)
+                       torch.cat([earlier.masks, new.masks]), torch.cat([earlier.photo, new.photo]) if known else None,
+                       *_append_start(earlier, new, "photos"))
 
 
 def _sharing(photos: AnyPhotos, shared: dict) -> AnyPhotos:
@@ -518,7 +615,8 @@ def append_photos(earlier: AnyPhotos, new: AnyPhotos, bucketed: bool = False) ->
                       torch.cat([earlier.masks, new.masks]) if new.masks is not None else None,
                       torch.cat([earlier.dino_tokens, new.dino_tokens]) if new.dino_tokens is not None else None,
                       new.preservation or earlier.preservation, new.subject_tokens or earlier.subject_tokens,
-                      new.trigger_words if new.subject_tokens else earlier.trigger_words, moving)
+                      new.trigger_words if new.subject_tokens else earlier.trigger_words, moving,
+                      *_append_start(earlier, new, "photos"))
 
 
 def _or_none(convert: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor | None) -> torch.Tensor | None:
@@ -528,7 +626,7 @@ def _or_none(convert: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor | 
 def converted(data, latents: Callable[[torch.Tensor], torch.Tensor],
               tensors: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
     """`data` (a `VideoSet`, `MovingClips` or `SubjectSet`, with its moving and preservation clips) with every
-    latent tensor (latents, stills) passed through `latents` (e.g. into a model's latent format) and every other
+    latent tensor (latents, stills, start images) passed through `latents` (e.g. into a model's latent format) and every other
     tensor through `tensors`. A `VideoSet` keeps its kind and other fields (prior clips their prompts). A `Bucketed`
     set is converted bucket by bucket (its subject buckets keep sharing one set of preservation clips)."""
     if isinstance(data, Bucketed):
@@ -540,11 +638,14 @@ def converted(data, latents: Callable[[torch.Tensor], torch.Tensor],
         stills = data.stills
         return replace(data, latents=latents(data.latents), context=tensors(data.context),
                        flow=_or_none(tensors, data.flow),
-                       stills=None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape))
+                       stills=None if stills is None else latents(stills.flatten(0, 1)).view(stills.shape),
+                       start=_or_none(latents, data.start), clip_features=_or_none(tensors, data.clip_features))
     if isinstance(data, MovingClips):
-        return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks), data.photo)
+        return MovingClips(latents(data.latents), tensors(data.context), tensors(data.masks), data.photo,
+                           _or_none(latents, data.start), _or_none(tensors, data.clip_features))
     return SubjectSet(latents(data.latents), tensors(data.context), _or_none(tensors, data.masks),
                       _or_none(tensors, data.dino_tokens),
                       None if data.preservation is None else converted(data.preservation, latents, tensors),
                       data.subject_tokens, data.trigger_words,
-                      None if data.moving is None else converted(data.moving, latents, tensors))
+                      None if data.moving is None else converted(data.moving, latents, tensors),
+                      _or_none(latents, data.start), _or_none(tensors, data.clip_features))

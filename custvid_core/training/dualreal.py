@@ -76,6 +76,7 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _check(settings: DualRealSettings, subject: SubjectSet, clips: VideoSet, embeddings: ImageEmbeddings | None,
            backbone: WanBackbone) -> None:
+    backbone.require_text_to_video("DualReal")
     if not 0.0 < settings.motion_probability < 1.0:
         raise InputError("motion_probability", f"{settings.motion_probability}", "a probability strictly between 0 and 1")
     if not 0.0 <= settings.moving_share <= 1.0:

@@ -90,7 +90,8 @@ def test_one_node_trains_a_lora_per_expert_each_only_on_its_side_of_the_boundary
     def recording(backbone, *args, **kwargs):
         sigmas = []
         forward = backbone.forward
-        backbone.forward = lambda x, sigma, context: (sigmas.extend(sigma.flatten().tolist()), forward(x, sigma, context))[1]
+        backbone.forward = lambda x, sigma, context, image=None: (sigmas.extend(sigma.flatten().tolist()),
+                                                                  forward(x, sigma, context, image))[1]
         seen.append((backbone.model, sigmas))
         return train_motion(backbone, *args, **kwargs)
 

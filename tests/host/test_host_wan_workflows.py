@@ -140,17 +140,18 @@ def test_the_wan_control_workflows_run(wan_server, number, prefix):
     assert wan_server.saved(prefix)
 
 
-def clip_vision_weights() -> dict:
+def clip_vision_weights(config_file: str = "clip_vision_config_vitl.json") -> dict:
     """The smallest CLIP vision model ComfyUI's CLIPVisionLoader accepts, with small random weights: ComfyUI picks
     a model's configuration from its state dict's keys (24 layers: ViT-L/14, 768-wide image embeddings), builds
-    it from that configuration and skips weight initialisation, so every weight is written."""
+    it from that configuration and skips weight initialisation, so every weight is written. `config_file`: another
+    of ComfyUI's configurations (clip_vision_config_h.json: ViT-H/14, what Wan 2.1 I2V reads)."""
     import json
 
     import comfy.clip_model
     import comfy.clip_vision
     import comfy.ops
 
-    config = json.loads((Path(comfy.clip_vision.__file__).parent / "clip_vision_config_vitl.json").read_text())
+    config = json.loads((Path(comfy.clip_vision.__file__).parent / config_file).read_text())
     shapes = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta", comfy.ops.manual_cast).state_dict()
     g = torch.Generator().manual_seed(0)
     return {k: torch.ones(v.shape, dtype=torch.float16) if "norm" in k and k.endswith(".weight")
