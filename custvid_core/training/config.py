@@ -911,7 +911,7 @@ def build_datasets(config: TrainConfig, device: torch.device, dtype: torch.dtype
         if "prior" in data:  # clips from a folder are taken as this model's own (Subject Prior Clips made with it)
             prior = data["prior"]
             data["prior"] = PriorClips(prior.latents, prior.context, prior.flow, prior.stills,
-                                       tuple(words.prior_prompts), _prior_fingerprint(config))
+                                       prompts=tuple(words.prior_prompts), base_model=_prior_fingerprint(config))
         data["synmotion"] = words
     return data
 
