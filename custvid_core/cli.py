@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe (subject, motion, joint, dualreal) on a Wan model from a TOML config: "
                                      "ComfyUI-loadable LoRAs, checkpoints a rerun resumes")
-    p.add_argument("config", help="the TOML config (see examples/train_subject.toml)")
+    p.add_argument("config", help="the TOML config (see configs/train_subject.toml)")
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the config's")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and what would be trained")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

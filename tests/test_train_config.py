@@ -560,10 +560,10 @@ def test_synmotion_words_not_in_a_caption_are_refused_naming_the_key(workspace, 
 
 
 @pytest.mark.parametrize("example", ["train_subject.toml", "train_motion.toml", "train_synmotion.toml"])
-def test_the_examples_are_valid_configs(workspace, tmp_path, example):
+def test_the_shipped_configs_are_valid(workspace, tmp_path, example):
     import re
 
-    text = (Path(__file__).parent.parent / "examples" / example).read_text()
+    text = (Path(__file__).parent.parent / "configs" / example).read_text()
     where = {"path": workspace / "wan", "vae": workspace / "wan" / "vae", "text_encoder": workspace / "wan" / "text_encoder",
              "tokenizer": workspace / "wan" / "tokenizer", "folder": tmp_path / "out"}
     datasets = iter({"train_subject.toml": [workspace / "photos", workspace / "clips"],

@@ -1,7 +1,7 @@
 """Training from a config file: `python -m custvid_core train CONFIG.toml`.
 
 A TOML file names the base model, the datasets, the recipe and its settings, and where the results go
-(examples/train_subject.toml, examples/train_motion.toml, examples/train_synmotion.toml). `load_config` reads and
+(configs/train_subject.toml, configs/train_motion.toml, configs/train_synmotion.toml). `load_config` reads and
 checks it into `TrainConfig`: every key is one of the fields of the settings it fills (`SubjectSettings`,
 `MotionSettings`, `SynMotionSettings`, `OptimSettings`...),
 an unknown key, a value of the wrong type or a missing file is refused naming it, and relative paths resolve against
