@@ -208,3 +208,23 @@ def test_prior_clips_of_another_size_are_refused():
         synmotion_recipe(backbone, clips, POSITIONS, phrase, small, _settings(),
                          prior_subjects=[(0,)] * 3, prior_model=MODEL)
     assert e.value.input_name == "prior_clips"
+
+
+def test_one_conditioning_row_for_every_clip_is_each_clips_conditioning():
+    """A clip set whose one prompt stands for all its clips (`VideoSet` allows `[1, L, D]`) trains every clip with
+    that prompt, not an empty conditioning for the clips after the first."""
+    backbone = describe(tiny_diffusers_wan())
+    clips, _, phrase = _data()
+    one_prompt = VideoSet(clips.latents, clips.context[:1])
+    settings = _settings(steps=6, prior=False)
+    recipe = synmotion_recipe(backbone, one_prompt, POSITIONS, phrase, None, settings)
+    seen = []
+    forward = backbone.forward
+
+    def recording(x, sigma, context, *args, **kwargs):
+        seen.append(context.shape[0])
+        return forward(x, sigma, context, *args, **kwargs)
+
+    backbone.forward = recording
+    engine.run(backbone, [recipe], recipe.schedule, settings.optim)
+    assert seen and set(seen) == {1}

@@ -138,7 +138,8 @@ def synmotion_recipe(backbone: WanBackbone, clips: VideoSet, positions: RolePosi
             x0 = latents[i:i + 1].to(ctx.device, ctx.dtype)
             sigma = settings.sigmas(1, g)
             x, target = add_noise(x0, sigma, g)
-            v = ctx.backbone.forward(x, sigma.to(ctx.device), context[i:i + 1].to(ctx.device, ctx.dtype))
+            rows = context[i:i + 1] if context.shape[0] > 1 else context  # one row may stand for every clip
+            v = ctx.backbone.forward(x, sigma.to(ctx.device), rows.to(ctx.device, ctx.dtype))
             l_mse = region_loss(v, target)
             return l_mse, {term: float(l_mse.detach())}
 
