@@ -143,13 +143,13 @@ RECORDED_METHODS = json.loads((Path(__file__).parent / "data" / "lora_methods_be
 
 
 def _as_recorded(text: str) -> str:
-    """A repr without the fields added after the recording at their defaults: the optimiser's (`loop.LATER_SETTINGS`),
+    """A repr without the fields added after the recording at their defaults: the optimiser's (`loop.LATER_SETTINGS`, previews),
     the recipes' memory savings, the noise levels' range and the method's prompt subject (`subject_words`)."""
     from custvid_core.backbones.memory import MemorySettings
     from custvid_core.training.loop import LATER_SETTINGS, OptimSettings
     from custvid_core.training.objectives import SigmaSampler
 
-    for name in LATER_SETTINGS:
+    for name in (*LATER_SETTINGS, "preview_every"):
         text = text.replace(f", {name}={getattr(OptimSettings(), name)!r}", "")
     sigmas = SigmaSampler()
     text = text.replace(f", low={sigmas.low!r}, high={sigmas.high!r})", ")")
