@@ -237,7 +237,7 @@ def train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .training.config import dry_run, load_config, train_from_config
-    from .training.distributed import is_main_process
+    from .training.distributed import end_processes, is_main_process
     from .training.loop import TrainingStopped
 
     config = load_config(args.config, steps=args.steps)
@@ -263,6 +263,7 @@ def train(args: argparse.Namespace) -> int:
             bar.close()
     if is_main_process():  # under a launcher the main process, which shows the progress, says what it wrote
         print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+    end_processes()
     return 0
 
 

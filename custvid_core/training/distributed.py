@@ -66,6 +66,14 @@ def is_main_process() -> bool:
     return _launcher_value(RANK_VARIABLES, 0) == 0
 
 
+def end_processes() -> None:
+    """After a finished run under a launcher: wait for every process, then close the process group, so that no
+    process exits while another's communication threads still reach it (gloo aborts the late one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def process_device() -> torch.device:
     """The device this process trains on by default: its own GPU under a launcher (cuda:LOCAL_RANK), the first GPU
     without one, the CPU on a machine without GPUs."""
